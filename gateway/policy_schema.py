@@ -1,0 +1,179 @@
+"""The policy file format, as pydantic models: the schema platform teams write against.
+
+These models only describe and type-check the YAML; cross-field rules (weights sum to 100,
+regions, overlaps) live in `policy.py`, which also compiles the result into the frozen, precomputed
+`Policy` the hot path reads. `cohortgate policy schema` prints the JSON Schema generated from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+JWT_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class JwtSpec(_Strict):
+    """How bearer tokens are verified (for every route)."""
+
+    issuer: str = Field(description="Required `iss` claim.")
+    audience: str | list[str] = Field(description="Accepted `aud` value(s).")
+    algorithms: list[Literal[JWT_ALGORITHMS]] = Field(  # type: ignore[valid-type]
+        default=["ES256"],
+        min_length=1,
+        description="Signature algorithm allow-list. `none` and HMAC algorithms are never accepted.",
+    )
+    jwks: str = Field(description="JWKS file (relative to the policy file) or an https:// URL.")
+    leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew tolerated on exp/nbf.")
+    required: bool = Field(default=True, description="Refuse requests without a valid token (401).")
+
+
+class Source(_Strict):
+    """Where a value comes from: exactly one of a verified JWT claim or a request header."""
+
+    claim: str | None = Field(default=None, description="Name of a claim in the verified JWT.")
+    header: str | None = Field(default=None, description="Name of a request header (case-insensitive).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        if (self.claim is None) == (self.header is None):
+            raise ValueError("give exactly one of `claim` or `header`")
+        return self
+
+
+class Predicate(_Strict):
+    """An eligibility test on a claim or header; a unit failing any predicate gets control."""
+
+    claim: str | None = None
+    header: str | None = None
+    in_: list[str] | None = Field(default=None, alias="in", description="Value must be one of these.")
+    not_in: list[str] | None = Field(default=None, description="Value must not be one of these.")
+    equals: str | None = Field(default=None, description="Value must equal this.")
+    exists: bool | None = Field(default=None, description="Value must be present (true) or absent (false).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Predicate:
+        if (self.claim is None) == (self.header is None):
+            raise ValueError("give exactly one of `claim` or `header`")
+        ops = [op for op in (self.in_, self.not_in, self.equals, self.exists) if op is not None]
+        if len(ops) != 1:
+            raise ValueError("give exactly one of `in`, `not_in`, `equals` or `exists`")
+        return self
+
+
+class Match(_Strict):
+    """Which requests a route takes. Prefixes match whole path segments."""
+
+    path_prefix: str | None = Field(default=None, pattern=r"^/", description="e.g. /v2/models/ae-scoring")
+    model: str | None = Field(
+        default=None, min_length=1, pattern=r"^[^/\s]+$", description="OIP v2 model name in /v2/models/{name}."
+    )
+    methods: list[Literal[HTTP_METHODS]] = Field(  # type: ignore[valid-type]
+        default=[], description="Allowed methods; empty means any."
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> Match:
+        if self.path_prefix is None and self.model is None:
+            raise ValueError("give `path_prefix`, `model` or both")
+        return self
+
+
+class Auth(_Strict):
+    """Who may call a route, on top of the CA-verified mTLS handshake and the JWT."""
+
+    identities: list[str] = Field(
+        default=[], description="SPIFFE IDs allowed; a trailing `*` matches any suffix. Empty: any."
+    )
+    scopes: list[str] = Field(default=[], description="Scopes the token must all carry.")
+    claims: dict[str, list[str]] = Field(default={}, description="Claim -> allowed values.")
+
+
+class Cohorts(_Strict):
+    """How users are bucketed: a stable hash of salt and unit, never a random draw."""
+
+    unit: Source = Field(default=Source(claim="sub"), description="The unit of assignment.")
+    salt: str | None = Field(default=None, min_length=1, description="Per-experiment salt (default: route name).")
+    eligibility: list[Predicate] = Field(default=[], description="All must pass, or the unit gets control.")
+    overrides: dict[str, str] = Field(default={}, description="Unit -> variant, for QA users.")
+
+
+class Residency(_Strict):
+    """Where a request's data must stay. Never routed or mirrored outside its region."""
+
+    source: Source = Field(default=Source(claim="residency"), description="Where the region comes from.")
+    default_region: str | None = Field(
+        default=None, description="Region assumed when the request has none; null denies (451)."
+    )
+    allowed_regions: list[str] | None = Field(
+        default=None, description="Regions this route serves (default: every region its variants have)."
+    )
+    on_missing_region: Literal["fallback_control", "deny"] = Field(
+        default="fallback_control",
+        description="When the assigned variant has no backend in the region: use control's, or deny (451).",
+    )
+
+
+class Backend(_Strict):
+    url: str = Field(description="http(s)://host:port of the model server.")
+    region: str = Field(min_length=1, description="Data-residency region of this backend.")
+    model: str | None = Field(
+        default=None, description="Local ONNX file; `cohortgate up` runs a sidecar for it. Absent: external."
+    )
+
+
+class Variant(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: int = Field(ge=0, le=100, description="Percentage of eligible units; all weights sum to 100.")
+    backends: list[Backend] = Field(min_length=1)
+
+
+class Shadow(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    percent: float = Field(gt=0, le=100, description="Share of allowed requests mirrored to this shadow.")
+    backends: list[Backend] = Field(min_length=1)
+
+
+class Guardrails(_Strict):
+    """Absolute limits the controller enforces on every non-control variant."""
+
+    max_error_rate: float = Field(default=0.05, ge=0, le=1, description="5xx share that triggers rollback.")
+    max_p99_ms: float | None = Field(default=None, gt=0, description="p99 upstream latency limit.")
+    min_samples: int = Field(default=200, ge=1, description="Requests needed before any verdict.")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Error level of the sequential tests.")
+
+
+class Rollout(_Strict):
+    """Progressive delivery: the controller promotes `variant` step by step while it stays healthy."""
+
+    variant: str = Field(pattern=NAME_PATTERN)
+    steps: list[int] = Field(min_length=1, description="Weights to move through, e.g. [5, 25, 50, 100].")
+    interval_s: float = Field(default=30, gt=0, description="Minimum time on a step before promotion.")
+
+
+class Route(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    match: Match
+    auth: Auth = Auth()
+    cohorts: Cohorts = Cohorts()
+    residency: Residency = Residency()
+    variants: list[Variant] = Field(min_length=1, description="Control first.")
+    shadows: list[Shadow] = []
+    guardrails: Guardrails = Guardrails()
+    rollout: Rollout | None = None
+
+
+class PolicyModel(_Strict):
+    version: Literal[1] = 1
+    jwt: JwtSpec
+    response_headers: bool = Field(
+        default=True, description="Add x-cohortgate-variant / x-cohortgate-route to responses."
+    )
+    routes: list[Route] = Field(min_length=1)
