@@ -48,8 +48,8 @@ JWT_ALGORITHM = "ES256"
 _CA_DAYS = 3650
 _LEAF_DAYS = 825
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between peers
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]{1,255}")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Writer = Callable[[Path], None]
 
@@ -113,7 +113,7 @@ def _client_pair(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def validate_trust_domain(trust_domain: str) -> str:
-    if not _TRUST_DOMAIN_RE.match(trust_domain) or trust_domain.strip(".") != trust_domain:
+    if not _TRUST_DOMAIN_RE.fullmatch(trust_domain) or trust_domain.strip(".") != trust_domain:
         raise ValueError(
             f"trust domain {trust_domain!r} is not valid: use lowercase letters, digits, '.', '-' and '_'"
         )
@@ -121,7 +121,7 @@ def validate_trust_domain(trust_domain: str) -> str:
 
 
 def validate_client_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name in {".", ".."}:
+    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
         raise ValueError(
             f"client name {name!r} is not valid: use 1-64 letters, digits, '.', '-' and '_' "
             "(it becomes a SPIFFE path segment and a file name)"
@@ -133,7 +133,7 @@ def validate_client_name(name: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -260,9 +260,7 @@ def _make_leaf(
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key

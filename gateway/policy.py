@@ -8,9 +8,10 @@ The compiled objects are immutable, so a reload builds a new `Policy` and swaps 
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import ipaddress
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -26,6 +27,7 @@ from .policy_schema import PolicyModel, Predicate
 from .policy_schema import Route as RouteModel
 
 OIP_MODEL_PREFIX = "/v2/models/"
+MAX_SHADOWS = 4  # Envoy's listener has this many mirror slots (x-cohortgate-shadow-0..3)
 
 # --------------------------------------------------------------------------- compiled objects
 
@@ -338,11 +340,26 @@ def parse_policy(raw: bytes | str, filename: str = "<policy>", base_dir: Path | 
     try:
         model = PolicyModel.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(_pydantic_problems(exc, marks)) from None
-    problems = list(_check(model, marks))
+        # Report the schema errors, plus the cross-field problems of every route that did parse,
+        # so one run of `validate` lists every mistake in the file.
+        problems = _pydantic_problems(exc, marks)
+        problems.extend(_check(_valid_routes(data), marks))
+        raise PolicyError(_in_file_order(problems)) from None
+    problems = list(_check(model.routes, marks))
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(_in_file_order(problems))
     return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd())
+
+
+def _in_file_order(problems: list[str]) -> list[str]:
+    def position(problem: str) -> tuple[int, int]:
+        found = _POSITION.match(problem)
+        return (int(found[1]), int(found[2])) if found else (0, 0)
+
+    return sorted(problems, key=position)
+
+
+_POSITION = re.compile(r"^.*?:(\d+):(\d+): ")
 
 
 def _pydantic_problems(exc: ValidationError, marks: _Marks) -> list[str]:
@@ -363,20 +380,51 @@ def _pydantic_problems(exc: ValidationError, marks: _Marks) -> list[str]:
     return out
 
 
-def _check(model: PolicyModel, marks: _Marks) -> Iterable[str]:
+def _valid_routes(data: dict[str, Any]) -> list[RouteModel | None]:
+    """The routes of an invalid file that are valid on their own (None in place of the others)."""
+    raw = data.get("routes")
+    if not isinstance(raw, list):
+        return []
+    out: list[RouteModel | None] = []
+    for item in raw:
+        try:
+            out.append(RouteModel.model_validate(item))
+            continue
+        except ValidationError as exc:
+            unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if len(unknown) != len(exc.errors()):
+                out.append(None)
+                continue
+        # Only unknown fields are wrong (already reported): check the rest of the route too.
+        cleaned = copy.deepcopy(item)
+        for loc in unknown:
+            parent = cleaned
+            for part in loc[:-1]:
+                parent = parent[part]
+            parent.pop(loc[-1], None)
+        try:
+            out.append(RouteModel.model_validate(cleaned))
+        except ValidationError:
+            out.append(None)
+    return out
+
+
+def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
     """Cross-field rules pydantic cannot express; each problem carries its position."""
     seen_routes: dict[str, int] = {}
-    for ri, route in enumerate(model.routes):
-        at = lambda *loc, _ri=ri: marks.at(("routes", _ri, *loc))  # noqa: E731
+    for ri, route in enumerate(routes):
+        if route is None:
+            continue
+        at = lambda *loc, _ri=ri: marks.at(("routes", _ri, *loc), key=True)  # noqa: E731
         if route.name in seen_routes:
             yield f"{at('name')}: duplicate route name {route.name!r} (first at routes[{seen_routes[route.name]}])"
         else:
             seen_routes[route.name] = ri
         yield from _check_route(route, at)
-    for i, a in enumerate(model.routes):
+    for i, a in enumerate(routes):
         for j in range(i):
-            b = model.routes[j]
-            if _overlap(a, b):
+            b = routes[j]
+            if a is not None and b is not None and _overlap(a, b):
                 yield (
                     f"{marks.at(('routes', i, 'match'))}: route {a.name!r} overlaps route {b.name!r}: "
                     "some requests would match both; make the paths, models or methods disjoint"
@@ -394,6 +442,8 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
         names[v.name] = "variant"
         for bi, b in enumerate(v.backends):
             yield from _check_url(b.url, at("variants", vi, "backends", bi, "url"))
+    if len(route.shadows) > MAX_SHADOWS:
+        yield f"{at('shadows')}: route {route.name!r} has {len(route.shadows)} shadows; at most {MAX_SHADOWS}"
     for si, s in enumerate(route.shadows):
         if s.name in names:
             yield f"{at('shadows', si, 'name')}: shadow name {s.name!r} is already a {names[s.name]} of this route"
@@ -501,10 +551,6 @@ def _backends(route: str, owner: str, specs: Iterable[Any], base_dir: Path) -> t
         parts = urlsplit(b.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or ""
-        try:
-            host = str(ipaddress.ip_address(host))
-        except ValueError:
-            pass
         model = str((base_dir / b.model).resolve()) if b.model else None
         out.append(Backend(b.url, parts.scheme, host, port, b.region, f"cg.{route}.{owner}.{i}", model))
     return tuple(out)

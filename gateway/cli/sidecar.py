@@ -1,0 +1,89 @@
+"""`cohortgate sidecar`: serve one ONNX model over the Open Inference Protocol v2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sidecar",
+        help="serve an ONNX model over OIP v2 (REST, binary tensors, dynamic batching)",
+        description="Serve one ONNX model over the Open Inference Protocol v2.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH", help="the .onnx file")
+    p.add_argument("--name", help="OIP model name (default: the file's stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when onnxruntime offers it, else CPU (default auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: all cores but one)")
+    p.add_argument("--max-batch-size", type=int, default=64, metavar="ROWS",
+                   help="merge queued requests up to this many rows; 1 turns batching off (default 64)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0, metavar="MS",
+                   help="wait up to this long from the oldest queued request to fill a batch "
+                        "(default 0: greedy, take what is queued)")
+    p.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                   help="requests allowed to wait; beyond it 503 with Retry-After (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
+                   help="larger request bodies get 413 (default 64 MiB)")
+    p.add_argument("--report-to", metavar="URL",
+                   help="send shadow-comparison reports to an http(s):// URL or redis://host:port/db?stream=NAME")
+    p.add_argument("--variant", help="variant name for reports and the x-cohortgate-served-by header")
+    p.add_argument("--fault-rate", type=float, default=0.0, metavar="F",
+                   help="demo knob: fail this fraction of infer requests with 500 (deterministic)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, wait up to this long for queued requests (default 30)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from sidecar.model import ModelLoadError
+    from sidecar.server import SidecarConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = SidecarConfig(
+            model_path=args.model,
+            name=args.name,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+            intra_op_threads=args.threads,
+            report_to=args.report_to,
+            variant=args.variant,
+            fault_rate=args.fault_rate,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except ValueError as exc:
+        print(f"cohortgate sidecar: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _run(serve(config))
+    except ModelLoadError as exc:
+        print(f"cohortgate sidecar: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # port in use, address not available
+        print(f"cohortgate sidecar: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(main) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

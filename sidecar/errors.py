@@ -1,0 +1,58 @@
+"""Errors the sidecar answers with: each carries its HTTP status and becomes ``{"error": "..."}``.
+
+    CohortgateError                      (gateway/errors.py)
+    └── SidecarError                     a user-visible answer: HTTP status + sentence
+        ├── BadRequest          400      body is not JSON, or a tensor does not fit the signature
+        ├── NotFound            404      unknown model, version or route
+        ├── MethodNotAllowed    405      known route, wrong method
+        ├── PayloadTooLarge     413      body over ``--max-body-bytes``
+        ├── InferenceFailed     500      onnxruntime failed (translated in ``model.py``) or a fault
+        └── Unavailable         503      queue full, not ready, or shutting down (with Retry-After)
+
+Anything else that escapes a handler is internal: the server logs it and answers 500 with a fixed
+sentence, never a stack trace.
+"""
+
+from __future__ import annotations
+
+from gateway.errors import CohortgateError
+
+
+class SidecarError(CohortgateError):
+    """An error a client should see; ``status`` is the HTTP status of the answer."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class BadRequest(SidecarError):
+    status = 400
+
+
+class NotFound(SidecarError):
+    status = 404
+
+
+class MethodNotAllowed(SidecarError):
+    status = 405
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+
+
+class InferenceFailed(SidecarError):
+    status = 500
+
+
+class Unavailable(SidecarError):
+    """Temporarily refused; ``retry_after_s`` becomes the Retry-After header."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

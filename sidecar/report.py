@@ -1,0 +1,281 @@
+"""Shadow-comparison reports: per request ``(request id, variant, output digest, latency)``.
+
+A primary and its shadow answer the same mirrored request (Envoy keeps ``x-request-id`` on the
+mirror), so the controller can pair their reports by id and compare digests (per output too: equal
+``label`` digests mean the two models agree on the label).
+
+``Reporter.report`` never awaits and never raises: it appends to a bounded queue and returns; when
+the queue is full the report is dropped and counted. A background task hashes the outputs and hands
+batches to a ``ReportSink``, the small interface the controller plugs into:
+
+    MemorySink          in-process (tests, an embedded controller)
+    HttpSink            POST a JSON list to an http(s):// URL
+    RedisStreamSink     XADD to a Redis stream, from a redis://host:port/db?stream=NAME URL
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import numpy as np
+import orjson
+
+from .metrics import SidecarMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STREAM = "cohortgate:shadow"
+STREAM_MAXLEN = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowReport:
+    """What one sidecar saw of one request. ``digest`` is empty when it answered with an error."""
+
+    request_id: str
+    variant: str
+    model: str
+    status: int
+    latency_ms: float
+    digest: str
+    output_digests: tuple[tuple[str, str], ...]
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "variant": self.variant,
+            "model": self.model,
+            "status": self.status,
+            "latency_ms": self.latency_ms,
+            "digest": self.digest,
+            "output_digests": dict(self.output_digests),
+            "ts": self.ts,
+        }
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields, as a Redis stream entry holds them (``digest.<output>`` per output)."""
+        fields = {
+            "request_id": self.request_id,
+            "variant": self.variant,
+            "model": self.model,
+            "status": str(self.status),
+            "latency_ms": f"{self.latency_ms:.3f}",
+            "digest": self.digest,
+            "ts": f"{self.ts:.6f}",
+        }
+        for name, digest in self.output_digests:
+            fields[f"digest.{name}"] = digest
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> ShadowReport:
+        """The inverse of ``to_fields`` (what a stream reader does)."""
+        outputs = tuple((k[len("digest.") :], v) for k, v in fields.items() if k.startswith("digest."))
+        return cls(
+            request_id=fields["request_id"],
+            variant=fields["variant"],
+            model=fields["model"],
+            status=int(fields["status"]),
+            latency_ms=float(fields["latency_ms"]),
+            digest=fields["digest"],
+            output_digests=outputs,
+            ts=float(fields["ts"]),
+        )
+
+
+def output_digests(names: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A digest over every output (name, dtype, shape, bytes), and one per output."""
+    overall = hashlib.blake2b(digest_size=16)
+    per_output = []
+    for name, array in zip(names, arrays, strict=True):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).data)
+        digest = h.hexdigest()
+        per_output.append((name, digest))
+        overall.update(name.encode() + b"=" + digest.encode() + b";")
+    return overall.hexdigest(), tuple(per_output)
+
+
+class ReportSink(Protocol):
+    """Where reports go; ``send`` may raise (the reporter counts and drops the batch)."""
+
+    async def send(self, reports: Sequence[ShadowReport]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps reports in a list: the embedded default and the test double."""
+
+    def __init__(self) -> None:
+        self.reports: list[ShadowReport] = []
+
+    async def send(self, reports: Sequence[ShadowReport]) -> None:
+        self.reports.extend(reports)
+
+    async def close(self) -> None:
+        pass
+
+
+class HttpSink:
+    """POSTs each batch as a JSON list to ``url``."""
+
+    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        self._session = None
+
+    async def send(self, reports: Sequence[ShadowReport]) -> None:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        body = orjson.dumps([r.to_json() for r in reports])
+        async with self._session.post(
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        ) as response:
+            if response.status >= 300:
+                raise RuntimeError(f"report endpoint answered {response.status}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class RedisStreamSink:
+    """XADDs each report to a Redis stream, trimmed to about ``maxlen`` entries."""
+
+    def __init__(self, url: str, stream: str = DEFAULT_STREAM, maxlen: int = STREAM_MAXLEN) -> None:
+        import redis.asyncio as redis
+
+        self.stream = stream
+        self._maxlen = maxlen
+        self._client = redis.Redis.from_url(url)
+
+    async def send(self, reports: Sequence[ShadowReport]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for report in reports:
+            pipe.xadd(self.stream, report.to_fields(), maxlen=self._maxlen, approximate=True)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def sink_from_url(url: str) -> ReportSink:
+    """``http(s)://...`` -> HttpSink; ``redis(s)://host:port/db?stream=NAME`` -> RedisStreamSink."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return HttpSink(url)
+    if parts.scheme in ("redis", "rediss", "unix"):
+        query = parse_qs(parts.query)
+        stream = query.pop("stream", [DEFAULT_STREAM])[0]
+        rest = "&".join(f"{k}={v}" for k, values in query.items() for v in values)
+        return RedisStreamSink(urlunsplit(parts._replace(query=rest)), stream=stream)
+    if parts.scheme == "memory":
+        return MemorySink()
+    raise ValueError(f"--report-to must be an http(s):// or redis:// URL, got {url!r}")
+
+
+@dataclass(slots=True)
+class _Pending:
+    request_id: str
+    status: int
+    latency_s: float
+    outputs: Sequence[np.ndarray] | None
+    ts: float
+
+
+class Reporter:
+    """Fire-and-forget reporting through a bounded queue; ``start`` inside the running loop."""
+
+    def __init__(
+        self,
+        sink: ReportSink,
+        *,
+        variant: str,
+        model: str,
+        output_names: Sequence[str],
+        metrics: SidecarMetrics | None = None,
+        capacity: int = 10_000,
+        batch: int = 256,
+    ) -> None:
+        self.sink = sink
+        self.variant = variant
+        self.model = model
+        self._names = tuple(output_names)
+        self._metrics = metrics
+        self._capacity = capacity
+        self._batch = batch
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._drain(), name="sidecar-reporter")
+
+    def report(self, request_id: str, status: int, latency_s: float, outputs: Sequence[np.ndarray] | None) -> None:
+        """Queue one report; drop it (and count the drop) when the queue is full or closed."""
+        if self._closing or len(self._queue) >= self._capacity or self._wakeup is None:
+            self._count("dropped")
+            return
+        self._queue.append(_Pending(request_id, status, latency_s, outputs, time.time()))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Send what is queued (for at most ``timeout_s``), then close the sink."""
+        self._closing = True
+        if self._task is not None and self._wakeup is not None:
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except TimeoutError:
+                self._count("dropped", len(self._queue))
+        with contextlib.suppress(Exception):
+            await self.sink.close()
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if self._metrics is not None and n:
+            self._metrics.reports[outcome] += n
+
+    def _build(self, p: _Pending) -> ShadowReport:
+        if p.outputs is None:
+            digest, per_output = "", ()
+        else:
+            digest, per_output = output_digests(self._names, p.outputs)
+        return ShadowReport(
+            p.request_id, self.variant, self.model, p.status, round(p.latency_s * 1000, 3), digest, per_output, p.ts
+        )
+
+    async def _drain(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            items = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+            reports = [self._build(p) for p in items]
+            try:
+                await self.sink.send(reports)
+            except Exception as exc:  # a sink failure never reaches a request; count and go on
+                log.warning("shadow report sink failed (%d reports dropped): %s", len(reports), exc)
+                self._count("failed", len(reports))
+            else:
+                self._count("sent", len(reports))

@@ -1,0 +1,459 @@
+"""The sidecar's HTTP face: the OIP v2 REST routes on aiohttp, and a graceful drain.
+
+A thin adapter: handlers read bytes, call ``protocol`` to decode and encode, ``Batcher`` to run, and
+turn every ``SidecarError`` into ``{"error": "..."}`` with its status. Anything unexpected is logged
+and answered with a fixed 500 sentence; unknown routes and wrong methods are JSON 404/405 too, so
+tritonclient can parse every error.
+
+Lifecycle: the port opens at once (``live``); the model loads and warms up in the executor thread,
+then ``ready`` turns true. On shutdown the listener closes, ``ready`` turns false, requests already
+in flight and queued finish, then the batcher, reporter and executor stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import __version__
+
+from .batching import Batcher
+from .errors import (
+    InferenceFailed,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    SidecarError,
+    Unavailable,
+)
+from .faults import FaultInjector
+from .metrics import SidecarMetrics
+from .model import DEVICES, OnnxModel
+from .protocol import (
+    BINARY_CONTENT_TYPE,
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    decode_infer_request,
+    encode_infer_response,
+    error_body,
+)
+from .report import Reporter, ReportSink, sink_from_url
+
+log = logging.getLogger(__name__)
+
+SERVED_BY = "x-cohortgate-served-by"
+REQUEST_ID = "x-request-id"
+SERVER_NAME = "cohortgate-sidecar"
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+_INTERNAL = "internal error in the sidecar; see its log"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """Everything one sidecar needs; ``cohortgate sidecar`` flags map one to one."""
+
+    model_path: str
+    name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_batch_size: int = 64  # rows; 1 turns batching off
+    max_queue_delay_ms: float = 0.0  # 0 = greedy
+    max_queue: int = 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    intra_op_threads: int | None = None  # None = all cores but the event loop's
+    report_to: str | None = None
+    variant: str | None = None
+    fault_rate: float = 0.0
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}")
+        if self.max_batch_size < 1:
+            problems.append("max_batch_size must be at least 1")
+        if self.max_queue_delay_ms < 0:
+            problems.append("max_queue_delay_ms must not be negative")
+        if self.max_queue < 1:
+            problems.append("max_queue must be at least 1")
+        if self.max_body_bytes < 1:
+            problems.append("max_body_bytes must be at least 1")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            problems.append("fault_rate must be within [0, 1]")
+        if self.report_to and not self.variant:
+            problems.append("report_to needs a variant")
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be within 0..65535")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return self.name or Path(self.model_path).stem
+
+
+class Sidecar:
+    """The state behind the routes of one served model."""
+
+    def __init__(self, config: SidecarConfig, report_sink: ReportSink | None = None) -> None:
+        self.config = config
+        self.name = config.model_name
+        self.served_by = config.variant or self.name
+        self.metrics = SidecarMetrics(self.name)
+        self.model: OnnxModel | None = None
+        self.batcher: Batcher | None = None
+        self.reporter: Reporter | None = None
+        self.ready = False
+        self._report_sink = report_sink
+        self._faults = FaultInjector(config.fault_rate) if config.fault_rate > 0 else None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loaded: asyncio.Future | None = None
+        self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, SERVED_BY: self.served_by}
+
+    # Lifecycle -----------------------------------------------------------------------------
+    async def wait_ready(self) -> None:
+        """Return once the model is warmed up; raise ``ModelLoadError`` if it could not load."""
+        assert self._loaded is not None, "the app has not started"
+        await asyncio.shield(self._loaded)
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
+        self._loaded = loop.create_future()
+        loading = loop.create_task(self._load(), name=f"load-{self.name}")
+        try:
+            yield
+        finally:
+            self.ready = self.metrics.ready = False
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            if self.batcher is not None:
+                await self.batcher.close()
+            if self.reporter is not None:
+                await self.reporter.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        # Health checks see "not ready" while in-flight requests finish.
+        self.ready = self.metrics.ready = False
+
+    async def _load(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self._executor, self._load_blocking)
+        except Exception as exc:
+            log.error("model %s cannot be served: %s", config.model_path, exc)
+            self._loaded.set_exception(exc)  # type: ignore[union-attr]
+            return
+        self.model = model
+        batch = config.max_batch_size if model.signature.batchable else 1
+        if batch != config.max_batch_size:
+            log.warning("model %s has a fixed first axis: batching is off", self.name)
+        self.batcher = Batcher(
+            model.run,
+            self._executor,  # type: ignore[arg-type]
+            max_batch_size=batch,
+            max_delay_s=config.max_queue_delay_ms / 1000.0,
+            max_queue=config.max_queue,
+            observer=self.metrics,
+        )
+        self.batcher.start()
+        self.metrics.queue_depth = lambda: self.batcher.depth if self.batcher else 0
+        self.metrics.provider = model.provider
+        sink = self._report_sink
+        if sink is None and config.report_to:
+            sink = sink_from_url(config.report_to)
+        if sink is not None:
+            self.reporter = Reporter(
+                sink,
+                variant=config.variant or self.name,
+                model=self.name,
+                output_names=[s.name for s in model.signature.outputs],
+                metrics=self.metrics,
+            )
+            self.reporter.start()
+        self.ready = self.metrics.ready = True
+        self._loaded.set_result(None)  # type: ignore[union-attr]
+
+    def _load_blocking(self) -> OnnxModel:
+        config = self.config
+        model = OnnxModel(
+            config.model_path, self.name, device=config.device, intra_op_threads=config.intra_op_threads
+        )
+        model.warm_up(config.max_batch_size if model.signature.batchable else 1)
+        return model
+
+    # Responses -----------------------------------------------------------------------------
+    def _json(self, doc: Any, status: int = 200) -> web.Response:
+        return web.Response(body=orjson.dumps(doc), status=status, headers=self._json_headers)
+
+    def _error(self, exc: SidecarError) -> web.Response:
+        headers = self._json_headers
+        if isinstance(exc, Unavailable):
+            headers = {**headers, "Retry-After": str(exc.retry_after_s)}
+        elif isinstance(exc, MethodNotAllowed) and getattr(exc, "allow", None):
+            headers = {**headers, "Allow": exc.allow}  # type: ignore[attr-defined]
+        return web.Response(body=error_body(exc.message), status=exc.status, headers=headers)
+
+    def _check_model(self, request: web.Request) -> OnnxModel:
+        name = request.match_info["name"]
+        if name != self.name:
+            raise NotFound(f"unknown model '{name}'; this sidecar serves '{self.name}'")
+        version = request.match_info.get("version")
+        if version is not None and version != "1":
+            raise NotFound(f"model '{name}' has no version '{version}'; versions: 1")
+        if self.model is None:
+            raise Unavailable(f"model '{name}' is loading")
+        return self.model
+
+    # Routes --------------------------------------------------------------------------------
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200, headers={SERVED_BY: self.served_by})
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            raise Unavailable(f"model '{self.name}' is not ready")
+        return web.Response(status=200, headers={SERVED_BY: self.served_by})
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return self._json({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        model = self._check_model(request)
+        return self._json(model.signature.metadata(self._parameters(model)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        return await self.server_ready(request)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        """Triton's model-configuration extension, enough for ``tritonclient.get_model_config``."""
+        model = self._check_model(request)
+        signature = model.signature
+        batch = self.batcher.max_batch_size if self.batcher and signature.batchable else 0
+
+        def dims(shape: tuple[int, ...]) -> list[int]:
+            return list(shape[1:] if batch else shape)
+
+        return self._json(
+            {
+                "name": self.name,
+                "platform": signature.platform,
+                "backend": "onnxruntime",
+                "max_batch_size": batch,
+                "input": [
+                    {"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": dims(s.shape)}
+                    for s in signature.inputs
+                ],
+                "output": [
+                    {"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": dims(s.shape)}
+                    for s in signature.outputs
+                ],
+                "parameters": self._parameters(model),
+            }
+        )
+
+    def _parameters(self, model: OnnxModel) -> dict[str, Any]:
+        batcher = self.batcher
+        params: dict[str, Any] = {
+            "execution_provider": model.provider,
+            "providers": list(model.providers),
+            "intra_op_threads": model.intra_op_threads,
+            "max_batch_size": batcher.max_batch_size if batcher else 1,
+            "max_queue_delay_ms": self.config.max_queue_delay_ms,
+        }
+        if self.config.variant:
+            params["variant"] = self.config.variant
+        return params
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST, SERVED_BY: self.served_by},
+        )
+
+    async def infer(self, request: web.Request) -> web.Response:
+        """The hot path: read, decode, queue, await this request's rows, encode."""
+        started = time.perf_counter()
+        outputs = None
+        try:
+            model = self._check_model(request)
+            if not self.ready:
+                raise Unavailable(f"model '{self.name}' is not ready")
+            length = request.content_length
+            if length is not None and length > self.config.max_body_bytes:
+                raise PayloadTooLarge(f"the body has {length} bytes; the limit is {self.config.max_body_bytes}")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise PayloadTooLarge(f"the body exceeds the limit of {self.config.max_body_bytes} bytes") from None
+            decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
+            if self._faults is not None and self._faults.fail_next():
+                raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
+            outputs = await self.batcher.submit(decoded.inputs, decoded.rows)  # type: ignore[union-attr]
+            payload, header_length = encode_infer_response(model.signature, decoded, outputs)
+        except SidecarError as exc:
+            status = exc.status
+            response = self._error(exc)
+        except Exception:
+            log.exception("infer failed")
+            status = 500
+            response = web.Response(body=error_body(_INTERNAL), status=500, headers=self._json_headers)
+        else:
+            status = 200
+            if header_length is None:
+                response = web.Response(body=payload, headers=self._json_headers)
+            else:
+                response = web.Response(
+                    body=payload,
+                    headers={
+                        "Content-Type": BINARY_CONTENT_TYPE,
+                        HEADER_LENGTH: str(header_length),
+                        SERVED_BY: self.served_by,
+                    },
+                )
+        elapsed = time.perf_counter() - started
+        self.metrics.on_request(status, elapsed)
+        if self.reporter is not None:
+            request_id = request.headers.get(REQUEST_ID) or ""
+            self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None)
+        return response
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        raise NotFound(f"no route for {request.method} {request.path}")
+
+
+SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+def _json_errors(
+    sidecar: Sidecar, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a cold-path handler so its errors become JSON (the infer handler does this inline)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SidecarError as exc:
+            return sidecar._error(exc)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return web.Response(body=error_body(_INTERNAL), status=500, headers=sidecar._json_headers)
+
+    return wrapped
+
+
+def _method_not_allowed(sidecar: Sidecar, allowed: list[str]) -> Callable[[web.Request], Awaitable[Any]]:
+    async def handler(request: web.Request) -> web.Response:
+        exc = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}")
+        exc.allow = ", ".join(allowed)  # type: ignore[attr-defined]
+        return sidecar._error(exc)
+
+    return handler
+
+
+def build_app(config: SidecarConfig, *, report_sink: ReportSink | None = None) -> web.Application:
+    """The aiohttp application of one sidecar; the model loads when the app starts."""
+    sidecar = Sidecar(config, report_sink)
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[SIDECAR] = sidecar
+    app.cleanup_ctx.append(sidecar.lifecycle)
+    app.on_shutdown.append(sidecar.on_shutdown)
+
+    def wrap(h):
+        return _json_errors(sidecar, h)
+
+    get = ["GET", "HEAD"]
+    routes: list[tuple[str, list[str], Callable]] = [
+        ("/v2/health/live", get, wrap(sidecar.live)),
+        ("/v2/health/ready", get, wrap(sidecar.server_ready)),
+        ("/v2", get, wrap(sidecar.server_metadata)),
+        ("/v2/models/{name}", get, wrap(sidecar.model_metadata)),
+        ("/v2/models/{name}/versions/{version}", get, wrap(sidecar.model_metadata)),
+        ("/v2/models/{name}/ready", get, wrap(sidecar.model_ready)),
+        ("/v2/models/{name}/versions/{version}/ready", get, wrap(sidecar.model_ready)),
+        ("/v2/models/{name}/config", get, wrap(sidecar.model_config)),
+        ("/v2/models/{name}/versions/{version}/config", get, wrap(sidecar.model_config)),
+        ("/v2/models/{name}/infer", ["POST"], sidecar.infer),
+        ("/v2/models/{name}/versions/{version}/infer", ["POST"], sidecar.infer),
+        ("/metrics", get, wrap(sidecar.metrics_page)),
+    ]
+    for path, methods, handler in routes:
+        resource = app.router.add_resource(path)
+        for method in methods:
+            resource.add_route(method, handler)
+        resource.add_route("*", _method_not_allowed(sidecar, [m for m in methods if m != "HEAD"]))
+    app.router.add_route("*", "/{tail:.*}", wrap(sidecar.not_found))
+    return app
+
+
+async def serve(
+    config: SidecarConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    report_sink: ReportSink | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain and return.
+
+    Raises ``ModelLoadError`` (after closing the port) when the model cannot be served.
+    """
+    app = build_app(config, report_sink=report_sink)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout_s
+    )
+    await runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals: list[int] = []
+    sidecar = app[SIDECAR]
+    waiting = asyncio.ensure_future(sidecar.wait_ready())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        await site.start()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+                    signals.append(sig)
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            waiting.result()  # raises ModelLoadError
+            model = sidecar.model
+            assert model is not None
+            log.info(
+                "sidecar %s (%s) ready on http://%s:%d — %s, %d intra-op threads, batching %s",
+                sidecar.name,
+                sidecar.served_by,
+                config.host,
+                config.port,
+                model.provider,
+                model.intra_op_threads,
+                f"up to {sidecar.batcher.max_batch_size} rows" if sidecar.batcher.max_batch_size > 1 else "off",
+            )
+        await stopping
+    finally:
+        for task in (waiting, stopping):
+            task.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
