@@ -31,6 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
     explain.set_defaults(func=_explain)
 
+    diff = cmds.add_parser("diff", help="what a change does: routes, weights, backends, users moved")
+    diff.add_argument("old", metavar="OLD")
+    diff.add_argument("new", metavar="NEW")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(func=_diff)
+
+    apply = cmds.add_parser("apply", help="validate FILE, then replace the live policy atomically")
+    apply.add_argument("file", metavar="FILE")
+    apply.add_argument("--to", default="policies/live.yaml", metavar="LIVE", help="the file gateways watch")
+    apply.set_defaults(func=_apply)
+
     schema = cmds.add_parser("schema", help="print the policy file's JSON Schema")
     schema.set_defaults(func=_schema)
 
@@ -132,4 +143,72 @@ def _schema(args: argparse.Namespace) -> int:
     from gateway.policy_schema import PolicyModel
 
     print(json.dumps(PolicyModel.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from gateway.errors import PolicyError
+    from gateway.policy import load_policy
+    from gateway.policydiff import diff
+
+    try:
+        old, new = load_policy(args.old), load_policy(args.new)
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    result = diff(old, new)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "global": list(result.global_changes),
+                    "added_routes": list(result.added),
+                    "removed_routes": list(result.removed),
+                    "routes": [
+                        {
+                            "name": r.name,
+                            "changes": list(r.changes),
+                            "moved_share": r.moved_share,
+                            "moves": [{"from": a, "to": b, "share": s} for a, b, s in r.moves],
+                        }
+                        for r in result.routes
+                        if r.changes
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print("\n".join(result.lines()))
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from gateway.errors import PolicyError
+    from gateway.policy import load_policy
+
+    source, live = Path(args.file), Path(args.to)
+    try:
+        load_policy(source)
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        print(f"refused: {live} keeps its current policy", file=sys.stderr)
+        return 1
+    live.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, then rename: watchers see the old file or the new one, never half of one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{live.name}.", dir=live.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(source.read_bytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, live)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"applied {source} -> {live}")
     return 0
