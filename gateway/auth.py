@@ -118,9 +118,7 @@ class TokenVerifier:
             if alg.upper().startswith("HS"):
                 raise ValueError(f"HMAC algorithm {alg!r} refused: a verifier holds public keys only")
             if alg not in ASYMMETRIC_ALGORITHMS:
-                raise ValueError(
-                    f"algorithm {alg!r} is not supported; use one of {sorted(ASYMMETRIC_ALGORITHMS)}"
-                )
+                raise ValueError(f"algorithm {alg!r} is not supported; use one of {sorted(ASYMMETRIC_ALGORITHMS)}")
         if not 0 <= leeway_s <= MAX_LEEWAY_S:
             raise ValueError(f"leeway_s must be between 0 and {MAX_LEEWAY_S:g} seconds")
         if max_token_bytes <= 0 or cache_size < 0:
@@ -133,9 +131,7 @@ class TokenVerifier:
         self.max_token_bytes = max_token_bytes
         self.cache_size = cache_size
         self._clock = clock
-        self._bad_alg_sentence = (
-            f"The bearer token's signing algorithm is not allowed (allowed: {', '.join(algs)})."
-        )
+        self._bad_alg_sentence = f"The bearer token's signing algorithm is not allowed (allowed: {', '.join(algs)})."
         self._jwt = jwt.PyJWT()
         # exp/nbf/iat are checked here, against self._clock; pyjwt checks presence, iss and aud.
         self._options: Any = {

@@ -302,9 +302,7 @@ class KeySet:
         return f"KeySet({self.source!r}, keys={len(self._keys)})"
 
 
-def source_from_spec(
-    spec: str, relative_to: str | os.PathLike[str] | None = None, timeout: float = 5.0
-) -> KeySource:
+def source_from_spec(spec: str, relative_to: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> KeySource:
     """``https://...`` -> JwksUrl; anything else is a file path, relative to ``relative_to``."""
     if spec.startswith("https://"):
         return JwksUrl(spec, timeout)

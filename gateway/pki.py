@@ -114,9 +114,7 @@ def _client_pair(directory: Path, name: str) -> tuple[Path, Path]:
 
 def validate_trust_domain(trust_domain: str) -> str:
     if not _TRUST_DOMAIN_RE.fullmatch(trust_domain) or trust_domain.strip(".") != trust_domain:
-        raise ValueError(
-            f"trust domain {trust_domain!r} is not valid: use lowercase letters, digits, '.', '-' and '_'"
-        )
+        raise ValueError(f"trust domain {trust_domain!r} is not valid: use lowercase letters, digits, '.', '-' and '_'")
     return trust_domain
 
 
@@ -147,9 +145,7 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     _write_atomic(path, pem, 0o600)
 
 

@@ -42,9 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sub", required=True, help="the subject (user id)")
     parser.add_argument("--residency", help="the data-residency region claim, e.g. eu")
     parser.add_argument("--scope", action="append", default=[], metavar="S", help="a scope (repeatable)")
-    parser.add_argument(
-        "--claim", action="append", default=[], type=parse_claim, metavar="K=V", help="an extra claim"
-    )
+    parser.add_argument("--claim", action="append", default=[], type=parse_claim, metavar="K=V", help="an extra claim")
     parser.add_argument("--ttl", type=parse_ttl, default=900.0, help="lifetime, e.g. 15m (default)")
     parser.add_argument("--issuer", default="https://auth.cohortgate.local", help="the iss claim")
     parser.add_argument("--audience", default="cohortgate", help="the aud claim")
