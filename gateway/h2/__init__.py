@@ -1,0 +1,24 @@
+"""A purpose-built HTTP/2 gRPC server for exactly one method, Envoy's ext_proc ``Process``.
+
+grpcio spends its time in its poller thread and wake-ups, and a general HTTP/2 state machine
+costs more than the whole decision; a server written for one peer and one method does not.
+
+    frames.py      frame layout, constants, builders             (pure)
+    hpackmemo.py   hpack decoder + generation-keyed block memo   (pure)
+    grpcwire.py    request validation, prebuilt status blocks    (pure)
+    connection.py  one connection's state machine, sans-I/O      (pure)
+    server.py      asyncio Protocol adapter, UDS/TCP/TLS, drain  (I/O)
+"""
+
+from .connection import H2Connection, H2Counters, H2Limits, NewProcessor, StreamProcessor
+from .server import FastServer, serve_fast
+
+__all__ = [
+    "FastServer",
+    "H2Connection",
+    "H2Counters",
+    "H2Limits",
+    "NewProcessor",
+    "StreamProcessor",
+    "serve_fast",
+]

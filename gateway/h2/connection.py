@@ -1,0 +1,811 @@
+"""The server side of one HTTP/2 connection carrying ext_proc gRPC streams, without I/O.
+
+Sans-I/O in the manner of h11 and h2: ``receive(bytes) -> bytes`` feeds what the peer sent and
+returns what to send back; the asyncio adapter (``server.py``) only moves bytes. Because the
+per-stream processor is synchronous, every message is answered inside the ``receive`` call that
+completed it, in order, so the connection never holds unbounded work.
+
+Written for one peer (Envoy) and one method, not as a general HTTP/2 library, yet it keeps the
+rules a peer may rely on: SETTINGS and PING acknowledged, both flow-control levels honoured for
+DATA it sends and re-opened for DATA it receives, CONTINUATION, padding and priority fields
+parsed, frame-size, header-list and concurrent-stream limits enforced, unknown frame types
+ignored, GOAWAY in two steps on drain (RFC 9113 §6.8). Misbehaviour ends the stream with
+RST_STREAM or the connection with GOAWAY, carrying the RFC's error code; nothing the peer sends
+raises out of ``receive`` and every buffer has a bound:
+
+    input       < one frame (max_frame_size + 9) between calls
+    messages    <= max_message_size per stream, max_buffered_bytes per connection
+    output      <= max_pending_output of DATA waiting for the peer's windows
+    headers     <= max_header_list_size decoded, a little more compressed
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import hpack
+from envoy.service.ext_proc.v3 import external_processor_pb2
+
+from . import frames as f
+from .frames import ErrorCode
+from .grpcwire import (
+    MALFORMED,
+    MESSAGE_PREFIX,
+    RESPONSE_HEADERS,
+    GrpcStatus,
+    request_verdict,
+    trailers,
+    trailers_valid,
+)
+from .hpackmemo import MemoDecoder
+
+log = logging.getLogger("gateway.h2")
+
+_ProcessingRequest = external_processor_pb2.ProcessingRequest
+
+
+class StreamProcessor(Protocol):
+    """One per gRPC stream (Envoy opens one stream per HTTP request)."""
+
+    def handle(
+        self, request: external_processor_pb2.ProcessingRequest
+    ) -> external_processor_pb2.ProcessingResponse | None: ...
+
+
+NewProcessor = Callable[[], StreamProcessor]
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """What one connection may cost. Defaults suit Envoy's ext_proc traffic with room to spare."""
+
+    max_concurrent_streams: int = 256
+    initial_window_size: int = 1 << 20  # per stream, advertised in SETTINGS
+    connection_window_size: int = 1 << 24
+    max_frame_size: int = f.DEFAULT_MAX_FRAME
+    max_header_list_size: int = 16 << 10
+    max_message_size: int = 4 << 20
+    max_buffered_bytes: int = 16 << 20  # partial messages, all streams of a connection
+    max_pending_output: int = 16 << 20  # DATA waiting for the peer's flow-control windows
+    header_cache_entries: int = 256
+    max_continuation_frames: int = 64
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.max_concurrent_streams <= f.MAX_WINDOW, "max_concurrent_streams"),
+            (f.DEFAULT_WINDOW <= self.initial_window_size <= f.MAX_WINDOW, "initial_window_size"),
+            (f.DEFAULT_WINDOW <= self.connection_window_size <= f.MAX_WINDOW, "connection_window_size"),
+            (f.DEFAULT_MAX_FRAME <= self.max_frame_size <= f.MAX_MAX_FRAME, "max_frame_size"),
+            (self.max_header_list_size >= 1024, "max_header_list_size"),
+            (self.max_message_size >= 1, "max_message_size"),
+            (self.max_buffered_bytes >= 1, "max_buffered_bytes"),
+            (self.max_pending_output >= 1, "max_pending_output"),
+            (self.header_cache_entries >= 1, "header_cache_entries"),
+            (self.max_continuation_frames >= 0, "max_continuation_frames"),
+        ]
+        bad = [name for ok, name in checks if not ok]
+        if bad:
+            raise ValueError(f"H2Limits out of range: {', '.join(bad)}")
+
+
+@dataclass(slots=True)
+class H2Counters:
+    """Running totals, shared by every connection of a server (read them for metrics)."""
+
+    connections: int = 0
+    streams: int = 0
+    messages: int = 0
+    processor_errors: int = 0
+    connection_errors: int = 0  # GOAWAY sent with an error code
+    internal_errors: int = 0  # a bug of ours caught at the connection boundary (GOAWAY INTERNAL_ERROR)
+    stream_errors: int = 0  # RST_STREAM sent with an error code
+    refused_streams: int = 0
+    peer_resets: int = 0  # RST_STREAM received (Envoy ends every ext_proc stream this way)
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class _StreamError(Exception):
+    def __init__(self, stream_id: int, code: ErrorCode) -> None:
+        self.stream_id = stream_id
+        self.code = code
+
+
+class _Stream:
+    __slots__ = (
+        "buf",
+        "closed",
+        "headers_sent",
+        "local_done",
+        "pending",
+        "pending_bytes",
+        "processor",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "sid",
+        "trailers",
+    )
+
+    def __init__(self, sid: int, processor: StreamProcessor, recv_window: int, send_window: int) -> None:
+        self.sid = sid
+        self.processor: StreamProcessor | None = processor
+        self.buf = bytearray()  # a partial gRPC message
+        self.recv_window = recv_window
+        self.send_window = send_window
+        self.pending: list[bytes] = []  # DATA held back by flow control
+        self.pending_bytes = 0
+        self.trailers: bytes | None = None  # the final block, once decided
+        self.headers_sent = False
+        self.remote_closed = False
+        self.local_done = False  # the answer is complete; later messages are dropped
+        self.closed = False
+
+
+_U32 = struct.Struct(">I")
+_SETTING = struct.Struct(">HI")
+_DRAIN_PING = b"drain\x00\x00\x01"
+_RESET_MEMORY = 256  # stream ids reset by us, whose late frames are ignored (RFC 9113 §5.4.2)
+
+_PREFACE, _SETTINGS_FIRST, _OPEN = 0, 1, 2
+
+
+class H2Connection:
+    """Server side of one connection: ``initiate()`` once, then ``receive()`` per chunk read."""
+
+    def __init__(
+        self,
+        new_processor: NewProcessor,
+        limits: H2Limits | None = None,
+        counters: H2Counters | None = None,
+    ) -> None:
+        self._new_processor = new_processor
+        self.limits = limits = limits or H2Limits()
+        self.counters = counters if counters is not None else H2Counters()
+        self._decoder = MemoDecoder(
+            max_header_list_size=limits.max_header_list_size,
+            max_entries=limits.header_cache_entries,
+            derive=request_verdict,
+        )
+        self._out: list[bytes] = []
+        self._inbuf = bytearray()
+        self._state = _PREFACE
+        self.closed = False
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: dict[int, _Stream] = {}
+        self._reset_ids: dict[int, None] = {}
+        self._last_sid = 0
+        self._accept_limit = f.MAX_STREAM_ID
+        self._drain_state = 0  # 0 serving, 1 first GOAWAY sent, 2 final GOAWAY sent
+        self._peer_goaway = False
+        # Header block being assembled from HEADERS + CONTINUATION.
+        self._header_sid = 0
+        self._header_frag = bytearray()
+        self._header_end_stream = False
+        self._header_self_dep = False
+        self._header_count = 0
+        self._max_block = limits.max_header_list_size + 1024
+        # Our receive side.
+        self._max_frame_in = limits.max_frame_size
+        self._stream_window = limits.initial_window_size
+        self._conn_window = limits.connection_window_size
+        self._recv_window = f.DEFAULT_WINDOW
+        self._max_message = limits.max_message_size
+        self._buffered = 0
+        # The peer's receive side, which limits what we send.
+        self._send_window = f.DEFAULT_WINDOW
+        self._peer_initial_window = f.DEFAULT_WINDOW
+        self._peer_max_frame = f.DEFAULT_MAX_FRAME
+        self._pending_out = 0
+        self._encoder_table = f.DEFAULT_HEADER_TABLE
+        self._block_prefix = b""
+
+    # ------------------------------------------------------------------ public surface
+
+    def initiate(self) -> bytes:
+        """Our SETTINGS and connection WINDOW_UPDATE, sent as soon as the socket is up."""
+        self.counters.connections += 1
+        lim = self.limits
+        settings = {
+            f.SETTINGS_ENABLE_PUSH: 0,
+            f.SETTINGS_MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
+            f.SETTINGS_INITIAL_WINDOW_SIZE: lim.initial_window_size,
+            f.SETTINGS_MAX_FRAME_SIZE: lim.max_frame_size,
+            f.SETTINGS_MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
+        }
+        out = f.settings_frame(settings)
+        if self._conn_window > f.DEFAULT_WINDOW:
+            out += f.window_update_frame(0, self._conn_window - f.DEFAULT_WINDOW)
+            self._recv_window = self._conn_window
+        return out
+
+    def receive(self, data: bytes) -> bytes:
+        """Consume bytes from the peer; return the bytes to write (possibly empty)."""
+        if self.closed:
+            return b""
+        try:
+            self._receive(data)
+        except _ConnectionError as exc:
+            self._fail(exc.code, exc.reason)
+        except Exception:  # a bug of ours must not take the process down with it
+            self.counters.internal_errors += 1
+            log.exception("h2: internal error; closing the connection")
+            self._fail(ErrorCode.INTERNAL_ERROR, "internal error")
+        return self._flush()
+
+    def start_drain(self) -> bytes:
+        """First GOAWAY step: announce shutdown, keep accepting streams already in flight."""
+        if self.closed or self._drain_state:
+            return b""
+        self._drain_state = 1
+        self._out.append(f.goaway_frame(f.MAX_STREAM_ID, ErrorCode.NO_ERROR))
+        self._out.append(f.ping_frame(_DRAIN_PING))
+        return self._flush()
+
+    def finish_drain(self) -> bytes:
+        """Second GOAWAY step (on the PING's ACK, or a timer): refuse streams above the last one."""
+        if not self.closed:
+            self._finish_drain()
+        return self._flush()
+
+    def close(self) -> bytes:
+        """Immediate close: a final GOAWAY; open streams are abandoned."""
+        if self.closed:
+            return b""
+        self._out.append(f.goaway_frame(self._last_sid, ErrorCode.NO_ERROR))
+        self._abandon()
+        return self._flush()
+
+    def connection_lost(self) -> None:
+        self._abandon()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the peer: unparsed input, partial messages, window-blocked output."""
+        return len(self._inbuf) + len(self._header_frag) + self._buffered + self._pending_out
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_state != 0
+
+    # ------------------------------------------------------------------ framing
+
+    def _flush(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return b"".join(out)
+
+    def _receive(self, data: bytes) -> None:
+        if self._state == _PREFACE:
+            self._inbuf += data
+            got = bytes(self._inbuf[: len(f.PREFACE)])
+            if not f.PREFACE.startswith(got):
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad preface")
+            if len(got) < len(f.PREFACE):
+                return
+            del self._inbuf[: len(f.PREFACE)]
+            self._state = _SETTINGS_FIRST
+            data = b""
+        inbuf = self._inbuf
+        if inbuf:
+            inbuf += data
+            used = self._frames(inbuf)
+            del inbuf[:used]
+        else:
+            used = self._frames(data)
+            if used < len(data):
+                inbuf += data[used:]
+
+    def _frames(self, buf: bytes | bytearray) -> int:
+        """Handle every complete frame in ``buf``; return how many bytes were used."""
+        unpack = f.FRAME_HEADER.unpack_from
+        pos = 0
+        size = len(buf)
+        while size - pos >= 9 and not self.closed:
+            lt, flags, sid = unpack(buf, pos)
+            length = lt >> 8
+            if length > self._max_frame_in:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "frame too large")
+            end = pos + 9 + length
+            if end > size:
+                break
+            ftype = lt & 0xFF
+            sid &= 0x7FFFFFFF
+            payload = buf[pos + 9 : end]
+            pos = end
+            if self._header_sid and ftype != f.CONTINUATION:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
+            if self._state != _OPEN:
+                if ftype != f.SETTINGS or flags & f.ACK:
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "first frame must be SETTINGS")
+                self._state = _OPEN
+            try:
+                if ftype == f.DATA:
+                    self._on_data(flags, sid, payload)
+                elif ftype == f.HEADERS:
+                    self._on_headers(flags, sid, payload)
+                elif ftype <= f.CONTINUATION:
+                    self._HANDLERS[ftype](self, flags, sid, payload)
+                # Unknown frame types are ignored (RFC 9113 §4.1, §5.5).
+            except _StreamError as exc:
+                self._reset(exc.stream_id, exc.code)
+        return pos
+
+    # ------------------------------------------------------------------ frame handlers
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        length = len(payload)
+        self._recv_window -= length
+        if self._recv_window < 0:
+            raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
+        if self._conn_window - self._recv_window >= self._conn_window >> 1:
+            self._out.append(f.window_update_frame(0, self._conn_window - self._recv_window))
+            self._recv_window = self._conn_window
+        data = payload
+        if flags & f.PADDED:
+            if length == 0 or payload[0] >= length:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding")
+            data = payload[1 : length - payload[0]]
+        s = self._streams.get(sid)
+        if s is None:
+            self._on_closed_stream(sid, f.DATA)
+            return
+        if s.remote_closed:
+            raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
+        s.recv_window -= length
+        if s.recv_window < 0:
+            raise _StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR)
+        if data and not s.local_done:
+            self._on_stream_bytes(s, data)
+            if s.closed:
+                return
+        if flags & f.END_STREAM:
+            self._end_remote(s)
+        elif self._stream_window - s.recv_window >= self._stream_window >> 1 and not s.closed:
+            self._out.append(f.window_update_frame(sid, self._stream_window - s.recv_window))
+            s.recv_window = self._stream_window
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        start, end = 0, len(payload)
+        if flags & f.PADDED:
+            if end < 1:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for padding")
+            start, end = 1, end - payload[0]
+        self_dep = False
+        if flags & f.PRIORITY_FLAG:
+            if end - start < 5:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS too short for priority")
+            self_dep = _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF == sid
+            start += 5
+        if end < start:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding")
+        end_stream = bool(flags & f.END_STREAM)
+        if flags & f.END_HEADERS:
+            self._on_header_block(sid, bytes(payload[start:end]), end_stream, self_dep)
+            return
+        if end - start > self._max_block:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        self._header_sid = sid
+        self._header_frag = bytearray(payload[start:end])
+        self._header_end_stream = end_stream
+        self._header_self_dep = self_dep
+        self._header_count = 0
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != self._header_sid or sid == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        frag = self._header_frag
+        frag += payload
+        self._header_count += 1
+        if len(frag) > self._max_block or self._header_count > self.limits.max_continuation_frames:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & f.END_HEADERS:
+            self._header_sid = 0
+            self._header_frag = bytearray()
+            self._on_header_block(sid, bytes(frag), self._header_end_stream, self._header_self_dep)
+
+    def _on_priority(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY length")
+        if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+            if sid > self._last_sid:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "stream depends on itself")
+            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+
+    def _on_rst_stream(self, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
+        if sid == 0 or sid > self._last_sid:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on idle stream")
+        s = self._streams.get(sid)
+        if s is not None:
+            self.counters.peer_resets += 1
+            self._close_stream(s)
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.ACK:
+            if payload:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length")
+        for off in range(0, len(payload), 6):
+            ident, value = _SETTING.unpack_from(payload, off)
+            if ident == f.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for s in self._streams.values():
+                    s.send_window += delta
+                    if s.send_window > f.MAX_WINDOW:
+                        raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+            elif ident == f.SETTINGS_MAX_FRAME_SIZE:
+                if not f.DEFAULT_MAX_FRAME <= value <= f.MAX_MAX_FRAME:
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid max frame size")
+                self._peer_max_frame = value
+            elif ident == f.SETTINGS_HEADER_TABLE_SIZE:
+                if value < self._encoder_table:
+                    # Our blocks use only the static table, but the peer's decoder still expects
+                    # the shrink to be signalled at the start of our next block (RFC 7541 §4.2).
+                    self._encoder_table = value
+                    encoder = hpack.Encoder()
+                    encoder.header_table_size = value
+                    self._block_prefix = encoder.encode([])
+            elif ident in (f.SETTINGS_ENABLE_PUSH, f.SETTINGS_ENABLE_CONNECT_PROTOCOL) and value > 1:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid boolean setting")
+        self._out.append(f.SETTINGS_ACK_FRAME)
+        if self._blocked:
+            self._flush_blocked()
+
+    def _on_push_promise(self, flags: int, sid: int, payload: bytes) -> None:
+        raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+
+    def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING length")
+        if not flags & f.ACK:
+            self._out.append(f.ping_frame(bytes(payload), ack=True))
+        elif payload == _DRAIN_PING and self._drain_state == 1:
+            self._finish_drain()
+
+    def _on_goaway(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+        if len(payload) < 8:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length")
+        self._peer_goaway = True
+        if _U32.unpack_from(payload, 4)[0] != ErrorCode.NO_ERROR:
+            self._out.append(f.goaway_frame(self._last_sid, ErrorCode.NO_ERROR))
+            self._abandon()
+        else:
+            self._maybe_close()
+
+    def _on_window_update(self, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        increment = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
+        if sid == 0:
+            if increment == 0:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "zero window increment")
+            self._send_window += increment
+            if self._send_window > f.MAX_WINDOW:
+                raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window overflow")
+            if self._blocked:
+                self._flush_blocked()
+            return
+        if sid > self._last_sid:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
+        s = self._streams.get(sid)
+        if s is None:
+            return
+        if increment == 0:
+            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+        s.send_window += increment
+        if s.send_window > f.MAX_WINDOW:
+            raise _StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR)
+        if s.pending:
+            self._flush_stream(s)
+
+    _HANDLERS: tuple[Callable[[H2Connection, int, int, bytes], None], ...] = (
+        _on_data,
+        _on_headers,
+        _on_priority,
+        _on_rst_stream,
+        _on_settings,
+        _on_push_promise,
+        _on_ping,
+        _on_goaway,
+        _on_window_update,
+        _on_continuation,
+    )
+
+    # ------------------------------------------------------------------ streams
+
+    def _on_closed_stream(self, sid: int, ftype: int) -> None:
+        """DATA or a header block for a stream that is not open."""
+        if sid > self._last_sid:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "frame on idle stream")
+        if sid in self._reset_ids:
+            return  # late frames after our RST_STREAM are ignored
+        if ftype == f.DATA:
+            raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
+        raise _ConnectionError(ErrorCode.STREAM_CLOSED, "HEADERS on closed stream")
+
+    def _on_header_block(self, sid: int, block: bytes, end_stream: bool, self_dep: bool) -> None:
+        try:
+            headers, verdict = self._decoder.decode(block)
+        except hpack.OversizedHeaderListError:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from None
+        except Exception:
+            raise _ConnectionError(ErrorCode.COMPRESSION_ERROR, "undecodable header block") from None
+        s = self._streams.get(sid)
+        if s is not None:  # trailers
+            if s.remote_closed:
+                raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
+            if not end_stream or self_dep or not trailers_valid(headers):
+                raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+            self._end_remote(s)
+            return
+        if sid <= self._last_sid:
+            self._on_closed_stream(sid, f.HEADERS)
+            return
+        if not sid & 1:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
+        self._last_sid = sid
+        if sid > self._accept_limit or len(self._streams) >= self.limits.max_concurrent_streams:
+            self.counters.refused_streams += 1
+            self._out.append(f.rst_stream_frame(sid, ErrorCode.REFUSED_STREAM))
+            self._remember_reset(sid)
+            return
+        if self_dep or verdict is MALFORMED:
+            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+        if verdict is not None:
+            self._answer_and_end(sid, verdict, end_stream)
+            return
+        try:
+            processor = self._new_processor()
+        except Exception:
+            self._processor_failed(sid, "creating")
+            self._answer_and_end(sid, trailers(GrpcStatus.INTERNAL, "internal error", trailers_only=True), end_stream)
+            return
+        s = _Stream(sid, processor, self._stream_window, self._peer_initial_window)
+        self._streams[sid] = s
+        self.counters.streams += 1
+        if end_stream:
+            self._end_remote(s)
+
+    def _answer_and_end(self, sid: int, block: bytes, remote_closed: bool) -> None:
+        """A complete answer on a stream that never opened (rejected request)."""
+        self._out.append(self._header_frames(sid, block, end_stream=True))
+        if not remote_closed:
+            self._out.append(f.rst_stream_frame(sid, ErrorCode.NO_ERROR))
+            self._remember_reset(sid)
+
+    def _on_stream_bytes(self, s: _Stream, data: bytes) -> None:
+        """Split the stream's bytes into gRPC messages and answer each complete one."""
+        if s.buf:
+            s.buf += data
+            self._buffered += len(data)
+            data = s.buf
+        size = len(data)
+        pos = 0
+        while size - pos >= 5:
+            flag, length = MESSAGE_PREFIX.unpack_from(data, pos)
+            if flag:
+                if flag == 1:
+                    self._finish(s, GrpcStatus.UNIMPLEMENTED, "compressed messages are not supported")
+                else:
+                    self._finish(s, GrpcStatus.INTERNAL, "invalid message flag")
+                return
+            if length > self._max_message:
+                self._finish(s, GrpcStatus.RESOURCE_EXHAUSTED, "message larger than the limit")
+                return
+            end = pos + 5 + length
+            if end > size:
+                break
+            message = data[pos + 5 : end]
+            pos = end
+            self._dispatch(s, message)
+            if s.local_done:
+                return
+        if data is s.buf:
+            del s.buf[:pos]
+            self._buffered -= pos
+        elif pos < size:
+            s.buf += data[pos:]
+            self._buffered += size - pos
+        if self._buffered > self.limits.max_buffered_bytes:
+            raise _StreamError(s.sid, ErrorCode.ENHANCE_YOUR_CALM)
+
+    def _dispatch(self, s: _Stream, message: bytes) -> None:
+        self.counters.messages += 1
+        try:
+            request = _ProcessingRequest.FromString(message)
+        except Exception:
+            self._finish(s, GrpcStatus.INTERNAL, "malformed message")
+            return
+        try:
+            response = s.processor.handle(request)  # type: ignore[union-attr]
+            if response is None:
+                return
+            payload = response.SerializeToString()
+        except Exception:
+            self._processor_failed(s.sid, "handling a message")
+            self._finish(s, GrpcStatus.INTERNAL, "internal error")
+            return
+        out = self._out
+        if not s.headers_sent:
+            s.headers_sent = True
+            out.append(self._header_frames(s.sid, RESPONSE_HEADERS, end_stream=False))
+        message = MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        n = len(message)
+        if not s.pending and n <= s.send_window and n <= self._send_window and n <= self._peer_max_frame:
+            s.send_window -= n
+            self._send_window -= n
+            out.append(f.FRAME_HEADER.pack(n << 8, 0, s.sid))
+            out.append(message)
+            return
+        s.pending.append(message)
+        s.pending_bytes += n
+        self._pending_out += n
+        self._blocked[s.sid] = s
+        self._flush_stream(s)
+        if self._pending_out > self.limits.max_pending_output:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "peer does not open its windows")
+
+    def _processor_failed(self, sid: int, doing: str) -> None:
+        self.counters.processor_errors += 1
+        log.exception("ext_proc processor failed %s on stream %d; answering INTERNAL", doing, sid)
+
+    def _end_remote(self, s: _Stream) -> None:
+        """The peer half-closed: end our side with the status the stream earned."""
+        s.remote_closed = True
+        if s.local_done:
+            if not s.pending:
+                self._close_stream(s)
+            return
+        if s.buf:
+            self._finish(s, GrpcStatus.INTERNAL, "incomplete message")
+        else:
+            self._finish(s, GrpcStatus.OK)
+
+    def _finish(self, s: _Stream, status: GrpcStatus, message: str = "") -> None:
+        """Decide the stream's last block; sent now, or after DATA held back by flow control."""
+        s.local_done = True
+        self._buffered -= len(s.buf)
+        s.buf = bytearray()
+        block = trailers(status, message, trailers_only=not s.headers_sent)
+        s.headers_sent = True
+        if s.pending:
+            s.trailers = block
+        else:
+            self._send_trailers(s, block)
+
+    def _send_trailers(self, s: _Stream, block: bytes) -> None:
+        self._out.append(self._header_frames(s.sid, block, end_stream=True))
+        if not s.remote_closed:
+            # Complete answer before the request ended: ask the peer to stop (RFC 9113 §8.1).
+            self._out.append(f.rst_stream_frame(s.sid, ErrorCode.NO_ERROR))
+            self._remember_reset(s.sid)
+        self._close_stream(s)
+
+    def _flush_stream(self, s: _Stream) -> None:
+        out = self._out
+        pending = s.pending
+        while pending:
+            chunk = pending[0]
+            n = min(len(chunk), s.send_window, self._send_window, self._peer_max_frame)
+            if n <= 0:
+                return
+            out.append(f.FRAME_HEADER.pack(n << 8, 0, s.sid))
+            out.append(chunk[:n])
+            s.send_window -= n
+            self._send_window -= n
+            s.pending_bytes -= n
+            self._pending_out -= n
+            if n == len(chunk):
+                pending.pop(0)
+            else:
+                pending[0] = chunk[n:]
+        del self._blocked[s.sid]
+        if s.trailers is not None:
+            self._send_trailers(s, s.trailers)
+
+    def _flush_blocked(self) -> None:
+        for s in list(self._blocked.values()):
+            if self._send_window <= 0:
+                return
+            if not s.closed:
+                self._flush_stream(s)
+
+    def _reset(self, sid: int, code: ErrorCode) -> None:
+        """Stream error: RST_STREAM with ``code``; the connection carries on."""
+        self.counters.stream_errors += 1
+        self._out.append(f.rst_stream_frame(sid, code))
+        self._remember_reset(sid)
+        s = self._streams.get(sid)
+        if s is not None:
+            self._close_stream(s)
+
+    def _remember_reset(self, sid: int) -> None:
+        ids = self._reset_ids
+        ids[sid] = None
+        if len(ids) > _RESET_MEMORY:
+            del ids[next(iter(ids))]
+
+    def _close_stream(self, s: _Stream) -> None:
+        s.closed = True
+        s.processor = None
+        del self._streams[s.sid]
+        self._buffered -= len(s.buf)
+        self._pending_out -= s.pending_bytes
+        self._blocked.pop(s.sid, None)
+        if self._drain_state == 2 or self._peer_goaway:
+            self._maybe_close()
+
+    def _finish_drain(self) -> None:
+        if self._drain_state == 2:
+            return
+        self._drain_state = 2
+        self._accept_limit = self._last_sid
+        self._out.append(f.goaway_frame(self._last_sid, ErrorCode.NO_ERROR))
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._streams:
+            return
+        if self._drain_state == 2:
+            self.closed = True
+        elif self._peer_goaway:
+            self._out.append(f.goaway_frame(self._last_sid, ErrorCode.NO_ERROR))
+            self.closed = True
+
+    def _header_frames(self, sid: int, block: bytes, *, end_stream: bool) -> bytes:
+        if self._block_prefix:
+            block = self._block_prefix + block
+            self._block_prefix = b""
+        return f.header_frames(sid, block, end_stream=end_stream, max_frame=self._peer_max_frame)
+
+    def _fail(self, code: ErrorCode, reason: str) -> None:
+        """Connection error: GOAWAY with ``code``, then nothing more is read or answered."""
+        self.counters.connection_errors += 1
+        log.info("h2: connection error %s (%s); sending GOAWAY", code.name, reason)
+        self._out.append(f.goaway_frame(self._last_sid, code, reason.encode("ascii")))
+        self._abandon()
+
+    def _abandon(self) -> None:
+        self.closed = True
+        for s in self._streams.values():
+            s.closed = True
+            s.processor = None
+        self._streams.clear()
+        self._blocked.clear()
+        self._inbuf = bytearray()
+        self._header_frag = bytearray()
+        self._buffered = 0
+        self._pending_out = 0
