@@ -13,7 +13,7 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 install: $(BIN)/activate
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[cpu]"
 
 install-test: $(BIN)/activate
 	$(BIN)/pip install --quiet -e ".[test]"
