@@ -1,0 +1,390 @@
+"""Benchmark: Envoy alone vs Envoy + the cohortgate processor, per transport, one run.
+
+Same machine, same static upstream (a second Envoy answering with ``direct_response``), same
+load generator (h2load, HTTP/1.1 over TLS, keep-alive), same concurrencies. Every request carries
+the same valid bearer token, so the gateway's cached-verification path is what is measured, with
+the audit trail on (written to a file) as in production.
+
+Neither h2load nor wrk can present a client certificate, so the benchmark's Envoy listener keeps
+TLS but does not *require* a client certificate, and the benchmark policy has no identity rule;
+everything else is the configuration `cohortgate envoy render` writes. The output says so.
+
+Reported per (setup, concurrency): req/s, p50/p99 latency (from h2load's per-request log), the
+ratio to Envoy alone at the same concurrency, and CPU µs per request of the gateway process and
+of the front Envoy (``/proc/<pid>/stat`` utime+stime around the measured run).
+
+    python bench/bench_gateway.py                        # grpc, http (and fast if present), c16 + c64
+    python bench/bench_gateway.py --duration 5 --transports http --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway import pki  # noqa: E402
+from gateway.envoyconf import EnvoyFiles, ProcessorAddress, render  # noqa: E402
+from gateway.envoyproc import EnvoyProcess  # noqa: E402
+from gateway.policy import load_policy  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATH = "/v2/models/bench/infer"
+BODY = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+CONTROL_CLUSTER = "cg.bench.control.0"
+BARS = {"http": (0.30, 100.0), "grpc": (0.18, None)}  # min ratio to Envoy alone at c64, max CPU µs/req
+
+POLICY = """
+version: 1
+jwt:
+  issuer: https://auth.cohortgate.local
+  audience: cohortgate
+  algorithms: [ES256]
+  jwks: {jwks}
+response_headers: true
+routes:
+  - name: bench
+    match: {{model: bench, methods: [POST]}}
+    cohorts: {{unit: {{claim: sub}}, salt: bench}}
+    residency: {{source: {{claim: residency}}, default_region: eu}}
+    variants:
+      - {{name: control, weight: 90, backends: [{{url: "http://127.0.0.1:{port}", region: eu}}]}}
+      - {{name: canary, weight: 10, backends: [{{url: "http://127.0.0.1:{port}", region: eu}}]}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ------------------------------------------------------------------------------ the parts
+
+
+def start_upstream(work: Path) -> tuple[EnvoyProcess, int]:
+    """A static upstream: Envoy answering every request with a fixed 200 (direct_response)."""
+    port, admin = free_port(), free_port()
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "upstream",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "upstream",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "direct_response": {
+                                                                "status": 200,
+                                                                "body": {"inline_string": '{"outputs":[]}'},
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters."
+                                                    "http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+    }
+    path = work / "upstream.yaml"
+    path.write_text(yaml.safe_dump(config))
+    envoy = EnvoyProcess(EnvoyFiles(path, path, port, admin), log_path=work / "upstream.log", concurrency=1)
+    envoy.__enter__()
+    return envoy, port
+
+
+def patch_bootstrap(path: Path, *, alone: bool) -> None:
+    """Client certificate optional (load generators cannot send one); ``alone``: no ext_proc at all."""
+    doc = yaml.safe_load(path.read_text())
+    for listener in doc["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            chain["transport_socket"]["typed_config"]["require_client_certificate"] = False
+            if not alone:
+                continue
+            hcm = chain["filters"][0]["typed_config"]
+            hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+            for vhost in hcm["route_config"]["virtual_hosts"]:
+                for route in vhost["routes"]:
+                    action = route["route"]
+                    action.pop("cluster_header", None)
+                    action.pop("request_mirror_policies", None)
+                    action["cluster"] = CONTROL_CLUSTER
+    path.write_text(yaml.safe_dump(doc))
+
+
+class Gateway:
+    def __init__(self, policy: Path, sock: Path, transport: str, server: str, work: Path) -> None:
+        self.cmd = [
+            sys.executable, "-m", "gateway.cli", "gateway", "--policy", str(policy),
+            "--transport", transport, "--grpc-server", server, "--listen", f"uds:{sock}",
+            "--audit-log", str(work / f"audit-{transport}-{server}.jsonl"),
+        ]  # fmt: skip
+        self.log = work / f"gateway-{transport}-{server}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Gateway:
+        env = {**os.environ, "COHORTGATE_UNIT_SALT": "bench", "PYTHONPATH": str(ROOT)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 30
+        while b"gateway ready" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# ------------------------------------------------------------------------------ load
+
+
+@dataclass
+class Result:
+    setup: str
+    concurrency: int
+    rps: float
+    requests: int
+    failed: int
+    non_2xx: int
+    p50_ms: float
+    p99_ms: float
+    gateway_cpu_us: float | None
+    envoy_cpu_us: float
+    ratio: float | None = None
+
+
+def h2load(port: int, token: str, concurrency: int, duration: float, work: Path, *, threads: int) -> dict[str, Any]:
+    body = work / "body.json"
+    body.write_bytes(BODY)
+    log = work / "h2load.log"
+    log.unlink(missing_ok=True)
+    cmd = [
+        "h2load", "--h1", "-c", str(concurrency), "-t", str(threads), "-D", f"{max(1, round(duration))}",
+        "-d", str(body), "-H", "content-type: application/json", "-H", f"authorization: Bearer {token}",
+        "--log-file", str(log), f"https://127.0.0.1:{port}{PATH}",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    out = run.stdout
+    stats: dict[str, Any] = {"stdout": out + run.stderr}
+    if not log.exists():
+        raise RuntimeError(f"h2load failed: {run.stderr.strip() or out[-500:]}")
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            stats["rps"] = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            parts = dict(reversed(p.strip().split(" ", 1)) for p in line[len("requests:") :].split(","))
+            stats["done"] = int(parts["done"])
+            stats["succeeded"] = int(parts["succeeded"])
+            stats["failed"] = int(parts["failed"]) + int(parts.get("errored", 0)) + int(parts.get("timeout", 0))
+        elif line.startswith("status codes:"):
+            codes = dict(reversed(p.strip().split(" ", 1)) for p in line[len("status codes:") :].split(","))
+            stats["non_2xx"] = sum(int(v) for k, v in codes.items() if k != "2xx")
+    durations = sorted(int(row.split("\t")[2]) for row in log.read_text().splitlines() if row.count("\t") >= 2)
+    if durations:
+        stats["p50_ms"] = durations[len(durations) // 2] / 1000
+        stats["p99_ms"] = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000
+    return stats
+
+
+def measure(
+    setup: str,
+    envoy: EnvoyProcess,
+    gateway_pid: int | None,
+    token: str,
+    args: argparse.Namespace,
+    work: Path,
+) -> list[Result]:
+    port = envoy.listen_port
+    h2load(port, token, 16, args.warmup, work, threads=args.h2load_threads)  # warm caches and pools
+    results = []
+    for concurrency in args.concurrency:
+        gw0 = cpu_seconds(gateway_pid) if gateway_pid else 0.0
+        ev0 = cpu_seconds(envoy.pid)  # type: ignore[arg-type]
+        stats = h2load(port, token, concurrency, args.duration, work, threads=args.h2load_threads)
+        gw1 = cpu_seconds(gateway_pid) if gateway_pid else 0.0
+        ev1 = cpu_seconds(envoy.pid)  # type: ignore[arg-type]
+        done = max(1, stats.get("done", 0))
+        results.append(
+            Result(
+                setup=setup,
+                concurrency=concurrency,
+                rps=stats.get("rps", 0.0),
+                requests=stats.get("done", 0),
+                failed=stats.get("failed", -1),
+                non_2xx=stats.get("non_2xx", -1),
+                p50_ms=stats.get("p50_ms", float("nan")),
+                p99_ms=stats.get("p99_ms", float("nan")),
+                gateway_cpu_us=(gw1 - gw0) / done * 1e6 if gateway_pid else None,
+                envoy_cpu_us=(ev1 - ev0) / done * 1e6,
+            )
+        )
+        r = results[-1]
+        print(f"  {setup:<14} c{concurrency:<3} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+              + (f"  gateway {r.gateway_cpu_us:6.1f} µs/req" if r.gateway_cpu_us is not None else ""),
+              flush=True)  # fmt: skip
+        if r.failed or r.non_2xx:
+            print(f"    WARNING: {r.failed} failed, {r.non_2xx} non-2xx\n{stats['stdout'][-800:]}", flush=True)
+    return results
+
+
+def envoy_for(
+    setup: str, transport: str, policy_path: Path, certs: pki.CertPaths, sock: Path, work: Path, concurrency: int
+) -> EnvoyProcess:
+    out = work / f"envoy-{setup}"
+    files = render(
+        load_policy(policy_path),
+        certs=certs,
+        out_dir=out,
+        processor=ProcessorAddress(uds=str(sock)),
+        transport=transport,  # type: ignore[arg-type]
+        listen_port=free_port(),
+        admin_port=free_port(),
+    )
+    patch_bootstrap(files.bootstrap, alone=setup == "envoy-alone")
+    envoy = EnvoyProcess(files, log_path=out / "envoy.log", concurrency=concurrency)
+    envoy.__enter__()
+    return envoy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured run (default 8)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per setup (default 2)")
+    parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[16, 64])
+    parser.add_argument("--transports", type=lambda s: s.split(","), default=None, help="grpc,http[,fast]")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    parser.add_argument("--h2load-threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    if shutil.which("h2load") is None:
+        print("h2load is not on PATH", file=sys.stderr)
+        return 2
+    have_fast = importlib.util.find_spec("gateway.h2server") is not None
+    transports = args.transports or ["grpc", "http", *(["fast"] if have_fast else [])]
+
+    work = Path(tempfile.mkdtemp(prefix="cohortgate-bench-"))
+    certs = pki.init_certs(work / "certs", clients=())
+    token = pki.mint_token(certs, "bench-user", residency="eu", ttl_s=24 * 3600)
+    print(f"cohortgate gateway benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {args.envoy_concurrency}, "
+          f"h2load --h1 -t {args.h2load_threads}, {args.duration:g}s per run")  # fmt: skip
+    print("load: HTTP/1.1 over TLS, keep-alive, POST with a valid bearer token (cached verification);")
+    print("      client certificate optional on the listener (h2load cannot present one), policy without")
+    print("      an identity rule; upstream: a second Envoy with a static direct_response; audit log on.")
+
+    upstream, upstream_port = start_upstream(work)
+    policy_path = work / "policy.yaml"
+    policy_path.write_text(POLICY.format(jwks=certs.jwks, port=upstream_port))
+    sock = work / "run" / "processor.sock"
+    results: list[Result] = []
+    try:
+        envoy = envoy_for("envoy-alone", "grpc", policy_path, certs, sock, work, args.envoy_concurrency)
+        try:
+            results += measure("envoy-alone", envoy, None, token, args, work)
+        finally:
+            envoy.stop()
+        for name in transports:
+            transport, server = ("grpc", "fast") if name == "fast" else (name, "grpcio")
+            with Gateway(policy_path, sock, transport, server, work) as gateway:
+                envoy = envoy_for(name, transport, policy_path, certs, sock, work, args.envoy_concurrency)
+                try:
+                    assert gateway.proc is not None
+                    results += measure(f"gateway-{name}", envoy, gateway.proc.pid, token, args, work)
+                finally:
+                    envoy.stop()
+    finally:
+        upstream.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    base = {r.concurrency: r.rps for r in results if r.setup == "envoy-alone"}
+    for r in results:
+        r.ratio = r.rps / base[r.concurrency] if base.get(r.concurrency) else None
+    print()
+    print(f"{'setup':<16}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs alone':>10}"
+          f"{'gw µs/req':>11}{'envoy µs/req':>14}{'errors':>8}")  # fmt: skip
+    for r in results:
+        ratio = f"{r.ratio:.0%}" if r.ratio is not None else "-"
+        gw = f"{r.gateway_cpu_us:.1f}" if r.gateway_cpu_us is not None else "-"
+        print(f"{r.setup:<16}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{ratio:>10}"
+              f"{gw:>11}{r.envoy_cpu_us:>14.1f}{r.failed + r.non_2xx:>8}")  # fmt: skip
+    print()
+    ok = True
+    top = max(args.concurrency)
+    for name, (min_ratio, max_cpu) in BARS.items():
+        row = next((r for r in results if r.setup == f"gateway-{name}" and r.concurrency == top), None)
+        if row is None or row.ratio is None:
+            continue
+        passed = row.ratio >= min_ratio and (max_cpu is None or (row.gateway_cpu_us or 0) <= max_cpu)
+        ok &= passed
+        cpu_bar = f" and <= {max_cpu:g} µs/req" if max_cpu else ""
+        print(f"bar {name}: >= {min_ratio:.0%} of Envoy alone at c{top}{cpu_bar}: "
+              f"{row.ratio:.0%}, {row.gateway_cpu_us:.1f} µs/req -> {'PASS' if passed else 'FAIL'}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

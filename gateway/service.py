@@ -1,0 +1,364 @@
+"""A running gateway: the policy holder, the token verifier, the audit trail and one transport.
+
+`Gateway` assembles the parts the processor (`gateway.extproc.Engine`) reads on every request:
+
+- `PolicyHolder.policy`, one reference swapped atomically by ``swap`` (the controller's effective
+  weights) or ``reload`` (the file changed; a bad file logs, counts and keeps the old policy);
+- a `TokenVerifier` built from ``policy.jwt`` over a JWKS file or https URL (refreshed in the
+  background), rebuilt only when a reload changes the ``jwt`` section;
+- the `AuditLog` writer thread;
+- the transport: ``grpc`` (grpcio, or the fast HTTP/2 server) or ``http`` (Envoy's http_service).
+
+Everything runs on one event loop thread, so a swap never races a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .audit import AuditLog
+from .auth import TokenVerifier
+from .extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
+from .jwks import KeySet, source_from_spec
+from .policy import JwtSettings, Policy, load_policy
+
+log = logging.getLogger("cohortgate.service")
+
+UNIT_SALT_ENV = "COHORTGATE_UNIT_SALT"
+Transport = Literal["grpc", "http"]
+
+
+# ------------------------------------------------------------------------------ addresses
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """``uds:PATH`` or ``tcp:HOST:PORT``: where the processor listens for Envoy."""
+
+    uds: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ListenAddress:
+        kind, _, rest = spec.partition(":")
+        if kind == "uds" and rest:
+            return cls(uds=rest)
+        if kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            host = host.strip("[]")
+            if host and port.isdigit() and 0 < int(port) < 65536:
+                return cls(host=host, port=int(port))
+        raise ValueError(f"listen address {spec!r} must be uds:PATH or tcp:HOST:PORT")
+
+    def __str__(self) -> str:
+        return f"uds:{self.uds}" if self.uds is not None else f"tcp:{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost")
+
+
+DEFAULT_SOCKET = ".cohortgate/processor.sock"  # what `cohortgate envoy render` points Envoy at
+
+
+def default_socket_path() -> str:
+    """The processor's Unix socket, relative to the working directory (as Envoy's default config)."""
+    return DEFAULT_SOCKET
+
+
+# ------------------------------------------------------------------------------ the policy holder
+
+
+class PolicyHolder:
+    """The serving policy: readers take ``holder.policy``; writers replace it in one assignment."""
+
+    def __init__(self, policy: Policy, path: str | os.PathLike[str] | None = None) -> None:
+        self.policy = policy
+        self.path = Path(path) if path is not None else None
+        self.reloads = 0
+        self.reload_failures = 0
+        self._listeners: list[Callable[[Policy, Policy], None]] = []
+
+    def subscribe(self, listener: Callable[[Policy, Policy], None]) -> None:
+        """Call ``listener(old, new)`` after every swap."""
+        self._listeners.append(listener)
+
+    def swap(self, policy: Policy) -> Policy:
+        old, self.policy = self.policy, policy
+        for listener in self._listeners:
+            listener(old, policy)
+        return old
+
+    def reload(self, prepare: Callable[[Policy, Policy], None] | None = None) -> bool:
+        """Re-read the policy file; on any problem log it, count it and keep serving the old one.
+
+        ``prepare(old, new)`` runs before the swap (e.g. loading a new JWKS); if it raises, the
+        reload fails the same way.
+        """
+        if self.path is None:
+            return False
+        try:
+            policy = load_policy(self.path)
+            if policy.digest == self.policy.digest:
+                return False
+            if prepare is not None:
+                prepare(self.policy, policy)
+        except Exception as exc:
+            self.reload_failures += 1
+            log.error("policy reload failed, keeping %s: %s", self.policy.digest[:12], exc)
+            return False
+        old = self.swap(policy)
+        self.reloads += 1
+        log.info("policy reloaded: %s -> %s", old.digest[:12], policy.digest[:12])
+        return True
+
+
+def build_verifier(settings: JwtSettings, *, cache_size: int = 100_000) -> TokenVerifier:
+    """A `TokenVerifier` for a policy's ``jwt`` section (loads the JWKS now: a bad one is fatal)."""
+    keys = KeySet(source_from_spec(settings.jwks))
+    return TokenVerifier(
+        keys,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        algorithms=settings.algorithms,
+        leeway_s=settings.leeway_s,
+        cache_size=cache_size,
+    )
+
+
+def unit_salt_from_env() -> bytes:
+    """``$COHORTGATE_UNIT_SALT``, else a random salt (unit hashes then change on every restart)."""
+    value = os.environ.get(UNIT_SALT_ENV)
+    if value:
+        return value.encode()
+    log.warning(
+        "%s is not set: using a random unit salt, so x-cohortgate-unit values change on restart",
+        UNIT_SALT_ENV,
+    )
+    return secrets.token_bytes(32)
+
+
+# ------------------------------------------------------------------------------ the gateway
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    policy_path: str
+    listen: ListenAddress = field(default_factory=lambda: ListenAddress(uds=default_socket_path()))
+    transport: Transport = "grpc"
+    grpc_server: Literal["grpcio", "fast"] = "grpcio"
+    certs_dir: str | None = None  # needed for TCP (mTLS with the processor certificate)
+    audit_log: str | None = "-"  # a file, "-" for stdout, None for none
+    unit_salt: bytes | None = field(default=None, repr=False)
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
+    trust_domain: str | None = None
+    jwks_refresh_s: float = 300.0
+
+
+class Gateway:
+    """The assembled processor; ``await serve()`` runs it until ``stop()`` or a signal."""
+
+    def __init__(self, config: GatewayConfig, *, policy: Policy | None = None) -> None:
+        self.config = config
+        self.holder = PolicyHolder(policy or load_policy(config.policy_path), config.policy_path)
+        self.verifier = build_verifier(self.holder.policy.jwt)
+        salt = config.unit_salt if config.unit_salt is not None else unit_salt_from_env()
+        trust_domain = config.trust_domain
+        if trust_domain is None and config.certs_dir is not None:
+            from .pki import load_cert_paths
+
+            trust_domain = load_cert_paths(config.certs_dir).trust_domain  # only our own SPIFFE IDs
+        self.audit = (
+            AuditLog.open(config.audit_log, lambda sub: hash_unit(salt, sub)) if config.audit_log is not None else None
+        )
+        self.engine = Engine(
+            self.holder,
+            self.verifier,
+            ProcessorSettings(unit_salt=salt, max_body_bytes=config.max_body_bytes, trust_domain=trust_domain),
+            self.audit,
+        )
+        self._stop: asyncio.Event | None = None
+        self._server: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def _prepare(self, old: Policy, new: Policy) -> None:
+        """Before a reload swaps policies: a changed ``jwt`` section needs its verifier first."""
+        if new.jwt != old.jwt:
+            verifier = build_verifier(new.jwt)  # raises on a bad JWKS: the reload is refused
+            self.verifier = self.engine.verifier = verifier
+            log.info("token verifier rebuilt for the new jwt settings")
+
+    # ---- running
+
+    async def start(self) -> None:
+        """Listen; returns once the transport accepts connections."""
+        self._stop = asyncio.Event()
+        listen = self.config.listen
+        if listen.uds is not None:
+            from .transport_http import clear_stale_socket
+
+            Path(listen.uds).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            clear_stale_socket(listen.uds)
+        self._server = await self._start_transport(listen)
+        self._tasks.append(asyncio.create_task(self._refresh_keys(), name="cohortgate-jwks-refresh"))
+
+    async def _start_transport(self, listen: ListenAddress) -> Any:
+        cfg = self.config
+        tls = self._tls_files(listen)
+        if cfg.transport == "http":
+            from .transport_http import server_ssl_context, start_http
+
+            ctx = server_ssl_context(*tls) if tls else None
+            return await start_http(
+                self.engine.handle_json, uds=listen.uds, host=listen.host, port=listen.port, ssl_context=ctx
+            )
+        if cfg.transport != "grpc":
+            raise ValueError(f"transport must be grpc or http, not {cfg.transport!r}")
+        if cfg.grpc_server == "fast":
+            h2server = _fast_server_module()
+            ctx = _fast_ssl_context(*tls) if tls else None
+            kwargs: dict[str, Any] = {"ssl": ctx}
+            if listen.uds is not None:
+                kwargs["uds"] = listen.uds
+            else:
+                kwargs.update(host=listen.host, port=listen.port)
+            return await h2server.serve_fast(self.engine.new_processor, **kwargs)
+        from .transport_grpc import server_credentials, start_grpc
+
+        creds = None
+        if tls:
+            cert, key, ca = (Path(p).read_bytes() for p in tls)
+            creds = server_credentials(cert, key, ca)
+        return await start_grpc(
+            self.engine.new_processor, uds=listen.uds, host=listen.host, port=listen.port, credentials=creds
+        )
+
+    def _tls_files(self, listen: ListenAddress) -> tuple[str, str, str] | None:
+        """(cert, key, CA) for TCP; plaintext TCP is allowed on loopback only."""
+        if listen.uds is not None:
+            return None
+        if self.config.certs_dir is None:
+            if listen.is_loopback:
+                log.warning("listening on %s without TLS (loopback only); pass --certs for mTLS", listen)
+                return None
+            raise ValueError(f"listening on {listen} needs --certs: the processor hop must use mTLS")
+        from .pki import load_cert_paths
+
+        paths = load_cert_paths(self.config.certs_dir)
+        return str(paths.processor_cert), str(paths.processor_key), str(paths.ca_cert)
+
+    async def _refresh_keys(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.jwks_refresh_s)
+            with contextlib.suppress(Exception):
+                await self.verifier.keys.refresh_async(force=True)
+
+    async def serve(self, *, on_ready: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        """Start, then run until `stop` (SIGTERM/SIGINT stop, SIGHUP reloads the policy)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig, action in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop), (signal.SIGHUP, self.reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, action)
+                installed.append(sig)
+        try:
+            if on_ready is not None:
+                result = on_ready()
+                if asyncio.iscoroutine(result):
+                    await result
+            assert self._stop is not None
+            await self._stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    def reload(self) -> bool:
+        """Re-read the policy file (SIGHUP); a bad file or JWKS keeps everything as it was."""
+        return self.holder.reload(self._prepare)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        server, self._server = self._server, None
+        if server is not None:
+            if hasattr(server, "drain"):  # the fast HTTP/2 server: GOAWAY, let streams finish
+                await server.drain(timeout=1.0)
+            elif hasattr(server, "stop"):  # grpc.aio
+                await server.stop(0.5)
+            else:  # asyncio.Server (http transport)
+                server.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 1.0)
+            if self.config.listen.uds is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.listen.uds)
+        if self.audit is not None:
+            self.audit.close()
+
+
+def _fast_server_module() -> Any:
+    """The fast HTTP/2 ext_proc server (issue 12): ``gateway.h2server``, or ``gateway.h2.server``."""
+    import importlib
+
+    for name in ("gateway.h2server", "gateway.h2.server"):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    raise ValueError("--grpc-server fast needs gateway/h2server.py, which is not installed")
+
+
+def _fast_ssl_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def run(config: GatewayConfig) -> int:
+    """Run a gateway on uvloop until a signal stops it (the CLI's entry point)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        uvloop = None  # type: ignore[assignment]
+    gateway = Gateway(config)
+    policy = gateway.holder.policy
+    log.info(
+        "gateway: policy %s (%s), transport %s%s, listening on %s",
+        config.policy_path,
+        policy.digest[:12],
+        config.transport,
+        f" ({config.grpc_server})" if config.transport == "grpc" else "",
+        config.listen,
+    )
+
+    def ready() -> None:
+        log.info("gateway ready on %s (pid %d)", config.listen, os.getpid())
+
+    if uvloop is not None:
+        uvloop.run(gateway.serve(on_ready=ready))
+    else:  # pragma: no cover
+        asyncio.run(gateway.serve(on_ready=ready))
+    return 0
