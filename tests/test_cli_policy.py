@@ -24,7 +24,8 @@ def test_validate_ok_prints_a_summary():
 
 def test_validate_bad_file_exits_1_with_positions(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(EXAMPLE).read_text().replace("weight: 90", "weight: 80").replace("canary: canary", "canary: ghost"))
+    text = Path(EXAMPLE).read_text()
+    bad.write_text(text.replace("weight: 90", "weight: 80").replace("canary: canary", "canary: ghost"))
     out = run("policy", "validate", EXAMPLE, str(bad))
     assert out.returncode == 1
     assert "ok" in out.stdout
