@@ -1,0 +1,176 @@
+"""`cohortgate controller`: the rollback/promotion controller as a service.
+
+    cohortgate controller --policy P [--redis URL] [--als uds:PATH|tcp:HOST:PORT] [--interval 1s]
+                          [--listen 127.0.0.1:9480] [--token-file F] [--state-file F] [--name N]
+
+Without ``--redis`` everything is in this process (embedded): the access-log receiver feeds an
+in-process queue, states live in memory and in ``--state-file`` (so a restart keeps them). With
+``--redis``, events come from the Redis stream through a consumer group, one controller leads at a
+time (a lock with expiry), and states go to the Redis hash every gateway watches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
+DEFAULT_STATE_FILE = ".cohortgate/state.json"
+
+
+def parse_duration(text: str) -> float:
+    """``1s``, ``500ms``, ``2m``, ``0.5`` (seconds) -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 1s, 500ms, 2m)")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "controller",
+        help="run the rollback/promotion controller",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", required=True, help="policy YAML file")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("COHORTGATE_REDIS"),
+        help="Redis URL for the event stream, the shared state and the leader lock "
+        "(default: $COHORTGATE_REDIS; none = embedded, in-process)",
+    )
+    p.add_argument(
+        "--als",
+        metavar="uds:PATH|tcp:HOST:PORT",
+        help="also serve Envoy's gRPC access-log service here (loopback or a Unix socket)",
+    )
+    p.add_argument("--interval", type=parse_duration, default=1.0, help="evaluation interval (default 1s)")
+    p.add_argument("--window", type=parse_duration, default=60.0, help="sliding window for guardrails (default 60s)")
+    p.add_argument(
+        "--listen", type=_listen, default=("127.0.0.1", 9480), help="JSON API address (default 127.0.0.1:9480)"
+    )
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("COHORTGATE_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        help=f"admin bearer token file, created 0600 if missing (default {DEFAULT_TOKEN_FILE})",
+    )
+    p.add_argument(
+        "--state-file",
+        default=DEFAULT_STATE_FILE,
+        help=f"local copy of the states, kept across restarts (default {DEFAULT_STATE_FILE})",
+    )
+    p.add_argument("--name", default=None, help="this controller's name in audits (default: host-pid)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from ..errors import PolicyError
+    from ..policy import load_policy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    host = args.listen[0]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print("cohortgate controller: --listen must be a loopback address (the API is plaintext)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args, policy))
+    except (OSError, ValueError) as exc:
+        print(f"cohortgate controller: {exc}", file=sys.stderr)
+        return 1
+
+
+async def serve(args: argparse.Namespace, policy: Any) -> int:
+    import asyncio
+    import logging
+    import signal
+    import socket
+
+    from aiohttp import web
+
+    from ..accesslog import serve_als
+    from ..controller.api import load_or_create_token, make_app
+    from ..controller.leader import RedisLeader, SoloLeader
+    from ..controller.loop import Controller, ControllerConfig
+    from ..metrics import ControllerMetrics, GatewayMetrics
+    from ..state import InProcessState, RedisState
+    from ..telemetry import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client
+
+    log = logging.getLogger("cohortgate.controller")
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    metrics = ControllerMetrics()
+    gw_metrics = GatewayMetrics(registry=metrics.registry)  # the ALS receiver's request metrics
+    config = ControllerConfig(interval_s=args.interval, window_s=args.window)
+    if args.redis:
+        store = RedisState(args.redis, cache_path=args.state_file)
+        sink = RedisStreamSink(args.redis, metrics=gw_metrics)
+        reader = redis_client(args.redis, timeout_s=args.interval + 2.0)  # XREADGROUP blocks up to one interval
+        source = RedisStreamSource(reader, consumer=name)
+        lock_client = redis_client(args.redis)
+        leader = RedisLeader(lock_client, ttl_ms=int(max(3.0, 5 * args.interval) * 1000))
+    else:
+        store = InProcessState(cache_path=args.state_file)
+        sink = InProcessSink(metrics=gw_metrics)
+        source = sink
+        leader = SoloLeader()
+        reader = lock_client = None
+    await sink.start()
+    controller = Controller(policy, store, source, leader=leader, config=config, metrics=metrics, name=name)
+    token = load_or_create_token(args.token_file)
+    runner = web.AppRunner(make_app(controller, token, sink), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.listen[0], args.listen[1])
+    await site.start()
+    als_server = None
+    if args.als:
+        als_server, _ = await serve_als(sink, args.als, gw_metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "controller %s: policy %s (%s), %s, API http://%s:%d, token in %s%s",
+        name,
+        args.policy,
+        policy.digest[:12],
+        f"Redis {args.redis}" if args.redis else "embedded",
+        args.listen[0],
+        args.listen[1],
+        args.token_file,
+        f", access log on {args.als}" if args.als else "",
+    )
+    try:
+        await controller.run(stop)
+    finally:
+        if als_server is not None:
+            await als_server.stop(0.5)
+        await runner.cleanup()
+        await sink.close()
+        await store.close()
+        for client in (reader, lock_client):
+            if client is not None:
+                await client.aclose()
+    return 0

@@ -1,0 +1,146 @@
+"""The controller's JSON API (aiohttp_client) and the `cohortgate status/rollback/promote/resume` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+
+import pytest
+
+from gateway.cli import main
+from gateway.controller.api import load_or_create_token, make_app
+from gateway.controller.loop import Controller
+from gateway.controller.rollout import Phase
+from gateway.state import InProcessState, RedisState
+from gateway.telemetry import InProcessSink
+from sidecar.report import ShadowReport
+
+from .policies import make_policy, write_policy
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def api(aiohttp_client):
+    sink = InProcessSink()
+    await sink.start()
+    controller = Controller(make_policy(), InProcessState(), sink)
+    await controller.start()
+    client = await aiohttp_client(make_app(controller, TOKEN, sink))
+    client.controller = controller
+    client.sink = sink
+    return client
+
+
+async def test_everything_but_health_metrics_and_reports_needs_the_token(api):
+    for path in ("/status", "/audit"):
+        resp = await api.get(path)
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "unauthenticated"
+    resp = await api.get("/status", headers={"Authorization": "Bearer wrong"})
+    assert resp.status == 401
+    assert (await api.get("/healthz")).status == 200
+    resp = await api.get("/metrics")
+    assert resp.status == 200 and "cohortgate_controller_ticks_total" in await resp.text()
+
+
+async def test_status_lists_routes_and_variants(api):
+    resp = await api.get("/status", headers=AUTH)
+    doc = await resp.json()
+    route = doc["routes"]["tabular"]
+    assert route["status"] == "promoting"
+    assert route["variants"]["control"]["weight"] == 90 and route["variants"]["canary"]["phase"] == "promoting"
+    assert doc["controller"]["leader"] is True
+
+
+async def test_actions_change_state_and_errors_are_json(api):
+    resp = await api.post("/actions/rollback", json={"route": "tabular", "variant": "canary"}, headers=AUTH)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["changes"][0]["action"] == "rollback" and body["state"]["weights"] == {"control": 100, "canary": 0}
+    assert api.controller.states["tabular"].variants["canary"].phase is Phase.ROLLED_BACK
+
+    resp = await api.post("/actions/rollback", json={"route": "tabular", "variant": "canary"}, headers=AUTH)
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "invalid_transition"
+    resp = await api.post("/actions/promote", json={"route": "nope", "variant": "canary"}, headers=AUTH)
+    assert resp.status == 404
+    resp = await api.post("/actions/resume", data=b"{not json", headers=AUTH)
+    assert resp.status == 400 and "error" in await resp.json()
+    resp = await api.post("/actions/resume", json={"route": "tabular"}, headers={**AUTH, "X-Cohortgate-Actor": "ann"})
+    assert resp.status == 200
+
+    audit = (await (await api.get("/audit?route=tabular", headers=AUTH)).json())["records"]
+    assert [(r["action"], r["actor"]) for r in audit] == [("resume", "manual:ann"), ("rollback", "manual:api")]
+
+
+async def test_sidecar_reports_are_accepted_in_the_sidecars_own_format(api):
+    reports = []
+    for i in range(10):
+        reports.append(ShadowReport(f"r{i}", "control", "tabular", 200, 5.0, "same", (), 1.0).to_json())
+        reports.append(
+            ShadowReport(f"r{i}", "challenger", "tabular", 200, 7.0, "same" if i < 9 else "x", (), 1.0).to_json()
+        )
+    resp = await api.post("/reports", data=json.dumps([*reports, {"nonsense": 1}]))
+    assert resp.status == 202 and await resp.json() == {"accepted": 20, "rejected": 1}
+    api.controller.ingest(await api.sink.read(100, 0.1))
+    shadow = (await (await api.get("/status", headers=AUTH)).json())["routes"]["tabular"]["shadows"]["challenger"]
+    assert shadow["pairs"] == 10 and shadow["agreement"] == 0.9
+
+
+def test_token_file_is_created_private_and_reused(tmp_path):
+    path = tmp_path / "dir" / "admin.token"
+    token = load_or_create_token(path)
+    assert len(token) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_token(path) == token
+
+
+async def test_cli_talks_to_the_api(api, tmp_path, capsys):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    base = ["--api", str(api.make_url("")), "--token-file", str(token_file)]
+
+    def cli(*args):
+        return main([args[0], *base, *args[1:]])
+
+    assert await asyncio.to_thread(cli, "status") == 0
+    out = capsys.readouterr().out
+    assert "route tabular: promoting" in out and "canary" in out
+    assert await asyncio.to_thread(cli, "promote", "tabular", "canary") == 0
+    assert (
+        "tabular/canary: promote (promoting -> promoting); weights now control 75%, canary 25%"
+        in capsys.readouterr().out
+    )
+    assert await asyncio.to_thread(cli, "rollback", "tabular", "canary") == 0
+    assert await asyncio.to_thread(cli, "rollback", "tabular", "canary") == 1
+    assert "cannot rollback tabular/canary while it is rolled_back (409 invalid_transition)" in capsys.readouterr().err
+    assert await asyncio.to_thread(cli, "resume", "tabular", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["state"]["weights"] == {"control": 90, "canary": 10}
+    assert await asyncio.to_thread(cli, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["routes"]["tabular"]["version"] == 3
+
+    token_file.write_text("wrong\n")
+    assert await asyncio.to_thread(cli, "status") == 1
+    assert "401 unauthenticated" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+async def test_cli_talks_to_redis_directly(redis_server, tmp_path, capsys):
+    policy_file = write_policy(tmp_path / "policy.yaml")
+    base = ["--redis", redis_server.url, "--policy", str(policy_file)]
+    assert await asyncio.to_thread(main, ["rollback", *base, "tabular", "canary"]) == 0
+    assert "tabular/canary: rollback" in capsys.readouterr().out
+    store = RedisState(redis_server.url)
+    await store.start()
+    try:
+        assert (await store.load())["tabular"].disabled == {"canary"}
+        assert (await store.audit("tabular"))[0]["actor"].startswith("manual:cli:")
+    finally:
+        await store.close()
+    assert await asyncio.to_thread(main, ["status", *base, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["routes"]["tabular"]["variants"]["canary"] == {"weight": 0, "enabled": False, "phase": "rolled_back"}
+    assert await asyncio.to_thread(main, ["promote", "--redis", redis_server.url, "tabular", "canary"]) == 1
+    assert "need --policy" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""State stores: compare-and-set, watchers within 1 s, restarts, and Redis outages (real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.controller import rollout
+from gateway.controller.rollout import Signal
+from gateway.state import InProcessState, RedisState, StoreUnavailable, VersionConflict, effective_policy
+
+from .policies import make_policy
+
+POLICY = make_policy()
+ROUTE = POLICY.by_name["tabular"]
+
+
+def rolled_back(state=None, now=1.0):
+    s = state or rollout.initial_state(ROUTE)
+    return rollout.apply(ROUTE, s, "canary", Signal.ROLLBACK, now)[0]
+
+
+def test_effective_policy_applies_weights_and_disables_rolled_back_variants():
+    applied = effective_policy(POLICY, {"tabular": rolled_back()}).by_name["tabular"]
+    assert [(v.name, v.weight, v.enabled) for v in applied.variants] == [("control", 100, True), ("canary", 0, False)]
+
+
+def test_effective_policy_skips_a_state_that_does_not_fit():
+    bad = rollout.RouteState("tabular", {"control": 50, "canary": 10}, {})
+    assert effective_policy(POLICY, {"tabular": bad, "unknown": bad}) is POLICY
+
+
+async def test_in_process_compare_and_set_and_watchers():
+    store = InProcessState()
+    seen = []
+    store.watch(lambda states: seen.append(dict(states)))
+    first = rollout.initial_state(ROUTE)
+    await store.put(first)
+    await store.put(rolled_back(first), expected_version=first.version)
+    with pytest.raises(VersionConflict):
+        await store.put(rolled_back(first), expected_version=first.version)
+    assert len(seen) == 2 and seen[-1]["tabular"].disabled == {"canary"}
+
+
+async def wait_for(predicate, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.005)
+    return predicate()
+
+
+@pytest.mark.integration
+async def test_two_gateway_watchers_see_a_rollback_within_one_second(redis_server):
+    writer, gw1, gw2 = (RedisState(redis_server.url) for _ in range(3))
+    applied = {}
+    for name, store in (("gw1", gw1), ("gw2", gw2)):
+        await store.start()
+        store.watch(
+            lambda states, name=name: applied.__setitem__(name, (time.monotonic(), effective_policy(POLICY, states)))
+        )
+    await writer.start()
+    try:
+        await asyncio.sleep(0.2)  # watchers subscribed
+        start = rollout.initial_state(ROUTE)
+        await writer.put(start)
+        assert await wait_for(lambda: len(applied) == 2, 1.0)
+        t0 = time.monotonic()
+        await writer.put(rolled_back(start), expected_version=start.version)
+
+        def both_applied():
+            return all(
+                not applied[g][1].by_name["tabular"].variants[1].enabled and applied[g][0] >= t0 for g in applied
+            )
+
+        assert await wait_for(both_applied, 1.0), "a gateway did not apply the rollback within 1 s"
+        delays = [applied[g][0] - t0 for g in ("gw1", "gw2")]
+        assert max(delays) < 1.0
+    finally:
+        for store in (writer, gw1, gw2):
+            await store.close()
+
+
+@pytest.mark.integration
+async def test_redis_compare_and_set_refuses_a_stale_write(redis_server):
+    a, b = RedisState(redis_server.url), RedisState(redis_server.url)
+    await a.start()
+    await b.start()
+    try:
+        first = rollout.initial_state(ROUTE)
+        await a.put(first)
+        await a.put(rolled_back(first), expected_version=0)
+        with pytest.raises(VersionConflict):
+            await b.put(rollout.apply(ROUTE, first, "canary", Signal.PROMOTE, 2.0)[0], expected_version=0)
+        assert (await b.load())["tabular"].disabled == {"canary"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.integration
+async def test_redis_killed_watchers_keep_their_weights_and_catch_up_when_it_returns(redis_server, tmp_path):
+    writer = RedisState(redis_server.url)
+    gateway = RedisState(redis_server.url, cache_path=tmp_path / "gw-state.json", resync_s=0.5)
+    applied = []
+    await writer.start()
+    await gateway.start()
+    gateway.watch(lambda states: applied.append(effective_policy(POLICY, states)))
+    try:
+        await asyncio.sleep(0.2)
+        state = rolled_back()
+        await writer.put(state)
+        assert await wait_for(lambda: applied and not applied[-1].by_name["tabular"].variants[1].enabled, 1.0)
+        count = len(applied)
+
+        redis_server.kill()
+        with pytest.raises(StoreUnavailable):
+            await writer.put(rollout.apply(ROUTE, state, "canary", Signal.RESUME, 2.0)[0], state.version)
+        await asyncio.sleep(1.0)
+        assert gateway.snapshot()["tabular"].disabled == {"canary"}  # last weights kept
+        assert len(applied) == count  # nothing re-applied, nothing reverted
+
+        # a gateway restarting while Redis is down serves the cached weights
+        restarted = RedisState(redis_server.url, cache_path=tmp_path / "gw-state.json")
+        await restarted.start()
+        assert restarted.snapshot()["tabular"].disabled == {"canary"}
+        await restarted.close()
+
+        redis_server.restart()  # comes back empty
+        await asyncio.sleep(0.8)
+        assert gateway.snapshot()["tabular"].disabled == {"canary"}  # a missing key is not a revert
+        resumed = rollout.apply(ROUTE, state, "canary", Signal.RESUME, 3.0)[0]
+        await writer.put(resumed)
+        assert await wait_for(lambda: applied[-1].by_name["tabular"].variants[1].enabled, 3.0)
+    finally:
+        await writer.close()
+        await gateway.close()
+
+
+@pytest.mark.integration
+async def test_audit_and_status_snapshot_live_in_redis(redis_server):
+    store = RedisState(redis_server.url)
+    await store.start()
+    try:
+        for i in range(5):
+            await store.append_audit({"route": "tabular" if i % 2 else "other", "i": i})
+        assert [r["i"] for r in await store.audit("tabular", limit=10)] == [3, 1]
+        assert [r["i"] for r in await store.audit(limit=2)] == [4, 3]
+        await store.publish_status({"routes": {"tabular": {}}}, ttl_s=0.2)
+        assert (await store.read_status())["routes"] == {"tabular": {}}
+        await asyncio.sleep(0.3)
+        assert await store.read_status() is None
+    finally:
+        await store.close()
+
+
+async def test_follow_keeps_the_gateways_policy_holder_on_the_effective_weights(tmp_path):
+    from gateway.metrics import GatewayMetrics
+    from gateway.service import PolicyHolder
+
+    from .policies import write_policy
+
+    path = write_policy(tmp_path / "policy.yaml")
+    holder = PolicyHolder(POLICY, path)
+    store = InProcessState()
+    metrics = GatewayMetrics()
+    from gateway.state import follow
+
+    follow(holder, store, metrics)
+    assert holder.policy is POLICY
+    await store.put(rolled_back())
+    assert not holder.policy.by_name["tabular"].variants[1].enabled
+    # a policy file reload keeps the controller's weights on top of the new file
+    write_policy(path, max_error_rate=0.1)
+    assert holder.reload()
+    route = holder.policy.by_name["tabular"]
+    assert route.guardrails.max_error_rate == 0.1 and not route.variants[1].enabled
+    body, _ = metrics.render()
+    assert b'cohortgate_variant_weight{route="tabular",variant="control"} 100.0' in body
+
+
+async def test_a_gateway_process_follows_an_embedded_controllers_state_file(tmp_path):
+    path = tmp_path / "state.json"
+    controller_side = InProcessState(path)
+    gateway_side = InProcessState(path, poll_s=0.05)
+    await gateway_side.start()
+    seen = []
+    gateway_side.watch(lambda states: seen.append(states["tabular"].disabled))
+    try:
+        await controller_side.put(rolled_back())
+        assert await wait_for(lambda: seen == [frozenset({"canary"})], 1.0)
+    finally:
+        await gateway_side.close()
