@@ -146,7 +146,11 @@ class Guardrails(_Strict):
 
     max_error_rate: float = Field(default=0.05, ge=0, le=1, description="5xx share that triggers rollback.")
     max_p99_ms: float | None = Field(default=None, gt=0, description="p99 upstream latency limit.")
-    min_samples: int = Field(default=200, ge=1, description="Requests needed before any verdict.")
+    min_samples: int = Field(
+        default=200,
+        ge=1,
+        description="Requests before a guardrail or a promotion applies (sequential tests hold at any size).",
+    )
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Error level of the sequential tests.")
 
 
