@@ -107,11 +107,22 @@ class _NullObserver:
 RunFn = Callable[[Tensors], Tensors]
 
 
+def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
+    """Runs in the executor thread, so the compute time excludes waiting for the thread."""
+    started = time.perf_counter()
+    outputs = run(inputs)
+    return outputs, time.perf_counter() - started
+
+
 class Batcher:
     """Queue requests, run them in batches in ``executor``, resolve each caller's future.
 
     Create it anywhere; ``start()`` must run inside the event loop that will use it (the queue's
     wake-up futures belong to that loop).
+
+    At most ``max_inflight`` batches are handed to the executor at once. A second one is handed
+    over while the first computes only when it is already full (it cannot grow by waiting), so
+    large requests keep the model busy back to back while small ones still batch greedily.
     """
 
     def __init__(
@@ -122,18 +133,21 @@ class Batcher:
         max_batch_size: int = 1,
         max_delay_s: float = 0.0,
         max_queue: int = 1024,
+        max_inflight: int = 2,
         observer: BatchObserver | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0 or max_inflight < 1:
+            raise ValueError("max_batch_size, max_queue and max_inflight must be >= 1, max_delay_s >= 0")
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_inflight = max_inflight
         self._observer = observer or _NullObserver()
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
+        self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Future | None = None
         self._worker: asyncio.Task | None = None
@@ -141,7 +155,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch (not counting the one being computed)."""
+        """Requests waiting for a batch (not counting those being computed)."""
         return len(self._queue)
 
     def start(self) -> None:
@@ -158,14 +172,16 @@ class Batcher:
         key = merge_key(inputs) if self.max_batch_size > 1 else ()
         self._queue.append(Pending(inputs, rows, key, future))
         self._queued_rows += rows
-        # Greedy: wake an idle worker at once. With a delay: only when the queue was empty (the
-        # worker sleeps untimed) or a full batch is waiting.
-        if self.max_delay_s == 0 or len(self._queue) == 1 or self._queued_rows >= self.max_batch_size:
+        # Wake the worker only when it can act: the model is idle (greedy; with a delay, only the
+        # first arrival starts the clock) or a full batch is waiting.
+        if self._queued_rows >= self.max_batch_size or (
+            self._inflight == 0 and (self.max_delay_s == 0 or len(self._queue) == 1)
+        ):
             self._wake()
         return future
 
     async def close(self) -> None:
-        """Refuse new requests, finish every queued one, stop the worker."""
+        """Refuse new requests, finish every queued and running one, stop the worker."""
         self._closing = True
         self._wake()
         if self._worker is not None:
@@ -176,7 +192,7 @@ class Batcher:
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
 
-    async def _sleep_until_woken(self, timeout: float | None) -> None:
+    async def _sleep_until_woken(self, timeout: float | None = None) -> None:
         loop = self._loop
         self._wakeup = wakeup = loop.create_future()  # type: ignore[union-attr]
         timer = None if timeout is None else loop.call_later(timeout, self._wake)  # type: ignore[union-attr]
@@ -188,35 +204,56 @@ class Batcher:
                 timer.cancel()
 
     async def _work(self) -> None:
-        loop = self._loop
         queue = self._queue
         while True:
             if not queue:
-                if self._closing:
+                if self._closing and self._inflight == 0:
                     return
-                await self._sleep_until_woken(None)
+                await self._sleep_until_woken()
                 continue
-            if self.max_delay_s > 0 and not self._closing and self._queued_rows < self.max_batch_size:
+            if self._inflight:
+                # Busy: only a full batch may go ahead, and only up to max_inflight.
+                if self._inflight >= self.max_inflight or self._queued_rows < self.max_batch_size:
+                    await self._sleep_until_woken()
+                    continue
+            elif self.max_delay_s > 0 and not self._closing and self._queued_rows < self.max_batch_size:
                 remaining = queue[0].enqueued + self.max_delay_s - time.perf_counter()
                 if remaining > 0:
                     await self._sleep_until_woken(remaining)
                     continue
-            batch = take_batch(queue, self.max_batch_size)
-            rows = [p.rows for p in batch]
-            self._queued_rows -= sum(rows)
-            started = time.perf_counter()
-            waits = [started - p.enqueued for p in batch]
-            try:
-                merged = merge([p.inputs for p in batch])
-                outputs = await loop.run_in_executor(self._executor, self._run, merged)  # type: ignore[union-attr]
-                parts = split(outputs, rows)
-            except Exception as exc:  # each caller gets the failure; the worker lives on
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            finally:
-                self._observer.on_batch(sum(rows), len(batch), time.perf_counter() - started, waits)
+            self._dispatch(take_batch(queue, self.max_batch_size))
+
+    def _dispatch(self, batch: list[Pending]) -> None:
+        rows = [p.rows for p in batch]
+        self._queued_rows -= sum(rows)
+        started = time.perf_counter()
+        try:
+            merged = merge([p.inputs for p in batch])
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        self._inflight += 1
+        done = self._loop.run_in_executor(self._executor, _timed, self._run, merged)  # type: ignore[union-attr]
+        done.add_done_callback(lambda f: self._finish(batch, rows, started, f))
+
+    def _finish(self, batch: list[Pending], rows: list[int], started: float, done: asyncio.Future) -> None:
+        self._inflight -= 1
+        try:
+            outputs, compute_s = done.result()
+            self._observer.on_batch(sum(rows), len(batch), compute_s, [started - p.enqueued for p in batch])
+            parts = split(outputs, rows)
+        except asyncio.CancelledError:
+            self._fail(batch, Unavailable("the sidecar stopped before this request ran"))
+        except Exception as exc:  # each caller gets the failure; the worker lives on
+            self._fail(batch, exc)
+        else:
             for p, part in zip(batch, parts, strict=True):
                 if not p.future.done():
                     p.future.set_result(part)
+        self._wake()
+
+    @staticmethod
+    def _fail(batch: list[Pending], exc: BaseException) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)

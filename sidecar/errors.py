@@ -1,6 +1,8 @@
 """Errors the sidecar answers with: each carries its HTTP status and becomes ``{"error": "..."}``.
 
     CohortgateError                      (gateway/errors.py)
+    ├── ModelLoadError                   the model cannot be served (missing, invalid, no CUDA); the
+    │                                    CLI prints it and exits 2, ``ready`` never turns true
     └── SidecarError                     a user-visible answer: HTTP status + sentence
         ├── BadRequest          400      body is not JSON, or a tensor does not fit the signature
         ├── NotFound            404      unknown model, version or route
@@ -16,6 +18,10 @@ sentence, never a stack trace.
 from __future__ import annotations
 
 from gateway.errors import CohortgateError
+
+
+class ModelLoadError(CohortgateError):
+    """The model cannot be served: missing file, invalid graph, unsupported types, or no CUDA."""
 
 
 class SidecarError(CohortgateError):
@@ -37,7 +43,13 @@ class NotFound(SidecarError):
 
 
 class MethodNotAllowed(SidecarError):
+    """``allow`` becomes the Allow header."""
+
     status = 405
+
+    def __init__(self, message: str, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class PayloadTooLarge(SidecarError):

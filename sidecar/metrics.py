@@ -92,7 +92,8 @@ class SidecarMetrics:
         total.add_metric([m], self.requests)
         yield total
         failed = CounterMetricFamily(
-            f"{PREFIX}_request_failures", "Infer requests answered with an error, by status.",
+            f"{PREFIX}_request_failures",
+            "Infer requests answered with an error, by status.",
             labels=["model", "status"],
         )
         for status, count in sorted(self.failures.items()):

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.errors import CohortgateError
-
 from .batching import Tensors
-from .errors import InferenceFailed
+from .errors import InferenceFailed, ModelLoadError
 from .protocol import DATATYPES, Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -43,10 +41,6 @@ _ORT_TYPES = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
 }
-
-
-class ModelLoadError(CohortgateError):
-    """The model cannot be served: missing file, invalid graph, unsupported types, or no CUDA."""
 
 
 def choose_providers(device: str, available: Sequence[str]) -> list[str]:

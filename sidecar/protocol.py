@@ -211,8 +211,9 @@ def encode_infer_response(
         array = outputs[index]
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(array.shape)}
         if binary:
-            raw = array.tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            # bytes.join reads the array's buffer directly: one copy, not two.
+            raw = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(raw)
         else:
             entry["data"] = np.ascontiguousarray(array).reshape(-1)
@@ -237,9 +238,7 @@ def _checked_shape(spec: TensorSpec, shape: Any) -> tuple[int, ...]:
         raise BadRequest(f"input '{spec.name}': 'shape' must be a list of non-negative integers, got {shape!r}")
     expected = spec.shape
     if len(shape) != len(expected) or any(e not in (-1, d) for e, d in zip(expected, shape, strict=True)):
-        raise BadRequest(
-            f"input '{spec.name}': expected shape {format_shape(expected)}, got {format_shape(shape)}"
-        )
+        raise BadRequest(f"input '{spec.name}': expected shape {format_shape(expected)}, got {format_shape(shape)}")
     return tuple(shape)
 
 
@@ -250,12 +249,10 @@ def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...], count: int, 
         raw = np.asarray(data)
     except (ValueError, TypeError):
         raw = None
-    if raw is None or raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+    if raw is None or (raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]):
         raise BadRequest(f"input '{spec.name}': 'data' must be a list of {spec.datatype} values")
     if raw.size != count:
-        raise BadRequest(
-            f"input '{spec.name}': shape {format_shape(shape)} needs {count} values, got {raw.size}"
-        )
+        raise BadRequest(f"input '{spec.name}': shape {format_shape(shape)} needs {count} values, got {raw.size}")
     return raw.astype(dtype, copy=False).reshape(shape)
 
 

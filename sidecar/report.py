@@ -142,9 +142,7 @@ class HttpSink:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         body = orjson.dumps([r.to_json() for r in reports])
-        async with self._session.post(
-            self.url, data=body, headers={"Content-Type": "application/json"}
-        ) as response:
+        async with self._session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as response:
             if response.status >= 300:
                 raise RuntimeError(f"report endpoint answered {response.status}")
 

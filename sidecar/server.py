@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -56,6 +57,7 @@ REQUEST_ID = "x-request-id"
 SERVER_NAME = "cohortgate-sidecar"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 _INTERNAL = "internal error in the sidecar; see its log"
+REPORT_SCHEMES = ("http://", "https://", "redis://", "rediss://", "unix://", "memory://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class SidecarConfig:
             problems.append("fault_rate must be within [0, 1]")
         if self.report_to and not self.variant:
             problems.append("report_to needs a variant")
+        if self.report_to and not self.report_to.startswith(REPORT_SCHEMES):
+            problems.append(f"report_to must start with one of {', '.join(REPORT_SCHEMES)}")
         if not 0 <= self.port <= 65535:
             problems.append("port must be within 0..65535")
         if problems:
@@ -100,8 +104,6 @@ class SidecarConfig:
 
     @property
     def model_name(self) -> str:
-        from pathlib import Path
-
         return self.name or Path(self.model_path).stem
 
 
@@ -117,6 +119,7 @@ class Sidecar:
         self.batcher: Batcher | None = None
         self.reporter: Reporter | None = None
         self.ready = False
+        self.load_error: str | None = None
         self._report_sink = report_sink
         self._faults = FaultInjector(config.fault_rate) if config.fault_rate > 0 else None
         self._executor: ThreadPoolExecutor | None = None
@@ -153,14 +156,20 @@ class Sidecar:
         self.ready = self.metrics.ready = False
 
     async def _load(self) -> None:
-        config = self.config
         loop = asyncio.get_running_loop()
         try:
             model = await loop.run_in_executor(self._executor, self._load_blocking)
+            self._start_serving(model)
         except Exception as exc:
-            log.error("model %s cannot be served: %s", config.model_path, exc)
+            log.error("model %s cannot be served: %s", self.config.model_path, exc)
+            self.load_error = str(exc)
             self._loaded.set_exception(exc)  # type: ignore[union-attr]
             return
+        self.ready = self.metrics.ready = True
+        self._loaded.set_result(None)  # type: ignore[union-attr]
+
+    def _start_serving(self, model: OnnxModel) -> None:
+        config = self.config
         self.model = model
         batch = config.max_batch_size if model.signature.batchable else 1
         if batch != config.max_batch_size:
@@ -188,14 +197,10 @@ class Sidecar:
                 metrics=self.metrics,
             )
             self.reporter.start()
-        self.ready = self.metrics.ready = True
-        self._loaded.set_result(None)  # type: ignore[union-attr]
 
     def _load_blocking(self) -> OnnxModel:
         config = self.config
-        model = OnnxModel(
-            config.model_path, self.name, device=config.device, intra_op_threads=config.intra_op_threads
-        )
+        model = OnnxModel(config.model_path, self.name, device=config.device, intra_op_threads=config.intra_op_threads)
         model.warm_up(config.max_batch_size if model.signature.batchable else 1)
         return model
 
@@ -207,8 +212,8 @@ class Sidecar:
         headers = self._json_headers
         if isinstance(exc, Unavailable):
             headers = {**headers, "Retry-After": str(exc.retry_after_s)}
-        elif isinstance(exc, MethodNotAllowed) and getattr(exc, "allow", None):
-            headers = {**headers, "Allow": exc.allow}  # type: ignore[attr-defined]
+        elif isinstance(exc, MethodNotAllowed) and exc.allow:
+            headers = {**headers, "Allow": exc.allow}
         return web.Response(body=error_body(exc.message), status=exc.status, headers=headers)
 
     def _check_model(self, request: web.Request) -> OnnxModel:
@@ -219,6 +224,8 @@ class Sidecar:
         if version is not None and version != "1":
             raise NotFound(f"model '{name}' has no version '{version}'; versions: 1")
         if self.model is None:
+            if self.load_error is not None:
+                raise Unavailable(f"model '{name}' cannot be served: {self.load_error}", retry_after_s=30)
             raise Unavailable(f"model '{name}' is loading")
         return self.model
 
@@ -258,8 +265,7 @@ class Sidecar:
                 "backend": "onnxruntime",
                 "max_batch_size": batch,
                 "input": [
-                    {"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": dims(s.shape)}
-                    for s in signature.inputs
+                    {"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": dims(s.shape)} for s in signature.inputs
                 ],
                 "output": [
                     {"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": dims(s.shape)}
@@ -294,6 +300,7 @@ class Sidecar:
         """The hot path: read, decode, queue, await this request's rows, encode."""
         started = time.perf_counter()
         outputs = None
+        decoded = None
         try:
             model = self._check_model(request)
             if not self.ready:
@@ -333,7 +340,7 @@ class Sidecar:
         elapsed = time.perf_counter() - started
         self.metrics.on_request(status, elapsed)
         if self.reporter is not None:
-            request_id = request.headers.get(REQUEST_ID) or ""
+            request_id = request.headers.get(REQUEST_ID) or (decoded.id if decoded is not None else None) or ""
             self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None)
         return response
 
@@ -363,9 +370,9 @@ def _json_errors(
 
 def _method_not_allowed(sidecar: Sidecar, allowed: list[str]) -> Callable[[web.Request], Awaitable[Any]]:
     async def handler(request: web.Request) -> web.Response:
-        exc = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {', '.join(allowed)}")
-        exc.allow = ", ".join(allowed)  # type: ignore[attr-defined]
-        return sidecar._error(exc)
+        allow = ", ".join(allowed)
+        message = f"{request.method} is not allowed on {request.path}; use {allow}"
+        return sidecar._error(MethodNotAllowed(message, allow))
 
     return handler
 
@@ -417,9 +424,7 @@ async def serve(
     Raises ``ModelLoadError`` (after closing the port) when the model cannot be served.
     """
     app = build_app(config, report_sink=report_sink)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout_s
-    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.drain_timeout_s)
     await runner.setup()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

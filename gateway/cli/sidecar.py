@@ -18,26 +18,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="OIP model name (default: the file's stem)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when onnxruntime offers it, else CPU (default auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="onnxruntime intra-op threads (default: all cores but one)")
-    p.add_argument("--max-batch-size", type=int, default=64, metavar="ROWS",
-                   help="merge queued requests up to this many rows; 1 turns batching off (default 64)")
-    p.add_argument("--max-queue-delay-ms", type=float, default=0.0, metavar="MS",
-                   help="wait up to this long from the oldest queued request to fill a batch "
-                        "(default 0: greedy, take what is queued)")
-    p.add_argument("--max-queue", type=int, default=1024, metavar="N",
-                   help="requests allowed to wait; beyond it 503 with Retry-After (default 1024)")
-    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, metavar="BYTES",
-                   help="larger request bodies get 413 (default 64 MiB)")
-    p.add_argument("--report-to", metavar="URL",
-                   help="send shadow-comparison reports to an http(s):// URL or redis://host:port/db?stream=NAME")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when onnxruntime offers it, else CPU (default auto)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="onnxruntime intra-op threads (default: all cores but one)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        metavar="ROWS",
+        help="merge queued requests up to this many rows; 1 turns batching off (default 64)",
+    )
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="wait up to this long from the oldest queued request to fill a batch "
+        "(default 0: greedy, take what is queued)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="requests allowed to wait; beyond it 503 with Retry-After (default 1024)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="larger request bodies get 413 (default 64 MiB)",
+    )
+    p.add_argument(
+        "--report-to",
+        metavar="URL",
+        help="send shadow-comparison reports to an http(s):// URL or redis://host:port/db?stream=NAME",
+    )
     p.add_argument("--variant", help="variant name for reports and the x-cohortgate-served-by header")
-    p.add_argument("--fault-rate", type=float, default=0.0, metavar="F",
-                   help="demo knob: fail this fraction of infer requests with 500 (deterministic)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM, wait up to this long for queued requests (default 30)")
+    p.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="demo knob: fail this fraction of infer requests with 500 (deterministic)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, wait up to this long for queued requests (default 30)",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.set_defaults(func=handler)
 

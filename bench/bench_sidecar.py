@@ -1,0 +1,349 @@
+"""Benchmark: bare onnxruntime vs the sidecar (batching on and off) vs MLServer, on the 4x512 MLP.
+
+    python bench/bench_sidecar.py [--duration 5] [--repeat 3] [--mlserver-python /tmp/peers/bin/python]
+
+In one run, on one machine:
+  * bare onnxruntime: ``session.run`` in a loop at batch 1..256, with the sidecar's session options
+    (its intra-op threads) and with every core -- inferences/s, the ceiling;
+  * the sidecar, a real ``cohortgate sidecar`` process, with batching on and off, loaded by ``wrk``
+    (C, not Python-bound) posting one-row binary-tensor requests at concurrency 1, 16 and 64, and
+    128-row binary requests at concurrency 4: requests/s, rows/s, p50/p99, mean batch, and the ratio
+    of rows/s to bare onnxruntime's best (same threads);
+  * one-row JSON requests at concurrency 64, for the sidecar and for MLServer when
+    ``--mlserver-python`` names a Python with MLServer installed (a custom onnxruntime runtime;
+    MLServer's REST API takes JSON tensors), so the peer comparison is like for like.
+
+wrk and the servers share the machine's cores, as a client and a server on one small host would;
+on a shared host, use ``--repeat`` (the median is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.demo_models import MLP_WIDTH, mlp_model_bytes  # noqa: E402
+from sidecar.model import default_intra_op_threads  # noqa: E402
+
+MODEL = "mlp"
+BATCHES = (1, 8, 32, 64, 128, 256)
+
+
+@dataclass
+class Result:
+    target: str
+    body: str  # "binary" or "json"
+    concurrency: int
+    rows_per_request: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float | None
+    errors: int
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rps * self.rows_per_request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request_body(rows: int, binary: bool) -> tuple[bytes, int | None]:
+    x = np.random.default_rng(rows).standard_normal((rows, MLP_WIDTH)).astype(np.float32)
+    tensor: dict = {"name": "input", "shape": [rows, MLP_WIDTH], "datatype": "FP32"}
+    if not binary:
+        tensor["data"] = x.ravel().tolist()
+        return json.dumps({"inputs": [tensor]}).encode(), None
+    tensor["parameters"] = {"binary_data_size": x.nbytes}
+    head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return head + x.tobytes(), len(head)
+
+
+def bare_ort(model: Path, threads: int, seconds: float) -> dict[int, float]:
+    """Inferences/s of ``session.run`` in a loop, per batch size, with the sidecar's options."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    result = {}
+    for batch in BATCHES:
+        x = np.random.default_rng(1).standard_normal((batch, MLP_WIDTH)).astype(np.float32)
+        for _ in range(10):
+            session.run(None, {"input": x})
+        n = 0
+        start = time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            session.run(None, {"input": x})
+            n += 1
+        result[batch] = n * batch / elapsed
+    return result
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)] if m else float("nan")
+
+
+def wrk(url: str, body_file: Path, header_length: int | None, concurrency: int, seconds: float) -> dict:
+    script = body_file.with_suffix(".lua")
+    lines = [
+        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()',
+        'wrk.method = "POST"',
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if header_length is not None:
+        lines[-1] = 'wrk.headers["Content-Type"] = "application/octet-stream"'
+        lines.append(f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"')
+    script.write_text("\n".join(lines) + "\n")
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(latency.get("50", "")),
+        "p99_ms": _ms(latency.get("99", "")),
+        "errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+def scrape_batches(port: int) -> tuple[float, float] | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    total = re.search(r"cohortgate_sidecar_batch_size_sum\{[^}]*\} (\S+)", text)
+    count = re.search(r"cohortgate_sidecar_batch_size_count\{[^}]*\} (\S+)", text)
+    return (float(total.group(1)), float(count.group(1))) if total and count else None
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url, timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server for {url} did not become ready")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], ready_url: str, cwd: Path, env: dict | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(proc, ready_url)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def sidecar(model: Path, port: int, threads: int, max_batch: int) -> contextlib.AbstractContextManager:
+    cmd = [sys.executable, "-m", "sidecar", "--model", str(model), "--name", MODEL]
+    cmd += [
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-batch-size",
+        str(max_batch),
+        "--log-level",
+        "WARNING",
+    ]
+    return process(cmd, f"http://127.0.0.1:{port}/v2/health/ready", ROOT)
+
+
+MLSERVER_RUNTIME = """
+import numpy as np
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class OrtRuntime(MLModel):
+    async def load(self) -> bool:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = {threads}
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession("{model}", options, providers=["CPUExecutionProvider"])
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        x = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32)
+        y = self._session.run(None, {{"input": x}})[0]
+        return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("output", y)])
+"""
+
+
+def mlserver(python: str, model: Path, tmp: Path, port: int, threads: int) -> contextlib.AbstractContextManager:
+    folder = tmp / "mlserver"
+    folder.mkdir(exist_ok=True)
+    (folder / "ort_runtime.py").write_text(textwrap.dedent(MLSERVER_RUNTIME.format(threads=threads, model=model)))
+    (folder / "settings.json").write_text(
+        json.dumps({"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "debug": False})
+    )
+    (folder / "model-settings.json").write_text(
+        json.dumps({"name": MODEL, "implementation": "ort_runtime.OrtRuntime", "parameters": {"uri": str(model)}})
+    )
+    mlserver_bin = Path(python).parent / "mlserver"
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    return process(
+        [str(mlserver_bin), "start", str(folder)], f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", folder, env
+    )
+
+
+def measure(
+    target: str, port: int, tmp: Path, cases: list[tuple[int, bool, int]], seconds: float, repeat: int
+) -> list[Result]:
+    """Run wrk for each (rows per request, binary?, concurrency); the median of ``repeat`` runs."""
+    url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+    results = []
+    for rows, binary, concurrency in cases:
+        body, header_length = request_body(rows, binary)
+        body_file = tmp / f"body-{rows}-{'bin' if binary else 'json'}.bin"
+        body_file.write_bytes(body)
+        wrk(url, body_file, header_length, concurrency, 1)  # warm up
+        runs = []
+        for _ in range(repeat):
+            before = scrape_batches(port)
+            run = wrk(url, body_file, header_length, concurrency, seconds)
+            after = scrape_batches(port)
+            if before and after and after[1] > before[1]:
+                run["mean_batch"] = (after[0] - before[0]) / (after[1] - before[1])
+            runs.append(run)
+        median = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+        kind = "binary" if binary else "json"
+        results.append(
+            Result(
+                target,
+                kind,
+                concurrency,
+                rows,
+                median["rps"],
+                median["p50_ms"],
+                median["p99_ms"],
+                median.get("mean_batch"),
+                sum(r["errors"] for r in runs),
+            )
+        )
+        spread = ", ".join(f"{r['rps']:,.0f}" for r in runs)
+        print(f"  {target:<24} {kind:<6} c{concurrency:<3} {rows:>3} rows: {spread} req/s", file=sys.stderr)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="ONNX model, input 'input' FP32 [-1,512] (default: mlp-4x512)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    parser.add_argument("--repeat", type=int, default=1, help="wrk runs per case; the median is kept (default 1)")
+    parser.add_argument("--concurrency", default="1,16,64", help="for one-row requests (default 1,16,64)")
+    parser.add_argument("--threads", type=int, default=default_intra_op_threads(), help="intra-op threads")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the sidecar's, batching on (default 64)")
+    parser.add_argument("--mlserver-python", help="a Python with MLServer installed, to run it as a peer")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not on PATH; this benchmark uses it as its load generator", file=sys.stderr)
+        return 2
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    binary_cases = [(1, True, c) for c in concurrencies] + [(128, True, 4)]
+    json_case = [(1, False, 64)]
+    all_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmpdir:
+        tmp = Path(tmpdir)
+        model = args.model
+        if model is None:
+            model = tmp / "mlp-4x512.onnx"
+            model.write_bytes(mlp_model_bytes())
+        model = model.resolve()
+        print(f"{all_cores} cores; the sidecar uses {args.threads} intra-op thread(s)", file=sys.stderr)
+        bare = bare_ort(model, args.threads, min(2.0, args.duration / 2))
+        bare_all = bare_ort(model, all_cores, min(2.0, args.duration / 2)) if all_cores != args.threads else bare
+        for label, max_batch, cases in (
+            ("sidecar, batching on", args.max_batch_size, binary_cases + json_case),
+            ("sidecar, batching off", 1, binary_cases),
+        ):
+            port = free_port()
+            with sidecar(model, port, args.threads, max_batch):
+                results += measure(label, port, tmp, cases, args.duration, args.repeat)
+        peer_note = "MLServer: not run (pass --mlserver-python PATH to a Python that has mlserver)"
+        if args.mlserver_python:
+            port = free_port()
+            try:
+                with mlserver(args.mlserver_python, model, tmp, port, args.threads):
+                    results += measure(
+                        "MLServer (custom ORT runtime)", port, tmp, json_case, args.duration, args.repeat
+                    )
+                peer_note = ""
+            except (RuntimeError, OSError) as exc:
+                peer_note = f"MLServer: failed to start ({exc})"
+
+    best_batch = max(bare, key=bare.get)
+    best = bare[best_batch]
+    print()
+    for name, table in ((f"{args.threads} thread(s), as the sidecar", bare), (f"{all_cores} threads", bare_all)):
+        b = max(table, key=table.get)
+        rates = ", ".join(f"b{k} {v:,.0f}" for k, v in table.items())
+        print(f"bare onnxruntime, {name}: {rates} inferences/s -> best {table[b]:,.0f} at batch {b}")
+    print()
+    header = (
+        f"{'target':<30} {'body':<6} {'conc':>4} {'rows/req':>8} {'req/s':>9} {'rows/s':>9} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'vs bare':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        batch = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
+        print(
+            f"{r.target:<30} {r.body:<6} {r.concurrency:>4} {r.rows_per_request:>8} {r.rps:>9,.0f} "
+            f"{r.rows_per_s:>9,.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {batch:>6} {r.rows_per_s / best:>7.0%}"
+            + (f"  ({r.errors} non-2xx)" if r.errors else "")
+        )
+    peers = [r for r in results if r.target.startswith("MLServer")]
+    ours = next((r for r in results if r.target == "sidecar, batching on" and r.body == "json"), None)
+    if peers and ours:
+        print(f"\nsidecar vs MLServer, one-row JSON at c64: {ours.rps / max(p.rps for p in peers):.1f}x")
+    if peer_note:
+        print(f"\n{peer_note}")
+    if args.json:
+        payload = {"bare": bare, "bare_all_cores": bare_all, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Batching: the pure merge/split/take functions, then the asyncio Batcher around them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.batching import Batcher, Pending, merge, merge_key, split, take_batch
+from sidecar.errors import InferenceFailed, Unavailable
+
+# Pure functions ------------------------------------------------------------------------------
+
+
+def pending(rows: int, width: int = 3, dtype=np.float32) -> Pending:
+    inputs = (np.zeros((rows, width), dtype),)
+    return Pending(inputs, rows, merge_key(inputs), future=None)  # type: ignore[arg-type]
+
+
+def test_take_batch_fills_up_to_max_rows_in_order() -> None:
+    queue = deque([pending(1), pending(2), pending(3), pending(1)])
+    first = take_batch(queue, 4)
+    assert [p.rows for p in first] == [1, 2]
+    assert [p.rows for p in take_batch(queue, 4)] == [3, 1]
+    assert not queue
+
+
+def test_an_oversized_head_runs_alone() -> None:
+    queue = deque([pending(10), pending(1)])
+    assert [p.rows for p in take_batch(queue, 4)] == [10]
+    assert [p.rows for p in take_batch(queue, 4)] == [1]
+
+
+def test_requests_that_cannot_merge_run_in_their_own_batch() -> None:
+    queue = deque([pending(1, 3), pending(1, 3), pending(1, 4), pending(1, 4), pending(1, 3, np.float64)])
+    batches = []
+    while queue:
+        batches.append([(p.inputs[0].shape[1], p.inputs[0].dtype.name) for p in take_batch(queue, 64)])
+    assert batches == [[(3, "float32")] * 2, [(4, "float32")] * 2, [(3, "float64")]]
+
+
+row_counts = st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=row_counts, width=st.integers(1, 4))
+def test_split_undoes_merge(counts: list[int], width: int) -> None:
+    parts = [
+        (np.arange(n * width, dtype=np.float32).reshape(n, width) + i, np.full((n,), i, np.int64))
+        for i, n in enumerate(counts)
+    ]
+    merged = merge(parts)
+    assert merged[0].shape == (sum(counts), width)
+    back = split(merged, counts)
+    assert len(back) == len(parts)
+    for got, want in zip(back, parts, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_split_refuses_outputs_without_a_batch_axis() -> None:
+    with pytest.raises(InferenceFailed, match="returned 1 rows for a batch of 3 rows"):
+        split((np.zeros((1, 3)),), [1, 2])
+    with pytest.raises(InferenceFailed, match="returned a scalar"):
+        split((np.float32(1.0) * np.ones(()),), [1])
+
+
+# The Batcher ---------------------------------------------------------------------------------
+
+
+class Model:
+    """A stand-in model: doubles its input, records each batch, can be told to fail or block."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inputs):
+        self.gate.wait(5)
+        self.batches.append(inputs[0].shape[0])
+        if self.fail:
+            raise InferenceFailed("model exploded")
+        return (inputs[0] * 2,)
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_batch(self, rows, requests, compute_s, waits_s) -> None:
+        assert compute_s >= 0 and len(waits_s) == requests
+        self.batches.append((rows, requests))
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def x(rows: int, start: float) -> tuple[np.ndarray]:
+    return (np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + start,)
+
+
+async def test_concurrent_requests_merge_and_each_gets_its_own_rows(executor) -> None:
+    model, observer = Model(), Observer()
+    batcher = Batcher(model, executor, max_batch_size=64, observer=observer)
+    batcher.start()
+    model.gate.clear()  # hold the first batch so the rest queue up behind it
+    first = batcher.submit(x(1, 0), 1)
+    await asyncio.sleep(0.01)
+    inputs = [x(n, 100 * i) for i, n in enumerate([1, 2, 3, 1, 2], start=1)]
+    futures = [batcher.submit(a, a[0].shape[0]) for a in inputs]
+    assert batcher.depth == 5
+    model.gate.set()
+    await first
+    results = await asyncio.gather(*futures)
+    for a, got in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(got[0], a[0] * 2)
+    assert model.batches == [1, 9]
+    assert observer.batches == [(1, 1), (9, 5)]
+    await batcher.close()
+
+
+async def test_batching_off_runs_each_request_alone(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=1)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit(x(1, i), 1) for i in range(5)))
+    assert model.batches == [1] * 5
+    assert [r[0][0, 0] for r in results] == [0, 2, 4, 6, 8]
+    await batcher.close()
+
+
+async def test_a_failed_batch_fails_every_request_in_it(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=8)
+    batcher.start()
+    model.fail = True
+    model.gate.clear()
+    futures = [batcher.submit(x(1, i), 1) for i in range(3)]
+    model.gate.set()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) and "model exploded" in str(r) for r in results)
+    model.fail = False  # the worker survives a failed batch
+    np.testing.assert_array_equal((await batcher.submit(x(1, 5), 1))[0], x(1, 5)[0] * 2)
+    await batcher.close()
+
+
+async def test_a_full_queue_answers_unavailable(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=1, max_queue=2)
+    batcher.start()
+    model.gate.clear()
+    running = batcher.submit(x(1, 0), 1)
+    await asyncio.sleep(0.01)  # the worker took it; two more may wait
+    waiting = [batcher.submit(x(1, 1), 1), batcher.submit(x(1, 2), 1)]
+    await asyncio.sleep(0.01)
+    queued = [batcher.submit(x(1, 3), 1)] if batcher.depth < 2 else []
+    with pytest.raises(Unavailable, match="queue is full"):
+        batcher.submit(x(1, 4), 1)
+    model.gate.set()
+    await asyncio.gather(running, *waiting, *queued)
+    await batcher.close()
+
+
+async def test_a_delay_counts_from_the_oldest_request(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=64, max_delay_s=0.15)
+    batcher.start()
+    started = time.perf_counter()
+    first = batcher.submit(x(1, 0), 1)
+    await asyncio.sleep(0.05)
+    second = batcher.submit(x(1, 1), 1)
+    await asyncio.gather(first, second)
+    elapsed = time.perf_counter() - started
+    assert model.batches == [2]
+    assert 0.14 <= elapsed < 1.0
+    await batcher.close()
+
+
+async def test_a_full_batch_does_not_wait_for_the_delay(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=4, max_delay_s=5.0)
+    batcher.start()
+    started = time.perf_counter()
+    await asyncio.gather(*(batcher.submit(x(1, i), 1) for i in range(4)))
+    assert time.perf_counter() - started < 1.0
+    assert model.batches == [4]
+    await batcher.close()
+
+
+async def test_close_finishes_queued_requests_then_refuses(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=2, max_delay_s=10.0)
+    batcher.start()
+    futures = [batcher.submit(x(1, i), 1) for i in range(3)]  # one batch of 2 at once, one left waiting
+    await batcher.close()  # does not wait 10 s: closing flushes the queue
+    assert all(f.done() and not f.exception() for f in futures)
+    with pytest.raises(Unavailable, match="shutting down"):
+        batcher.submit(x(1, 9), 1)
+
+
+async def test_large_requests_are_pipelined(executor) -> None:
+    """A second full batch is handed to the executor while the first computes."""
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=4, max_inflight=2)
+    batcher.start()
+    model.gate.clear()
+    futures = [batcher.submit(x(8, i), 8) for i in range(3)]
+    await asyncio.sleep(0.02)
+    assert batcher.depth == 1  # two in flight (one computing, one handed over), one waiting
+    model.gate.set()
+    await asyncio.gather(*futures)
+    assert model.batches == [8, 8, 8]
+    await batcher.close()
+
+
+def test_bad_settings_are_refused(executor) -> None:
+    with pytest.raises(ValueError):
+        Batcher(Model(), executor, max_batch_size=0)
+    with pytest.raises(ValueError):
+        Batcher(Model(), executor, max_delay_s=-1)
