@@ -1,6 +1,7 @@
 """Test-side HTTP/2 for the fast ext_proc server: a frame writer/reader written independently of
-``gateway.h2`` (so the server's codec is not checked against itself), a response transcript, test
-processors, and the hypothesis strategies the h2server tests share.
+``gateway.h2`` (so the server's codec is not checked against itself), a response transcript, an
+in-memory peer with a hand-driven clock, test processors, and the hypothesis strategies the
+h2server tests share.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 from hypothesis import strategies as st
+
+from gateway.h2 import H2Connection, H2Counters, H2Limits
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 METHOD = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -211,6 +214,66 @@ class Reader:
             sid: (tuple(tuple(b) for b in s.headers), tuple(s.messages), s.ended, s.rst)
             for sid, s in sorted(self.streams.items())
         }
+
+
+# ------------------------------------------------------------------------------------ peer
+
+
+class FakeClock:
+    """A clock that moves only when told: timeouts and flood windows without sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Peer:
+    """A client talking to one H2Connection through memory, on a ``FakeClock``."""
+
+    def __init__(
+        self,
+        limits: H2Limits | None = None,
+        processor=None,
+        *,
+        local: bool = False,
+        handshake_done: bool = True,
+        **client_settings: int,
+    ) -> None:
+        self.counters = H2Counters()
+        self.clock = FakeClock()
+        self.conn = H2Connection(processor or EchoProcessor, limits, self.counters, clock=self.clock, local=local)
+        self.reader = Reader()
+        self.reader.feed(self.conn.initiate())
+        self.encoder = hpack.Encoder()
+        self.send(handshake(**client_settings))
+        if handshake_done:
+            self.send(frame(SETTINGS, ACK, 0))  # as every real client does
+
+    def send(self, data: bytes) -> list:
+        return self.reader.feed(self.conn.receive(data))
+
+    def tick(self, advance: float = 0.0) -> list:
+        self.clock.advance(advance)
+        return self.reader.feed(self.conn.tick())
+
+    def request(self, sid: int, *messages, end: bool = True, headers=None) -> None:
+        frames = headers_frame(self.encoder, sid, headers=headers, end_stream=end and not messages)
+        for i, m in enumerate(messages):
+            last = i == len(messages) - 1
+            frames += data_frame(sid, m if isinstance(m, bytes) else grpc_message(m), end_stream=end and last)
+        self.send(frames)
+
+    def stream(self, sid: int) -> StreamTranscript:
+        return self.reader.stream(sid)
+
+    @property
+    def goaway_code(self) -> int | None:
+        return self.reader.goaway_code
 
 
 # ------------------------------------------------------------------------------------ processors

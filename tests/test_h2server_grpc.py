@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from google.protobuf import struct_pb2
 
 from gateway.h2 import FastServer, H2Limits, serve_fast
-from tests.strategies_h2 import EchoProcessor
+from tests.strategies_h2 import PREFACE, EchoProcessor, Reader, settings
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -482,5 +482,64 @@ def test_hard_close_sends_goaway_and_closes_connections(sock_dir):
                     break
                 await asyncio.sleep(0.01)
             assert ep.server.connections == 0
+
+    run(main)
+
+
+# ----------------------------------------------------------------------------- timeouts through sockets
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+def test_idle_tcp_connection_is_closed_gracefully_and_the_client_reconnects(sock_dir):
+    async def main():
+        async with serving("tcp", sock_dir, idle_timeout=0.3) as ep, ep.aio_channel() as channel:
+            stub = pbg.ExternalProcessorStub(channel)
+            assert len([r async for r in stub.Process(iter(envoy_messages()[:1]))]) == 1
+            assert await _wait_for(lambda: ep.server.connections == 0)
+            assert ep.server.counters.idle_timeouts == 1
+            assert ep.server.counters.connection_errors == 0
+            again = stub.Process(iter(envoy_messages()[:1]))  # a fresh connection, no error seen
+            assert len([r async for r in again]) == 1 and await again.code() == grpc.StatusCode.OK
+            assert ep.server.counters.connections == 2
+
+    run(main)
+
+
+@pytest.mark.parametrize(("uds_idle_timeout", "closed"), [(None, False), (0.3, True)])
+def test_unix_socket_idle_timeout_is_its_own_and_off_by_default(uds_idle_timeout, closed, sock_dir):
+    async def main():
+        async with (
+            serving("uds", sock_dir, idle_timeout=0.3, uds_idle_timeout=uds_idle_timeout) as ep,
+            ep.aio_channel() as channel,
+        ):
+            stub = pbg.ExternalProcessorStub(channel)
+            assert len([r async for r in stub.Process(iter(envoy_messages()[:1]))]) == 1
+            assert await _wait_for(lambda: ep.server.connections == 0, timeout=1.2) is closed
+            assert ep.server.counters.idle_timeouts == int(closed)
+
+    run(main)
+
+
+def test_peer_that_never_acks_settings_gets_settings_timeout_then_eof(sock_dir):
+    async def main():
+        async with serving("tcp", sock_dir, settings_timeout=0.2) as ep:
+            reader, writer = await asyncio.open_connection(*ep.server.address)
+            writer.write(PREFACE + settings())  # a handshake, but never our SETTINGS' ACK
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            got = Reader()
+            while chunk := await asyncio.wait_for(reader.read(65536), 3.0):
+                got.feed(chunk)
+            assert loop.time() - start < 2.0
+            assert got.goaways == [(0, 0x4)]  # SETTINGS_TIMEOUT
+            assert ep.server.counters.settings_timeouts == 1
+            writer.close()
 
     run(main)

@@ -12,7 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.h2 import H2Connection, H2Counters, H2Limits
+from gateway.h2 import H2Connection, H2Limits
 from tests.strategies_h2 import (
     ACK,
     CANCEL,
@@ -40,12 +40,12 @@ from tests.strategies_h2 import (
     STREAM_CLOSED,
     WINDOW_UPDATE,
     EchoProcessor,
+    Peer,
     Reader,
     data_frame,
     frame,
     goaway,
     grpc_message,
-    handshake,
     headers_frame,
     ping,
     processing_requests,
@@ -54,35 +54,6 @@ from tests.strategies_h2 import (
     window_update,
 )
 from tests.strategies_h2 import settings as settings_frame
-
-
-class Peer:
-    """A client talking to one H2Connection through memory."""
-
-    def __init__(self, limits: H2Limits | None = None, processor=EchoProcessor, **client_settings: int) -> None:
-        self.counters = H2Counters()
-        self.conn = H2Connection(processor, limits, self.counters)
-        self.reader = Reader()
-        self.reader.feed(self.conn.initiate())
-        self.encoder = hpack.Encoder()
-        self.send(handshake(**client_settings))
-
-    def send(self, data: bytes) -> list:
-        return self.reader.feed(self.conn.receive(data))
-
-    def request(self, sid: int, *messages, end: bool = True, headers=None) -> None:
-        frames = headers_frame(self.encoder, sid, headers=headers, end_stream=end and not messages)
-        for i, m in enumerate(messages):
-            last = i == len(messages) - 1
-            frames += data_frame(sid, m if isinstance(m, bytes) else grpc_message(m), end_stream=end and last)
-        self.send(frames)
-
-    def stream(self, sid: int):
-        return self.reader.stream(sid)
-
-    @property
-    def goaway_code(self) -> int | None:
-        return self.reader.goaway_code
 
 
 def req(kind: str = "request_headers") -> pb.ProcessingRequest:

@@ -8,9 +8,11 @@ costs more than the whole decision; a server written for one peer and one method
     grpcwire.py    request validation, prebuilt status blocks    (pure)
     connection.py  one connection's state machine, sans-I/O      (pure)
     server.py      asyncio Protocol adapter, UDS/TCP/TLS, drain  (I/O)
+    metrics.py     H2Counters as Prometheus metrics, at scrape time
 """
 
 from .connection import H2Connection, H2Counters, H2Limits, NewProcessor, StreamProcessor
+from .metrics import register_h2_metrics
 from .server import FastServer, serve_fast
 
 __all__ = [
@@ -20,5 +22,6 @@ __all__ = [
     "H2Limits",
     "NewProcessor",
     "StreamProcessor",
+    "register_h2_metrics",
     "serve_fast",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,7 +62,13 @@ NewProcessor = Callable[[], StreamProcessor]
 
 @dataclass(frozen=True, slots=True)
 class H2Limits:
-    """What one connection may cost. Defaults suit Envoy's ext_proc traffic with room to spare."""
+    """What one connection may cost. Defaults suit Envoy's ext_proc traffic with room to spare.
+
+    Timeouts are in seconds (``None`` turns one off) and are applied by ``H2Connection.tick()``.
+    Flood limits count events per connection within ``flood_window`` seconds; one more than the
+    limit ends the connection with GOAWAY ENHANCE_YOUR_CALM (the HTTP/2 DoS classes of
+    CVE-2019-9512/9515/9518 and CVE-2023-44487).
+    """
 
     max_concurrent_streams: int = 256
     initial_window_size: int = 1 << 20  # per stream, advertised in SETTINGS
@@ -72,9 +79,25 @@ class H2Limits:
     max_buffered_bytes: int = 16 << 20  # partial messages, all streams of a connection
     max_pending_output: int = 16 << 20  # DATA waiting for the peer's flow-control windows
     header_cache_entries: int = 256
-    max_continuation_frames: int = 64
+    max_continuation_frames: int = 64  # per header block
+    # Timeouts.
+    settings_timeout: float | None = 10.0  # the peer must ACK our SETTINGS (else GOAWAY SETTINGS_TIMEOUT)
+    idle_timeout: float | None = 300.0  # TCP/TLS: no open stream this long -> graceful GOAWAY
+    # A Unix-socket peer is our own Envoy on this host: the kernel reports its death, so no
+    # half-open connection can linger, and closing an idle one only costs Envoy a reconnect.
+    uds_idle_timeout: float | None = None
+    # Floods: events allowed per flood_window.
+    flood_window: float = 10.0
+    max_peer_resets: int = 1000  # RST_STREAM cancelling a stream not yet answered (rapid reset)
+    max_pings: int = 1000  # PINGs that need an ACK
+    max_settings: int = 100  # SETTINGS frames that need an ACK
+    max_settings_entries: int = 32  # per SETTINGS frame
+    max_empty_frames: int = 100  # DATA without data or END_STREAM, header fragments without data or END_HEADERS
 
     def __post_init__(self) -> None:
+        def timeout_ok(value: float | None) -> bool:
+            return value is None or value > 0
+
         checks = [
             (1 <= self.max_concurrent_streams <= f.MAX_WINDOW, "max_concurrent_streams"),
             (f.DEFAULT_WINDOW <= self.initial_window_size <= f.MAX_WINDOW, "initial_window_size"),
@@ -86,10 +109,25 @@ class H2Limits:
             (self.max_pending_output >= 1, "max_pending_output"),
             (self.header_cache_entries >= 1, "header_cache_entries"),
             (self.max_continuation_frames >= 0, "max_continuation_frames"),
+            (timeout_ok(self.settings_timeout), "settings_timeout"),
+            (timeout_ok(self.idle_timeout), "idle_timeout"),
+            (timeout_ok(self.uds_idle_timeout), "uds_idle_timeout"),
+            (self.flood_window > 0, "flood_window"),
+            (self.max_peer_resets >= 1, "max_peer_resets"),
+            (self.max_pings >= 1, "max_pings"),
+            (self.max_settings >= 1, "max_settings"),
+            (self.max_settings_entries >= 1, "max_settings_entries"),
+            (self.max_empty_frames >= 1, "max_empty_frames"),
         ]
         bad = [name for ok, name in checks if not ok]
         if bad:
             raise ValueError(f"H2Limits out of range: {', '.join(bad)}")
+
+    @property
+    def tick_interval(self) -> float:
+        """How often the adapter should call ``tick()``: a quarter of the shortest timeout, at most 1 s."""
+        timeouts = [t for t in (self.settings_timeout, self.idle_timeout, self.uds_idle_timeout) if t is not None]
+        return max(0.01, min([1.0, *(t / 4 for t in timeouts)]))
 
 
 @dataclass(slots=True)
@@ -105,6 +143,14 @@ class H2Counters:
     stream_errors: int = 0  # RST_STREAM sent with an error code
     refused_streams: int = 0
     peer_resets: int = 0  # RST_STREAM received (Envoy ends every ext_proc stream this way)
+    deadline_exceeded: int = 0  # streams answered DEADLINE_EXCEEDED (their grpc-timeout ran out)
+    settings_timeouts: int = 0  # GOAWAY SETTINGS_TIMEOUT: our SETTINGS never acknowledged
+    idle_timeouts: int = 0  # connections closed (gracefully) for having no stream too long
+    # Flood limits hit, each a GOAWAY ENHANCE_YOUR_CALM (also counted in connection_errors).
+    flood_resets: int = 0
+    flood_pings: int = 0
+    flood_settings: int = 0
+    flood_empty_frames: int = 0
 
 
 class _ConnectionError(Exception):
@@ -123,6 +169,7 @@ class _Stream:
     __slots__ = (
         "buf",
         "closed",
+        "deadline",
         "headers_sent",
         "local_done",
         "pending",
@@ -148,11 +195,15 @@ class _Stream:
         self.remote_closed = False
         self.local_done = False  # the answer is complete; later messages are dropped
         self.closed = False
+        self.deadline: float | None = None  # from grpc-timeout, on the connection's clock
 
 
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 _DRAIN_PING = b"drain\x00\x00\x01"
+#: How long a drain waits for the PING's ACK before the final GOAWAY (the server's timer and
+#: ``tick()`` both enforce it, so a peer that never answers cannot hold a drain open).
+DRAIN_PING_GRACE = 1.0
 _RESET_MEMORY = 256  # stream ids reset by us, whose late frames are ignored (RFC 9113 §5.4.2)
 
 _PREFACE, _SETTINGS_FIRST, _OPEN = 0, 1, 2
@@ -166,10 +217,20 @@ class H2Connection:
         new_processor: NewProcessor,
         limits: H2Limits | None = None,
         counters: H2Counters | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        local: bool = False,
     ) -> None:
+        """``local``: the peer came over a Unix socket (``uds_idle_timeout`` applies, not ``idle_timeout``).
+
+        ``clock`` is read only for timeouts, grpc-timeout deadlines and when a flood counter
+        reaches its limit, never per frame.
+        """
         self._new_processor = new_processor
         self.limits = limits = limits or H2Limits()
         self.counters = counters if counters is not None else H2Counters()
+        self._clock = clock
+        now = clock()
         self._decoder = MemoDecoder(
             max_header_list_size=limits.max_header_list_size,
             max_entries=limits.header_cache_entries,
@@ -207,6 +268,18 @@ class H2Connection:
         self._pending_out = 0
         self._encoder_table = f.DEFAULT_HEADER_TABLE
         self._block_prefix = b""
+        # Timeouts (see tick()).
+        self._settings_ack_due: float | None = None
+        self._idle_timeout = limits.uds_idle_timeout if local else limits.idle_timeout
+        self._idle_since = now
+        self._idle_mark = 0  # _last_sid when _idle_since was set: a new stream since means not idle
+        self._drain_since = now
+        # Flood counters, since _window_start (see _over_limit()).
+        self._window_start = now
+        self._resets = 0
+        self._pings = 0
+        self._settings = 0
+        self._empty = 0
 
     # ------------------------------------------------------------------ public surface
 
@@ -222,6 +295,8 @@ class H2Connection:
             f.SETTINGS_MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
         }
         out = f.settings_frame(settings)
+        if lim.settings_timeout is not None:
+            self._settings_ack_due = self._clock() + lim.settings_timeout
         if self._conn_window > f.DEFAULT_WINDOW:
             out += f.window_update_frame(0, self._conn_window - f.DEFAULT_WINDOW)
             self._recv_window = self._conn_window
@@ -241,14 +316,61 @@ class H2Connection:
             self._fail(ErrorCode.INTERNAL_ERROR, "internal error")
         return self._flush()
 
+    def tick(self) -> bytes:
+        """Apply the timeouts as of now; the adapter calls this every ``limits.tick_interval``.
+
+        SETTINGS not acknowledged in time: GOAWAY SETTINGS_TIMEOUT. A stream past its grpc-timeout:
+        DEADLINE_EXCEEDED. No stream for the idle timeout: a graceful drain (the two-step GOAWAY, so
+        a stream the peer opens meanwhile is still served). A drain PING unanswered for
+        ``DRAIN_PING_GRACE``: the final GOAWAY.
+        """
+        if self.closed:
+            return b""
+        now = self._clock()
+        try:
+            self._tick(now)
+        except _ConnectionError as exc:
+            self._fail(exc.code, exc.reason)
+        except Exception:
+            self.counters.internal_errors += 1
+            log.exception("h2: internal error in tick; closing the connection")
+            self._fail(ErrorCode.INTERNAL_ERROR, "internal error")
+        return self._flush()
+
+    def _tick(self, now: float) -> None:
+        due = self._settings_ack_due
+        if due is not None and now >= due:
+            self.counters.settings_timeouts += 1
+            raise _ConnectionError(ErrorCode.SETTINGS_TIMEOUT, "SETTINGS not acknowledged")
+        for s in list(self._streams.values()):
+            if s.deadline is not None and now >= s.deadline and not s.local_done:
+                self._deadline_exceeded(s)
+        if self._drain_state == 1:
+            if now - self._drain_since >= DRAIN_PING_GRACE:
+                self._finish_drain()
+            return
+        if self._idle_timeout is None or self._drain_state:
+            return
+        if self._streams or self._last_sid != self._idle_mark:
+            self._idle_mark = self._last_sid
+            self._idle_since = now
+        elif now - self._idle_since >= self._idle_timeout:
+            self.counters.idle_timeouts += 1
+            log.info("h2: connection idle for %.0f s; closing it gracefully", now - self._idle_since)
+            self._start_drain()
+
     def start_drain(self) -> bytes:
         """First GOAWAY step: announce shutdown, keep accepting streams already in flight."""
         if self.closed or self._drain_state:
             return b""
+        self._start_drain()
+        return self._flush()
+
+    def _start_drain(self) -> None:
         self._drain_state = 1
+        self._drain_since = self._clock()
         self._out.append(f.goaway_frame(f.MAX_STREAM_ID, ErrorCode.NO_ERROR))
         self._out.append(f.ping_frame(_DRAIN_PING))
-        return self._flush()
 
     def finish_drain(self) -> bytes:
         """Second GOAWAY step (on the PING's ACK, or a timer): refuse streams above the last one."""
@@ -362,6 +484,8 @@ class H2Connection:
             if length == 0 or payload[0] >= length:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding")
             data = payload[1 : length - payload[0]]
+        if not data and not flags & f.END_STREAM:
+            self._empty_frame()
         s = self._streams.get(sid)
         if s is None:
             self._on_closed_stream(sid, f.DATA)
@@ -403,6 +527,8 @@ class H2Connection:
             return
         if end - start > self._max_block:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if end == start:
+            self._empty_frame()
         self._header_sid = sid
         self._header_frag = bytearray(payload[start:end])
         self._header_end_stream = end_stream
@@ -415,6 +541,8 @@ class H2Connection:
         frag = self._header_frag
         frag += payload
         self._header_count += 1
+        if not payload and not flags & f.END_HEADERS:
+            self._empty_frame()
         if len(frag) > self._max_block or self._header_count > self.limits.max_continuation_frames:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & f.END_HEADERS:
@@ -438,9 +566,16 @@ class H2Connection:
         if sid == 0 or sid > self._last_sid:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on idle stream")
         s = self._streams.get(sid)
-        if s is not None:
-            self.counters.peer_resets += 1
-            self._close_stream(s)
+        if s is None:
+            return
+        self.counters.peer_resets += 1
+        self._close_stream(s)
+        if not s.headers_sent:
+            # Rapid reset (CVE-2023-44487) opens streams and cancels them before they are answered.
+            # Only those count: Envoy resets every ext_proc stream, but after it has its answer.
+            if self._resets >= self.limits.max_peer_resets and self._over_limit():
+                self._flood("flood_resets", "rapid reset")
+            self._resets += 1
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
@@ -448,9 +583,16 @@ class H2Connection:
         if flags & f.ACK:
             if payload:
                 raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            self._settings_ack_due = None  # we send SETTINGS once, in initiate()
             return
         if len(payload) % 6:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length")
+        lim = self.limits
+        if len(payload) > 6 * lim.max_settings_entries:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many settings in one frame")
+        if self._settings >= lim.max_settings and self._over_limit():
+            self._flood("flood_settings", "SETTINGS flood")
+        self._settings += 1
         for off in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, off)
             if ident == f.SETTINGS_INITIAL_WINDOW_SIZE:
@@ -489,6 +631,9 @@ class H2Connection:
         if len(payload) != 8:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING length")
         if not flags & f.ACK:
+            if self._pings >= self.limits.max_pings and self._over_limit():
+                self._flood("flood_pings", "PING flood")
+            self._pings += 1
             self._out.append(f.ping_frame(bytes(payload), ack=True))
         elif payload == _DRAIN_PING and self._drain_state == 1:
             self._finish_drain()
@@ -544,6 +689,31 @@ class H2Connection:
         _on_continuation,
     )
 
+    # ------------------------------------------------------------------ flood limits
+
+    def _empty_frame(self) -> None:
+        """A frame that carries nothing and ends nothing: free for the peer, not for us."""
+        if self._empty >= self.limits.max_empty_frames and self._over_limit():
+            self._flood("flood_empty_frames", "empty frame flood")
+        self._empty += 1
+
+    def _over_limit(self) -> bool:
+        """A flood counter is at its limit: a flood if its window is still open, else a new window.
+
+        The clock is read only here, so counting costs one increment per frame; a peer gets at
+        most twice a limit through in any ``flood_window``.
+        """
+        now = self._clock()
+        if now - self._window_start < self.limits.flood_window:
+            return True
+        self._window_start = now
+        self._resets = self._pings = self._settings = self._empty = 0
+        return False
+
+    def _flood(self, counter: str, what: str) -> None:
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, what)
+
     # ------------------------------------------------------------------ streams
 
     def _on_closed_stream(self, sid: int, ftype: int) -> None:
@@ -584,9 +754,12 @@ class H2Connection:
             return
         if self_dep or verdict is MALFORMED:
             raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+        deadline = None
         if verdict is not None:
-            self._answer_and_end(sid, verdict, end_stream)
-            return
+            if verdict.__class__ is not float:
+                self._answer_and_end(sid, verdict, end_stream)
+                return
+            deadline = self._clock() + verdict  # grpc-timeout, counted from the request headers
         try:
             processor = self._new_processor()
         except Exception:
@@ -594,6 +767,7 @@ class H2Connection:
             self._answer_and_end(sid, trailers(GrpcStatus.INTERNAL, "internal error", trailers_only=True), end_stream)
             return
         s = _Stream(sid, processor, self._stream_window, self._peer_initial_window)
+        s.deadline = deadline
         self._streams[sid] = s
         self.counters.streams += 1
         if end_stream:
@@ -643,6 +817,9 @@ class H2Connection:
             raise _StreamError(s.sid, ErrorCode.ENHANCE_YOUR_CALM)
 
     def _dispatch(self, s: _Stream, message: bytes) -> None:
+        if s.deadline is not None and self._clock() >= s.deadline:
+            self._deadline_exceeded(s)
+            return
         self.counters.messages += 1
         try:
             request = _ProcessingRequest.FromString(message)
@@ -677,6 +854,11 @@ class H2Connection:
         self._flush_stream(s)
         if self._pending_out > self.limits.max_pending_output:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "peer does not open its windows")
+
+    def _deadline_exceeded(self, s: _Stream) -> None:
+        """The stream outlived its grpc-timeout: the peer has given up on any answer."""
+        self.counters.deadline_exceeded += 1
+        self._finish(s, GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded")
 
     def _processor_failed(self, sid: int, doing: str) -> None:
         self.counters.processor_errors += 1

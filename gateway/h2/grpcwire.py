@@ -28,6 +28,7 @@ class GrpcStatus(enum.IntEnum):
     CANCELLED = 1
     UNKNOWN = 2
     INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
     RESOURCE_EXHAUSTED = 8
     UNIMPLEMENTED = 12
     INTERNAL = 13
@@ -79,6 +80,16 @@ _NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+")
 _VALUE = re.compile(rb"(?:[^\x00\r\n\t ](?:[^\x00\r\n]*[^\x00\r\n\t ])?)?")
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+_TIMEOUT_UNIT = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """``grpc-timeout`` in seconds (gRPC over HTTP/2: ``1*8DIGIT unit``), ``None`` if malformed."""
+    match = _TIMEOUT.fullmatch(value)
+    if match is None:
+        return None
+    return int(match[1]) * _TIMEOUT_UNIT[match[2]]
 
 
 def _fields_valid(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -90,13 +101,18 @@ def _fields_valid(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return True
 
 
-def request_verdict(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | Malformed | None:
-    """``None`` to accept the stream, ``MALFORMED``, or a complete block to answer and end with."""
+def request_verdict(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | Malformed | float | None:
+    """What to do with a new stream, from its request headers alone (so it is memoised with them).
+
+    ``None``: accept it. A ``float``: accept it, with its ``grpc-timeout`` in seconds. ``MALFORMED``:
+    reset it. ``bytes``: a complete header block to answer with and end it.
+    """
     if not _fields_valid(headers):
         return MALFORMED
     pseudo: dict[bytes, bytes] = {}
     regular = False
     content_type = None
+    timeout = None
     for name, value in headers:
         if name[0] == 0x3A:  # ':'
             if regular or name in pseudo or name not in _REQUEST_PSEUDO:
@@ -106,6 +122,8 @@ def request_verdict(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | Malform
             regular = True
             if name == b"content-type":
                 content_type = value
+            elif name == b"grpc-timeout":
+                timeout = value
     method, path = pseudo.get(b":method"), pseudo.get(b":path")
     if method is None or not path or b":scheme" not in pseudo:
         return MALFORMED
@@ -117,6 +135,11 @@ def request_verdict(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | Malform
         return http_error(415)
     if path != METHOD_PATH:
         return trailers(GrpcStatus.UNIMPLEMENTED, "unknown method", trailers_only=True)
+    if timeout is not None:
+        seconds = parse_timeout(timeout)
+        if seconds is None:
+            return trailers(GrpcStatus.INTERNAL, "malformed grpc-timeout", trailers_only=True)
+        return seconds
     return None
 
 

@@ -1,8 +1,9 @@
 """The asyncio adapter: sockets in, ``H2Connection`` bytes out, and a graceful drain.
 
 Thin on purpose: one ``asyncio.Protocol`` per connection moves bytes between the transport and
-the sans-I/O connection, pausing reads while the transport's write buffer is full. Runs on any
-asyncio loop; production runs it on uvloop (``uvloop.run(main())``).
+the sans-I/O connection, pausing reads while the transport's write buffer is full; one timer per
+server calls every connection's ``tick()`` so its timeouts apply. Runs on any asyncio loop;
+production runs it on uvloop (``uvloop.run(main())``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import ssl as ssl_module
 import stat
 import tempfile
 
-from .connection import H2Connection, H2Counters, H2Limits, NewProcessor
+from .connection import DRAIN_PING_GRACE, H2Connection, H2Counters, H2Limits, NewProcessor
 
 log = logging.getLogger("gateway.h2")
 
 _BACKLOG = 1024
 _SUN_PATH_MAX = 108  # sockaddr_un.sun_path, NUL included
-_PING_GRACE = 1.0  # how long drain waits for the PING ACK before the final GOAWAY
 _CLOSE_GRACE = 2.0  # how long a closing transport may take to flush before it is aborted
 
 
@@ -34,7 +34,7 @@ class _H2Protocol(asyncio.Protocol):
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
-        self._conn = H2Connection(server._new_processor, server.limits, server.counters)
+        self._conn = H2Connection(server._new_processor, server.limits, server.counters, local=server.local)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -91,6 +91,9 @@ class _H2Protocol(asyncio.Protocol):
             self._server._lingering.add(self)
         self._server._forget(self)
 
+    def tick(self) -> None:
+        self._send(self._conn.tick())
+
     def start_drain(self) -> None:
         self._send(self._conn.start_drain())
 
@@ -107,12 +110,17 @@ class _H2Protocol(asyncio.Protocol):
 
 
 class FastServer:
-    """A listening ext_proc server. ``drain()`` for a graceful stop, ``close()`` for a hard one."""
+    """A listening ext_proc server. ``drain()`` for a graceful stop, ``close()`` for a hard one.
 
-    def __init__(self, new_processor: NewProcessor, limits: H2Limits) -> None:
+    ``local``: it listens on a Unix socket, so ``limits.uds_idle_timeout`` applies to its peers.
+    """
+
+    def __init__(self, new_processor: NewProcessor, limits: H2Limits, *, local: bool = False) -> None:
         self._new_processor = new_processor
         self.limits = limits
+        self.local = local
         self.counters = H2Counters()
+        self._ticker: asyncio.TimerHandle | None = None
         self._protocols: set[_H2Protocol] = set()  # HTTP/2 connections still open
         self._lingering: set[_H2Protocol] = set()  # finished, socket still closing
         self._draining = False
@@ -125,6 +133,23 @@ class FastServer:
     @property
     def connections(self) -> int:
         return len(self._protocols)
+
+    @property
+    def open_streams(self) -> int:
+        return sum(protocol._conn.open_streams for protocol in self._protocols)
+
+    def _start_ticker(self) -> None:
+        self._ticker = asyncio.get_running_loop().call_later(self.limits.tick_interval, self._tick)
+
+    def _tick(self) -> None:
+        for protocol in list(self._protocols):
+            protocol.tick()
+        self._start_ticker()
+
+    def _stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def _forget(self, protocol: _H2Protocol) -> None:
         self._protocols.discard(protocol)
@@ -145,25 +170,31 @@ class FastServer:
         """Stop listening and close every connection now (a final GOAWAY, no waiting)."""
         self._draining = True
         self._stop_listening()
+        self._stop_ticker()
         for protocol in list(self._protocols):
             protocol.close()
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, timeout: float = 10.0) -> int:
         """Stop listening, GOAWAY every connection, let open streams finish, then close.
 
-        Streams still open after ``timeout`` seconds are cut off.
+        Streams still open after ``timeout`` seconds are cut off; returns how many (0: nothing lost).
         """
         loop = asyncio.get_running_loop()
         self._draining = True
         self._stop_listening()
         for protocol in list(self._protocols):
             protocol.start_drain()
-        grace = loop.call_later(min(_PING_GRACE, timeout / 2), self._finish_drains)
+        grace = loop.call_later(min(DRAIN_PING_GRACE, timeout / 2), self._finish_drains)
+        cut_off = 0
         try:
             await self._wait_idle(timeout)
         finally:
             grace.cancel()
+            self._stop_ticker()
             leftovers = list(self._protocols)
+            cut_off = sum(protocol._conn.open_streams for protocol in leftovers)
+            if cut_off:
+                log.warning("drain timed out after %.1f s: cutting off %d open streams", timeout, cut_off)
             for protocol in leftovers:
                 protocol.close()
             # Finished connections whose socket is still closing (a TLS peer that never sends
@@ -176,6 +207,7 @@ class FastServer:
                 protocol.abort()
             if self._server is not None:
                 await self._server.wait_closed()
+        return cut_off
 
     def _finish_drains(self) -> None:
         for protocol in list(self._protocols):
@@ -265,7 +297,7 @@ async def serve_fast(
     if ssl is not None and uds is not None:
         raise ValueError("TLS is for TCP listeners; a UDS is protected by its file mode")
     loop = asyncio.get_running_loop()
-    server = FastServer(new_processor, limits or H2Limits())
+    server = FastServer(new_processor, limits or H2Limits(), local=uds is not None)
     if uds is not None:
         sock = _bind_unix(uds)
         try:
@@ -284,5 +316,6 @@ async def serve_fast(
         )
         sockname = server._server.sockets[0].getsockname()
         server.address = (sockname[0], sockname[1])
+    server._start_ticker()
     log.info("ext_proc fast server listening on %s", server.address)
     return server
