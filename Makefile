@@ -18,10 +18,13 @@ install: $(BIN)/activate
 install-test: $(BIN)/activate
 	$(BIN)/pip install --quiet -e ".[test]"
 
-# Test needs outside PyPI: a real redis-server for the Redis-backed tests.
+# Test needs outside PyPI: a real redis-server for the Redis-backed tests, Debian's chromium for the
+# dashboard's browser tests (Playwright drives it; no browser download).
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  [ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 
 demo: install
 	$(BIN)/cohortgate policy validate $(POLICY)
