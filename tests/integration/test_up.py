@@ -1,0 +1,238 @@
+"""`cohortgate up` end to end: the real stack as a subprocess, called like a client app, then stopped.
+
+Runs on free ports with a temporary ``--state-dir``; models and certificates go where the example
+policy says (the repository's git-ignored ``models/`` and ``certs/``), built on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import pki
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "policies" / "example.yaml"
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Up:
+    """``cohortgate up`` as a child process, its output in a file."""
+
+    def __init__(self, tmp: Path, policy: Path, *extra: str) -> None:
+        self.state = tmp / "state"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.out = tmp / "up.out"
+        argv = [*CLI, "up", "--policy", str(policy), "--state-dir", str(self.state), "--free-ports", *extra]
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_run(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The run file, once `up` has written it (that is: every child is ready)."""
+        path = self.state / "run.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"`cohortgate up` exited with {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return json.loads(path.read_text())
+            time.sleep(0.05)
+        pytest.fail(f"no run.json after {timeout}s:\n{self.output()}")
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`cohortgate up` still running after {timeout}s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def up_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Up] = []
+
+    def start(policy: Path = EXAMPLE, *extra: str) -> Up:
+        up = Up(tmp_path / f"up{len(started)}", policy, *extra)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        up.stop()
+
+
+def call(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "call", *args, "--state-dir", str(state)], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+
+
+def https(run: dict[str, Any], token: str | None, path: str = "/v2/models/tabular/infer") -> tuple[int, dict, Any]:
+    """A plain HTTPS client with the app's certificate, as any application would call."""
+    certs = run["certs"]
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    ctx.load_cert_chain(certs["clients"]["app-demo"]["cert"], certs["clients"]["app-demo"]["key"])
+    conn = http.client.HTTPSConnection("127.0.0.1", run["ports"]["envoy"], context=ctx, timeout=10)
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_up_serves_the_example_policy_and_stops_every_child(up_factory) -> None:
+    up = up_factory()
+    run = up.wait_run()
+    children = run["children"]
+    kinds = sorted(c["kind"] for c in children.values())
+    assert kinds == ["controller", "envoy", "gateway"] + ["sidecar"] * 5
+    assert all(alive(c["pid"]) for c in children.values())
+    assert all(Path(c["log"]).is_file() for c in children.values())
+    # The effective policy points Envoy at the ports the sidecars really bound.
+    effective = Path(run["policy"]["effective"]).read_text()
+    for child in children.values():
+        if child["kind"] == "sidecar":
+            assert f"http://127.0.0.1:{child['port']}" in effective
+    output = up.output()
+    assert "curl -i --cert" in output and f"https://127.0.0.1:{run['ports']['envoy']}/v2/models/tabular/infer" in output
+
+    # `cohortgate call`, as a user would run it; a QA user pinned to the canary proves the routing.
+    for sub, variants in (("alice", {"control", "canary"}), ("qa-canary", {"canary"})):
+        done = call(up.state, "tabular", "--sub", sub, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["status"] == 200 and answer["variant"] in variants
+        assert answer["served_by"] == answer["variant"]  # the sidecar of that variant really answered
+        assert answer["body"]["outputs"][0]["shape"] == [1]
+
+    # A plain HTTPS client with a token of its own.
+    paths = pki.load_cert_paths(run["certs"]["dir"])
+    token = pki.mint_token(paths, "bob", residency="eu", scopes=["predict"])
+    status, headers, body = https(run, token)
+    assert status == 200, body
+    assert headers["x-cohortgate-variant"] in {"control", "canary"}
+    assert headers["x-cohortgate-served-by"] == headers["x-cohortgate-variant"]
+    assert {o["name"] for o in body["outputs"]} == {"label", "probabilities"}
+
+    # No token: 401 with a JSON error, from `call` and from the plain client.
+    status, _, body = https(run, None)
+    assert status == 401 and body["error"]["code"] == "unauthenticated"
+    denied = call(up.state, "tabular", "--no-token")
+    assert denied.returncode == 1 and '"unauthenticated"' in denied.stdout
+
+    # A short burst of demo traffic goes through too.
+    traffic = subprocess.run(
+        [*CLI, "traffic", "--users", "50", "--rps", "40", "--duration", "1.5s", "--state-dir", str(up.state)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert traffic.returncode == 0, traffic.stdout + traffic.stderr
+    assert "status   200:60" in traffic.stdout, traffic.stdout
+
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.wait_exit() == 0, up.output()
+    gone = {name: c["pid"] for name, c in children.items() if alive(c["pid"])}
+    assert not gone, f"children still running: {gone}\n{up.output()}"
+    assert not (up.state / "run.json").exists()
+    assert "stopped envoy" in up.output()
+
+
+POLICY = """\
+version: 1
+jwt: {{issuer: https://auth.cohortgate.local, audience: cohortgate, algorithms: [ES256], jwks: {jwks}}}
+routes:
+  - name: tabular
+    match: {{model: tabular}}
+    auth: {{scopes: [predict]}}
+    cohorts:
+      unit: {{claim: sub}}
+      overrides: {{{overrides}}}
+    residency: {{source: {{claim: residency}}, on_missing_region: fallback_control}}
+    variants:
+      - name: control
+        weight: 100
+        backends: [{{url: "http://127.0.0.1:18101", region: eu, model: {models}/tabular-control.onnx}}]
+{extra}"""
+
+BETA = """\
+      - name: beta
+        weight: 0
+        backends: [{{url: "http://127.0.0.1:18106", region: eu, model: {models}/tabular-challenger.onnx}}]
+"""
+
+
+def test_policy_edits_apply_live_and_a_dying_sidecar_stops_the_stack(up_factory, tmp_path: Path) -> None:
+    jwks, models = ROOT / "certs" / "jwks.json", ROOT / "models"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.format(jwks=jwks, models=models, overrides="", extra=""))
+    up = up_factory(policy)
+    run = up.wait_run()
+    assert [c["kind"] for c in run["children"].values()].count("sidecar") == 1
+
+    # A new variant with its own model: `up` starts its sidecar, Envoy learns the cluster, the gateway
+    # switches; a QA user pinned to it is served by it.
+    policy.write_text(
+        POLICY.format(jwks=jwks, models=models, overrides="qa-beta: beta", extra=BETA.format(models=models))
+    )
+    deadline = time.monotonic() + 15
+    while "sidecar-tabular-beta-eu" not in json.loads((up.state / "run.json").read_text())["children"]:
+        assert time.monotonic() < deadline, up.output()
+        assert up.proc.poll() is None, up.output()
+        time.sleep(0.1)
+    done = call(up.state, "tabular", "--sub", "qa-beta", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr + up.output()
+    assert json.loads(done.stdout)["served_by"] == "beta"
+
+    # A broken edit is refused and the stack keeps serving.
+    policy.write_text("routes: [\n")
+    time.sleep(1.5)
+    assert "edit refused" in up.output()
+    assert call(up.state, "tabular", "--sub", "qa-beta").returncode == 0
+
+    # One sidecar dies: `up` names it, shows its log, stops the rest and exits non-zero.
+    run = json.loads((up.state / "run.json").read_text())
+    victim = run["children"]["sidecar-tabular-control-eu"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert up.wait_exit() == 1, up.output()
+    output = up.output()
+    assert "sidecar-tabular-control-eu exited unexpectedly" in output, output
+    assert "last lines of" in output
+    gone = {name: c["pid"] for name, c in run["children"].items() if alive(c["pid"])}
+    assert not gone, f"children still running: {gone}\n{output}"
