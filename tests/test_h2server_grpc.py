@@ -156,7 +156,9 @@ def envoy_messages() -> list[pb.ProcessingRequest]:
     response_body.response_body.body = b"{}"
     trailers = pb.ProcessingRequest()
     trailers.request_trailers.trailers.headers.add(key="x-t", raw_value=b"1")
-    return [headers, body, response_headers, response_body, trailers]
+    response_trailers = pb.ProcessingRequest()
+    response_trailers.response_trailers.trailers.headers.add(key="grpc-status", raw_value=b"0")
+    return [headers, body, response_headers, response_body, trailers, response_trailers]
 
 
 def seen_keys(responses) -> list[str]:
@@ -179,8 +181,8 @@ def test_aio_client_every_message_shape(transport, loop, sock_dir, pki):
             call = stub.Process(iter(envoy_messages()))
             responses = [r async for r in call]
             assert await call.code() == grpc.StatusCode.OK
-            # request_trailers gets no answer from EchoProcessor: 4 answers for 5 messages.
-            assert seen_keys(responses) == ["x-seen-1", "x-seen-2", "x-seen-3", "x-seen-4"]
+            # request_trailers gets no answer from EchoProcessor: 5 answers for 6 messages.
+            assert seen_keys(responses) == ["x-seen-1", "x-seen-2", "x-seen-3", "x-seen-4", "x-seen-6"]
             kinds = [r.request_headers.response.header_mutation.set_headers[0].header.raw_value for r in responses]
             assert kinds[0].startswith(b"request_headers:") and kinds[3].startswith(b"response_body:")
 
@@ -200,7 +202,7 @@ def test_sync_client_every_message_shape(transport, sock_dir, pki):
         async with serving(transport, sock_dir, pki) as ep:
             keys, code = await asyncio.to_thread(client, ep)
             assert code == grpc.StatusCode.OK
-            assert keys == ["x-seen-1", "x-seen-2", "x-seen-3", "x-seen-4"]
+            assert keys == ["x-seen-1", "x-seen-2", "x-seen-3", "x-seen-4", "x-seen-6"]
             assert ep.server.counters.streams == 1
 
     run(main)

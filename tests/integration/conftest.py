@@ -2,14 +2,12 @@
 
 Everything listens on 127.0.0.1 (or a Unix socket in a temp dir). The `dataplane` fixture is
 parametrised over `TRANSPORTS`, one Envoy + gateway pair per transport and module; adding a
-transport is one entry there (``fast`` appears by itself once ``gateway/h2server.py`` exists;
-``COHORTGATE_TEST_TRANSPORTS=grpc,fast`` picks a list explicitly).
+transport is one entry there (``COHORTGATE_TEST_TRANSPORTS=grpc,fast`` picks a list explicitly).
 """
 
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import signal
@@ -40,7 +38,7 @@ TRANSPORT_ARGS = {
 TRANSPORTS = (
     os.environ.get("COHORTGATE_TEST_TRANSPORTS", "").split(",")
     if os.environ.get("COHORTGATE_TEST_TRANSPORTS")
-    else ["grpc", "http"] + (["fast"] if importlib.util.find_spec("gateway.h2server") else [])
+    else ["grpc", "http", "fast"]
 )
 
 #: upstream name -> region. `challenger-*` are shadows; `scoring-ae` serves the ae-only route.
