@@ -403,16 +403,18 @@ def _cluster_resource(name: str, scheme: str, host: str, port: int, upstream_ca:
     }
 
 
-def _unique_backends(policy: Policy) -> list[Backend]:
+def _unique_backends(backends: Iterable[Backend]) -> list[Backend]:
     seen: dict[str, Backend] = {}
-    for b in policy.backends:
+    for b in backends:
         seen.setdefault(b.cluster, b)
     return list(seen.values())
 
 
 def _resources(policy: Policy, upstream_ca: str | None) -> list[dict[str, Any]]:
     """The cached resource dicts (shared: never mutate them)."""
-    return [_cluster_resource(b.cluster, b.scheme, b.host, b.port, upstream_ca) for b in _unique_backends(policy)]
+    return [
+        _cluster_resource(b.cluster, b.scheme, b.host, b.port, upstream_ca) for b in _unique_backends(policy.backends)
+    ]
 
 
 def render_clusters(policy: Policy, *, upstream_ca: str | None = None) -> list[dict[str, Any]]:
@@ -432,6 +434,29 @@ def _version(resources: list[dict[str, Any]]) -> str:
 def _cds_document(resources: list[dict[str, Any]], version: str) -> dict[str, Any]:
     envelope = _to_dict(_pb().discovery.DiscoveryResponse(version_info=version, type_url=_CLUSTER_TYPE_URL))
     return {**envelope, "resources": resources}
+
+
+@functools.lru_cache(maxsize=16384)
+def _cluster_text(name: str, scheme: str, host: str, port: int, upstream_ca: str | None) -> tuple[str, str]:
+    """One cluster as (sorted JSON, an item of the ``resources:`` block sequence), made once and cached.
+
+    PyYAML writes a sequence under a mapping key without indentation, so ``resources:`` followed by
+    these items is a valid rendering of the whole list, and ``"[" + ", ".join(json) + "]"`` is exactly
+    ``json.dumps(resources, sort_keys=True)``, so the version matches `write_cds`'s. A live edit of a
+    1 000-cluster policy then costs a join and a hash instead of a full dump (~0.2 s).
+    """
+    resource = _cluster_resource(name, scheme, host, port, upstream_ca)
+    item = yaml.dump([resource], Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+    return json.dumps(resource, sort_keys=True), item
+
+
+def _cds_text(backends: Iterable[Backend], upstream_ca: str | None, source: str) -> tuple[str, str]:
+    """(version, file text) for these backends' clusters, from the cached per-cluster texts."""
+    parts = [_cluster_text(b.cluster, b.scheme, b.host, b.port, upstream_ca) for b in _unique_backends(backends)]
+    version = hashlib.sha256(("[" + ", ".join(j for j, _ in parts) + "]").encode()).hexdigest()[:16]
+    envelope = _to_dict(_pb().discovery.DiscoveryResponse(version_info=version, type_url=_CLUSTER_TYPE_URL))
+    head = _dump(envelope, _cds_header(source))
+    return version, head + ("resources:\n" + "".join(y for _, y in parts) if parts else "resources: []\n")
 
 
 def _written_version(path: Path) -> str | None:
@@ -469,9 +494,9 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _cds_header(policy: Policy) -> str:
+def _cds_header(source: str) -> str:
     return (
-        f"Envoy clusters (filesystem CDS) rendered by `cohortgate envoy render` from {policy.path}.\n"
+        f"Envoy clusters (filesystem CDS) rendered by `cohortgate envoy render` from {source}.\n"
         "Replaced atomically whenever the policy's clusters change; do not edit."
     )
 
@@ -488,7 +513,20 @@ def write_cds(policy: Policy, path: Path, *, upstream_ca: str | None = None) -> 
     version = _version(resources)
     if _written_version(path) == version:
         return
-    _write_atomic(path, _dump(_cds_document(resources, version), _cds_header(policy)))
+    _write_atomic(path, _dump(_cds_document(resources, version), _cds_header(policy.path)))
+
+
+def write_cds_clusters(
+    backends: Iterable[Backend], path: Path, *, upstream_ca: str | None = None, source: str = "a policy"
+) -> bool:
+    """`write_cds` for any set of backends (a live reload writes the union of two policies'
+    clusters first); True when the file changed. Each cluster's YAML is rendered once and cached."""
+    path = Path(path)
+    version, text = _cds_text(backends, upstream_ca, source)
+    if _written_version(path) == version:
+        return False
+    _write_atomic(path, text)
+    return True
 
 
 # ------------------------------------------------------------------------- bootstrap (static)

@@ -9,11 +9,13 @@ Gateway metrics (names as scraped):
 ====================================================  ==========================================
 ``cohortgate_requests_total{route,variant,status_class}``   answered requests (from the access log)
 ``cohortgate_request_duration_seconds{route,variant}``      upstream latency histogram
-``cohortgate_decisions_total{outcome,code}``                allowed / denied (by denial code) / error
+``cohortgate_decisions_total{outcome,code}``                allowed / denied (by denial code) / error,
+                                                            read from `Engine.stats` at scrape time
 ``cohortgate_shadow_copies_total{route,shadow}``            mirrored copies requested
 ``cohortgate_events_dropped_total{sink,reason}``            telemetry events not delivered
 ``cohortgate_events_total{kind}``                           telemetry events emitted
 ``cohortgate_policy_reloads_total{result}``                 policy reloads: ok / failed
+``cohortgate_policy_info{digest}``                          1 for the policy serving now
 ``cohortgate_variant_weight{route,variant}``                effective weight now applied
 ``cohortgate_state_updates_total{result}``                  controller states applied / rejected
 ====================================================  ==========================================
@@ -21,9 +23,12 @@ Gateway metrics (names as scraped):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # Model-serving latencies: 1 ms .. 10 s, roughly 2x apart, with extra resolution around 50-500 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0)
@@ -32,6 +37,38 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 def status_class(status: int) -> str:
     """``2xx`` … ``5xx``; ``none`` when there was no response (reset, timeout before headers)."""
     return f"{status // 100}xx" if 100 <= status <= 599 else "none"
+
+
+class _Decisions(Collector):
+    """``cohortgate_decisions_total``: the processor's own plain counters, read only when scraped.
+
+    `gateway.extproc.Engine` already counts allowed / denied-by-code / errors in `Stats` (an int
+    increment); exporting those at scrape time keeps the request path free of any metric call.
+    Decisions counted elsewhere (``GatewayMetrics.decision``) are added on top.
+    """
+
+    def __init__(self) -> None:
+        self.manual: dict[tuple[str, str], float] = {}
+        self.sources: list[Any] = []  # objects with .allowed, .denied {code: n}, .errors
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        totals = dict(self.manual)
+        for stats in self.sources:
+            totals[("allowed", "none")] = totals.get(("allowed", "none"), 0) + stats.allowed
+            totals[("error", "internal")] = totals.get(("error", "internal"), 0) + stats.errors
+            for code, n in list(stats.denied.items()):
+                totals[("denied", code)] = totals.get(("denied", code), 0) + n
+        family = CounterMetricFamily(
+            "cohortgate_decisions",
+            "Processor decisions: allowed, denied (by denial code), error.",
+            labels=("outcome", "code"),
+        )
+        for (outcome, code), n in sorted(totals.items()):
+            family.add_metric((outcome, code), n)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("cohortgate_decisions", "", labels=("outcome", "code"))
 
 
 class _Metrics:
@@ -61,12 +98,8 @@ class GatewayMetrics(_Metrics):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.decisions = Counter(
-            "cohortgate_decisions",
-            "Processor decisions: allowed, denied (by denial code), error.",
-            ("outcome", "code"),
-            registry=r,
-        )
+        self.decisions = _Decisions()
+        r.register(self.decisions)
         self.shadows = Counter(
             "cohortgate_shadow_copies",
             "Mirrored copies requested, by route and shadow.",
@@ -83,6 +116,7 @@ class GatewayMetrics(_Metrics):
         self.reloads = Counter(
             "cohortgate_policy_reloads", "Policy reloads by result (ok, failed).", ("result",), registry=r
         )
+        self.policy_info = Gauge("cohortgate_policy_info", "1 for the policy serving now.", ("digest",), registry=r)
         self.weights = Gauge(
             "cohortgate_variant_weight", "Effective weight (percent) applied now.", ("route", "variant"), registry=r
         )
@@ -93,7 +127,6 @@ class GatewayMetrics(_Metrics):
             registry=r,
         )
         self._req: dict[tuple[str, str, int], tuple[object, object]] = {}
-        self._dec: dict[tuple[str, str], object] = {}
 
     def observe_request(self, route: str, variant: str, status: int, latency_s: float) -> None:
         key = (route, variant, status // 100 if 100 <= status <= 599 else 0)
@@ -109,11 +142,13 @@ class GatewayMetrics(_Metrics):
 
     def decision(self, outcome: str, code: str = "none") -> None:
         """``outcome`` is ``allowed``, ``denied`` (``code`` = the denial code) or ``error``."""
+        manual = self.decisions.manual
         key = (outcome, code)
-        child = self._dec.get(key)
-        if child is None:
-            child = self._dec[key] = self.decisions.labels(outcome, code)
-        child.inc()  # type: ignore[attr-defined]
+        manual[key] = manual.get(key, 0) + 1
+
+    def count_decisions_of(self, stats: Any) -> None:
+        """Export an `Engine.stats` (read at scrape time, so requests pay nothing)."""
+        self.decisions.sources.append(stats)
 
     def allowed(self) -> None:
         self.decision("allowed", "none")
@@ -135,6 +170,11 @@ class GatewayMetrics(_Metrics):
 
     def policy_reload(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()
+
+    def serving(self, digest: str) -> None:
+        """``cohortgate_policy_info{digest}`` = 1 for the policy now serving, and only for it."""
+        self.policy_info.clear()
+        self.policy_info.labels(digest[:12]).set(1)
 
     def set_weights(self, route: str, weights: Mapping[str, int], disabled: frozenset[str] = frozenset()) -> None:
         for variant, weight in weights.items():
@@ -176,3 +216,29 @@ class ControllerMetrics(_Metrics):
 
     def redis_error(self, op: str) -> None:
         self.redis_errors.labels(op).inc()
+
+
+async def serve_metrics(metrics: _Metrics, host: str, port: int, health: Callable[[], Mapping[str, Any]]) -> Any:
+    """``GET /metrics`` (Prometheus exposition) and ``GET /healthz`` (JSON) on ``host:port``.
+
+    Returns the started aiohttp ``AppRunner`` (``await runner.cleanup()`` stops it). It shares the
+    gateway's event loop: a scrape renders a few hundred lines, far less than one request's work.
+    """
+    import json
+
+    from aiohttp import web
+
+    async def _metrics(_request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(_request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(dict(health())), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -7,7 +7,9 @@
 - a `TokenVerifier` built from ``policy.jwt`` over a JWKS file or https URL (refreshed in the
   background), rebuilt only when a reload changes the ``jwt`` section;
 - the `AuditLog` writer thread;
-- the transport: ``grpc`` (grpcio, or the fast HTTP/2 server) or ``http`` (Envoy's http_service).
+- the transport: ``grpc`` (grpcio, or the fast HTTP/2 server) or ``http`` (Envoy's http_service);
+- optionally: the state store it follows (``--redis`` / ``--state-file``: the controller's effective
+  weights stay on top of every file reload) and a ``/metrics`` + ``/healthz`` endpoint.
 
 Everything runs on one event loop thread, so a swap never races a request.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -28,9 +31,12 @@ from typing import Any, Literal
 
 from .audit import AuditLog
 from .auth import TokenVerifier
+from .errors import PolicyError
 from .extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
 from .jwks import KeySet, source_from_spec
+from .metrics import GatewayMetrics, serve_metrics
 from .policy import JwtSettings, Policy, load_policy
+from .state import InProcessState, RedisState, StateStore, follow
 
 log = logging.getLogger("cohortgate.service")
 
@@ -88,6 +94,7 @@ class PolicyHolder:
         self.path = Path(path) if path is not None else None
         self.reloads = 0
         self.reload_failures = 0
+        self.metrics: GatewayMetrics | None = None
         self._listeners: list[Callable[[Policy, Policy], None]] = []
 
     def subscribe(self, listener: Callable[[Policy, Policy], None]) -> None:
@@ -115,13 +122,45 @@ class PolicyHolder:
             if prepare is not None:
                 prepare(self.policy, policy)
         except Exception as exc:
-            self.reload_failures += 1
-            log.error("policy reload failed, keeping %s: %s", self.policy.digest[:12], exc)
+            self.failed(exc, "SIGHUP")
             return False
+        self.install(policy)
+        return True
+
+    def install(self, policy: Policy) -> Policy:
+        """Swap in a reloaded policy and count it (``policy reloaded: OLD -> NEW`` is logged)."""
         old = self.swap(policy)
         self.reloads += 1
+        if self.metrics is not None:
+            self.metrics.policy_reload(True)
+            self.metrics.serving(policy.digest)
         log.info("policy reloaded: %s -> %s", old.digest[:12], policy.digest[:12])
-        return True
+        return old
+
+    def failed(self, exc: BaseException, trigger: str, reason: str | None = None) -> None:
+        """Log one JSON line (with the FILE:LINE:COL list for an invalid file) and count the failure."""
+        self.reload_failures += 1
+        if self.metrics is not None:
+            self.metrics.policy_reload(False)
+        log.error("%s", failure_line(self.path, exc, self.policy.digest, trigger, reason))
+
+
+def failure_line(path: Path | None, exc: BaseException, keeping: str, trigger: str, reason: str | None = None) -> str:
+    """The one structured log line of a refused reload."""
+    if isinstance(exc, PolicyError):
+        reason, problems = reason or "invalid", list(exc.problems)
+    else:
+        problems = [f"{path}:1:1: {exc}"] if reason is None else [str(exc)]
+        reason = reason or type(exc).__name__
+    doc = {
+        "event": "policy_reload_failed",
+        "file": str(path),
+        "trigger": trigger,
+        "reason": reason,
+        "problems": problems,
+        "keeping": keeping[:12],
+    }
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def build_verifier(settings: JwtSettings, *, cache_size: int = 100_000) -> TokenVerifier:
@@ -164,6 +203,10 @@ class GatewayConfig:
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     trust_domain: str | None = None
     jwks_refresh_s: float = 300.0
+    redis_url: str | None = field(default=None, repr=False)  # follow the controller's weights in Redis
+    state_file: str | None = None  # the embedded controller's state file (or, with redis_url, a local cache)
+    state_poll_s: float = 0.2
+    metrics_listen: tuple[str, int] | None = None  # (host, port) for /metrics and /healthz
 
 
 class Gateway:
@@ -188,8 +231,14 @@ class Gateway:
             ProcessorSettings(unit_salt=salt, max_body_bytes=config.max_body_bytes, trust_domain=trust_domain),
             self.audit,
         )
+        self.metrics = GatewayMetrics()
+        self.metrics.count_decisions_of(self.engine.stats)
+        self.metrics.serving(self.holder.policy.digest)
+        self.holder.metrics = self.metrics
+        self.store: StateStore | None = None
         self._stop: asyncio.Event | None = None
         self._server: Any = None
+        self._metrics_runner: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _prepare(self, old: Policy, new: Policy) -> None:
@@ -210,8 +259,32 @@ class Gateway:
 
             Path(listen.uds).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             clear_stale_socket(listen.uds)
+        await self._start_state()
         self._server = await self._start_transport(listen)
         self._tasks.append(asyncio.create_task(self._refresh_keys(), name="cohortgate-jwks-refresh"))
+        if self.config.metrics_listen is not None:
+            host, port = self.config.metrics_listen
+            self._metrics_runner = await serve_metrics(self.metrics, host, port, self.health)
+
+    async def _start_state(self) -> None:
+        """Follow the controller's effective weights before the first request is answered."""
+        cfg = self.config
+        if cfg.redis_url is not None:
+            self.store = RedisState(cfg.redis_url, cache_path=cfg.state_file)
+        elif cfg.state_file is not None:
+            self.store = InProcessState(cache_path=cfg.state_file, poll_s=cfg.state_poll_s)
+        if self.store is not None:
+            await self.store.start()
+            follow(self.holder, self.store, self.metrics)
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers: the policy serving and whether the state store is reachable."""
+        doc: dict[str, Any] = {"ok": True, "policy": self.holder.policy.digest[:12]}
+        if isinstance(self.store, RedisState):
+            doc["state_store"] = "connected" if self.store.connected else "unreachable"
+        elif self.store is not None:
+            doc["state_store"] = "file"
+        return doc
 
     async def _start_transport(self, listen: ListenAddress) -> Any:
         cfg = self.config
@@ -297,6 +370,13 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._metrics_runner is not None:
+            runner, self._metrics_runner = self._metrics_runner, None
+            await runner.cleanup()
+        if self.store is not None:
+            store, self.store = self.store, None
+            with contextlib.suppress(Exception):
+                await store.close()
         server, self._server = self._server, None
         if server is not None:
             if hasattr(server, "drain"):  # the fast HTTP/2 server: GOAWAY, let streams finish

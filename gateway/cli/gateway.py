@@ -20,6 +20,14 @@ def _size(text: str) -> int:
     return number * units[suffix]
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "gateway",
@@ -56,6 +64,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-body", type=_size, default=16 << 20, metavar="SIZE", help="largest request body (default 16m)"
     )
     parser.add_argument("--trust-domain", help="accept client SPIFFE IDs from this trust domain only")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="follow the controller's effective weights in this Redis (they override the file's weights)",
+    )
+    parser.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="follow the embedded controller's state file; with --redis, a local copy kept across restarts",
+    )
+    parser.add_argument(
+        "--metrics", type=_host_port, metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here"
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=_gateway)
 
@@ -81,6 +102,9 @@ def _gateway(args: argparse.Namespace) -> int:
         audit_log=None if args.no_audit else args.audit_log,
         max_body_bytes=args.max_body,
         trust_domain=args.trust_domain,
+        redis_url=args.redis,
+        state_file=args.state_file,
+        metrics_listen=args.metrics,
     )
     try:
         return run(config)

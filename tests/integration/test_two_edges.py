@@ -4,8 +4,8 @@ Scale-out rests on this: decisions are local, so two gateways must put every use
 variant (sticky assignment is a keyed hash, not shared state), and the controller's weight changes
 and rollbacks, shared through Redis, must reach both within a second.
 
-The weight and rollback tests need ``cohortgate gateway --redis URL`` (the gateway applying the
-state store's weights); until the gateway has that flag they are skipped, and say so.
+Each gateway runs ``cohortgate gateway --redis URL --metrics HOST:PORT``: it applies the state store's
+weights, and edge ``a`` also shows its decisions on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -29,26 +29,13 @@ USERS = [f"user-{i}" for i in range(120)]
 PROPAGATION_S = 1.0  # the state store's promise: every gateway applies a change within 1 s
 
 
-def _gateway_flags() -> set[str]:
-    from gateway.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._subparsers._group_actions if hasattr(a, "choices"))  # type: ignore[union-attr]
-    return set(sub.choices["gateway"]._option_string_actions)
-
-
-GATEWAY_HAS_REDIS = "--redis" in _gateway_flags()
-needs_shared_state = pytest.mark.skipif(
-    not GATEWAY_HAS_REDIS, reason="`cohortgate gateway` has no --redis yet: gateways cannot share weights"
-)
-
-
 @dataclass
 class Edge:
     name: str
     gateway: GatewayProcess
     envoy: object
     client: Client
+    metrics_port: int
 
     def variant_of(self, certs: pki.CertPaths, sub: str) -> tuple[str, str]:
         reply = self.client.request(token=mint(certs, sub, residency="eu"))
@@ -128,7 +115,7 @@ def two_edges(
     certs: pki.CertPaths,
     upstreams: dict[str, Upstream],
     policy_file: Path,
-) -> Iterator[tuple[list[Edge], Controller | None]]:
+) -> Iterator[tuple[list[Edge], Controller]]:
     from gateway.envoyconf import ProcessorAddress, render
     from gateway.envoyproc import EnvoyProcess
     from gateway.policy import load_policy
@@ -140,17 +127,16 @@ def two_edges(
     edges: list[Edge] = []
     stack = []
     try:
-        if GATEWAY_HAS_REDIS:
-            controller = Controller(policy_file, redis.url, work)
-            controller.start()
+        controller = Controller(policy_file, redis.url, work)
+        controller.start()
         app_cert, app_key = certs.clients["app-demo"]
         for name in ("a", "b"):
             edge_dir = work / name
             edge_dir.mkdir()
             sock = edge_dir / "run" / "processor.sock"
             gateway = GatewayProcess(policy_file, sock, "grpc", edge_dir)
-            if GATEWAY_HAS_REDIS:
-                gateway.cmd += ["--redis", redis.url]
+            metrics_port = free_port()
+            gateway.cmd += ["--redis", redis.url, "--metrics", f"127.0.0.1:{metrics_port}"]
             gateway.start()
             stack.append(gateway)
             files = render(
@@ -165,7 +151,8 @@ def two_edges(
             envoy = EnvoyProcess(files, log_path=edge_dir / "envoy.log", concurrency=1)
             envoy.__enter__()
             stack.append(envoy)
-            edges.append(Edge(name, gateway, envoy, Client(envoy.listen_port, certs.ca_cert, app_cert, app_key)))
+            client = Client(envoy.listen_port, certs.ca_cert, app_cert, app_key)
+            edges.append(Edge(name, gateway, envoy, client, metrics_port))
         yield edges, controller
     finally:
         for edge in edges:
@@ -206,10 +193,26 @@ def test_sticky_assignment_agrees_across_edges(two_edges, certs):
         assert edges[0].variant_of(certs, sub) == a[sub]
 
 
-@needs_shared_state
+def test_metrics_and_health_endpoints(two_edges, certs):
+    edges, _ = two_edges
+    edge = edges[0]
+    denied = edge.client.request(token=mint(certs, "user-x", scopes=["other"]))
+    assert denied.status == 403
+    assert edge.variant_of(certs, "user-1")
+    base = f"http://127.0.0.1:{edge.metrics_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
+        health = json.loads(r.read())
+    assert health["ok"] and health["state_store"] == "connected" and len(health["policy"]) == 12
+    with urllib.request.urlopen(f"{base}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    assert samples['cohortgate_decisions_total{code="none",outcome="allowed"}'] >= 1
+    assert samples['cohortgate_decisions_total{code="forbidden",outcome="denied"}'] >= 1
+    assert samples['cohortgate_variant_weight{route="tabular",variant="canary"}'] == 10
+
+
 def test_weight_change_reaches_both_edges(two_edges, certs):
     edges, controller = two_edges
-    assert controller is not None
     controller.action("promote", route="tabular", variant="canary")  # no rollout: canary to 100 %
     took = _wait_until(edges, certs, lambda v, up: v == "canary" and up == "canary-eu", timeout=3.0)
     assert took <= PROPAGATION_S + 0.5
@@ -217,10 +220,8 @@ def test_weight_change_reaches_both_edges(two_edges, certs):
     assert a == b and {v for v, _ in a.values()} == {"canary"}
 
 
-@needs_shared_state
 def test_rollback_reaches_both_edges(two_edges, certs):
     edges, controller = two_edges
-    assert controller is not None
     controller.action("rollback", route="tabular", variant="canary")
     took = _wait_until(edges, certs, lambda v, up: v == "control" and up == "control-eu", timeout=3.0)
     assert took <= PROPAGATION_S + 0.5
