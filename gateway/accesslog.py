@@ -10,7 +10,8 @@ unit, region), which Envoy logs through ``additional_request_headers_to_log``.
 `event_from_entry` turns one ``HTTPAccessLogEntry`` into an `Event` (pure, tested without gRPC);
 `AccessLogReceiver` is the grpc.aio servicer that feeds a sink; `serve_als` binds it to
 ``uds:PATH`` or ``tcp:HOST:PORT``. Entries without a variant (requests the processor denied) are
-counted in the metrics but not sent to the controller.
+counted in the metrics but not sent to the controller; an ``on_denied`` callback (the dashboard's
+denial counts) sees them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .metrics import GatewayMetrics
@@ -80,9 +81,15 @@ def event_from_entry(entry: Any) -> Event:
 class AccessLogReceiver:
     """``envoy.service.accesslog.v3.AccessLogService`` servicer: entries -> events -> the sink."""
 
-    def __init__(self, sink: EventSink, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        sink: EventSink,
+        metrics: GatewayMetrics | None = None,
+        on_denied: Callable[[Event], None] | None = None,
+    ) -> None:
         self.sink = sink
         self.metrics = metrics
+        self.on_denied = on_denied
         self.entries = 0
         self.emitted = 0
         self.streams = 0
@@ -105,6 +112,8 @@ class AccessLogReceiver:
                 self.emitted += 1
                 if self.metrics is not None:
                     self.metrics.event_emitted(REQUEST)
+            elif self.on_denied is not None and not event.shadow_of:
+                self.on_denied(event)
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
         from envoy.service.accesslog.v3 import als_pb2
@@ -138,7 +147,10 @@ def grpc_target(spec: str) -> str:
 
 
 async def serve_als(
-    sink: EventSink, address: str, metrics: GatewayMetrics | None = None
+    sink: EventSink,
+    address: str,
+    metrics: GatewayMetrics | None = None,
+    on_denied: Callable[[Event], None] | None = None,
 ) -> tuple[Any, AccessLogReceiver]:
     """Start a grpc.aio server with the receiver on ``address``; returns ``(server, receiver)``.
 
@@ -151,7 +163,7 @@ async def serve_als(
     if target.startswith("unix:"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target[len("unix:") :])
-    receiver = AccessLogReceiver(sink, metrics)
+    receiver = AccessLogReceiver(sink, metrics, on_denied)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
     if server.add_insecure_port(target) == 0 and not target.startswith("unix:"):

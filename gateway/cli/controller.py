@@ -2,11 +2,15 @@
 
     cohortgate controller --policy P [--redis URL] [--als uds:PATH|tcp:HOST:PORT] [--interval 1s]
                           [--listen 127.0.0.1:9480] [--token-file F] [--state-file F] [--name N]
+                          [--dashboard 127.0.0.1:9481|off] [--allow-actions]
 
 Without ``--redis`` everything is in this process (embedded): the access-log receiver feeds an
 in-process queue, states live in memory and in ``--state-file`` (so a restart keeps them). With
 ``--redis``, events come from the Redis stream through a consumer group, one controller leads at a
 time (a lock with expiry), and states go to the Redis hash every gateway watches.
+
+The live dashboard (``gateway.dashboard``) is served on ``--dashboard`` (loopback; ``off`` disables
+it); it is read-only unless ``--allow-actions``, and even then every action needs the admin token.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def _listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _dashboard(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() == "off":
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--dashboard wants HOST:PORT or off, got {text!r}")
     return host.strip("[]"), int(port)
 
 
@@ -75,6 +88,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"local copy of the states, kept across restarts (default {DEFAULT_STATE_FILE})",
     )
     p.add_argument("--name", default=None, help="this controller's name in audits (default: host-pid)")
+    p.add_argument(
+        "--dashboard",
+        type=_dashboard,
+        default=("127.0.0.1", 9481),
+        metavar="HOST:PORT|off",
+        help="serve the live dashboard here, loopback only (default 127.0.0.1:9481; off disables it)",
+    )
+    p.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="show rollback/promote/resume buttons on the dashboard (each still needs the admin token)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -95,6 +120,9 @@ def _run(args: argparse.Namespace) -> int:
     host = args.listen[0]
     if host not in ("127.0.0.1", "::1", "localhost"):
         print("cohortgate controller: --listen must be a loopback address (the API is plaintext)", file=sys.stderr)
+        return 2
+    if args.dashboard is not None and args.dashboard[0] not in ("127.0.0.1", "::1", "localhost"):
+        print("cohortgate controller: --dashboard must be a loopback address (reads need no token)", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(args, policy))
@@ -138,15 +166,43 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         leader = SoloLeader()
         reader = lock_client = None
     await sink.start()
+    recorder = None
+    if args.dashboard is not None:
+        from ..dashboard.app import TappedSource
+        from ..dashboard.shape import Recorder
+
+        recorder = Recorder()
+        source = TappedSource(source, recorder.observe)
     controller = Controller(policy, store, source, leader=leader, config=config, metrics=metrics, name=name)
     token = load_or_create_token(args.token_file)
     runner = web.AppRunner(make_app(controller, token, sink), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.listen[0], args.listen[1])
     await site.start()
+    dash_runner = None
+    if recorder is not None:
+        from ..dashboard.app import Dashboard
+
+        dashboard = Dashboard(controller, recorder, token, allow_actions=args.allow_actions)
+        dash_runner = web.AppRunner(dashboard.make_app(), access_log=None, shutdown_timeout=1.0)
+        await dash_runner.setup()
+        try:
+            await web.TCPSite(dash_runner, args.dashboard[0], args.dashboard[1]).start()
+            log.info(
+                "dashboard on http://%s:%d/ (%s)",
+                args.dashboard[0],
+                args.dashboard[1],
+                "actions allowed with the admin token" if args.allow_actions else "read-only",
+            )
+        except OSError as exc:  # the controller's job matters more than its page
+            log.error("dashboard not started on %s:%d: %s", args.dashboard[0], args.dashboard[1], exc)
+            await dash_runner.cleanup()
+            dash_runner = None
     als_server = None
     if args.als:
-        als_server, _ = await serve_als(sink, args.als, gw_metrics)
+        als_server, _ = await serve_als(
+            sink, args.als, gw_metrics, on_denied=recorder.observe_denial if recorder is not None else None
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -167,6 +223,8 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     finally:
         if als_server is not None:
             await als_server.stop(0.5)
+        if dash_runner is not None:
+            await dash_runner.cleanup()
         await runner.cleanup()
         await sink.close()
         await store.close()

@@ -112,8 +112,8 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def _status(request: web.Request) -> web.Response:
-    c = request.app[CONTROLLER_KEY]
+async def status_document(c: Controller) -> dict[str, Any]:
+    """The status `cohortgate status` and the dashboard show: ours, or the leader's when we follow."""
     doc = c.status()
     if not c.leader.held:  # a follower's windows are empty: show the leader's snapshot when there is one
         try:
@@ -123,7 +123,11 @@ async def _status(request: web.Request) -> web.Response:
         if leader_doc is not None:
             leader_doc.setdefault("controller", {})["served_by"] = c.name
             doc = leader_doc
-    return _json(doc)
+    return doc
+
+
+async def _status(request: web.Request) -> web.Response:
+    return _json(await status_document(request.app[CONTROLLER_KEY]))
 
 
 async def _audit(request: web.Request) -> web.Response:
@@ -149,7 +153,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _action(signal: Signal, needs_variant: bool) -> Any:
+def action_handler(signal: Signal, needs_variant: bool) -> Any:
+    """The one handler for manual actions (reads ``CONTROLLER_KEY``); the dashboard mounts it too."""
+
     async def handler(request: web.Request) -> web.Response:
         c = request.app[CONTROLLER_KEY]
         data = await _body(request)
@@ -217,8 +223,8 @@ def make_app(controller: Controller, token: str, sink: EventSink) -> web.Applica
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/status", _status)
     app.router.add_get("/audit", _audit)
-    app.router.add_post("/actions/rollback", _action(Signal.ROLLBACK, True))
-    app.router.add_post("/actions/promote", _action(Signal.PROMOTE, True))
-    app.router.add_post("/actions/resume", _action(Signal.RESUME, False))
+    app.router.add_post("/actions/rollback", action_handler(Signal.ROLLBACK, True))
+    app.router.add_post("/actions/promote", action_handler(Signal.PROMOTE, True))
+    app.router.add_post("/actions/resume", action_handler(Signal.RESUME, False))
     app.router.add_post("/reports", _reports)
     return app
