@@ -36,6 +36,7 @@ from .extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_uni
 from .jwks import KeySet, source_from_spec
 from .metrics import GatewayMetrics, serve_metrics
 from .policy import JwtSettings, Policy, load_policy
+from .reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
 from .state import InProcessState, RedisState, StateStore, follow
 
 log = logging.getLogger("cohortgate.service")
@@ -107,11 +108,11 @@ class PolicyHolder:
             listener(old, policy)
         return old
 
-    def reload(self, prepare: Callable[[Policy, Policy], None] | None = None) -> bool:
-        """Re-read the policy file; on any problem log it, count it and keep serving the old one.
+    def reload(self, prepare: Callable[[Policy, Policy], Callable[[], None] | None] | None = None) -> bool:
+        """Re-read the policy file now, synchronously (the live path is `gateway.reload.Reloader`).
 
-        ``prepare(old, new)`` runs before the swap (e.g. loading a new JWKS); if it raises, the
-        reload fails the same way.
+        ``prepare(old, new)`` runs before the swap (e.g. loading a new JWKS) and may return a
+        callable run at the swap; if it raises, the reload fails: logged, counted, old policy kept.
         """
         if self.path is None:
             return False
@@ -119,11 +120,12 @@ class PolicyHolder:
             policy = load_policy(self.path)
             if policy.digest == self.policy.digest:
                 return False
-            if prepare is not None:
-                prepare(self.policy, policy)
+            commit = prepare(self.policy, policy) if prepare is not None else None
         except Exception as exc:
-            self.failed(exc, "SIGHUP")
+            self.failed(exc, "reload")
             return False
+        if commit is not None:
+            commit()
         self.install(policy)
         return True
 
@@ -207,6 +209,11 @@ class GatewayConfig:
     state_file: str | None = None  # the embedded controller's state file (or, with redis_url, a local cache)
     state_poll_s: float = 0.2
     metrics_listen: tuple[str, int] | None = None  # (host, port) for /metrics and /healthz
+    watch_s: float = DEFAULT_WATCH_S  # poll the policy file this often (0: SIGHUP only)
+    envoy_cds: str | None = None  # Envoy's filesystem-CDS file: two-phase cluster updates on reload
+    envoy_admin: str | None = None  # Envoy's admin URL, to confirm new clusters before routing to them
+    reload_grace_s: float = DEFAULT_GRACE_S  # dropped clusters stay this long after the swap
+    upstream_ca: str | None = None  # verifies https backends in the clusters written
 
 
 class Gateway:
@@ -236,17 +243,27 @@ class Gateway:
         self.metrics.serving(self.holder.policy.digest)
         self.holder.metrics = self.metrics
         self.store: StateStore | None = None
+        self.reloader: Reloader | None = None
         self._stop: asyncio.Event | None = None
         self._server: Any = None
         self._metrics_runner: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
 
-    def _prepare(self, old: Policy, new: Policy) -> None:
-        """Before a reload swaps policies: a changed ``jwt`` section needs its verifier first."""
-        if new.jwt != old.jwt:
-            verifier = build_verifier(new.jwt)  # raises on a bad JWKS: the reload is refused
+    def _prepare(self, old: Policy, new: Policy) -> Callable[[], None] | None:
+        """Before a reload swaps policies: a changed ``jwt`` section needs its verifier first.
+
+        Builds it now (a thread may call this: it loads the JWKS) and returns what installs it at
+        the swap, so the new verifier and the new policy start serving together.
+        """
+        if new.jwt == old.jwt:
+            return None
+        verifier = build_verifier(new.jwt)  # raises on a bad JWKS: the reload is refused
+
+        def commit() -> None:
             self.verifier = self.engine.verifier = verifier
             log.info("token verifier rebuilt for the new jwt settings")
+
+        return commit
 
     # ---- running
 
@@ -261,6 +278,7 @@ class Gateway:
             clear_stale_socket(listen.uds)
         await self._start_state()
         self._server = await self._start_transport(listen)
+        await self._start_reloader()
         self._tasks.append(asyncio.create_task(self._refresh_keys(), name="cohortgate-jwks-refresh"))
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
@@ -276,6 +294,18 @@ class Gateway:
         if self.store is not None:
             await self.store.start()
             follow(self.holder, self.store, self.metrics)
+
+    async def _start_reloader(self) -> None:
+        cfg = self.config
+        if (cfg.envoy_cds is None) != (cfg.envoy_admin is None):
+            raise ValueError("--envoy-cds and --envoy-admin go together: clusters are confirmed before use")
+        envoy = None
+        if cfg.envoy_cds is not None and cfg.envoy_admin is not None:
+            envoy = EnvoyClusters(cfg.envoy_cds, cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
+        self.reloader = Reloader(
+            self.holder, prepare=self._prepare, envoy=envoy, watch_s=cfg.watch_s, grace_s=cfg.reload_grace_s
+        )
+        await self.reloader.start()
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` answers: the policy serving and whether the state store is reachable."""
@@ -342,7 +372,7 @@ class Gateway:
         await self.start()
         loop = asyncio.get_running_loop()
         installed = []
-        for sig, action in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop), (signal.SIGHUP, self.reload)):
+        for sig, action in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop), (signal.SIGHUP, self._hangup)):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, action)
                 installed.append(sig)
@@ -358,8 +388,14 @@ class Gateway:
                 loop.remove_signal_handler(sig)
             await self.close()
 
+    def _hangup(self) -> None:
+        if self.reloader is not None:
+            self.reloader.trigger("SIGHUP")  # off the request path, in order with file-watch reloads
+        else:
+            self.reload()
+
     def reload(self) -> bool:
-        """Re-read the policy file (SIGHUP); a bad file or JWKS keeps everything as it was."""
+        """Re-read the policy file now, synchronously, without Envoy's two phases (tests, tools)."""
         return self.holder.reload(self._prepare)
 
     def stop(self) -> None:
@@ -370,6 +406,9 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self.reloader is not None:
+            reloader, self.reloader = self.reloader, None
+            await reloader.close()
         if self._metrics_runner is not None:
             runner, self._metrics_runner = self._metrics_runner, None
             await runner.cleanup()

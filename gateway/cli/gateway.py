@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the ext_proc gateway that Envoy consults on every request",
         description="Verify the JWT and SPIFFE identity of every request Envoy forwards, decide its "
         "route, variant and shadows under the policy, and answer with routing headers or a JSON denial. "
-        "SIGHUP reloads the policy (a bad file keeps the old one).",
+        "The policy file is watched (and SIGHUP reloads it); a bad file keeps the old policy. "
+        "With --envoy-cds/--envoy-admin new clusters reach Envoy, confirmed, before the policy naming them.",
     )
     parser.add_argument("--policy", required=True, metavar="P", help="the policy file")
     parser.add_argument("--certs", metavar="DIR", help="certificate directory (TCP listens with mTLS)")
@@ -77,6 +78,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics", type=_host_port, metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here"
     )
+    parser.add_argument(
+        "--watch-interval",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="check the policy file for changes this often (default 0.5; 0: reload on SIGHUP only)",
+    )
+    parser.add_argument(
+        "--envoy-cds",
+        metavar="PATH",
+        help="Envoy's filesystem-CDS file (cds.yaml): a reload adds new clusters there first (needs --envoy-admin)",
+    )
+    parser.add_argument(
+        "--envoy-admin",
+        metavar="URL",
+        help="Envoy's admin URL, e.g. http://127.0.0.1:9901: new clusters are confirmed before the swap",
+    )
+    parser.add_argument(
+        "--reload-grace",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="clusters a reload drops stay in Envoy this long, for requests in flight (default 2)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=_gateway)
 
@@ -105,7 +130,14 @@ def _gateway(args: argparse.Namespace) -> int:
         redis_url=args.redis,
         state_file=args.state_file,
         metrics_listen=args.metrics,
+        watch_s=max(0.0, args.watch_interval),
+        envoy_cds=args.envoy_cds,
+        envoy_admin=args.envoy_admin,
+        reload_grace_s=max(0.0, args.reload_grace),
     )
+    if (args.envoy_cds is None) != (args.envoy_admin is None):
+        print("cohortgate gateway: --envoy-cds and --envoy-admin go together", file=sys.stderr)
+        return 2
     try:
         return run(config)
     except PolicyError as exc:

@@ -1,0 +1,306 @@
+"""Live policy changes: watch the file, compile off the request path, two-phase Envoy clusters, swap.
+
+One `Reloader` per gateway owns the whole procedure, serialised by a lock:
+
+1. **read** the file in a thread; the same bytes as the policy serving now (a SIGHUP, a ``touch``,
+   an editor's rewrite) change nothing;
+2. **compile** (parse, validate, precompute) in a thread; a bad file, or a ``jwt`` section whose
+   JWKS does not load, is refused: one JSON log line with the ``FILE:LINE:COL`` list, the
+   reload-failure metric, and the old policy keeps serving;
+3. with ``--envoy-cds``: **add** — write ``cds.yaml`` with the union of the serving and the new
+   clusters and poll Envoy's admin ``/clusters`` until every new cluster is active (not confirmed in
+   time: the reload is refused the same way and the file goes back to the serving clusters);
+4. **swap** one reference (`PolicyHolder.install`); requests in flight finish on the policy object
+   they already hold, and the controller's effective weights are put back on top at once
+   (`gateway.state.follow` listens to the swap);
+5. **remove** — after ``grace_s`` (requests already routed to a dropped cluster finish), rewrite
+   ``cds.yaml`` with only the clusters still named.
+
+Requests never name a cluster Envoy lacks (no 503 ``NC``): clusters arrive before the policy that
+names them and leave after the last policy that named them. The pure part, which clusters to add,
+keep and drop, is `cluster_change` / `union_backends`; the rest is a thin adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CohortgateError
+from .policy import Backend, Policy, parse_policy
+
+log = logging.getLogger("cohortgate.reload")
+
+DEFAULT_WATCH_S = 0.5
+DEFAULT_GRACE_S = 2.0
+DEFAULT_CONFIRM_S = 5.0
+
+
+# ------------------------------------------------------------------------------ the pure part
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterChange:
+    """What a policy change asks of Envoy."""
+
+    added: frozenset[str]  # confirm these before the new policy serves
+    removed: frozenset[str]  # drop these only after the old policy stopped serving (and a grace)
+
+
+def clusters_of(backends: Iterable[Backend]) -> frozenset[str]:
+    return frozenset(b.cluster for b in backends)
+
+
+def cluster_change(old: Iterable[Backend], new: Iterable[Backend]) -> ClusterChange:
+    a, b = clusters_of(old), clusters_of(new)
+    return ClusterChange(added=b - a, removed=a - b)
+
+
+def union_backends(*groups: Iterable[Backend]) -> tuple[Backend, ...]:
+    """Every backend of every group, one per cluster name (the first one seen wins), in order."""
+    seen: dict[str, Backend] = {}
+    for group in groups:
+        for b in group:
+            seen.setdefault(b.cluster, b)
+    return tuple(seen.values())
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """What a cheap ``stat`` says about the file; a different stamp means: read it again."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ClustersNotConfirmed(CohortgateError):
+    """Envoy did not show the new clusters in time; the reload is refused."""
+
+
+# ------------------------------------------------------------------------------ Envoy adapter
+
+
+class EnvoyClusters:
+    """Writes Envoy's filesystem-CDS file and asks its admin API which clusters are active."""
+
+    def __init__(
+        self, cds_path: str | os.PathLike[str], admin_url: str, *, upstream_ca: str | None = None, poll_s: float = 0.02
+    ) -> None:
+        self.cds_path = Path(cds_path)
+        self.admin_url = admin_url.rstrip("/")
+        self.upstream_ca = upstream_ca
+        self.poll_s = poll_s
+        self._session: Any = None
+
+    async def write(self, backends: Iterable[Backend], source: str) -> bool:
+        from .envoyconf import write_cds_clusters
+
+        backends = tuple(backends)
+        return await asyncio.to_thread(
+            write_cds_clusters, backends, self.cds_path, upstream_ca=self.upstream_ca, source=source
+        )
+
+    async def active(self) -> set[str]:
+        """Names of the clusters Envoy has now, from admin ``/clusters?format=json`` (``cluster_statuses``)."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        async with self._session.get(f"{self.admin_url}/clusters?format=json") as resp:
+            if resp.status != 200:
+                raise ClustersNotConfirmed(f"Envoy admin /clusters answered {resp.status}")
+            body = await resp.read()
+        doc = await asyncio.to_thread(json.loads, body) if len(body) > 1 << 20 else json.loads(body)
+        return {c["name"] for c in doc.get("cluster_statuses", ())}
+
+    async def confirm(self, names: Iterable[str], timeout_s: float) -> None:
+        """Return once every cluster in ``names`` is active; raise `ClustersNotConfirmed` after ``timeout_s``."""
+        import aiohttp
+
+        wanted = set(names)
+        deadline = time.monotonic() + timeout_s
+        missing = wanted
+        while True:
+            try:
+                missing = wanted - await self.active()
+                if not missing:
+                    return
+                problem = f"{len(missing)} new cluster(s) not active, e.g. {sorted(missing)[:3]}"
+            except (TimeoutError, OSError, ValueError, aiohttp.ClientError, ClustersNotConfirmed) as exc:
+                problem = f"Envoy admin {self.admin_url} unreachable: {exc or type(exc).__name__}"
+            if time.monotonic() >= deadline:
+                raise ClustersNotConfirmed(f"after {timeout_s:.1f}s: {problem}")
+            await asyncio.sleep(self.poll_s)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+# ------------------------------------------------------------------------------ the procedure
+
+
+class Reloader:
+    """Keeps a `gateway.service.PolicyHolder` on the policy file, Envoy's clusters in step.
+
+    ``prepare(old, new)`` runs in a thread before the swap and returns a callable run at the swap
+    (the service rebuilds its token verifier there); raising refuses the reload.
+    """
+
+    def __init__(
+        self,
+        holder: Any,
+        *,
+        prepare: Callable[[Policy, Policy], Callable[[], None] | None] | None = None,
+        envoy: EnvoyClusters | None = None,
+        watch_s: float = DEFAULT_WATCH_S,
+        grace_s: float = DEFAULT_GRACE_S,
+        confirm_s: float = DEFAULT_CONFIRM_S,
+    ) -> None:
+        if holder.path is None:
+            raise ValueError("live reloads need the policy's file")
+        self.holder = holder
+        self.path: Path = holder.path
+        self.prepare = prepare
+        self.envoy = envoy
+        self.watch_s = watch_s
+        self.grace_s = grace_s
+        self.confirm_s = confirm_s
+        self._lock = asyncio.Lock()
+        self._stamp = FileStamp.of(self.path)
+        self._lingering: list[tuple[float, tuple[Backend, ...]]] = []  # (until, backends) still in Envoy
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- life
+
+    async def start(self) -> None:
+        """Start watching; with Envoy, write the serving clusters (this also warms the render cache)."""
+        if self.envoy is not None:
+            self._spawn(self._initial_cds(), "cohortgate-cds-initial")
+        if self.watch_s > 0:
+            self._spawn(self._watch(), "cohortgate-policy-watch")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.envoy is not None:
+            await self.envoy.close()
+
+    def trigger(self, reason: str) -> None:
+        """Reload soon, from a signal handler (SIGHUP)."""
+        self._spawn(self.reload(reason), "cohortgate-policy-reload")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _initial_cds(self) -> None:
+        async with self._lock:
+            try:
+                await self.envoy.write(self.holder.policy.backends, self.holder.policy.path)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("cannot write the Envoy CDS file %s", self.envoy.cds_path)  # type: ignore[union-attr]
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_s)
+            stamp = FileStamp.of(self.path)
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                await self.reload("file changed")
+
+    # ---- one reload
+
+    async def reload(self, trigger: str = "reload") -> bool:
+        """Apply the file as it is now; True when a new policy serves. Never raises."""
+        async with self._lock:
+            try:
+                return await self._reload(trigger)
+            except Exception as exc:  # anything unexpected: the same refusal as a bad file
+                self.holder.failed(exc, trigger, reason="internal")
+                return False
+
+    async def _reload(self, trigger: str) -> bool:
+        holder = self.holder
+        serving: Policy = holder.policy
+        try:
+            raw = await asyncio.to_thread(self.path.read_bytes)
+        except OSError as exc:
+            holder.failed(exc, trigger, reason="unreadable")
+            return False
+        if hashlib.sha256(raw).hexdigest() == serving.digest:
+            log.debug("policy reload (%s): %s unchanged", trigger, self.path)
+            return False
+        try:
+            new = await asyncio.to_thread(parse_policy, raw, str(self.path), self.path.resolve().parent)
+            commit = await asyncio.to_thread(self.prepare, serving, new) if self.prepare is not None else None
+        except Exception as exc:
+            holder.failed(exc, trigger)
+            return False
+        change = cluster_change(serving.backends, new.backends)
+        if self.envoy is not None and not await self._add_clusters(serving, new, change, trigger):
+            return False
+        if commit is not None:
+            commit()
+        holder.install(new)  # one reference; follow() re-applies the controller's weights in the same call
+        if self.envoy is not None and change.removed:
+            self._lingering.append((time.monotonic() + self.grace_s, serving.backends))
+            self._spawn(self._trim_later(), "cohortgate-cds-trim")
+        return True
+
+    def _still_in_envoy(self) -> tuple[Backend, ...]:
+        now = time.monotonic()
+        self._lingering = [(until, b) for until, b in self._lingering if until > now]
+        return union_backends(*(b for _, b in self._lingering))
+
+    async def _add_clusters(self, serving: Policy, new: Policy, change: ClusterChange, trigger: str) -> bool:
+        envoy = self.envoy
+        assert envoy is not None
+        if not change.added:
+            return True
+        started = time.monotonic()
+        union = union_backends(serving.backends, new.backends, self._still_in_envoy())
+        await envoy.write(union, new.path)
+        try:
+            await envoy.confirm(change.added, self.confirm_s)
+        except ClustersNotConfirmed as exc:
+            self.holder.failed(exc, trigger, reason="envoy")
+            with contextlib.suppress(Exception):  # back to what is named; Envoy drops the unconfirmed ones
+                await envoy.write(union_backends(serving.backends, self._still_in_envoy()), serving.path)
+            return False
+        log.info("Envoy confirmed %d new cluster(s) in %.0f ms", len(change.added), (time.monotonic() - started) * 1000)
+        return True
+
+    async def _trim_later(self) -> None:
+        await asyncio.sleep(self.grace_s + 0.01)
+        async with self._lock:
+            policy = self.holder.policy
+            assert self.envoy is not None
+            try:
+                if await self.envoy.write(union_backends(policy.backends, self._still_in_envoy()), policy.path):
+                    log.info("Envoy clusters trimmed to the serving policy %s", policy.digest[:12])
+            except Exception:
+                log.exception("cannot trim the Envoy CDS file %s (extra clusters stay)", self.envoy.cds_path)

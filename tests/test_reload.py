@@ -1,0 +1,145 @@
+"""Live reloads: the pure cluster plan, and the `Reloader` on a real file (Envoy's part is in
+tests/integration/test_live_policy.py, against a real Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.metrics import GatewayMetrics
+from gateway.policy import Backend, load_policy
+from gateway.reload import EnvoyClusters, FileStamp, Reloader, cluster_change, union_backends
+from gateway.service import PolicyHolder
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
+TEXT = EXAMPLE.read_text()
+
+
+def backend(name: str, port: int = 80) -> Backend:
+    url = f"http://127.0.0.1:{port}"
+    return Backend(url=url, scheme="http", host="127.0.0.1", port=port, region="eu", cluster=name)
+
+
+names = st.frozensets(st.sampled_from([f"c{i}" for i in range(12)]))
+
+
+@given(names, names)
+def test_cluster_change_adds_what_is_new_and_drops_what_is_gone(old, new):
+    change = cluster_change([backend(n) for n in old], [backend(n) for n in new])
+    assert change.added == new - old and change.removed == old - new
+    union = union_backends([backend(n) for n in old], [backend(n) for n in new])
+    assert {b.cluster for b in union} == old | new and len(union) == len(old | new)
+
+
+def test_union_keeps_the_first_backend_of_a_cluster_name():
+    a, b = backend("x", 1), backend("x", 2)
+    assert union_backends([a], [b]) == (a,)
+
+
+# ------------------------------------------------------------------------------ the Reloader
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Path:
+    path = tmp_path / "live.yaml"
+    path.write_text(TEXT.replace("../certs/jwks.json", str(tmp_path / "jwks.json")))
+    return path
+
+
+def make(live: Path, **kwargs) -> tuple[PolicyHolder, GatewayMetrics, Reloader]:
+    holder = PolicyHolder(load_policy(live), live)
+    holder.metrics = metrics = GatewayMetrics()
+    return holder, metrics, Reloader(holder, **kwargs)
+
+
+def replace(path: Path, text: str) -> None:
+    """What `cohortgate policy apply` does: a sibling file renamed over the live one."""
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_watch_swaps_a_changed_file_and_ignores_a_touch(live: Path) -> None:
+    holder, metrics, reloader = make(live, watch_s=0.05)
+    first = holder.policy
+    await reloader.start()
+    try:
+        os.utime(live, ns=(1, 1))  # a new stamp, the same bytes: nothing happens
+        await asyncio.sleep(0.2)
+        assert holder.policy is first and holder.reloads == 0
+        replace(live, live.read_text().replace("weight: 90", "weight: 80").replace("weight: 10\n", "weight: 20\n"))
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if holder.policy is not first:
+                break
+        canary = holder.policy.by_name["tabular"].variants[1]
+        assert canary.weight == 20 and holder.reloads == 1
+        assert sample(metrics, "cohortgate_policy_reloads_total", result="ok") == 1
+        assert sample(metrics, "cohortgate_policy_info", digest=holder.policy.digest[:12]) == 1
+    finally:
+        await reloader.close()
+
+
+async def test_sighup_with_an_unchanged_file_changes_nothing(live: Path) -> None:
+    holder, _, reloader = make(live, watch_s=0)
+    first = holder.policy
+    swaps = []
+    holder.subscribe(lambda old, new: swaps.append(new))
+    assert await reloader.reload("SIGHUP") is False
+    assert holder.policy is first and swaps == [] and holder.reloads == holder.reload_failures == 0
+
+
+async def test_a_bad_file_is_refused_with_one_json_line(live: Path, caplog: pytest.LogCaptureFixture) -> None:
+    holder, metrics, reloader = make(live, watch_s=0)
+    good = holder.policy
+    replace(live, live.read_text().replace("scopes: [predict]", "scopes: 7", 1))
+    with caplog.at_level(logging.ERROR, logger="cohortgate.service"):
+        assert await reloader.reload("file changed") is False
+    assert holder.policy is good and holder.reload_failures == 1
+    assert sample(metrics, "cohortgate_policy_reloads_total", result="failed") == 1
+    (record,) = [r for r in caplog.records if "policy_reload_failed" in r.getMessage()]
+    doc = json.loads(record.getMessage())
+    assert doc["reason"] == "invalid" and doc["keeping"] == good.digest[:12] and doc["trigger"] == "file changed"
+    assert len(doc["problems"]) == 1 and all(p.startswith(f"{live}:") for p in doc["problems"])
+    line, col = doc["problems"][0].split(":")[1:3]
+    assert line.isdigit() and col.isdigit()  # FILE:LINE:COL
+
+
+async def test_envoy_that_does_not_confirm_refuses_the_reload(live: Path, tmp_path: Path) -> None:
+    """A new cluster that Envoy never confirms (its admin is down): the old policy and clusters stay."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_admin = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        cds = tmp_path / "cds.yaml"
+        envoy = EnvoyClusters(cds, dead_admin)
+        holder, metrics, reloader = make(live, watch_s=0, envoy=envoy, confirm_s=0.3)
+        good = holder.policy
+        await envoy.write(good.backends, good.path)
+        before = cds.read_text()
+        line = '          - {url: "http://127.0.0.1:18103", region: eu, model: ../models/tabular-canary.onnx}\n'
+        assert line in live.read_text()
+        replace(live, live.read_text().replace(line, line + line.replace("18103", "18199").replace("eu", "ae")))
+        assert await reloader.reload("file changed") is False
+        assert holder.policy is good and sample(metrics, "cohortgate_policy_reloads_total", result="failed") == 1
+        assert cds.read_text() == before  # the union was written, then taken back
+        await reloader.close()
+
+
+def test_file_stamp_changes_on_rename(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_text("a")
+    first = FileStamp.of(path)
+    replace(path, "a")
+    assert FileStamp.of(path) != first and FileStamp.of(tmp_path / "missing") is None
