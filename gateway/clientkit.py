@@ -176,3 +176,18 @@ def parse_input(text: str) -> dict[str, Any]:
     if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
         return oip_body(value)
     raise ValueError("--input must be an OIP body, a row of numbers, or a list of rows")
+
+
+def describe_audit(record: Mapping[str, Any]) -> str:
+    """One line for a controller audit record: what happened to which variant, and why."""
+    what = f"{record.get('action', '?')} {record.get('route', '?')}/{record.get('variant') or '*'}"
+    if record.get("from") and record.get("to"):
+        what += f" ({record['from']} -> {record['to']})"
+    weights = record.get("weights_after")
+    if isinstance(weights, Mapping) and weights:
+        what += ", weights " + " ".join(f"{k} {v}" for k, v in weights.items())
+    if record.get("reason"):
+        what += f": {record['reason']}"
+    if record.get("actor"):
+        what += f" [{record['actor']}]"
+    return what

@@ -1,20 +1,14 @@
-"""`cohortgate up`'s supervisor: plan the stack from a policy, start it in order, watch it, stop it.
+"""`cohortgate up`'s supervisor: start the planned stack in order, watch it, stop it.
 
-Two halves, as elsewhere in the project:
+The plan (which sidecars, on which ports, the effective policy) is pure and lives in
+`gateway/stackplan.py`. `Stack` does the I/O: builds missing demo models and certificates, starts
+the children in dependency order and waits for each to be ready (sidecars and controller, then
+the gateway, Envoy last: its ext_proc filter fails closed, so it must never listen before the
+gateway answers), writes ``<state-dir>/run.json``, follows edits of the source policy, and stops
+everything in reverse order on SIGINT/SIGTERM (Envoy drains first, the sidecars drain last). A
+child that dies takes the whole stack down with its name and log tail: never half a stack.
 
-- **The plan** (pure, no process or socket): which model sidecars a policy needs (`sidecar_specs`:
-  one per distinct backend URL that names a local ``model``), the effective policy with backend
-  URLs rewritten to the ports actually bound and every relative path made absolute
-  (`effective_policy_data`, done on the YAML data, never on text), and port choice given a probe
-  (`choose_port`).
-- **`Stack`** (I/O): builds missing demo models and certificates, starts the children in
-  dependency order and waits for each to be ready (sidecars, controller, gateway, Envoy last:
-  its ext_proc filter fails closed, so it must never listen before the gateway answers), writes
-  ``<state-dir>/run.json``, follows edits of the source policy, and stops everything in reverse
-  order on SIGINT/SIGTERM (Envoy drains first, the sidecars drain last). A child that dies takes
-  the whole stack down with its name and log tail: never half a stack.
-
-Exceptions (all `StackError`, a `CohortgateError`)::
+Exceptions (`StackError` is a `CohortgateError`)::
 
     StackError           the stack cannot be planned or prepared (bad policy, a model missing, ...)
     └── ChildFailed      a child exited or never became ready; carries its name and log tail
@@ -44,14 +38,23 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from .clientkit import DEFAULT_CLIENT as DEMO_CLIENT
-from .clientkit import DEFAULT_STATE_DIR, RUN_FILE, pid_alive
-from .errors import CohortgateError, PolicyError
-from .policy import Policy, Route, parse_policy
+from .clientkit import DEFAULT_STATE_DIR, RUN_FILE, describe_audit, pid_alive
+from .errors import PolicyError
+from .policy import Policy, parse_policy
+from .stackplan import (
+    SidecarSpec,
+    StackError,
+    canary_variants,
+    choose_port,
+    effective_policy_data,
+    oip_model_name,
+    sidecar_specs,
+    url_key,
+)
 
 if TYPE_CHECKING:
     from .envoyconf import EnvoyFiles
@@ -59,9 +62,10 @@ if TYPE_CHECKING:
 DEFAULT_ENVOY_PORT = 8443
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_CONTROLLER_PORT = 9480
+DEFAULT_DASHBOARD_PORT = 9481
+DEFAULT_GATEWAY_METRICS_PORT = 9482
 EFFECTIVE_POLICY = "policy.yaml"
 RUN_VERSION = 1
-OIP_PREFIX = "/v2/models/"
 UNIT_SALT_ENV = "COHORTGATE_UNIT_SALT"
 # What `cohortgate models build` writes (sidecar/demo_models.py): `up` builds these when missing.
 DEMO_MODELS = frozenset({"tabular-control", "tabular-canary", "tabular-challenger", "mlp-4x512"})
@@ -74,13 +78,8 @@ _POLICY_POLL_S = 1.0
 _MAX_UDS = 100  # sun_path holds 108 bytes; keep a margin
 # Probes go to loopback only: never let an http_proxy variable route them elsewhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # `up` passes these explicitly (or means "none"): a child must not pick them up from the shell.
 _NOT_INHERITED = {"COHORTGATE_REDIS", "COHORTGATE_TOKEN_FILE", "COHORTGATE_API", UNIT_SALT_ENV}
-
-
-class StackError(CohortgateError):
-    """The stack cannot be planned, prepared or kept running; the message says why."""
 
 
 class ChildFailed(StackError):
@@ -92,184 +91,6 @@ class ChildFailed(StackError):
         self.tail = tail
         self.log_path = log_path
         super().__init__(f"{name} {reason}")
-
-
-# ============================================================================ the plan (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class SidecarSpec:
-    """One model sidecar: the backend URL it stands for and what it serves there."""
-
-    name: str  # child name, also its log file's stem: sidecar-<route>-<variant>-<region>
-    url: str  # the backend URL as the policy writes it
-    port: int  # the port that URL names (the preferred one)
-    model_path: str  # absolute
-    model_name: str  # OIP v2 name: /v2/models/<model_name>/infer
-    variant: str  # variant or shadow name: the sidecar's x-cohortgate-served-by
-    route: str
-    region: str
-    shadow: bool
-    fault_rate: float = 0.0
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """What makes two specs the same running process (a reload keeps those)."""
-        return (url_key(self.url), self.model_path, self.model_name, self.variant, self.fault_rate)
-
-
-def url_key(url: str) -> tuple[str, str, int]:
-    """``(scheme, host, port)``: ``http://127.0.0.1:1`` and ``http://127.0.0.1:1/`` are one backend."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def oip_model_name(route: Route) -> str | None:
-    """The OIP model name a route's requests carry: ``match.model``, else ``/v2/models/NAME`` prefix."""
-    if route.model is not None:
-        return route.model
-    prefix = route.path_prefix or ""
-    if prefix.startswith(OIP_PREFIX):
-        name = prefix[len(OIP_PREFIX) :].strip("/")
-        if name and "/" not in name:
-            return name
-    return None
-
-
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(p for p in parts if p)).strip("-")
-
-
-def sidecar_specs(
-    policy: Policy, *, fault_rates: Mapping[tuple[str, str], float] | None = None
-) -> tuple[SidecarSpec, ...]:
-    """One spec per distinct backend URL that names a local ``model``, in policy order.
-
-    Backends without ``model`` are external endpoints and are left alone. ``fault_rates`` maps
-    ``(route, variant)`` to the sidecar's ``--fault-rate`` (the demo's canary knob). Raises
-    `StackError` listing every problem: a model on a non-loopback or https URL, a route whose
-    OIP model name cannot be known, or one URL asked to serve two different things.
-    """
-    rates = fault_rates or {}
-    found: dict[tuple[str, str, int], SidecarSpec] = {}
-    names: set[str] = set()
-    problems: list[str] = []
-    for route in policy.routes:
-        owners = [(v.name, v.backends, False) for v in route.variants]
-        owners += [(s.name, s.backends, True) for s in route.shadows]
-        for owner, backends, shadow in owners:
-            for b in backends:
-                if b.model is None:
-                    continue
-                where = f"route {route.name!r}, {'shadow' if shadow else 'variant'} {owner!r}, backend {b.url}"
-                model_name = oip_model_name(route)
-                if model_name is None:
-                    problems.append(
-                        f"{where}: a local model needs `match.model` or a `/v2/models/NAME` path_prefix "
-                        "(the sidecar must know the OIP model name)"
-                    )
-                    continue
-                if b.scheme != "http" or b.host.lower() not in _LOOPBACK:
-                    problems.append(f"{where}: a local model is served on http://127.0.0.1:PORT, not {b.url}")
-                    continue
-                key = url_key(b.url)
-                spec = SidecarSpec(
-                    name="",
-                    url=b.url,
-                    port=b.port,
-                    model_path=b.model,
-                    model_name=model_name,
-                    variant=owner,
-                    route=route.name,
-                    region=b.region,
-                    shadow=shadow,
-                    fault_rate=float(rates.get((route.name, owner), 0.0)),
-                )
-                seen = found.get(key)
-                if seen is not None:
-                    if (seen.model_path, seen.model_name, seen.variant, seen.fault_rate) != (
-                        spec.model_path,
-                        spec.model_name,
-                        spec.variant,
-                        spec.fault_rate,
-                    ):
-                        problems.append(
-                            f"{where}: {b.url} already serves {seen.model_name!r} ({seen.variant}, "
-                            f"{Path(seen.model_path).name}) for route {seen.route!r}; one URL is one sidecar"
-                        )
-                    continue
-                name = _slug("sidecar", route.name, owner, b.region)
-                base, n = name, 2
-                while name in names:
-                    name, n = f"{base}-{n}", n + 1
-                names.add(name)
-                found[key] = dataclasses.replace(spec, name=name)
-    if problems:
-        raise StackError("the policy cannot be served locally:\n  " + "\n  ".join(problems))
-    return tuple(found.values())
-
-
-def canary_variants(policy: Policy) -> set[tuple[str, str]]:
-    """``(route, variant)`` pairs the canary knob applies to: each route's rollout variant.
-
-    A route without a ``rollout`` has its non-control variants as canaries.
-    """
-    out = set()
-    for route in policy.routes:
-        if route.rollout is not None:
-            out.add((route.name, route.rollout.variant))
-        else:
-            out.update((route.name, v.name) for v in route.variants[1:])
-    return out
-
-
-def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping[str, str]) -> dict[str, Any]:
-    """The policy's YAML data with backend URLs rewritten and every file path made absolute.
-
-    ``urls`` maps a backend URL (any spelling of the same scheme/host/port) to the URL to use;
-    ``jwt.jwks`` and backend ``model`` paths are resolved against ``base_dir`` (the source file's
-    directory) unless already absolute or an https URL. The input is not modified.
-    """
-    by_key = {url_key(src): dst for src, dst in urls.items()}
-    out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy of plain YAML data
-
-    def absolute(path: str) -> str:
-        return str((base_dir / path).resolve()) if not os.path.isabs(path) else path
-
-    jwt = out.get("jwt")
-    if isinstance(jwt, dict) and isinstance(jwt.get("jwks"), str) and not jwt["jwks"].startswith("https://"):
-        jwt["jwks"] = absolute(jwt["jwks"])
-    for route in out.get("routes") or []:
-        if not isinstance(route, dict):
-            continue
-        for group in ("variants", "shadows"):
-            for owner in route.get(group) or []:
-                for backend in (owner or {}).get("backends") or []:
-                    if not isinstance(backend, dict):
-                        continue
-                    url = backend.get("url")
-                    if isinstance(url, str):
-                        with contextlib.suppress(ValueError):
-                            backend["url"] = by_key.get(url_key(url), url)
-                    if isinstance(backend.get("model"), str):
-                        backend["model"] = absolute(backend["model"])
-    return out
-
-
-def choose_port(
-    preferred: int | None, *, taken: set[int], is_free: Callable[[int], bool], any_free: Callable[[], int]
-) -> int:
-    """``preferred`` when it is free and not already handed out, else a free one; records it in ``taken``."""
-    if preferred and preferred not in taken and is_free(preferred):
-        taken.add(preferred)
-        return preferred
-    for _ in range(100):
-        port = any_free()
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise StackError("no free TCP port on 127.0.0.1")
 
 
 # ================================================================================ sockets
@@ -478,6 +299,7 @@ class StackOptions:
     controller_port: int | None = None
     concurrency: int = 1
     ready_timeout_s: float = 30.0
+    demo: bool = False  # `cohortgate traffic` runs beside the stack, as one more child
 
 
 def _rel(path: Path | str) -> str:
@@ -551,6 +373,8 @@ class Stack:
                 return 0
             self._write_run_file()
             self._print_banner()
+            if self.opts.demo:
+                self._start_demo_traffic()
             self._watch()
             self.progress(f"{self._signal or 'stop'}: stopping the stack")
             self._stop_all()
@@ -621,6 +445,8 @@ class Stack:
         self.ports["controller"] = self._port(self.opts.controller_port or DEFAULT_CONTROLLER_PORT, "the controller")
         self.ports["envoy"] = self._port(self.opts.envoy_port or DEFAULT_ENVOY_PORT, "Envoy")
         self.ports["admin"] = self._port(self.opts.admin_port or DEFAULT_ADMIN_PORT, "Envoy's admin")
+        self.ports["dashboard"] = self._port(DEFAULT_DASHBOARD_PORT, "the dashboard")
+        self.ports["gateway_metrics"] = self._port(DEFAULT_GATEWAY_METRICS_PORT, "the gateway's metrics")
         self.policy = self._write_effective(raw)
         self._source_digest = source_policy.digest
         self._policy_stamp = self._stamp()
@@ -816,6 +642,8 @@ class Stack:
             "--als", f"uds:{als}",
             "--token-file", str(self.state_dir / "admin.token"),
             "--state-file", str(self.state_dir / "state.json"),
+            "--dashboard", f"127.0.0.1:{self.ports['dashboard']}",
+            "--allow-actions",  # the dashboard's buttons; each action still needs the admin token
         )  # fmt: skip
         if self.opts.redis:
             argv += ["--redis", self.opts.redis]
@@ -827,11 +655,18 @@ class Stack:
             self.logs_dir / "controller.log",
             lambda: http_ok(f"{api}/healthz") and unix_accepts(als),
             endpoint=api,
-            info={"port": port, "als": f"uds:{als}", "token_file": str(self.state_dir / "admin.token")},
+            info={
+                "port": port,
+                "als": f"uds:{als}",
+                "token_file": str(self.state_dir / "admin.token"),
+                "dashboard": f"http://127.0.0.1:{self.ports['dashboard']}/",
+            },
         )
 
     def _gateway_child(self) -> Child:
         sock = self._socket_path("processor.sock")
+        metrics_port = self.ports["gateway_metrics"]
+        metrics = f"http://127.0.0.1:{metrics_port}"
         argv = self._cli(
             "gateway",
             "--policy", str(self.effective_path),
@@ -839,19 +674,14 @@ class Stack:
             "--transport", self.opts.transport,
             "--listen", f"uds:{sock}",
             "--audit-log", str(self.logs_dir / "audit.jsonl"),
+            "--metrics", f"127.0.0.1:{metrics_port}",
         )  # fmt: skip
-        # How the gateway follows the controller's weights: the shared Redis, or (embedded) the
-        # controller's state file. Older gateways take neither; say so rather than fail.
-        flags = cli_options("gateway")
-        follow = (
-            ["--redis", self.opts.redis] if self.opts.redis else ["--state-file", str(self.state_dir / "state.json")]
-        )
-        if follow[0] in flags:
-            argv += follow
+        # The gateway follows the controller's weights: in the shared Redis (keeping a local copy of
+        # its own), or, embedded, in the state file the controller writes.
+        if self.opts.redis:
+            argv += ["--redis", self.opts.redis, "--state-file", str(self.state_dir / "gateway-state.json")]
         else:
-            self.progress(
-                f"note: `cohortgate gateway` has no {follow[0]} yet: it will not follow the controller's weights"
-            )
+            argv += ["--state-file", str(self.state_dir / "state.json")]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)  # a stale socket must not pass for a ready gateway
         return Child(
@@ -859,10 +689,15 @@ class Stack:
             "gateway",
             argv,
             self.logs_dir / "gateway.log",
-            lambda: unix_accepts(sock),
+            lambda: unix_accepts(sock) and http_ok(f"{metrics}/healthz"),
             endpoint=f"uds:{sock}",
             env={UNIT_SALT_ENV: self._unit_salt()},
-            info={"transport": self.opts.transport, "audit_log": str(self.logs_dir / "audit.jsonl")},
+            info={
+                "transport": self.opts.transport,
+                "audit_log": str(self.logs_dir / "audit.jsonl"),
+                "metrics": f"{metrics}/metrics",
+                "metrics_port": metrics_port,
+            },
         )
 
     def _render_envoy(self) -> EnvoyFiles:
@@ -916,6 +751,30 @@ class Stack:
                 "cds": str(files.cds),
             },
         )
+
+    def _traffic_child(self) -> Child:
+        model = self._demo_model() or "tabular"
+        argv = self._cli("traffic", "--state-dir", str(self.state_dir), "--model", model, "--duration", "1d")
+        return Child("traffic", "traffic", argv, self.logs_dir / "traffic.log", lambda: True, info={"model": model})
+
+    def _start_demo_traffic(self) -> None:
+        """The demo's load, as a child like the others: `up` stops it first and reports it if it dies."""
+        child = self._traffic_child()
+        self._start_and_wait([child], "demo traffic")
+        self._write_run_file()
+        canaries = [s for s, _ in self.sidecars.values() if s.fault_rate]
+        self.say("")
+        self.say(f"Demo: `cohortgate traffic` sends 100 req/s from 1000 sticky users (log: {_rel(child.log_path)}).")
+        for spec in canaries:
+            self.say(f"  {spec.route}/{spec.variant} fails {spec.fault_rate:.0%} of its requests: expect a rollback.")
+        self.say("Watch the controller roll the canary back within a minute:")
+        dashboard = self.run_info()["endpoints"].get("dashboard")
+        if dashboard:
+            self.say(f"  dashboard:  {dashboard}")
+        self.say(f"  {self._status_command()}")
+        self.say(f"  tail -f {_rel(child.log_path)}")
+        self.say("Decisions also show here, as `controller: rollback ...`.")
+        self.say("")
 
     def _start_all(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cohortgate-render") as pool:
@@ -1120,7 +979,7 @@ class Stack:
     def _stop_all(self) -> None:
         """Envoy first (drained), then the gateway, the controller, and the sidecars (they drain)."""
         self._stopping = True
-        order = {"envoy": 0, "gateway": 1, "controller": 2, "sidecar": 3}
+        order = {"traffic": 0, "envoy": 1, "gateway": 2, "controller": 3, "sidecar": 4}
         by_stage: dict[int, list[Child]] = {}
         for child in self.children.values():
             by_stage.setdefault(order.get(child.kind, 9), []).append(child)
@@ -1129,12 +988,12 @@ class Stack:
             if not group:
                 continue
             started = time.monotonic()
-            if stage == 0:
+            if stage == 1:
                 for child in group:
                     self._drain_envoy(child)
             for child in group:
                 child.send(signal.SIGTERM)
-            timeout = SIDECAR_DRAIN_S + 2 if stage == 3 else 10.0
+            timeout = SIDECAR_DRAIN_S + 2 if stage == 4 else 10.0
             for child in group:
                 if not child.wait(timeout):
                     self.progress(f"  {child.name} ignored SIGTERM for {timeout:.0f}s: killing it")
@@ -1185,6 +1044,8 @@ class Stack:
                 "gateway": envoy.endpoint,
                 "envoy_admin": envoy.info["admin"],
                 "controller_api": controller.endpoint,
+                "dashboard": controller.info["dashboard"],
+                "gateway_metrics": gateway.info["metrics"],
                 "processor": gateway.endpoint,
                 "access_log": controller.info["als"],
             },
@@ -1192,6 +1053,8 @@ class Stack:
                 "envoy": self.ports["envoy"],
                 "envoy_admin": self.ports["admin"],
                 "controller": self.ports["controller"],
+                "dashboard": self.ports["dashboard"],
+                "gateway_metrics": self.ports["gateway_metrics"],
                 **{spec.name: port for spec, port in self.sidecars.values()},
             },
             "certs": {
@@ -1209,6 +1072,15 @@ class Stack:
             "logs": str(self.logs_dir),
             "children": {name: child.describe() for name, child in self.children.items()},
         }
+
+    def _status_command(self) -> str:
+        """`cohortgate status --watch` with the flags this stack needs (its port, its token)."""
+        command = "cohortgate status --watch"
+        if self.ports["controller"] != DEFAULT_CONTROLLER_PORT:
+            command += f" --api http://127.0.0.1:{self.ports['controller']}"
+        if self.state_dir != Path(DEFAULT_STATE_DIR).resolve():
+            command += f" --token-file {_rel(self.state_dir / 'admin.token')}"
+        return command
 
     def _write_run_file(self) -> None:
         data = json.dumps(self.run_info(), indent=2).encode() + b"\n"
@@ -1230,7 +1102,9 @@ class Stack:
         rows = [
             ("gateway (Envoy, mTLS + JWT)", info["endpoints"]["gateway"], "envoy"),
             ("Envoy admin", info["endpoints"]["envoy_admin"], None),
+            ("dashboard", info["endpoints"]["dashboard"], None),
             ("controller API", info["endpoints"]["controller_api"], "controller"),
+            ("gateway metrics (Prometheus)", info["endpoints"]["gateway_metrics"], None),
             (
                 "gateway processor (ext_proc)",
                 f"{_rel_uds(info['endpoints']['processor'])} ({self.opts.transport})",
@@ -1261,12 +1135,7 @@ class Stack:
         if model:
             self.say(f"  cohortgate call {model} --sub alice --residency eu{state_flag}")
             self.say(f"  cohortgate traffic --duration 60s{state_flag}")
-        status_flags = ""
-        if self.ports["controller"] != DEFAULT_CONTROLLER_PORT:
-            status_flags += f" --api {info['endpoints']['controller_api']}"
-        if self.state_dir != Path(DEFAULT_STATE_DIR).resolve():
-            status_flags += f" --token-file {_rel(info['admin_token_file'])}"
-        self.say(f"  cohortgate status --watch{status_flags}")
+        self.say(f"  {self._status_command()}")
         if model:
             cert, key = self.certs.clients[DEMO_CLIENT]
             token = pki.mint_token(self.certs, "alice", residency="eu", scopes=["predict"], ttl_s=3600)
@@ -1282,33 +1151,6 @@ class Stack:
             )
         self.say("")
         self.say("Ctrl-C stops everything.")
-
-
-def describe_audit(record: Mapping[str, Any]) -> str:
-    """One line for a controller audit record: what happened to which variant, and why."""
-    what = f"{record.get('action', '?')} {record.get('route', '?')}/{record.get('variant') or '*'}"
-    if record.get("from") and record.get("to"):
-        what += f" ({record['from']} -> {record['to']})"
-    weights = record.get("weights_after")
-    if isinstance(weights, Mapping) and weights:
-        what += ", weights " + " ".join(f"{k} {v}" for k, v in weights.items())
-    if record.get("reason"):
-        what += f": {record['reason']}"
-    if record.get("actor"):
-        what += f" [{record['actor']}]"
-    return what
-
-
-def cli_options(command: str) -> frozenset[str]:
-    """The option strings ``cohortgate COMMAND`` accepts (some arrive with later issues)."""
-    import argparse
-
-    from .cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return frozenset(o for a in action.choices[command]._actions for o in a.option_strings)
-    return frozenset()
 
 
 def _http(method: str, url: str, timeout: float = 1.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:

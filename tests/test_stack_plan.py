@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.policy import load_policy, parse_policy
-from gateway.stack import (
+from gateway.stackplan import (
     StackError,
     canary_variants,
     choose_port,

@@ -4,7 +4,9 @@ Many sticky users (``user-00000`` ...), each with a residency drawn once from ``
 and a token minted once; requests are paced open-loop at ``--rps`` (a slow answer never slows the
 schedule, as with real clients), each from a user drawn at random, over mTLS to Envoy. Every second
 one line: requests/s, status counts and which variants answered, so a rollback shows as the
-canary's count falling to zero. Everything random takes ``--seed``.
+canary's count falling to zero; the controller's rollbacks (read from its audit trail) are printed
+as they happen. At the end a summary: answers by status and by variant, latency, rollbacks seen.
+Everything random takes ``--seed``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .token import parse_ttl
+
+ROLLBACK_POLL_S = 1.0
 
 if TYPE_CHECKING:
     from gateway.clientkit import StackInfo
@@ -82,6 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--state-dir", default=".cohortgate", help="the stack's state directory (default .cohortgate)")
     p.add_argument(
+        "--until-rollback",
+        action="store_true",
+        help="stop as soon as the controller rolls a variant back; exit 1 if none did (demo scripts, tests)",
+    )
+    p.add_argument(
         "--wait",
         type=parse_ttl,
         default=None,
@@ -104,6 +113,7 @@ class LoadConfig:
     model: str = "tabular"
     client: str = "app-demo"
     max_in_flight: int = 512
+    until_rollback: bool = False
 
 
 def plan_users(count: int, mix: Mapping[str, float], seed: int) -> list[tuple[str, str]]:
@@ -132,12 +142,31 @@ def bodies(seed: int, count: int = 64) -> list[bytes]:
     return out
 
 
+def new_rollbacks(records: Iterable[Any], seen: set[str], since: float) -> list[Mapping[str, Any]]:
+    """The controller's rollback records (``/audit``, newest first) made at or after ``since`` and
+    not yet in ``seen`` (which this updates), oldest first."""
+    out = []
+    for record in reversed(list(records)):
+        if not isinstance(record, Mapping) or record.get("action") != "rollback":
+            continue
+        try:
+            ts = float(record.get("ts", 0))
+        except (TypeError, ValueError):
+            continue
+        key = f"{record.get('route')}/{record.get('variant')}@{ts}"
+        if ts >= since and key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
+
+
 class Tally:
     """Counts per status and per variant, and latencies, for the last second and for the whole run."""
 
     def __init__(self) -> None:
         self.sent = 0
         self.skipped = 0
+        self.rollbacks: list[tuple[float, str]] = []  # (seconds into the run, what the controller said)
         self.status: Counter[str] = Counter()
         self.variant: Counter[str] = Counter()
         self.latencies: list[float] = []
@@ -182,11 +211,13 @@ class Tally:
         done = sum(self.status.values())
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
         skipped = f", {self.skipped} skipped (in-flight cap)" if self.skipped else ""
+        rollbacks = "".join(f"\n    at {t:.0f}s: {what}" for t, what in self.rollbacks)
         return (
             f"total: {done} answers in {elapsed_s:.1f}s ({rate:.1f}/s){skipped}\n"
-            f"  status   {self._counts(self.status)}\n"
-            f"  variants {self._counts(self.variant)}\n"
-            f"  latency  p50 {self._pct(self.latencies, 0.5):.1f}ms  p99 {self._pct(self.latencies, 0.99):.1f}ms"
+            f"  status    {self._counts(self.status)}\n"
+            f"  variants  {self._counts(self.variant)}\n"
+            f"  latency   p50 {self._pct(self.latencies, 0.5):.1f}ms  p99 {self._pct(self.latencies, 0.99):.1f}ms\n"
+            f"  rollbacks {len(self.rollbacks)}{rollbacks}"
         )
 
 
@@ -201,7 +232,7 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
 
     import aiohttp
 
-    from gateway.clientkit import infer_path, ssl_context, token_minter
+    from gateway.clientkit import describe_audit, infer_path, ssl_context, token_minter
 
     mint = token_minter(info)
     users = plan_users(config.users, config.residency_mix, config.seed)
@@ -249,8 +280,32 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                 print(tally.window_line(tick, len(in_flight)), file=out, flush=True)
                 tick += 1
 
+        async def watch_rollbacks(start: float, since: float) -> None:
+            """Poll the controller's audit trail; print each new rollback (and stop, if asked)."""
+            api, token = info.controller_api, _admin_token(info)
+            if not api or not token:
+                print("traffic: no controller API or admin token in run.json: rollbacks go unseen", file=out)
+                return
+            seen: set[str] = set()
+            while True:
+                await asyncio.sleep(ROLLBACK_POLL_S)
+                try:
+                    async with session.get(
+                        f"{api}/audit?limit=50", headers={"authorization": f"Bearer {token}"}, ssl=False
+                    ) as response:
+                        records = (await response.json()).get("records", []) if response.status == 200 else []
+                except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
+                    continue
+                for record in new_rollbacks(records, seen, since):
+                    what = describe_audit(record)
+                    tally.rollbacks.append((loop.time() - start, what))
+                    print(f"{loop.time() - start:5.0f}s  ROLLBACK {what}", file=out, flush=True)
+                    if config.until_rollback:
+                        stop.set()
+
         start = loop.time()
         reporter = asyncio.create_task(report(start))
+        watcher = asyncio.create_task(watch_rollbacks(start, time.time()))
         started = 0
         try:
             while not stop.is_set():
@@ -273,10 +328,24 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                 await asyncio.wait(set(in_flight), timeout=10)
         finally:
             reporter.cancel()
+            watcher.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     print(tally.summary(loop.time() - start), file=out, flush=True)
     return tally
+
+
+def _admin_token(info: StackInfo) -> str | None:
+    """The controller's admin token (the audit trail needs it), from the file run.json names."""
+    from pathlib import Path
+
+    path = info.raw.get("admin_token_file")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _traffic(args: argparse.Namespace) -> int:
@@ -304,6 +373,7 @@ def _traffic(args: argparse.Namespace) -> int:
         model=args.model,
         client=args.client,
         max_in_flight=args.max_in_flight,
+        until_rollback=args.until_rollback,
     )
     try:
         import uvloop
@@ -314,4 +384,7 @@ def _traffic(args: argparse.Namespace) -> int:
 
         runner = asyncio.run
     tally = runner(run_load(info, config, out=sys.stdout))
+    if config.until_rollback and not tally.rollbacks:
+        print("cohortgate traffic: no rollback within the duration", file=sys.stderr)
+        return 1
     return 0 if tally.sent else 1

@@ -5,6 +5,10 @@ sidecar per policy backend that names a local model, the controller, the gateway
 for each, then prints the endpoints and a copy-paste curl. Ctrl-C (or SIGTERM) stops everything,
 Envoy first. Editing the policy file applies live. ``<state-dir>/run.json`` tells scripts where
 everything is; ``<state-dir>/logs/`` holds each child's log.
+
+With ``--demo`` the canary fails a share of its requests and `cohortgate traffic` runs in the
+background (its log: ``<state-dir>/logs/traffic.log``): the controller rolls the canary back
+within a minute, on the dashboard, in `cohortgate status --watch` and in this output.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+DEMO_FAULT_RATE = 0.3
 
 
 def _fraction(text: str) -> float:
@@ -65,10 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--canary-fault-rate",
         type=_fraction,
-        default=0.0,
+        default=None,
         metavar="F",
         help="demo knob: the canary's sidecars fail this fraction of requests with 500, so "
-        "`cohortgate traffic` shows an automatic rollback (default 0)",
+        f"`cohortgate traffic` shows an automatic rollback (default 0; {DEMO_FAULT_RATE:g} with --demo)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo: a faulty canary (see --canary-fault-rate) and `cohortgate traffic` in the background, "
+        "so the controller rolls the canary back within a minute while you watch",
     )
     p.add_argument(
         "--certs",
@@ -110,7 +122,10 @@ def _up(args: argparse.Namespace) -> int:
         certs_dir=args.certs,
         redis=args.redis,
         transport=args.transport,
-        canary_fault_rate=args.canary_fault_rate,
+        canary_fault_rate=(
+            args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if args.demo else 0.0
+        ),
+        demo=args.demo,
         free_ports=args.free_ports,
         envoy_port=args.port,
         admin_port=args.admin_port,

@@ -10,11 +10,13 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from gateway import pki
+from tests.controller.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +56,16 @@ class Up:
         return self.out.read_text(errors="replace")
 
     def wait_run(self, timeout: float = 30.0) -> dict[str, Any]:
-        """The run file, once `up` has written it (that is: every child is ready)."""
+        """The run file, once `up` has written it (every child is ready) and printed its banner."""
         path = self.state / "run.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"`cohortgate up` exited with {self.proc.returncode}:\n{self.output()}")
             with contextlib.suppress(FileNotFoundError, ValueError):
-                return json.loads(path.read_text())
+                run = json.loads(path.read_text())
+                if "Ctrl-C stops everything" in self.output():
+                    return run
             time.sleep(0.05)
         pytest.fail(f"no run.json after {timeout}s:\n{self.output()}")
 
@@ -133,6 +138,12 @@ def test_up_serves_the_example_policy_and_stops_every_child(up_factory) -> None:
             assert f"http://127.0.0.1:{child['port']}" in effective
     output = up.output()
     assert "curl -i --cert" in output and f"https://127.0.0.1:{run['ports']['envoy']}/v2/models/tabular/infer" in output
+    # The dashboard and the gateway's metrics are where run.json and the table say.
+    dashboard, metrics = run["endpoints"]["dashboard"], run["endpoints"]["gateway_metrics"]
+    assert dashboard == f"http://127.0.0.1:{run['ports']['dashboard']}/" and dashboard in output
+    assert metrics == f"http://127.0.0.1:{run['ports']['gateway_metrics']}/metrics" and metrics in output
+    with urllib.request.urlopen(dashboard, timeout=5) as response:
+        assert response.status == 200 and "text/html" in response.headers["content-type"]
 
     # `cohortgate call`, as a user would run it; a QA user pinned to the canary proves the routing.
     for sub, variants in (("alice", {"control", "canary"}), ("qa-canary", {"canary"})):
@@ -164,7 +175,14 @@ def test_up_serves_the_example_policy_and_stops_every_child(up_factory) -> None:
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )  # fmt: skip
     assert traffic.returncode == 0, traffic.stdout + traffic.stderr
-    assert "status   200:60" in traffic.stdout, traffic.stdout
+    assert "status    200:60" in traffic.stdout, traffic.stdout
+
+    # The gateway counted what it decided: the two requests without a token among them.
+    with urllib.request.urlopen(metrics, timeout=5) as response:
+        exposition = response.read().decode()
+    assert 'cohortgate_decisions_total{code="unauthenticated",outcome="denied"} 2.0' in exposition, exposition
+    assert re.search(r'cohortgate_decisions_total\{code="none",outcome="allowed"\} (6[3-9]|[7-9]\d)\.0', exposition)
+    assert f'cohortgate_policy_info{{digest="{run["policy"]["digest"][:12]}"}} 1.0' in exposition
 
     up.proc.send_signal(signal.SIGTERM)
     assert up.wait_exit() == 0, up.output()
@@ -236,3 +254,53 @@ def test_policy_edits_apply_live_and_a_dying_sidecar_stops_the_stack(up_factory,
     assert "last lines of" in output
     gone = {name: c["pid"] for name, c in run["children"].items() if alive(c["pid"])}
     assert not gone, f"children still running: {gone}\n{output}"
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
+    """None (the embedded default), or a real redis-server's URL; requested before `up_factory`, so
+    it outlives the stack."""
+    if request.param == "embedded":
+        yield None
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
+def test_traffic_on_a_faulty_canary_leads_to_an_automatic_rollback(redis_url: str | None, up_factory) -> None:
+    up = up_factory(EXAMPLE, "--canary-fault-rate", "0.5", *(["--redis", redis_url] if redis_url else []))
+    run = up.wait_run()
+    assert run["redis"] == redis_url
+    assert run["children"]["sidecar-tabular-canary-eu"]["fault_rate"] == 0.5
+    started = time.monotonic()
+    # EU users only (the canary serves EU), fast enough that the canary sees ~20 requests a second.
+    traffic = subprocess.run(
+        [*CLI, "traffic", "--users", "400", "--rps", "200", "--residency-mix", "eu=1", "--duration", "30s",
+         "--until-rollback", "--state-dir", str(up.state)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert traffic.returncode == 0, traffic.stdout + traffic.stderr + up.output()
+    assert "ROLLBACK rollback tabular/canary" in traffic.stdout, traffic.stdout
+    assert "rollbacks 1" in traffic.stdout and "500:" in traffic.stdout, traffic.stdout
+    assert took < 30, traffic.stdout
+
+    # The controller says so, `up` printed the decision, and the gateway follows: a QA user pinned
+    # to the canary is back on control (a rolled-back variant takes no overrides).
+    token = Path(run["admin_token_file"]).read_text().strip()
+    request = urllib.request.Request(
+        f"{run['endpoints']['controller_api']}/status", headers={"authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert "rolled_back" in response.read().decode()
+    deadline = time.monotonic() + 5
+    while True:
+        done = call(up.state, "tabular", "--sub", "qa-canary", "--json")
+        if done.returncode == 0 and json.loads(done.stdout)["variant"] == "control":
+            break
+        assert time.monotonic() < deadline, done.stdout + done.stderr
+        time.sleep(0.2)
+    while "controller: rollback tabular/canary" not in up.output():  # `up` looks at the audit every second
+        assert time.monotonic() < deadline + 3, up.output()
+        time.sleep(0.1)
