@@ -1,14 +1,24 @@
-"""GPU check for the sidecar: is CUDA really in use, and do its answers match the CPU's?
+"""GPU check for the sidecar: is CUDA really in use, do its answers match the CPU's, and how fast is it?
 
-    python bench/sidecar_gpu_check.py [--model PATH] [--device auto|cuda]
+    python bench/sidecar_gpu_check.py [--device cuda|auto|cpu] [--model PATH] [--duration 4] [--json PATH]
 
-Run it where onnxruntime-gpu is installed (``pip install cohortgate[gpu]``). It prints what
-onnxruntime offers, which provider a session actually got (onnxruntime-gpu silently falls back to
-CPU when the CUDA/cuDNN libraries it was built for are missing), compares a batch against the CPU
-provider, times bare ``session.run`` at a few batch sizes, and serves the model through a real
-sidecar on 127.0.0.1 to check that metadata and ``/metrics`` report the same provider.
+Self-contained: it needs this repository on the path and the sidecar's runtime dependencies
+(onnxruntime-gpu, aiohttp, orjson, numpy, prometheus-client; uvloop if present) -- not scikit-learn,
+not the ``onnx`` package, not wrk. In under three minutes it:
 
-Exit status: 0 CUDA in use and answers match; 1 no CUDA (fell back); 2 answers differ.
+  1. builds the 4x512 MLP (numpy only) unless ``--model`` names one;
+  2. loads it on ``--device`` (default cuda) and reads back the provider onnxruntime actually uses
+     (onnxruntime-gpu silently falls back to CPU when the CUDA/cuDNN libraries are missing);
+     compares a 64-row batch against the CPU provider; times bare ``session.run`` at batch 1 and 1024;
+  3. starts real sidecar processes (``python -m sidecar``) with ``--device DEVICE`` and with
+     ``--device auto``, and checks that metadata and the ``execution_provider`` metric name the
+     expected provider (CUDAExecutionProvider unless ``--device cpu``);
+  4. loads the sidecar, batching on and off, with one-row binary-tensor requests at concurrency 1
+     and 64 from a small built-in HTTP/1.1 load generator (several processes, keep-alive);
+  5. prints a table and writes everything as JSON to ``--json``, or to ``$OUT/sidecar_gpu_check.json``
+     when ``$OUT`` is set.
+
+Exit status: 0 all checks pass; 1 the expected provider is not in use; 2 answers differ from the CPU's.
 """
 
 from __future__ import annotations
@@ -16,9 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,104 +42,317 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.demo_models import mlp_model_bytes  # noqa: E402
-from sidecar.model import CUDA, ModelLoadError, OnnxModel  # noqa: E402
-from sidecar.server import SidecarConfig, serve  # noqa: E402
+from sidecar.demo_models import MLP_WIDTH, mlp_model_bytes  # noqa: E402
+from sidecar.model import CPU, CUDA, ModelLoadError, OnnxModel  # noqa: E402
+
+MODEL = "mlp"
+TOLERANCE = 1e-2  # relative; CUDA may use TF32 for the matrix products
 
 
-def rate(model: OnnxModel, rows: int, seconds: float = 1.0) -> float:
-    x = model.example_inputs(rows)
-    for _ in range(5):
-        model.run(x)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.run(x)
-        n += 1
-    return n * rows / (time.perf_counter() - start)
-
-
-def through_sidecar(model_path: Path, device: str, x: np.ndarray) -> tuple[dict, str, np.ndarray]:
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = SidecarConfig(str(model_path), name="check", port=port, device=device)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    thread = threading.Thread(
-        target=lambda: loop.run_until_complete(serve(config, stop=stop, handle_signals=False)), daemon=True
-    )
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
+        return s.getsockname()[1]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Bare onnxruntime ---------------------------------------------------------------------------------
+
+
+def bare_rate(model: OnnxModel, rows: int, seconds: float) -> dict:
+    x = (np.random.default_rng(rows).standard_normal((rows, MLP_WIDTH)).astype(np.float32),)
+    for _ in range(10):
+        model.run(x)
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        model.run(x)
+        n += 1
+    return {"batch": rows, "calls_per_s": n / elapsed, "inferences_per_s": n * rows / elapsed}
+
+
+def relative_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(1e-12, float(np.abs(b).max())))
+
+
+# A real sidecar process -----------------------------------------------------------------------------
+
+
+class Sidecar:
+    """``python -m sidecar`` on a free port; ``stop`` sends SIGTERM and waits for the drain."""
+
+    def __init__(self, model: Path, device: str, max_batch_size: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "sidecar", "--model", str(model), "--name", MODEL, "--port", str(self.port)]
+        cmd += ["--device", device, "--max-batch-size", str(max_batch_size), "--log-level", "WARNING"]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the process
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while True:
             try:
-                urllib.request.urlopen(f"{base}/v2/health/ready", timeout=1)
-                break
+                if urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1).status == 200:
+                    break
             except OSError:
-                if not thread.is_alive():
-                    raise RuntimeError("the sidecar exited before it was ready") from None
-                time.sleep(0.1)
-        meta = json.load(urllib.request.urlopen(f"{base}/v2/models/check"))
-        metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
-        provider_line = next(
-            (ln for ln in metrics.splitlines() if ln.startswith("cohortgate_sidecar_execution_provider{")), ""
-        )
-        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"sidecar --device {device} did not become ready:\n{self.output()}")
+            time.sleep(0.1)
+
+    def get(self, path: str) -> bytes:
+        return urllib.request.urlopen(f"{self.url}{path}", timeout=10).read()
+
+    def provider(self) -> tuple[str, str]:
+        """(execution_provider from the model metadata, provider label of the metric)."""
+        meta = json.loads(self.get(f"/v2/models/{MODEL}"))
+        metrics = self.get("/metrics").decode()
+        m = re.search(r'cohortgate_sidecar_execution_provider\{[^}]*provider="([^"]+)"[^}]*\} 1', metrics)
+        return meta["parameters"]["execution_provider"], m.group(1) if m else ""
+
+    def batches(self) -> tuple[float, float]:
+        metrics = self.get("/metrics").decode()
+        total = re.search(r"cohortgate_sidecar_batch_size_sum\{[^}]*\} (\S+)", metrics)
+        count = re.search(r"cohortgate_sidecar_batch_size_count\{[^}]*\} (\S+)", metrics)
+        return float(total.group(1)), float(count.group(1))
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        body, header_length = request_body(x)
         request = urllib.request.Request(
-            f"{base}/v2/models/check/infer",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            f"{self.url}/v2/models/{MODEL}/infer",
+            data=body,
+            headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)},
         )
-        answer = json.load(urllib.request.urlopen(request))
-        out = answer["outputs"][0]
-        return meta, provider_line, np.array(out["data"], np.float32).reshape(out["shape"])
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            head_len = int(response.headers["Inference-Header-Content-Length"])
+        head = json.loads(raw[:head_len])
+        out = head["outputs"][0]
+        return np.frombuffer(raw, np.float32, offset=head_len).reshape(out["shape"])
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def request_body(x: np.ndarray) -> tuple[bytes, int]:
+    """An OIP binary-tensor request: JSON header, then the raw FP32 rows; binary output asked for."""
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+    head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return head + np.ascontiguousarray(x, np.float32).tobytes(), len(head)
+
+
+# Load generator: keep-alive HTTP/1.1 over asyncio streams, in several processes ----------------------
+
+
+async def _connection(port: int, request: bytes, start: float, stop: float, latencies: list, errors: list) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    clock = time.perf_counter
+    try:
+        while True:
+            sent = clock()
+            if sent >= stop:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
+            await reader.readexactly(length)
+            done = clock()
+            if sent >= start and done <= stop:
+                if head[9:12] == b"200":
+                    latencies.append(done - sent)
+                else:
+                    errors.append(int(head[9:12]))
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
+        writer.close()
+
+
+def _client_process(port: int, request: bytes, connections: int, start_at: float, seconds: float) -> tuple:
+    """Runs in a worker process: ``connections`` loops from ``start_at`` (wall clock) for ``seconds``."""
+
+    async def main() -> tuple:
+        latencies: list[float] = []
+        errors: list[int] = []
+        # perf_counter is per-process; translate the shared wall-clock start into it.
+        start = time.perf_counter() + (start_at - time.time())
+        stop = start + seconds
+        await asyncio.gather(*(_connection(port, request, start, stop, latencies, errors) for _ in range(connections)))
+        return latencies, errors
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def load(port: int, concurrency: int, seconds: float, procs: int) -> dict:
+    """Requests/s and latency of one-row binary requests at ``concurrency`` open connections."""
+    x = np.random.default_rng(7).standard_normal((1, MLP_WIDTH)).astype(np.float32)
+    body, header_length = request_body(x)
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    procs = max(1, min(procs, concurrency))
+    split = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    warm_up = 0.5
+    start_at = time.time() + 1.0 + warm_up  # time for the workers to start and connect, then a warm-up
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        parts = pool.starmap(_client_process, [(port, request, n, start_at, seconds) for n in split])
+    latencies = np.array(sorted(lat for part in parts for lat in part[0]))
+    errors = sum(len(part[1]) for part in parts)
+    if not len(latencies):
+        return {"concurrency": concurrency, "rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": errors}
+    return {
+        "concurrency": concurrency,
+        "rps": len(latencies) / seconds,
+        "p50_ms": float(np.percentile(latencies, 50) * 1000),
+        "p99_ms": float(np.percentile(latencies, 99) * 1000),
+        "errors": errors,
+    }
+
+
+# The check ------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="default: a freshly built mlp-4x512")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda"))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "auto", "cpu"), help="default cuda")
+    parser.add_argument("--model", type=Path, help="input 'input' FP32 [-1,512] (default: a fresh mlp-4x512)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load run (default 4)")
+    parser.add_argument("--concurrency", default="1,64", help="open connections per load run (default 1,64)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the sidecar's, batching on (default 64)")
+    parser.add_argument("--client-procs", type=int, default=max(1, min(4, cores() // 4)), help="load processes")
+    parser.add_argument("--json", type=Path, help="write the results here (default: $OUT/sidecar_gpu_check.json)")
     args = parser.parse_args()
+    started = time.monotonic()
     import onnxruntime as ort
 
-    print(
-        f"onnxruntime {ort.__version__}, device {ort.get_device()}, providers offered: {ort.get_available_providers()}"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = args.model or Path(tmp) / "mlp-4x512.onnx"
-        if args.model is None:
+    available = ort.get_available_providers()
+    expected = CPU if args.device == "cpu" else CUDA
+    expected_auto = CUDA if CUDA in available else CPU
+    report: dict = {
+        "onnxruntime": ort.__version__,
+        "device_arg": args.device,
+        "providers_offered": available,
+        "cores": cores(),
+        "checks": {},
+    }
+    print(f"onnxruntime {ort.__version__} ({ort.get_device()}), {cores()} cores, providers offered: {available}")
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="sidecar-gpu-check-") as tmp:
+        model_path = args.model
+        if model_path is None:
+            model_path = Path(tmp) / "mlp-4x512.onnx"
             model_path.write_bytes(mlp_model_bytes())
+        model_path = model_path.resolve()
+
+        # 2. bare onnxruntime on the device, against the CPU provider
         try:
             model = OnnxModel(model_path, device=args.device)
         except ModelLoadError as exc:
-            print(f"cannot load on {args.device}: {exc}")
+            print(f"FAIL: cannot load on --device {args.device}: {exc}")
+            report["error"] = str(exc)
+            write_report(args, report)
             return 1
         cpu = OnnxModel(model_path, device="cpu")
-        print(f"session providers: {model.providers} -> in use: {model.provider}")
-        x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
-        diff = float(np.abs(model.run((x,))[0] - cpu.run((x,))[0]).max())
-        print(f"max |{model.provider} - CPU| over a 64-row batch: {diff:.2e}")
-        for rows in (1, 32, 256, 1024):
-            fast, slow = rate(model, rows), rate(cpu, rows)
-            print(f"bare session.run, batch {rows:>4}: {model.provider} {fast:>12,.0f}/s   CPU {slow:>10,.0f}/s")
-        meta, provider_line, served = through_sidecar(model_path, args.device, x[:4])
-        print(f"sidecar metadata: execution_provider={meta['parameters']['execution_provider']}")
-        print(f"sidecar metric:   {provider_line}")
-        served_diff = float(np.abs(served - cpu.run((x[:4],))[0]).max())
-        print(f"max |sidecar - CPU| over 4 rows: {served_diff:.2e}")
-    if model.provider != CUDA or meta["parameters"]["execution_provider"] != CUDA:
-        print("CUDA is NOT in use (onnxruntime fell back to CPU)")
-        return 1
-    if diff > 1e-2 or served_diff > 1e-2:
-        print("answers differ from the CPU provider")
-        return 2
-    print("OK: CUDA in use, answers match the CPU provider")
-    return 0
+        print(f"session providers {list(model.providers)} -> in use: {model.provider}")
+        x64 = np.random.default_rng(0).standard_normal((64, MLP_WIDTH)).astype(np.float32)
+        reference = cpu.run((x64,))[0]
+        bare_diff = relative_diff(model.run((x64,))[0], reference)
+        in_use = report["session_provider"] = model.provider
+        report["bare"] = [bare_rate(model, rows, 2.0) for rows in (1, 1024)]
+        del model, cpu  # free the device before the sidecars take it
+        check(report, "session provider", in_use == expected, f"{in_use} (want {expected})")
+        check(report, "bare answers match CPU", bare_diff < TOLERANCE, f"relative max diff {bare_diff:.1e}")
+
+        # 3. + 4. sidecars: provider checks, answers, load
+        report["sidecar"] = []
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        for label, max_batch in (("batching on", args.max_batch_size), ("batching off", 1)):
+            server = Sidecar(model_path, args.device, max_batch)
+            try:
+                meta_provider, metric_provider = server.provider()
+                check(report, f"sidecar {label}: metadata provider", meta_provider == expected, meta_provider)
+                check(report, f"sidecar {label}: metric provider", metric_provider == expected, metric_provider)
+                served = server.infer(x64[:4])
+                served_diff = relative_diff(served, reference[:4])
+                check(report, f"sidecar {label}: answers match CPU", served_diff < TOLERANCE, f"{served_diff:.1e}")
+                for concurrency in concurrencies:
+                    before = server.batches()
+                    run = load(server.port, concurrency, args.duration, args.client_procs)
+                    after = server.batches()
+                    run["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                    run["target"] = f"sidecar {args.device}, {label}"
+                    report["sidecar"].append(run)
+                    print(f"  {run['target']:<28} c{concurrency:<3} {run['rps']:>10,.0f} req/s", flush=True)
+            finally:
+                server.stop()
+        if args.device != "auto":
+            server = Sidecar(model_path, "auto", args.max_batch_size)
+            try:
+                meta_provider, metric_provider = server.provider()
+            finally:
+                server.stop()
+            ok = meta_provider == metric_provider == expected_auto
+            check(report, "sidecar --device auto: provider", ok, f"{meta_provider} (want {expected_auto})")
+
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print(f"{'bare onnxruntime':<34} {'batch':>6} {'calls/s':>10} {'inferences/s':>13}")
+    provider = report["session_provider"]
+    for b in report["bare"]:
+        print(f"  {provider:<32} {b['batch']:>6} {b['calls_per_s']:>10,.0f} {b['inferences_per_s']:>13,.0f}")
+    print()
+    print(f"{'sidecar, one-row binary requests':<34} {'conc':>6} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} batch")
+    for r in report["sidecar"]:
+        p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-"
+        p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else "-"
+        errors = f"  ({r['errors']} errors)" if r["errors"] else ""
+        print(
+            f"  {r['target']:<32} {r['concurrency']:>6} {r['rps']:>10,.0f} {p50:>8} {p99:>8} "
+            f"{r['mean_batch']:>6.1f}{errors}"
+        )
+    print()
+    for name, (ok, detail) in report["checks"].items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    failed = [name for name, (ok, _) in report["checks"].items() if not ok]
+    if any("provider" in name for name in failed):
+        status = 1
+    elif failed:
+        status = 2
+    report["status"] = status
+    print(f"\n{'OK' if status == 0 else 'FAILED'} in {report['seconds']}s")
+    write_report(args, report)
+    return status
+
+
+def check(report: dict, name: str, ok: bool, detail: str) -> None:
+    report["checks"][name] = (ok, detail)
+
+
+def write_report(args: argparse.Namespace, report: dict) -> None:
+    path = args.json
+    if path is None and os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "sidecar_gpu_check.json"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

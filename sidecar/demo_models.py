@@ -4,7 +4,7 @@ The tabular models are trained on scikit-learn's bundled breast-cancer data (no 
 exported with skl2onnx so that each takes one input ``input`` FP32 [-1, 30] and returns plain
 tensors (``label`` INT64 [-1], ``probabilities`` FP32 [-1, 2]; ``zipmap`` off), which OIP can carry.
 ``mlp-4x512`` is four 512-wide dense layers with fixed random weights: heavy enough per row that
-batching matters, built directly with ``onnx.helper``.
+batching matters, written as ONNX protobuf directly (numpy only, see ``mlp_model_bytes``).
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def mlp_model_bytes(width: int = MLP_WIDTH, layers: int = MLP_LAYERS, seed: int = SEED) -> bytes:
-    """A dense ReLU network, ``layers`` x (``width`` x ``width``), input/output FP32 [-1, width]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """A dense ReLU network, ``layers`` x (``width`` x ``width``), input/output FP32 [batch, width].
 
+    Written as ONNX protobuf by hand (a dozen message fields), so that building it needs numpy only:
+    the GPU check runs where neither the ``onnx`` package nor scikit-learn is installed.
+    """
     rng = np.random.default_rng(seed)
     nodes = []
     initializers = []
@@ -101,24 +102,75 @@ def mlp_model_bytes(width: int = MLP_WIDTH, layers: int = MLP_LAYERS, seed: int 
     for i in range(layers):
         w = (rng.standard_normal((width, width)) * np.sqrt(2.0 / width)).astype(np.float32)
         b = (rng.standard_normal(width) * 0.01).astype(np.float32)
-        initializers += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        initializers += [_pb_tensor(f"w{i}", w), _pb_tensor(f"b{i}", b)]
         last = i == layers - 1
         gemm_out = "output" if last else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [gemm_out], name=f"dense{i}"))
+        nodes.append(_pb_node("Gemm", [current, f"w{i}", f"b{i}"], gemm_out, f"dense{i}"))
         if not last:
-            nodes.append(helper.make_node("Relu", [gemm_out], [f"a{i}"], name=f"relu{i}"))
+            nodes.append(_pb_node("Relu", [gemm_out], f"a{i}", f"relu{i}"))
             current = f"a{i}"
-    graph = helper.make_graph(
-        nodes,
-        f"mlp-{layers}x{width}",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
-        initializers,
+    graph = b"".join(
+        [
+            *(_pb_field(1, n) for n in nodes),
+            _pb_field(2, f"mlp-{layers}x{width}"),
+            *(_pb_field(5, t) for t in initializers),
+            _pb_field(11, _pb_value_info("input", width)),
+            _pb_field(12, _pb_value_info("output", width)),
+        ]
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="cohortgate")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    opset = _pb_varint_field(2, ONNX_OPSET)  # OperatorSetIdProto: default domain, version
+    return b"".join(
+        [
+            _pb_varint_field(1, 8),  # ModelProto.ir_version
+            _pb_field(2, "cohortgate"),  # producer_name
+            _pb_field(7, graph),
+            _pb_field(8, opset),
+        ]
+    )
+
+
+# Protobuf wire format, just what ``mlp_model_bytes`` needs (field numbers from onnx.proto).
+_FLOAT = 1  # TensorProto.DataType.FLOAT
+
+
+def _pb_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _pb_varint_field(number: int, value: int) -> bytes:
+    return _pb_varint(number << 3) + _pb_varint(value)
+
+
+def _pb_field(number: int, payload: bytes | str) -> bytes:
+    data = payload.encode() if isinstance(payload, str) else payload
+    return _pb_varint(number << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _pb_tensor(name: str, array: np.ndarray) -> bytes:
+    """TensorProto: dims (1), data_type (2), name (8), raw_data (9, little-endian)."""
+    dims = b"".join(_pb_varint_field(1, d) for d in array.shape)
+    raw = np.ascontiguousarray(array, "<f4").tobytes()
+    return dims + _pb_varint_field(2, _FLOAT) + _pb_field(8, name) + _pb_field(9, raw)
+
+
+def _pb_node(op: str, inputs: list[str], output: str, name: str) -> bytes:
+    """NodeProto: input (1), output (2), name (3), op_type (4)."""
+    return b"".join([*(_pb_field(1, i) for i in inputs), _pb_field(2, output), _pb_field(3, name), _pb_field(4, op)])
+
+
+def _pb_value_info(name: str, width: int) -> bytes:
+    """ValueInfoProto of a FP32 [batch, width] tensor: TypeProto.tensor_type {elem_type, shape}."""
+    dims = _pb_field(1, _pb_field(2, "batch")) + _pb_field(1, _pb_varint_field(1, width))
+    tensor_type = _pb_varint_field(1, _FLOAT) + _pb_field(2, dims)
+    return _pb_field(1, name) + _pb_field(2, _pb_field(1, tensor_type))
 
 
 def _write(path: Path, data: bytes) -> None:

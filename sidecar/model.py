@@ -93,6 +93,8 @@ class OnnxModel:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
         providers = choose_providers(device, ort.get_available_providers())
+        if CUDA in providers:
+            _preload_cuda_libraries(ort)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
         options.inter_op_num_threads = 1
@@ -142,6 +144,22 @@ class OnnxModel:
         """Run once at one row and once at the largest batch, so the first request is not slow."""
         for rows in sorted({1, max_rows}):
             self.run(self.example_inputs(rows))
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels when they are installed but not on the library path
+    (onnxruntime-gpu >= 1.21 offers this); best effort, once: a failure shows up as a CPU fallback."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # an odd layout must not stop the CPU fallback
+        log.warning("onnxruntime.preload_dlls failed: %s", _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:

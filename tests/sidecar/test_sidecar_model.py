@@ -106,3 +106,29 @@ def test_config_lists_every_problem() -> None:
         assert needle in message
     assert SidecarConfig("models/tabular-control.onnx").model_name == "tabular-control"
     assert SidecarConfig("models/a.onnx", name="tabular").model_name == "tabular"
+
+
+def test_the_mlp_is_valid_onnx_and_computes_what_its_weights_say() -> None:
+    """``mlp_model_bytes`` writes protobuf by hand (numpy only): onnx must accept it, and onnxruntime
+    must compute the same network as numpy does with the same seeded weights."""
+    import onnx
+
+    from sidecar.demo_models import mlp_model_bytes
+
+    data = mlp_model_bytes(width=16, layers=3, seed=5)
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    (only,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in only.type.tensor_type.shape.dim]
+    assert (only.name, dims) == ("input", ["batch", 16])
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    got = ort.InferenceSession(data, providers=[CPU]).run(None, {"input": x})[0]
+    rng = np.random.default_rng(5)
+    want = x
+    for layer in range(3):
+        w = (rng.standard_normal((16, 16)) * np.sqrt(2.0 / 16)).astype(np.float32)
+        b = (rng.standard_normal(16) * 0.01).astype(np.float32)
+        want = want @ w + b
+        if layer < 2:
+            want = np.maximum(want, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -275,6 +275,37 @@ async def test_a_model_with_a_fixed_first_axis_is_served_unbatched(make_client) 
     assert doc["outputs"][0]["data"] == [0, 2, 0, 4, 0, 6]
 
 
+async def test_ready_turns_true_only_after_the_warm_up(aiohttp_client, models) -> None:
+    """While the model loads and warms up, the port is live but not ready, and infer says so."""
+    import threading
+
+    app = build_app(SidecarConfig(model_path=str(models / "tabular-control.onnx"), name="tabular"))
+    sidecar = app[SIDECAR]
+    gate = threading.Event()
+    load_and_warm_up = sidecar._load_blocking
+
+    def held() -> object:  # the real load and warm-up, once the test lets it start
+        gate.wait(10)
+        return load_and_warm_up()
+
+    sidecar._load_blocking = held
+    client = await aiohttp_client(app)
+    assert (await client.get("/v2/health/live")).status == 200
+    for path in ("/v2/health/ready", "/v2/models/tabular/ready"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert response.headers["Retry-After"]
+    refused = await client.post("/v2/models/tabular/infer", json=infer_json(features(1)))
+    assert refused.status == 503
+    assert (await refused.json()) == {"error": "model 'tabular' is loading"}
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "cohortgate_sidecar_ready", model="tabular") == 0
+    gate.set()
+    await sidecar.wait_ready()
+    assert (await client.get("/v2/health/ready")).status == 200
+    assert (await client.post("/v2/models/tabular/infer", json=infer_json(features(1)))).status == 200
+
+
 async def test_a_model_that_cannot_load_never_turns_ready(aiohttp_client, models) -> None:
     app = build_app(SidecarConfig(model_path=str(models / "strings.onnx")))
     client = await aiohttp_client(app)
