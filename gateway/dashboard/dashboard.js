@@ -161,7 +161,7 @@ function variantRows(route, doc, colorOf) {
         el("div", { class: "bar" }, el("i", { style: `width:${v.weight || 0}%;background:${colorOf(v.name)}` }),
           el("b", { class: "tick", style: `left:${v.policy_weight || 0}%`, title: "policy weight" }))),
       el("td", { class: "num", "data-rps": v.rps }, v.rps),
-      el("td", { class: "num" }, v.window.requests ?? 0),
+      el("td", { class: "num", "data-requests": v.window.requests ?? 0 }, v.window.requests ?? 0),
       el("td", { class: "num" }, pct(v.window.error_rate, 2)),
       el("td", { class: "num" }, ms(v.window.p50_ms)),
       el("td", { class: "num" }, ms(v.window.p99_ms)),
@@ -190,7 +190,7 @@ function routeCard(route, doc) {
   card.append(el("table", { class: "variants" },
     el("thead", {}, el("tr", {}, ["variant", "phase", "weight (effective vs policy)", "req/s", "requests (60 s)", "errors", "p50", "p99", "verdict and evidence", ""].map((h) => el("th", {}, h)))),
     el("tbody", {}, variantRows(route, doc, colorOf))));
-  const now = Math.floor(doc.generated_at);
+  const now = doc.generated_at;
   const common = { series: route.series, markers: route.markers, now, horizon: doc.horizon_s, colorOf };
   card.append(el("div", { class: "charts" },
     chart({ ...common, title: "requests/s", index: 1, fmt: (x) => x.toFixed(0) }),

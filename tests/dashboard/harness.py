@@ -11,6 +11,7 @@ log is covered by the controller and data-plane suites.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -146,6 +147,7 @@ class Feeder(threading.Thread):
         ctrl: ControllerProc,
         rate: float = 250.0,
         canary_errors: float = 0.0,
+        canary_slowdown: float = 1.0,
         denial_share: float = 0.05,
         seed: int = 7,
     ) -> None:
@@ -153,6 +155,7 @@ class Feeder(threading.Thread):
         self.ctrl = ctrl
         self.rate = rate
         self.canary_errors = canary_errors
+        self.canary_slowdown = canary_slowdown
         self.denial_share = denial_share
         self.rng = random.Random(seed)
         self.stop_event = threading.Event()
@@ -194,7 +197,7 @@ class Feeder(threading.Thread):
         canary_w = self.weights().get("canary", 0)
         variant = "canary" if _bucket(unit) < canary_w else "control"
         region = "us" if _bucket(unit + "r") < 15 else "eu"
-        slow = 1.3 if variant == "canary" else 1.0
+        slow = self.canary_slowdown if variant == "canary" else 1.0
         latency = rng.lognormvariate(3.0, 0.35) * slow
         failed = variant == "canary" and rng.random() < self.canary_errors
         c.time_to_first_upstream_tx_byte.FromMicroseconds(500)
@@ -244,10 +247,8 @@ class Feeder(threading.Thread):
             f"{self.ctrl.api}/reports", data=json.dumps(reports).encode(), method="POST",
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
-        try:
+        with contextlib.suppress(OSError):
             urllib.request.urlopen(req, timeout=2).close()
-        except OSError:
-            pass
 
     def run(self) -> None:
         import grpc
