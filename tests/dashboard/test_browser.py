@@ -71,6 +71,8 @@ def test_live_page_follows_the_controller_and_a_cli_rollback_shows_within_2s(bro
         assert canary(page).locator("[data-weight]").get_attribute("data-weight") == "10"
         assert page.locator("button[data-action]").count() == 0 and page.locator("#tokenform").is_hidden()
         assert page.locator("#route-tabular svg.chart path.line").count() >= 3
+        assert int(page.locator("[data-denials]").get_attribute("data-denials")) > 0  # via the ALS receiver's hook
+        assert "unauthenticated" in page.locator("#denials").inner_text()
 
         done = ctrl.cli("rollback", "tabular", "canary")
         assert done.returncode == 0, done.stderr
