@@ -389,7 +389,10 @@ def build_app(config: SidecarConfig, *, report_sink: ReportSink | None = None) -
         return _json_errors(sidecar, h)
 
     get = ["GET", "HEAD"]
+    # aiohttp tries the resources under one prefix (/v2/models) in order: the hot route goes first.
     routes: list[tuple[str, list[str], Callable]] = [
+        ("/v2/models/{name}/infer", ["POST"], sidecar.infer),
+        ("/v2/models/{name}/versions/{version}/infer", ["POST"], sidecar.infer),
         ("/v2/health/live", get, wrap(sidecar.live)),
         ("/v2/health/ready", get, wrap(sidecar.server_ready)),
         ("/v2", get, wrap(sidecar.server_metadata)),
@@ -399,8 +402,6 @@ def build_app(config: SidecarConfig, *, report_sink: ReportSink | None = None) -
         ("/v2/models/{name}/versions/{version}/ready", get, wrap(sidecar.model_ready)),
         ("/v2/models/{name}/config", get, wrap(sidecar.model_config)),
         ("/v2/models/{name}/versions/{version}/config", get, wrap(sidecar.model_config)),
-        ("/v2/models/{name}/infer", ["POST"], sidecar.infer),
-        ("/v2/models/{name}/versions/{version}/infer", ["POST"], sidecar.infer),
         ("/metrics", get, wrap(sidecar.metrics_page)),
     ]
     for path, methods, handler in routes:
