@@ -1,4 +1,4 @@
-"""Benchmark: Envoy alone vs Envoy + the cohortgate processor, per transport, one run.
+"""Benchmark: Envoy alone vs Envoy + the cohortgate processor, per transport, in one run.
 
 Same machine, same static upstream (a second Envoy answering with ``direct_response``), same
 load generator (h2load, HTTP/1.1 over TLS, keep-alive), same concurrencies. Every request carries
@@ -9,23 +9,26 @@ Neither h2load nor wrk can present a client certificate, so the benchmark's Envo
 TLS but does not *require* a client certificate, and the benchmark policy has no identity rule;
 everything else is the configuration `cohortgate envoy render` writes. The output says so.
 
-Reported per (setup, concurrency): req/s, p50/p99 latency (from h2load's per-request log), the
-ratio to Envoy alone at the same concurrency, and CPU µs per request of the gateway process and
-of the front Envoy (``/proc/<pid>/stat`` utime+stime around the measured run).
+All setups run side by side and are measured in interleaved rounds (alone, grpc, http, fast,
+then again), so a noisy neighbour on a shared machine hits them alike. Reported per (setup,
+concurrency), as median (min-max) over the rounds: req/s, p50/p99 latency (from h2load's
+per-request log), the ratio to Envoy alone in the same round, and CPU µs per request of the
+gateway process and of the front Envoy (``/proc/<pid>/stat`` utime+stime around each slot).
 
-    python bench/bench_gateway.py                        # grpc, http (and fast if present), c16 + c64
+    python bench/bench_gateway.py                        # grpc, http, fast; c16 + c64; 3 rounds
     python bench/bench_gateway.py --duration 5 --transports http --concurrency 64
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +51,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATH = "/v2/models/bench/infer"
 BODY = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
 CONTROL_CLUSTER = "cg.bench.control.0"
-BARS = {"http": (0.30, 100.0), "grpc": (0.18, None)}  # min ratio to Envoy alone at c64, max CPU µs/req
+#: min ratio to Envoy alone at the top concurrency, max gateway CPU µs/req there (issue 12 for fast)
+BARS = {"http": (0.30, 100.0), "grpc": (0.18, None), "fast": (0.45, 50.0)}
 
 POLICY = """
 version: 1
@@ -200,8 +204,11 @@ class Gateway:
 
 @dataclass
 class Result:
+    """One measured slot: a setup at a concurrency, in one round."""
+
     setup: str
     concurrency: int
+    round: int
     rps: float
     requests: int
     failed: int
@@ -210,7 +217,7 @@ class Result:
     p99_ms: float
     gateway_cpu_us: float | None
     envoy_cpu_us: float
-    ratio: float | None = None
+    ratio: float | None = None  # to Envoy alone, same concurrency, same round
 
 
 def h2load(port: int, token: str, concurrency: int, duration: float, work: Path, *, threads: int) -> dict[str, Any]:
@@ -247,45 +254,43 @@ def h2load(port: int, token: str, concurrency: int, duration: float, work: Path,
     return stats
 
 
-def measure(
-    setup: str,
-    envoy: EnvoyProcess,
-    gateway_pid: int | None,
-    token: str,
-    args: argparse.Namespace,
-    work: Path,
-) -> list[Result]:
-    port = envoy.listen_port
-    h2load(port, token, 16, args.warmup, work, threads=args.h2load_threads)  # warm caches and pools
-    results = []
-    for concurrency in args.concurrency:
-        gw0 = cpu_seconds(gateway_pid) if gateway_pid else 0.0
-        ev0 = cpu_seconds(envoy.pid)  # type: ignore[arg-type]
-        stats = h2load(port, token, concurrency, args.duration, work, threads=args.h2load_threads)
-        gw1 = cpu_seconds(gateway_pid) if gateway_pid else 0.0
-        ev1 = cpu_seconds(envoy.pid)  # type: ignore[arg-type]
-        done = max(1, stats.get("done", 0))
-        results.append(
-            Result(
-                setup=setup,
-                concurrency=concurrency,
-                rps=stats.get("rps", 0.0),
-                requests=stats.get("done", 0),
-                failed=stats.get("failed", -1),
-                non_2xx=stats.get("non_2xx", -1),
-                p50_ms=stats.get("p50_ms", float("nan")),
-                p99_ms=stats.get("p99_ms", float("nan")),
-                gateway_cpu_us=(gw1 - gw0) / done * 1e6 if gateway_pid else None,
-                envoy_cpu_us=(ev1 - ev0) / done * 1e6,
-            )
-        )
-        r = results[-1]
-        print(f"  {setup:<14} c{concurrency:<3} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
-              + (f"  gateway {r.gateway_cpu_us:6.1f} µs/req" if r.gateway_cpu_us is not None else ""),
-              flush=True)  # fmt: skip
-        if r.failed or r.non_2xx:
-            print(f"    WARNING: {r.failed} failed, {r.non_2xx} non-2xx\n{stats['stdout'][-800:]}", flush=True)
-    return results
+@dataclass
+class Setup:
+    name: str
+    envoy: EnvoyProcess
+    gateway_pid: int | None
+
+
+def measure(setup: Setup, concurrency: int, round_: int, token: str, args: argparse.Namespace, work: Path) -> Result:
+    gw0 = cpu_seconds(setup.gateway_pid) if setup.gateway_pid else 0.0
+    ev0 = cpu_seconds(setup.envoy.pid)  # type: ignore[arg-type]
+    stats = h2load(setup.envoy.listen_port, token, concurrency, args.duration, work, threads=args.h2load_threads)
+    gw1 = cpu_seconds(setup.gateway_pid) if setup.gateway_pid else 0.0
+    ev1 = cpu_seconds(setup.envoy.pid)  # type: ignore[arg-type]
+    done = max(1, stats.get("done", 0))
+    r = Result(
+        setup=setup.name,
+        concurrency=concurrency,
+        round=round_,
+        rps=stats.get("rps", 0.0),
+        requests=stats.get("done", 0),
+        failed=stats.get("failed", -1),
+        non_2xx=stats.get("non_2xx", -1),
+        p50_ms=stats.get("p50_ms", float("nan")),
+        p99_ms=stats.get("p99_ms", float("nan")),
+        gateway_cpu_us=(gw1 - gw0) / done * 1e6 if setup.gateway_pid else None,
+        envoy_cpu_us=(ev1 - ev0) / done * 1e6,
+    )
+    print(f"  round {round_} {setup.name:<14} c{concurrency:<3} {r.rps:>7.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+          f"p99 {r.p99_ms:6.2f} ms" + (f"  gateway {r.gateway_cpu_us:6.1f} µs/req" if setup.gateway_pid else ""),
+          flush=True)  # fmt: skip
+    if r.failed or r.non_2xx:
+        print(f"    WARNING: {r.failed} failed, {r.non_2xx} non-2xx\n{stats['stdout'][-800:]}", flush=True)
+    return r
+
+
+def median_and_range(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
 
 
 def envoy_for(
@@ -309,80 +314,115 @@ def envoy_for(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured run (default 8)")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured slot (default 6)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per setup (default 2)")
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[16, 64])
-    parser.add_argument("--transports", type=lambda s: s.split(","), default=None, help="grpc,http[,fast]")
+    parser.add_argument("--transports", type=lambda s: s.split(","), default=["grpc", "http", "fast"])
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     parser.add_argument("--h2load-threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="also write every slot's result here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if shutil.which("h2load") is None:
-        print("h2load is not on PATH", file=sys.stderr)
+        print("h2load is not on PATH (apt-get install nghttp2-client)", file=sys.stderr)
         return 2
-    have_fast = importlib.util.find_spec("gateway.h2server") is not None
-    transports = args.transports or ["grpc", "http", *(["fast"] if have_fast else [])]
 
     work = Path(tempfile.mkdtemp(prefix="cohortgate-bench-"))
     certs = pki.init_certs(work / "certs", clients=())
     token = pki.mint_token(certs, "bench-user", residency="eu", ttl_s=24 * 3600)
     print(f"cohortgate gateway benchmark: {os.cpu_count()} CPUs, Envoy --concurrency {args.envoy_concurrency}, "
-          f"h2load --h1 -t {args.h2load_threads}, {args.duration:g}s per run")  # fmt: skip
+          f"h2load --h1 -t {args.h2load_threads}, {args.rounds} rounds x {args.duration:g}s slots")  # fmt: skip
     print("load: HTTP/1.1 over TLS, keep-alive, POST with a valid bearer token (cached verification);")
     print("      client certificate optional on the listener (h2load cannot present one), policy without")
     print("      an identity rule; upstream: a second Envoy with a static direct_response; audit log on.")
+    print("      Every setup runs side by side; slots are interleaved round by round, so a noisy")
+    print("      neighbour hits all setups alike. Ratios are per round, to Envoy alone in that round.")
 
     upstream, upstream_port = start_upstream(work)
     policy_path = work / "policy.yaml"
     policy_path.write_text(POLICY.format(jwks=certs.jwks, port=upstream_port))
-    sock = work / "run" / "processor.sock"
     results: list[Result] = []
-    try:
-        envoy = envoy_for("envoy-alone", "grpc", policy_path, certs, sock, work, args.envoy_concurrency)
-        try:
-            results += measure("envoy-alone", envoy, None, token, args, work)
-        finally:
-            envoy.stop()
-        for name in transports:
-            transport, server = ("grpc", "fast") if name == "fast" else (name, "grpcio")
-            with Gateway(policy_path, sock, transport, server, work) as gateway:
-                envoy = envoy_for(name, transport, policy_path, certs, sock, work, args.envoy_concurrency)
-                try:
-                    assert gateway.proc is not None
-                    results += measure(f"gateway-{name}", envoy, gateway.proc.pid, token, args, work)
-                finally:
-                    envoy.stop()
-    finally:
-        upstream.stop()
+    with contextlib.ExitStack() as stack:
+        stack.callback(upstream.stop)
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
+        setups = []
+        envoy = envoy_for("envoy-alone", "grpc", policy_path, certs, work / "alone.sock", work, args.envoy_concurrency)
+        stack.callback(envoy.stop)
+        setups.append(Setup("envoy-alone", envoy, None))
+        for name in args.transports:
+            transport, server = ("grpc", "fast") if name == "fast" else (name, "grpcio")
+            sock = work / f"run-{name}" / "processor.sock"
+            gateway = stack.enter_context(Gateway(policy_path, sock, transport, server, work))
+            envoy = envoy_for(name, transport, policy_path, certs, sock, work, args.envoy_concurrency)
+            stack.callback(envoy.stop)
+            assert gateway.proc is not None
+            setups.append(Setup(f"gateway-{name}", envoy, gateway.proc.pid))
+        for setup in setups:  # warm caches and connection pools
+            h2load(setup.envoy.listen_port, token, 16, args.warmup, work, threads=args.h2load_threads)
+        for round_ in range(1, args.rounds + 1):
+            for concurrency in args.concurrency:
+                for setup in setups:
+                    results.append(measure(setup, concurrency, round_, token, args, work))
 
-    base = {r.concurrency: r.rps for r in results if r.setup == "envoy-alone"}
+    alone = {(r.concurrency, r.round): r.rps for r in results if r.setup == "envoy-alone"}
     for r in results:
-        r.ratio = r.rps / base[r.concurrency] if base.get(r.concurrency) else None
-    print()
-    print(f"{'setup':<16}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs alone':>10}"
-          f"{'gw µs/req':>11}{'envoy µs/req':>14}{'errors':>8}")  # fmt: skip
-    for r in results:
-        ratio = f"{r.ratio:.0%}" if r.ratio is not None else "-"
-        gw = f"{r.gateway_cpu_us:.1f}" if r.gateway_cpu_us is not None else "-"
-        print(f"{r.setup:<16}{r.concurrency:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{ratio:>10}"
-              f"{gw:>11}{r.envoy_cpu_us:>14.1f}{r.failed + r.non_2xx:>8}")  # fmt: skip
+        base = alone.get((r.concurrency, r.round))
+        r.ratio = r.rps / base if base else None
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return report(results, args)
+
+
+def report(results: list[Result], args: argparse.Namespace) -> int:
+    """Median (min-max) over rounds per setup and concurrency, then the bars."""
+    rows: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = {}
+    for key in dict.fromkeys((r.setup, r.concurrency) for r in results):
+        slots = [r for r in results if (r.setup, r.concurrency) == key]
+        row = {m: median_and_range([getattr(r, m) for r in slots]) for m in ("rps", "p50_ms", "p99_ms", "envoy_cpu_us")}
+        if slots[0].ratio is not None:
+            row["ratio"] = median_and_range([r.ratio for r in slots])  # type: ignore[misc]
+        if slots[0].gateway_cpu_us is not None:
+            row["gateway_cpu_us"] = median_and_range([r.gateway_cpu_us for r in slots])  # type: ignore[misc]
+        row["errors"] = (sum(r.failed + r.non_2xx for r in slots),) * 3  # type: ignore[assignment]
+        rows[key] = row
+
+    def cell(row: dict, metric: str, fmt: str) -> str:
+        if metric not in row:
+            return "-"
+        mid, lo, hi = row[metric]
+        return f"{mid:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
+
+    print(f"\nmedian (min-max) over {args.rounds} rounds\n")
+    print("| setup | conc | req/s | vs Envoy alone | p50 ms | p99 ms | gateway CPU µs/req | Envoy CPU µs/req | errs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (setup, conc), row in rows.items():
+        ratio = "-" if "ratio" not in row or setup == "envoy-alone" else (
+            f"{row['ratio'][0]:.0%} ({row['ratio'][1]:.0%}-{row['ratio'][2]:.0%})"
+        )  # fmt: skip
+        print(f"| {setup} | {conc} | {cell(row, 'rps', '.0f')} | {ratio} | {cell(row, 'p50_ms', '.2f')} | "
+              f"{cell(row, 'p99_ms', '.2f')} | {cell(row, 'gateway_cpu_us', '.1f')} | "
+              f"{cell(row, 'envoy_cpu_us', '.1f')} | {int(row['errors'][0])} |")  # fmt: skip
     print()
     ok = True
-    top = max(args.concurrency)
+    top, low = max(args.concurrency), min(args.concurrency)
     for name, (min_ratio, max_cpu) in BARS.items():
-        row = next((r for r in results if r.setup == f"gateway-{name}" and r.concurrency == top), None)
-        if row is None or row.ratio is None:
+        row = rows.get((f"gateway-{name}", top))
+        if row is None:
             continue
-        passed = row.ratio >= min_ratio and (max_cpu is None or (row.gateway_cpu_us or 0) <= max_cpu)
+        ratio, cpu = row["ratio"][0], row["gateway_cpu_us"][0]
+        passed = ratio >= min_ratio and (max_cpu is None or cpu <= max_cpu)
         ok &= passed
         cpu_bar = f" and <= {max_cpu:g} µs/req" if max_cpu else ""
         print(f"bar {name}: >= {min_ratio:.0%} of Envoy alone at c{top}{cpu_bar}: "
-              f"{row.ratio:.0%}, {row.gateway_cpu_us:.1f} µs/req -> {'PASS' if passed else 'FAIL'}")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+              f"{ratio:.0%}, {cpu:.1f} µs/req -> {'PASS' if passed else 'FAIL'}")  # fmt: skip
+    fast, grpcio = rows.get(("gateway-fast", low)), rows.get(("gateway-grpc", low))
+    if fast is not None and grpcio is not None:
+        passed = fast["p99_ms"][0] <= grpcio["p99_ms"][0]
+        ok &= passed
+        print(f"bar fast: p99 at c{low} no worse than grpcio's: {fast['p99_ms'][0]:.2f} ms vs "
+              f"{grpcio['p99_ms'][0]:.2f} ms -> {'PASS' if passed else 'FAIL'}")  # fmt: skip
     return 0 if ok else 1
 
 

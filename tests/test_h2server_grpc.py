@@ -545,3 +545,28 @@ def test_peer_that_never_acks_settings_gets_settings_timeout_then_eof(sock_dir):
             writer.close()
 
     run(main)
+
+
+@pytest.mark.parametrize(
+    ("garbage", "code"),
+    [
+        (b"\xff\xff\xff\x00\x00\x00\x00\x00\x01", 0x6),  # a frame longer than max frame size
+        (b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00", 0x1),  # WINDOW_UPDATE of 0
+    ],
+)
+def test_malformed_frames_over_a_real_socket_end_in_goaway_then_eof(garbage, code, sock_dir):
+    """No hang and no exception over a real socket: the server answers GOAWAY and closes."""
+
+    async def main():
+        async with serving("uds", sock_dir) as ep:
+            reader, writer = await asyncio.open_unix_connection(ep.server.address)
+            writer.write(PREFACE + settings() + garbage)
+            got = Reader()
+            while chunk := await asyncio.wait_for(reader.read(65536), 3.0):
+                got.feed(chunk)
+            assert got.goaways == [(0, code)]
+            assert ep.server.counters.internal_errors == 0
+            assert await _wait_for(lambda: ep.server.connections == 0, timeout=1.0)
+            writer.close()
+
+    run(main)

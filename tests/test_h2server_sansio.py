@@ -667,8 +667,16 @@ _FLAGS = st.sampled_from([0, END_STREAM, PADDED, PADDED | END_STREAM, END_HEADER
 
 @st.composite
 def hostile_frames(draw) -> bytes:
-    kind = draw(st.sampled_from(["raw", "raw", "garbage", "settings", "window", "grpc", "headers"]))
+    kind = draw(st.sampled_from(["raw", "raw", "garbage", "settings", "window", "grpc", "headers", "big_headers"]))
     sid = draw(_SIDS)
+    if kind == "big_headers":  # over the header-list limit, split into HEADERS + CONTINUATION frames
+        value = b"v" * draw(st.integers(9_000, 12_000))
+        block = hpack.Encoder().encode(request_header_list(extra=[(b"x-big", value), (b"x-big2", value)]))
+        parts = [block[i : i + 16384] for i in range(0, len(block), 16384)]
+        out = frame(HEADERS, 0, sid, parts[0])
+        for j, part in enumerate(parts[1:], 2):
+            out += frame(CONTINUATION, END_HEADERS if j == len(parts) else 0, sid, part)
+        return out
     if kind == "raw":
         payload = draw(st.sampled_from([b"", b"\0", b"\x01", b"\xff" * 4, b"\0" * 8]) | st.binary(max_size=40))
         return frame(draw(_FRAME_TYPES), draw(_FLAGS), sid, payload)
