@@ -72,6 +72,8 @@ DEMO_MODELS = frozenset({"tabular-control", "tabular-canary", "tabular-challenge
 
 ENVOY_DRAIN_S = 2.0  # --drain-time-s: how long Envoy discourages keep-alive after a graceful drain
 SIDECAR_DRAIN_S = 10.0
+GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
+RELOAD_GRACE_S = 2.0  # the gateway's --reload-grace: how long a dropped cluster stays in Envoy
 _POLL_S = 0.05
 _WATCH_S = 0.2
 _POLICY_POLL_S = 1.0
@@ -663,7 +665,7 @@ class Stack:
             },
         )
 
-    def _gateway_child(self) -> Child:
+    def _gateway_child(self, envoy: EnvoyFiles) -> Child:
         sock = self._socket_path("processor.sock")
         metrics_port = self.ports["gateway_metrics"]
         metrics = f"http://127.0.0.1:{metrics_port}"
@@ -675,6 +677,10 @@ class Stack:
             "--listen", f"uds:{sock}",
             "--audit-log", str(self.logs_dir / "audit.jsonl"),
             "--metrics", f"127.0.0.1:{metrics_port}",
+            # Policy edits: the gateway watches its file and moves Envoy's clusters two-phase.
+            "--envoy-cds", str(envoy.cds),
+            "--envoy-admin", f"http://127.0.0.1:{self.ports['admin']}",
+            "--reload-grace", str(RELOAD_GRACE_S),
         )  # fmt: skip
         # The gateway follows the controller's weights: in the shared Redis (keeping a local copy of
         # its own), or, embedded, in the state file the controller writes.
@@ -720,7 +726,6 @@ class Stack:
     def _envoy_child(self, files: EnvoyFiles) -> Child:
         from .envoyproc import envoy_binary
 
-        self._cds_path = files.cds
         argv = [
             envoy_binary(),
             "-c", str(files.bootstrap),
@@ -784,11 +789,11 @@ class Stack:
                 sidecars = [self._sidecar_child(spec, port) for spec, port in self.sidecars.values()]
                 what = f"{len(sidecars)} model sidecars and the controller" if sidecars else "the controller"
                 self._start_and_wait([*sidecars, self._controller_child()], what)
-                self._start_and_wait([self._gateway_child()], "gateway")
                 files = envoy_files.result()
             except BaseException:
                 envoy_files.cancel()
                 raise
+        self._start_and_wait([self._gateway_child(files)], "gateway")
         self._start_and_wait([self._envoy_child(files)], "Envoy")
 
     def _start_and_wait(self, group: list[Child], what: str) -> None:
@@ -899,14 +904,19 @@ class Stack:
             self.progress(f"policy: could not apply the edit, the running policy stays: {exc}")
 
     def _apply(self, raw: bytes, specs: Sequence[SidecarSpec]) -> None:
-        """Start new sidecars, then the two-phase switch: clusters into Envoy, policy into the gateway."""
-        from .envoyconf import write_cds
+        """Start the new sidecars, hand the gateway the new effective policy, stop the unused sidecars.
 
+        The gateway watches its policy file and moves Envoy's clusters two-phase itself (new ones
+        confirmed before it switches, dropped ones removed after a grace), so `up` only writes the
+        file and waits until the gateway's ``/healthz`` names the new policy.
+        """
         wanted = {s.key: s for s in specs}
+        removed = [self.sidecars.pop(k) for k in list(self.sidecars) if k not in wanted]
         added = [s for k, s in wanted.items() if k not in self.sidecars]
-        removed = [self.sidecars[k] for k in self.sidecars if k not in wanted]
         new_children = []
         for spec in added:
+            if spec.name in self.children:  # the same variant with another model: the old one still runs
+                spec = dataclasses.replace(spec, name=f"{spec.name}-{len(self.children)}")
             same_url = any(url_key(spec.url) == url_key(o.url) for o, _ in removed)  # still held by the old one
             port = self._port(None if same_url else spec.port, spec.name)
             self.sidecars[spec.key] = (spec, port)
@@ -914,65 +924,54 @@ class Stack:
         try:
             if new_children:
                 self._start_and_wait(new_children, f"{len(new_children)} new sidecar(s)")
-            for spec, _ in removed:
-                del self.sidecars[spec.key]
-            old = self.policy
-            assert old is not None
             text = self._effective_text(raw)
             new = parse_policy(text.encode(), filename=str(self.effective_path), base_dir=self.state_dir)
         except (_Stopped, StackError, PolicyError):
-            for child in new_children:
-                self._stop_child(child, timeout=5)
-                self.children.pop(child.name, None)
+            self._retire([c for c in new_children if self.children.pop(c.name, None)], grace_s=0)
             for spec in added:
                 self.sidecars.pop(spec.key, None)
-            for spec, port in removed:
-                self.sidecars[spec.key] = (spec, port)
+            self.sidecars.update((spec.key, (spec, port)) for spec, port in removed)
             raise
-        if new.digest == old.digest:  # e.g. only comments changed: nothing reaches Envoy or the gateway
+        assert self.policy is not None
+        if new.digest == self.policy.digest:  # e.g. only comments changed
             self.progress(f"policy: {_rel(self.source)} changed, the effective policy did not")
             return
-        # 1. Envoy learns every cluster of both policies and confirms the new ones ...
-        write_cds(dataclasses.replace(new, routes=new.routes + old.routes), self._cds_path)
-        self._wait_clusters({b.cluster for b in new.backends})
-        # 2. ... then the gateway switches (it watches the file; SIGHUP in case it does not) ...
-        gateway = self.children["gateway"]
-        offset = gateway.log_path.stat().st_size if gateway.log_path.exists() else 0
         write_atomic(self.effective_path, text.encode())
-        gateway.send(signal.SIGHUP)
-        self._wait_log(gateway, new.digest[:12], offset)
+        if not self._wait_gateway_policy(new.digest):
+            # It may still route to the old sidecars: they keep running, and the gateway's log says why.
+            self.sidecars.update((spec.key, (spec, port)) for spec, port in removed)
+            self._write_run_file()
+            self.progress(
+                f"policy: the gateway did not switch to the edit within {GATEWAY_SWITCH_S:.0f}s; "
+                f"see {_rel(self.children['gateway'].log_path)}"
+            )
+            return
         self.policy = new
-        # 3. ... and only then do clusters the new policy no longer names leave Envoy.
-        write_cds(new, self._cds_path)
-        for spec, _ in removed:
-            child = self.children.pop(spec.name, None)
-            if child is not None:
-                self._stop_child(child, timeout=SIDECAR_DRAIN_S + 2)
+        self._retire([c for spec, _ in removed if (c := self.children.pop(spec.name, None))], RELOAD_GRACE_S)
         self._write_run_file()
         changes = f"sidecars: {len(added)} started, {len(removed)} stopped" if added or removed else "same sidecars"
         self.progress(f"policy: applied the edit of {_rel(self.source)} ({changes})")
 
-    def _wait_clusters(self, names: set[str], timeout: float = 5.0) -> None:
-        admin = self.children["envoy"].info["admin"]
-        deadline = time.monotonic() + timeout
+    def _wait_gateway_policy(self, digest: str) -> bool:
+        """Whether the gateway's ``/healthz`` names policy ``digest`` within `GATEWAY_SWITCH_S`."""
+        healthz = self.children["gateway"].info["metrics"].removesuffix("/metrics") + "/healthz"
+        deadline = time.monotonic() + GATEWAY_SWITCH_S
         while time.monotonic() < deadline:
-            status, body = _http("GET", f"{admin}/clusters?format=json")
-            if status == 200:
-                have = {c["name"] for c in json.loads(body).get("cluster_statuses", [])}
-                if names <= have:
-                    return
-            time.sleep(_POLL_S)
-        raise StackError(f"Envoy did not load clusters {sorted(names)} within {timeout:.0f}s")
+            self._check_alive()
+            status, body = _http("GET", healthz)
+            with contextlib.suppress(ValueError, AttributeError):
+                if status == 200 and digest.startswith(json.loads(body).get("policy") or "-"):
+                    return True
+            if self._stop.wait(_POLL_S):
+                return False
+        return False
 
-    def _wait_log(self, child: Child, needle: str, offset: int, timeout: float = 3.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), open(child.log_path, "rb") as f:
-                f.seek(offset)
-                if needle.encode() in f.read():
-                    return
-            time.sleep(_POLL_S)
-        self.progress(f"note: {child.name} did not log the reload of policy {needle} within {timeout:.0f}s")
+    def _retire(self, children: Sequence[Child], grace_s: float) -> None:
+        """Stop sidecars no policy names any more, after ``grace_s`` (requests routed to them finish)."""
+        if children:
+            self._stop.wait(grace_s)
+        for child in children:
+            self._stop_child(child, timeout=SIDECAR_DRAIN_S + 2)
 
     # ------------------------------------------------------------------ stopping
 
@@ -1000,6 +999,10 @@ class Stack:
                     child.kill()
             names = ", ".join(c.name for c in group) if len(group) < 3 else f"{len(group)} {group[0].kind}s"
             self.progress(f"  stopped {names} ({time.monotonic() - started:.1f}s)")
+            for child in group:
+                if child.kind == "traffic":  # its closing summary: what the demo did
+                    tail = child.log_tail(40)
+                    self.say(tail[tail.rfind("total:") :] if "total:" in tail else tail)
         for child in self.children.values():  # reap anything that exited on its own
             child.wait(1)
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.cli.traffic import Tally, bodies, due, parse_mix, plan_users
-from gateway.clientkit import FEATURES, StackInfo, StackNotRunning, demo_body, oip_body, parse_input
+from gateway.cli.traffic import Tally, bodies, due, new_rollbacks, parse_mix, plan_users
+from gateway.clientkit import FEATURES, StackInfo, StackNotRunning, demo_body, describe_audit, oip_body, parse_input
 
 
 def test_the_demo_body_is_one_fp32_row_of_thirty_features():
@@ -106,3 +106,28 @@ def test_the_tally_reports_each_second_then_starts_afresh():
     assert "10 req/s" in line and "200:9 500:1" in line and "canary:1 control:9" in line
     assert "0 req/s" in tally.window_line(2, in_flight=0)
     assert "200:9 500:1" in tally.summary(2.0)
+
+
+def test_only_new_rollbacks_since_the_start_are_reported_oldest_first():
+    records = [  # as /audit answers: newest first
+        {"ts": 30.0, "action": "rollback", "route": "r", "variant": "b"},
+        {"ts": 20.0, "action": "promote", "route": "r", "variant": "a"},
+        {"ts": 15.0, "action": "rollback", "route": "r", "variant": "a"},
+        {"ts": 5.0, "action": "rollback", "route": "r", "variant": "old"},  # before this run
+        "not a record",
+        {"ts": "?", "action": "rollback"},
+    ]
+    seen: set[str] = set()
+    assert [r["variant"] for r in new_rollbacks(records, seen, since=10.0)] == ["a", "b"]
+    assert new_rollbacks(records, seen, since=10.0) == []  # each one once
+
+
+def test_the_summary_counts_statuses_variants_and_rollbacks():
+    tally = Tally()
+    tally.record("200", "control", 0.002)
+    tally.record("500", "canary", 0.003)
+    assert "rollbacks 0" in tally.summary(1.0)
+    tally.rollbacks.append((12.0, describe_audit({"action": "rollback", "route": "r", "variant": "canary"})))
+    summary = tally.summary(1.0)
+    assert "status    200:1 500:1" in summary and "variants  canary:1 control:1" in summary
+    assert "rollbacks 1\n    at 12s: rollback r/canary" in summary

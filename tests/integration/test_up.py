@@ -69,6 +69,9 @@ class Up:
             time.sleep(0.05)
         pytest.fail(f"no run.json after {timeout}s:\n{self.output()}")
 
+    def run(self) -> dict[str, Any]:
+        return json.loads((self.state / "run.json").read_text())
+
     def wait_exit(self, timeout: float = 30.0) -> int:
         try:
             return self.proc.wait(timeout)
@@ -230,7 +233,7 @@ def test_policy_edits_apply_live_and_a_dying_sidecar_stops_the_stack(up_factory,
         POLICY.format(jwks=jwks, models=models, overrides="qa-beta: beta", extra=BETA.format(models=models))
     )
     deadline = time.monotonic() + 15
-    while "sidecar-tabular-beta-eu" not in json.loads((up.state / "run.json").read_text())["children"]:
+    while "sidecar-tabular-beta-eu" not in up.run()["children"]:
         assert time.monotonic() < deadline, up.output()
         assert up.proc.poll() is None, up.output()
         time.sleep(0.1)
@@ -238,14 +241,24 @@ def test_policy_edits_apply_live_and_a_dying_sidecar_stops_the_stack(up_factory,
     assert done.returncode == 0, done.stdout + done.stderr + up.output()
     assert json.loads(done.stdout)["served_by"] == "beta"
 
+    # Dropping the variant again: once the gateway has switched (and a grace), its sidecar stops.
+    beta = up.run()["children"]["sidecar-tabular-beta-eu"]
+    policy.write_text(POLICY.format(jwks=jwks, models=models, overrides="", extra=""))
+    deadline = time.monotonic() + 15
+    while alive(beta["pid"]) or "sidecar-tabular-beta-eu" in up.run()["children"]:
+        assert time.monotonic() < deadline, up.output()
+        time.sleep(0.1)
+    assert "1 started, 0 stopped" in up.output() and "0 started, 1 stopped" in up.output()
+    assert call(up.state, "tabular", "--sub", "qa-beta").returncode == 0
+
     # A broken edit is refused and the stack keeps serving.
     policy.write_text("routes: [\n")
     time.sleep(1.5)
     assert "edit refused" in up.output()
-    assert call(up.state, "tabular", "--sub", "qa-beta").returncode == 0
+    assert call(up.state, "tabular", "--sub", "alice").returncode == 0
 
     # One sidecar dies: `up` names it, shows its log, stops the rest and exits non-zero.
-    run = json.loads((up.state / "run.json").read_text())
+    run = up.run()
     victim = run["children"]["sidecar-tabular-control-eu"]
     os.kill(victim["pid"], signal.SIGKILL)
     assert up.wait_exit() == 1, up.output()
