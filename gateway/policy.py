@@ -275,6 +275,7 @@ class _Marks:
 # libyaml when present: ~10x faster on big files (a 1 000-route policy parses in ~0.4 s, not ~4 s),
 # with the same node marks for FILE:LINE:COL.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def _load_yaml(text: str, marks: _Marks, problems: list[str]) -> Any:
@@ -284,12 +285,19 @@ def _load_yaml(text: str, marks: _Marks, problems: list[str]) -> Any:
         if node is None:
             return None
 
+        def scalar(n: yaml.Node) -> Any:
+            # Plain strings (most of a policy) as they are: PyYAML's generic constructor costs ~30 us
+            # a node, which made a 1 000-route file take over a second to read.
+            if n.tag == _STR_TAG and isinstance(n, yaml.ScalarNode):
+                return n.value
+            return loader.construct_object(n, deep=True)
+
         def walk(n: yaml.Node, loc: tuple[Any, ...]) -> Any:
             marks.values[loc] = n.start_mark
             if isinstance(n, yaml.MappingNode):
                 out: dict[Any, Any] = {}
                 for k, v in n.value:
-                    key = loader.construct_object(k, deep=True)
+                    key = scalar(k)
                     if isinstance(key, list | dict):
                         problems.append(f"{marks.filename}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
                                         "a key must be a plain value")
@@ -304,7 +312,7 @@ def _load_yaml(text: str, marks: _Marks, problems: list[str]) -> Any:
                 return out
             if isinstance(n, yaml.SequenceNode):
                 return [walk(item, (*loc, i)) for i, item in enumerate(n.value)]
-            return loader.construct_object(n, deep=True)
+            return scalar(n)
 
         return walk(node, ())
     finally:
@@ -426,14 +434,13 @@ def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
         else:
             seen_routes[route.name] = ri
         yield from _check_route(route, at)
-    for i, a in enumerate(routes):
-        for j in range(i):
-            b = routes[j]
-            if a is not None and b is not None and _overlap(a, b):
-                yield (
-                    f"{marks.at(('routes', i, 'match'))}: route {a.name!r} overlaps route {b.name!r}: "
-                    "some requests would match both; make the paths, models or methods disjoint"
-                )
+    for i, j in _overlap_candidates(routes):
+        a, b = routes[i], routes[j]
+        if a is not None and b is not None and _overlap(a, b):
+            yield (
+                f"{marks.at(('routes', i, 'match'))}: route {a.name!r} overlaps route {b.name!r}: "
+                "some requests would match both; make the paths, models or methods disjoint"
+            )
 
 
 def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
@@ -522,6 +529,26 @@ def _check_url(url: str, where: str) -> Iterable[str]:
         yield f"{where}: backend URL {url!r} must not carry a path, query or fragment"
     elif port == 0:
         yield f"{where}: backend URL {url!r} has port 0"
+
+
+def _overlap_candidates(routes: Sequence[RouteModel | None]) -> list[tuple[int, int]]:
+    """Pairs (i, j), j < i, that `_overlap` must compare, in order: two routes that both name a
+    model overlap only if the models are equal, so those are compared within their model's group
+    (a 1 000-route policy needs ~1 000 comparisons, not 500 000)."""
+    by_model: dict[str, list[int]] = {}
+    unmodelled: list[int] = []
+    for i, r in enumerate(routes):
+        if r is not None:
+            (by_model.setdefault(r.match.model, []) if r.match.model is not None else unmodelled).append(i)
+    pairs: list[tuple[int, int]] = []
+    for i, r in enumerate(routes):
+        if r is None:
+            continue
+        if r.match.model is None:
+            pairs.extend((i, j) for j in range(i) if routes[j] is not None)
+        else:
+            pairs.extend((i, j) for j in sorted(unmodelled + by_model[r.match.model]) if j < i)
+    return pairs
 
 
 def _overlap(a: RouteModel, b: RouteModel) -> bool:
