@@ -7,9 +7,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import PolicyError
-from gateway.policy import load_policy, parse_policy
+from gateway.policy import _overlap, _overlap_candidates, load_policy, parse_policy
+from gateway.policy_schema import Route as RouteModel
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
 
@@ -189,3 +192,24 @@ def test_unreadable_file(tmp_path):
     with pytest.raises(PolicyError) as info:
         load_policy(tmp_path / "absent.yaml")
     assert info.value.problems[0].startswith(f"{tmp_path / 'absent.yaml'}:1:1: cannot read the file")
+
+
+_MATCHES = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.sampled_from(["a", "b", "a-b"]),
+        "path_prefix": st.sampled_from(["/v2", "/v2/models/a", "/v2/models/b/infer", "/x"]),
+        "methods": st.lists(st.sampled_from(["GET", "POST"]), min_size=1, max_size=2, unique=True),
+    },
+).filter(lambda m: "model" in m or "path_prefix" in m)
+
+
+@given(st.lists(_MATCHES, min_size=2, max_size=8))
+def test_overlap_pruning_finds_every_pair_the_full_comparison_finds(matches):
+    routes = [RouteModel.model_validate({
+        "name": f"r{i}", "match": m,
+        "variants": [{"name": "control", "weight": 100, "backends": [{"url": "http://127.0.0.1:1", "region": "eu"}]}],
+    }) for i, m in enumerate(matches)]
+    every = {(i, j) for i in range(len(routes)) for j in range(i) if _overlap(routes[i], routes[j])}
+    pruned = {(i, j) for i, j in _overlap_candidates(routes) if _overlap(routes[i], routes[j])}
+    assert pruned == every
