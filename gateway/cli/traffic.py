@@ -280,32 +280,37 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                 print(tally.window_line(tick, len(in_flight)), file=out, flush=True)
                 tick += 1
 
-        async def watch_rollbacks(start: float, since: float) -> None:
-            """Poll the controller's audit trail; print each new rollback (and stop, if asked)."""
-            api, token = info.controller_api, _admin_token(info)
-            if not api or not token:
-                print("traffic: no controller API or admin token in run.json: rollbacks go unseen", file=out)
+        api, admin_token = info.controller_api, _admin_token(info)
+        seen: set[str] = set()
+        since = time.time()
+
+        async def look_for_rollbacks(start: float) -> None:
+            """Read the controller's audit trail once; print each new rollback (and stop, if asked)."""
+            try:
+                async with session.get(
+                    f"{api}/audit?limit=50", headers={"authorization": f"Bearer {admin_token}"}, ssl=False
+                ) as response:
+                    records = (await response.json()).get("records", []) if response.status == 200 else []
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
                 return
-            seen: set[str] = set()
+            for record in new_rollbacks(records, seen, since):
+                what = describe_audit(record)
+                tally.rollbacks.append((loop.time() - start, what))
+                print(f"{loop.time() - start:5.0f}s  ROLLBACK {what}", file=out, flush=True)
+                if config.until_rollback:
+                    stop.set()
+
+        async def watch_rollbacks(start: float) -> None:
             while True:
                 await asyncio.sleep(ROLLBACK_POLL_S)
-                try:
-                    async with session.get(
-                        f"{api}/audit?limit=50", headers={"authorization": f"Bearer {token}"}, ssl=False
-                    ) as response:
-                        records = (await response.json()).get("records", []) if response.status == 200 else []
-                except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
-                    continue
-                for record in new_rollbacks(records, seen, since):
-                    what = describe_audit(record)
-                    tally.rollbacks.append((loop.time() - start, what))
-                    print(f"{loop.time() - start:5.0f}s  ROLLBACK {what}", file=out, flush=True)
-                    if config.until_rollback:
-                        stop.set()
+                await look_for_rollbacks(start)
+
+        if not api or not admin_token:
+            print("traffic: no controller API or admin token in run.json: rollbacks go unseen", file=out)
 
         start = loop.time()
         reporter = asyncio.create_task(report(start))
-        watcher = asyncio.create_task(watch_rollbacks(start, time.time()))
+        watcher = asyncio.create_task(watch_rollbacks(start)) if api and admin_token else None
         started = 0
         try:
             while not stop.is_set():
@@ -326,9 +331,13 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                     await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
             if in_flight:
                 await asyncio.wait(set(in_flight), timeout=10)
+            if watcher is not None:  # a rollback since the last look still counts
+                watcher.cancel()
+                await look_for_rollbacks(start)
         finally:
             reporter.cancel()
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     print(tally.summary(loop.time() - start), file=out, flush=True)

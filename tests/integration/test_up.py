@@ -317,3 +317,22 @@ def test_traffic_on_a_faulty_canary_leads_to_an_automatic_rollback(redis_url: st
     while "controller: rollback tabular/canary" not in up.output():  # `up` looks at the audit every second
         assert time.monotonic() < deadline + 3, up.output()
         time.sleep(0.1)
+
+
+def test_the_demo_rolls_the_faulty_canary_back_and_ctrl_c_stops_it_all(up_factory) -> None:
+    up = up_factory(EXAMPLE, "--demo")
+    run = up.wait_run()
+    assert run["children"]["sidecar-tabular-canary-eu"]["fault_rate"] == 0.3  # the demo's default knob
+    deadline = time.monotonic() + 30
+    while "controller: rollback tabular/canary" not in up.output():
+        assert time.monotonic() < deadline and up.proc.poll() is None, up.output()
+        time.sleep(0.2)
+    run = up.run()
+    assert run["children"]["traffic"]["kind"] == "traffic"
+    up.proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert up.wait_exit() == 0, up.output()
+    output = up.output()
+    assert "stopped traffic" in output and "rollbacks 1" in output and "rollback tabular/canary" in output
+    assert "Watch the controller roll the canary back" in output and run["endpoints"]["dashboard"] in output
+    gone = {name: c["pid"] for name, c in run["children"].items() if alive(c["pid"])}
+    assert not gone, f"children still running: {gone}\n{output}"
