@@ -290,6 +290,7 @@ def main() -> int:
             model = tmp / "mlp-4x512.onnx"
             model.write_bytes(mlp_model_bytes())
         model = model.resolve()
+        load_before = os.getloadavg()[0]
         print(f"{all_cores} cores; the sidecar uses {args.threads} intra-op thread(s)", file=sys.stderr)
         bare = bare_ort(model, args.threads, min(2.0, args.duration / 2))
         bare_all = bare_ort(model, all_cores, min(2.0, args.duration / 2)) if all_cores != args.threads else bare
@@ -312,9 +313,10 @@ def main() -> int:
             except (RuntimeError, OSError) as exc:
                 peer_note = f"MLServer: failed to start ({exc})"
 
+    load_after = os.getloadavg()[0]
     best_batch = max(bare, key=bare.get)
     best = bare[best_batch]
-    print()
+    print(f"\nload average (1 min) before {load_before:.2f}, after {load_after:.2f} (others sharing the cores?)")
     for name, table in ((f"{args.threads} thread(s), as the sidecar", bare), (f"{all_cores} threads", bare_all)):
         b = max(table, key=table.get)
         rates = ", ".join(f"b{k} {v:,.0f}" for k, v in table.items())
@@ -340,7 +342,12 @@ def main() -> int:
     if peer_note:
         print(f"\n{peer_note}")
     if args.json:
-        payload = {"bare": bare, "bare_all_cores": bare_all, "results": [asdict(r) for r in results]}
+        payload = {
+            "bare": bare,
+            "bare_all_cores": bare_all,
+            "results": [asdict(r) for r in results],
+            "loadavg": [load_before, load_after],
+        }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
