@@ -119,11 +119,7 @@ def any_free_port(host: str = "127.0.0.1") -> int:
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
-    try:
-        with _OPENER.open(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
-    except (OSError, ValueError, urllib.error.URLError):
-        return False
+    return 200 <= _http("GET", url, timeout)[0] < 300
 
 
 def unix_accepts(path: str) -> bool:
@@ -649,19 +645,19 @@ class Stack:
         )  # fmt: skip
         if self.opts.redis:
             argv += ["--redis", self.opts.redis]
-        api = f"http://127.0.0.1:{port}"
+        api, dashboard = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{self.ports['dashboard']}/"
         return Child(
             "controller",
             "controller",
             argv,
             self.logs_dir / "controller.log",
-            lambda: http_ok(f"{api}/healthz") and unix_accepts(als),
+            lambda: http_ok(f"{api}/healthz") and unix_accepts(als) and http_ok(dashboard),
             endpoint=api,
             info={
                 "port": port,
                 "als": f"uds:{als}",
                 "token_file": str(self.state_dir / "admin.token"),
-                "dashboard": f"http://127.0.0.1:{self.ports['dashboard']}/",
+                "dashboard": dashboard,
             },
         )
 
