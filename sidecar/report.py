@@ -181,8 +181,6 @@ def sink_from_url(url: str) -> ReportSink:
         stream = query.pop("stream", [DEFAULT_STREAM])[0]
         rest = "&".join(f"{k}={v}" for k, values in query.items() for v in values)
         return RedisStreamSink(urlunsplit(parts._replace(query=rest)), stream=stream)
-    if parts.scheme == "memory":
-        return MemorySink()
     raise ValueError(f"--report-to must be an http(s):// or redis:// URL, got {url!r}")
 
 

@@ -57,7 +57,7 @@ REQUEST_ID = "x-request-id"
 SERVER_NAME = "cohortgate-sidecar"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 _INTERNAL = "internal error in the sidecar; see its log"
-REPORT_SCHEMES = ("http://", "https://", "redis://", "rediss://", "unix://", "memory://")
+REPORT_SCHEMES = ("http://", "https://", "redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True, slots=True)
