@@ -189,6 +189,18 @@ class InProcessSink:
 # --------------------------------------------------------------------------- Redis
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs (``redis://user:secret@host`` → ``redis://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
 def redis_client(url: str, timeout_s: float = 0.5) -> Any:
     """A redis.asyncio client that fails fast: short timeouts and no retries (callers decide)."""
     import redis.asyncio as aioredis

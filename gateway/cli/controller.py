@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
@@ -100,8 +101,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="show rollback/promote/resume buttons on the dashboard (each still needs the admin token)",
     )
+    p.add_argument(
+        "--watch-interval",
+        type=parse_duration,
+        default=1.0,
+        help="check the policy file for edits this often (default 1s; 0: SIGHUP only)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
+
+
+class PolicyFollower:
+    """Re-read the policy when the file changes or on SIGHUP; a bad file keeps the current one."""
+
+    def __init__(self, controller: Any, path: Path) -> None:
+        from ..reload import FileStamp
+
+        self.controller = controller
+        self.path = path
+        self._stamp = FileStamp.of(path)
+        self._lock: Any = None
+
+    def trigger(self) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
+
+    async def watch(self, interval_s: float) -> None:
+        import asyncio
+
+        from ..reload import FileStamp
+
+        while interval_s > 0:
+            await asyncio.sleep(interval_s)
+            stamp = FileStamp.of(self.path)
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                await self.reload("file changed")
+
+    async def reload(self, trigger: str) -> bool:
+        import asyncio
+        import json
+        import logging
+
+        from ..errors import PolicyError
+        from ..policy import load_policy
+
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            try:
+                policy = await asyncio.to_thread(load_policy, self.path)
+            except PolicyError as exc:
+                line = {"event": "policy_reload_failed", "file": str(self.path), "trigger": trigger,
+                        "problems": list(exc.problems), "keeping": self.controller.policy.digest[:12]}
+                logging.getLogger("cohortgate.controller").error(json.dumps(line))
+                return False
+            if policy.digest == self.controller.policy.digest:
+                return False
+            await self.controller.set_policy(policy)
+            return True
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,7 +203,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     from ..controller.loop import Controller, ControllerConfig
     from ..metrics import ControllerMetrics, GatewayMetrics
     from ..state import InProcessState, RedisState
-    from ..telemetry import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client
+    from ..telemetry import InProcessSink, RedisStreamSink, RedisStreamSource, redact_url, redis_client
 
     log = logging.getLogger("cohortgate.controller")
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -207,12 +265,15 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    follower = PolicyFollower(controller, Path(args.policy))
+    loop.add_signal_handler(signal.SIGHUP, follower.trigger)
+    watch = asyncio.create_task(follower.watch(args.watch_interval), name="controller-policy-watch")
     log.info(
         "controller %s: policy %s (%s), %s, API http://%s:%d, token in %s%s",
         name,
         args.policy,
         policy.digest[:12],
-        f"Redis {args.redis}" if args.redis else "embedded",
+        f"Redis {redact_url(args.redis)}" if args.redis else "embedded",
         args.listen[0],
         args.listen[1],
         args.token_file,
@@ -221,6 +282,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     try:
         await controller.run(stop)
     finally:
+        watch.cancel()
         if als_server is not None:
             await als_server.stop(0.5)
         if dash_runner is not None:

@@ -132,6 +132,53 @@ class Controller:
                 self.pending[route.name] = (state, known.version if known else None)
         await self._flush_pending()
 
+    async def set_policy(self, policy: Policy, actor: str | None = None) -> None:
+        """Judge by an edited policy from now on (the file changed, or SIGHUP).
+
+        Unchanged routes keep their windows and tests; a route whose variants changed starts its
+        windows afresh; each route's state is reconciled (`rollout.reconcile`: the file's weights
+        apply unless the controller or an operator has acted). One audit record says so.
+        """
+        old, self.policy = self.policy, policy
+        if old.digest == policy.digest:
+            return
+        self.shadows.set_policy(policy)
+        for name in set(self.windows) - set(policy.by_name):
+            for table in (self.windows, self.thresholds, self.states, self.srm, self._srm_regions, self.pending):
+                table.pop(name, None)
+        for key in [k for k in (*self.tests, *self.verdicts) if k[0] not in policy.by_name]:
+            self.tests.pop(key, None)
+            self.verdicts.pop(key, None)
+        now = self.clock()
+        for route in policy.routes:
+            before = old.by_name.get(route.name)
+            if before is None or [v.name for v in before.variants] != [v.name for v in route.variants]:
+                known = self.states.pop(route.name, None)
+                for key in [k for k in self.tests if k[0] == route.name]:
+                    del self.tests[key]
+                self._init_route(route)
+                state = rollout.reconcile(route, known, now)
+                self.states[route.name] = state
+                self._update_srm_regions(route.name)
+            else:
+                known = self.states.get(route.name)
+                state = rollout.reconcile(route, known, now)
+                self._adopt(route, state)
+            if known is None or state.version != known.version:
+                self.pending[route.name] = (state, known.version if known else None)
+        self.pending_audit.append(
+            {
+                "ts": now,
+                "route": "",
+                "action": "policy_reload",
+                "actor": actor or f"controller:{self.name}",
+                "reason": f"policy {old.digest[:12]} -> {policy.digest[:12]} ({policy.path})",
+                "policy_digest": policy.digest,
+            }
+        )
+        log.info("policy reloaded: %s -> %s", old.digest[:12], policy.digest[:12])
+        await self._flush_pending()
+
     # ------------------------------------------------------------------ ingest
 
     def ingest(self, events: list[Event], now: float | None = None) -> None:

@@ -293,11 +293,18 @@ def apply(
 def reconcile(route: Route, state: RouteState | None, now: float = 0.0) -> RouteState:
     """Fit a stored state to the current policy: new variants join, removed ones leave.
 
-    If the stored weights no longer sum to 100 over the policy's variants, the policy wins.
+    A state that only ever came from the policy file follows the file (an edited weight applies);
+    one the controller or an operator changed keeps its weights until the route is resumed. If the
+    stored weights no longer sum to 100 over the policy's variants, the policy wins.
     """
     fresh = initial_state(route, now)
     if state is None:
         return fresh
+    if state.updated_by == "policy":  # nobody has acted on the route: the file's weights speak
+        same = dict(state.weights) == dict(fresh.weights) and {
+            n: (v.phase, v.step) for n, v in state.variants.items()
+        } == {n: (v.phase, v.step) for n, v in fresh.variants.items()}
+        return state if same else replace(fresh, version=state.version + 1)
     names = [v.name for v in route.variants]
     weights = {n: int(state.weights.get(n, fresh.weights[n])) for n in names}
     variants = {n: state.variants.get(n, fresh.variants[n]) for n in names[1:]}

@@ -144,8 +144,6 @@ class Dashboard:
         self._audit: list[dict[str, Any]] = []
         self._audit_error: str | None = None
         self._store_down_since: float | None = None
-        self._digest: str | None = None
-        self._extra: list[dict[str, Any]] = []
         self._assets = {
             path: (resources.files(__package__).joinpath(f).read_bytes(), ct) for path, (f, ct) in ASSETS.items()
         }
@@ -167,19 +165,6 @@ class Dashboard:
                 self._audit_error = None
             except StoreUnavailable as exc:
                 self._audit_error = str(exc)
-        digest = (status.get("controller") or {}).get("policy_digest")
-        if digest and self._digest and digest != self._digest:
-            self._extra = [
-                *self._extra[-19:],
-                {
-                    "ts": now,
-                    "route": "",
-                    "action": "policy_reload",
-                    "actor": (status.get("controller") or {}).get("name", "controller"),
-                    "reason": f"policy digest {self._digest[:12]} -> {digest[:12]}",
-                },
-            ]
-        self._digest = digest or self._digest
         return view(
             status,
             policy_weights={r.name: {v.name: v.weight for v in r.variants} for r in c.policy.routes},
@@ -189,7 +174,6 @@ class Dashboard:
             allow_actions=self.allow_actions,
             store_down_since=self._store_down_since,
             audit_error=self._audit_error,
-            extra_events=self._extra,
         )
 
     async def frame(self) -> bytes:

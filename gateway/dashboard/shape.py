@@ -270,7 +270,6 @@ def view(
     allow_actions: bool = False,
     store_down_since: float | None = None,
     audit_error: str | None = None,
-    extra_events: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The whole page as data (see the module docstring)."""
     notices: list[dict[str, str]] = []
@@ -301,7 +300,6 @@ def view(
         notices.append({"level": "warn", "text": f"cannot read the audit log: {audit_error}"})
 
     records = [audit_view(r) for r in audit][:AUDIT_SHOWN]
-    records.extend(audit_view(e) for e in extra_events)
     records.sort(key=lambda r: -r["ts"])
 
     routes_out = []

@@ -150,8 +150,8 @@ def test_view_puts_audit_records_on_the_timeline_and_on_their_route():
     rec = {"ts": T0 + 1, "route": "tabular", "variant": "canary", "action": "rollback", "actor": "manual:cli:ann",
            "reason": "rollback by manual:cli:ann", "weights_after": {"control": 100, "canary": 0},
            "evidence": {"window": {"requests": 40, "error_rate": 0.3, "p99_ms": 80}, "p_error": 0.001}}  # fmt: skip
-    reload = {"ts": T0 + 2, "action": "policy_reload", "actor": "c1", "reason": "digest a -> b"}
-    doc = view(status_doc(), policy_weights={}, recorder=Recorder(), audit=[rec], now=T0 + 3, extra_events=[reload])
+    reload = {"ts": T0 + 2, "route": "", "action": "policy_reload", "actor": "controller:c1", "reason": "a -> b"}
+    doc = view(status_doc(), policy_weights={}, recorder=Recorder(), audit=[rec, reload], now=T0 + 3)
     assert [a["action"] for a in doc["audit"]] == ["policy_reload", "rollback"]
     marker = doc["routes"][0]["markers"][0]
     assert marker["actor"] == "manual:cli:ann" and marker["evidence"]["samples"] == 40
