@@ -99,6 +99,7 @@ class Controller:
         self._srm_regions: dict[str, frozenset[str] | None] = {}
         self._last_reseed = 0.0
         self._started = False
+        self._flush_lock: asyncio.Lock | None = None
         for route in policy.routes:
             self._init_route(route)
 
@@ -398,7 +399,17 @@ class Controller:
             self._adopt(route, rollout.reconcile(route, st, self.clock()))
 
     async def _flush_pending(self) -> None:
-        """Write pending states (compare-and-set) and audit records; keep them if the store is down."""
+        """Write pending states (compare-and-set) and audit records; keep them if the store is down.
+
+        One flush at a time: a tick and an operator's action can both reach here, and two flushes
+        interleaved at an ``await`` would write one record twice and pop another unwritten.
+        """
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()  # created in the running loop
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         for name, (state, expected) in list(self.pending.items()):
             try:
                 await self.store.put(state, expected)

@@ -80,3 +80,23 @@ def test_the_controller_process_follows_edits_of_its_policy_file(tmp_path):
         assert weights() == {"control": 75, "canary": 25}
     finally:
         proc.stop()
+
+
+async def test_a_tick_and_an_operator_action_flushing_together_write_each_record_once():
+    import asyncio
+
+    class SlowAudit(InProcessState):
+        async def append_audit(self, record):
+            await asyncio.sleep(0.01)  # a network round trip, as with Redis
+            await super().append_audit(record)
+
+    store = SlowAudit()
+    controller = Controller(make_policy(steps=None), store, InProcessSink(), clock=lambda: 1_000.0, name="c1")
+    await controller.start()
+    await asyncio.gather(
+        controller.manual(Signal.ROLLBACK, "tabular", "canary", "manual:test"),
+        controller.tick(),
+        controller.set_policy(make_policy(weights=(80, 20), steps=None)),
+    )
+    actions = [r["action"] for r in await store.audit()]
+    assert sorted(actions) == ["policy_reload", "rollback"]
