@@ -198,7 +198,7 @@ class GatewayConfig:
     policy_path: str
     listen: ListenAddress = field(default_factory=lambda: ListenAddress(uds=default_socket_path()))
     transport: Transport = "grpc"
-    grpc_server: Literal["grpcio", "fast"] = "grpcio"
+    grpc_server: Literal["grpcio", "fast"] = "fast"
     certs_dir: str | None = None  # needed for TCP (mTLS with the processor certificate)
     audit_log: str | None = "-"  # a file, "-" for stdout, None for none
     unit_salt: bytes | None = field(default=None, repr=False)
@@ -329,14 +329,19 @@ class Gateway:
         if cfg.transport != "grpc":
             raise ValueError(f"transport must be grpc or http, not {cfg.transport!r}")
         if cfg.grpc_server == "fast":
-            h2server = _fast_server_module()
+            from .h2 import server as h2server
+            from .h2.metrics import register_h2_metrics
+
             ctx = _fast_ssl_context(*tls) if tls else None
             kwargs: dict[str, Any] = {"ssl": ctx}
             if listen.uds is not None:
                 kwargs["uds"] = listen.uds
             else:
                 kwargs.update(host=listen.host, port=listen.port)
-            return await h2server.serve_fast(self.engine.new_processor, **kwargs)
+            server = await h2server.serve_fast(self.engine.new_processor, **kwargs)
+            if self.metrics is not None:
+                register_h2_metrics(server, self.metrics.registry)
+            return server
         from .transport_grpc import server_credentials, start_grpc
 
         creds = None
@@ -431,19 +436,6 @@ class Gateway:
                     os.unlink(self.config.listen.uds)
         if self.audit is not None:
             self.audit.close()
-
-
-def _fast_server_module() -> Any:
-    """The fast HTTP/2 ext_proc server (issue 12): ``gateway.h2server``, or ``gateway.h2.server``."""
-    import importlib
-
-    for name in ("gateway.h2server", "gateway.h2.server"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    raise ValueError("--grpc-server fast needs gateway/h2server.py, which is not installed")
 
 
 def _fast_ssl_context(cert: str, key: str, ca: str) -> ssl.SSLContext:

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-variant", type=_route_name, action="append", default=[], metavar="ROUTE/VARIANT",
                    help="serve this variant (or shadow) on a GPU: nvidia.com/gpu and the GPU taint's toleration")
     p.add_argument("--transport", choices=("grpc", "http"), default="grpc", help="Envoy -> gateway (edge only)")
-    p.add_argument("--grpc-server", choices=("grpcio", "fast"), default="grpcio", help="the gateway's gRPC server")
+    p.add_argument("--grpc-server", choices=("grpcio", "fast"), default="fast", help="the gateway's gRPC server")
     p.add_argument("--target-rps", type=int, default=1000, metavar="N",
                    help="requests per second one edge pod is sized for (default 1000)")
     p.add_argument("--min-replicas", type=int, default=2, help="HPA minimum (default 2)")

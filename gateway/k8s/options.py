@@ -44,7 +44,7 @@ class RenderOptions:
     redis_secret: str = DEFAULT_REDIS_SECRET  # Secret holding key ``url`` (external Redis, the default)
     gpu: frozenset[tuple[str, str]] = frozenset()  # (route, variant or shadow) served on a GPU
     transport: Literal["grpc", "http"] = "grpc"
-    grpc_server: Literal["grpcio", "fast"] = "grpcio"
+    grpc_server: Literal["grpcio", "fast"] = "fast"
     target_rps_per_pod: int = 1000  # the request rate one edge pod is sized for
     min_replicas: int = 2
     max_replicas: int = 10

@@ -6,8 +6,8 @@ The figures are CPU time per request on the 2-core benchmark machine (bench/, is
 component                   µs CPU / req   source
 ==========================  =============  ==================================================
 gateway, gRPC (grpcio)      200            grpcio's per-stream machinery (~180–250 measured)
-gateway, ``http`` transport 100            aiohttp-free asyncio server + orjson (~80 measured)
-gateway, gRPC (``fast``)    15             cohortgate's own HTTP/2 server (~14 measured)
+gateway, ``http`` transport 50             asyncio server + orjson, full decision + audit (42–47 measured)
+gateway, gRPC (``fast``)    50             own HTTP/2 server, full decision + audit (39–52 measured)
 Envoy with ext_proc         3 × 25 = 75    ext_proc triples Envoy's ~25 µs of a plain proxy hop
 ==========================  =============  ==================================================
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GATEWAY_US = {("grpc", "grpcio"): 200.0, ("grpc", "fast"): 15.0, ("http", "grpcio"): 100.0, ("http", "fast"): 100.0}
+GATEWAY_US = {("grpc", "grpcio"): 200.0, ("grpc", "fast"): 50.0, ("http", "grpcio"): 50.0, ("http", "fast"): 50.0}
 ENVOY_PLAIN_US = 25.0
 ENVOY_EXT_PROC_FACTOR = 3.0
 HEADROOM = 0.6  # never plan a pod above 60 % of the gateway's single core

@@ -326,16 +326,18 @@ def test_hpa_pdb_and_service_select_the_edge_pods(renders):
 def test_edge_requests_follow_the_benchmark_figures(renders):
     pod = named(renders["edge"], "Deployment", "cohortgate-edge")["spec"]["template"]["spec"]
     cpu = {c["name"]: c["resources"]["requests"]["cpu"] for c in pod["containers"]}
-    # grpcio: 200 µs x 1000 req/s = 200m; Envoy with ext_proc: 75 µs x 1000 = 75m.
-    assert cpu == {"gateway": "200m", "envoy": "75m"}
+    # the fast server: 50 µs x 1000 req/s = 50m; Envoy with ext_proc: 75 µs x 1000 = 75m.
+    assert cpu == {"gateway": "50m", "envoy": "75m"}
 
 
 def test_sizing_limits_and_pod_counts():
     fast = sizing.edge("grpc", "fast", 10_000)
-    assert fast.gateway_cpu_milli == 150 and fast.envoy_cpu_milli == 750
+    assert fast.gateway_cpu_milli == 500 and fast.envoy_cpu_milli == 750
     assert fast.pods_for(70_000) == 10
     with pytest.raises(ValueError, match="tops out"):
         sizing.edge("grpc", "grpcio", 5_000)
+    with pytest.raises(ValueError, match="tops out"):
+        sizing.edge("grpc", "fast", 13_000)
 
 
 def test_only_the_edge_reaches_the_sidecars(renders):
