@@ -8,7 +8,8 @@ In one run, on one machine:
   * the sidecar, a real ``cohortgate sidecar`` process, with batching on and off, loaded by ``wrk``
     (C, not Python-bound) posting one-row binary-tensor requests at concurrency 1, 16 and 64, and
     128-row binary requests at concurrency 4: requests/s, rows/s, p50/p99, mean batch, and the ratio
-    of rows/s to bare onnxruntime's best (same threads);
+    of rows/s to bare onnxruntime's best (same threads) -- for 128-row requests also to bare
+    onnxruntime at 128 rows timed right before each run ("alongside"), as a shared host drifts;
   * one-row JSON requests at concurrency 64, for the sidecar and for MLServer when
     ``--mlserver-python`` names a Python with MLServer installed (a custom onnxruntime runtime;
     MLServer's REST API takes JSON tensors), so the peer comparison is like for like.
@@ -59,6 +60,7 @@ class Result:
     p99_ms: float
     mean_batch: float | None
     errors: int
+    bare_alongside: float | None = None  # bare onnxruntime at the same rows, measured next to each run
 
     @property
     def rows_per_s(self) -> float:
@@ -82,27 +84,32 @@ def request_body(rows: int, binary: bool) -> tuple[bytes, int | None]:
     return head + x.tobytes(), len(head)
 
 
-def bare_ort(model: Path, threads: int, seconds: float) -> dict[int, float]:
-    """Inferences/s of ``session.run`` in a loop, per batch size, with the sidecar's options."""
-    import onnxruntime as ort
+class BareOrt:
+    """``session.run`` in a loop, with the sidecar's session options, in this process."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    result = {}
-    for batch in BATCHES:
+    def __init__(self, model: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    def rate(self, batch: int, seconds: float) -> float:
+        """Inferences/s at ``batch`` rows per call."""
         x = np.random.default_rng(1).standard_normal((batch, MLP_WIDTH)).astype(np.float32)
         for _ in range(10):
-            session.run(None, {"input": x})
+            self.session.run(None, {"input": x})
         n = 0
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
-            session.run(None, {"input": x})
+            self.session.run(None, {"input": x})
             n += 1
-        result[batch] = n * batch / elapsed
-    return result
+        return n * batch / elapsed
+
+    def table(self, seconds: float) -> dict[int, float]:
+        return {batch: self.rate(batch, seconds) for batch in BATCHES}
 
 
 def _ms(text: str) -> float:
@@ -226,9 +233,19 @@ def mlserver(python: str, model: Path, tmp: Path, port: int, threads: int) -> co
 
 
 def measure(
-    target: str, port: int, tmp: Path, cases: list[tuple[int, bool, int]], seconds: float, repeat: int
+    target: str,
+    port: int,
+    tmp: Path,
+    cases: list[tuple[int, bool, int]],
+    seconds: float,
+    repeat: int,
+    bare: BareOrt | None = None,
 ) -> list[Result]:
-    """Run wrk for each (rows per request, binary?, concurrency); the median of ``repeat`` runs."""
+    """Run wrk for each (rows per request, binary?, concurrency); the median of ``repeat`` runs.
+
+    For multi-row cases, ``bare`` is timed at the same rows for a second before each run, so the
+    ratio compares the two under the same conditions (a shared host drifts within minutes).
+    """
     url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
     results = []
     for rows, binary, concurrency in cases:
@@ -237,7 +254,10 @@ def measure(
         body_file.write_bytes(body)
         wrk(url, body_file, header_length, concurrency, 1)  # warm up
         runs = []
+        alongside = []
         for _ in range(repeat):
+            if bare is not None and rows > 1:
+                alongside.append(bare.rate(rows, 1.0))
             before = scrape_batches(port)
             run = wrk(url, body_file, header_length, concurrency, seconds)
             after = scrape_batches(port)
@@ -257,6 +277,7 @@ def measure(
                 median["p99_ms"],
                 median.get("mean_batch"),
                 sum(r["errors"] for r in runs),
+                sorted(alongside)[len(alongside) // 2] if alongside else None,
             )
         )
         spread = ", ".join(f"{r['rps']:,.0f}" for r in runs)
@@ -292,15 +313,16 @@ def main() -> int:
         model = model.resolve()
         load_before = os.getloadavg()[0]
         print(f"{all_cores} cores; the sidecar uses {args.threads} intra-op thread(s)", file=sys.stderr)
-        bare = bare_ort(model, args.threads, min(2.0, args.duration / 2))
-        bare_all = bare_ort(model, all_cores, min(2.0, args.duration / 2)) if all_cores != args.threads else bare
+        same = BareOrt(model, args.threads)
+        bare = same.table(min(2.0, args.duration / 2))
+        bare_all = BareOrt(model, all_cores).table(min(2.0, args.duration / 2)) if all_cores != args.threads else bare
         for label, max_batch, cases in (
             ("sidecar, batching on", args.max_batch_size, binary_cases + json_case),
             ("sidecar, batching off", 1, binary_cases),
         ):
             port = free_port()
             with sidecar(model, port, args.threads, max_batch):
-                results += measure(label, port, tmp, cases, args.duration, args.repeat)
+                results += measure(label, port, tmp, cases, args.duration, args.repeat, same)
         peer_note = "MLServer: not run (pass --mlserver-python PATH to a Python that has mlserver)"
         if args.mlserver_python:
             port = free_port()
@@ -324,16 +346,17 @@ def main() -> int:
     print()
     header = (
         f"{'target':<30} {'body':<6} {'conc':>4} {'rows/req':>8} {'req/s':>9} {'rows/s':>9} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'vs bare':>7}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'vs bare':>7} {'vs bare alongside':>17}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         batch = f"{r.mean_batch:.1f}" if r.mean_batch else "-"
+        alongside = f"{r.rows_per_s / r.bare_alongside:.0%} of {r.bare_alongside:,.0f}" if r.bare_alongside else "-"
         print(
             f"{r.target:<30} {r.body:<6} {r.concurrency:>4} {r.rows_per_request:>8} {r.rps:>9,.0f} "
-            f"{r.rows_per_s:>9,.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {batch:>6} {r.rows_per_s / best:>7.0%}"
-            + (f"  ({r.errors} non-2xx)" if r.errors else "")
+            f"{r.rows_per_s:>9,.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {batch:>6} {r.rows_per_s / best:>7.0%} "
+            f"{alongside:>17}" + (f"  ({r.errors} non-2xx)" if r.errors else "")
         )
     peers = [r for r in results if r.target.startswith("MLServer")]
     ours = next((r for r in results if r.target == "sidecar, batching on" and r.body == "json"), None)
