@@ -33,6 +33,7 @@ VARIANT_HEADER = "x-cohortgate-variant"
 UNIT_HEADER = "x-cohortgate-unit"
 REGION_HEADER = "x-cohortgate-region"
 SHADOW_OF_HEADER = "x-cohortgate-shadow-of"
+SHADOW_HEADERS = tuple(f"x-cohortgate-shadow-{i}" for i in range(4))  # envoyconf.HEADER_SHADOWS
 LOG_NAME = "cohortgate"
 
 
@@ -107,6 +108,11 @@ class AccessLogReceiver:
                 self.metrics.observe_request(
                     event.route or "none", event.variant or "none", event.status, event.latency_ms / 1000.0
                 )
+                headers = entry.request.request_headers
+                for slot in SHADOW_HEADERS:  # the mirror clusters the processor named for this request
+                    route, shadow = _cluster_parts(headers.get(slot, ""))
+                    if shadow:
+                        self.metrics.shadow_copy(route, shadow)
             if event.route and event.variant and not event.shadow_of:
                 self.sink.emit(event)
                 self.emitted += 1

@@ -47,7 +47,9 @@ HEADER_SHADOWS = tuple(f"x-cohortgate-shadow-{i}" for i in range(MIRROR_SLOTS))
 HEADER_VARIANT = "x-cohortgate-variant"
 HEADER_ROUTE = "x-cohortgate-route"
 HEADER_SHADOW_OF = "x-cohortgate-shadow-of"  # set on mirrored copies only, to the primary's variant
-ALS_HEADERS = (HEADER_ROUTE, HEADER_VARIANT, "x-cohortgate-unit", "x-cohortgate-region", HEADER_SHADOW_OF)
+ALS_HEADERS = (
+    HEADER_ROUTE, HEADER_VARIANT, "x-cohortgate-unit", "x-cohortgate-region", HEADER_SHADOW_OF, *HEADER_SHADOWS,
+)  # fmt: skip
 
 PROCESSOR_CLUSTER = "cohortgate_processor"
 ALS_CLUSTER = "cohortgate_als"

@@ -353,6 +353,7 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
         "x-cohortgate-unit",
         "x-cohortgate-region",
         "x-cohortgate-shadow-of",
+        *(f"x-cohortgate-shadow-{i}" for i in range(4)),  # shadow copies are counted from these
     ]
     names = [c["name"] for c in doc["static_resources"]["clusters"]]
     assert names == [ec.PROCESSOR_CLUSTER, ec.ALS_CLUSTER]

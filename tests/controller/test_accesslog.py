@@ -13,7 +13,8 @@ from gateway.telemetry import REQUEST, InProcessSink
 
 
 def entry(
-    status=200, variant="canary", route="tabular", cluster="cg.tabular.canary.0", shadow_of=None, rid="rid-1"
+    status=200, variant="canary", route="tabular", cluster="cg.tabular.canary.0", shadow_of=None, rid="rid-1",
+    shadows=(),
 ) -> accesslog_pb2.HTTPAccessLogEntry:
     e = accesslog_pb2.HTTPAccessLogEntry()
     c = e.common_properties
@@ -30,6 +31,7 @@ def entry(
         headers["x-cohortgate-variant"] = variant
     if shadow_of:
         headers["x-cohortgate-shadow-of"] = shadow_of
+    headers.update({f"x-cohortgate-shadow-{i}": c for i, c in enumerate(shadows)})
     e.request.request_headers.update(headers)
     if status:
         e.response.response_code.value = status
@@ -81,7 +83,9 @@ async def test_als_service_streams_entries_into_the_sink(tmp_path):
             async def messages():
                 first = als_pb2.StreamAccessLogsMessage()
                 first.identifier.log_name = "cohortgate"
-                first.http_logs.log_entry.extend([entry(rid="a"), entry(status=500, rid="b")])
+                first.http_logs.log_entry.extend(
+                    [entry(rid="a", shadows=["cg.tabular.challenger.0"]), entry(status=500, rid="b")]
+                )
                 yield first
                 more = als_pb2.StreamAccessLogsMessage()
                 more.http_logs.log_entry.extend(
@@ -100,5 +104,6 @@ async def test_als_service_streams_entries_into_the_sink(tmp_path):
         assert b'cohortgate_requests_total{route="tabular",status_class="5xx",variant="canary"} 1.0' in body
         assert b'cohortgate_requests_total{route="none",status_class="4xx",variant="none"} 1.0' in body
         assert b'cohortgate_request_duration_seconds_count{route="tabular",variant="canary"} 2.0' in body
+        assert b'cohortgate_shadow_copies_total{route="tabular",shadow="challenger"} 1.0' in body
     finally:
         await server.stop(0)
