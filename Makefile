@@ -26,10 +26,10 @@ system-deps:
 	  [ -z "$$missing" ] || { $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 
+# The local stack on the embedded default (no Redis): models, certificates, sidecars, controller +
+# dashboard, gateway, Envoy, and demo traffic in which the canary fails; Ctrl-C stops it all.
 demo: install
-	$(BIN)/cohortgate policy validate $(POLICY)
-	$(BIN)/cohortgate policy explain $(POLICY) --path /v2/models/tabular/infer \
-	  --sub alice --residency eu --scope predict --identity spiffe://cohortgate.local/app-demo
+	$(BIN)/cohortgate up --demo --policy $(POLICY)
 
 test: install-test system-deps
 	$(BIN)/ruff check .
@@ -37,6 +37,15 @@ test: install-test system-deps
 
 lint: install-test
 	$(BIN)/ruff check .
+
+# The side-by-side benchmarks (not timed tests); h2load drives the data-plane one.
+bench: install-test
+	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nghttp2-client >/dev/null; }
+	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_sidecar.py
+	$(BIN)/python bench/bench_detection.py --mode both
+	$(BIN)/python bench/bench_reload.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
