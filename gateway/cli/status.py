@@ -137,6 +137,7 @@ async def _redis_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _redis_action(args: argparse.Namespace) -> dict[str, Any]:
+    from ..controller.api import action_result
     from ..controller.loop import Controller
     from ..controller.rollout import Signal
     from ..policy import load_policy
@@ -154,19 +155,7 @@ async def _redis_action(args: argparse.Namespace) -> dict[str, Any]:
         changes = await controller.manual(Signal(args.verb), args.route, args.variant, actor)
     finally:
         await store.close()
-    return {
-        "changes": [
-            {
-                "variant": t.variant,
-                "action": t.action,
-                "from": t.before.value,
-                "to": t.after.value,
-                "weights": dict(t.weights_after),
-            }
-            for t in changes
-        ],
-        "state": controller.states[args.route].to_json(),
-    }
+    return action_result(changes, controller.states[args.route])
 
 
 # --------------------------------------------------------------------------- commands

@@ -173,24 +173,26 @@ def action_handler(signal: Signal, needs_variant: bool) -> Any:
             return _error(409, "invalid_transition", str(exc))
         except StoreUnavailable as exc:
             return _error(503, "store_unavailable", str(exc))
-        state = c.states[route]
-        return _json(
-            {
-                "changes": [
-                    {
-                        "variant": t.variant,
-                        "action": t.action,
-                        "from": t.before.value,
-                        "to": t.after.value,
-                        "weights": dict(t.weights_after),
-                    }
-                    for t in changes
-                ],
-                "state": state.to_json(),
-            }
-        )
+        return _json(action_result(changes, c.states[route]))
 
     return handler
+
+
+def action_result(changes: list[Any], state: Any) -> dict[str, Any]:
+    """What an operator's action did, as the API and the embedded CLI both answer it."""
+    return {
+        "changes": [
+            {
+                "variant": t.variant,
+                "action": t.action,
+                "from": t.before.value,
+                "to": t.after.value,
+                "weights": dict(t.weights_after),
+            }
+            for t in changes
+        ],
+        "state": state.to_json(),
+    }
 
 
 async def _reports(request: web.Request) -> web.Response:
