@@ -209,9 +209,11 @@ def load(port: int, concurrency: int, seconds: float, procs: int) -> dict:
     ).encode() + body
     procs = max(1, min(procs, concurrency))
     split = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    warm_up = 0.5
-    start_at = time.time() + 1.0 + warm_up  # time for the workers to start and connect, then a warm-up
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
+    # spawn, not fork: this process has onnxruntime's (and CUDA's) threads, and a forked child can
+    # inherit a lock one of them held.
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pool.map(abs, range(procs))  # every worker is up
+        start_at = time.time() + 0.5 + 0.5  # connect, then half a second of warm-up
         parts = pool.starmap(_client_process, [(port, request, n, start_at, seconds) for n in split])
     latencies = np.array(sorted(lat for part in parts for lat in part[0]))
     errors = sum(len(part[1]) for part in parts)
