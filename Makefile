@@ -38,10 +38,10 @@ test: install-test system-deps
 lint: install-test
 	$(BIN)/ruff check .
 
-# The side-by-side benchmarks (not timed tests); h2load drives the data-plane one.
+# The side-by-side benchmarks (not timed tests); h2load and wrk are their load generators.
 bench: install-test
-	@command -v h2load >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nghttp2-client >/dev/null; }
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nghttp2-client wrk >/dev/null; }
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_sidecar.py
 	$(BIN)/python bench/bench_detection.py --mode both

@@ -85,7 +85,12 @@ class OnnxModel:
         device: str = "auto",
         intra_op_threads: int | None = None,
     ) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:  # the package ships it as an extra: cpu or gpu, never both
+            raise ModelLoadError(
+                "onnxruntime is not installed: pip install 'cohortgate[cpu]' (or 'cohortgate[gpu]' for CUDA)"
+            ) from None
 
         path = Path(path)
         self.path = path
