@@ -291,6 +291,7 @@ class StackOptions:
     redis: str | None = None
     transport: str = "grpc"
     canary_fault_rate: float = 0.0
+    canary_fault_after_s: float = 0.0  # the canary is healthy this long first (the demo shows it go bad)
     free_ports: bool = False  # every port a free one (tests, stacks side by side)
     envoy_port: int | None = None
     admin_port: int | None = None
@@ -608,7 +609,7 @@ class Stack:
             "--report-to", self.opts.redis or f"http://127.0.0.1:{self.ports['controller']}/reports",
         )  # fmt: skip
         if spec.fault_rate > 0:
-            argv += ["--fault-rate", str(spec.fault_rate)]
+            argv += ["--fault-rate", str(spec.fault_rate), "--fault-after", str(self.opts.canary_fault_after_s)]
         url = f"http://127.0.0.1:{port}"
         return Child(
             spec.name,
@@ -767,7 +768,11 @@ class Stack:
         self.say("")
         self.say(f"Demo: `cohortgate traffic` sends 100 req/s from 1000 sticky users (log: {_rel(child.log_path)}).")
         for spec in canaries:
-            self.say(f"  {spec.route}/{spec.variant} fails {spec.fault_rate:.0%} of its requests: expect a rollback.")
+            onset = self.opts.canary_fault_after_s
+            when = f" from {onset:g} s after start on" if onset else ""
+            self.say(
+                f"  {spec.route}/{spec.variant} fails {spec.fault_rate:.0%} of its requests{when}: expect a rollback."
+            )
         self.say("Watch the controller roll the canary back within a minute:")
         dashboard = self.run_info()["endpoints"].get("dashboard")
         if dashboard:

@@ -2,20 +2,24 @@
 canary that fails a known fraction of requests.
 
 Failures are spread evenly by a request counter, not drawn at random: after n requests exactly
-``floor(n * rate)`` have failed, so a test can assert the count.
+``floor(n * rate)`` have failed, so a test can assert the count. With ``after_s`` the variant is
+healthy for that long first (counted from the injector's creation), so a demo shows a good canary
+going bad; requests before the onset are not counted.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from fractions import Fraction
 
 
 class FaultInjector:
     """Decides, request by request, whether to fail it; ``rate`` in [0, 1]."""
 
-    __slots__ = ("_den", "_num", "count", "rate")
+    __slots__ = ("_clock", "_den", "_num", "_onset", "count", "rate")
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, after_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"fault rate must be within [0, 1], got {rate}")
         self.rate = rate
@@ -23,7 +27,13 @@ class FaultInjector:
         self._num = fraction.numerator
         self._den = fraction.denominator
         self.count = 0
+        self._clock = clock
+        self._onset = clock() + after_s if after_s > 0 else None
 
     def fail_next(self) -> bool:
+        if self._onset is not None:
+            if self._clock() < self._onset:
+                return False
+            self._onset = None
         n = self.count = self.count + 1
         return (n * self._num) // self._den > ((n - 1) * self._num) // self._den

@@ -77,6 +77,7 @@ class SidecarConfig:
     report_to: str | None = None
     variant: str | None = None
     fault_rate: float = 0.0
+    fault_after_s: float = 0.0  # healthy this long before the faults start
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ class Sidecar:
         self.ready = False
         self.load_error: str | None = None
         self._report_sink = report_sink
-        self._faults = FaultInjector(config.fault_rate) if config.fault_rate > 0 else None
+        self._faults = FaultInjector(config.fault_rate, config.fault_after_s) if config.fault_rate > 0 else None
         self._executor: ThreadPoolExecutor | None = None
         self._loaded: asyncio.Future | None = None
         self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, SERVED_BY: self.served_by}

@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="demo knob: fail this fraction of infer requests with 500 (deterministic)",
     )
     p.add_argument(
+        "--fault-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="demo knob: serve healthily this long after start before --fault-rate applies (default 0)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -106,6 +113,7 @@ def handler(args: argparse.Namespace) -> int:
             report_to=args.report_to,
             variant=args.variant,
             fault_rate=args.fault_rate,
+            fault_after_s=args.fault_after,
             drain_timeout_s=args.drain_timeout,
         )
     except ValueError as exc:

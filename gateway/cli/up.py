@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 DEMO_FAULT_RATE = 0.3
+DEMO_FAULT_AFTER_S = 20.0  # long enough to see a healthy canary (and its first samples) on the page
 
 
 def _fraction(text: str) -> float:
@@ -77,6 +78,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"`cohortgate traffic` shows an automatic rollback (default 0; {DEMO_FAULT_RATE:g} with --demo)",
     )
     p.add_argument(
+        "--canary-fault-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="demo knob: the faulty canary serves healthily this long first "
+        f"(default 0; {DEMO_FAULT_AFTER_S:g} with --demo, so the page shows it go bad)",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="the demo: a faulty canary (see --canary-fault-rate) and `cohortgate traffic` in the background, "
@@ -124,6 +133,11 @@ def _up(args: argparse.Namespace) -> int:
         transport=args.transport,
         canary_fault_rate=(
             args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if args.demo else 0.0
+        ),
+        canary_fault_after_s=(
+            args.canary_fault_after
+            if args.canary_fault_after is not None
+            else DEMO_FAULT_AFTER_S if args.demo else 0.0
         ),
         demo=args.demo,
         free_ports=args.free_ports,

@@ -320,9 +320,10 @@ def test_traffic_on_a_faulty_canary_leads_to_an_automatic_rollback(redis_url: st
 
 
 def test_the_demo_rolls_the_faulty_canary_back_and_ctrl_c_stops_it_all(up_factory) -> None:
-    up = up_factory(EXAMPLE, "--demo")
+    up = up_factory(EXAMPLE, "--demo", "--canary-fault-after", "1")  # the demo waits 20 s; a test need not
     run = up.wait_run()
     assert run["children"]["sidecar-tabular-canary-eu"]["fault_rate"] == 0.3  # the demo's default knob
+    assert "--fault-after" in run["children"]["sidecar-tabular-canary-eu"]["argv"]
     deadline = time.monotonic() + 30
     while "controller: rollback tabular/canary" not in up.output():
         assert time.monotonic() < deadline and up.proc.poll() is None, up.output()
@@ -334,5 +335,6 @@ def test_the_demo_rolls_the_faulty_canary_back_and_ctrl_c_stops_it_all(up_factor
     output = up.output()
     assert "stopped traffic" in output and "rollbacks 1" in output and "rollback tabular/canary" in output
     assert "Watch the controller roll the canary back" in output and run["endpoints"]["dashboard"] in output
+    assert "fails 30% of its requests from 1 s after start on" in output
     gone = {name: c["pid"] for name, c in run["children"].items() if alive(c["pid"])}
     assert not gone, f"children still running: {gone}\n{output}"

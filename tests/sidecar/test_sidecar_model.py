@@ -132,3 +132,11 @@ def test_the_mlp_is_valid_onnx_and_computes_what_its_weights_say() -> None:
         if layer < 2:
             want = np.maximum(want, 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_faults_start_after_the_onset_and_count_from_there() -> None:
+    now = [100.0]
+    faults = FaultInjector(1.0, after_s=20.0, clock=lambda: now[0])
+    assert not any(faults.fail_next() for _ in range(50))  # healthy before the onset
+    now[0] = 120.0
+    assert all(faults.fail_next() for _ in range(5)) and faults.count == 5
