@@ -431,6 +431,7 @@ class Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.run_path.unlink()  # a reader must never mistake a stale file for this stack
+        self._previous_state()
         raw = self._read_source()
         source_policy = parse_policy(raw, filename=str(self.source), base_dir=self.source.parent)
         self.progress(f"policy {_rel(self.source)}: {len(source_policy.routes)} routes")
@@ -450,6 +451,26 @@ class Stack:
         self._source_digest = source_policy.digest
         self._policy_stamp = self._stamp()
         self._unit_salt()
+
+    def _previous_state(self) -> None:
+        """The controller's states from an earlier run (embedded): the demo starts afresh; otherwise
+        they stand, since a rollback is a safety decision, and `up` says which variants are off."""
+        files = (self.state_dir / "state.json", self.state_dir / "gateway-state.json")
+        if self.opts.demo and not self.opts.redis:
+            for path in files:
+                path.unlink(missing_ok=True)
+            return
+        try:
+            doc = json.loads(files[0].read_text())
+        except (OSError, ValueError):
+            return
+        for route, state in sorted(doc.items()):
+            for variant, v in sorted((state.get("variants") or {}).items()):
+                if v.get("phase") in ("rolled_back", "halted"):
+                    self.progress(
+                        f"note: {route}/{variant} is {v['phase'].replace('_', ' ')} since an earlier run "
+                        f"(`cohortgate resume {route}` restarts it)"
+                    )
 
     def _read_source(self) -> bytes:
         try:

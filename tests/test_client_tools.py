@@ -131,3 +131,21 @@ def test_the_summary_counts_statuses_variants_and_rollbacks():
     summary = tally.summary(1.0)
     assert "status    200:1 500:1" in summary and "variants  canary:1 control:1" in summary
     assert "rollbacks 1\n    at 12s: rollback r/canary" in summary
+
+
+def test_up_keeps_an_earlier_rollback_and_says_so_but_the_demo_starts_afresh(tmp_path):
+    import io
+    import json
+    from pathlib import Path
+
+    from gateway.stack import Stack, StackOptions
+
+    state = {"tabular": {"route": "tabular", "weights": {"control": 100, "canary": 0}, "updated_by": "controller:x",
+                         "variants": {"canary": {"phase": "rolled_back", "step": 0}}}}  # fmt: skip
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    out = io.StringIO()
+    Stack(StackOptions(policy=Path("policies/example.yaml"), state_dir=tmp_path), out=out)._previous_state()
+    assert "tabular/canary is rolled back since an earlier run" in out.getvalue()
+    assert (tmp_path / "state.json").exists()
+    Stack(StackOptions(policy=Path("policies/example.yaml"), state_dir=tmp_path, demo=True), out=out)._previous_state()
+    assert not (tmp_path / "state.json").exists()
