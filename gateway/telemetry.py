@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 REQUEST = "request"
 REPORT = "report"
 EVENTS_STREAM = "{cohortgate}:events"  # the hash tag keeps every cohortgate key in one Cluster slot
-REPORTS_STREAM = "cohortgate:shadow"  # the sidecar's default (sidecar.report.DEFAULT_STREAM)
+REPORTS_STREAM = "{cohortgate}:shadow"  # the sidecar's default (sidecar.report.DEFAULT_STREAM)
 CONSUMER_GROUP = "cohortgate-controller"
 STREAM_MAXLEN = 100_000
+
+
+# Two models "agree" on a request when they give the same label: a classifier's ``label`` output
+# (skl2onnx's name for the top class). A model without one agrees only on bit-identical outputs,
+# since probabilities of two different models never match to the bit.
+AGREEMENT_OUTPUT = "label"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,7 @@ class Event:
     unit: str = ""  # HMAC-hashed by the processor; never the raw id
     ts: float = 0.0  # epoch seconds at the source
     model: str = ""  # report: the model name the sidecar serves
-    digest: str = ""  # report: digest of every output; empty when it answered with an error
+    digest: str = ""  # report: what agreement compares (`AGREEMENT_OUTPUT`'s digest, else every output's)
     shadow_of: str = ""  # request: set when Envoy logged a mirrored copy (not a primary outcome)
 
     def to_fields(self) -> dict[str, str]:
@@ -91,7 +97,7 @@ class Event:
             unit=fields.get("unit", ""),
             ts=float(fields.get("ts", 0.0)),
             model=fields.get("model", ""),
-            digest=fields.get("digest", ""),
+            digest=fields.get(f"digest.{AGREEMENT_OUTPUT}") or fields.get("digest", ""),
             shadow_of=fields.get("shadow_of", ""),
         )
 
@@ -107,7 +113,7 @@ class Event:
             request_id=str(data.get("request_id", "")),
             ts=float(data.get("ts", 0.0)),
             model=str(data.get("model", "")),
-            digest=str(data.get("digest", "")),
+            digest=str((data.get("output_digests") or {}).get(AGREEMENT_OUTPUT) or data.get("digest", "")),
         )
 
 

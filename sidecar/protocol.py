@@ -257,11 +257,23 @@ def _from_json(spec: TensorSpec, data: Any, shape: tuple[int, ...], count: int, 
         raw = np.asarray(data)
     except (ValueError, TypeError):
         raw = None
+    if raw is not None and raw.dtype.kind == "f" and dtype.kind == "u":
+        raw = _large_unsigned(data, raw)
     if raw is None or (raw.size and raw.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]):
         raise BadRequest(f"input '{spec.name}': 'data' must be a list of {spec.datatype} values")
     if raw.size != count:
         raise BadRequest(f"input '{spec.name}': shape {format_shape(shape)} needs {count} values, got {raw.size}")
     return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _large_unsigned(data: Any, parsed: np.ndarray) -> np.ndarray:
+    """UINT64 values above 2**63 - 1 make numpy infer float64 (losing digits): read them as uint64,
+    unless some value really was fractional or negative (then the float array is refused as usual)."""
+    try:
+        exact = np.asarray(data, dtype=np.uint64)
+    except (ValueError, TypeError, OverflowError):
+        return parsed
+    return exact if np.array_equal(exact.astype(np.float64), parsed) else parsed
 
 
 def _requested_outputs(

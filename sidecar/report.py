@@ -33,7 +33,7 @@ from .metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STREAM = "cohortgate:shadow"
+DEFAULT_STREAM = "{cohortgate}:shadow"
 STREAM_MAXLEN = 100_000
 
 

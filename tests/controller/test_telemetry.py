@@ -54,9 +54,11 @@ def test_sidecar_reports_are_understood_in_both_encodings():
             "challenger",
             "tabular",
             "rid-1",
-            "d1",
+            "d2",  # the label's digest: two classifiers agree when they give the same label
             3.25,
         )
+    no_label = ShadowReport("rid-2", "challenger", "mlp", 200, 1.0, "d3", (("out", "d4"),), 10.0)
+    assert Event.from_fields(no_label.to_fields()).digest == Event.from_report(no_label.to_json()).digest == "d3"
 
 
 async def test_in_process_sink_is_bounded_and_counts_drops():

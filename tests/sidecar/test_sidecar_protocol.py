@@ -70,6 +70,18 @@ def test_json_data_may_be_nested_or_flat() -> None:
         assert request.binary == (False, False)
 
 
+def test_uint64_json_data_beyond_int64_is_exact_and_fractions_are_refused() -> None:
+    sig = Signature("u", (TensorSpec("x", "UINT64", (-1,)),), (TensorSpec("y", "UINT64", (-1,)),))
+    big = [2**63, 2**64 - 1, 0]
+    doc = {"inputs": [{"name": "x", "shape": [3], "datatype": "UINT64", "data": big}]}
+    request = decode_infer_request(sig, json.dumps(doc).encode(), None)
+    assert request.inputs[0].dtype == np.uint64 and request.inputs[0].tolist() == big
+    for bad in ([1.5, 2**63, 0], [-1, 2**63, 0]):
+        doc["inputs"][0]["data"] = bad
+        with pytest.raises(BadRequest, match="must be a list of UINT64 values"):
+            decode_infer_request(sig, json.dumps(doc).encode(), None)
+
+
 def test_outputs_selection_and_binary_flags() -> None:
     doc = {
         "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.0] * 30}],
