@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .envoyconf import EnvoyFiles
 
 DEFAULT_ENVOY_PORT = 8443
+DEMO_BAD_SHARE = 0.03  # the demo's traffic includes a few misbehaving clients, so denials show too
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_CONTROLLER_PORT = 9480
 DEFAULT_DASHBOARD_PORT = 9481
@@ -777,7 +778,10 @@ class Stack:
 
     def _traffic_child(self) -> Child:
         model = self._demo_model() or "tabular"
-        argv = self._cli("traffic", "--state-dir", str(self.state_dir), "--model", model, "--duration", "1d")
+        argv = self._cli(
+            "traffic", "--state-dir", str(self.state_dir), "--model", model, "--duration", "1d",
+            "--bad-share", str(DEMO_BAD_SHARE),
+        )  # fmt: skip
         return Child("traffic", "traffic", argv, self.logs_dir / "traffic.log", lambda: True, info={"model": model})
 
     def _start_demo_traffic(self) -> None:

@@ -49,6 +49,16 @@ def parse_mix(text: str) -> dict[str, float]:
     return {region: share / total for region, share in mix.items()}
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("the share must be within [0, 1]")
+    return value
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -74,6 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=parse_mix,
         default=parse_mix("ae=0.3,eu=0.7"),
         help="users' residency claims, e.g. ae=0.3,eu=0.7 (the default)",
+    )
+    p.add_argument(
+        "--bad-share",
+        type=_share,
+        default=0.0,
+        metavar="F",
+        help="this fraction of requests misbehaves as client apps do: no token (401), a token without "
+        "the route's scope (403), a residency no backend serves (451) (default 0)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed for users, regions and inputs (default 1)")
     p.add_argument("--model", default="tabular", help="OIP model name to call (default tabular)")
@@ -114,6 +132,7 @@ class LoadConfig:
     client: str = "app-demo"
     max_in_flight: int = 512
     until_rollback: bool = False
+    bad_share: float = 0.0
 
 
 def plan_users(count: int, mix: Mapping[str, float], seed: int) -> list[tuple[str, str]]:
@@ -240,6 +259,12 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
         f"Bearer {mint(sub, residency=region, claims={'tier': 'gold'}, ttl_s=config.duration_s + 3600)}"
         for sub, region in users
     ]
+    # The misbehaving clients: no token, a token lacking the scope, a region no backend serves.
+    bad_tokens = [
+        None,
+        f"Bearer {mint('user-bad-scope', residency='eu', scopes=('read',), ttl_s=config.duration_s + 3600)}",
+        f"Bearer {mint('user-bad-region', residency='zz', ttl_s=config.duration_s + 3600)}",
+    ]
     payloads = bodies(config.seed)
     rng = random.Random(config.seed + 1)
     url = f"{info.gateway_url}{infer_path(config.model)}"
@@ -261,8 +286,10 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def one(user: int, body: bytes) -> None:
-            headers = {"authorization": tokens[user], "content-type": "application/json"}
+        async def one(user: int, body: bytes, token: str | None) -> None:
+            headers = {"content-type": "application/json"}
+            if token is not None:
+                headers["authorization"] = token
             started = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as response:
@@ -322,7 +349,10 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                     if len(in_flight) >= config.max_in_flight:
                         tally.skipped += 1
                         continue
-                    task = asyncio.create_task(one(rng.randrange(config.users), rng.choice(payloads)))
+                    user = rng.randrange(config.users)
+                    bad = config.bad_share and rng.random() < config.bad_share
+                    token = rng.choice(bad_tokens) if bad else tokens[user]
+                    task = asyncio.create_task(one(user, rng.choice(payloads), token))
                     tally.sent += 1
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
@@ -383,6 +413,7 @@ def _traffic(args: argparse.Namespace) -> int:
         client=args.client,
         max_in_flight=args.max_in_flight,
         until_rollback=args.until_rollback,
+        bad_share=args.bad_share,
     )
     try:
         import uvloop
