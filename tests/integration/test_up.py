@@ -336,5 +336,7 @@ def test_the_demo_rolls_the_faulty_canary_back_and_ctrl_c_stops_it_all(up_factor
     assert "stopped traffic" in output and "rollbacks 1" in output and "rollback tabular/canary" in output
     assert "Watch the controller roll the canary back" in output and run["endpoints"]["dashboard"] in output
     assert "fails 30% of its requests from 1 s after start on" in output
+    status = next(line for line in output.splitlines() if line.strip().startswith("status"))
+    assert all(f"{code}:" in status for code in (401, 403, 451)), status  # the demo's misbehaving clients
     gone = {name: c["pid"] for name, c in run["children"].items() if alive(c["pid"])}
     assert not gone, f"children still running: {gone}\n{output}"
