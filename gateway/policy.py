@@ -89,6 +89,7 @@ class Guardrails:
     max_p99_ms: float | None
     min_samples: int
     alpha: float
+    latency_margin_ms: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

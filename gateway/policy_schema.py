@@ -152,6 +152,12 @@ class Guardrails(_Strict):
         description="Requests before a guardrail or a promotion applies (sequential tests hold at any size).",
     )
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Error level of the sequential tests.")
+    latency_margin_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="A request counts as slow when it takes longer than control's p95 plus this margin: "
+        "a slowdown smaller than the margin is not harm, however many samples show it.",
+    )
 
 
 class Rollout(_Strict):

@@ -239,9 +239,12 @@ class Controller:
                     xs, xc = count_above(b.hist, threshold), count_above(cb.hist, threshold)
                     tests.latency.update(xs, b.n, cb.n, xs + xc)
         control_window = rw.variants[control].sliding(now)
-        # next interval's "slow" threshold, fixed before its data arrives
+        # next interval's "slow" threshold, fixed before its data arrives: control's p95 plus the
+        # policy's margin, so a slowdown too small to matter never reads as harm
         self.thresholds[route.name] = (
-            control_window.summary().p95_ms if control_window.n >= self.config.latency_min_samples else None
+            control_window.summary().p95_ms + route.guardrails.latency_margin_ms
+            if control_window.n >= self.config.latency_min_samples
+            else None
         )
         control_summary = control_window.summary()
 

@@ -37,6 +37,10 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}"
 
 
+def _fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.1f} ms"
+
+
 def judge(
     variant: str,
     state: VariantState,
@@ -77,7 +81,8 @@ def judge(
         return Verdict(
             variant,
             Signal.BREACH,
-            f"slow requests more frequent than on control: p99 {window.p99_ms} ms vs {control.p99_ms} ms "
+            f"slow requests (over control's p95 + {guardrails.latency_margin_ms:g} ms) more frequent than on "
+            f"control: p99 {_fmt_ms(window.p99_ms)} vs {_fmt_ms(control.p99_ms)} "
             f"(always-valid p={_fmt_p(p_latency)} < {half:g})",
             evidence,
         )

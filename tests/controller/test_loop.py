@@ -84,6 +84,16 @@ async def test_a_slow_canary_is_rolled_back_by_the_latency_test():
     assert "slow requests" in sim.changes[-1].reason
 
 
+async def test_a_canary_slower_by_less_than_the_margin_is_not_harm():
+    # 20 % slower at a 1 ms median: real (thousands of samples show it) but far below the 5 ms margin
+    sim = await Sim(
+        make_policy(max_p99_ms=None, steps=None),
+        {"control": Behaviour(0.0, median_ms=1.0), "canary": Behaviour(0.0, median_ms=1.2)},
+    ).start()
+    await sim.run(120, rps=400)
+    assert canary_phase(sim) is not Phase.ROLLED_BACK, [c.reason for c in sim.changes]
+
+
 async def test_healthy_canary_is_promoted_through_every_step():
     sim = await Sim(make_policy(interval_s=30), {"control": Behaviour(0.01), "canary": Behaviour(0.01)}).start()
     await sim.run(400, until=lambda s: canary_phase(s) is Phase.PROMOTED)
