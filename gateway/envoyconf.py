@@ -461,7 +461,8 @@ def _cds_text(backends: Iterable[Backend], upstream_ca: str | None, source: str)
     return version, head + ("resources:\n" + "".join(y for _, y in parts) if parts else "resources: []\n")
 
 
-def _written_version(path: Path) -> str | None:
+def written_version(path: Path) -> str | None:
+    """The ``version_info`` of a CDS file we wrote (Envoy reports the one it accepted)."""
     try:
         with open(path, encoding="utf-8") as f:
             for _, line in zip(range(20), f, strict=False):
@@ -513,7 +514,7 @@ def write_cds(policy: Policy, path: Path, *, upstream_ca: str | None = None) -> 
     path = Path(path)
     resources = _resources(policy, upstream_ca)
     version = _version(resources)
-    if _written_version(path) == version:
+    if written_version(path) == version:
         return
     _write_atomic(path, _dump(_cds_document(resources, version), _cds_header(policy.path)))
 
@@ -525,7 +526,7 @@ def write_cds_clusters(
     clusters first); True when the file changed. Each cluster's YAML is rendered once and cached."""
     path = Path(path)
     version, text = _cds_text(backends, upstream_ca, source)
-    if _written_version(path) == version:
+    if written_version(path) == version:
         return False
     _write_atomic(path, text)
     return True

@@ -131,19 +131,43 @@ class EnvoyClusters:
         doc = await asyncio.to_thread(json.loads, body) if len(body) > 1 << 20 else json.loads(body)
         return {c["name"] for c in doc.get("cluster_statuses", ())}
 
-    async def confirm(self, names: Iterable[str], timeout_s: float) -> None:
-        """Return once every cluster in ``names`` is active; raise `ClustersNotConfirmed` after ``timeout_s``."""
+    async def loaded_version(self) -> str | None:
+        """The CDS ``version_info`` Envoy has accepted (stat ``cluster_manager.cds.version_text``).
+
+        A few bytes to ask for, where ``/clusters`` is megabytes for thousands of clusters and its
+        rendering holds Envoy's main thread, the one that applies the new file."""
         import aiohttp
 
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        url = f"{self.admin_url}/stats?filter=%5Ecluster_manager%5C.cds%5C.version_text%24"
+        async with self._session.get(url) as resp:
+            text = (await resp.read()).decode(errors="replace") if resp.status == 200 else ""
+        _, _, value = text.partition(":")
+        return value.strip().strip('"') or None
+
+    async def confirm(self, names: Iterable[str], timeout_s: float) -> None:
+        """Return once every cluster in ``names`` is active; raise `ClustersNotConfirmed` after ``timeout_s``.
+
+        Waits (cheaply) until Envoy has accepted the file just written, then checks the active
+        cluster list itself: accepted is not yet active while a cluster warms."""
+        import aiohttp
+
+        from .envoyconf import written_version
+
         wanted = set(names)
+        written = written_version(self.cds_path)
         deadline = time.monotonic() + timeout_s
         missing = wanted
         while True:
             try:
-                missing = wanted - await self.active()
-                if not missing:
-                    return
-                problem = f"{len(missing)} new cluster(s) not active, e.g. {sorted(missing)[:3]}"
+                if written is not None and await self.loaded_version() != written:
+                    problem = f"Envoy has not loaded CDS version {written} yet"
+                else:
+                    missing = wanted - await self.active()
+                    if not missing:
+                        return
+                    problem = f"{len(missing)} new cluster(s) not active, e.g. {sorted(missing)[:3]}"
             except (TimeoutError, OSError, ValueError, aiohttp.ClientError, ClustersNotConfirmed) as exc:
                 problem = f"Envoy admin {self.admin_url} unreachable: {exc or type(exc).__name__}"
             if time.monotonic() >= deadline:
