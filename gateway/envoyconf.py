@@ -648,6 +648,47 @@ def _access_logs(pb: _Modules, access_log: AccessLogTarget | None) -> list[Any]:
     return [pb.accesslog.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(config))]
 
 
+# Envoy's own error answers, as JSON with a stable code like the processor's denials: a backend
+# that cannot be reached or answers too late, and a processor that cannot be reached (ext_proc
+# fails closed with 503, like the processor's own `unavailable`, whose body is the same).
+UPSTREAM_DOWN_FLAGS = ("UH", "UF", "UO", "URX", "NC", "NR", "UC", "DC", "LR", "UPE", "UMSDR")
+LOCAL_REPLIES = (
+    (("flags", UPSTREAM_DOWN_FLAGS), 503, "backend_unavailable",
+     "The model backend for this route cannot be reached right now; try again later."),
+    (("flags", ("UT",)), 504, "backend_timeout", "The model backend for this route did not answer in time."),
+    (("status", 503), 503, "unavailable", "The gateway cannot decide on this request right now; try again later."),
+)  # fmt: skip
+
+
+def _local_reply_config(pb: _Modules) -> Any:
+    from envoy_data_plane.google.protobuf import Struct
+
+    mappers = []
+    for (kind, arg), status, code, message in LOCAL_REPLIES:
+        if kind == "flags":
+            flt = pb.accesslog.AccessLogFilter(response_flag_filter=pb.accesslog.ResponseFlagFilter(flags=list(arg)))
+        else:
+            flt = pb.accesslog.AccessLogFilter(
+                status_code_filter=pb.accesslog.StatusCodeFilter(
+                    comparison=pb.accesslog.ComparisonFilter(
+                        op=pb.accesslog.ComparisonFilterOp.EQ,
+                        value=pb.core.RuntimeUInt32(default_value=arg, runtime_key="cohortgate.local_reply.status"),
+                    )
+                )
+            )
+        body = Struct.from_dict({"error": {"code": code, "message": message}})
+        mappers.append(
+            pb.hcm.ResponseMapper(
+                filter=flt,
+                status_code=status,
+                body_format_override=pb.core.SubstitutionFormatString(
+                    json_format=body, content_type="application/json"
+                ),
+            )
+        )
+    return pb.hcm.LocalReplyConfig(mappers=mappers)
+
+
 def _listener(
     pb: _Modules,
     certs: CertPaths,
@@ -669,6 +710,7 @@ def _listener(
             ),
         ],
         access_log=_access_logs(pb, access_log),
+        local_reply_config=_local_reply_config(pb),
         # Identity comes from the TLS handshake only: drop any client-sent XFCC.
         forward_client_cert_details=pb.hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE,
         # Every request gets a fresh id (no client is trusted to bring one), and every response

@@ -104,6 +104,13 @@ routes:
         weight: 100
         backends:
           - {{url: "{scoring-ae}", region: ae}}
+  - name: offline                       # a backend nobody listens on (port 9, discard)
+    match: {{path_prefix: /v2/models/offline}}
+    variants:
+      - name: control
+        weight: 100
+        backends:
+          - {{url: "http://127.0.0.1:9", region: eu}}
 """
 
 

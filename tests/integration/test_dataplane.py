@@ -228,6 +228,14 @@ def test_residency_ae_never_reaches_a_non_ae_upstream(dataplane: DataPlane) -> N
 # ------------------------------------------------------------------------------ failure
 
 
+def test_a_backend_that_cannot_be_reached_is_a_json_503(dataplane: DataPlane) -> None:
+    reply = dataplane.app.request(token=mint(dataplane.certs, "bob"), path="/v2/models/offline/infer")
+    assert reply.status == 503, reply
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json()["error"]["code"] == "backend_unavailable"
+    assert "cannot be reached" in reply.json()["error"]["message"]
+
+
 def test_killing_the_gateway_fails_closed(dataplane: DataPlane) -> None:
     token = mint(dataplane.certs, "during-outage")
     assert dataplane.app.request(token=token).status == 200
@@ -237,6 +245,7 @@ def test_killing_the_gateway_fails_closed(dataplane: DataPlane) -> None:
         for _ in range(3):
             reply = dataplane.app.request(token=token, headers={"x-test-id": test_id})
             assert reply.status == 503, reply
+            assert reply.json()["error"]["code"] == "unavailable", reply  # Envoy's answer, in our shape
         assert seen_by(dataplane, test_id) == {}
     finally:
         dataplane.gateway.start()
