@@ -172,7 +172,15 @@ async def serve_als(
     receiver = AccessLogReceiver(sink, metrics, on_denied)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
-    if server.add_insecure_port(target) == 0 and not target.startswith("unix:"):
+    uds = target[len("unix:") :] if target.startswith("unix:") else None
+    if uds is not None:
+        from .transport_grpc import private_umask
+
+        with private_umask():  # only Envoy's user may feed the controller outcomes (they drive rollbacks)
+            server.add_insecure_port(target)
+    elif server.add_insecure_port(target) == 0:
         raise OSError(f"cannot bind the access-log service to {address}")
     await server.start()
+    if uds is not None:
+        os.chmod(uds, 0o600)
     return server, receiver

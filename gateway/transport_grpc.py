@@ -72,7 +72,7 @@ async def start_grpc(
     )
     if uds is not None:
         address = f"unix:{uds}"
-        with _private_umask():
+        with private_umask():
             bound = server.add_insecure_port(address)
     else:
         if host is None or port is None:
@@ -93,7 +93,7 @@ async def start_grpc(
 
 
 @contextlib.contextmanager
-def _private_umask() -> Iterator[None]:
+def private_umask() -> Iterator[None]:
     """Create the socket file without group/other permissions from the first instant."""
     old = os.umask(0o177)
     try:

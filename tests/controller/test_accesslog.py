@@ -76,6 +76,7 @@ async def test_als_service_streams_entries_into_the_sink(tmp_path):
     metrics = GatewayMetrics()
     sock = tmp_path / "als.sock"
     server, receiver = await serve_als(sink, f"uds:{sock}", metrics)
+    assert sock.stat().st_mode & 0o777 == 0o600  # outcomes drive rollbacks: only Envoy's user may send them
     try:
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
             stub = als_pb2_grpc.AccessLogServiceStub(channel)
