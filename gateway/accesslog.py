@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .metrics import GatewayMetrics
+from .policy import cluster_parts
 from .telemetry import REQUEST, Event, EventSink
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,6 @@ def _ms(duration: Any) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1e6
 
 
-def _cluster_parts(cluster: str) -> tuple[str, str]:
-    """``cg.ROUTE.VARIANT.N`` (the policy's cluster names) -> (route, variant); else empty."""
-    parts = cluster.split(".")
-    if len(parts) == 4 and parts[0] == "cg":
-        return parts[1], parts[2]
-    return "", ""
-
-
 def event_from_entry(entry: Any) -> Event:
     """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event` (route/variant may be empty)."""
     common = entry.common_properties
@@ -56,7 +49,7 @@ def event_from_entry(entry: Any) -> Event:
     route = headers.get(ROUTE_HEADER, "")
     variant = headers.get(VARIANT_HEADER, "")
     if (not route or not variant) and common.upstream_cluster:
-        c_route, c_variant = _cluster_parts(common.upstream_cluster)
+        c_route, c_variant = cluster_parts(common.upstream_cluster) or ("", "")
         route, variant = route or c_route, variant or c_variant
     if common.HasField("time_to_last_upstream_rx_byte") and common.HasField("time_to_first_upstream_tx_byte"):
         latency = _ms(common.time_to_last_upstream_rx_byte) - _ms(common.time_to_first_upstream_tx_byte)
@@ -110,7 +103,7 @@ class AccessLogReceiver:
                 )
                 headers = entry.request.request_headers
                 for slot in SHADOW_HEADERS:  # the mirror clusters the processor named for this request
-                    route, shadow = _cluster_parts(headers.get(slot, ""))
+                    route, shadow = cluster_parts(headers.get(slot, "")) or ("", "")
                     if shadow:
                         self.metrics.shadow_copy(route, shadow)
             if event.route and event.variant and not event.shadow_of:

@@ -94,6 +94,8 @@ class Stats:
 
     requests: int = 0
     allowed: int = 0
+    routed: dict[str, int] = field(default_factory=dict)  # allowed requests by cluster (cg.ROUTE.VARIANT.N)
+    mirrored: dict[str, int] = field(default_factory=dict)  # mirror copies requested, by shadow cluster
     denied: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     other_messages: int = 0
@@ -448,6 +450,12 @@ class Engine:
                 ours.add(UNIT_HEADER)
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
+        routed = stats.routed
+        routed[decision.cluster] = routed.get(decision.cluster, 0) + 1  # type: ignore[index]
+        if decision.shadows:
+            mirrored = stats.mirrored
+            for cluster in decision.shadows:
+                mirrored[cluster] = mirrored.get(cluster, 0) + 1
         if self.audit is not None:
             self.audit.record(
                 (

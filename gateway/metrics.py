@@ -30,6 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from .policy import cluster_parts
+
 # Model-serving latencies: 1 ms .. 10 s, roughly 2x apart, with extra resolution around 50-500 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0)
 
@@ -66,9 +68,30 @@ class _Decisions(Collector):
         for (outcome, code), n in sorted(totals.items()):
             family.add_metric((outcome, code), n)
         yield family
+        routed = CounterMetricFamily(
+            "cohortgate_routed_requests",
+            "Allowed requests by the route and variant the processor chose (answered ones: the controller's "
+            "cohortgate_requests_total).",
+            labels=("route", "variant"),
+        )
+        mirrored = CounterMetricFamily(
+            "cohortgate_mirror_decisions", "Mirrored copies the processor requested, by route and shadow.",
+            labels=("route", "shadow"),
+        )  # fmt: skip
+        for family_, attr in ((routed, "routed"), (mirrored, "mirrored")):
+            totals_ = {}
+            for stats in self.sources:
+                for cluster, n in list(getattr(stats, attr, {}).items()):
+                    key = cluster_parts(cluster) or ("none", cluster)
+                    totals_[key] = totals_.get(key, 0) + n
+            for key, n in sorted(totals_.items()):
+                family_.add_metric(key, n)
+            yield family_
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily("cohortgate_decisions", "", labels=("outcome", "code"))
+        yield CounterMetricFamily("cohortgate_routed_requests", "", labels=("route", "variant"))
+        yield CounterMetricFamily("cohortgate_mirror_decisions", "", labels=("route", "shadow"))
 
 
 class _Metrics:

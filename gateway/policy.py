@@ -563,6 +563,17 @@ def _overlap(a: RouteModel, b: RouteModel) -> bool:
     return all(_segment_prefix(x, y) or _segment_prefix(y, x) for x in paths_a for y in paths_b)
 
 
+def cluster_name(route: str, owner: str, index: int) -> str:
+    """Envoy's cluster for a backend: ``cg.ROUTE.VARIANT.N`` (names are DNS labels, so no dots)."""
+    return f"cg.{route}.{owner}.{index}"
+
+
+def cluster_parts(cluster: str) -> tuple[str, str] | None:
+    """The inverse of `cluster_name`: (route, variant or shadow), or None for another name."""
+    parts = cluster.split(".")
+    return (parts[1], parts[2]) if len(parts) == 4 and parts[0] == "cg" else None
+
+
 def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> Policy:
     jwt = model.jwt
     jwks = jwt.jwks if jwt.jwks.startswith("https://") else str((base_dir / jwt.jwks).resolve())
@@ -585,7 +596,7 @@ def _backends(route: str, owner: str, specs: Iterable[Any], base_dir: Path) -> t
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or ""
         model = str((base_dir / b.model).resolve()) if b.model else None
-        out.append(Backend(b.url, parts.scheme, host, port, b.region, f"cg.{route}.{owner}.{i}", model))
+        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster_name(route, owner, i), model))
     return tuple(out)
 
 

@@ -209,6 +209,8 @@ def test_metrics_and_health_endpoints(two_edges, certs):
     assert samples['cohortgate_decisions_total{code="none",outcome="allowed"}'] >= 1
     assert samples['cohortgate_decisions_total{code="forbidden",outcome="denied"}'] >= 1
     assert samples['cohortgate_variant_weight{route="tabular",variant="canary"}'] == 10
+    variant = edge.variant_of(certs, "user-1")[0]
+    assert samples[f'cohortgate_routed_requests_total{{route="tabular",variant="{variant}"}}'] >= 1
 
 
 def test_weight_change_reaches_both_edges(two_edges, certs):
