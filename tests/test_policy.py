@@ -213,3 +213,14 @@ def test_overlap_pruning_finds_every_pair_the_full_comparison_finds(matches):
     every = {(i, j) for i in range(len(routes)) for j in range(i) if _overlap(routes[i], routes[j])}
     pruned = {(i, j) for i, j in _overlap_candidates(routes) if _overlap(routes[i], routes[j])}
     assert pruned == every
+
+
+def test_the_cyclic_collector_is_back_on_after_a_parse_good_or_bad():
+    import gc
+
+    assert gc.isenabled()
+    load_policy(EXAMPLE)
+    assert gc.isenabled()
+    with pytest.raises(PolicyError):
+        parse_policy("routes: [oops\n")
+    assert gc.isenabled()
