@@ -141,20 +141,19 @@ class PolicyFollower:
 
     async def reload(self, trigger: str) -> bool:
         import asyncio
-        import json
         import logging
 
         from ..errors import PolicyError
         from ..policy import load_policy
+        from ..service import failure_line
 
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:
             try:
                 policy = await asyncio.to_thread(load_policy, self.path)
-            except PolicyError as exc:
-                line = {"event": "policy_reload_failed", "file": str(self.path), "trigger": trigger,
-                        "problems": list(exc.problems), "keeping": self.controller.policy.digest[:12]}
-                logging.getLogger("cohortgate.controller").error(json.dumps(line))
+            except PolicyError as exc:  # the gateway's one-line shape, so one log query finds both
+                line = failure_line(self.path, exc, self.controller.policy.digest, trigger)
+                logging.getLogger("cohortgate.controller").error(line)
                 return False
             if policy.digest == self.controller.policy.digest:
                 return False
