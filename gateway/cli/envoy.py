@@ -16,7 +16,7 @@ DEFAULT_PROCESSOR = "uds:.cohortgate/processor.sock"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("envoy", help="Render Envoy's configuration from a policy.")
+    group = subparsers.add_parser("envoy", help="render Envoy's configuration from a policy")
     sub = group.add_subparsers(dest="envoy_command", required=True, metavar="ACTION")
 
     render = sub.add_parser(

@@ -40,7 +40,7 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("k8s", help="Render Kubernetes manifests from a policy.")
+    group = subparsers.add_parser("k8s", help="render Kubernetes manifests from a policy")
     sub = group.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
     p = sub.add_parser(
         "render",
