@@ -38,12 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.controller.loop import Controller, ControllerConfig  # noqa: E402
-from gateway.controller.rollout import Phase  # noqa: E402
-from gateway.controller.simulate import Behaviour, Traffic  # noqa: E402
-from gateway.policy import parse_policy  # noqa: E402
-from gateway.state import InProcessState, RedisState, effective_policy  # noqa: E402
-from gateway.telemetry import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client  # noqa: E402
+from cohortgate.controller.loop import Controller, ControllerConfig  # noqa: E402
+from cohortgate.controller.simulate import Behaviour, Traffic  # noqa: E402
+from cohortgate.core.policy import parse_policy  # noqa: E402
+from cohortgate.core.rollout import Phase  # noqa: E402
+from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client  # noqa: E402
+from cohortgate.store.state import InProcessState, RedisState, effective_policy  # noqa: E402
 
 POLICY = """
 version: 1
@@ -139,7 +139,7 @@ async def redis_once(url: str, rate: float, seed: int, interval_s: float = 1.0) 
     sink = RedisStreamSink(url)
     await sink.start()
     reader = redis_client(url, timeout_s=interval_s + 2)
-    from gateway.controller.leader import RedisLeader
+    from cohortgate.controller.leader import RedisLeader
 
     controller = Controller(
         pol,

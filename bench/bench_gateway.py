@@ -42,10 +42,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import pki  # noqa: E402
-from gateway.envoyconf import EnvoyFiles, ProcessorAddress, render  # noqa: E402
-from gateway.envoyproc import EnvoyProcess  # noqa: E402
-from gateway.policy import load_policy  # noqa: E402
+from cohortgate.core.policy import load_policy  # noqa: E402
+from cohortgate.deploy import pki  # noqa: E402
+from cohortgate.deploy.envoy import EnvoyFiles, ProcessorAddress, render  # noqa: E402
+from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATH = "/v2/models/bench/infer"
@@ -172,7 +172,7 @@ def patch_bootstrap(path: Path, *, alone: bool) -> None:
 class Gateway:
     def __init__(self, policy: Path, sock: Path, transport: str, server: str, work: Path) -> None:
         self.cmd = [
-            sys.executable, "-m", "gateway.cli", "gateway", "--policy", str(policy),
+            sys.executable, "-m", "cohortgate.cli", "gateway", "--policy", str(policy),
             "--transport", transport, "--grpc-server", server, "--listen", f"uds:{sock}",
             "--audit-log", str(work / f"audit-{transport}-{server}.jsonl"),
         ]  # fmt: skip

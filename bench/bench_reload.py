@@ -38,10 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway import pki  # noqa: E402
-from gateway.envoyconf import ProcessorAddress, render  # noqa: E402
-from gateway.envoyproc import EnvoyProcess  # noqa: E402
-from gateway.policy import load_policy  # noqa: E402
+from cohortgate.core.policy import load_policy  # noqa: E402
+from cohortgate.deploy import pki  # noqa: E402
+from cohortgate.deploy.envoy import ProcessorAddress, render  # noqa: E402
+from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
 
 ROUTE = """  - name: r{i}
     match: {{model: m{i}}}
@@ -121,7 +121,7 @@ def bench(n: int, rounds: int, watch: float, work: Path, certs: pki.CertPaths) -
     )
     log = open(work / "gateway.log", "ab")  # noqa: SIM115
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--policy", str(live), "--listen", f"uds:{sock}",
+        [sys.executable, "-m", "cohortgate.cli", "gateway", "--policy", str(live), "--listen", f"uds:{sock}",
          "--no-audit", "--envoy-cds", str(files.cds), "--envoy-admin", f"http://127.0.0.1:{admin}",
          "--watch-interval", str(watch)],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,

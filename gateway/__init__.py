@@ -1,3 +1,5 @@
-"""cohortgate's gateway: policy, decisions, and the adapters that put them in front of Envoy."""
+"""cohortgate's data plane: the ext_proc processor in front of Envoy (auth, decisions, audit, reload)."""
 
-__version__ = "0.1.0"
+from cohortgate import __version__
+
+__all__ = ["__version__"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import jwt
 
-from gateway.errors import Denial, RequestDenied
+from cohortgate.core.errors import Denial, RequestDenied
 from gateway.jwks import KeySet
 
 MAX_LEEWAY_S = 300.0

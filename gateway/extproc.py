@@ -39,10 +39,10 @@ import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from .auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
-from .decide import Facts, decide
-from .errors import Denial, RequestDenied
-from .policy import Policy
+from cohortgate.core.decide import Facts, decide
+from cohortgate.core.errors import Denial, RequestDenied
+from cohortgate.core.policy import Policy
+from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
 
 log = logging.getLogger("cohortgate.extproc")
 

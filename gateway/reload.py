@@ -12,7 +12,7 @@ One `Reloader` per gateway owns the whole procedure, serialised by a lock:
    time: the reload is refused the same way and the file goes back to the serving clusters);
 4. **swap** one reference (`PolicyHolder.install`); requests in flight finish on the policy object
    they already hold, and the controller's effective weights are put back on top at once
-   (`gateway.state.follow` listens to the swap);
+   (`cohortgate.store.state.follow` listens to the swap);
 5. **remove** — after ``grace_s`` (requests already routed to a dropped cluster finish), rewrite
    ``cds.yaml`` with only the clusters still named.
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CohortgateError
-from .policy import Backend, Policy, parse_policy
+from cohortgate.core.errors import CohortgateError
+from cohortgate.core.policy import Backend, Policy, parse_policy
 
 log = logging.getLogger("cohortgate.reload")
 
@@ -111,7 +111,7 @@ class EnvoyClusters:
         self._session: Any = None
 
     async def write(self, backends: Iterable[Backend], source: str) -> bool:
-        from .envoyconf import write_cds_clusters
+        from cohortgate.deploy.envoy import write_cds_clusters
 
         backends = tuple(backends)
         return await asyncio.to_thread(
@@ -153,7 +153,7 @@ class EnvoyClusters:
         cluster list itself: accepted is not yet active while a cluster warms."""
         import aiohttp
 
-        from .envoyconf import written_version
+        from cohortgate.deploy.envoy import written_version
 
         wanted = set(names)
         written = written_version(self.cds_path)

@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .audit import AuditLog
-from .auth import TokenVerifier
-from .errors import PolicyError
-from .extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
-from .jwks import KeySet, source_from_spec
-from .metrics import GatewayMetrics, serve_metrics
-from .policy import JwtSettings, Policy, load_policy
-from .reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
-from .state import InProcessState, RedisState, StateStore, follow
+from cohortgate.core.errors import PolicyError
+from cohortgate.core.policy import JwtSettings, Policy, load_policy
+from cohortgate.store.state import InProcessState, RedisState, StateStore, follow
+from gateway.audit import AuditLog
+from gateway.auth import TokenVerifier
+from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
+from gateway.jwks import KeySet, source_from_spec
+from gateway.metrics import GatewayMetrics, serve_metrics
+from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
 
 log = logging.getLogger("cohortgate.service")
 
@@ -226,7 +226,7 @@ class Gateway:
         salt = config.unit_salt if config.unit_salt is not None else unit_salt_from_env()
         trust_domain = config.trust_domain
         if trust_domain is None and config.certs_dir is not None:
-            from .pki import load_cert_paths
+            from cohortgate.deploy.pki import load_cert_paths
 
             trust_domain = load_cert_paths(config.certs_dir).trust_domain  # only our own SPIFFE IDs
         self.audit = (
@@ -272,7 +272,7 @@ class Gateway:
         self._stop = asyncio.Event()
         listen = self.config.listen
         if listen.uds is not None:
-            from .transport_http import clear_stale_socket
+            from gateway.transport_http import clear_stale_socket
 
             Path(listen.uds).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             clear_stale_socket(listen.uds)
@@ -320,7 +320,7 @@ class Gateway:
         cfg = self.config
         tls = self._tls_files(listen)
         if cfg.transport == "http":
-            from .transport_http import server_ssl_context, start_http
+            from gateway.transport_http import server_ssl_context, start_http
 
             ctx = server_ssl_context(*tls) if tls else None
             return await start_http(
@@ -329,8 +329,8 @@ class Gateway:
         if cfg.transport != "grpc":
             raise ValueError(f"transport must be grpc or http, not {cfg.transport!r}")
         if cfg.grpc_server == "fast":
-            from .h2 import server as h2server
-            from .h2.metrics import register_h2_metrics
+            from gateway.h2 import server as h2server
+            from gateway.h2.metrics import register_h2_metrics
 
             ctx = _fast_ssl_context(*tls) if tls else None
             kwargs: dict[str, Any] = {"ssl": ctx}
@@ -342,7 +342,7 @@ class Gateway:
             if self.metrics is not None:
                 register_h2_metrics(server, self.metrics.registry)
             return server
-        from .transport_grpc import server_credentials, start_grpc
+        from gateway.transport_grpc import server_credentials, start_grpc
 
         creds = None
         if tls:
@@ -361,7 +361,7 @@ class Gateway:
                 log.warning("listening on %s without TLS (loopback only); pass --certs for mTLS", listen)
                 return None
             raise ValueError(f"listening on {listen} needs --certs: the processor hop must use mTLS")
-        from .pki import load_cert_paths
+        from cohortgate.deploy.pki import load_cert_paths
 
         paths = load_cert_paths(self.config.certs_dir)
         return str(paths.processor_cert), str(paths.processor_key), str(paths.ca_cert)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.cli.sidecar import register
+from sidecar.cli import register
 
 
 def main(argv: list[str] | None = None) -> int:

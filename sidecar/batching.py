@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import InferenceFailed, Unavailable
+from sidecar.errors import InferenceFailed, Unavailable
 
 Tensors = tuple[np.ndarray, ...]
 

@@ -17,7 +17,7 @@ sentence, never a stack trace.
 
 from __future__ import annotations
 
-from gateway.errors import CohortgateError
+from cohortgate.core.errors import CohortgateError
 
 
 class ModelLoadError(CohortgateError):

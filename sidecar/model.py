@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import Tensors
-from .errors import InferenceFailed, ModelLoadError
-from .protocol import DATATYPES, Signature, TensorSpec
+from sidecar.batching import Tensors
+from sidecar.errors import InferenceFailed, ModelLoadError
+from sidecar.protocol import DATATYPES, Signature, TensorSpec
 
 log = logging.getLogger(__name__)
 

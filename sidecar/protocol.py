@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import BadRequest
+from sidecar.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"

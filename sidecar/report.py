@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 import orjson
 
-from .metrics import SidecarMetrics
+from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway import __version__
-
-from .batching import Batcher
-from .errors import (
+from cohortgate import __version__
+from sidecar.batching import Batcher
+from sidecar.errors import (
     InferenceFailed,
     MethodNotAllowed,
     NotFound,
@@ -37,10 +36,10 @@ from .errors import (
     SidecarError,
     Unavailable,
 )
-from .faults import FaultInjector
-from .metrics import SidecarMetrics
-from .model import DEVICES, OnnxModel
-from .protocol import (
+from sidecar.faults import FaultInjector
+from sidecar.metrics import SidecarMetrics
+from sidecar.model import DEVICES, OnnxModel
+from sidecar.protocol import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
@@ -48,7 +47,7 @@ from .protocol import (
     encode_infer_response,
     error_body,
 )
-from .report import Reporter, ReportSink, sink_from_url
+from sidecar.report import Reporter, ReportSink, sink_from_url
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import pki
+from cohortgate.core.errors import Denial, RequestDenied
+from cohortgate.deploy import pki
 from gateway.auth import (
     MTLS_ATTRIBUTE,
     URI_SAN_ATTRIBUTE,
@@ -29,7 +30,6 @@ from gateway.auth import (
     parse_spiffe_id,
     scopes_of,
 )
-from gateway.errors import Denial, RequestDenied
 from gateway.jwks import JwksError, JwksFile, JwksMemory, JwksUrl, KeySet, parse_jwks, source_from_spec
 
 ISSUER = pki.DEFAULT_ISSUER

@@ -11,11 +11,11 @@ import jwt
 import pytest
 import yaml
 
-from gateway import pki
+from cohortgate.cli import main
+from cohortgate.cli.token import parse_claim, parse_ttl
+from cohortgate.core.errors import RequestDenied
+from cohortgate.deploy import pki
 from gateway.auth import TokenVerifier, scopes_of
-from gateway.cli import main
-from gateway.cli.token import parse_claim, parse_ttl
-from gateway.errors import RequestDenied
 from gateway.jwks import JwksFile, KeySet
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"

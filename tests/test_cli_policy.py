@@ -12,7 +12,7 @@ EXAMPLE = str(Path(__file__).resolve().parents[1] / "policies" / "example.yaml")
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cohortgate.cli", *args], capture_output=True, text=True, timeout=60
     )
 
 

@@ -12,8 +12,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.cli.traffic import Tally, bodies, due, new_rollbacks, parse_mix, plan_users
-from gateway.clientkit import FEATURES, StackInfo, StackNotRunning, demo_body, describe_audit, oip_body, parse_input
+from cohortgate.cli.traffic import Tally, bodies, due, new_rollbacks, parse_mix, plan_users
+from cohortgate.local.client import (
+    FEATURES,
+    StackInfo,
+    StackNotRunning,
+    demo_body,
+    describe_audit,
+    oip_body,
+    parse_input,
+)
 
 
 def test_the_demo_body_is_one_fp32_row_of_thirty_features():
@@ -138,7 +146,7 @@ def test_up_keeps_an_earlier_rollback_and_says_so_but_the_demo_starts_afresh(tmp
     import json
     from pathlib import Path
 
-    from gateway.stack import Stack, StackOptions
+    from cohortgate.local.stack import Stack, StackOptions
 
     state = {"tabular": {"route": "tabular", "weights": {"control": 100, "canary": 0}, "updated_by": "controller:x",
                          "variants": {"canary": {"phase": "rolled_back", "step": 0}}}}  # fmt: skip

@@ -7,9 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from gateway import cohorts
-
-from .strategies import ramp, salts, units, weights
+from cohortgate.core import cohorts
+from tests.strategies import ramp, salts, units, weights
 
 
 @given(w=weights(), salt=salts, unit=units)

@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import cohorts
-from gateway.decide import Facts, decide
-from gateway.errors import Denial
-from gateway.policy import load_policy, parse_policy
-
-from .strategies import REGIONS, residency_policies, units
+from cohortgate.core import cohorts
+from cohortgate.core.decide import Facts, decide
+from cohortgate.core.errors import Denial
+from cohortgate.core.policy import load_policy, parse_policy
+from tests.strategies import REGIONS, residency_policies, units
 
 EXAMPLE = load_policy(Path(__file__).resolve().parents[1] / "policies" / "example.yaml")
 APP = "spiffe://cohortgate.local/app-demo"

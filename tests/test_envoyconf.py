@@ -1,4 +1,4 @@
-"""Envoy configuration rendering (`gateway.envoyconf`) and process management (`gateway.envoyproc`).
+"""Envoy configuration rendering (`cohortgate.deploy.envoy`) and process management (`cohortgate.deploy.envoyproc`).
 
 Unit tests read the rendered dicts; validation tests run the real ``envoy --mode validate`` on
 every variant; integration tests start the real Envoy with tiny upstreams and a minimal gRPC
@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import envoyconf as ec
-from gateway.envoyproc import EnvoyConfigError, EnvoyProcess, envoy_binary, validate, validate_log
-from gateway.pki import CertPaths, init_certs
-from gateway.policy import Policy, load_policy, parse_policy
+from cohortgate.core.policy import Policy, load_policy, parse_policy
+from cohortgate.deploy import envoy as ec
+from cohortgate.deploy.envoyproc import EnvoyConfigError, EnvoyProcess, envoy_binary, validate, validate_log
+from cohortgate.deploy.pki import CertPaths, init_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "policies" / "example.yaml"
@@ -430,7 +430,7 @@ def test_validate_reports_envoys_message_for_bad_bootstrap_and_bad_cds(
 
 
 def test_cli_refuses_bad_addresses_and_bad_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from cohortgate.cli import main
 
     args = ["envoy", "render", "--policy", str(EXAMPLE), "--out", str(tmp_path / "out")]
     assert main([*args, "--processor", "tcp:10.0.0.9:9000", "--no-processor-tls"]) == 2
@@ -450,7 +450,7 @@ def test_example_in_repo_is_up_to_date(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     shutil.copy(EXAMPLE, tmp_path / "policies" / "example.yaml")
     subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *EXAMPLE_ARGS],
+        [sys.executable, "-m", "cohortgate.cli", *EXAMPLE_ARGS],
         cwd=tmp_path,
         check=True,
         capture_output=True,
@@ -730,7 +730,7 @@ def test_processor_unreachable_fails_closed_with_503(
 
 @pytest.mark.integration
 def test_envoy_process_reports_a_failed_start_with_its_log(tmp_path: Path, certs: CertPaths) -> None:
-    from gateway.envoyproc import EnvoyError
+    from cohortgate.deploy.envoyproc import EnvoyError
 
     files = ec.render(
         make_policy({"control": ["http://127.0.0.1:9"]}),

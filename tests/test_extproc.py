@@ -19,9 +19,10 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import pki
+from cohortgate.core.decide import Facts, decide
+from cohortgate.core.policy import Policy, parse_policy
+from cohortgate.deploy import pki
 from gateway.audit import FIELDS, AuditLog
-from gateway.decide import Facts, decide
 from gateway.extproc import (
     CLUSTER_HEADER,
     REGION_HEADER,
@@ -35,7 +36,6 @@ from gateway.extproc import (
     _set_option,
     hash_unit,
 )
-from gateway.policy import Policy, parse_policy
 from gateway.service import PolicyHolder, build_verifier
 
 SALT = b"test-unit-salt"

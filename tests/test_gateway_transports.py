@@ -15,8 +15,8 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
-from gateway import pki
-from gateway.cli import build_parser
+from cohortgate.cli import build_parser
+from cohortgate.deploy import pki
 from gateway.extproc import CLUSTER_HEADER, Engine
 from gateway.service import Gateway, GatewayConfig, ListenAddress
 from gateway.transport_http import ExtProcHttpProtocol, start_http

@@ -14,7 +14,7 @@ import grpc
 import orjson
 import pytest
 
-from gateway import pki
+from cohortgate.deploy import pki
 from gateway.h2 import FastServer
 from gateway.service import Gateway, ListenAddress
 from tests.test_extproc import POLICY, infer, request

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from gateway import pki
+from cohortgate.deploy import pki
 from gateway.auth import URI_SAN_ATTRIBUTE, identity_from_attributes
 
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import PolicyError
-from gateway.policy import _overlap, _overlap_candidates, load_policy, parse_policy
-from gateway.policy_schema import Route as RouteModel
+from cohortgate.core.errors import PolicyError
+from cohortgate.core.policy import _overlap, _overlap_candidates, load_policy, parse_policy
+from cohortgate.core.schema import Route as RouteModel
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.policy import load_policy, parse_policy
-from gateway.policydiff import diff
+from cohortgate.core.policy import load_policy, parse_policy
+from cohortgate.core.policydiff import diff
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
 TEXT = EXAMPLE.read_text()
@@ -18,7 +18,7 @@ def reweighted(control: int, canary: int) -> str:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "cohortgate.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_identical_policies_have_no_diff():

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cohortgate.core.policy import Backend, load_policy
 from gateway.metrics import GatewayMetrics
-from gateway.policy import Backend, load_policy
 from gateway.reload import EnvoyClusters, FileStamp, Reloader, cluster_change, union_backends
 from gateway.service import PolicyHolder
 

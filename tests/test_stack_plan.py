@@ -12,8 +12,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.policy import load_policy, parse_policy
-from gateway.stackplan import (
+from cohortgate.core.policy import load_policy, parse_policy
+from cohortgate.local.plan import (
     StackError,
     canary_variants,
     choose_port,

@@ -11,9 +11,9 @@ costs more than the whole decision; a server written for one peer and one method
     metrics.py     H2Counters as Prometheus metrics, at scrape time
 """
 
-from .connection import H2Connection, H2Counters, H2Limits, NewProcessor, StreamProcessor
-from .metrics import register_h2_metrics
-from .server import FastServer, serve_fast
+from gateway.h2.connection import H2Connection, H2Counters, H2Limits, NewProcessor, StreamProcessor
+from gateway.h2.metrics import register_h2_metrics
+from gateway.h2.server import FastServer, serve_fast
 
 __all__ = [
     "FastServer",

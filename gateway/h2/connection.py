@@ -31,9 +31,9 @@ from typing import Protocol
 import hpack
 from envoy.service.ext_proc.v3 import external_processor_pb2
 
-from . import frames as f
-from .frames import ErrorCode
-from .grpcwire import (
+from gateway.h2 import frames as f
+from gateway.h2.frames import ErrorCode
+from gateway.h2.grpcwire import (
     MALFORMED,
     MESSAGE_PREFIX,
     RESPONSE_HEADERS,
@@ -42,7 +42,7 @@ from .grpcwire import (
     trailers,
     trailers_valid,
 )
-from .hpackmemo import MemoDecoder
+from gateway.h2.hpackmemo import MemoDecoder
 
 log = logging.getLogger("gateway.h2")
 

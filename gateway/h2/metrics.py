@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .connection import H2Counters
-from .server import FastServer
+from gateway.h2.connection import H2Counters
+from gateway.h2.server import FastServer
 
 PREFIX = "cohortgate_extproc_h2_"
 

@@ -18,7 +18,7 @@ import ssl as ssl_module
 import stat
 import tempfile
 
-from .connection import DRAIN_PING_GRACE, H2Connection, H2Counters, H2Limits, NewProcessor
+from gateway.h2.connection import DRAIN_PING_GRACE, H2Connection, H2Counters, H2Limits, NewProcessor
 
 log = logging.getLogger("gateway.h2")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.policy import Policy, parse_policy
+from cohortgate.core.policy import Policy, parse_policy
 
 
 def policy_text(

@@ -7,9 +7,9 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from gateway.accesslog import event_from_entry, grpc_target, serve_als
+from cohortgate.controller.als import event_from_entry, grpc_target, serve_als
+from cohortgate.store.events import REQUEST, InProcessSink
 from gateway.metrics import GatewayMetrics
-from gateway.telemetry import REQUEST, InProcessSink
 
 
 def entry(

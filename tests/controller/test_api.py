@@ -8,15 +8,14 @@ import stat
 
 import pytest
 
-from gateway.cli import main
-from gateway.controller.api import load_or_create_token, make_app
-from gateway.controller.loop import Controller
-from gateway.controller.rollout import Phase
-from gateway.state import InProcessState, RedisState
-from gateway.telemetry import InProcessSink
+from cohortgate.cli import main
+from cohortgate.controller.api import load_or_create_token, make_app
+from cohortgate.controller.loop import Controller
+from cohortgate.core.rollout import Phase
+from cohortgate.store.events import InProcessSink
+from cohortgate.store.state import InProcessState, RedisState
 from sidecar.report import ShadowReport
-
-from .policies import make_policy, write_policy
+from tests.controller.policies import make_policy, write_policy
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,13 +11,12 @@ import itertools
 
 import pytest
 
-from gateway.controller.loop import Controller
-from gateway.controller.rollout import InvalidTransition, Phase, Signal
-from gateway.controller.simulate import Behaviour, Traffic
-from gateway.state import InProcessState, effective_policy
-from gateway.telemetry import REPORT, Event, InProcessSink
-
-from .policies import make_policy
+from cohortgate.controller.loop import Controller
+from cohortgate.controller.simulate import Behaviour, Traffic
+from cohortgate.core.rollout import InvalidTransition, Phase, Signal
+from cohortgate.store.events import REPORT, Event, InProcessSink
+from cohortgate.store.state import InProcessState, effective_policy
+from tests.controller.policies import make_policy
 
 
 class Sim:

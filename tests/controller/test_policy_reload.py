@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.controller.loop import Controller
-from gateway.controller.rollout import Phase, Signal
-from gateway.state import InProcessState
-from gateway.telemetry import InProcessSink
-
-from .policies import make_policy
+from cohortgate.controller.loop import Controller
+from cohortgate.core.rollout import Phase, Signal
+from cohortgate.store.events import InProcessSink
+from cohortgate.store.state import InProcessState
+from tests.controller.policies import make_policy
 
 
 async def started(policy):

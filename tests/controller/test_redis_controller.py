@@ -13,14 +13,13 @@ import time
 
 import pytest
 
-from gateway.controller.leader import RedisLeader
-from gateway.controller.loop import Controller, ControllerConfig
-from gateway.controller.rollout import Phase
-from gateway.controller.simulate import Behaviour, Traffic
-from gateway.state import RedisState, effective_policy
-from gateway.telemetry import RedisStreamSink, RedisStreamSource, redis_client
-
-from .policies import make_policy
+from cohortgate.controller.leader import RedisLeader
+from cohortgate.controller.loop import Controller, ControllerConfig
+from cohortgate.controller.simulate import Behaviour, Traffic
+from cohortgate.core.rollout import Phase
+from cohortgate.store.events import RedisStreamSink, RedisStreamSource, redis_client
+from cohortgate.store.state import RedisState, effective_policy
+from tests.controller.policies import make_policy
 
 pytestmark = pytest.mark.integration
 

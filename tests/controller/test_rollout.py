@@ -6,10 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.controller import rollout
-from gateway.controller.rollout import InvalidTransition, Phase, RouteState, Signal
-
-from .policies import make_policy
+from cohortgate.core import rollout
+from cohortgate.core.rollout import InvalidTransition, Phase, RouteState, Signal
+from tests.controller.policies import make_policy
 
 POLICY = make_policy(weights=(80, 10, 10), steps=[10, 25, 50])
 ROUTE = POLICY.by_name["tabular"]

@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from gateway.controller import rollout
-from gateway.controller.rollout import Signal
-from gateway.state import InProcessState, RedisState, StoreUnavailable, VersionConflict, effective_policy
-
-from .policies import make_policy
+from cohortgate.core import rollout
+from cohortgate.core.rollout import Signal
+from cohortgate.store.state import InProcessState, RedisState, StoreUnavailable, VersionConflict, effective_policy
+from tests.controller.policies import make_policy
 
 POLICY = make_policy()
 ROUTE = POLICY.by_name["tabular"]
@@ -160,14 +159,13 @@ async def test_audit_and_status_snapshot_live_in_redis(redis_server):
 async def test_follow_keeps_the_gateways_policy_holder_on_the_effective_weights(tmp_path):
     from gateway.metrics import GatewayMetrics
     from gateway.service import PolicyHolder
-
-    from .policies import write_policy
+    from tests.controller.policies import write_policy
 
     path = write_policy(tmp_path / "policy.yaml")
     holder = PolicyHolder(POLICY, path)
     store = InProcessState()
     metrics = GatewayMetrics()
-    from gateway.state import follow
+    from cohortgate.store.state import follow
 
     follow(holder, store, metrics)
     assert holder.policy is POLICY

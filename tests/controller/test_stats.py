@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from gateway.controller import stats
-from gateway.controller.windows import LAT_BINS, bins_of
+from cohortgate.controller.windows import LAT_BINS, bins_of
+from cohortgate.core import stats
 
 # --------------------------------------------------------------------------- exactness
 
@@ -138,7 +138,7 @@ def _simulate_rollbacks(reps, intervals, per_interval, canary_error, canary_medi
     err_win[:, window:] -= np.cumsum(x, axis=1)[:, :-window]
     cum1 = np.cumsum(s1, axis=-1)
     p99_bin = np.argmax(cum1 >= np.maximum(1, np.ceil(0.99 * n_win))[..., None], axis=-1)
-    from gateway.controller.windows import LAT_EDGES
+    from cohortgate.controller.windows import LAT_EDGES
 
     p99 = LAT_EDGES[p99_bin]
     enough = n_win >= min_samples

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from gateway.metrics import GatewayMetrics
-from gateway.telemetry import (
+from cohortgate.store.events import (
     EVENTS_STREAM,
     REPORT,
     REQUEST,
@@ -18,6 +17,7 @@ from gateway.telemetry import (
     RedisStreamSource,
     redis_client,
 )
+from gateway.metrics import GatewayMetrics
 from sidecar.report import RedisStreamSink as SidecarRedisSink
 from sidecar.report import ShadowReport
 

@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.controller import windows
-from gateway.controller.windows import RouteWindows, VariantWindow
+from cohortgate.controller import windows
+from cohortgate.controller.windows import RouteWindows, VariantWindow
 
 
 @settings(max_examples=50, deadline=None)

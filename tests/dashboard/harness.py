@@ -1,6 +1,6 @@
 """A real `cohortgate controller` process fed with synthetic traffic through its real ALS receiver.
 
-`ControllerProc` starts ``python -m gateway.cli controller`` with the access-log service on a Unix
+`ControllerProc` starts ``python -m cohortgate.cli controller`` with the access-log service on a Unix
 socket, the JSON API and the dashboard on free loopback ports. `Feeder` plays Envoy: it streams
 ``HTTPAccessLogEntry`` messages over gRPC to that socket (requests with route/variant/region/unit
 headers as the processor sets them, and denials without them), picks each unit's variant from the
@@ -73,7 +73,7 @@ class ControllerProc:
         self.state_file = work / "state.json"
         self.log_path = work / "controller.log"
         self.cmd = [
-            sys.executable, "-m", "gateway.cli", "controller",
+            sys.executable, "-m", "cohortgate.cli", "controller",
             "--policy", str(self.policy),
             "--als", f"uds:{self.als}",
             "--listen", f"127.0.0.1:{self.api_port}",
@@ -120,7 +120,7 @@ class ControllerProc:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``cohortgate ARGS --api ... --token-file ...`` as an operator would type it."""
-        cmd = [sys.executable, "-m", "gateway.cli", *args, "--api", self.api, "--token-file", str(self.token_file)]
+        cmd = [sys.executable, "-m", "cohortgate.cli", *args, "--api", self.api, "--token-file", str(self.token_file)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=self.work, env=env)
 

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import ROOT, ControllerProc, Feeder
+from tests.dashboard.harness import ROOT, ControllerProc, Feeder
 
 
 def main(out: str = str(ROOT / "docs" / "dashboard.png"), healthy_s: float = 25.0, after_s: float = 6.0) -> int:

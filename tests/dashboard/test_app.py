@@ -8,13 +8,13 @@ import time
 import orjson
 import pytest
 
-from gateway.controller.api import make_app
-from gateway.controller.loop import Controller
-from gateway.controller.rollout import Phase, Signal
-from gateway.dashboard.app import Dashboard, TappedSource
-from gateway.dashboard.shape import Recorder
-from gateway.state import InProcessState
-from gateway.telemetry import REQUEST, Event, InProcessSink
+from cohortgate.controller.api import make_app
+from cohortgate.controller.loop import Controller
+from cohortgate.core.rollout import Phase, Signal
+from cohortgate.dashboard.app import Dashboard, TappedSource
+from cohortgate.dashboard.view import Recorder
+from cohortgate.store.events import REQUEST, Event, InProcessSink
+from cohortgate.store.state import InProcessState
 from tests.controller.policies import make_policy
 
 TOKEN = "dashboard-test-token"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ROOT, ControllerProc, Feeder
+from tests.dashboard.harness import ROOT, ControllerProc, Feeder
 
 pytestmark = pytest.mark.browser
 

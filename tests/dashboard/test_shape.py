@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.dashboard.shape import Recorder, denial_code, srm_view, tripped_guardrails, view
-from gateway.telemetry import REQUEST, Event
+from cohortgate.dashboard.view import Recorder, denial_code, srm_view, tripped_guardrails, view
+from cohortgate.store.events import REQUEST, Event
 
 T0 = 1_700_000_000
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from gateway import pki
+from cohortgate.deploy import pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -288,7 +288,7 @@ class GatewayProcess:
     def __init__(self, policy: Path, socket_path: Path, transport: str, workdir: Path) -> None:
         flag, server, _ = TRANSPORT_ARGS[transport]
         self.cmd = [
-            sys.executable, "-m", "gateway.cli", "gateway",
+            sys.executable, "-m", "cohortgate.cli", "gateway",
             "--policy", str(policy),
             "--transport", flag,
             "--grpc-server", server,
@@ -362,9 +362,9 @@ def dataplane(
     upstreams: dict[str, Upstream],
     policy_file: Path,
 ) -> Iterator[DataPlane]:
-    from gateway.envoyconf import ProcessorAddress, render
-    from gateway.envoyproc import EnvoyProcess
-    from gateway.policy import load_policy
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
 
     transport: str = request.param
     work = tmp_path_factory.mktemp(f"dataplane-{transport}")

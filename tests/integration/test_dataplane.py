@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import pki
+from cohortgate.deploy import pki
 from tests.integration.conftest import POLICY, UPSTREAMS, Client, DataPlane, free_port, mint
 
 pytestmark = pytest.mark.integration
@@ -278,9 +278,9 @@ def test_audit_trail_has_decisions_but_no_secrets(dataplane: DataPlane) -> None:
 
 def test_envoy_http_service_posts_the_json_shape_we_parse(tmp_path: Path, certs: pki.CertPaths) -> None:
     """Pin Envoy 1.40's http_service wire format: chunked JSON POST, proto names, raw_value base64."""
-    from gateway.envoyconf import HTTP_SERVICE_PATH, ProcessorAddress, render
-    from gateway.envoyproc import EnvoyProcess
-    from gateway.policy import parse_policy
+    from cohortgate.core.policy import parse_policy
+    from cohortgate.deploy.envoy import HTTP_SERVICE_PATH, ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
     from gateway.transport_http import ExtProcHttpProtocol, start_http
 
     posted: list[bytes] = []

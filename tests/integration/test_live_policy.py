@@ -26,9 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki
-
-from .conftest import POLICY, ROOT, Client, GatewayProcess, Upstream, _handler, free_port, mint
+from cohortgate.deploy import pki
+from tests.integration.conftest import POLICY, ROOT, Client, GatewayProcess, Upstream, _handler, free_port, mint
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +69,7 @@ def _policy(upstreams: dict[str, Upstream], jwks: Path, fresh_url: str, step: st
 
 def _apply(source: Path, live: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "policy", "apply", str(source), "--to", str(live)],
+        [sys.executable, "-m", "cohortgate.cli", "policy", "apply", str(source), "--to", str(live)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -151,9 +150,9 @@ def _metric(port: int, name: str) -> float:
 def test_policy_edits_under_load_lose_no_request(
     tmp_path: Path, certs: pki.CertPaths, upstreams: dict[str, Upstream]
 ) -> None:
-    from gateway.envoyconf import ProcessorAddress, render
-    from gateway.envoyproc import EnvoyProcess
-    from gateway.policy import load_policy
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     server.daemon_threads = True

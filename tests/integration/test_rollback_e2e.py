@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from gateway import pki
-from gateway.accesslog import serve_als
-from gateway.controller.loop import Controller, ControllerConfig
-from gateway.controller.rollout import Phase
-from gateway.policy import load_policy
-from gateway.state import InProcessState, follow
-from gateway.telemetry import InProcessSink
+from cohortgate.controller.als import serve_als
+from cohortgate.controller.loop import Controller, ControllerConfig
+from cohortgate.core.policy import load_policy
+from cohortgate.core.rollout import Phase
+from cohortgate.deploy import pki
+from cohortgate.store.events import InProcessSink
+from cohortgate.store.state import InProcessState, follow
 from sidecar.faults import FaultInjector
 from tests.integration.conftest import Client, free_port, mint
 
@@ -124,8 +124,8 @@ class Loop:
 async def running_loop(
     tmp_path: Path, certs: pki.CertPaths, canary_fault: float, min_samples: int, interval_s: float
 ) -> AsyncIterator[Loop]:
-    from gateway.envoyconf import AccessLogTarget, ProcessorAddress, render
-    from gateway.envoyproc import EnvoyProcess
+    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
     from gateway.service import Gateway, GatewayConfig, ListenAddress
 
     control, canary = KnobUpstream("control").start(), KnobUpstream("canary").start()

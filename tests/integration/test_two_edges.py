@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import pki
-
-from .conftest import TRANSPORT_ARGS, Client, GatewayProcess, Upstream, free_port, mint
+from cohortgate.deploy import pki
+from tests.integration.conftest import TRANSPORT_ARGS, Client, GatewayProcess, Upstream, free_port, mint
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +50,7 @@ class Controller:
         self.token_file = work / "admin.token"
         self.log_path = work / "controller.log"
         self.cmd = [
-            "python", "-m", "gateway.cli", "controller",
+            "python", "-m", "cohortgate.cli", "controller",
             "--policy", str(policy),
             "--redis", redis_url,
             "--listen", f"127.0.0.1:{self.port}",
@@ -66,7 +65,7 @@ class Controller:
         import subprocess
         import sys
 
-        from .conftest import ROOT
+        from tests.integration.conftest import ROOT
 
         self.cmd[0] = sys.executable
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -116,9 +115,9 @@ def two_edges(
     upstreams: dict[str, Upstream],
     policy_file: Path,
 ) -> Iterator[tuple[list[Edge], Controller]]:
-    from gateway.envoyconf import ProcessorAddress, render
-    from gateway.envoyproc import EnvoyProcess
-    from gateway.policy import load_policy
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
     from tests.controller.conftest import RedisServer
 
     work = tmp_path_factory.mktemp("two-edges")

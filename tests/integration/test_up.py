@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 
-from gateway import pki
+from cohortgate.deploy import pki
 from tests.controller.conftest import RedisServer
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "policies" / "example.yaml"
-CLI = [sys.executable, "-m", "gateway.cli"]
+CLI = [sys.executable, "-m", "cohortgate.cli"]
 
 
 def alive(pid: int) -> bool:

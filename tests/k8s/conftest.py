@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.k8s.options import Mesh, RenderOptions
-from gateway.k8s.plan import load
-from gateway.k8s.render import Rendered, render
+from cohortgate.deploy.k8s.options import Mesh, RenderOptions
+from cohortgate.deploy.k8s.plan import load
+from cohortgate.deploy.k8s.render import Rendered, render
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "policies" / "example.yaml"

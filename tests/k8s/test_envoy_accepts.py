@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway import pki
-from gateway.envoyproc import validate
-from gateway.k8s import workloads
-
-from .conftest import named
+from cohortgate.deploy import pki
+from cohortgate.deploy.envoyproc import validate
+from cohortgate.deploy.k8s import workloads
+from tests.k8s.conftest import named
 
 pytestmark = pytest.mark.integration
 

@@ -19,16 +19,15 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import envoyconf
-from gateway.cli import main
-from gateway.decide import Facts, decide
-from gateway.k8s import sizing
-from gateway.k8s.options import Mesh, RenderOptions
-from gateway.k8s.plan import PlanError, dns_name
-from gateway.k8s.render import render
-
-from . import crd_schemas
-from .conftest import CONFIGS, EXAMPLE, GOLDEN_FLAGS, K8S_VERSION, docs, named
+from cohortgate.cli import main
+from cohortgate.core.decide import Facts, decide
+from cohortgate.deploy import envoy as envoyconf
+from cohortgate.deploy.k8s import sizing
+from cohortgate.deploy.k8s.options import Mesh, RenderOptions
+from cohortgate.deploy.k8s.plan import PlanError, dns_name
+from cohortgate.deploy.k8s.render import render
+from tests.k8s import crd_schemas
+from tests.k8s.conftest import CONFIGS, EXAMPLE, GOLDEN_FLAGS, K8S_VERSION, docs, named
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("COHORTGATE_UPDATE_GOLDEN") == "1"
@@ -203,7 +202,7 @@ def test_gpu_flag_must_name_a_model_backed_variant(example):
 
 
 def test_no_secret_material_in_any_rendered_file(renders, tmp_path):
-    from gateway import pki
+    from cohortgate.deploy import pki
 
     certs = pki.init_certs(tmp_path / "certs")
     secret_bodies = []

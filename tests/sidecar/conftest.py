@@ -11,8 +11,7 @@ from aiohttp.test_utils import TestClient
 from sidecar.demo_models import build_models
 from sidecar.report import ReportSink
 from sidecar.server import SIDECAR, SidecarConfig, build_app
-
-from . import sidecar_helpers as helpers
+from tests.sidecar import sidecar_helpers as helpers
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,7 @@ from sidecar.report import (
     sink_from_url,
 )
 from sidecar.server import SidecarConfig
-
-from .sidecar_helpers import free_port, sidecar_in_thread, wait_ready
+from tests.sidecar.sidecar_helpers import free_port, sidecar_in_thread, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +69,7 @@ async def test_shutdown_finishes_queued_requests_then_refuses(models: Path) -> N
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", *args]
+    return [sys.executable, "-m", "cohortgate.cli", *args]
 
 
 @contextlib.contextmanager

@@ -15,8 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.model import ModelLoadError
 from sidecar.report import MemorySink
 from sidecar.server import SIDECAR, SidecarConfig, build_app
-
-from .test_sidecar_protocol import triton_body
+from tests.sidecar.test_sidecar_protocol import triton_body
 
 
 def reference(models: Path, model: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -14,8 +14,7 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from sidecar.server import SidecarConfig
-
-from .sidecar_helpers import ThreadedSidecar, free_port, sidecar_in_thread
+from tests.sidecar.sidecar_helpers import ThreadedSidecar, free_port, sidecar_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,5 @@
+import sys
+
+from cohortgate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""`cohortgate envoy render`: write Envoy's bootstrap and CDS files for a policy.
+
+The bootstrap is static (listener, ext_proc filter, processor cluster); the policy's clusters go to
+``cds.yaml``, which a running Envoy re-reads when it is replaced. Paths are written as given, so
+relative ``--certs`` and ``--out`` resolve against the directory Envoy is started from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = ".cohortgate/envoy"
+DEFAULT_PROCESSOR = "uds:.cohortgate/processor.sock"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("envoy", help="render Envoy's configuration from a policy")
+    sub = group.add_subparsers(dest="envoy_command", required=True, metavar="ACTION")
+
+    render = sub.add_parser(
+        "render",
+        help="Write bootstrap.yaml (static) and cds.yaml (the policy's clusters) into --out.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    render.add_argument("--policy", required=True, type=Path, help="Policy file (YAML).")
+    render.add_argument("--certs", default=Path("certs"), type=Path, help="Directory from `cohortgate certs init`.")
+    render.add_argument(
+        "--transport",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="How Envoy calls the processor: gRPC ext_proc (default) or the work-in-progress http_service.",
+    )
+    render.add_argument(
+        "--processor",
+        default=DEFAULT_PROCESSOR,
+        metavar="uds:PATH|tcp:HOST:PORT",
+        help=f"Where the processor listens (default {DEFAULT_PROCESSOR}); TCP off loopback uses mTLS.",
+    )
+    render.add_argument(
+        "--processor-tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Force mTLS to a TCP processor on or off (default: on unless the host is loopback).",
+    )
+    render.add_argument("--listen-port", type=int, default=8443, help="HTTPS (mTLS) listener port.")
+    render.add_argument("--listen-address", default="127.0.0.1", help="Listener address (default 127.0.0.1).")
+    render.add_argument("--admin-port", type=int, default=9901, help="Admin port (always on 127.0.0.1).")
+    render.add_argument(
+        "--access-log",
+        default=None,
+        metavar="uds:PATH|tcp:HOST:PORT",
+        help="Stream access logs to a gRPC access-log service there (off by default).",
+    )
+    render.add_argument("--concurrency", type=int, default=None, help="Envoy workers you will run with.")
+    render.add_argument("--upstream-ca", default=None, help="CA bundle for https backends (default: system).")
+    render.add_argument("--out", default=Path(DEFAULT_OUT), type=Path, help=f"Output directory ({DEFAULT_OUT}).")
+    render.add_argument("--validate", action="store_true", help="Run `envoy --mode validate` on the result.")
+    render.set_defaults(func=_render)
+
+
+def _cert_paths(directory: Path):
+    from cohortgate.deploy import pki
+
+    try:
+        return pki.load_cert_paths(directory)
+    except FileNotFoundError:
+        # Rendering does not read the files, so it works before `certs init` (and in a clean
+        # clone, for envoy/example); Envoy needs them only when it starts.
+        print(f"note: {directory} is not initialised; run `cohortgate certs init --dir {directory}`", file=sys.stderr)
+        return pki._layout(directory, pki.DEFAULT_TRUST_DOMAIN)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from cohortgate.core.errors import PolicyError
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy import envoy as envoyconf
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    try:
+        processor = envoyconf.ProcessorAddress.parse(args.processor, tls=args.processor_tls)
+        access_log = envoyconf.AccessLogTarget.parse(args.access_log) if args.access_log else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files = envoyconf.render(
+        policy,
+        certs=_cert_paths(args.certs),
+        out_dir=args.out,
+        processor=processor,
+        transport=args.transport,
+        listen_port=args.listen_port,
+        admin_port=args.admin_port,
+        access_log=access_log,
+        concurrency=args.concurrency,
+        listen_address=args.listen_address,
+        upstream_ca=args.upstream_ca,
+    )
+    print(files.bootstrap)
+    print(files.cds)
+    if args.validate:
+        from cohortgate.deploy.envoyproc import EnvoyConfigError, validate
+
+        try:
+            validate(files.bootstrap)
+        except EnvoyConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print("valid", file=sys.stderr)
+    return 0

@@ -1,0 +1,284 @@
+"""`cohortgate status | rollback | promote | resume`: look at and steer running experiments.
+
+    cohortgate status [--watch [SECONDS]] [--json]
+    cohortgate rollback ROUTE VARIANT
+    cohortgate promote ROUTE VARIANT
+    cohortgate resume ROUTE
+
+By default these talk to the controller's JSON API on loopback (``--api``, default
+``$COHORTGATE_API`` or http://127.0.0.1:9480) with the admin token from ``--token-file``: the
+controller owns the state machine, so a manual action goes through the same transition table,
+compare-and-set write and audit as its own. With ``--redis URL`` they talk to the state store
+directly instead (for when no controller is reachable): status then shows the leader's last
+published snapshot, and actions need ``--policy`` to know the variants and rollout steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+DEFAULT_API = "http://127.0.0.1:9480"
+DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api",
+        default=os.environ.get("COHORTGATE_API", DEFAULT_API),
+        help=f"controller API (default $COHORTGATE_API or {DEFAULT_API})",
+    )
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("COHORTGATE_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        help=f"admin token file (default {DEFAULT_TOKEN_FILE})",
+    )
+    p.add_argument("--redis", metavar="URL", default=None, help="talk to the Redis state store instead of the API")
+    p.add_argument("--policy", default=None, help="policy file (only with --redis, for actions)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser("status", help="experiments per route and variant: weights, rates, verdicts, SRM")
+    _common(s)
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until interrupted",
+    )
+    s.set_defaults(func=_status)
+    for verb, helptext in (
+        ("rollback", "send a variant's users back to control now"),
+        ("promote", "move a variant to its next rollout step now"),
+    ):
+        p = subparsers.add_parser(verb, help=helptext)
+        _common(p)
+        p.add_argument("route")
+        p.add_argument("variant")
+        p.set_defaults(func=_action, verb=verb)
+    r = subparsers.add_parser("resume", help="resume a halted route, or restart a rolled-back variant")
+    _common(r)
+    r.add_argument("route")
+    r.set_defaults(func=_action, verb="resume", variant=None)
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class CliError(Exception):
+    pass
+
+
+def _token(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the admin token {path}: {exc.strerror} (start the controller, or pass --token-file)"
+        ) from None
+
+
+def _http(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(args.api.rstrip("/") + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {_token(args.token_file)}")
+    req.add_header("X-Cohortgate-Actor", f"cli:{getpass.getuser()}@{socket.gethostname()}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            raise CliError(f"{err['message']} ({exc.code} {err['code']})") from None
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"controller answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach the controller at {args.api}: {getattr(exc, 'reason', exc)}") from None
+
+
+async def _redis_status(args: argparse.Namespace) -> dict[str, Any]:
+    from cohortgate.store.state import RedisState
+
+    store = RedisState(args.redis, timeout_s=2.0)
+    store.connect()
+    try:
+        doc = await store.read_status()
+        states = await store.load()
+    finally:
+        await store.close()
+    if doc is None:
+        doc = {"controller": {"note": "no controller has published a status in the last 10 s"}, "routes": {}}
+    for name, st in states.items():
+        route = doc["routes"].setdefault(name, {"variants": {}})
+        route.update(status=st.status, version=st.version, updated_at=st.updated_at, updated_by=st.updated_by)
+        for v, w in st.weights.items():
+            vdoc = route["variants"].setdefault(v, {})
+            vdoc["weight"] = w
+            vdoc["enabled"] = v not in st.disabled
+            if v in st.variants:
+                vdoc["phase"] = st.variants[v].phase.value
+    return doc
+
+
+async def _redis_action(args: argparse.Namespace) -> dict[str, Any]:
+    from cohortgate.controller.api import action_result
+    from cohortgate.controller.loop import Controller
+    from cohortgate.core.policy import load_policy
+    from cohortgate.core.rollout import Signal
+    from cohortgate.store.events import InProcessSink
+    from cohortgate.store.state import RedisState
+
+    if not args.policy:
+        raise CliError("with --redis, actions need --policy (the variants and rollout steps)")
+    policy = load_policy(args.policy)
+    store = RedisState(args.redis, timeout_s=2.0)
+    controller = Controller(policy, store, InProcessSink(), name="cli")
+    await controller.start()
+    try:
+        actor = f"manual:cli:{getpass.getuser()}@{socket.gethostname()}"
+        changes = await controller.manual(Signal(args.verb), args.route, args.variant, actor)
+    finally:
+        await store.close()
+    return action_result(changes, controller.states[args.route])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
+    if args.redis:
+        import asyncio
+
+        return asyncio.run(_redis_status(args))
+    return _http(args, "GET", "/status")
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            doc = _fetch_status(args)
+            out = json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc)
+            if args.watch is not None and sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(out, flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except CliError as exc:
+        print(f"cohortgate status: {exc}", file=sys.stderr)
+        return 1
+
+
+def _action(args: argparse.Namespace) -> int:
+    from cohortgate.core.errors import CohortgateError
+
+    try:
+        if args.redis:
+            import asyncio
+
+            from cohortgate.core.rollout import InvalidTransition
+
+            try:
+                result = asyncio.run(_redis_action(args))
+            except (InvalidTransition, KeyError, CohortgateError) as exc:
+                raise CliError(str(exc).strip("'\"")) from None
+        else:
+            body: dict[str, Any] = {"route": args.route}
+            if args.variant is not None:
+                body["variant"] = args.variant
+            result = _http(args, "POST", f"/actions/{args.verb}", body)
+    except CliError as exc:
+        print(f"cohortgate {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if not result["changes"]:
+        print(f"{args.route}: nothing changed")
+    for c in result["changes"]:
+        weights = ", ".join(f"{k} {v}%" for k, v in c["weights"].items())
+        print(f"{args.route}/{c['variant']}: {c['action']} ({c['from']} -> {c['to']}); weights now {weights}")
+    return 0
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.1f}"
+
+
+def _p(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.2g}"
+
+
+def render(doc: dict[str, Any]) -> str:
+    """A status document as a plain-text table per route."""
+    lines = []
+    ctl = doc.get("controller", {})
+    if ctl:
+        who = ctl.get("name", "?")
+        role = "leader" if ctl.get("leader") else "follower"
+        digest = str(ctl.get("policy_digest", ""))[:12]
+        lines.append(
+            f"controller {who} ({role}); store {ctl.get('store', '?')}; policy {digest}"
+            if "name" in ctl
+            else f"controller: {ctl.get('note', '')}"
+        )
+    for name, r in sorted(doc.get("routes", {}).items()):
+        srm = r.get("srm") or {}
+        if srm.get("checked"):
+            srm_text = ("MISMATCH" if srm.get("mismatch") else "ok") + (
+                f" (chi2 {srm['chi2']:.1f}, p {_p(srm['p_chi2'])}, units {srm['counts']})"
+            )
+        else:
+            srm_text = f"not checked ({srm.get('reason', 'no data')})"
+        lines.append("")
+        lines.append(
+            f"route {name}: {r.get('status', '?')}  v{r.get('version', '?')} by {r.get('updated_by', '?')}"
+            f"  SRM {srm_text}"
+        )
+        header = (
+            f"  {'variant':<14}{'weight':>7}  {'phase':<12}{'reqs':>8}{'err':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'p(err)':>9}{'p(lat)':>9}  verdict"
+        )
+        lines.append(header)
+        for vname, v in r.get("variants", {}).items():
+            w = v.get("window", {})
+            weight = f"{v.get('weight', '?')}%" + ("" if v.get("enabled", True) else "x")
+            verdict = v.get("verdict") or {}
+            verdict_text = f"{verdict.get('signal', '')}: {verdict.get('reason', '')}" if verdict else ""
+            lines.append(
+                f"  {vname:<14}{weight:>7}  {v.get('phase', '?'):<12}{w.get('requests', 0):>8}"
+                f"{_pct(w.get('error_rate')):>9}{_ms(w.get('p50_ms')):>9}{_ms(w.get('p99_ms')):>9}"
+                f"{_p(v.get('p_error')):>9}{_p(v.get('p_latency')):>9}  {verdict_text}"
+            )
+        for sname, s in (r.get("shadows") or {}).items():
+            delta = s.get("latency_delta_ms") or {}
+            agreement = "-" if s.get("agreement") is None else f"{100 * s['agreement']:.1f}%"
+            lines.append(
+                f"  shadow {sname}: {s.get('pairs', 0)} pairs, agreement {agreement}, "
+                f"latency delta p50 {_ms(delta.get('p50'))} ms (mean {_ms(delta.get('mean'))}), "
+                f"shadow errors {s.get('shadow_errors', 0)}"
+            )
+    return "\n".join(lines).lstrip("\n")

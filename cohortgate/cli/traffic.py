@@ -1,0 +1,430 @@
+"""`cohortgate traffic`: realistic demo load on the running stack, so the experiment visibly evolves.
+
+Many sticky users (``user-00000`` ...), each with a residency drawn once from ``--residency-mix``
+and a token minted once; requests are paced open-loop at ``--rps`` (a slow answer never slows the
+schedule, as with real clients), each from a user drawn at random, over mTLS to Envoy. Every second
+one line: requests/s, status counts and which variants answered, so a rollback shows as the
+canary's count falling to zero; the controller's rollbacks (read from its audit trail) are printed
+as they happen. At the end a summary: answers by status and by variant, latency, rollbacks seen.
+Everything random takes ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+from cohortgate.cli.token import parse_ttl
+
+ROLLBACK_POLL_S = 1.0
+
+if TYPE_CHECKING:
+    from cohortgate.local.client import StackInfo
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``ae=0.3,eu=0.7`` -> shares normalised to sum to 1 (``eu`` alone means everyone)."""
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        region, sep, share = part.partition("=")
+        try:
+            value = float(share) if sep else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad share in {part!r}: use REGION=SHARE, e.g. ae=0.3") from None
+        if not region.strip() or value < 0:
+            raise argparse.ArgumentTypeError(f"bad entry {part!r}: use REGION=SHARE, e.g. ae=0.3")
+        mix[region.strip()] = value
+    total = sum(mix.values())
+    if total <= 0:
+        raise argparse.ArgumentTypeError("the residency mix needs a positive share")
+    return {region: share / total for region, share in mix.items()}
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("the share must be within [0, 1]")
+    return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return value
+
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "traffic",
+        help="drive sticky multi-user demo traffic through the running stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--users", type=_positive(int), default=1000, help="distinct users (default 1000)")
+    p.add_argument("--rps", type=_positive(float), default=100.0, help="requests per second, open loop (default 100)")
+    p.add_argument("--duration", type=parse_ttl, default=60.0, help="how long, e.g. 60s or 5m (default 60s)")
+    p.add_argument(
+        "--residency-mix",
+        type=parse_mix,
+        default=parse_mix("ae=0.3,eu=0.7"),
+        help="users' residency claims, e.g. ae=0.3,eu=0.7 (the default)",
+    )
+    p.add_argument(
+        "--bad-share",
+        type=_share,
+        default=0.0,
+        metavar="F",
+        help="this fraction of requests misbehaves as client apps do: no token (401), a token without "
+        "the route's scope (403), a residency no backend serves (451) (default 0)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed for users, regions and inputs (default 1)")
+    p.add_argument("--model", default="tabular", help="OIP model name to call (default tabular)")
+    p.add_argument("--client", default="app-demo", help="client certificate name (default app-demo)")
+    p.add_argument(
+        "--max-in-flight",
+        type=_positive(int),
+        default=512,
+        help="requests allowed in flight; beyond it a due request is skipped and counted (default 512)",
+    )
+    p.add_argument("--state-dir", default=".cohortgate", help="the stack's state directory (default .cohortgate)")
+    p.add_argument(
+        "--until-rollback",
+        action="store_true",
+        help="stop as soon as the controller rolls a variant back; exit 1 if none did (demo scripts, tests)",
+    )
+    p.add_argument(
+        "--wait",
+        type=parse_ttl,
+        default=None,
+        metavar="S",
+        help="wait up to this long for `cohortgate up` to be ready (e.g. 2m), for scripts that start both",
+    )
+    p.set_defaults(func=_traffic)
+
+
+# ------------------------------------------------------------------------------ the plan (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConfig:
+    users: int = 1000
+    rps: float = 100.0
+    duration_s: float = 60.0
+    residency_mix: Mapping[str, float] = field(default_factory=lambda: {"ae": 0.3, "eu": 0.7})
+    seed: int = 1
+    model: str = "tabular"
+    client: str = "app-demo"
+    max_in_flight: int = 512
+    until_rollback: bool = False
+    bad_share: float = 0.0
+
+
+def plan_users(count: int, mix: Mapping[str, float], seed: int) -> list[tuple[str, str]]:
+    """``(sub, region)`` per user, the same for the same arguments (so cohorts are reproducible)."""
+    rng = random.Random(seed)
+    regions = sorted(mix)
+    weights = [mix[r] for r in regions]
+    return [(f"user-{i:05d}", rng.choices(regions, weights)[0]) for i in range(count)]
+
+
+def due(elapsed_s: float, rps: float) -> int:
+    """How many requests an open-loop schedule at ``rps`` has started ``elapsed_s`` after its start."""
+    # The epsilon absorbs float error, so the request due exactly at ``k / rps`` counts at that instant.
+    return int(elapsed_s * rps + 1e-6) + 1 if elapsed_s >= 0 else 0
+
+
+def bodies(seed: int, count: int = 64) -> list[bytes]:
+    """``count`` encoded OIP bodies: the demo rows, each feature jittered by up to ±5 %."""
+    from cohortgate.local.client import DEMO_ROWS, oip_body
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        row = DEMO_ROWS[i % len(DEMO_ROWS)]
+        out.append(json.dumps(oip_body([[v * (1 + rng.uniform(-0.05, 0.05)) for v in row]])).encode())
+    return out
+
+
+def new_rollbacks(records: Iterable[Any], seen: set[str], since: float) -> list[Mapping[str, Any]]:
+    """The controller's rollback records (``/audit``, newest first) made at or after ``since`` and
+    not yet in ``seen`` (which this updates), oldest first."""
+    out = []
+    for record in reversed(list(records)):
+        if not isinstance(record, Mapping) or record.get("action") != "rollback":
+            continue
+        try:
+            ts = float(record.get("ts", 0))
+        except (TypeError, ValueError):
+            continue
+        key = f"{record.get('route')}/{record.get('variant')}@{ts}"
+        if ts >= since and key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
+
+
+class Tally:
+    """Counts per status and per variant, and latencies, for the last second and for the whole run."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.skipped = 0
+        self.rollbacks: list[tuple[float, str]] = []  # (seconds into the run, what the controller said)
+        self.status: Counter[str] = Counter()
+        self.variant: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self._window = Counter[str]()
+        self._window_variant = Counter[str]()
+        self._window_latencies: list[float] = []
+
+    def record(self, status: str, variant: str, latency_s: float) -> None:
+        self.status[status] += 1
+        self.variant[variant] += 1
+        self._window[status] += 1
+        self._window_variant[variant] += 1
+        self.latencies.append(latency_s)
+        self._window_latencies.append(latency_s)
+
+    @staticmethod
+    def _counts(counter: Counter[str]) -> str:
+        return " ".join(f"{k}:{v}" for k, v in sorted(counter.items())) or "-"
+
+    @staticmethod
+    def _pct(values: list[float], q: float) -> float:
+        if not values:
+            return 0.0
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def window_line(self, t: float, in_flight: int) -> str:
+        """One line for the last second, then start a new second."""
+        done = sum(self._window.values())
+        lat = self._window_latencies
+        line = (
+            f"{t:5.0f}s  {done:4d} req/s  status {self._counts(self._window):<22} "
+            f"variants {self._counts(self._window_variant):<28} "
+            f"p50 {self._pct(lat, 0.5):5.1f}ms  p99 {self._pct(lat, 0.99):6.1f}ms  in flight {in_flight}"
+        )
+        self._window.clear()
+        self._window_variant.clear()
+        self._window_latencies = []
+        return line
+
+    def summary(self, elapsed_s: float) -> str:
+        done = sum(self.status.values())
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        skipped = f", {self.skipped} skipped (in-flight cap)" if self.skipped else ""
+        rollbacks = "".join(f"\n    at {t:.0f}s: {what}" for t, what in self.rollbacks)
+        return (
+            f"total: {done} answers in {elapsed_s:.1f}s ({rate:.1f}/s){skipped}\n"
+            f"  status    {self._counts(self.status)}\n"
+            f"  variants  {self._counts(self.variant)}\n"
+            f"  latency   p50 {self._pct(self.latencies, 0.5):.1f}ms  p99 {self._pct(self.latencies, 0.99):.1f}ms\n"
+            f"  rollbacks {len(self.rollbacks)}{rollbacks}"
+        )
+
+
+# ------------------------------------------------------------------------------ the load (I/O)
+
+
+async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
+    """Send the load; print a line per second and a summary; return the tally."""
+    import asyncio
+    import signal
+    import time
+
+    import aiohttp
+
+    from cohortgate.local.client import describe_audit, infer_path, ssl_context, token_minter
+
+    mint = token_minter(info)
+    users = plan_users(config.users, config.residency_mix, config.seed)
+    tokens = [
+        f"Bearer {mint(sub, residency=region, claims={'tier': 'gold'}, ttl_s=config.duration_s + 3600)}"
+        for sub, region in users
+    ]
+    # The misbehaving clients: no token, a token lacking the scope, a region no backend serves.
+    bad_tokens = [
+        None,
+        f"Bearer {mint('user-bad-scope', residency='eu', scopes=('read',), ttl_s=config.duration_s + 3600)}",
+        f"Bearer {mint('user-bad-region', residency='zz', ttl_s=config.duration_s + 3600)}",
+    ]
+    payloads = bodies(config.seed)
+    rng = random.Random(config.seed + 1)
+    url = f"{info.gateway_url}{infer_path(config.model)}"
+    tally = Tally()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    in_flight: set[asyncio.Task[None]] = set()
+    regions = Counter(region for _, region in users)
+    print(
+        f"traffic: {config.users} users ({', '.join(f'{r} {n}' for r, n in sorted(regions.items()))}), "
+        f"{config.rps:g} req/s for {config.duration_s:g}s to {url}",
+        file=out,
+        flush=True,
+    )
+
+    connector = aiohttp.TCPConnector(ssl=ssl_context(info, config.client), limit=config.max_in_flight)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(user: int, body: bytes, token: str | None) -> None:
+            headers = {"content-type": "application/json"}
+            if token is not None:
+                headers["authorization"] = token
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = str(response.status)
+                    variant = response.headers.get("x-cohortgate-variant", "-")
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                status, variant = "error", "-"
+            tally.record(status, variant, time.perf_counter() - started)
+
+        async def report(start: float) -> None:
+            tick = 1
+            while True:
+                await asyncio.sleep(max(0.0, start + tick - loop.time()))
+                print(tally.window_line(tick, len(in_flight)), file=out, flush=True)
+                tick += 1
+
+        api, admin_token = info.controller_api, _admin_token(info)
+        seen: set[str] = set()
+        since = time.time()
+
+        async def look_for_rollbacks(start: float) -> None:
+            """Read the controller's audit trail once; print each new rollback (and stop, if asked)."""
+            try:
+                async with session.get(
+                    f"{api}/audit?limit=50", headers={"authorization": f"Bearer {admin_token}"}, ssl=False
+                ) as response:
+                    records = (await response.json()).get("records", []) if response.status == 200 else []
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
+                return
+            for record in new_rollbacks(records, seen, since):
+                what = describe_audit(record)
+                tally.rollbacks.append((loop.time() - start, what))
+                print(f"{loop.time() - start:5.0f}s  ROLLBACK {what}", file=out, flush=True)
+                if config.until_rollback:
+                    stop.set()
+
+        async def watch_rollbacks(start: float) -> None:
+            while True:
+                await asyncio.sleep(ROLLBACK_POLL_S)
+                await look_for_rollbacks(start)
+
+        if not api or not admin_token:
+            print("traffic: no controller API or admin token in run.json: rollbacks go unseen", file=out)
+
+        start = loop.time()
+        reporter = asyncio.create_task(report(start))
+        watcher = asyncio.create_task(watch_rollbacks(start)) if api and admin_token else None
+        started = 0
+        try:
+            while not stop.is_set():
+                elapsed = loop.time() - start
+                if elapsed >= config.duration_s:
+                    break
+                for _ in range(due(elapsed, config.rps) - started):
+                    started += 1
+                    if len(in_flight) >= config.max_in_flight:
+                        tally.skipped += 1
+                        continue
+                    user = rng.randrange(config.users)
+                    bad = config.bad_share and rng.random() < config.bad_share
+                    token = rng.choice(bad_tokens) if bad else tokens[user]
+                    task = asyncio.create_task(one(user, rng.choice(payloads), token))
+                    tally.sent += 1
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                next_at = start + started / config.rps
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+            if in_flight:
+                await asyncio.wait(set(in_flight), timeout=10)
+            if watcher is not None:  # a rollback since the last look still counts
+                watcher.cancel()
+                await look_for_rollbacks(start)
+        finally:
+            reporter.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    print(tally.summary(loop.time() - start), file=out, flush=True)
+    return tally
+
+
+def _admin_token(info: StackInfo) -> str | None:
+    """The controller's admin token (the audit trail needs it), from the file run.json names."""
+    from pathlib import Path
+
+    path = info.raw.get("admin_token_file")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    import time
+
+    from cohortgate.local.client import StackInfo, StackNotRunning
+
+    deadline = time.monotonic() + (args.wait or 0.0)
+    while True:
+        try:
+            info = StackInfo.load(args.state_dir)
+            info.client_pair(args.client)
+            break
+        except StackNotRunning as exc:
+            if time.monotonic() >= deadline:
+                print(f"cohortgate traffic: {exc}", file=sys.stderr)
+                return 2
+            time.sleep(0.25)
+    config = LoadConfig(
+        users=args.users,
+        rps=args.rps,
+        duration_s=args.duration,
+        residency_mix=args.residency_mix,
+        seed=args.seed,
+        model=args.model,
+        client=args.client,
+        max_in_flight=args.max_in_flight,
+        until_rollback=args.until_rollback,
+        bad_share=args.bad_share,
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        import asyncio
+
+        runner = asyncio.run
+    tally = runner(run_load(info, config, out=sys.stdout))
+    if config.until_rollback and not tally.rollbacks:
+        print("cohortgate traffic: no rollback within the duration", file=sys.stderr)
+        return 1
+    return 0 if tally.sent else 1

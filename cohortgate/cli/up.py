@@ -1,0 +1,150 @@
+"""`cohortgate up`: the whole stack on this machine, in one command (see gateway/stack.py).
+
+Builds the demo models and mints certificates and the dev signing key when missing, starts one
+sidecar per policy backend that names a local model, the controller, the gateway and Envoy, waits
+for each, then prints the endpoints and a copy-paste curl. Ctrl-C (or SIGTERM) stops everything,
+Envoy first. Editing the policy file applies live. ``<state-dir>/run.json`` tells scripts where
+everything is; ``<state-dir>/logs/`` holds each child's log.
+
+With ``--demo`` the canary fails a share of its requests and `cohortgate traffic` runs in the
+background (its log: ``<state-dir>/logs/traffic.log``): the controller rolls the canary back
+within a minute, on the dashboard, in `cohortgate status --watch` and in this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEMO_FAULT_RATE = 0.3
+DEMO_FAULT_AFTER_S = 20.0  # long enough to see a healthy canary (and its first samples) on the page
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be within [0, 1]")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return int(text)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="run the whole stack locally: sidecars, controller, gateway, Envoy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=Path("policies/example.yaml"),
+        help="the policy file (default policies/example.yaml); edits apply live",
+    )
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("COHORTGATE_REDIS") or None,
+        help="share state and events through this Redis (default $COHORTGATE_REDIS; none = embedded)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".cohortgate"),
+        help="run.json, logs, sockets, the effective policy (default .cohortgate)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="how Envoy calls the gateway (default grpc; http is Envoy's work-in-progress http_service)",
+    )
+    p.add_argument(
+        "--canary-fault-rate",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="demo knob: the canary's sidecars fail this fraction of requests with 500, so "
+        f"`cohortgate traffic` shows an automatic rollback (default 0; {DEMO_FAULT_RATE:g} with --demo)",
+    )
+    p.add_argument(
+        "--canary-fault-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="demo knob: the faulty canary serves healthily this long first "
+        f"(default 0; {DEMO_FAULT_AFTER_S:g} with --demo, so the page shows it go bad)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo: a faulty canary (see --canary-fault-rate) and `cohortgate traffic` in the background, "
+        "so the controller rolls the canary back within a minute while you watch",
+    )
+    p.add_argument(
+        "--certs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="certificate directory (default: the one holding the policy's jwks file)",
+    )
+    p.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="take free ports for everything instead of the usual ones (tests, stacks side by side)",
+    )
+    p.add_argument("--port", type=_port, default=None, help="Envoy's HTTPS port (default 8443, else a free one)")
+    p.add_argument("--admin-port", type=_port, default=None, help="Envoy's admin port (default 9901, else a free one)")
+    p.add_argument(
+        "--controller-port", type=_port, default=None, help="the controller API's port (default 9480, else a free one)"
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long each child may take to become ready (default 30)",
+    )
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cohortgate.local.stack import Stack, StackOptions
+
+    if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        print(f"cohortgate up: --redis wants a redis:// URL, got {args.redis!r}", file=sys.stderr)
+        return 2
+    options = StackOptions(
+        policy=args.policy,
+        state_dir=args.state_dir,
+        certs_dir=args.certs,
+        redis=args.redis,
+        transport=args.transport,
+        canary_fault_rate=(
+            args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if args.demo else 0.0
+        ),
+        canary_fault_after_s=(
+            args.canary_fault_after
+            if args.canary_fault_after is not None
+            else DEMO_FAULT_AFTER_S if args.demo else 0.0
+        ),
+        demo=args.demo,
+        free_ports=args.free_ports,
+        envoy_port=args.port,
+        admin_port=args.admin_port,
+        controller_port=args.controller_port,
+        concurrency=max(1, args.concurrency),
+        ready_timeout_s=args.ready_timeout,
+    )
+    return Stack(options).run()

@@ -1,0 +1,179 @@
+"""Envoy's gRPC access-log service (ALS) receiver: per-request outcomes, off the response path.
+
+Why ALS and not an event from the ext_proc processor: the processor answers before the upstream
+does, so it never sees the status or the latency without asking Envoy for the response headers --
+one more blocking round trip on every request. Envoy's ALS is asynchronous: it buffers entries
+after the response has been sent and streams them to us (``StreamAccessLogs``), with the status,
+the upstream timings, the request id and the headers the processor set (route, variant, hashed
+unit, region), which Envoy logs through ``additional_request_headers_to_log``.
+
+`event_from_entry` turns one ``HTTPAccessLogEntry`` into an `Event` (pure, tested without gRPC);
+`AccessLogReceiver` is the grpc.aio servicer that feeds a sink; `serve_als` binds it to
+``uds:PATH`` or ``tcp:HOST:PORT``. Entries without a variant (requests the processor denied) are
+counted in the metrics but not sent to the controller; an ``on_denied`` callback (the dashboard's
+denial counts) sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cohortgate.core.policy import cluster_parts
+from cohortgate.store.events import REQUEST, Event, EventSink
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+ROUTE_HEADER = "x-cohortgate-route"
+VARIANT_HEADER = "x-cohortgate-variant"
+UNIT_HEADER = "x-cohortgate-unit"
+REGION_HEADER = "x-cohortgate-region"
+SHADOW_OF_HEADER = "x-cohortgate-shadow-of"
+SHADOW_HEADERS = tuple(f"x-cohortgate-shadow-{i}" for i in range(4))  # envoyconf.HEADER_SHADOWS
+LOG_NAME = "cohortgate"
+
+
+def _ms(duration: Any) -> float:
+    return duration.seconds * 1000.0 + duration.nanos / 1e6
+
+
+def event_from_entry(entry: Any) -> Event:
+    """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event` (route/variant may be empty)."""
+    common = entry.common_properties
+    headers = entry.request.request_headers
+    route = headers.get(ROUTE_HEADER, "")
+    variant = headers.get(VARIANT_HEADER, "")
+    if (not route or not variant) and common.upstream_cluster:
+        c_route, c_variant = cluster_parts(common.upstream_cluster) or ("", "")
+        route, variant = route or c_route, variant or c_variant
+    if common.HasField("time_to_last_upstream_rx_byte") and common.HasField("time_to_first_upstream_tx_byte"):
+        latency = _ms(common.time_to_last_upstream_rx_byte) - _ms(common.time_to_first_upstream_tx_byte)
+    elif common.HasField("duration"):
+        latency = _ms(common.duration)
+    else:
+        latency = 0.0
+    ts = common.start_time.seconds + common.start_time.nanos / 1e9 if common.HasField("start_time") else 0.0
+    return Event(
+        kind=REQUEST,
+        route=route,
+        variant=variant,
+        status=int(entry.response.response_code.value) if entry.response.HasField("response_code") else 0,
+        latency_ms=max(0.0, latency),
+        request_id=entry.request.request_id,
+        region=headers.get(REGION_HEADER, ""),
+        unit=headers.get(UNIT_HEADER, ""),
+        ts=ts,
+        shadow_of=headers.get(SHADOW_OF_HEADER, ""),
+    )
+
+
+class AccessLogReceiver:
+    """``envoy.service.accesslog.v3.AccessLogService`` servicer: entries -> events -> the sink."""
+
+    def __init__(
+        self,
+        sink: EventSink,
+        metrics: GatewayMetrics | None = None,
+        on_denied: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.metrics = metrics
+        self.on_denied = on_denied
+        self.entries = 0
+        self.emitted = 0
+        self.streams = 0
+
+    def handle(self, message: Any) -> None:
+        """One ``StreamAccessLogsMessage`` (sync: called for each message of a stream)."""
+        for entry in message.http_logs.log_entry:
+            self.entries += 1
+            try:
+                event = event_from_entry(entry)
+            except (ValueError, AttributeError) as exc:  # a malformed entry never ends the stream
+                log.warning("skipping an access-log entry: %s", exc)
+                continue
+            if self.metrics is not None and not event.shadow_of:
+                self.metrics.observe_request(
+                    event.route or "none", event.variant or "none", event.status, event.latency_ms / 1000.0
+                )
+                headers = entry.request.request_headers
+                for slot in SHADOW_HEADERS:  # the mirror clusters the processor named for this request
+                    route, shadow = cluster_parts(headers.get(slot, "")) or ("", "")
+                    if shadow:
+                        self.metrics.shadow_copy(route, shadow)
+            if event.route and event.variant and not event.shadow_of:
+                self.sink.emit(event)
+                self.emitted += 1
+                if self.metrics is not None:
+                    self.metrics.event_emitted(REQUEST)
+            elif self.on_denied is not None and not event.shadow_of:
+                self.on_denied(event)
+
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
+        from envoy.service.accesslog.v3 import als_pb2
+
+        self.streams += 1
+        async for message in request_iterator:
+            self.handle(message)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+def grpc_target(spec: str) -> str:
+    """``uds:PATH`` -> ``unix:PATH``; ``tcp:HOST:PORT`` -> ``HOST:PORT`` (what grpc binds).
+
+    The service is plaintext, so TCP must be loopback: Envoy and the receiver share a host.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "uds" and rest:
+        return f"unix:{rest}"
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            if not loopback:
+                raise ValueError(f"access-log address {spec!r}: plaintext gRPC is only served on loopback")
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    raise ValueError(f"access-log address {spec!r} must be uds:PATH or tcp:HOST:PORT")
+
+
+async def serve_als(
+    sink: EventSink,
+    address: str,
+    metrics: GatewayMetrics | None = None,
+    on_denied: Callable[[Event], None] | None = None,
+) -> tuple[Any, AccessLogReceiver]:
+    """Start a grpc.aio server with the receiver on ``address``; returns ``(server, receiver)``.
+
+    Stop it with ``await server.stop(grace)``. A stale Unix socket file is replaced.
+    """
+    import grpc
+    from envoy.service.accesslog.v3 import als_pb2_grpc
+
+    target = grpc_target(address)
+    if target.startswith("unix:"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target[len("unix:") :])
+    receiver = AccessLogReceiver(sink, metrics, on_denied)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
+    uds = target[len("unix:") :] if target.startswith("unix:") else None
+    if uds is not None:
+        from gateway.transport_grpc import private_umask
+
+        with private_umask():  # only Envoy's user may feed the controller outcomes (they drive rollbacks)
+            server.add_insecure_port(target)
+    elif server.add_insecure_port(target) == 0:
+        raise OSError(f"cannot bind the access-log service to {address}")
+    await server.start()
+    if uds is not None:
+        os.chmod(uds, 0o600)
+    return server, receiver

@@ -1,0 +1,671 @@
+"""The controller service: consume outcomes, judge every interval, act, record why.
+
+One `Controller` per process. While it holds the leader lock it reads events from its source (the
+in-process sink, or the Redis stream through a consumer group), keeps per-route, per-variant
+windows, and every ``interval_s``:
+
+1. feeds each challenger's interval batch to its always-valid harm tests (errors, slow requests);
+2. checks the sample ratio of distinct units against the weights (SRM halts the experiment);
+3. asks `verdict.judge` for a signal per challenger and feeds it to the `rollout` table;
+4. writes changed states to the state store (compare-and-set) and an audit record with the
+   evidence (counts, rates, p-values), and publishes a status snapshot.
+
+Followers (no lock) keep watching the store and serve status; manual actions are accepted by any
+controller (they are compare-and-set writes the leader adopts through its watch).
+
+Redis failures never crash the loop: the controller steps down, backs off, and resumes; states it
+could not write stay pending and are written when Redis returns (re-seeding a Redis restarted empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cohortgate.controller.judge import Verdict, judge
+from cohortgate.controller.leader import Leadership, SoloLeader
+from cohortgate.controller.shadows import ShadowJoin
+from cohortgate.controller.windows import RouteWindows, Summary, count_above
+from cohortgate.core import rollout
+from cohortgate.core.errors import CohortgateError
+from cohortgate.core.policy import Policy, Route
+from cohortgate.core.rollout import Phase, RouteState, Signal, Transition
+from cohortgate.core.stats import HarmTest, srm_check
+from cohortgate.store.events import REPORT, REQUEST, Event, EventSource, redis_errors
+from cohortgate.store.state import StateStore, StoreUnavailable, VersionConflict
+from gateway.metrics import ControllerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    interval_s: float = 1.0
+    window_s: float = 60.0  # sliding window for guardrails and status
+    apply_grace_s: float = 2.0  # after a weight change, gateways need this long before SRM counts again
+    srm_alpha: float = 1e-3
+    srm_min_expected: float = 5.0  # every category's expected unit count, before SRM is judged
+    latency_quantile: float = 0.95  # "slow" = above this quantile of control's recent latencies
+    latency_min_samples: int = 20  # control requests needed before a latency threshold exists
+    max_batch: int = 10_000  # events per read
+    status_ttl_s: float = 10.0
+    reseed_s: float = 5.0  # how often a leader checks that the store still holds every route
+
+
+@dataclass(slots=True)
+class _Tests:
+    error: HarmTest = field(default_factory=HarmTest)
+    latency: HarmTest = field(default_factory=HarmTest)
+
+
+class Controller:
+    def __init__(
+        self,
+        policy: Policy,
+        store: StateStore,
+        source: EventSource,
+        *,
+        leader: Leadership | None = None,
+        config: ControllerConfig | None = None,
+        metrics: ControllerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        name: str = "controller",
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.source = source
+        self.leader = leader or SoloLeader()
+        self.config = config or ControllerConfig()
+        self.metrics = metrics or ControllerMetrics()
+        self.clock = clock
+        self.name = name
+        self.states: dict[str, RouteState] = {}
+        self.windows: dict[str, RouteWindows] = {}
+        self.tests: dict[tuple[str, str], _Tests] = {}
+        self.thresholds: dict[str, float | None] = {}
+        self.verdicts: dict[tuple[str, str], Verdict] = {}
+        self.srm: dict[str, dict[str, Any]] = {}
+        self.shadows = ShadowJoin(policy)
+        self.pending: dict[str, tuple[RouteState, int | None]] = {}  # writes waiting for the store
+        self.pending_audit: list[dict[str, Any]] = []
+        self.events_seen = 0
+        self.unknown_events = 0
+        self.redis_ok: bool | None = None
+        self._srm_regions: dict[str, frozenset[str] | None] = {}
+        self._last_reseed = 0.0
+        self._started = False
+        self._flush_lock: asyncio.Lock | None = None
+        for route in policy.routes:
+            self._init_route(route)
+
+    # ------------------------------------------------------------------ setup
+
+    def _init_route(self, route: Route) -> None:
+        self.windows[route.name] = RouteWindows([v.name for v in route.variants], self.config.window_s)
+        self.thresholds[route.name] = None
+        for v in route.variants[1:]:
+            self.tests[(route.name, v.name)] = _Tests()
+        self.states.setdefault(route.name, rollout.initial_state(route, self.clock()))
+        self._update_srm_regions(route.name)
+
+    async def start(self) -> None:
+        """Start the store and adopt what it holds, reconciled with the policy."""
+        if self._started:
+            return
+        self._started = True
+        await self.store.start()
+        self.store.watch(self._on_store_change)
+        try:
+            stored = dict(await self.store.load())
+        except StoreUnavailable:
+            stored = dict(self.store.snapshot())
+        now = self.clock()
+        for route in self.policy.routes:
+            known = stored.get(route.name)
+            state = rollout.reconcile(route, known, now)
+            self._adopt(route, state)
+            if known is None or state.version != known.version:
+                self.pending[route.name] = (state, known.version if known else None)
+        await self._flush_pending()
+
+    async def set_policy(self, policy: Policy, actor: str | None = None) -> None:
+        """Judge by an edited policy from now on (the file changed, or SIGHUP).
+
+        Unchanged routes keep their windows and tests; a route whose variants changed starts its
+        windows afresh; each route's state is reconciled (`rollout.reconcile`: the file's weights
+        apply unless the controller or an operator has acted). One audit record says so.
+        """
+        old, self.policy = self.policy, policy
+        if old.digest == policy.digest:
+            return
+        self.shadows.set_policy(policy)
+        for name in set(self.windows) - set(policy.by_name):
+            for table in (self.windows, self.thresholds, self.states, self.srm, self._srm_regions, self.pending):
+                table.pop(name, None)
+        for key in [k for k in (*self.tests, *self.verdicts) if k[0] not in policy.by_name]:
+            self.tests.pop(key, None)
+            self.verdicts.pop(key, None)
+        now = self.clock()
+        for route in policy.routes:
+            before = old.by_name.get(route.name)
+            if before is None or [v.name for v in before.variants] != [v.name for v in route.variants]:
+                known = self.states.pop(route.name, None)
+                for key in [k for k in self.tests if k[0] == route.name]:
+                    del self.tests[key]
+                self._init_route(route)
+                state = rollout.reconcile(route, known, now)
+                self.states[route.name] = state
+                self._update_srm_regions(route.name)
+            else:
+                known = self.states.get(route.name)
+                state = rollout.reconcile(route, known, now)
+                self._adopt(route, state)
+            if known is None or state.version != known.version:
+                self.pending[route.name] = (state, known.version if known else None)
+        self.pending_audit.append(
+            {
+                "ts": now,
+                "route": "",
+                "action": "policy_reload",
+                "actor": actor or f"controller:{self.name}",
+                "reason": f"policy {old.digest[:12]} -> {policy.digest[:12]} ({policy.path})",
+                "policy_digest": policy.digest,
+            }
+        )
+        log.info("policy reloaded: %s -> %s", old.digest[:12], policy.digest[:12])
+        await self._flush_pending()
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest(self, events: list[Event], now: float | None = None) -> None:
+        """Account events into the windows (requests) and the shadow join (reports)."""
+        now = self.clock() if now is None else now
+        for e in events:
+            self.events_seen += 1
+            if e.kind == REQUEST and not e.shadow_of:
+                rw = self.windows.get(e.route)
+                regions = self._srm_regions.get(e.route)
+                unit = e.unit if regions is None or not e.region or e.region in regions else ""
+                if rw is None or not rw.add(e.variant, e.status, e.latency_ms, unit, now):
+                    self.unknown_events += 1
+            elif e.kind == REPORT:
+                self.shadows.add(e, now)
+        if events:
+            self.metrics.consumed.labels("all").inc(len(events))
+
+    def _update_srm_regions(self, route_name: str) -> None:
+        """Regions where every variant with traffic has a backend (elsewhere fallbacks skew counts)."""
+        route = self.policy.by_name[route_name]
+        st = self.states[route_name]
+        live = [v for v in route.variants if st.weights.get(v.name, 0) > 0 and v.name not in st.disabled]
+        regions: set[str] | None = None
+        for v in live:
+            regions = set(v.by_region) if regions is None else regions & set(v.by_region)
+        self._srm_regions[route_name] = frozenset(regions or ())
+
+    # ------------------------------------------------------------------ one interval
+
+    async def tick(self, now: float | None = None) -> list[Transition]:
+        """Judge every route once; persist and audit what changed. Returns the changes."""
+        now = self.clock() if now is None else now
+        self.metrics.ticks.inc()
+        changes: list[Transition] = []
+        for route in self.policy.routes:
+            changes.extend(self._judge_route(route, now))
+        await self._flush_pending()
+        return changes
+
+    def _judge_route(self, route: Route, now: float) -> list[Transition]:
+        rw = self.windows[route.name]
+        state = self.states[route.name]
+        control = route.variants[0].name
+        batches = {name: w.drain() for name, w in rw.variants.items()}
+        cb = batches[control]
+        threshold = self.thresholds[route.name]
+        for v in route.variants[1:]:
+            vs = state.variants[v.name]
+            if vs.phase is Phase.ROLLED_BACK:
+                continue
+            b = batches[v.name]
+            tests = self.tests[(route.name, v.name)]
+            if b.n and cb.n:
+                tests.error.update(b.errors, b.n, cb.n, b.errors + cb.errors)
+                if threshold is not None:
+                    xs, xc = count_above(b.hist, threshold), count_above(cb.hist, threshold)
+                    tests.latency.update(xs, b.n, cb.n, xs + xc)
+        control_window = rw.variants[control].sliding(now)
+        # next interval's "slow" threshold, fixed before its data arrives: control's p95 plus the
+        # policy's margin, so a slowdown too small to matter never reads as harm
+        self.thresholds[route.name] = (
+            control_window.summary().p95_ms + route.guardrails.latency_margin_ms
+            if control_window.n >= self.config.latency_min_samples
+            else None
+        )
+        control_summary = control_window.summary()
+
+        signals: list[tuple[str, Signal, str, dict[str, Any]]] = []
+        srm = self._srm(route, state, now)
+        if srm is not None and srm["mismatch"]:
+            reason = (
+                f"sample ratio mismatch: units {srm['counts']} vs weights {srm['weights']} "
+                f"(chi2={srm['chi2']:.1f}, p={srm['p_chi2']:.2g}; always-valid p={srm['p_always_valid']:.2g}); "
+                "assignment looks broken, experiment halted"
+            )
+            for v in route.variants[1:]:
+                if state.variants[v.name].phase in rollout.ACTIVE:
+                    signals.append((v.name, Signal.SRM, reason, {"srm": srm}))
+        for v in route.variants[1:]:
+            vs = state.variants[v.name]
+            w = rw.variants[v.name]
+            tests = self.tests[(route.name, v.name)]
+            verdict = judge(
+                v.name,
+                vs,
+                route.guardrails,
+                route.rollout if route.rollout and route.rollout.variant == v.name else None,
+                now,
+                w.sliding(now).summary(),
+                w.step.summary(),
+                control_summary,
+                tests.error.p_value,
+                tests.latency.p_value,
+            )
+            self.verdicts[(route.name, v.name)] = verdict
+            self.metrics.p_value.labels(route.name, v.name, "error").set(tests.error.p_value)
+            self.metrics.p_value.labels(route.name, v.name, "latency").set(tests.latency.p_value)
+            if verdict.signal in (Signal.BREACH, Signal.CLEAN):
+                evidence = dict(verdict.evidence)
+                if srm is not None:
+                    evidence["srm"] = srm
+                signals.append((v.name, verdict.signal, verdict.reason, evidence))
+        changes = []
+        for variant, signal, reason, evidence in signals:
+            before = self.states[route.name]
+            after, t = rollout.apply(
+                route, before, variant, signal, now, reason, evidence, actor=f"controller:{self.name}"
+            )
+            if t.changed:
+                changes.append(t)
+                self._commit(route, before, after, t, f"controller:{self.name}", now)
+        return changes
+
+    def _srm(self, route: Route, state: RouteState, now: float) -> dict[str, Any] | None:
+        rw = self.windows[route.name]
+        live = [v.name for v in route.variants if state.weights.get(v.name, 0) > 0 and v.name not in state.disabled]
+        if len(live) < 2 or now < rw.srm_since:
+            self.srm[route.name] = {
+                "checked": False,
+                "reason": "fewer than two live variants"
+                if len(live) < 2
+                else "waiting for gateways to apply new weights",
+            }
+            return None
+        units = rw.unit_counts()
+        counts = [units[n] for n in live]
+        weights = [state.weights[n] for n in live]
+        total = sum(counts)
+        if total == 0 or min(total * w / sum(weights) for w in weights) < self.config.srm_min_expected:
+            self.srm[route.name] = {
+                "checked": False,
+                "reason": f"too few units ({total})",
+                "counts": dict(zip(live, counts, strict=True)),
+            }
+            return None
+        r = srm_check(counts, weights, self.config.srm_alpha)
+        doc = {
+            "checked": True,
+            "variants": live,
+            "counts": dict(zip(live, counts, strict=True)),
+            "weights": dict(zip(live, weights, strict=True)),
+            "chi2": r.chi2,
+            "p_chi2": r.p_chi2,
+            "p_always_valid": r.p_always_valid,
+            "alpha": self.config.srm_alpha,
+            "mismatch": r.mismatch,
+        }
+        self.srm[route.name] = doc
+        return doc
+
+    # ------------------------------------------------------------------ state changes
+
+    def _commit(
+        self, route: Route, before: RouteState, after: RouteState, t: Transition, actor: str, now: float
+    ) -> None:
+        """Adopt a transition locally, queue its write (CAS on ``before.version``) and its audit record."""
+        self._adopt(route, after)
+        prior = self.pending.get(route.name)
+        expected = prior[1] if prior is not None else before.version
+        self.pending[route.name] = (after, expected)
+        record = {
+            "ts": now,
+            "route": route.name,
+            "variant": t.variant,
+            "action": t.action,
+            "signal": t.signal.value,
+            "actor": actor,
+            "from": t.before.value,
+            "to": t.after.value,
+            "weights_before": dict(t.weights_before),
+            "weights_after": dict(t.weights_after),
+            "reason": t.reason,
+            "evidence": _jsonable(t.evidence),
+            "version": after.version,
+            "policy_digest": self.policy.digest,
+        }
+        self.pending_audit.append(record)
+        self.metrics.action(route.name, t.variant, t.action, actor.split(":", 1)[0])
+        log.info(
+            "%s %s/%s: %s -> %s, weights %s (%s)",
+            t.action,
+            route.name,
+            t.variant,
+            t.before.value,
+            t.after.value,
+            dict(t.weights_after),
+            t.reason,
+        )
+
+    def _adopt(self, route: Route, new: RouteState) -> None:
+        """Make ``new`` the route's state and reset the windows and tests it invalidates."""
+        old = self.states.get(route.name)
+        self.states[route.name] = new
+        if old is None or old is new:
+            return
+        rw = self.windows[route.name]
+        if dict(old.weights) != dict(new.weights) or old.disabled != new.disabled:
+            rw.reset_srm(self.clock() + self.config.apply_grace_s)
+            self._update_srm_regions(route.name)
+        for name, nv in new.variants.items():
+            ov = old.variants.get(name)
+            if ov is None:
+                continue
+            if ov.phase is Phase.ROLLED_BACK and nv.phase is not Phase.ROLLED_BACK:
+                rw.variants[name].forget()  # a restarted experiment starts from scratch
+                self.tests[(route.name, name)] = _Tests()
+            elif ov.step != nv.step:
+                rw.variants[name].new_step()
+
+    def _on_store_change(self, states: Mapping[str, RouteState]) -> None:
+        """A state written elsewhere (CLI, another controller): adopt it if newer than ours."""
+        for name, st in states.items():
+            route = self.policy.by_name.get(name)
+            mine = self.states.get(name)
+            if route is None or mine is None or st.version <= mine.version:
+                continue
+            if name in self.pending:
+                continue  # our own unwritten change; the CAS decides
+            self._adopt(route, rollout.reconcile(route, st, self.clock()))
+
+    async def _flush_pending(self) -> None:
+        """Write pending states (compare-and-set) and audit records; keep them if the store is down.
+
+        One flush at a time: a tick and an operator's action can both reach here, and two flushes
+        interleaved at an ``await`` would write one record twice and pop another unwritten.
+        """
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()  # created in the running loop
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        for name, (state, expected) in list(self.pending.items()):
+            try:
+                await self.store.put(state, expected)
+            except VersionConflict as exc:
+                log.warning("state of %s changed under us (%s); adopting the stored one", name, exc)
+                self.pending.pop(name, None)
+                self._set_redis(True)
+                try:
+                    stored = await self.store.load()
+                except StoreUnavailable:
+                    continue
+                if name in stored:
+                    route = self.policy.by_name[name]
+                    self._adopt(route, rollout.reconcile(route, stored[name], self.clock()))
+                continue
+            except StoreUnavailable:
+                self._set_redis(False)
+                self.metrics.redis_error("put_state")
+                return
+            self.pending.pop(name, None)
+            self._set_redis(True)
+        while self.pending_audit:
+            try:
+                await self.store.append_audit(self.pending_audit[0])
+            except StoreUnavailable:
+                self._set_redis(False)
+                self.metrics.redis_error("audit")
+                del self.pending_audit[:-1000]  # bounded while the store is away
+                return
+            self.pending_audit.pop(0)
+
+    async def reseed(self) -> None:
+        """Re-write routes the store lost (a Redis restarted without persistence)."""
+        try:
+            stored = await self.store.load()
+        except StoreUnavailable:
+            self._set_redis(False)
+            return
+        self._set_redis(True)
+        for name, state in self.states.items():
+            if name not in stored and name not in self.pending:
+                log.warning("state store lost route %r; writing our last state back (version %d)", name, state.version)
+                self.pending[name] = (state, None)
+        await self._flush_pending()
+
+    def _set_redis(self, ok: bool) -> None:
+        if self.redis_ok is not ok and self.redis_ok is not None:
+            log.warning("state store %s", "reachable again" if ok else "unreachable; pending writes kept")
+        self.redis_ok = ok
+
+    # ------------------------------------------------------------------ manual actions
+
+    async def manual(self, signal: Signal, route_name: str, variant: str | None, actor: str) -> list[Transition]:
+        """Apply an operator's rollback/promote/resume now (raises InvalidTransition, KeyError)."""
+        route = self.policy.by_name.get(route_name)
+        if route is None:
+            raise KeyError(f"no route named {route_name!r}")
+        now = self.clock()
+        stored = self.store.snapshot().get(route_name)
+        if stored is not None and stored.version > self.states[route_name].version and route_name not in self.pending:
+            self._adopt(route, rollout.reconcile(route, stored, now))
+        if variant is None:
+            if signal is not Signal.RESUME:
+                raise rollout.InvalidTransition(f"{signal.value} needs a variant")
+            targets = [
+                n for n, v in self.states[route_name].variants.items() if v.phase in (Phase.HALTED, Phase.ROLLED_BACK)
+            ]
+            if not targets:
+                raise rollout.InvalidTransition(
+                    f"nothing to resume on route {route_name!r}: no variant is halted or rolled back"
+                )
+        else:
+            targets = [variant]
+        changes = []
+        for name in targets:
+            before = self.states[route_name]
+            after, t = rollout.apply(
+                route,
+                before,
+                name,
+                signal,
+                now,
+                f"{signal.value} by {actor}",
+                {"window": self._variant_status(route, name, now).get("window")},
+                actor=actor,
+            )
+            if t.changed:
+                changes.append(t)
+                self._commit(route, before, after, t, actor, now)
+        await self._flush_pending()
+        if route_name in self.pending:
+            raise StoreUnavailable(
+                "the state store is unreachable; the action is queued and will be written when it returns"
+            )
+        return changes
+
+    # ------------------------------------------------------------------ status
+
+    def _variant_status(self, route: Route, name: str, now: float) -> dict[str, Any]:
+        st = self.states[route.name]
+        w = self.windows[route.name].variants[name]
+        doc: dict[str, Any] = {
+            "weight": int(st.weights.get(name, 0)),
+            "enabled": name not in st.disabled,
+            "window": w.sliding(now).summary().to_json(),
+            "step_requests": w.step.n,
+        }
+        if name == route.variants[0].name:
+            doc["phase"] = "control"
+            return doc
+        vs = st.variants[name]
+        tests = self.tests[(route.name, name)]
+        verdict = self.verdicts.get((route.name, name))
+        doc.update(
+            phase=vs.phase.value,
+            step=vs.step,
+            since=vs.since,
+            reason=vs.reason,
+            p_error=tests.error.p_value,
+            p_latency=tests.latency.p_value,
+            odds_ratio_error=tests.error.odds_ratio,
+            verdict=None if verdict is None else {"signal": verdict.signal.value, "reason": verdict.reason},
+        )
+        return doc
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        now = self.clock() if now is None else now
+        routes = {}
+        for route in self.policy.routes:
+            st = self.states[route.name]
+            routes[route.name] = {
+                "status": st.status,
+                "version": st.version,
+                "updated_at": st.updated_at,
+                "updated_by": st.updated_by,
+                "rollout": None
+                if route.rollout is None
+                else {
+                    "variant": route.rollout.variant,
+                    "steps": list(route.rollout.steps),
+                    "interval_s": route.rollout.interval_s,
+                },
+                "guardrails": {
+                    "max_error_rate": route.guardrails.max_error_rate,
+                    "max_p99_ms": route.guardrails.max_p99_ms,
+                    "min_samples": route.guardrails.min_samples,
+                    "alpha": route.guardrails.alpha,
+                },
+                "srm": self.srm.get(route.name, {"checked": False}),
+                "latency_threshold_ms": self.thresholds.get(route.name),
+                "variants": {v.name: self._variant_status(route, v.name, now) for v in route.variants},
+                "shadows": self.shadows.summary(route.name),
+            }
+        return {
+            "generated_at": now,
+            "controller": {
+                "name": self.name,
+                "leader": bool(self.leader.held),
+                "store": "ok" if self.redis_ok in (True, None) else "unreachable",
+                "pending_writes": sorted(self.pending),
+                "policy": self.policy.path,
+                "policy_digest": self.policy.digest,
+                "events": self.events_seen,
+                "unknown_events": self.unknown_events,
+                "interval_s": self.config.interval_s,
+            },
+            "routes": routes,
+        }
+
+    # ------------------------------------------------------------------ the service loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Lead (or wait to), consume, tick every interval, until ``stop`` is set. Never raises Redis errors."""
+        await self.start()
+        interval = self.config.interval_s
+        next_tick = time.monotonic() + interval
+        was_leader = False
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                leading = await self.leader.acquire_or_renew()
+                self.metrics.leader.set(1 if leading else 0)
+                if leading and not was_leader:
+                    log.info("controller %s is the leader", self.name)
+                    await self._on_elected()
+                elif was_leader and not leading:
+                    log.warning("controller %s lost the leader lock; standing by", self.name)
+                was_leader = leading
+                wait = max(0.0, next_tick - time.monotonic())
+                if leading:
+                    events = await self.source.read(self.config.max_batch, min(wait, interval))
+                    self.ingest(events)
+                    await self.source.ack()
+                else:
+                    await _sleep_or_stop(stop, min(wait, interval))
+                if time.monotonic() >= next_tick:
+                    next_tick = max(next_tick + interval, time.monotonic())
+                    if leading:
+                        await self.tick()
+                        if self.clock() - self._last_reseed >= self.config.reseed_s:
+                            self._last_reseed = self.clock()
+                            await self.reseed()
+                        await self._publish_status()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except (*redis_errors(), StoreUnavailable) as exc:
+                self._set_redis(False)
+                self.metrics.redis_error("loop")
+                log.debug("controller loop: Redis error %s; retrying in %.1f s", exc, backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 2.0)
+            except CohortgateError:
+                log.exception("controller loop error")
+                await _sleep_or_stop(stop, interval)
+        await self.leader.release()
+
+    async def _on_elected(self) -> None:
+        """A new leader: pick up what the store holds and what a dead leader left unacknowledged."""
+        try:
+            stored = await self.store.load()
+        except StoreUnavailable:
+            stored = {}
+        for name, st in stored.items():
+            route = self.policy.by_name.get(name)
+            if route is not None and name not in self.pending and st.version > self.states[name].version:
+                self._adopt(route, rollout.reconcile(route, st, self.clock()))
+        claim = getattr(self.source, "claim_stale", None)
+        if claim is not None:
+            self.ingest(await claim())
+            await self.source.ack()
+
+    async def _publish_status(self) -> None:
+        try:
+            await self.store.publish_status(self.status(), self.config.status_ttl_s)
+        except StoreUnavailable:
+            self._set_redis(False)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    if seconds <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Summary):
+        return value.to_json()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value

@@ -1,0 +1,253 @@
+"""`decide(policy, facts) -> Decision`: the whole per-request verdict, as a pure function.
+
+No sockets, no clocks, no randomness: the same policy and facts always give the same decision, so
+every rule is tested without an event loop. The steps, in order (each may end in a denial):
+
+1. authentication: a verified token is required unless the policy says otherwise  -> 401
+2. route: method + path (whole-segment prefixes, OIP model names)                  -> 404
+3. authorisation: mTLS SPIFFE identity, token scopes and claims                     -> 403
+4. residency: the request's region (claim/header, or the policy's default)          -> 451
+5. cohort: override, else eligibility, else the sticky hash bucket -> variant
+6. backend: the variant's backend in the region, else control's (if allowed)        -> 451
+7. shadows: each sampled per request id, kept only with a backend in the region
+
+With ``trace=True`` the decision also carries a sentence per step (for `policy explain`); the
+request path leaves it off and pays for no string formatting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cohortgate.core import cohorts
+from cohortgate.core.errors import Denial
+from cohortgate.core.policy import Policy, Route
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the adapter knows about a request, already verified."""
+
+    method: str
+    path: str  # without the query string
+    headers: Mapping[str, str]  # lower-cased names
+    identity: str | None = None  # SPIFFE ID from the verified client certificate
+    claims: Mapping[str, Any] | None = field(default=None, repr=False)  # verified JWT claims
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    denial: Denial | None = None
+    message: str = ""
+    route: str | None = None
+    variant: str | None = None
+    cluster: str | None = None  # Envoy cluster for the chosen backend
+    region: str | None = None
+    shadows: tuple[str, ...] = ()  # Envoy clusters to mirror to
+    shadow_names: tuple[str, ...] = ()
+    bucket: int | None = None
+    assignment: str = ""  # override | ineligible | no_unit | hash
+    fallback: bool = False  # served by control because the variant had no in-region backend
+    unit: str | None = field(default=None, repr=False)  # raw unit: hash it before it leaves the process
+    trace: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.denial is None
+
+    @property
+    def status(self) -> int:
+        return 200 if self.denial is None else self.denial.status
+
+
+def _deny(denial: Denial, message: str, trace: list[str] | None, route: str | None = None) -> Decision:
+    if trace is not None:
+        trace.append(f"denied: {denial.code} ({denial.status}): {message}")
+    return Decision(denial=denial, message=message, route=route, trace=tuple(trace or ()))
+
+
+def _value(route_source: str, key: str, facts: Facts) -> str | None:
+    if route_source == "header":
+        return facts.headers.get(key)
+    value = facts.claims.get(key) if facts.claims is not None else None
+    if value is None or isinstance(value, dict | list):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return frozenset(s for s in scp if isinstance(s, str))
+    if isinstance(scp, str):
+        return frozenset(scp.split())
+    return frozenset()
+
+
+def _identity_allowed(route: Route, identity: str | None) -> bool:
+    if route.identity_any:
+        return True
+    if identity is None:
+        return False
+    return identity in route.identities or any(identity.startswith(p) for p in route.identity_prefixes)
+
+
+def _sample(key: bytes, request_id: str) -> int:
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "big") % cohorts.BUCKETS
+
+
+def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
+    steps: list[str] | None = [] if trace else None
+
+    # 1. authentication
+    if facts.claims is None and policy.jwt.required:
+        return _deny(Denial.UNAUTHENTICATED, "A valid bearer token is required.", steps)
+
+    # 2. route
+    route = policy.match(facts.method, facts.path)
+    if route is None:
+        return _deny(Denial.NO_ROUTE, f"No route matches {facts.method} {facts.path}.", steps)
+    if steps is not None:
+        steps.append(f"route {route.name!r} matches {facts.method} {facts.path}")
+
+    # 3. authorisation
+    if not _identity_allowed(route, facts.identity):
+        who = facts.identity or "a client without a SPIFFE identity"
+        return _deny(Denial.FORBIDDEN, f"{who} may not call route {route.name!r}.", steps, route.name)
+    claims = facts.claims or {}
+    if route.scopes:
+        missing = route.scopes - _scopes(claims)
+        if missing:
+            return _deny(
+                Denial.FORBIDDEN,
+                f"The token lacks scope {', '.join(sorted(missing))} required by route {route.name!r}.",
+                steps,
+                route.name,
+            )
+    for claim, allowed in route.claims.items():
+        value = _value("claim", claim, facts)
+        if value not in allowed:
+            return _deny(
+                Denial.FORBIDDEN,
+                f"The token's {claim!r} claim does not allow route {route.name!r}.",
+                steps,
+                route.name,
+            )
+    if steps is not None:
+        steps.append(f"authorised: identity {facts.identity or '-'}, scopes and claims satisfied")
+
+    # 4. residency
+    region = _value(route.residency_source, route.residency_key, facts)
+    if region is None:
+        if route.default_region is None:
+            return _deny(
+                Denial.RESIDENCY_UNAVAILABLE,
+                f"The request carries no residency ({route.residency_source} {route.residency_key!r}) "
+                f"and route {route.name!r} does not guess one.",
+                steps,
+                route.name,
+            )
+        region = route.default_region
+        if steps is not None:
+            steps.append(f"residency unknown: the route's default region {region!r} applies")
+    elif steps is not None:
+        steps.append(f"residency {region!r} from {route.residency_source} {route.residency_key!r}")
+    if region not in route.allowed_regions:
+        return _deny(
+            Denial.RESIDENCY_UNAVAILABLE,
+            f"Route {route.name!r} serves no backend in region {region!r}.",
+            steps,
+            route.name,
+        )
+
+    # 5. cohort
+    unit = _value(route.unit_source, route.unit_key, facts)
+    bucket = None
+    if unit is None:
+        index, assignment = 0, "no_unit"
+        if steps is not None:
+            steps.append(f"no cohort unit ({route.unit_source} {route.unit_key!r}): control")
+    elif (override := route.overrides.get(unit)) is not None and route.variants[override].enabled:
+        index, assignment = override, "override"
+        if steps is not None:
+            steps.append(f"override: unit pinned to {route.variants[index].name!r}")
+    else:
+        failed = None
+        for rule in route.eligibility:
+            if not rule.passes(_value(rule.source, rule.key, facts)):
+                failed = rule
+                break
+        if failed is not None:
+            index, assignment = 0, "ineligible"
+            if steps is not None:
+                steps.append(f"ineligible ({failed.describe()} fails): control")
+        else:
+            bucket = cohorts.bucket_of(route.salt_key, unit)
+            index, assignment = cohorts.owner_of(route.bounds, route.owners, bucket), "hash"
+            if steps is not None:
+                weights = ", ".join(f"{v.name} {v.weight}%" for v in route.variants)
+                steps.append(
+                    f"bucket {bucket} of {cohorts.BUCKETS} (salt {route.salt!r}; {weights}) "
+                    f"-> {route.variants[index].name!r}"
+                )
+    variant = route.variants[index]
+
+    # 6. backend in region
+    fallback = False
+    backends = variant.by_region.get(region)
+    if not backends:
+        control_backends = route.control.by_region.get(region) if route.fallback_control else None
+        if not control_backends:
+            return _deny(
+                Denial.RESIDENCY_UNAVAILABLE,
+                f"Variant {variant.name!r} of route {route.name!r} has no backend in region {region!r}.",
+                steps,
+                route.name,
+            )
+        if steps is not None:
+            steps.append(f"{variant.name!r} has no backend in {region!r}: falling back to control")
+        variant, backends, fallback = route.control, control_backends, True
+    backend = backends[(bucket or 0) % len(backends)]
+    if steps is not None:
+        steps.append(f"backend {backend.url} (region {backend.region}, cluster {backend.cluster})")
+
+    # 7. shadows
+    shadows: list[str] = []
+    shadow_names: list[str] = []
+    for shadow in route.shadows:
+        if _sample(shadow.key, facts.request_id or unit or "") >= shadow.threshold:
+            if steps is not None:
+                steps.append(f"shadow {shadow.name!r}: not sampled ({shadow.percent}%)")
+            continue
+        in_region = shadow.by_region.get(region)
+        if not in_region:
+            if steps is not None:
+                steps.append(f"shadow {shadow.name!r}: dropped, no backend in region {region!r}")
+            continue
+        target = in_region[(bucket or 0) % len(in_region)]
+        shadows.append(target.cluster)
+        shadow_names.append(shadow.name)
+        if steps is not None:
+            steps.append(f"shadow {shadow.name!r}: mirrored to {target.url} (cluster {target.cluster})")
+
+    return Decision(
+        route=route.name,
+        variant=variant.name,
+        cluster=backend.cluster,
+        region=region,
+        shadows=tuple(shadows),
+        shadow_names=tuple(shadow_names),
+        bucket=bucket,
+        assignment=assignment,
+        fallback=fallback,
+        unit=unit,
+        trace=tuple(steps or ()),
+    )

@@ -1,0 +1,1 @@
+"""Deployment renderers: Envoy configuration, Kubernetes manifests, certificates."""

@@ -1,0 +1,17 @@
+"""Kubernetes manifests for cohortgate, rendered from a policy (``cohortgate k8s render``).
+
+Pure data in, typed objects out: `plan` turns a `Policy` and `RenderOptions` into what must run
+(one sidecar per model-backed backend, the in-cluster copy of the policy); `workloads` and `mesh`
+build the objects with the official ``kubernetes`` client's model classes (core kinds) or this
+package's own typed models (CRDs); `render` serialises them and writes a Kustomize directory.
+
+Importing this package is cheap: the ``kubernetes`` client (the optional ``k8s`` extra) and
+envoy-data-plane load only when something is rendered. ``python -m cohortgate.deploy.k8s.probe`` is the
+stdlib-only probe the pods run.
+"""
+
+from __future__ import annotations
+
+from cohortgate.deploy.k8s.options import Mesh, RenderOptions
+
+__all__ = ["Mesh", "RenderOptions"]
