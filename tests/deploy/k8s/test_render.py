@@ -1,7 +1,7 @@
 """Offline checks of `cohortgate k8s render` on the example policy.
 
-Golden files live in tests/k8s/golden/CONFIG/; regenerate them after an intended change with
-``COHORTGATE_UPDATE_GOLDEN=1 pytest tests/k8s`` and review the diff.
+Golden files live in tests/deploy/k8s/golden/CONFIG/; regenerate them after an intended change with
+``COHORTGATE_UPDATE_GOLDEN=1 pytest tests/deploy/k8s`` and review the diff.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from cohortgate.deploy.k8s import sizing
 from cohortgate.deploy.k8s.options import Mesh, RenderOptions
 from cohortgate.deploy.k8s.plan import PlanError, dns_name
 from cohortgate.deploy.k8s.render import render
-from tests.k8s import crd_schemas
-from tests.k8s.conftest import CONFIGS, EXAMPLE, GOLDEN_FLAGS, K8S_VERSION, docs, named
+from tests.deploy.k8s import crd_schemas
+from tests.deploy.k8s.conftest import CONFIGS, EXAMPLE, GOLDEN_FLAGS, K8S_VERSION, docs, named
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("COHORTGATE_UPDATE_GOLDEN") == "1"

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from gateway.h2 import H2Connection, H2Limits
 from gateway.h2.connection import DRAIN_PING_GRACE
 from gateway.h2.grpcwire import parse_timeout
-from tests.strategies_h2 import (
+from tests.h2.strategies import (
     ACK,
     CANCEL,
     CONTINUATION,
@@ -43,7 +43,7 @@ from tests.strategies_h2 import (
     request_header_list,
     rst,
 )
-from tests.strategies_h2 import settings as settings_frame
+from tests.h2.strategies import settings as settings_frame
 
 SETTINGS_TIMEOUT = 0x4
 MAX_SID = (1 << 31) - 1

@@ -18,7 +18,7 @@ from cohortgate.deploy import pki
 from gateway.auth import TokenVerifier, scopes_of
 from gateway.jwks import JwksFile, KeySet
 
-EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
+EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 
 
 def verifier_for(certs: Path, **kwargs: object) -> TokenVerifier:

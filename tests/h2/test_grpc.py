@@ -33,7 +33,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from google.protobuf import struct_pb2
 
 from gateway.h2 import FastServer, H2Limits, serve_fast
-from tests.strategies_h2 import PREFACE, EchoProcessor, Reader, settings
+from tests.h2.strategies import PREFACE, EchoProcessor, Reader, settings
 
 # ----------------------------------------------------------------------------- fixtures
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.h2 import H2Connection, H2Limits
-from tests.strategies_h2 import (
+from tests.h2.strategies import (
     ACK,
     CANCEL,
     COMPRESSION_ERROR,
@@ -53,7 +53,7 @@ from tests.strategies_h2 import (
     rst,
     window_update,
 )
-from tests.strategies_h2 import settings as settings_frame
+from tests.h2.strategies import settings as settings_frame
 
 
 def req(kind: str = "request_headers") -> pb.ProcessingRequest:

@@ -14,7 +14,7 @@ from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import _overlap, _overlap_candidates, load_policy, parse_policy
 from cohortgate.core.schema import Route as RouteModel
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 
 GOOD = """\
 version: 1

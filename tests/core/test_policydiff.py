@@ -9,7 +9,7 @@ from pathlib import Path
 from cohortgate.core.policy import load_policy, parse_policy
 from cohortgate.core.policydiff import diff
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 TEXT = EXAMPLE.read_text()
 
 

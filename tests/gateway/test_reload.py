@@ -19,7 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.reload import EnvoyClusters, FileStamp, Reloader, cluster_change, union_backends
 from gateway.service import PolicyHolder
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "policies" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 TEXT = EXAMPLE.read_text()
 
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.h2 import H2Connection, H2Counters, H2Limits, register_h2_metrics, serve_fast
 from gateway.h2.metrics import COUNTER_HELP, FLOOD_KINDS, PREFIX
-from tests.strategies_h2 import EchoProcessor, Reader, handshake, ping
+from tests.h2.strategies import EchoProcessor, Reader, handshake, ping
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:

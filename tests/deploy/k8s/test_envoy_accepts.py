@@ -11,7 +11,7 @@ import yaml
 from cohortgate.deploy import pki
 from cohortgate.deploy.envoyproc import validate
 from cohortgate.deploy.k8s import workloads
-from tests.k8s.conftest import named
+from tests.deploy.k8s.conftest import named
 
 pytestmark = pytest.mark.integration
 

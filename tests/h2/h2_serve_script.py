@@ -1,6 +1,6 @@
 """A tiny ext_proc server process for the graceful-shutdown test: ``serve_fast`` until SIGTERM.
 
-    python -m tests.h2_serve_script SOCKET_PATH DRAIN_TIMEOUT
+    python -m tests.h2.h2_serve_script SOCKET_PATH DRAIN_TIMEOUT
 
 Prints ``ready`` once listening; on SIGTERM drains, prints the server's counters as one JSON line,
 and exits 0 if the drain lost no stream (1 if its timeout cut some off).
@@ -17,7 +17,7 @@ import sys
 import uvloop
 
 from gateway.h2 import serve_fast
-from tests.strategies_h2 import EchoProcessor
+from tests.h2.strategies import EchoProcessor
 
 
 async def main(path: str, drain_timeout: float) -> int:

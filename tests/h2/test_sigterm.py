@@ -24,7 +24,7 @@ import uvloop
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from tests.strategies_h2 import (
+from tests.h2.strategies import (
     ACK,
     NO_ERROR,
     PING,
@@ -41,7 +41,7 @@ from tests.strategies_h2 import (
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 50
 DRAIN_TIMEOUT = 5.0
 MAX_SID = (1 << 31) - 1
@@ -85,7 +85,7 @@ def test_sigterm_under_load_loses_no_decision_and_exits_zero():
 
     async def main():
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.h2_serve_script", path, str(DRAIN_TIMEOUT),
+            sys.executable, "-m", "tests.h2.h2_serve_script", path, str(DRAIN_TIMEOUT),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:

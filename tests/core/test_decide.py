@@ -14,7 +14,7 @@ from cohortgate.core.errors import Denial
 from cohortgate.core.policy import load_policy, parse_policy
 from tests.strategies import REGIONS, residency_policies, units
 
-EXAMPLE = load_policy(Path(__file__).resolve().parents[1] / "policies" / "example.yaml")
+EXAMPLE = load_policy(Path(__file__).resolve().parents[2] / "policies" / "example.yaml")
 APP = "spiffe://cohortgate.local/app-demo"
 INFER = "/v2/models/tabular/infer"
 

@@ -10,7 +10,7 @@ from cohortgate.deploy.k8s.options import Mesh, RenderOptions
 from cohortgate.deploy.k8s.plan import load
 from cohortgate.deploy.k8s.render import Rendered, render
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "policies" / "example.yaml"
 K8S_VERSION = "1.33.0"  # the Kubernetes release whose schemas every core manifest must satisfy
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = str(Path(__file__).resolve().parents[1] / "policies" / "example.yaml")
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "policies" / "example.yaml")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

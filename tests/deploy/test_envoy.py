@@ -32,7 +32,7 @@ from cohortgate.deploy import envoy as ec
 from cohortgate.deploy.envoyproc import EnvoyConfigError, EnvoyProcess, envoy_binary, validate, validate_log
 from cohortgate.deploy.pki import CertPaths, init_certs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "policies" / "example.yaml"
 EXAMPLE_DIR = ROOT / "envoy" / "example"
 EXAMPLE_ARGS = ["envoy", "render", "--policy", "policies/example.yaml", "--out", "envoy/example"]

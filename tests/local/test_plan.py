@@ -24,7 +24,7 @@ from cohortgate.local.plan import (
 )
 from tests.strategies import residency_policies
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "policies" / "example.yaml"
 
 

@@ -20,7 +20,7 @@ from cohortgate.deploy import pki
 from gateway.extproc import CLUSTER_HEADER, Engine
 from gateway.service import Gateway, GatewayConfig, ListenAddress
 from gateway.transport_http import ExtProcHttpProtocol, start_http
-from tests.test_extproc import POLICY, envoy_json, infer, request
+from tests.gateway.test_extproc import POLICY, envoy_json, infer, request
 
 # ------------------------------------------------------------------------------ the HTTP/1.1 parser
 

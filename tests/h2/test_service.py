@@ -17,8 +17,8 @@ import pytest
 from cohortgate.deploy import pki
 from gateway.h2 import FastServer
 from gateway.service import Gateway, ListenAddress
-from tests.test_extproc import POLICY, infer, request
-from tests.test_gateway_transports import _cluster, _config, _grpc_call, _token
+from tests.gateway.test_extproc import POLICY, infer, request
+from tests.gateway.test_gateway_transports import _cluster, _config, _grpc_call, _token
 
 
 @pytest.fixture(scope="module")
