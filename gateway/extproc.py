@@ -39,6 +39,15 @@ import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from cohortgate.core.contract import (
+    HEADER_CLUSTER,
+    HEADER_PREFIX,
+    HEADER_REGION,
+    HEADER_ROUTE,
+    HEADER_SHADOWS,
+    HEADER_UNIT,
+    HEADER_VARIANT,
+)
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
 from cohortgate.core.policy import Policy
@@ -46,13 +55,6 @@ from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attrib
 
 log = logging.getLogger("cohortgate.extproc")
 
-PREFIX = "x-cohortgate-"
-CLUSTER_HEADER = "x-cohortgate-cluster"
-SHADOW_HEADERS = tuple(f"x-cohortgate-shadow-{i}" for i in range(4))
-VARIANT_HEADER = "x-cohortgate-variant"
-ROUTE_HEADER = "x-cohortgate-route"
-UNIT_HEADER = "x-cohortgate-unit"
-REGION_HEADER = "x-cohortgate-region"
 XFCC_HEADER = "x-forwarded-client-cert"
 REQUEST_ID_HEADER = "x-request-id"
 STRIPPED_EXACT = frozenset({XFCC_HEADER})
@@ -312,7 +314,7 @@ class Engine:
                 if key in wanted:
                     value = _decode(h.raw_value) if h.raw_value else h.value
                     headers[key] = headers[key] + "," + value if key in headers else value
-                elif key.startswith(PREFIX) or key in STRIPPED_EXACT:
+                elif key.startswith(HEADER_PREFIX) or key in STRIPPED_EXACT:
                     strip.append(key)
             uri, mtls = None, None
             struct = request.attributes.get(ATTRIBUTES_KEY) if request.attributes else None
@@ -347,7 +349,7 @@ class Engine:
                     raw = h.get("raw_value") or h.get("rawValue")
                     value = _decode(base64.b64decode(raw)) if raw else h.get("value", "")
                     headers[key] = headers[key] + "," + value if key in headers else value
-                elif key.startswith(PREFIX) or key in STRIPPED_EXACT:
+                elif key.startswith(HEADER_PREFIX) or key in STRIPPED_EXACT:
                     strip.append(key)
             uri, mtls = None, None
             attrs = (doc.get("attributes") or {}).get(ATTRIBUTES_KEY)
@@ -393,7 +395,7 @@ class Engine:
         if option is None:
             if len(self._units) >= _CACHE_LIMIT:
                 self._units.clear()
-            option = self._units[unit] = _set_option(UNIT_HEADER, hash_unit(self.settings.unit_salt, unit))
+            option = self._units[unit] = _set_option(HEADER_UNIT, hash_unit(self.settings.unit_salt, unit))
         return option
 
     def _evaluate(
@@ -432,22 +434,22 @@ class Engine:
             return self._denied(decision.denial, decision.message, request_id, identity, claims, decision.route)
 
         options = self._options
-        sets = [options.set(CLUSTER_HEADER, decision.cluster)]  # type: ignore[arg-type]
+        sets = [options.set(HEADER_CLUSTER, decision.cluster)]  # type: ignore[arg-type]
         for i, cluster in enumerate(decision.shadows):
-            sets.append(options.set(SHADOW_HEADERS[i], cluster))
+            sets.append(options.set(HEADER_SHADOWS[i], cluster))
         if policy.response_headers:
-            sets.append(options.set(VARIANT_HEADER, decision.variant))  # type: ignore[arg-type]
-            sets.append(options.set(ROUTE_HEADER, decision.route))  # type: ignore[arg-type]
+            sets.append(options.set(HEADER_VARIANT, decision.variant))  # type: ignore[arg-type]
+            sets.append(options.set(HEADER_ROUTE, decision.route))  # type: ignore[arg-type]
         if decision.unit is not None:
             sets.append(self._unit_option(decision.unit))
-        sets.append(options.set(REGION_HEADER, decision.region))  # type: ignore[arg-type]
+        sets.append(options.set(HEADER_REGION, decision.region))  # type: ignore[arg-type]
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it
-            ours = {CLUSTER_HEADER, REGION_HEADER, *SHADOW_HEADERS[: len(decision.shadows)]}
+            ours = {HEADER_CLUSTER, HEADER_REGION, *HEADER_SHADOWS[: len(decision.shadows)]}
             if policy.response_headers:
-                ours.update((VARIANT_HEADER, ROUTE_HEADER))
+                ours.update((HEADER_VARIANT, HEADER_ROUTE))
             if decision.unit is not None:
-                ours.add(UNIT_HEADER)
+                ours.add(HEADER_UNIT)
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
         routed = stats.routed

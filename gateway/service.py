@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cohortgate.core.contract import UNIT_SALT_ENV
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import JwtSettings, Policy, load_policy
 from cohortgate.store.state import InProcessState, RedisState, StateStore, follow
@@ -41,7 +42,6 @@ from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Relo
 
 log = logging.getLogger("cohortgate.service")
 
-UNIT_SALT_ENV = "COHORTGATE_UNIT_SALT"
 Transport = Literal["grpc", "http"]
 
 

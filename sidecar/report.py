@@ -29,11 +29,11 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 import orjson
 
+from cohortgate.core.contract import REPORTS_STREAM
 from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STREAM = "{cohortgate}:shadow"
 STREAM_MAXLEN = 100_000
 
 
@@ -154,7 +154,7 @@ class HttpSink:
 class RedisStreamSink:
     """XADDs each report to a Redis stream, trimmed to about ``maxlen`` entries."""
 
-    def __init__(self, url: str, stream: str = DEFAULT_STREAM, maxlen: int = STREAM_MAXLEN) -> None:
+    def __init__(self, url: str, stream: str = REPORTS_STREAM, maxlen: int = STREAM_MAXLEN) -> None:
         import redis.asyncio as redis
 
         self.stream = stream
@@ -178,7 +178,7 @@ def sink_from_url(url: str) -> ReportSink:
         return HttpSink(url)
     if parts.scheme in ("redis", "rediss", "unix"):
         query = parse_qs(parts.query)
-        stream = query.pop("stream", [DEFAULT_STREAM])[0]
+        stream = query.pop("stream", [REPORTS_STREAM])[0]
         rest = "&".join(f"{k}={v}" for k, values in query.items() for v in values)
         return RedisStreamSink(urlunsplit(parts._replace(query=rest)), stream=stream)
     raise ValueError(f"--report-to must be an http(s):// or redis:// URL, got {url!r}")

@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from cohortgate import __version__
+from cohortgate.core.contract import HEADER_SERVED_BY
 from sidecar.batching import Batcher
 from sidecar.errors import (
     InferenceFailed,
@@ -51,7 +52,6 @@ from sidecar.report import Reporter, ReportSink, sink_from_url
 
 log = logging.getLogger(__name__)
 
-SERVED_BY = "x-cohortgate-served-by"
 REQUEST_ID = "x-request-id"
 SERVER_NAME = "cohortgate-sidecar"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
@@ -124,7 +124,7 @@ class Sidecar:
         self._faults = FaultInjector(config.fault_rate, config.fault_after_s) if config.fault_rate > 0 else None
         self._executor: ThreadPoolExecutor | None = None
         self._loaded: asyncio.Future | None = None
-        self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, SERVED_BY: self.served_by}
+        self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, HEADER_SERVED_BY: self.served_by}
 
     # Lifecycle -----------------------------------------------------------------------------
     async def wait_ready(self) -> None:
@@ -231,12 +231,12 @@ class Sidecar:
 
     # Routes --------------------------------------------------------------------------------
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200, headers={SERVED_BY: self.served_by})
+        return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
 
     async def server_ready(self, request: web.Request) -> web.Response:
         if not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
-        return web.Response(status=200, headers={SERVED_BY: self.served_by})
+        return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return self._json({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
@@ -293,7 +293,7 @@ class Sidecar:
 
         return web.Response(
             body=generate_latest(self.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST, SERVED_BY: self.served_by},
+            headers={"Content-Type": CONTENT_TYPE_LATEST, HEADER_SERVED_BY: self.served_by},
         )
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -334,7 +334,7 @@ class Sidecar:
                     headers={
                         "Content-Type": BINARY_CONTENT_TYPE,
                         HEADER_LENGTH: str(header_length),
-                        SERVED_BY: self.served_by,
+                        HEADER_SERVED_BY: self.served_by,
                     },
                 )
         elapsed = time.perf_counter() - started

@@ -14,6 +14,7 @@ import sys
 import time
 
 from cohortgate.cli.token import parse_claim
+from cohortgate.core.contract import HEADER_ROUTE, HEADER_SERVED_BY, HEADER_VARIANT
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,9 +108,9 @@ def _call(args: argparse.Namespace) -> int:
     status = response.status
     summary = {
         "status": status,
-        "variant": got.get("x-cohortgate-variant"),
-        "route": got.get("x-cohortgate-route"),
-        "served_by": got.get("x-cohortgate-served-by"),
+        "variant": got.get(HEADER_VARIANT),
+        "route": got.get(HEADER_ROUTE),
+        "served_by": got.get(HEADER_SERVED_BY),
         "request_id": got.get("x-request-id"),
         "latency_ms": round(latency_ms, 2),
     }

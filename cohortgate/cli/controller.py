@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cohortgate.core.contract import REDIS_ENV, TOKEN_FILE_ENV
+
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 DEFAULT_STATE_FILE = ".cohortgate/state.json"
 
@@ -64,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--redis",
         metavar="URL",
-        default=os.environ.get("COHORTGATE_REDIS"),
+        default=os.environ.get(REDIS_ENV),
         help="Redis URL for the event stream, the shared state and the leader lock "
         "(default: $COHORTGATE_REDIS; none = embedded, in-process)",
     )
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--token-file",
-        default=os.environ.get("COHORTGATE_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        default=os.environ.get(TOKEN_FILE_ENV, DEFAULT_TOKEN_FILE),
         help=f"admin bearer token file, created 0600 if missing (default {DEFAULT_TOKEN_FILE})",
     )
     p.add_argument(

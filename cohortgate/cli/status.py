@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from cohortgate.core.contract import API_ENV, TOKEN_FILE_ENV
+
 DEFAULT_API = "http://127.0.0.1:9480"
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 
@@ -31,12 +33,12 @@ DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api",
-        default=os.environ.get("COHORTGATE_API", DEFAULT_API),
+        default=os.environ.get(API_ENV, DEFAULT_API),
         help=f"controller API (default $COHORTGATE_API or {DEFAULT_API})",
     )
     p.add_argument(
         "--token-file",
-        default=os.environ.get("COHORTGATE_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        default=os.environ.get(TOKEN_FILE_ENV, DEFAULT_TOKEN_FILE),
         help=f"admin token file (default {DEFAULT_TOKEN_FILE})",
     )
     p.add_argument("--redis", metavar="URL", default=None, help="talk to the Redis state store instead of the API")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from cohortgate.cli.token import parse_ttl
+from cohortgate.core.contract import HEADER_VARIANT
 
 ROLLBACK_POLL_S = 1.0
 
@@ -295,7 +296,7 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     status = str(response.status)
-                    variant = response.headers.get("x-cohortgate-variant", "-")
+                    variant = response.headers.get(HEADER_VARIANT, "-")
             except (TimeoutError, aiohttp.ClientError, OSError):
                 status, variant = "error", "-"
             tally.record(status, variant, time.perf_counter() - started)

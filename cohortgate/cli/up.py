@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from cohortgate.core.contract import REDIS_ENV
+
 DEMO_FAULT_RATE = 0.3
 DEMO_FAULT_AFTER_S = 20.0  # long enough to see a healthy canary (and its first samples) on the page
 
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--redis",
         metavar="URL",
-        default=os.environ.get("COHORTGATE_REDIS") or None,
+        default=os.environ.get(REDIS_ENV) or None,
         help="share state and events through this Redis (default $COHORTGATE_REDIS; none = embedded)",
     )
     p.add_argument(

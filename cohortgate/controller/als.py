@@ -23,19 +23,20 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cohortgate.core.policy import cluster_parts
+from cohortgate.core.contract import (
+    HEADER_REGION,
+    HEADER_ROUTE,
+    HEADER_SHADOW_OF,
+    HEADER_SHADOWS,
+    HEADER_UNIT,
+    HEADER_VARIANT,
+    cluster_parts,
+)
 from cohortgate.store.events import REQUEST, Event, EventSink
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-ROUTE_HEADER = "x-cohortgate-route"
-VARIANT_HEADER = "x-cohortgate-variant"
-UNIT_HEADER = "x-cohortgate-unit"
-REGION_HEADER = "x-cohortgate-region"
-SHADOW_OF_HEADER = "x-cohortgate-shadow-of"
-SHADOW_HEADERS = tuple(f"x-cohortgate-shadow-{i}" for i in range(4))  # envoyconf.HEADER_SHADOWS
-LOG_NAME = "cohortgate"
 
 
 def _ms(duration: Any) -> float:
@@ -46,8 +47,8 @@ def event_from_entry(entry: Any) -> Event:
     """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event` (route/variant may be empty)."""
     common = entry.common_properties
     headers = entry.request.request_headers
-    route = headers.get(ROUTE_HEADER, "")
-    variant = headers.get(VARIANT_HEADER, "")
+    route = headers.get(HEADER_ROUTE, "")
+    variant = headers.get(HEADER_VARIANT, "")
     if (not route or not variant) and common.upstream_cluster:
         c_route, c_variant = cluster_parts(common.upstream_cluster) or ("", "")
         route, variant = route or c_route, variant or c_variant
@@ -65,10 +66,10 @@ def event_from_entry(entry: Any) -> Event:
         status=int(entry.response.response_code.value) if entry.response.HasField("response_code") else 0,
         latency_ms=max(0.0, latency),
         request_id=entry.request.request_id,
-        region=headers.get(REGION_HEADER, ""),
-        unit=headers.get(UNIT_HEADER, ""),
+        region=headers.get(HEADER_REGION, ""),
+        unit=headers.get(HEADER_UNIT, ""),
         ts=ts,
-        shadow_of=headers.get(SHADOW_OF_HEADER, ""),
+        shadow_of=headers.get(HEADER_SHADOW_OF, ""),
     )
 
 
@@ -102,7 +103,7 @@ class AccessLogReceiver:
                     event.route or "none", event.variant or "none", event.status, event.latency_ms / 1000.0
                 )
                 headers = entry.request.request_headers
-                for slot in SHADOW_HEADERS:  # the mirror clusters the processor named for this request
+                for slot in HEADER_SHADOWS:  # the mirror clusters the processor named for this request
                     route, shadow = cluster_parts(headers.get(slot, "")) or ("", "")
                     if shadow:
                         self.metrics.shadow_copy(route, shadow)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
+from cohortgate.core.contract import LEADER_KEY
 from cohortgate.store.events import redis_errors
-
-LOCK_KEY = "{cohortgate}:controller:leader"
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -50,7 +49,7 @@ class SoloLeader:
 
 
 class RedisLeader:
-    def __init__(self, client: Any, ttl_ms: int = 5000, key: str = LOCK_KEY, owner: str | None = None) -> None:
+    def __init__(self, client: Any, ttl_ms: int = 5000, key: str = LEADER_KEY, owner: str | None = None) -> None:
         self.client = client
         self.ttl_ms = ttl_ms
         self.key = key

@@ -24,12 +24,12 @@ import yaml
 from pydantic import ValidationError
 
 from cohortgate.core import cohorts
+from cohortgate.core.contract import MIRROR_SLOTS, cluster_name
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.schema import PolicyModel, Predicate
 from cohortgate.core.schema import Route as RouteModel
 
 OIP_MODEL_PREFIX = "/v2/models/"
-MAX_SHADOWS = 4  # Envoy's listener has this many mirror slots (x-cohortgate-shadow-0..3)
 
 # --------------------------------------------------------------------------- compiled objects
 
@@ -476,8 +476,8 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
         names[v.name] = "variant"
         for bi, b in enumerate(v.backends):
             yield from _check_url(b.url, at("variants", vi, "backends", bi, "url"))
-    if len(route.shadows) > MAX_SHADOWS:
-        yield f"{at('shadows')}: route {route.name!r} has {len(route.shadows)} shadows; at most {MAX_SHADOWS}"
+    if len(route.shadows) > MIRROR_SLOTS:
+        yield f"{at('shadows')}: route {route.name!r} has {len(route.shadows)} shadows; at most {MIRROR_SLOTS}"
     for si, s in enumerate(route.shadows):
         if s.name in names:
             yield f"{at('shadows', si, 'name')}: shadow name {s.name!r} is already a {names[s.name]} of this route"
@@ -583,16 +583,6 @@ def _overlap(a: RouteModel, b: RouteModel) -> bool:
     paths_b = [p for p in (mb.path_prefix, OIP_MODEL_PREFIX + mb.model if mb.model else None) if p]
     return all(_segment_prefix(x, y) or _segment_prefix(y, x) for x in paths_a for y in paths_b)
 
-
-def cluster_name(route: str, owner: str, index: int) -> str:
-    """Envoy's cluster for a backend: ``cg.ROUTE.VARIANT.N`` (names are DNS labels, so no dots)."""
-    return f"cg.{route}.{owner}.{index}"
-
-
-def cluster_parts(cluster: str) -> tuple[str, str] | None:
-    """The inverse of `cluster_name`: (route, variant or shadow), or None for another name."""
-    parts = cluster.split(".")
-    return (parts[1], parts[2]) if len(parts) == 4 and parts[0] == "cg" else None
 
 
 def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> Policy:

@@ -37,23 +37,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from cohortgate.core.contract import (
+    ACCESS_LOG_HEADERS,
+    ACCESS_LOG_NAME,
+    HEADER_CLUSTER,
+    HEADER_PREFIX,
+    HEADER_ROUTE,
+    HEADER_SHADOW_OF,
+    HEADER_SHADOWS,
+    HEADER_VARIANT,
+)
+
 if TYPE_CHECKING:
     from cohortgate.core.policy import Backend, Policy
     from cohortgate.deploy.pki import CertPaths
 
-HEADER_CLUSTER = "x-cohortgate-cluster"
-MIRROR_SLOTS = 4
-HEADER_SHADOWS = tuple(f"x-cohortgate-shadow-{i}" for i in range(MIRROR_SLOTS))
-HEADER_VARIANT = "x-cohortgate-variant"
-HEADER_ROUTE = "x-cohortgate-route"
-HEADER_SHADOW_OF = "x-cohortgate-shadow-of"  # set on mirrored copies only, to the primary's variant
-ALS_HEADERS = (
-    HEADER_ROUTE, HEADER_VARIANT, "x-cohortgate-unit", "x-cohortgate-region", HEADER_SHADOW_OF, *HEADER_SHADOWS,
-)  # fmt: skip
 
 PROCESSOR_CLUSTER = "cohortgate_processor"
 ALS_CLUSTER = "cohortgate_als"
-ALS_LOG_NAME = "cohortgate"
 HTTP_SERVICE_PATH = "/ext_proc"  # where the `http` transport POSTs each ProcessingRequest
 LISTENER_NAME = "cohortgate_https"
 BOOTSTRAP_FILE = "bootstrap.yaml"
@@ -623,7 +624,7 @@ def _ext_proc_filter(pb: _Modules, transport: str) -> Any:
         # The processor names the cluster in a header; the route must be re-resolved after it.
         route_cache_action=pb.ext_proc.ExternalProcessorRouteCacheAction.CLEAR,
         mutation_rules=pb.mutation.HeaderMutationRules(
-            allow_expression=pb.matcher.RegexMatcher(regex="x-cohortgate-[a-z0-9-]+"),
+            allow_expression=pb.matcher.RegexMatcher(regex=HEADER_PREFIX + "[a-z0-9-]+"),
             disallow_system=True,  # pseudo-headers and host stay as the client sent them
             allow_envoy=False,
         ),
@@ -637,13 +638,13 @@ def _access_logs(pb: _Modules, access_log: AccessLogTarget | None) -> list[Any]:
         return []
     config = pb.als.HttpGrpcAccessLogConfig(
         common_config=pb.als.CommonGrpcAccessLogConfig(
-            log_name=ALS_LOG_NAME,
+            log_name=ACCESS_LOG_NAME,
             grpc_service=pb.core.GrpcService(envoy_grpc=pb.core.GrpcServiceEnvoyGrpc(cluster_name=ALS_CLUSTER)),
             transport_api_version=pb.core.ApiVersion.V3,
             buffer_flush_interval=dt.timedelta(milliseconds=200),
             buffer_size_bytes=16384,
         ),
-        additional_request_headers_to_log=list(ALS_HEADERS),
+        additional_request_headers_to_log=list(ACCESS_LOG_HEADERS),
     )
     return [pb.accesslog.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(config))]
 

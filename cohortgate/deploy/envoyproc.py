@@ -30,10 +30,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from cohortgate.core.contract import ENVOY_BIN_ENV
+
 if TYPE_CHECKING:
     from cohortgate.deploy.envoy import EnvoyFiles
 
-ENVOY_BIN_ENV = "COHORTGATE_ENVOY_BIN"
 _POLL_S = 0.02
 _SETTLE_S = 0.05  # admin runs on the main thread; workers learn of a new cluster a moment later
 _CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"

@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
+from cohortgate.core.contract import API_ENV, REDIS_ENV, TOKEN_FILE_ENV, UNIT_SALT_ENV
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.local.client import DEFAULT_CLIENT as DEMO_CLIENT
@@ -67,7 +68,6 @@ DEFAULT_DASHBOARD_PORT = 9481
 DEFAULT_GATEWAY_METRICS_PORT = 9482
 EFFECTIVE_POLICY = "policy.yaml"
 RUN_VERSION = 1
-UNIT_SALT_ENV = "COHORTGATE_UNIT_SALT"
 # What `cohortgate models build` writes (sidecar/demo_models.py): `up` builds these when missing.
 DEMO_MODELS = frozenset({"tabular-control", "tabular-canary", "tabular-challenger", "mlp-4x512"})
 
@@ -82,7 +82,7 @@ _MAX_UDS = 100  # sun_path holds 108 bytes; keep a margin
 # Probes go to loopback only: never let an http_proxy variable route them elsewhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # `up` passes these explicitly (or means "none"): a child must not pick them up from the shell.
-_NOT_INHERITED = {"COHORTGATE_REDIS", "COHORTGATE_TOKEN_FILE", "COHORTGATE_API", UNIT_SALT_ENV}
+_NOT_INHERITED = {REDIS_ENV, TOKEN_FILE_ENV, API_ENV, UNIT_SALT_ENV}
 
 
 class ChildFailed(StackError):

@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, REPORTS_STREAM
+
 if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
@@ -40,9 +42,6 @@ log = logging.getLogger(__name__)
 
 REQUEST = "request"
 REPORT = "report"
-EVENTS_STREAM = "{cohortgate}:events"  # the hash tag keeps every cohortgate key in one Cluster slot
-REPORTS_STREAM = "{cohortgate}:shadow"  # the sidecar's default (sidecar.report.DEFAULT_STREAM)
-CONSUMER_GROUP = "cohortgate-controller"
 STREAM_MAXLEN = 100_000
 
 

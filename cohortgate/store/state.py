@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from cohortgate.core.contract import AUDIT_KEY, STATE_CHANNEL, STATE_KEY, STATUS_KEY
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Policy
 from cohortgate.core.rollout import RouteState
@@ -44,10 +45,6 @@ from cohortgate.store.events import redis_client, redis_errors
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "{cohortgate}:state"
-CHANNEL = "{cohortgate}:state:changed"
-AUDIT_KEY = "{cohortgate}:audit"
-STATUS_KEY = "{cohortgate}:status"
 AUDIT_MAXLEN = 10_000
 
 Callback = Callable[[Mapping[str, RouteState]], None]
@@ -314,7 +311,7 @@ class RedisState(_Base):
         timeout_s: float = 0.5,
         resync_s: float = 5.0,
         key: str = STATE_KEY,
-        channel: str = CHANNEL,
+        channel: str = STATE_CHANNEL,
     ) -> None:
         super().__init__(cache_path)
         self.url = url

@@ -24,12 +24,12 @@ from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.deploy import pki
 from gateway.audit import FIELDS, AuditLog
 from gateway.extproc import (
-    CLUSTER_HEADER,
-    REGION_HEADER,
-    ROUTE_HEADER,
-    SHADOW_HEADERS,
-    UNIT_HEADER,
-    VARIANT_HEADER,
+    HEADER_CLUSTER,
+    HEADER_REGION,
+    HEADER_ROUTE,
+    HEADER_SHADOWS,
+    HEADER_UNIT,
+    HEADER_VARIANT,
     Engine,
     ProcessorSettings,
     _proto_allowed,
@@ -222,53 +222,53 @@ def test_allowed_request_gets_routing_headers(engine: Engine, certs: pki.CertPat
     got = set_headers(resp)
     claims = engine.verifier.verify(auth)
     expected = decide(policy, Facts("POST", INFER, {}, APP, claims, "req-1"))
-    assert got[CLUSTER_HEADER] == expected.cluster
-    assert got[VARIANT_HEADER] == expected.variant
-    assert got[ROUTE_HEADER] == "tabular"
-    assert got[REGION_HEADER] == "eu"
-    assert got[UNIT_HEADER] == hash_unit(SALT, "user-1")
-    assert got[SHADOW_HEADERS[0]] == "cg.tabular.challenger.0"  # percent 100
+    assert got[HEADER_CLUSTER] == expected.cluster
+    assert got[HEADER_VARIANT] == expected.variant
+    assert got[HEADER_ROUTE] == "tabular"
+    assert got[HEADER_REGION] == "eu"
+    assert got[HEADER_UNIT] == hash_unit(SALT, "user-1")
+    assert got[HEADER_SHADOWS[0]] == "cg.tabular.challenger.0"  # percent 100
     assert not resp.request_headers.response.header_mutation.remove_headers
     assert engine.stats.allowed == 2 and engine.stats.requests == 2  # protobuf and JSON
 
 
 def test_query_string_is_not_part_of_the_path(engine: Engine, certs: pki.CertPaths) -> None:
     resp = answer(engine, request(infer("Bearer " + token(certs), path=INFER + "?debug=1&x=/other")))
-    assert set_headers(resp)[ROUTE_HEADER] == "tabular"
+    assert set_headers(resp)[HEADER_ROUTE] == "tabular"
 
 
 def test_same_user_same_cluster_and_split_near_weights(engine: Engine, certs: pki.CertPaths) -> None:
     auth = "Bearer " + token(certs, "sticky-user")
-    clusters = {set_headers(engine.handle_proto(request(infer(auth))))[CLUSTER_HEADER] for _ in range(50)}
+    clusters = {set_headers(engine.handle_proto(request(infer(auth))))[HEADER_CLUSTER] for _ in range(50)}
     assert len(clusters) == 1
     canary = 0
     for i in range(2000):
         headers = {":method": "POST", ":path": "/v1/header/x", "x-user-id": f"u{i}", "authorization": auth}
         got = set_headers(engine.handle_proto(request(headers, uri=None)))
-        canary += got[VARIANT_HEADER] == "treatment"
+        canary += got[HEADER_VARIANT] == "treatment"
     assert abs(canary / 2000 - 0.5) <= 0.03
 
 
 def test_override_and_residency_fallback(engine: Engine, certs: pki.CertPaths) -> None:
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs, "qa-canary")))))
-    assert got[VARIANT_HEADER] == "canary" and got[CLUSTER_HEADER] == "cg.tabular.canary.0"
+    assert got[HEADER_VARIANT] == "canary" and got[HEADER_CLUSTER] == "cg.tabular.canary.0"
     # canary has no ae backend: control's ae backend serves, and the eu-only shadow is dropped
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs, "qa-canary", residency="ae")))))
-    assert got[CLUSTER_HEADER] == "cg.tabular.control.1" and got[REGION_HEADER] == "ae"
-    assert not any(name in got for name in SHADOW_HEADERS)
+    assert got[HEADER_CLUSTER] == "cg.tabular.control.1" and got[HEADER_REGION] == "ae"
+    assert not any(name in got for name in HEADER_SHADOWS)
 
 
 def test_header_sourced_unit_and_region(engine: Engine, certs: pki.CertPaths) -> None:
     headers = {":method": "GET", ":path": "/v1/header/ping", "x-user-id": "ünïcode-user", "x-region": "eu"}
     headers["authorization"] = "Bearer " + token(certs)
     got = set_headers(answer(engine, request(headers, uri=None)))
-    assert got[UNIT_HEADER] == hash_unit(SALT, "ünïcode-user")
-    assert got[CLUSTER_HEADER] in {"cg.by-header.control.0", "cg.by-header.treatment.0"}
+    assert got[HEADER_UNIT] == hash_unit(SALT, "ünïcode-user")
+    assert got[HEADER_CLUSTER] in {"cg.by-header.control.0", "cg.by-header.treatment.0"}
 
 
 def test_spoofed_routing_headers_are_removed(engine: Engine, certs: pki.CertPaths) -> None:
     spoof = {
-        CLUSTER_HEADER: "cg.ae-scoring.control.0",
+        HEADER_CLUSTER: "cg.ae-scoring.control.0",
         "x-cohortgate-shadow-0": "cg.ae-scoring.control.0",
         "x-cohortgate-shadow-3": "cg.ae-scoring.control.0",
         "x-cohortgate-variant": "canary",
@@ -278,7 +278,7 @@ def test_spoofed_routing_headers_are_removed(engine: Engine, certs: pki.CertPath
     resp = answer(engine, request(infer("Bearer " + token(certs, "spoofer"), **spoof)))
     got = set_headers(resp)
     removed = set(resp.request_headers.response.header_mutation.remove_headers)
-    assert got[CLUSTER_HEADER].startswith("cg.tabular.")
+    assert got[HEADER_CLUSTER].startswith("cg.tabular.")
     assert got["x-cohortgate-shadow-0"] == "cg.tabular.challenger.0"
     # every spoofed header is either overwritten by ours or removed
     assert removed == {"x-cohortgate-shadow-3", "x-cohortgate-whatever", "x-forwarded-client-cert"}
@@ -288,18 +288,18 @@ def test_spoofed_routing_headers_are_removed(engine: Engine, certs: pki.CertPath
 def test_response_headers_can_be_turned_off(certs: pki.CertPaths, verifier: Any) -> None:
     engine = Engine(PolicyHolder(make_policy(certs, response_headers=False)), verifier, ProcessorSettings(SALT))
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs)))))
-    assert VARIANT_HEADER not in got and ROUTE_HEADER not in got and CLUSTER_HEADER in got
+    assert HEADER_VARIANT not in got and HEADER_ROUTE not in got and HEADER_CLUSTER in got
 
 
 def test_policy_swap_applies_to_the_next_request(engine: Engine, certs: pki.CertPaths, policy: Policy) -> None:
     auth = "Bearer " + token(certs, "swap-user")
-    assert set_headers(engine.handle_proto(request(infer(auth))))[VARIANT_HEADER] in {"control", "canary"}
+    assert set_headers(engine.handle_proto(request(infer(auth))))[HEADER_VARIANT] in {"control", "canary"}
     holder = engine.policies
     assert isinstance(holder, PolicyHolder)
     holder.swap(policy.with_weights({"tabular": {"control": 0, "canary": 100}}))
-    assert set_headers(engine.handle_proto(request(infer(auth))))[CLUSTER_HEADER] == "cg.tabular.canary.0"
+    assert set_headers(engine.handle_proto(request(infer(auth))))[HEADER_CLUSTER] == "cg.tabular.canary.0"
     holder.swap(policy.with_weights({"tabular": {"control": 100, "canary": 0}}))
-    assert set_headers(engine.handle_proto(request(infer(auth))))[CLUSTER_HEADER] == "cg.tabular.control.0"
+    assert set_headers(engine.handle_proto(request(infer(auth))))[HEADER_CLUSTER] == "cg.tabular.control.0"
 
 
 # ------------------------------------------------------------------------------ denials
@@ -347,7 +347,7 @@ def test_a_header_sent_twice_is_never_half_verified(engine: Engine, certs: pki.C
     status, _, body = denial(answer(engine, request(headers)))
     assert (status, body["error"]["code"]) == (401, "unauthenticated")
     odd = [*infer("Bearer " + token(certs)).items(), ("content-length", "42")]  # "42,42": Envoy's to police
-    assert set_headers(answer(engine, request(odd)))[ROUTE_HEADER] == "tabular"
+    assert set_headers(answer(engine, request(odd)))[HEADER_ROUTE] == "tabular"
 
 
 @pytest.mark.parametrize(
@@ -432,7 +432,7 @@ def test_other_phases_continue_and_observability_gets_no_answer(engine: Engine) 
 @given(
     options=st.lists(
         st.tuples(
-            st.sampled_from([CLUSTER_HEADER, UNIT_HEADER, "x-cohortgate-shadow-2"]),
+            st.sampled_from([HEADER_CLUSTER, HEADER_UNIT, "x-cohortgate-shadow-2"]),
             st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-", min_size=1, max_size=300),
         ),
         min_size=1,
@@ -460,7 +460,7 @@ def test_preencoded_options_equal_the_protobuf_api(options: list[tuple[str, str]
     residency=st.sampled_from(["eu", "ae", "us", None]),
     path=st.sampled_from([INFER, "/v2/models/ae-scoring/infer", "/v1/header/a", "/nope", "/v2/models/tabular"]),
     spoof=st.dictionaries(
-        st.sampled_from([CLUSTER_HEADER, *SHADOW_HEADERS, "x-forwarded-client-cert", "x-cohortgate-x"]),
+        st.sampled_from([HEADER_CLUSTER, *HEADER_SHADOWS, "x-forwarded-client-cert", "x-cohortgate-x"]),
         st.text(alphabet="abc.-0123", min_size=1, max_size=20),
     ),
     with_token=st.booleans(),
@@ -480,7 +480,7 @@ def test_json_and_protobuf_transports_always_agree(
         got = set_headers(resp)
         removed = set(resp.request_headers.response.header_mutation.remove_headers)
         assert set(spoof) <= set(got) | removed  # nothing spoofed survives
-        assert not got[CLUSTER_HEADER].startswith("cg.ae-scoring.") or got[REGION_HEADER] == "ae"
+        assert not got[HEADER_CLUSTER].startswith("cg.ae-scoring.") or got[HEADER_REGION] == "ae"
 
 
 # ------------------------------------------------------------------------------ audit
@@ -572,5 +572,5 @@ def test_a_captured_envoy_post_is_understood(engine: Engine, certs: pki.CertPath
         engine.handle_json(ENVOY_140_POST.replace(b"QmVhcmVyIGFiYw==", valid)), pb.ProcessingResponse()
     )
     got = set_headers(out)
-    assert got[ROUTE_HEADER] == "tabular" and got[CLUSTER_HEADER].startswith("cg.tabular.")  # spoof overwritten
-    assert got[UNIT_HEADER] == hash_unit(SALT, "captured")
+    assert got[HEADER_ROUTE] == "tabular" and got[HEADER_CLUSTER].startswith("cg.tabular.")  # spoof overwritten
+    assert got[HEADER_UNIT] == hash_unit(SALT, "captured")

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from cohortgate.cli import build_parser
 from cohortgate.deploy import pki
-from gateway.extproc import CLUSTER_HEADER, Engine
+from gateway.extproc import HEADER_CLUSTER, Engine
 from gateway.service import Gateway, GatewayConfig, ListenAddress
 from gateway.transport_http import ExtProcHttpProtocol, start_http
 from tests.gateway.test_extproc import POLICY, envoy_json, infer, request
@@ -168,7 +168,7 @@ async def _http_call(uds: str, body: bytes) -> tuple[int, bytes]:
 
 def _cluster(resp: pb.ProcessingResponse) -> str:
     for option in resp.request_headers.response.header_mutation.set_headers:
-        if option.header.key == CLUSTER_HEADER:
+        if option.header.key == HEADER_CLUSTER:
             return option.header.raw_value.decode()
     raise AssertionError(f"no cluster header in {resp}")
 

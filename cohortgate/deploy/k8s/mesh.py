@@ -24,6 +24,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from cohortgate.core.contract import HEADER_PREFIX
 from cohortgate.deploy import envoy as envoyconf
 from cohortgate.deploy.k8s import crds
 from cohortgate.deploy.k8s.options import Mesh, RenderOptions
@@ -295,7 +296,7 @@ def ext_proc_filter(cluster_name: str) -> dict[str, Any]:
         message_timeout=envoyconf.MESSAGE_TIMEOUT,
         route_cache_action=ext_proc.ExternalProcessorRouteCacheAction.CLEAR,
         mutation_rules=mutation.HeaderMutationRules(
-            allow_expression=matcher.RegexMatcher(regex="x-cohortgate-[a-z0-9-]+"),
+            allow_expression=matcher.RegexMatcher(regex=HEADER_PREFIX + "[a-z0-9-]+"),
             disallow_system=True,
             allow_envoy=False,
         ),

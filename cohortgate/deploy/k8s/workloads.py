@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from kubernetes import client as k
 
+from cohortgate.core.contract import REDIS_ENV, UNIT_SALT_ENV
 from cohortgate.deploy.k8s import sizing
 from cohortgate.deploy.k8s.options import Mesh, RenderOptions
 from cohortgate.deploy.k8s.plan import JWKS_DIR, MODELS_DIR, POLICY_DIR, POLICY_FILE, SIDECAR_PORT, Plan, Sidecar
@@ -71,8 +72,6 @@ SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"  # Debian's bundle: in the imag
 UID = 10001
 REDIS_UID = 999  # the official redis image's user
 REDIS_IMAGE = "redis:7.4-alpine"
-REDIS_URL_ENV = "COHORTGATE_REDIS"  # what `cohortgate controller --redis` defaults to
-UNIT_SALT_ENV = "COHORTGATE_UNIT_SALT"
 PROBE = ["python", "-m", "cohortgate.deploy.k8s.probe"]
 
 
@@ -190,11 +189,11 @@ def _spread(component: str) -> list[k.V1TopologySpreadConstraint]:
 def redis_env(options: RenderOptions) -> k.V1EnvVar:
     """The Redis URL: a literal for in-cluster or credential-free Redis, else read from a Secret."""
     if options.with_redis:
-        return k.V1EnvVar(name=REDIS_URL_ENV, value=f"redis://{options.service_host(REDIS)}:{REDIS_PORT}/0")
+        return k.V1EnvVar(name=REDIS_ENV, value=f"redis://{options.service_host(REDIS)}:{REDIS_PORT}/0")
     if options.redis_url is not None:
-        return k.V1EnvVar(name=REDIS_URL_ENV, value=options.redis_url)
+        return k.V1EnvVar(name=REDIS_ENV, value=options.redis_url)
     return k.V1EnvVar(
-        name=REDIS_URL_ENV,
+        name=REDIS_ENV,
         value_from=k.V1EnvVarSource(secret_key_ref=k.V1SecretKeySelector(name=options.redis_secret, key="url")),
     )
 
@@ -307,7 +306,7 @@ def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_m
         "--grpc-server", options.grpc_server,
         "--listen", listen,
         "--trust-domain", options.trust_domain,
-        "--redis", f"$({REDIS_URL_ENV})",
+        "--redis", f"$({REDIS_ENV})",
     ]  # fmt: skip
     mounts = [_mount("policy", POLICY_DIR), _mount("tmp", "/tmp", read_only=False)]
     if plan.jwks_file:
@@ -546,7 +545,7 @@ def sidecar(s: Sidecar, plan: Plan, options: RenderOptions) -> list[Any]:
     route = plan.policy.by_name[s.route]
     if route.shadows:
         # Shadow comparison joins the shadow's and the primary's reports by request id.
-        args += ["--report-to", f"$({REDIS_URL_ENV})"]
+        args += ["--report-to", f"$({REDIS_ENV})"]
         env = [redis_env(options)]
     requests = {"cpu": sizing.SIDECAR_CPU, "memory": sizing.SIDECAR_MEMORY[0]}
     limits = {"memory": sizing.SIDECAR_MEMORY[1]}
@@ -620,7 +619,7 @@ def controller(plan: Plan, options: RenderOptions) -> k.V1Deployment:
         args=[
             "controller",
             "--policy", f"{POLICY_DIR}/{POLICY_FILE}",
-            "--redis", f"$({REDIS_URL_ENV})",
+            "--redis", f"$({REDIS_ENV})",
             "--listen", f"127.0.0.1:{CONTROLLER_API_PORT}",
             "--token-file", f"{ADMIN_DIR}/token",
             "--state-file", f"{STATE_DIR}/state.json",

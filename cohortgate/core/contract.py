@@ -1,0 +1,70 @@
+"""Every name two processes must agree on, defined once.
+
+Envoy's rendered configuration, the ext_proc processor, the controller's access-log receiver, the
+sidecar and the Redis store all meet through these names; nothing else spells them, and a test
+renders Envoy's configuration and checks it uses exactly these. Pure: no imports beyond the
+standard library.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- headers ---------------------------------------------------------------------------------------
+# Only the processor sets ``x-cohortgate-*`` request headers: it strips every client-sent one first.
+HEADER_PREFIX: Final = "x-cohortgate-"
+HEADER_CLUSTER: Final = "x-cohortgate-cluster"  # Envoy routes the primary request by it
+HEADER_ROUTE: Final = "x-cohortgate-route"
+HEADER_VARIANT: Final = "x-cohortgate-variant"
+HEADER_UNIT: Final = "x-cohortgate-unit"  # keyed hash of the cohort unit, never the raw id
+HEADER_REGION: Final = "x-cohortgate-region"
+HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
+HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
+
+# Envoy's listener has this many mirror slots; the policy allows at most this many shadows per route.
+MIRROR_SLOTS: Final = 4
+HEADER_SHADOWS: Final = tuple(f"{HEADER_PREFIX}shadow-{i}" for i in range(MIRROR_SLOTS))
+
+# The headers Envoy logs to the access-log service for the controller (``additional_request_headers_to_log``).
+ACCESS_LOG_HEADERS: Final = (
+    HEADER_ROUTE,
+    HEADER_VARIANT,
+    HEADER_UNIT,
+    HEADER_REGION,
+    HEADER_SHADOW_OF,
+    *HEADER_SHADOWS,
+)
+ACCESS_LOG_NAME: Final = "cohortgate"  # Envoy's ``log_name`` for our access-log stream
+
+# -- Envoy cluster names ---------------------------------------------------------------------------
+CLUSTER_PREFIX: Final = "cg"
+
+
+def cluster_name(route: str, owner: str, index: int) -> str:
+    """Envoy's cluster for a backend: ``cg.ROUTE.VARIANT.N`` (route and variant are DNS labels: no dots)."""
+    return f"{CLUSTER_PREFIX}.{route}.{owner}.{index}"
+
+
+def cluster_parts(cluster: str) -> tuple[str, str] | None:
+    """The inverse of `cluster_name`: (route, variant or shadow), or None for any other name."""
+    parts = cluster.split(".")
+    return (parts[1], parts[2]) if len(parts) == 4 and parts[0] == CLUSTER_PREFIX else None
+
+
+# -- Redis keys and channels -----------------------------------------------------------------------
+# The ``{cohortgate}`` hash tag keeps every key in one Redis Cluster slot (multi-key scripts work).
+STATE_KEY: Final = "{cohortgate}:state"  # hash: route -> RouteState JSON
+STATE_CHANNEL: Final = "{cohortgate}:state:changed"  # pub/sub: a route's state changed
+AUDIT_KEY: Final = "{cohortgate}:audit"  # stream: the controller's audit trail
+STATUS_KEY: Final = "{cohortgate}:status"  # the leader's status snapshot
+LEADER_KEY: Final = "{cohortgate}:controller:leader"  # the controller's leader lock
+EVENTS_STREAM: Final = "{cohortgate}:events"  # access-log events for the controller
+REPORTS_STREAM: Final = "{cohortgate}:shadow"  # the sidecars' shadow reports
+CONSUMER_GROUP: Final = "cohortgate-controller"
+
+# -- environment variables -------------------------------------------------------------------------
+UNIT_SALT_ENV: Final = "COHORTGATE_UNIT_SALT"  # HMAC key of x-cohortgate-unit; same on every gateway
+REDIS_ENV: Final = "COHORTGATE_REDIS"
+API_ENV: Final = "COHORTGATE_API"
+TOKEN_FILE_ENV: Final = "COHORTGATE_TOKEN_FILE"
+ENVOY_BIN_ENV: Final = "COHORTGATE_ENVOY_BIN"
