@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -19,7 +20,6 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cohortgate.core.decide import Facts, decide
 from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.deploy import pki
 from gateway.audit import FIELDS, AuditLog
@@ -215,21 +215,35 @@ def denial(resp: pb.ProcessingResponse) -> tuple[int, dict[str, str], dict[str, 
 # ------------------------------------------------------------------------------ allowed
 
 
-def test_allowed_request_gets_routing_headers(engine: Engine, certs: pki.CertPaths, policy: Policy) -> None:
+def independent_bucket(salt: str, unit: str) -> int:
+    """The documented cohort hash (docs/policy.md), computed here with hashlib, not by the engine."""
+    key = hashlib.blake2b(salt.encode(), digest_size=32).digest()
+    return int.from_bytes(hashlib.blake2b(unit.encode(), digest_size=8, key=key).digest(), "big") % 10_000
+
+
+def test_allowed_request_gets_routing_headers(engine: Engine, certs: pki.CertPaths) -> None:
+    # Expected values are literals, not a second call of decide(): user-1 hashes to bucket 2350 of
+    # 10000 under salt "tabular-test", inside control's range (canary at 10% owns buckets 0..999).
+    assert independent_bucket("tabular-test", "user-1") == 2350
     auth = "Bearer " + token(certs, "user-1")
     resp = answer(engine, request(infer(auth)))
     assert resp.request_headers.response.clear_route_cache is True
     got = set_headers(resp)
-    claims = engine.verifier.verify(auth)
-    expected = decide(policy, Facts("POST", INFER, {}, APP, claims, "req-1"))
-    assert got[HEADER_CLUSTER] == expected.cluster
-    assert got[HEADER_VARIANT] == expected.variant
+    assert got[HEADER_CLUSTER] == "cg.tabular.control.0"
+    assert got[HEADER_VARIANT] == "control"
     assert got[HEADER_ROUTE] == "tabular"
     assert got[HEADER_REGION] == "eu"
-    assert got[HEADER_UNIT] == hash_unit(SALT, "user-1")
+    assert got[HEADER_UNIT] == "d2163ad09e452ace"  # HMAC-SHA256(b"test-unit-salt", b"user-1")[:16 hex]
     assert got[HEADER_SHADOWS[0]] == "cg.tabular.challenger.0"  # percent 100
     assert not resp.request_headers.response.header_mutation.remove_headers
     assert engine.stats.allowed == 2 and engine.stats.requests == 2  # protobuf and JSON
+
+
+def test_a_unit_in_the_canary_range_gets_the_canary(engine: Engine, certs: pki.CertPaths) -> None:
+    """user-4 hashes to bucket 21 (canary owns 0..999): a hash or layout change moves it."""
+    assert independent_bucket("tabular-test", "user-4") == 21
+    got = set_headers(answer(engine, request(infer("Bearer " + token(certs, "user-4")))))
+    assert got[HEADER_CLUSTER] == "cg.tabular.canary.0" and got[HEADER_VARIANT] == "canary"
 
 
 def test_query_string_is_not_part_of_the_path(engine: Engine, certs: pki.CertPaths) -> None:
@@ -530,18 +544,51 @@ def test_audit_never_blocks_and_counts_drops() -> None:
     assert audit.written == 4
 
 
-def test_unit_hash_is_keyed_and_stable() -> None:
-    assert hash_unit(b"a", "u") == hash_unit(b"a", "u")
-    assert hash_unit(b"a", "u") != hash_unit(b"b", "u")
-    assert len(hash_unit(b"a", "u")) == 16 and "u" not in hash_unit(b"a", "u")
+@pytest.mark.parametrize(
+    ("salt", "unit", "expected"),
+    [
+        # HMAC-SHA256(salt, unit), first 64 bits in hex, computed outside the engine.
+        (b"a", "u", "ce45f645d212663d"),
+        (b"b", "u", "4e879c207db4e479"),
+        (b"test-unit-salt", "user-1", "d2163ad09e452ace"),
+        (b"test-unit-salt", "ünïcode-user", "72f33503bd6b53b2"),
+    ],
+)
+def test_unit_hash_is_keyed_and_stable(salt: bytes, unit: str, expected: str) -> None:
+    assert hash_unit(salt, unit) == expected
+    assert hash_unit(salt, unit) == hmac.new(salt, unit.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def test_envoy_json_shape_is_what_the_engine_reads(engine: Engine, certs: pki.CertPaths, tmp_path: Path) -> None:
-    """Pin the JSON shape Envoy 1.40 posts: proto names, raw_value base64, the attributes Struct."""
-    doc = orjson.loads(envoy_json(request(infer("Bearer " + token(certs)))))
-    header = doc["request_headers"]["headers"]["headers"][0]
-    assert set(header) >= {"key", "raw_value"}
-    assert doc["attributes"]["envoy.filters.http.ext_proc"]["connection.uri_san_peer_certificate"] == APP
+def test_envoy_json_shape_is_what_the_engine_reads(engine: Engine, certs: pki.CertPaths) -> None:
+    """The JSON shape Envoy 1.40 posts, written out by hand (not by this file's helper) and fed to the
+    engine: proto field names, base64 ``raw_value``, the peer's SAN in the ``attributes`` Struct."""
+
+    def doc(attributes: dict[str, Any]) -> bytes:
+        headers = infer("Bearer " + token(certs, "user-1"))
+        return orjson.dumps(
+            {
+                "request_headers": {
+                    "headers": {
+                        "headers": [
+                            {"key": k, "value": "", "raw_value": base64.b64encode(v.encode()).decode()}
+                            for k, v in headers.items()
+                        ]
+                    },
+                    "end_of_stream": False,
+                },
+                "attributes": {"envoy.filters.http.ext_proc": attributes},
+            }
+        )
+
+    san = {"connection.uri_san_peer_certificate": APP, "connection.mtls": True}
+    allowed = orjson.loads(engine.handle_json(doc(san)))
+    mutation = allowed["request_headers"]["response"]["header_mutation"]["set_headers"]
+    got = {o["header"]["key"]: base64.b64decode(o["header"]["raw_value"]).decode() for o in mutation}
+    assert got[HEADER_CLUSTER] == "cg.tabular.control.0" and got[HEADER_ROUTE] == "tabular"
+    # Without the SAN attribute the same request is refused: the engine reads that key, not a default.
+    refused = orjson.loads(engine.handle_json(doc({"connection.mtls": True})))
+    assert refused["immediate_response"]["status"] == {"code": 403}
+    assert refused["immediate_response"]["details"] == "cohortgate_forbidden"
 
 
 #: What Envoy 1.40's http_service POSTed for ``POST /v2/models/tabular/infer?q=1`` with
