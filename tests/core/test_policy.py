@@ -92,18 +92,23 @@ def test_every_listed_mistake_is_reported_with_its_line():
 
 
 @pytest.mark.parametrize(
-    ("patch", "fragment"),
+    ("old", "new", "field", "value"),
     [
-        ("weight: 100", "weight: 101", ),
-        ("region: eu", "region: ''"),
-        ("model: m", "model: 'a/b'"),
-        ("jwks: jwks.json", "jwks: jwks.json, algorithms: [HS256]"),
-        ("jwks: jwks.json", "jwks: jwks.json, algorithms: [none]"),
+        ("weight: 100", "weight: 101", "routes.0.variants.0.weight", "101"),
+        ("region: eu", "region: ''", "routes.0.variants.0.backends.0.region", "''"),
+        ("model: m", "model: 'a/b'", "routes.0.match.model", "'a/b'"),
+        ("jwks: jwks.json", "jwks: jwks.json, algorithms: [HS256]", "jwt.algorithms.0", "HS256"),
+        ("jwks: jwks.json", "jwks: jwks.json, algorithms: [none]", "jwt.algorithms.0", "none"),
     ],
 )
-def test_schema_errors_point_at_the_field(patch, fragment):
-    found = problems_of(GOOD.replace(patch[0] if isinstance(patch, tuple) else patch, fragment))
-    assert found and all(re.match(r"^p\.yaml:\d+:\d+: ", p) for p in found)
+def test_schema_errors_point_at_the_field(old, new, field, value):
+    """The one problem names the field and the LINE:COL (1-based) where its bad value starts."""
+    text = GOOD.replace(old, new)
+    lines = text.splitlines()
+    line = next(i for i, t in enumerate(lines, 1) if new in t)
+    col = lines[line - 1].index(value, lines[line - 1].index(new)) + 1
+    found = problems_of(text)
+    assert len(found) == 1 and found[0].startswith(f"p.yaml:{line}:{col}: {field}: "), (found, line, col)
 
 
 def test_backend_url_that_does_not_parse():
