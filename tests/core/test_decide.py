@@ -132,10 +132,16 @@ def test_no_decision_ever_leaves_the_request_region(text, region, unit, request_
     if effective is None or effective not in route.allowed_regions:
         assert d.denial is Denial.RESIDENCY_UNAVAILABLE
         return
-    if d.denial is not None:
-        # only a variant without an in-region backend (and no usable fallback) may be refused
+    # The unit's variant (no overrides or eligibility in these policies): refused only when neither it
+    # nor, under fallback_control, control has a backend in the region; otherwise it must be served.
+    variant = route.variants[cohorts.owner_of(route.bounds, route.owners, cohorts.bucket_of(route.salt_key, unit))]
+    own = bool(variant.by_region.get(effective))
+    servable = own or (route.fallback_control and bool(route.control.by_region.get(effective)))
+    if not servable:
         assert d.denial is Denial.RESIDENCY_UNAVAILABLE
         return
+    assert d.allowed, (d.denial, d.message)
+    assert d.variant == (variant.name if own else route.control.name) and d.fallback is (not own)
     assert d.region == effective
     assert region_of[d.cluster] == effective
     assert all(region_of[c] == effective for c in d.shadows)
