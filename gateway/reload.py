@@ -37,6 +37,7 @@ from typing import Any
 
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Backend, Policy, parse_policy
+from cohortgate.support.files import FileStamp, changes
 
 log = logging.getLogger("cohortgate.reload")
 
@@ -73,22 +74,6 @@ def union_backends(*groups: Iterable[Backend]) -> tuple[Backend, ...]:
             seen.setdefault(b.cluster, b)
     return tuple(seen.values())
 
-
-@dataclass(frozen=True, slots=True)
-class FileStamp:
-    """What a cheap ``stat`` says about the file; a different stamp means: read it again."""
-
-    mtime_ns: int
-    size: int
-    inode: int
-
-    @classmethod
-    def of(cls, path: Path) -> FileStamp | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class ClustersNotConfirmed(CohortgateError):
@@ -249,12 +234,9 @@ class Reloader:
                 log.exception("cannot write the Envoy CDS file %s", self.envoy.cds_path)  # type: ignore[union-attr]
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.watch_s)
-            stamp = FileStamp.of(self.path)
-            if stamp is not None and stamp != self._stamp:
-                self._stamp = stamp
-                await self.reload("file changed")
+        async for stamp in changes(self.path, self.watch_s, since=self._stamp):
+            self._stamp = stamp
+            await self.reload("file changed")
 
     # ---- one reload
 

@@ -17,26 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from cohortgate.core.contract import REDIS_ENV, TOKEN_FILE_ENV
+from cohortgate.support.durations import duration_arg, interval_arg
+from cohortgate.support.files import changes
 
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 DEFAULT_STATE_FILE = ".cohortgate/state.json"
-
-
-def parse_duration(text: str) -> float:
-    """``1s``, ``500ms``, ``2m``, ``0.5`` (seconds) -> seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 1s, 500ms, 2m)")
-    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a duration must be positive")
-    return value
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -75,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="uds:PATH|tcp:HOST:PORT",
         help="also serve Envoy's gRPC access-log service here (loopback or a Unix socket)",
     )
-    p.add_argument("--interval", type=parse_duration, default=1.0, help="evaluation interval (default 1s)")
-    p.add_argument("--window", type=parse_duration, default=60.0, help="sliding window for guardrails (default 60s)")
+    p.add_argument("--interval", type=duration_arg, default=1.0, help="evaluation interval (default 1s)")
+    p.add_argument("--window", type=duration_arg, default=60.0, help="sliding window for guardrails (default 60s)")
     p.add_argument(
         "--listen", type=_listen, default=("127.0.0.1", 9480), help="JSON API address (default 127.0.0.1:9480)"
     )
@@ -105,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--watch-interval",
-        type=parse_duration,
+        type=interval_arg,
         default=1.0,
         help="check the policy file for edits this often (default 1s; 0: SIGHUP only)",
     )
@@ -117,11 +107,8 @@ class PolicyFollower:
     """Re-read the policy when the file changes or on SIGHUP; a bad file keeps the current one."""
 
     def __init__(self, controller: Any, path: Path) -> None:
-        from gateway.reload import FileStamp
-
         self.controller = controller
         self.path = path
-        self._stamp = FileStamp.of(path)
         self._lock: Any = None
 
     def trigger(self) -> None:
@@ -130,16 +117,8 @@ class PolicyFollower:
         asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
 
     async def watch(self, interval_s: float) -> None:
-        import asyncio
-
-        from gateway.reload import FileStamp
-
-        while interval_s > 0:
-            await asyncio.sleep(interval_s)
-            stamp = FileStamp.of(self.path)
-            if stamp is not None and stamp != self._stamp:
-                self._stamp = stamp
-                await self.reload("file changed")
+        async for _ in changes(self.path, interval_s):
+            await self.reload("file changed")
 
     async def reload(self, trigger: str) -> bool:
         import asyncio

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from cohortgate.support.files import write_atomic
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("policy", help="validate, explain and document policy files")
@@ -184,8 +186,6 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
     from pathlib import Path
 
     from cohortgate.core.errors import PolicyError
@@ -198,17 +198,6 @@ def _apply(args: argparse.Namespace) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         print(f"refused: {live} keeps its current policy", file=sys.stderr)
         return 1
-    live.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, then rename: watchers see the old file or the new one, never half of one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{live.name}.", dir=live.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(source.read_bytes())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, live)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(live, source.read_bytes())  # watchers see the old file or the new one, never half of one
     print(f"applied {source} -> {live}")
     return 0

@@ -92,26 +92,23 @@ def _token(path: str) -> str:
 
 
 def _http(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    import urllib.error
-    import urllib.request
+    from cohortgate.support import http
 
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(args.api.rstrip("/") + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {_token(args.token_file)}")
-    req.add_header("X-Cohortgate-Actor", f"cli:{getpass.getuser()}@{socket.gethostname()}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
+    headers = {
+        "Authorization": f"Bearer {_token(args.token_file)}",
+        "X-Cohortgate-Actor": f"cli:{getpass.getuser()}@{socket.gethostname()}",
+    }
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.loads(exc.read())["error"]
-            raise CliError(f"{err['message']} ({exc.code} {err['code']})") from None
-        except (ValueError, KeyError, TypeError):
-            raise CliError(f"controller answered {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
+        reply = http.call(args.api.rstrip("/") + path, method, body=body, headers=headers, timeout=10)
+    except OSError as exc:
         raise CliError(f"cannot reach the controller at {args.api}: {getattr(exc, 'reason', exc)}") from None
+    if reply.status >= 400:
+        try:
+            err = reply.json()["error"]
+            raise CliError(f"{err['message']} ({reply.status} {err['code']})") from None
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"controller answered {reply.status}") from None
+    return reply.json()
 
 
 async def _redis_status(args: argparse.Namespace) -> dict[str, Any]:

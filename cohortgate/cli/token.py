@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
-_TTL_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
-_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_ttl(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``2h`` or ``1d`` in seconds."""
-    match = _TTL_RE.fullmatch(text.strip())
-    if match is None or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid TTL {text!r}: use e.g. 90s, 15m, 2h or 1d")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+from cohortgate.support.durations import duration_arg
 
 
 def parse_claim(text: str) -> tuple[str, Any]:
@@ -43,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--residency", help="the data-residency region claim, e.g. eu")
     parser.add_argument("--scope", action="append", default=[], metavar="S", help="a scope (repeatable)")
     parser.add_argument("--claim", action="append", default=[], type=parse_claim, metavar="K=V", help="an extra claim")
-    parser.add_argument("--ttl", type=parse_ttl, default=900.0, help="lifetime, e.g. 15m (default)")
+    parser.add_argument("--ttl", type=duration_arg, default=900.0, help="lifetime, e.g. 15m (default)")
     parser.add_argument("--issuer", default="https://auth.cohortgate.local", help="the iss claim")
     parser.add_argument("--audience", default="cohortgate", help="the aud claim")
     parser.set_defaults(func=_token)

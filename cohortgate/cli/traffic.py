@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from cohortgate.cli.token import parse_ttl
 from cohortgate.core.contract import HEADER_VARIANT
+from cohortgate.support.durations import duration_arg
 
 ROLLBACK_POLL_S = 1.0
 
@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--users", type=_positive(int), default=1000, help="distinct users (default 1000)")
     p.add_argument("--rps", type=_positive(float), default=100.0, help="requests per second, open loop (default 100)")
-    p.add_argument("--duration", type=parse_ttl, default=60.0, help="how long, e.g. 60s or 5m (default 60s)")
+    p.add_argument("--duration", type=duration_arg, default=60.0, help="how long, e.g. 60s or 5m (default 60s)")
     p.add_argument(
         "--residency-mix",
         type=parse_mix,
@@ -111,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--wait",
-        type=parse_ttl,
+        type=duration_arg,
         default=None,
         metavar="S",
         help="wait up to this long for `cohortgate up` to be ready (e.g. 2m), for scripts that start both",

@@ -18,7 +18,6 @@ Envoy) and only turned into plain dicts for YAML at the end. Nothing here starts
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as dt
 import functools
@@ -28,7 +27,6 @@ import ipaddress
 import json
 import os
 import ssl
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from cohortgate.core.contract import (
     HEADER_SHADOWS,
     HEADER_VARIANT,
 )
+from cohortgate.support.files import write_atomic
 
 if TYPE_CHECKING:
     from cohortgate.core.policy import Backend, Policy
@@ -481,21 +480,8 @@ def _dump(document: dict[str, Any], header: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write a sibling temp file, fsync, rename: Envoy's directory watch sees one complete file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """One complete file for Envoy's directory watch (see `cohortgate.support.files.write_atomic`)."""
+    write_atomic(path, text)
 
 
 def _cds_header(source: str) -> str:

@@ -22,8 +22,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -31,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from cohortgate.core.contract import ENVOY_BIN_ENV
+from cohortgate.support import http
 
 if TYPE_CHECKING:
     from cohortgate.deploy.envoy import EnvoyFiles
@@ -39,7 +38,6 @@ _POLL_S = 0.02
 _SETTLE_S = 0.05  # admin runs on the main thread; workers learn of a new cluster a moment later
 _CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 # Admin is on loopback: never let an http_proxy variable route these calls elsewhere.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class EnvoyError(RuntimeError):
@@ -288,11 +286,8 @@ class EnvoyProcess:
         return f"http://{host}:{port}"
 
     def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        try:
-            with _OPENER.open(self.admin_url + path, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+        reply = http.call(self.admin_url + path, timeout=timeout)
+        return reply.status, reply.body
 
     def listener_addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> bound (address, port), from admin ``/listeners``."""

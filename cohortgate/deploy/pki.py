@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cohortgate.support.files import write_atomic
+
 DEFAULT_TRUST_DOMAIN = "cohortgate.local"
 DEFAULT_CLIENTS = ("app-demo", "qa")
 DEFAULT_ISSUER = "https://auth.cohortgate.local"
@@ -131,17 +133,7 @@ def validate_client_name(name: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)  # the umask may have narrowed or widened nothing; be exact
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode, dir_mode=0o700)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

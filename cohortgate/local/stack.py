@@ -56,6 +56,8 @@ from cohortgate.local.plan import (
     sidecar_specs,
     url_key,
 )
+from cohortgate.support import http
+from cohortgate.support.files import FileStamp, write_atomic
 
 if TYPE_CHECKING:
     from cohortgate.deploy.envoy import EnvoyFiles
@@ -139,23 +141,6 @@ def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ================================================================================ children
@@ -337,7 +322,7 @@ class Stack:
         self._stop = threading.Event()
         self._signal: str | None = None
         self._t0 = time.monotonic()
-        self._policy_stamp: tuple[int, int, int] | None = None
+        self._policy_stamp: FileStamp | None = None
         self._source_digest = ""
         self.policy: Policy | None = None  # the effective policy serving now
         self.certs: Any = None
@@ -892,12 +877,8 @@ class Stack:
                 if float(record.get("ts", 0)) >= self._audit_since:
                     self.progress(f"controller: {describe_audit(record)}")
 
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.source.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+    def _stamp(self) -> FileStamp | None:
+        return FileStamp.of(self.source)
 
     def _follow_policy(self) -> None:
         """Re-validate a changed source policy and apply it; a bad edit keeps the running one."""
@@ -1183,13 +1164,9 @@ class Stack:
 
 
 def _http(method: str, url: str, timeout: float = 1.0, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, method=method, data=b"" if method == "POST" else None, headers=dict(headers or {})
-    )
+    """(status, body); (0, b"") when nothing answers."""
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        reply = http.call(url, method, body=b"" if method == "POST" else None, headers=headers, timeout=timeout)
     except (OSError, ValueError):
         return 0, b""
+    return reply.status, reply.body

@@ -28,9 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,6 +40,7 @@ from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Policy
 from cohortgate.core.rollout import RouteState
 from cohortgate.store.events import redis_client, redis_errors
+from cohortgate.support.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +148,6 @@ class StateStore(Protocol):
     async def read_status(self) -> dict[str, Any] | None: ...
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_cache(path: Path | None) -> dict[str, RouteState]:
     if path is None or not path.exists():
         return {}
@@ -207,7 +193,7 @@ class _Base:
                 changed = True
         if changed and self.cache_path is not None:
             try:
-                _write_atomic(self.cache_path, _dump(self._states))
+                write_atomic(self.cache_path, _dump(self._states))
             except OSError as exc:
                 log.warning("cannot write state cache %s: %s", self.cache_path, exc)
         return changed
@@ -267,7 +253,7 @@ class InProcessState(_Base):
             raise VersionConflict(f"route {state.route!r} is at version {known.version}, not {expected_version}")
         self._states[state.route] = state
         if self.cache_path is not None:
-            _write_atomic(self.cache_path, _dump(self._states))
+            write_atomic(self.cache_path, _dump(self._states))
         self._notify()
 
     async def append_audit(self, record: Mapping[str, Any]) -> None:

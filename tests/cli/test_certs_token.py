@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from cohortgate.cli import main
-from cohortgate.cli.token import parse_claim, parse_ttl
+from cohortgate.cli.token import parse_claim
 from cohortgate.core.errors import RequestDenied
 from cohortgate.deploy import pki
+from cohortgate.support.durations import duration_arg
 from gateway.auth import TokenVerifier, scopes_of
 from gateway.jwks import JwksFile, KeySet
 
@@ -152,14 +153,14 @@ def test_token_requires_sub(certs: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5m", 90), ("2h", 7200), ("1d", 86400)]
 )
-def test_parse_ttl(text: str, seconds: float) -> None:
-    assert parse_ttl(text) == seconds
+def test_durations(text: str, seconds: float) -> None:
+    assert duration_arg(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "m", "0", "0s", "15x", "1e3", "15 m", "١٥m"])
-def test_parse_ttl_refuses(text: str) -> None:
+def test_durations_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        parse_ttl(text)
+        duration_arg(text)
 
 
 def test_parse_claim_reads_json_values_else_strings() -> None:

@@ -217,10 +217,10 @@ def test_write_cds_is_atomic(tmp_path: Path, example: Policy, monkeypatch: pytes
     assert second["version_info"] != doc["version_info"]  # the version names the content
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cds.yaml"]  # no temp file left behind
 
-    def broken_rename(src: str, dst: str) -> None:
+    def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "rename", broken_rename)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         ec.write_cds(example, cds)
     assert [r["name"] for r in yaml.safe_load(cds.read_text())["resources"]] == ["cg.m.control.0"]

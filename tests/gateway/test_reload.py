@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cohortgate.core.policy import Backend, load_policy
+from cohortgate.support.files import FileStamp
 from gateway.metrics import GatewayMetrics
-from gateway.reload import EnvoyClusters, FileStamp, Reloader, cluster_change, union_backends
+from gateway.reload import EnvoyClusters, Reloader, cluster_change, union_backends
 from gateway.service import PolicyHolder
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"

@@ -8,7 +8,6 @@ their YAML text; `write` puts them on disk (replacing only the files it owns). Y
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cohortgate.core.policy import Policy
 from cohortgate.deploy.k8s import mesh, workloads
 from cohortgate.deploy.k8s.options import RenderOptions
 from cohortgate.deploy.k8s.plan import Plan, make_plan
+from cohortgate.support.files import write_atomic
 
 KUSTOMIZATION = "kustomization.yaml"
 _LOOPBACK = ("127.", "localhost", "::1", "[::1]")
@@ -141,11 +141,7 @@ def write(rendered: Rendered, out_dir: str | os.PathLike[str]) -> list[Path]:
     written = []
     for name, text in rendered.files.items():
         path = out / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, text)
         written.append(path)
     for stale in _OWNED - set(rendered.files):
         (out / stale).unlink(missing_ok=True)
