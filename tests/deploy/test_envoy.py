@@ -31,6 +31,7 @@ from cohortgate.core.policy import Policy, load_policy, parse_policy
 from cohortgate.deploy import envoy as ec
 from cohortgate.deploy.envoyproc import EnvoyConfigError, EnvoyProcess, envoy_binary, validate, validate_log
 from cohortgate.deploy.pki import CertPaths, init_certs
+from tests.integration.tlsprobe import CERTIFICATE_REQUIRED, HANDSHAKE_FAILURE, tls_alert
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "policies" / "example.yaml"
@@ -703,14 +704,10 @@ def test_mirror_slots_mirror_only_when_their_header_is_set(
         assert attrs["source.address"].startswith("127.0.0.1:")
         assert attrs["request.id"]
 
-        # A client without a certificate never gets past the handshake.
-        bare = http.client.HTTPSConnection(
-            "127.0.0.1", envoy.listen_port, context=_client_context(certs, with_cert=False), timeout=5
-        )
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            bare.request("GET", "/v2/models/m")
-            bare.getresponse().read()
-        bare.close()
+        # A client without a certificate never gets past the handshake: the listener that just served
+        # the requests above answers it with a TLS alert.
+        refused = tls_alert(envoy.listen_port, _client_context(certs, with_cert=False), "127.0.0.1")
+        assert refused.reason in {CERTIFICATE_REQUIRED, HANDSHAKE_FAILURE}, refused
 
 
 @pytest.mark.integration

@@ -7,9 +7,7 @@ test can ask each upstream exactly which of its requests it received, mirrored c
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
-import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ import pytest
 
 from cohortgate.deploy import pki
 from tests.integration.conftest import POLICY, UPSTREAMS, Client, DataPlane, free_port, mint
+from tests.integration.tlsprobe import BAD_CERTIFICATE, CERTIFICATE_REQUIRED, HANDSHAKE_FAILURE, UNKNOWN_CA, tls_alert
 
 pytestmark = pytest.mark.integration
 
@@ -146,10 +145,13 @@ def test_body_over_the_limit_is_413(dataplane: DataPlane) -> None:
 
 
 def test_tls_requires_a_client_certificate_from_our_ca(dataplane: DataPlane, foreign: pki.ForeignClient) -> None:
-    for client in (dataplane.client(), dataplane.client(foreign.cert, foreign.key)):
-        with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
-            client.request(token=mint(dataplane.certs, "x"))
-        client.close()
+    """Envoy answers the handshake with an alert (a listener that is there, refusing), while the same
+    port serves a client with our certificate."""
+    assert dataplane.app.request(token=mint(dataplane.certs, "x")).status == 200
+    bare = dataplane.client().ctx
+    assert tls_alert(dataplane.port, bare).reason in {CERTIFICATE_REQUIRED, HANDSHAKE_FAILURE}
+    alien = dataplane.client(foreign.cert, foreign.key).ctx
+    assert tls_alert(dataplane.port, alien).reason in {UNKNOWN_CA, BAD_CERTIFICATE}
 
 
 # ------------------------------------------------------------------------------ spoofing
@@ -276,8 +278,13 @@ def test_audit_trail_has_decisions_but_no_secrets(dataplane: DataPlane) -> None:
 # ------------------------------------------------------------------------------ the http_service JSON shape
 
 
-def test_envoy_http_service_posts_the_json_shape_we_parse(tmp_path: Path, certs: pki.CertPaths) -> None:
-    """Pin Envoy 1.40's http_service wire format: chunked JSON POST, proto names, raw_value base64."""
+def test_envoy_http_service_posts_the_json_shape_we_parse(
+    tmp_path: Path, certs: pki.CertPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pin Envoy 1.40's http_service wire format: chunked JSON POST, proto names, raw_value base64.
+
+    The processor is the production ``start_http`` server; only its ``data_received`` is wrapped to
+    keep the raw bytes Envoy sent."""
     from cohortgate.core.policy import parse_policy
     from cohortgate.deploy.envoy import HTTP_SERVICE_PATH, ProcessorAddress, render
     from cohortgate.deploy.envoyproc import EnvoyProcess
@@ -286,10 +293,13 @@ def test_envoy_http_service_posts_the_json_shape_we_parse(tmp_path: Path, certs:
     posted: list[bytes] = []
     heads: list[bytes] = []
 
-    class Capture(ExtProcHttpProtocol):
-        def data_received(self, data: bytes) -> None:
-            heads.append(bytes(data))
-            super().data_received(data)
+    received = ExtProcHttpProtocol.data_received
+
+    def capture(self: ExtProcHttpProtocol, data: bytes) -> None:
+        heads.append(bytes(data))
+        received(self, data)
+
+    monkeypatch.setattr(ExtProcHttpProtocol, "data_received", capture)
 
     def handle(body: bytes) -> bytes:
         posted.append(body)
@@ -299,8 +309,7 @@ def test_envoy_http_service_posts_the_json_shape_we_parse(tmp_path: Path, certs:
     sock = str(tmp_path / "capture.sock")
 
     async def run() -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: Capture(handle), sock)
+        server = await start_http(handle, uds=sock)
         files = render(
             policy,
             certs=certs,
@@ -323,7 +332,6 @@ def test_envoy_http_service_posts_the_json_shape_we_parse(tmp_path: Path, certs:
             envoy.stop()
             server.close()
 
-    assert start_http  # the production server is this protocol class, exercised above
     status, body = asyncio.run(run())
     assert (status, body) == (418, b"teapot")
     head = heads[0].split(b"\r\n\r\n")[0].lower()
