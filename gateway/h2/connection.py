@@ -17,6 +17,13 @@ raises out of ``receive`` and every buffer has a bound:
     messages    <= max_message_size per stream, max_buffered_bytes per connection
     output      <= max_pending_output of DATA waiting for the peer's windows
     headers     <= max_header_list_size decoded, a little more compressed
+
+This module holds the frames and the connection's own state; the rest has its own home:
+
+    streamstate.py  a stream's lifecycle, as a transition table
+    flowcontrol.py  windows in both directions, WINDOW_UPDATE, DATA queued behind them
+    grpcstream.py   one gRPC call: message framing, the processor, its final status
+    errors.py       the connection and stream protocol errors
 """
 
 from __future__ import annotations
@@ -26,38 +33,27 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import hpack
-from envoy.service.ext_proc.v3 import external_processor_pb2
 
 from gateway.h2 import frames as f
+from gateway.h2.errors import ConnectionProtocolError, StreamProtocolError
+from gateway.h2.flowcontrol import ReceiveWindow, SendFlow
 from gateway.h2.frames import ErrorCode
-from gateway.h2.grpcwire import (
-    MALFORMED,
-    MESSAGE_PREFIX,
-    RESPONSE_HEADERS,
-    GrpcStatus,
-    request_verdict,
-    trailers,
-    trailers_valid,
-)
+from gateway.h2.grpcstream import GrpcStream, MalformedMessage, NewProcessor, StreamProcessor
+from gateway.h2.grpcwire import MALFORMED, RESPONSE_HEADERS, GrpcStatus, request_verdict, trailers, trailers_valid
 from gateway.h2.hpackmemo import MemoDecoder
+from gateway.h2.streamstate import StreamEvent, StreamState, next_state
+
+__all__ = ["DRAIN_PING_GRACE", "H2Connection", "H2Counters", "H2Limits", "NewProcessor", "StreamProcessor"]
 
 log = logging.getLogger("gateway.h2")
 
-_ProcessingRequest = external_processor_pb2.ProcessingRequest
-
-
-class StreamProcessor(Protocol):
-    """One per gRPC stream (Envoy opens one stream per HTTP request)."""
-
-    def handle(
-        self, request: external_processor_pb2.ProcessingRequest
-    ) -> external_processor_pb2.ProcessingResponse | None: ...
-
-
-NewProcessor = Callable[[], StreamProcessor]
+_OPEN_STATE = StreamState.OPEN
+_CLOSED_STATE = StreamState.CLOSED
+_ANSWER_UNDECIDED = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+_RECV_DATA = StreamEvent.RECV_DATA
+_RECV_END_STREAM = StreamEvent.RECV_END_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,51 +149,6 @@ class H2Counters:
     flood_empty_frames: int = 0
 
 
-class _ConnectionError(Exception):
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-
-class _StreamError(Exception):
-    def __init__(self, stream_id: int, code: ErrorCode) -> None:
-        self.stream_id = stream_id
-        self.code = code
-
-
-class _Stream:
-    __slots__ = (
-        "buf",
-        "closed",
-        "deadline",
-        "headers_sent",
-        "local_done",
-        "pending",
-        "pending_bytes",
-        "processor",
-        "recv_window",
-        "remote_closed",
-        "send_window",
-        "sid",
-        "trailers",
-    )
-
-    def __init__(self, sid: int, processor: StreamProcessor, recv_window: int, send_window: int) -> None:
-        self.sid = sid
-        self.processor: StreamProcessor | None = processor
-        self.buf = bytearray()  # a partial gRPC message
-        self.recv_window = recv_window
-        self.send_window = send_window
-        self.pending: list[bytes] = []  # DATA held back by flow control
-        self.pending_bytes = 0
-        self.trailers: bytes | None = None  # the final block, once decided
-        self.headers_sent = False
-        self.remote_closed = False
-        self.local_done = False  # the answer is complete; later messages are dropped
-        self.closed = False
-        self.deadline: float | None = None  # from grpc-timeout, on the connection's clock
-
-
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 _DRAIN_PING = b"drain\x00\x00\x01"
@@ -240,8 +191,7 @@ class H2Connection:
         self._inbuf = bytearray()
         self._state = _PREFACE
         self.closed = False
-        self._streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, _Stream] = {}
+        self._streams: dict[int, GrpcStream] = {}
         self._reset_ids: dict[int, None] = {}
         self._last_sid = 0
         self._accept_limit = f.MAX_STREAM_ID
@@ -254,18 +204,14 @@ class H2Connection:
         self._header_self_dep = False
         self._header_count = 0
         self._max_block = limits.max_header_list_size + 1024
-        # Our receive side.
+        # Our receive side: the peer starts with the RFC's default connection window until initiate().
         self._max_frame_in = limits.max_frame_size
         self._stream_window = limits.initial_window_size
-        self._conn_window = limits.connection_window_size
-        self._recv_window = f.DEFAULT_WINDOW
+        self._recv_window = ReceiveWindow(limits.connection_window_size, f.DEFAULT_WINDOW)
         self._max_message = limits.max_message_size
-        self._buffered = 0
+        self._buffered = 0  # partial gRPC messages, all streams
         # The peer's receive side, which limits what we send.
-        self._send_window = f.DEFAULT_WINDOW
-        self._peer_initial_window = f.DEFAULT_WINDOW
-        self._peer_max_frame = f.DEFAULT_MAX_FRAME
-        self._pending_out = 0
+        self._send_flow: SendFlow[GrpcStream] = SendFlow(limits.max_pending_output)
         self._encoder_table = f.DEFAULT_HEADER_TABLE
         self._block_prefix = b""
         # Timeouts (see tick()).
@@ -297,9 +243,10 @@ class H2Connection:
         out = f.settings_frame(settings)
         if lim.settings_timeout is not None:
             self._settings_ack_due = self._clock() + lim.settings_timeout
-        if self._conn_window > f.DEFAULT_WINDOW:
-            out += f.window_update_frame(0, self._conn_window - f.DEFAULT_WINDOW)
-            self._recv_window = self._conn_window
+        window = self._recv_window
+        if window.size > f.DEFAULT_WINDOW:
+            out += f.window_update_frame(0, window.size - f.DEFAULT_WINDOW)
+            window.available = window.size
         return out
 
     def receive(self, data: bytes) -> bytes:
@@ -308,8 +255,8 @@ class H2Connection:
             return b""
         try:
             self._receive(data)
-        except _ConnectionError as exc:
-            self._fail(exc.code, exc.reason)
+        except ConnectionProtocolError as exc:
+            self._fail_with(exc)
         except Exception:  # a bug of ours must not take the process down with it
             self.counters.internal_errors += 1
             log.exception("h2: internal error; closing the connection")
@@ -329,8 +276,8 @@ class H2Connection:
         now = self._clock()
         try:
             self._tick(now)
-        except _ConnectionError as exc:
-            self._fail(exc.code, exc.reason)
+        except ConnectionProtocolError as exc:
+            self._fail_with(exc)
         except Exception:
             self.counters.internal_errors += 1
             log.exception("h2: internal error in tick; closing the connection")
@@ -341,9 +288,9 @@ class H2Connection:
         due = self._settings_ack_due
         if due is not None and now >= due:
             self.counters.settings_timeouts += 1
-            raise _ConnectionError(ErrorCode.SETTINGS_TIMEOUT, "SETTINGS not acknowledged")
+            raise ConnectionProtocolError(ErrorCode.SETTINGS_TIMEOUT, "SETTINGS not acknowledged")
         for s in list(self._streams.values()):
-            if s.deadline is not None and now >= s.deadline and not s.local_done:
+            if s.deadline is not None and now >= s.deadline and s.state in _ANSWER_UNDECIDED:
                 self._deadline_exceeded(s)
         if self._drain_state == 1:
             if now - self._drain_since >= DRAIN_PING_GRACE:
@@ -396,7 +343,7 @@ class H2Connection:
     @property
     def buffered_bytes(self) -> int:
         """Bytes held for the peer: unparsed input, partial messages, window-blocked output."""
-        return len(self._inbuf) + len(self._header_frag) + self._buffered + self._pending_out
+        return len(self._inbuf) + len(self._header_frag) + self._buffered + self._send_flow.queued_bytes
 
     @property
     def draining(self) -> bool:
@@ -416,7 +363,7 @@ class H2Connection:
             self._inbuf += data
             got = bytes(self._inbuf[: len(f.PREFACE)])
             if not f.PREFACE.startswith(got):
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad preface")
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "bad preface")
             if len(got) < len(f.PREFACE):
                 return
             del self._inbuf[: len(f.PREFACE)]
@@ -441,7 +388,7 @@ class H2Connection:
             lt, flags, sid = unpack(buf, pos)
             length = lt >> 8
             if length > self._max_frame_in:
-                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "frame too large")
+                raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "frame too large")
             end = pos + 9 + length
             if end > size:
                 break
@@ -450,10 +397,10 @@ class H2Connection:
             payload = buf[pos + 9 : end]
             pos = end
             if self._header_sid and ftype != f.CONTINUATION:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
             if self._state != _OPEN:
                 if ftype != f.SETTINGS or flags & f.ACK:
-                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "first frame must be SETTINGS")
+                    raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "first frame must be SETTINGS")
                 self._state = _OPEN
             try:
                 if ftype == f.DATA:
@@ -463,7 +410,7 @@ class H2Connection:
                 elif ftype <= f.CONTINUATION:
                     self._HANDLERS[ftype](self, flags, sid, payload)
                 # Unknown frame types are ignored (RFC 9113 §4.1, §5.5).
-            except _StreamError as exc:
+            except StreamProtocolError as exc:
                 self._reset(exc.stream_id, exc.code)
         return pos
 
@@ -471,62 +418,61 @@ class H2Connection:
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
-        if self._conn_window - self._recv_window >= self._conn_window >> 1:
-            self._out.append(f.window_update_frame(0, self._conn_window - self._recv_window))
-            self._recv_window = self._conn_window
+        conn_window = self._recv_window
+        if not conn_window.consume(length):
+            raise ConnectionProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
+        increment = conn_window.refill()
+        if increment:
+            self._out.append(f.window_update_frame(0, increment))
         data = payload
         if flags & f.PADDED:
             if length == 0 or payload[0] >= length:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding")
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "bad padding")
             data = payload[1 : length - payload[0]]
         if not data and not flags & f.END_STREAM:
             self._empty_frame()
         s = self._streams.get(sid)
         if s is None:
-            self._on_closed_stream(sid, f.DATA)
+            self._on_closed_stream(sid, _RECV_DATA)
             return
-        if s.remote_closed:
-            raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
-        s.recv_window -= length
-        if s.recv_window < 0:
-            raise _StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR)
-        if data and not s.local_done:
+        s.state = next_state(s.state, _RECV_DATA, sid)
+        if not s.recv_window.consume(length):
+            raise StreamProtocolError(sid, ErrorCode.FLOW_CONTROL_ERROR)
+        if data and s.state is _OPEN_STATE:
             self._on_stream_bytes(s, data)
-            if s.closed:
+            if s.state is _CLOSED_STATE:
                 return
         if flags & f.END_STREAM:
             self._end_remote(s)
-        elif self._stream_window - s.recv_window >= self._stream_window >> 1 and not s.closed:
-            self._out.append(f.window_update_frame(sid, self._stream_window - s.recv_window))
-            s.recv_window = self._stream_window
+        elif s.state is not _CLOSED_STATE:
+            increment = s.recv_window.refill()
+            if increment:
+                self._out.append(f.window_update_frame(sid, increment))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         start, end = 0, len(payload)
         if flags & f.PADDED:
             if end < 1:
-                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for padding")
+                raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for padding")
             start, end = 1, end - payload[0]
         self_dep = False
         if flags & f.PRIORITY_FLAG:
             if end - start < 5:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS too short for priority")
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS too short for priority")
             self_dep = _U32.unpack_from(payload, start)[0] & 0x7FFFFFFF == sid
             start += 5
         if end < start:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad padding")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "bad padding")
         end_stream = bool(flags & f.END_STREAM)
         if flags & f.END_HEADERS:
             self._on_header_block(sid, bytes(payload[start:end]), end_stream, self_dep)
             return
         if end - start > self._max_block:
-            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+            raise ConnectionProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if end == start:
             self._empty_frame()
         self._header_sid = sid
@@ -537,14 +483,14 @@ class H2Connection:
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != self._header_sid or sid == 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
         frag = self._header_frag
         frag += payload
         self._header_count += 1
         if not payload and not flags & f.END_HEADERS:
             self._empty_frame()
         if len(frag) > self._max_block or self._header_count > self.limits.max_continuation_frames:
-            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+            raise ConnectionProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & f.END_HEADERS:
             self._header_sid = 0
             self._header_frag = bytearray()
@@ -552,24 +498,24 @@ class H2Connection:
 
     def _on_priority(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
         if len(payload) != 5:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY length")
         if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
             if sid > self._last_sid:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "stream depends on itself")
-            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "stream depends on itself")
+            raise StreamProtocolError(sid, ErrorCode.PROTOCOL_ERROR)
 
     def _on_rst_stream(self, flags: int, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM length")
         if sid == 0 or sid > self._last_sid:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on idle stream")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on idle stream")
         s = self._streams.get(sid)
         if s is None:
-            return
+            return  # closed: a reset crossing ours, or after our answer
         self.counters.peer_resets += 1
-        self._close_stream(s)
+        self._close_stream(s, StreamEvent.RECV_RST_STREAM)
         if not s.headers_sent:
             # Rapid reset (CVE-2023-44487) opens streams and cancels them before they are answered.
             # Only those count: Envoy resets every ext_proc stream, but after it has its answer.
@@ -579,35 +525,29 @@ class H2Connection:
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & f.ACK:
             if payload:
-                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+                raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             self._settings_ack_due = None  # we send SETTINGS once, in initiate()
             return
         if len(payload) % 6:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length")
         lim = self.limits
         if len(payload) > 6 * lim.max_settings_entries:
-            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many settings in one frame")
+            raise ConnectionProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too many settings in one frame")
         if self._settings >= lim.max_settings and self._over_limit():
             self._flood("flood_settings", "SETTINGS flood")
         self._settings += 1
+        flow = self._send_flow
         for off in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, off)
             if ident == f.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > f.MAX_WINDOW:
-                    raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self._peer_initial_window
-                self._peer_initial_window = value
-                for s in self._streams.values():
-                    s.send_window += delta
-                    if s.send_window > f.MAX_WINDOW:
-                        raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+                flow.set_initial_window(value, self._streams.values())
             elif ident == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_MAX_FRAME <= value <= f.MAX_MAX_FRAME:
-                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid max frame size")
-                self._peer_max_frame = value
+                    raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "invalid max frame size")
+                flow.max_frame = value
             elif ident == f.SETTINGS_HEADER_TABLE_SIZE:
                 if value < self._encoder_table:
                     # Our blocks use only the static table, but the peer's decoder still expects
@@ -617,19 +557,19 @@ class H2Connection:
                     encoder.header_table_size = value
                     self._block_prefix = encoder.encode([])
             elif ident in (f.SETTINGS_ENABLE_PUSH, f.SETTINGS_ENABLE_CONNECT_PROTOCOL) and value > 1:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid boolean setting")
+                raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "invalid boolean setting")
         self._out.append(f.SETTINGS_ACK_FRAME)
-        if self._blocked:
-            self._flush_blocked()
+        if flow.blocked:
+            self._drain_blocked()
 
     def _on_push_promise(self, flags: int, sid: int, payload: bytes) -> None:
-        raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
 
     def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
         if len(payload) != 8:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING length")
         if not flags & f.ACK:
             if self._pings >= self.limits.max_pings and self._over_limit():
                 self._flood("flood_pings", "PING flood")
@@ -640,9 +580,9 @@ class H2Connection:
 
     def _on_goaway(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length")
         self._peer_goaway = True
         if _U32.unpack_from(payload, 4)[0] != ErrorCode.NO_ERROR:
             self._out.append(f.goaway_frame(self._last_sid, ErrorCode.NO_ERROR))
@@ -652,30 +592,24 @@ class H2Connection:
 
     def _on_window_update(self, flags: int, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+            raise ConnectionProtocolError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = _U32.unpack_from(payload)[0] & 0x7FFFFFFF
+        flow = self._send_flow
         if sid == 0:
-            if increment == 0:
-                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "zero window increment")
-            self._send_window += increment
-            if self._send_window > f.MAX_WINDOW:
-                raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window overflow")
-            if self._blocked:
-                self._flush_blocked()
+            flow.grow_connection(increment)
+            if flow.blocked:
+                self._drain_blocked()
             return
         if sid > self._last_sid:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE on idle stream")
         s = self._streams.get(sid)
         if s is None:
             return
-        if increment == 0:
-            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
-        s.send_window += increment
-        if s.send_window > f.MAX_WINDOW:
-            raise _StreamError(sid, ErrorCode.FLOW_CONTROL_ERROR)
-        if s.pending:
-            self._flush_stream(s)
+        flow.grow_stream(s, increment)
+        if s.queued:
+            self._drain_stream(s)
 
+    #: The per-frame dispatch, indexed by frame type (DATA and HEADERS are tested first, inline).
     _HANDLERS: tuple[Callable[[H2Connection, int, int, bytes], None], ...] = (
         _on_data,
         _on_headers,
@@ -712,40 +646,38 @@ class H2Connection:
 
     def _flood(self, counter: str, what: str) -> None:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
-        raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, what)
+        raise ConnectionProtocolError(ErrorCode.ENHANCE_YOUR_CALM, what)
 
     # ------------------------------------------------------------------ streams
 
-    def _on_closed_stream(self, sid: int, ftype: int) -> None:
-        """DATA or a header block for a stream that is not open."""
+    def _on_closed_stream(self, sid: int, event: StreamEvent) -> None:
+        """DATA or a header block for a stream that is not open: the transition table's refusal."""
         if sid > self._last_sid:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "frame on idle stream")
+            next_state(StreamState.IDLE, event, sid)  # DATA: raises
+            return
         if sid in self._reset_ids:
             return  # late frames after our RST_STREAM are ignored
-        if ftype == f.DATA:
-            raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
-        raise _ConnectionError(ErrorCode.STREAM_CLOSED, "HEADERS on closed stream")
+        next_state(StreamState.CLOSED, event, sid)  # raises
 
     def _on_header_block(self, sid: int, block: bytes, end_stream: bool, self_dep: bool) -> None:
         try:
             headers, verdict = self._decoder.decode(block)
         except hpack.OversizedHeaderListError:
-            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from None
+            raise ConnectionProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "header list too large") from None
         except Exception:
-            raise _ConnectionError(ErrorCode.COMPRESSION_ERROR, "undecodable header block") from None
+            raise ConnectionProtocolError(ErrorCode.COMPRESSION_ERROR, "undecodable header block") from None
         s = self._streams.get(sid)
         if s is not None:  # trailers
-            if s.remote_closed:
-                raise _StreamError(sid, ErrorCode.STREAM_CLOSED)
+            s.state = next_state(s.state, StreamEvent.RECV_HEADERS, sid)
             if not end_stream or self_dep or not trailers_valid(headers):
-                raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+                raise StreamProtocolError(sid, ErrorCode.PROTOCOL_ERROR)
             self._end_remote(s)
             return
         if sid <= self._last_sid:
-            self._on_closed_stream(sid, f.HEADERS)
+            self._on_closed_stream(sid, StreamEvent.RECV_HEADERS)
             return
         if not sid & 1:
-            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
+            raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
         self._last_sid = sid
         if sid > self._accept_limit or len(self._streams) >= self.limits.max_concurrent_streams:
             self.counters.refused_streams += 1
@@ -753,7 +685,7 @@ class H2Connection:
             self._remember_reset(sid)
             return
         if self_dep or verdict is MALFORMED:
-            raise _StreamError(sid, ErrorCode.PROTOCOL_ERROR)
+            raise StreamProtocolError(sid, ErrorCode.PROTOCOL_ERROR)
         deadline = None
         if verdict is not None:
             if verdict.__class__ is not float:
@@ -766,8 +698,7 @@ class H2Connection:
             self._processor_failed(sid, "creating")
             self._answer_and_end(sid, trailers(GrpcStatus.INTERNAL, "internal error", trailers_only=True), end_stream)
             return
-        s = _Stream(sid, processor, self._stream_window, self._peer_initial_window)
-        s.deadline = deadline
+        s = GrpcStream(sid, processor, self._stream_window, self._send_flow.initial_window, deadline)
         self._streams[sid] = s
         self.counters.streams += 1
         if end_stream:
@@ -780,82 +711,43 @@ class H2Connection:
             self._out.append(f.rst_stream_frame(sid, ErrorCode.NO_ERROR))
             self._remember_reset(sid)
 
-    def _on_stream_bytes(self, s: _Stream, data: bytes) -> None:
-        """Split the stream's bytes into gRPC messages and answer each complete one."""
-        if s.buf:
-            s.buf += data
-            self._buffered += len(data)
-            data = s.buf
-        size = len(data)
-        pos = 0
-        while size - pos >= 5:
-            flag, length = MESSAGE_PREFIX.unpack_from(data, pos)
-            if flag:
-                if flag == 1:
-                    self._finish(s, GrpcStatus.UNIMPLEMENTED, "compressed messages are not supported")
-                else:
-                    self._finish(s, GrpcStatus.INTERNAL, "invalid message flag")
-                return
-            if length > self._max_message:
-                self._finish(s, GrpcStatus.RESOURCE_EXHAUSTED, "message larger than the limit")
-                return
-            end = pos + 5 + length
-            if end > size:
-                break
-            message = data[pos + 5 : end]
-            pos = end
+    def _on_stream_bytes(self, s: GrpcStream, data: bytes) -> None:
+        """Answer each gRPC message that ``data`` completes; keep a partial one, within the limits."""
+        before = len(s.buf)
+        messages, failure = s.take_messages(data, self._max_message)
+        self._buffered += len(s.buf) - before
+        for message in messages:
             self._dispatch(s, message)
-            if s.local_done:
+            if s.state is not _OPEN_STATE:
                 return
-        if data is s.buf:
-            del s.buf[:pos]
-            self._buffered -= pos
-        elif pos < size:
-            s.buf += data[pos:]
-            self._buffered += size - pos
+        if failure is not None:
+            self._finish(s, *failure)
+            return
         if self._buffered > self.limits.max_buffered_bytes:
-            raise _StreamError(s.sid, ErrorCode.ENHANCE_YOUR_CALM)
+            raise StreamProtocolError(s.sid, ErrorCode.ENHANCE_YOUR_CALM)
 
-    def _dispatch(self, s: _Stream, message: bytes) -> None:
+    def _dispatch(self, s: GrpcStream, message: bytes) -> None:
         if s.deadline is not None and self._clock() >= s.deadline:
             self._deadline_exceeded(s)
             return
         self.counters.messages += 1
         try:
-            request = _ProcessingRequest.FromString(message)
-        except Exception:
+            response = s.answer(message)
+        except MalformedMessage:
             self._finish(s, GrpcStatus.INTERNAL, "malformed message")
             return
-        try:
-            response = s.processor.handle(request)  # type: ignore[union-attr]
-            if response is None:
-                return
-            payload = response.SerializeToString()
         except Exception:
             self._processor_failed(s.sid, "handling a message")
             self._finish(s, GrpcStatus.INTERNAL, "internal error")
             return
-        out = self._out
+        if response is None:
+            return
         if not s.headers_sent:
             s.headers_sent = True
-            out.append(self._header_frames(s.sid, RESPONSE_HEADERS, end_stream=False))
-        message = MESSAGE_PREFIX.pack(0, len(payload)) + payload
-        n = len(message)
-        if not s.pending and n <= s.send_window and n <= self._send_window and n <= self._peer_max_frame:
-            s.send_window -= n
-            self._send_window -= n
-            out.append(f.FRAME_HEADER.pack(n << 8, 0, s.sid))
-            out.append(message)
-            return
-        s.pending.append(message)
-        s.pending_bytes += n
-        self._pending_out += n
-        self._blocked[s.sid] = s
-        self._flush_stream(s)
-        if self._pending_out > self.limits.max_pending_output:
-            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "peer does not open its windows")
+            self._out.append(self._header_frames(s.sid, RESPONSE_HEADERS, end_stream=False))
+        self._send_flow.send(s, response, self._out)
 
-    def _deadline_exceeded(self, s: _Stream) -> None:
+    def _deadline_exceeded(self, s: GrpcStream) -> None:
         """The stream outlived its grpc-timeout: the peer has given up on any answer."""
         self.counters.deadline_exceeded += 1
         self._finish(s, GrpcStatus.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -864,66 +756,47 @@ class H2Connection:
         self.counters.processor_errors += 1
         log.exception("ext_proc processor failed %s on stream %d; answering INTERNAL", doing, sid)
 
-    def _end_remote(self, s: _Stream) -> None:
+    def _end_remote(self, s: GrpcStream) -> None:
         """The peer half-closed: end our side with the status the stream earned."""
-        s.remote_closed = True
-        if s.local_done:
-            if not s.pending:
-                self._close_stream(s)
-            return
+        s.state = next_state(s.state, _RECV_END_STREAM, s.sid)
+        if s.state is StreamState.ANSWERED_REMOTE_CLOSED:
+            return  # the final block follows the DATA still queued
         if s.buf:
             self._finish(s, GrpcStatus.INTERNAL, "incomplete message")
         else:
             self._finish(s, GrpcStatus.OK)
 
-    def _finish(self, s: _Stream, status: GrpcStatus, message: str = "") -> None:
+    def _finish(self, s: GrpcStream, status: GrpcStatus, message: str = "") -> None:
         """Decide the stream's last block; sent now, or after DATA held back by flow control."""
-        s.local_done = True
+        s.state = next_state(s.state, StreamEvent.ANSWER, s.sid)
         self._buffered -= len(s.buf)
         s.buf = bytearray()
-        block = trailers(status, message, trailers_only=not s.headers_sent)
-        s.headers_sent = True
-        if s.pending:
+        block = s.final_block(status, message)
+        if s.queued:
             s.trailers = block
         else:
             self._send_trailers(s, block)
 
-    def _send_trailers(self, s: _Stream, block: bytes) -> None:
+    def _send_trailers(self, s: GrpcStream, block: bytes) -> None:
         self._out.append(self._header_frames(s.sid, block, end_stream=True))
-        if not s.remote_closed:
+        if s.state is StreamState.ANSWERED:
             # Complete answer before the request ended: ask the peer to stop (RFC 9113 §8.1).
             self._out.append(f.rst_stream_frame(s.sid, ErrorCode.NO_ERROR))
             self._remember_reset(s.sid)
-        self._close_stream(s)
+        self._close_stream(s, StreamEvent.SEND_END_STREAM)
 
-    def _flush_stream(self, s: _Stream) -> None:
-        out = self._out
-        pending = s.pending
-        while pending:
-            chunk = pending[0]
-            n = min(len(chunk), s.send_window, self._send_window, self._peer_max_frame)
-            if n <= 0:
-                return
-            out.append(f.FRAME_HEADER.pack(n << 8, 0, s.sid))
-            out.append(chunk[:n])
-            s.send_window -= n
-            self._send_window -= n
-            s.pending_bytes -= n
-            self._pending_out -= n
-            if n == len(chunk):
-                pending.pop(0)
-            else:
-                pending[0] = chunk[n:]
-        del self._blocked[s.sid]
-        if s.trailers is not None:
+    def _drain_stream(self, s: GrpcStream) -> None:
+        """Send what the windows now admit of ``s``'s queued DATA, and its final block once that is all."""
+        if self._send_flow.drain(s, self._out) and s.trailers is not None:
             self._send_trailers(s, s.trailers)
 
-    def _flush_blocked(self) -> None:
-        for s in list(self._blocked.values()):
-            if self._send_window <= 0:
+    def _drain_blocked(self) -> None:
+        flow = self._send_flow
+        for s in list(flow.blocked.values()):
+            if flow.window <= 0:
                 return
-            if not s.closed:
-                self._flush_stream(s)
+            if s.state is not _CLOSED_STATE:
+                self._drain_stream(s)
 
     def _reset(self, sid: int, code: ErrorCode) -> None:
         """Stream error: RST_STREAM with ``code``; the connection carries on."""
@@ -932,7 +805,7 @@ class H2Connection:
         self._remember_reset(sid)
         s = self._streams.get(sid)
         if s is not None:
-            self._close_stream(s)
+            self._close_stream(s, StreamEvent.SEND_RST_STREAM)
 
     def _remember_reset(self, sid: int) -> None:
         ids = self._reset_ids
@@ -940,13 +813,12 @@ class H2Connection:
         if len(ids) > _RESET_MEMORY:
             del ids[next(iter(ids))]
 
-    def _close_stream(self, s: _Stream) -> None:
-        s.closed = True
+    def _close_stream(self, s: GrpcStream, event: StreamEvent) -> None:
+        s.state = next_state(s.state, event, s.sid)
         s.processor = None
         del self._streams[s.sid]
         self._buffered -= len(s.buf)
-        self._pending_out -= s.pending_bytes
-        self._blocked.pop(s.sid, None)
+        self._send_flow.forget(s)
         if self._drain_state == 2 or self._peer_goaway:
             self._maybe_close()
 
@@ -971,7 +843,14 @@ class H2Connection:
         if self._block_prefix:
             block = self._block_prefix + block
             self._block_prefix = b""
-        return f.header_frames(sid, block, end_stream=end_stream, max_frame=self._peer_max_frame)
+        return f.header_frames(sid, block, end_stream=end_stream, max_frame=self._send_flow.max_frame)
+
+    def _fail_with(self, exc: ConnectionProtocolError) -> None:
+        if exc.code == ErrorCode.INTERNAL_ERROR:  # an illegal transition of our own making
+            self.counters.internal_errors += 1
+            log.error("h2: internal error (%s); closing the connection", exc.reason)
+            exc = ConnectionProtocolError(ErrorCode.INTERNAL_ERROR, "internal error")
+        self._fail(exc.code, exc.reason)
 
     def _fail(self, code: ErrorCode, reason: str) -> None:
         """Connection error: GOAWAY with ``code``, then nothing more is read or answered."""
@@ -983,11 +862,10 @@ class H2Connection:
     def _abandon(self) -> None:
         self.closed = True
         for s in self._streams.values():
-            s.closed = True
+            s.state = next_state(s.state, StreamEvent.CONNECTION_CLOSED, s.sid)
             s.processor = None
         self._streams.clear()
-        self._blocked.clear()
+        self._send_flow.clear()
         self._inbuf = bytearray()
         self._header_frag = bytearray()
         self._buffered = 0
-        self._pending_out = 0

@@ -298,7 +298,7 @@ def test_received_data_is_credited_back_with_window_updates():
 def test_data_beyond_the_connection_window_is_a_flow_control_error():
     peer = Peer()
     peer.send(headers_frame(peer.encoder, 1))
-    peer.conn._recv_window = 10  # as if the peer ignored our connection window
+    peer.conn._recv_window.available = 10  # as if the peer ignored our connection window
     peer.send(data_frame(1, b"\0" * 11))
     assert peer.conn.closed and peer.goaway_code == FLOW_CONTROL_ERROR
 
@@ -307,7 +307,7 @@ def test_data_beyond_the_stream_window_resets_the_stream():
     peer = Peer()
     conn = peer.conn
     peer.send(headers_frame(peer.encoder, 1))
-    conn._streams[1].recv_window = 10  # as if the peer ignored our window
+    conn._streams[1].recv_window.available = 10  # as if the peer ignored our window
     peer.send(data_frame(1, b"\0" * 11))
     assert peer.stream(1).rst == FLOW_CONTROL_ERROR and not conn.closed
 
