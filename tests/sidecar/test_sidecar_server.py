@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -59,6 +60,23 @@ async def test_health_and_server_metadata(make_client) -> None:
     assert "binary_tensor_data" in doc["extensions"]
 
 
+def expected_auto_provider() -> str:
+    """What ``--device auto`` should pick, from the install and the machine rather than from
+    onnxruntime's own answer: CUDA only with the onnxruntime-gpu wheel and a visible NVIDIA device."""
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "CPUExecutionProvider"
+    return "CUDAExecutionProvider" if Path("/dev/nvidia0").exists() else "CPUExecutionProvider"
+
+
+async def test_model_metadata_reports_the_provider_asked_for(make_client) -> None:
+    client = await make_client(name="tabular", device="cpu")
+    doc = await (await client.get("/v2/models/tabular")).json()
+    assert doc["parameters"]["execution_provider"] == "CPUExecutionProvider"
+    assert doc["parameters"]["providers"] == ["CPUExecutionProvider"]
+
+
 async def test_model_metadata_reports_signature_and_provider(make_client) -> None:
     client = await make_client(name="tabular", variant="control")
     for path in ("/v2/models/tabular", "/v2/models/tabular/versions/1"):
@@ -73,8 +91,7 @@ async def test_model_metadata_reports_signature_and_provider(make_client) -> Non
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
         ]
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        assert doc["parameters"]["execution_provider"] == ("CUDAExecutionProvider" if cuda else "CPUExecutionProvider")
+        assert doc["parameters"]["execution_provider"] == expected_auto_provider()
         assert doc["parameters"]["execution_provider"] in doc["parameters"]["providers"]
         assert doc["parameters"]["variant"] == "control"
 
