@@ -33,11 +33,12 @@ from cohortgate.core.contract import UNIT_SALT_ENV
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import JwtSettings, Policy, load_policy
 from cohortgate.store.state import InProcessState, RedisState, StateStore, follow
+from cohortgate.support.metrics import serve_metrics
 from gateway.audit import AuditLog
 from gateway.auth import TokenVerifier
 from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
 from gateway.jwks import KeySet, source_from_spec
-from gateway.metrics import GatewayMetrics, serve_metrics
+from gateway.metrics import GatewayMetrics
 from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
 
 log = logging.getLogger("cohortgate.service")

@@ -181,14 +181,14 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     from cohortgate.controller.api import load_or_create_token, make_app
     from cohortgate.controller.leader import RedisLeader, SoloLeader
     from cohortgate.controller.loop import Controller, ControllerConfig
+    from cohortgate.controller.metrics import ControllerMetrics, TrafficMetrics
     from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource, redact_url, redis_client
     from cohortgate.store.state import InProcessState, RedisState
-    from gateway.metrics import ControllerMetrics, GatewayMetrics
 
     log = logging.getLogger("cohortgate.controller")
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     metrics = ControllerMetrics()
-    gw_metrics = GatewayMetrics(registry=metrics.registry)  # the ALS receiver's request metrics
+    gw_metrics = TrafficMetrics(registry=metrics.registry)  # the ALS receiver's request metrics
     config = ControllerConfig(interval_s=args.interval, window_s=args.window)
     if args.redis:
         store = RedisState(args.redis, cache_path=args.state_file)

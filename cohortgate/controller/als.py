@@ -23,6 +23,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
     HEADER_REGION,
     HEADER_ROUTE,
@@ -33,7 +34,6 @@ from cohortgate.core.contract import (
     cluster_parts,
 )
 from cohortgate.store.events import REQUEST, Event, EventSink
-from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class AccessLogReceiver:
     def __init__(
         self,
         sink: EventSink,
-        metrics: GatewayMetrics | None = None,
+        metrics: TrafficMetrics | None = None,
         on_denied: Callable[[Event], None] | None = None,
     ) -> None:
         self.sink = sink
@@ -149,7 +149,7 @@ def grpc_target(spec: str) -> str:
 async def serve_als(
     sink: EventSink,
     address: str,
-    metrics: GatewayMetrics | None = None,
+    metrics: TrafficMetrics | None = None,
     on_denied: Callable[[Event], None] | None = None,
 ) -> tuple[Any, AccessLogReceiver]:
     """Start a grpc.aio server with the receiver on ``address``; returns ``(server, receiver)``.

@@ -33,12 +33,12 @@ from cohortgate.controller.shadows import ShadowJoin
 from cohortgate.controller.windows import RouteWindows, Summary, count_above
 from cohortgate.core import rollout
 from cohortgate.core.errors import CohortgateError
+from cohortgate.controller.metrics import ControllerMetrics
 from cohortgate.core.policy import Policy, Route
 from cohortgate.core.rollout import Phase, RouteState, Signal, Transition
 from cohortgate.core.stats import HarmTest, srm_check
 from cohortgate.store.events import REPORT, REQUEST, Event, EventSource, redis_errors
 from cohortgate.store.state import StateStore, StoreUnavailable, VersionConflict
-from gateway.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 

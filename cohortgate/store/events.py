@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, REPORTS_STREAM
 
 if TYPE_CHECKING:
-    from gateway.metrics import GatewayMetrics
+    from cohortgate.controller.metrics import TrafficMetrics
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class InProcessSink:
     Single event loop: ``emit`` and ``read`` must run on the loop that called ``start``.
     """
 
-    def __init__(self, capacity: int = 100_000, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, capacity: int = 100_000, metrics: TrafficMetrics | None = None) -> None:
         self.capacity = capacity
         self.dropped = 0
         self.emitted = 0
@@ -249,7 +249,7 @@ class RedisStreamSink:
         batch: int = 500,
         timeout_s: float = 0.5,
         backoff_s: float = 0.5,
-        metrics: GatewayMetrics | None = None,
+        metrics: TrafficMetrics | None = None,
     ) -> None:
         if client is None and url is None:
             raise ValueError("RedisStreamSink needs a url or a client")

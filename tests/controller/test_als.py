@@ -8,8 +8,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from cohortgate.controller.als import event_from_entry, grpc_target, serve_als
+from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.store.events import REQUEST, InProcessSink
-from gateway.metrics import GatewayMetrics
 
 
 def entry(
@@ -73,7 +73,7 @@ def test_grpc_targets():
 async def test_als_service_streams_entries_into_the_sink(tmp_path):
     sink = InProcessSink()
     await sink.start()
-    metrics = GatewayMetrics()
+    metrics = TrafficMetrics()
     sock = tmp_path / "als.sock"
     server, receiver = await serve_als(sink, f"uds:{sock}", metrics)
     assert sock.stat().st_mode & 0o777 == 0o600  # outcomes drive rollbacks: only Envoy's user may send them

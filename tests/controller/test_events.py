@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.store.events import (
     EVENTS_STREAM,
     REPORT,
@@ -17,7 +18,6 @@ from cohortgate.store.events import (
     RedisStreamSource,
     redis_client,
 )
-from gateway.metrics import GatewayMetrics
 from sidecar.report import RedisStreamSink as SidecarRedisSink
 from sidecar.report import ShadowReport
 
@@ -62,7 +62,7 @@ def test_sidecar_reports_are_understood_in_both_encodings():
 
 
 async def test_in_process_sink_is_bounded_and_counts_drops():
-    metrics = GatewayMetrics()
+    metrics = TrafficMetrics()
     sink = InProcessSink(capacity=3, metrics=metrics)
     await sink.start()
     for i in range(5):
@@ -134,7 +134,7 @@ async def test_controller_source_reads_the_sidecars_report_stream(redis_server):
 
 @pytest.mark.integration
 async def test_redis_down_never_blocks_emit_drops_are_counted_and_sending_resumes(redis_server):
-    metrics = GatewayMetrics()
+    metrics = TrafficMetrics()
     sink = RedisStreamSink(redis_server.url, capacity=500, timeout_s=0.2, backoff_s=0.1, metrics=metrics)
     await sink.start()
     redis_server.kill()
