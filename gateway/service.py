@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cohortgate.core.contract import UNIT_SALT_ENV
-from cohortgate.core.errors import PolicyError
+from cohortgate.core.errors import failure_line
 from cohortgate.core.policy import JwtSettings, Policy, load_policy
 from cohortgate.store.state import InProcessState, RedisState, StateStore, follow
 from cohortgate.support.metrics import serve_metrics
@@ -146,24 +145,6 @@ class PolicyHolder:
         if self.metrics is not None:
             self.metrics.policy_reload(False)
         log.error("%s", failure_line(self.path, exc, self.policy.digest, trigger, reason))
-
-
-def failure_line(path: Path | None, exc: BaseException, keeping: str, trigger: str, reason: str | None = None) -> str:
-    """The one structured log line of a refused reload."""
-    if isinstance(exc, PolicyError):
-        reason, problems = reason or "invalid", list(exc.problems)
-    else:
-        problems = [f"{path}:1:1: {exc}"] if reason is None else [str(exc)]
-        reason = reason or type(exc).__name__
-    doc = {
-        "event": "policy_reload_failed",
-        "file": str(path),
-        "trigger": trigger,
-        "reason": reason,
-        "problems": problems,
-        "keeping": keeping[:12],
-    }
-    return json.dumps(doc, separators=(",", ":"))
 
 
 def build_verifier(settings: JwtSettings, *, cache_size: int = 100_000) -> TokenVerifier:

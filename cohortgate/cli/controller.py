@@ -124,9 +124,8 @@ class PolicyFollower:
         import asyncio
         import logging
 
-        from cohortgate.core.errors import PolicyError
+        from cohortgate.core.errors import PolicyError, failure_line
         from cohortgate.core.policy import load_policy
-        from gateway.service import failure_line
 
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:

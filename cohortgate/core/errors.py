@@ -15,7 +15,9 @@ it, and answers fail-closed with 503 -- never a stack trace to the client. Third
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class Denial(enum.Enum):
@@ -74,3 +76,21 @@ class PolicyError(CohortgateError):
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} in policy"
         super().__init__(head + ":\n" + "\n".join(self.problems))
+
+
+def failure_line(path: Path | None, exc: BaseException, keeping: str, trigger: str, reason: str | None = None) -> str:
+    """The one structured log line of a refused policy reload (gateway and controller log the same shape)."""
+    if isinstance(exc, PolicyError):
+        reason, problems = reason or "invalid", list(exc.problems)
+    else:
+        problems = [f"{path}:1:1: {exc}"] if reason is None else [str(exc)]
+        reason = reason or type(exc).__name__
+    doc = {
+        "event": "policy_reload_failed",
+        "file": str(path),
+        "trigger": trigger,
+        "reason": reason,
+        "problems": problems,
+        "keeping": keeping[:12],
+    }
+    return json.dumps(doc, separators=(",", ":"))
