@@ -9,7 +9,7 @@ the queue is full the report is dropped and counted. A background task hashes th
 batches to a ``ReportSink``, the small interface the controller plugs into:
 
     MemorySink          in-process (tests, an embedded controller)
-    HttpSink            POST a JSON list to an http(s):// URL
+    HttpSink            POST a JSON list to an http(s):// URL, with the controller's admin token
     RedisStreamSink     XADD to a Redis stream, from a redis://host:port/db?stream=NAME URL
 """
 
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 import orjson
 
-from cohortgate.core.contract import REPORTS_STREAM
+from cohortgate.core.contract import REPORTS_STREAM, TOKEN_FILE_ENV
 from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,32 @@ class MemorySink:
 
 
 class HttpSink:
-    """POSTs each batch as a JSON list to ``url``."""
+    """POSTs each batch as a JSON list to ``url`` with ``Authorization: Bearer <admin token>``.
 
-    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+    The controller's ``/reports`` takes the same admin token as its other write endpoints, read
+    from ``token_file`` (default: the file ``$COHORTGATE_TOKEN_FILE`` names). The file is read at
+    the first send, since the controller may create it after the sidecar starts, and again after a
+    401 (the token was rotated). The token is never logged.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 2.0, token_file: str | os.PathLike[str] | None = None) -> None:
         self.url = url
         self._timeout_s = timeout_s
+        self.token_file = token_file if token_file is not None else os.environ.get(TOKEN_FILE_ENV) or None
+        self._token: str | None = None
         self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._token is None and self.token_file is not None:
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    self._token = f.read().strip() or None
+            except OSError as exc:
+                raise RuntimeError(f"cannot read the report token file {self.token_file}: {exc.strerror}") from None
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
 
     async def send(self, reports: Sequence[ShadowReport]) -> None:
         import aiohttp
@@ -142,7 +163,14 @@ class HttpSink:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         body = orjson.dumps([r.to_json() for r in reports])
-        async with self._session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as response:
+        async with self._session.post(self.url, data=body, headers=self._headers()) as response:
+            if response.status == 401:
+                self._token = None  # re-read the file next time
+                raise RuntimeError(
+                    f"report endpoint answered 401: set ${TOKEN_FILE_ENV} to the controller's admin token file"
+                    if self.token_file is None
+                    else f"report endpoint answered 401 with the token from {self.token_file}"
+                )
             if response.status >= 300:
                 raise RuntimeError(f"report endpoint answered {response.status}")
 

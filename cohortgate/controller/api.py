@@ -7,11 +7,12 @@
     POST /actions/rollback        bearer     {"route": R, "variant": V}
     POST /actions/promote         bearer     {"route": R, "variant": V}
     POST /actions/resume          bearer     {"route": R}
-    POST /reports                 loopback   sidecar shadow reports: a JSON list (or one object)
+    POST /reports                 bearer     sidecar shadow reports: a JSON list (or one object)
 
 The admin token lives in a file (mode 0600), created on first start; a client proves it can read
-that file. ``/reports`` takes no token because the sidecars' reporter cannot send one; it accepts
-loopback peers only, and a forged report can only skew the shadow-agreement figures.
+that file. Every write needs it, ``/reports`` included: a forged report would skew the
+shadow-agreement figures a promotion is judged on, so "any local user" is not enough (the sidecar's
+reporter reads the same file; see ``sidecar.report.HttpSink``). Reports also come from loopback only.
 Errors are JSON ``{"error": {"code", "message"}}`` with their status; never a stack trace.
 """
 
@@ -86,10 +87,14 @@ def _loopback(request: web.Request) -> bool:
         return False
 
 
+#: The only paths answered without the admin token: read-only, and nothing in them is secret.
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Auth for everything but health/metrics/reports, and JSON for every error."""
-    if request.path not in ("/healthz", "/metrics", "/reports") and not _authorized(request):
+    """Auth for everything but health and metrics, and JSON for every error."""
+    if request.path not in OPEN_PATHS and not _authorized(request):
         return _error(401, "unauthenticated", "a valid admin bearer token is required")
     try:
         return await handler(request)

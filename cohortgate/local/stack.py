@@ -636,6 +636,7 @@ class Stack:
                 "model_path": spec.model_path,
                 "fault_rate": spec.fault_rate,
             },
+            env={TOKEN_FILE_ENV: str(self.state_dir / "admin.token")},  # /reports needs the admin token
         )
 
     def _controller_child(self) -> Child:

@@ -14,7 +14,7 @@ from cohortgate.controller.loop import Controller
 from cohortgate.core.rollout import Phase
 from cohortgate.store.events import InProcessSink
 from cohortgate.store.state import InProcessState, RedisState
-from sidecar.report import ShadowReport
+from sidecar.report import HttpSink, ShadowReport
 from tests.controller.policies import make_policy, write_policy
 
 TOKEN = "test-admin-token"
@@ -43,6 +43,52 @@ async def test_everything_but_health_metrics_and_reports_needs_the_token(api):
     assert (await api.get("/healthz")).status == 200
     resp = await api.get("/metrics")
     assert resp.status == 200 and "cohortgate_controller_ticks_total" in await resp.text()
+
+
+REPORT = ShadowReport("r0", "control", "tabular", 200, 5.0, "same", (), 1.0).to_json()
+#: Every write endpoint with a body it would act on: a test below checks this list is complete.
+WRITES = {
+    "/actions/rollback": {"route": "tabular", "variant": "canary"},
+    "/actions/promote": {"route": "tabular", "variant": "canary"},
+    "/actions/resume": {"route": "tabular"},
+    "/reports": [REPORT],
+}
+BAD_AUTH = (
+    {},
+    {"Authorization": ""},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": TOKEN},
+    {"X-Cohortgate-Token": TOKEN},
+)
+
+
+def test_the_write_list_covers_every_post_route():
+    app = make_app(Controller(make_policy(), InProcessState(), InProcessSink()), TOKEN, InProcessSink())
+    posts = {r.resource.canonical for r in app.router.routes() if r.method == "POST"}
+    assert posts == set(WRITES)
+
+
+@pytest.mark.parametrize("path", sorted(WRITES))
+async def test_every_write_endpoint_refuses_a_missing_or_wrong_token_and_does_nothing(api, path):
+    """Issue 26: letting POST /actions/* through without a token passed the suite; not any more."""
+    version = api.controller.states["tabular"].version
+    for headers in BAD_AUTH:
+        resp = await api.post(path, json=WRITES[path], headers=headers)
+        assert resp.status == 401, (path, headers)
+        assert (await resp.json())["error"] == {
+            "code": "unauthenticated",
+            "message": "a valid admin bearer token is required",
+        }
+    assert api.controller.states["tabular"].version == version
+    assert await api.controller.store.audit() == []
+    assert await api.sink.read(100, 0.05) == []
+    # the same request with the token reaches its handler, so the refusals above were the token's doing
+    resp = await api.post(path, json=WRITES[path], headers=AUTH)
+    expected = {"/reports": 202, "/actions/resume": 409}.get(path, 200)  # resume: nothing is halted
+    assert resp.status == expected, await resp.text()
 
 
 async def test_status_lists_routes_and_variants(api):
@@ -81,11 +127,37 @@ async def test_sidecar_reports_are_accepted_in_the_sidecars_own_format(api):
         reports.append(
             ShadowReport(f"r{i}", "challenger", "tabular", 200, 7.0, "same" if i < 9 else "x", (), 1.0).to_json()
         )
-    resp = await api.post("/reports", data=json.dumps([*reports, {"nonsense": 1}]))
+    resp = await api.post("/reports", data=json.dumps([*reports, {"nonsense": 1}]), headers=AUTH)
     assert resp.status == 202 and await resp.json() == {"accepted": 20, "rejected": 1}
     api.controller.ingest(await api.sink.read(100, 0.1))
     shadow = (await (await api.get("/status", headers=AUTH)).json())["routes"]["tabular"]["shadows"]["challenger"]
     assert shadow["pairs"] == 10 and shadow["agreement"] == 0.9
+
+
+async def test_the_sidecars_http_sink_sends_the_admin_token_from_its_file(api, tmp_path, monkeypatch):
+    """Issue 16.6: /reports needs the token; the sidecar reads it from $COHORTGATE_TOKEN_FILE."""
+    url = str(api.make_url("/reports"))
+    report = ShadowReport("r1", "control", "tabular", 200, 5.0, "same", (), 1.0)
+    monkeypatch.delenv("COHORTGATE_TOKEN_FILE", raising=False)
+    anonymous = HttpSink(url)
+    with pytest.raises(RuntimeError, match=r"401: set \$COHORTGATE_TOKEN_FILE"):
+        await anonymous.send([report])
+    await anonymous.close()
+    assert await api.sink.read(10, 0.05) == []
+
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("stale\n")
+    monkeypatch.setenv("COHORTGATE_TOKEN_FILE", str(token_file))
+    sink = HttpSink(url)
+    try:
+        with pytest.raises(RuntimeError, match="401 with the token from"):
+            await sink.send([report])
+        assert await api.sink.read(10, 0.05) == []
+        token_file.write_text(TOKEN + "\n")  # the controller's token: the file is read again after a 401
+        await sink.send([report])
+        assert [e.request_id for e in await api.sink.read(10, 0.1)] == ["r1"]
+    finally:
+        await sink.close()
 
 
 def test_token_file_is_created_private_and_reused(tmp_path):

@@ -99,6 +99,39 @@ async def test_actions_need_the_token_in_a_header(rw):
     assert rw.controller.states["tabular"].variants["canary"].phase is Phase.PROMOTING
 
 
+ACTION_BODIES = {"rollback": ROLLBACK, "promote": ROLLBACK, "resume": {"route": "tabular"}}
+
+
+def test_the_action_list_covers_every_verb_and_post_route(rw):
+    from cohortgate.dashboard.app import ACTIONS
+
+    assert set(ACTION_BODIES) == set(ACTIONS)
+    app = rw.dash.make_app()
+    assert {r.resource.canonical for r in app.router.routes() if r.method == "POST"} == {"/api/actions/{verb}"}
+
+
+@pytest.mark.parametrize("verb", sorted(ACTION_BODIES))
+async def test_every_action_refuses_a_missing_or_wrong_token_and_does_nothing(rw, verb):
+    """Issue 26: each verb, each way of not holding the token; then the token, to show it is the token."""
+    refused = [
+        ({}, 401, "unauthenticated"),
+        ({"Authorization": "Bearer"}, 401, "unauthenticated"),
+        ({"Authorization": f"Basic {TOKEN}"}, 401, "unauthenticated"),
+        ({"Authorization": TOKEN}, 401, "unauthenticated"),
+        ({"Authorization": "Bearer wrong"}, 403, "forbidden"),
+        ({"Authorization": f"Bearer {TOKEN}x"}, 403, "forbidden"),
+        ({"Authorization": f"Bearer {TOKEN[:-1]}"}, 403, "forbidden"),
+    ]
+    version = rw.controller.states["tabular"].version
+    for headers, status, code in refused:
+        resp = await rw.post(f"/api/actions/{verb}", json=ACTION_BODIES[verb], headers=headers)
+        assert (resp.status, (await resp.json())["error"]["code"]) == (status, code), headers
+    assert rw.controller.states["tabular"].version == version
+    assert await rw.controller.store.audit() == []
+    resp = await rw.post(f"/api/actions/{verb}", json=ACTION_BODIES[verb], headers=AUTH)
+    assert resp.status == (409 if verb == "resume" else 200), await resp.text()  # resume: nothing is halted
+
+
 async def test_a_dashboard_action_is_audited_exactly_like_an_api_action(rw, aiohttp_client):
     resp = await rw.post("/api/actions/rollback", json=ROLLBACK, headers={**AUTH, "X-Cohortgate-Actor": "dashboard"})
     assert resp.status == 200
