@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -151,8 +151,10 @@ class EnvoyProcess:
         base_id: int | None = None,
         extra_args: Sequence[str] = (),
         cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.files = files
+        self.preexec_fn = preexec_fn  # e.g. a supervisor's "die with the parent" (PR_SET_PDEATHSIG)
         self.concurrency = concurrency
         self.base_id = base_id
         self.extra_args = tuple(extra_args)
@@ -204,6 +206,7 @@ class EnvoyProcess:
             stderr=subprocess.STDOUT,
             cwd=self.cwd,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop Envoy in order
+            preexec_fn=self.preexec_fn,
         )
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -288,6 +291,13 @@ class EnvoyProcess:
     def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         reply = http.call(self.admin_url + path, timeout=timeout)
         return reply.status, reply.body
+
+    def drain_listeners(self, graceful: bool = True, timeout: float = 2.0) -> bool:
+        """Admin ``POST /drain_listeners`` (``?graceful``: connections are told to close for the
+        ``--drain-time-s`` period, then the listeners close). True when Envoy accepted it."""
+        reply = http.call(self.admin_url + "/drain_listeners" + ("?graceful" if graceful else ""), "POST",
+                          body=b"", timeout=timeout)  # fmt: skip
+        return reply.status == 200
 
     def listener_addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> bound (address, port), from admin ``/listeners``."""
