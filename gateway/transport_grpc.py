@@ -9,14 +9,15 @@ the cheapest of the variants measured (see issue 8); the rest of the cost is grp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from cohortgate.support.files import private_umask
 
 log = logging.getLogger("cohortgate.grpc")
 
@@ -91,12 +92,3 @@ async def start_grpc(
     log.info("ext_proc gRPC server listening on %s%s", address, " (mTLS)" if credentials else "")
     return server
 
-
-@contextlib.contextmanager
-def private_umask() -> Iterator[None]:
-    """Create the socket file without group/other permissions from the first instant."""
-    old = os.umask(0o177)
-    try:
-        yield
-    finally:
-        os.umask(old)

@@ -19,6 +19,8 @@ import ssl
 import stat
 from collections.abc import Callable
 
+from cohortgate.support.files import private_umask
+
 log = logging.getLogger("cohortgate.http")
 
 MAX_HEAD_BYTES = 64 << 10
@@ -212,11 +214,8 @@ async def start_http(
 
     if uds is not None:
         clear_stale_socket(uds)
-        old = os.umask(0o177)
-        try:
+        with private_umask():
             server = await loop.create_unix_server(factory, uds, backlog=1024)
-        finally:
-            os.umask(old)
         os.chmod(uds, 0o600)
         where = f"unix:{uds}"
     else:

@@ -168,7 +168,7 @@ async def serve_als(
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
     uds = target[len("unix:") :] if target.startswith("unix:") else None
     if uds is not None:
-        from gateway.transport_grpc import private_umask
+        from cohortgate.support.files import private_umask
 
         with private_umask():  # only Envoy's user may feed the controller outcomes (they drive rollbacks)
             server.add_insecure_port(target)

@@ -31,12 +31,10 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, REPORTS_STREAM
-
-if TYPE_CHECKING:
-    from cohortgate.controller.metrics import TrafficMetrics
+from cohortgate.store.redis import redis_client, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +50,12 @@ AGREEMENT_OUTPUT = "label"
 
 
 @dataclass(frozen=True, slots=True)
+class DropCounter(Protocol):
+    """What a sink reports to (`cohortgate.controller.metrics.TrafficMetrics` in the controller)."""
+
+    def event_dropped(self, sink: str, reason: str, n: int = 1) -> None: ...
+
+
 class Event:
     kind: str  # REQUEST | REPORT
     route: str  # empty in a sidecar report (it knows its model, not the route)
@@ -146,7 +150,7 @@ class InProcessSink:
     Single event loop: ``emit`` and ``read`` must run on the loop that called ``start``.
     """
 
-    def __init__(self, capacity: int = 100_000, metrics: TrafficMetrics | None = None) -> None:
+    def __init__(self, capacity: int = 100_000, metrics: DropCounter | None = None) -> None:
         self.capacity = capacity
         self.dropped = 0
         self.emitted = 0
@@ -249,7 +253,7 @@ class RedisStreamSink:
         batch: int = 500,
         timeout_s: float = 0.5,
         backoff_s: float = 0.5,
-        metrics: TrafficMetrics | None = None,
+        metrics: DropCounter | None = None,
     ) -> None:
         if client is None and url is None:
             raise ValueError("RedisStreamSink needs a url or a client")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +61,16 @@ async def changes(path: Path | str, interval_s: float, since: FileStamp | None =
         if stamp is not None and stamp != last:
             last = stamp
             yield stamp
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Create files and sockets without group/other permissions from their first instant (0600 / 0700).
+
+    Process-wide while it lasts: use it around a bind or a create at start-up, not on a request path.
+    """
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
