@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from cohortgate.cli._args import parse_header
 from cohortgate.cli.token import parse_claim
 from cohortgate.core.contract import HEADER_ROUTE, HEADER_SERVED_BY, HEADER_VARIANT
 
@@ -41,7 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="an OIP body, one row of numbers, a list of rows, or @FILE (default: one row of the tabular demo data)",
     )
-    p.add_argument("--header", action="append", default=[], metavar="K:V", help="an extra request header")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=parse_header,
+        metavar="K:V",
+        help="an extra request header (repeatable)",
+    )
     p.add_argument("--client", default="app-demo", help="client certificate name (default app-demo)")
     p.add_argument("--no-token", action="store_true", help="send no Authorization header (expect 401)")
     p.add_argument("--state-dir", default=".cohortgate", help="the stack's state directory (default .cohortgate)")
@@ -72,12 +80,7 @@ def _call(args: argparse.Namespace) -> int:
         print(f"cohortgate call: {exc}", file=sys.stderr)
         return 2
     headers = {"content-type": "application/json", "accept": "application/json"}
-    for item in args.header:
-        key, sep, value = item.partition(":")
-        if not sep or not key.strip():
-            print(f"cohortgate call: --header wants K:V, got {item!r}", file=sys.stderr)
-            return 2
-        headers[key.strip().lower()] = value.strip()
+    headers.update(args.header)
     if not args.no_token:
         mint = token_minter(info)
         scopes = args.scope if args.scope is not None else ["predict"]

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from cohortgate.cli._args import parse_header
 from cohortgate.support.files import write_atomic
 
 
@@ -26,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.add_argument("--residency", help="the token's `residency` claim")
     explain.add_argument("--scope", action="append", default=[], help="a scope the token carries")
     explain.add_argument("--identity", help="the client certificate's SPIFFE ID")
-    explain.add_argument("--header", action="append", default=[], metavar="K=V")
-    explain.add_argument("--claim", action="append", default=[], metavar="K=V")
+    explain.add_argument(
+        "--header", action="append", default=[], type=parse_header, metavar="K:V", help="a request header (repeatable)"
+    )
+    explain.add_argument("--claim", action="append", default=[], metavar="K=V", help="an extra claim (repeatable)")
     explain.add_argument("--request-id", default="explain-0", help="drives shadow sampling")
     explain.add_argument("--no-token", action="store_true", help="explain an unauthenticated request")
     explain.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -60,6 +63,8 @@ def _validate(args: argparse.Namespace) -> int:
             failed = True
             print("\n".join(exc.problems), file=sys.stderr)
             continue
+        for warning in missing_models(policy):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
         variants = sum(len(r.variants) for r in policy.routes)
         shadows = sum(len(r.shadows) for r in policy.routes)
         regions = sorted({b.region for b in policy.backends})
@@ -68,6 +73,23 @@ def _validate(args: argparse.Namespace) -> int:
             f"{len(policy.backends)} backends, regions {', '.join(regions)}"
         )
     return 1 if failed else 0
+
+
+def missing_models(policy: Any) -> list[str]:
+    """A backend's ``model:`` file that is not there: valid YAML, but `up` could not serve it."""
+    from pathlib import Path
+
+    out: dict[str, None] = {}  # a variant's backends in two regions often share one file
+    for route in policy.routes:
+        for kind, arms in (("variant", route.variants), ("shadow", route.shadows)):
+            for arm in arms:
+                for b in arm.backends:
+                    if b.model is not None and not Path(b.model).is_file():
+                        out[
+                            f"route {route.name} {kind} {arm.name}: model file {b.model} is missing "
+                            "(cohortgate models build writes the demo models)"
+                        ] = None
+    return list(out)
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -99,7 +121,7 @@ def _explain(args: argparse.Namespace) -> int:
             claims["residency"] = args.residency
         if args.scope:
             claims["scope"] = " ".join(args.scope)
-    headers = {k.lower(): v for k, v in _pairs(args.header, "--header").items()}
+    headers = dict(args.header)
     path = args.path.split("?", 1)[0]
     facts = Facts(args.method.upper(), path, headers, args.identity, claims, args.request_id)
     decision = decide(policy, facts, trace=True)

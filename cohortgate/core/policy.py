@@ -322,6 +322,48 @@ def _load_yaml(text: str, marks: _Marks, problems: list[str]) -> Any:
         loader.dispose()
 
 
+def yaml_syntax_problem(exc: yaml.MarkedYAMLError, text: str, filename: str) -> str:
+    """``FILE:LINE:COL: YAML syntax error: <a sentence>``: PyYAML's terse problem ("did not find
+    expected key") said in words a policy author can act on, with the parser's own words after it."""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return f"{filename}:1:1: YAML syntax error: {exc.problem or exc}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    opened = exc.context_mark.line + 1 if exc.context_mark is not None else mark.line + 1
+    problem, context = exc.problem or "", exc.context or ""
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent or ("\t" in line[: mark.column + 1] and "cannot start any token" in problem):
+        said = f"line {mark.line + 1} is indented with a tab; YAML indents with spaces only"
+    elif "mapping values are not allowed" in problem:
+        said = (
+            f"a 'key: value' on line {mark.line + 1} where none can start: the line is indented deeper than "
+            "the key above it, two keys share a line, or a value containing ': ' needs quotes"
+        )
+    elif "did not find expected key" in problem:
+        said = (
+            f"line {mark.line + 1} is not indented like the keys above it: every key of one mapping starts "
+            "at the same column"
+        )
+    elif "expected '-' indicator" in problem:
+        said = (
+            f"line {mark.line + 1} mixes a key into a list: every item of a list starts with '- ' at the "
+            "same column, and a key of the item goes under it, indented past the '-'"
+        )
+    elif "flow" in context and "did not find expected" in problem:
+        said = f"a [...] or {{...}} opened on line {opened} is not closed (or lacks a comma) before this point"
+    elif "quoted scalar" in context:
+        said = f"a quoted string opened on line {opened} is never closed"
+    elif "undefined alias" in problem:
+        said = f"line {mark.line + 1} uses an *alias with no &anchor defined before it"
+    elif "cannot start any token" in problem:
+        said = f"line {mark.line + 1} has a character no YAML value may start with (quote the value)"
+    else:
+        said = f"{context} {problem}".strip()
+        return f"{filename}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {said}"
+    return f"{filename}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {said} ({problem})"
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -363,9 +405,7 @@ def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> Pol
     try:
         data = _load_yaml(text, marks, problems)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else f"{filename}:1:1"
-        raise PolicyError([f"{where}: YAML syntax error: {exc.problem or exc}"]) from None
+        raise PolicyError([yaml_syntax_problem(exc, text, filename)]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([f"{filename}:1:1: YAML error: {exc}"]) from None
     if problems:

@@ -6,11 +6,14 @@ a fixed sample of unit ids is bucketed under both policies with the real cohort 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cohortgate.core import cohorts
-from cohortgate.core.policy import Policy, Route
+from cohortgate.core.policy import Guardrails, JwtSettings, Policy, Rollout, Route
 
 SAMPLE_UNITS = 20_000
 
@@ -52,34 +55,57 @@ def _backends(backends) -> list[str]:
     return [f"{b.url} ({b.region})" for b in backends]
 
 
+def _shown(value: Any) -> str:
+    """Sets and tuples sorted and bracketed, so a reviewer reads values rather than reprs."""
+    if isinstance(value, frozenset | set):
+        return str(sorted(value))
+    if isinstance(value, tuple):
+        return str(list(value))
+    if isinstance(value, Mapping):
+        return str({k: _shown(v) for k, v in sorted(value.items())})
+    return str(value)
+
+
+def _fields(label: str, old: Any, new: Any, names: tuple[str, ...]) -> list[str]:
+    """``label.field a -> b`` for each named field that differs: the reviewer sees which one changed."""
+    return [
+        f"{label}.{name} {_shown(getattr(old, name))} -> {_shown(getattr(new, name))}"
+        for name in names
+        if getattr(old, name) != getattr(new, name)
+    ]
+
+
+def _identities(route: Route) -> list[str]:
+    return sorted(route.identities | {p + "*" for p in route.identity_prefixes})
+
+
 def _route_changes(old: Route, new: Route) -> list[str]:
     changes: list[str] = []
-    if (old.path_prefix, old.model, old.methods) != (new.path_prefix, new.model, new.methods):
-        changes.append("match changed")
-    if (old.identities, old.identity_prefixes, old.scopes, dict(old.claims)) != (
-        new.identities,
-        new.identity_prefixes,
-        new.scopes,
-        dict(new.claims),
-    ):
-        changes.append(
-            f"auth: identities {sorted(old.identities | set(p + '*' for p in old.identity_prefixes))} -> "
-            f"{sorted(new.identities | set(p + '*' for p in new.identity_prefixes))}, "
-            f"scopes {sorted(old.scopes)} -> {sorted(new.scopes)}"
-        )
+    changes += _fields("match", old, new, ("path_prefix", "model", "methods"))
+    if _identities(old) != _identities(new):
+        changes.append(f"auth.identities {_identities(old)} -> {_identities(new)}")
+    changes += _fields("auth", old, new, ("scopes", "claims"))
+    unit = (old.unit_source, old.unit_key), (new.unit_source, new.unit_key)
+    if unit[0] != unit[1]:
+        changes.append(f"cohorts.unit {unit[0][0]} {unit[0][1]} -> {unit[1][0]} {unit[1][1]}")
     if old.salt != new.salt:
-        changes.append(f"salt {old.salt!r} -> {new.salt!r}: every unit is reshuffled")
-    if (old.eligibility, dict(old.overrides)) != (new.eligibility, dict(new.overrides)):
-        changes.append("eligibility or overrides changed")
-    if (old.allowed_regions, old.default_region, old.fallback_control) != (
-        new.allowed_regions,
-        new.default_region,
-        new.fallback_control,
-    ):
-        changes.append(
-            f"residency: regions {sorted(old.allowed_regions)} -> {sorted(new.allowed_regions)}, "
-            f"default {old.default_region} -> {new.default_region}"
-        )
+        changes.append(f"cohorts.salt {old.salt!r} -> {new.salt!r}: every unit is reshuffled")
+    if old.eligibility != new.eligibility:
+        before = [e.describe() for e in old.eligibility]
+        after = [e.describe() for e in new.eligibility]
+        changes.append(f"cohorts.eligibility {before} -> {after}")
+    if dict(old.overrides) != dict(new.overrides):
+        changes.append(f"cohorts.overrides {_overrides(old)} -> {_overrides(new)}")
+    source = (old.residency_source, old.residency_key), (new.residency_source, new.residency_key)
+    if source[0] != source[1]:
+        changes.append(f"residency.source {source[0][0]} {source[0][1]} -> {source[1][0]} {source[1][1]}")
+    changes += _fields("residency", old, new, ("allowed_regions", "default_region"))
+    if old.fallback_control != new.fallback_control:
+
+        def said(r: Route) -> str:
+            return "fallback_control" if r.fallback_control else "deny"
+
+        changes.append(f"residency.on_missing_region {said(old)} -> {said(new)}")
     old_v = {v.name: v for v in old.variants}
     new_v = {v.name: v for v in new.variants}
     for name in new_v.keys() - old_v.keys():
@@ -92,6 +118,10 @@ def _route_changes(old: Route, new: Route) -> list[str]:
             changes.append(f"variant {name}: weight {a.weight} -> {b.weight}")
         if _backends(a.backends) != _backends(b.backends):
             changes.append(f"variant {name}: backends {_backends(a.backends)} -> {_backends(b.backends)}")
+        if [x.model for x in a.backends] != [x.model for x in b.backends]:
+            changes.append(
+                f"variant {name}: model files {[x.model for x in a.backends]} -> {[x.model for x in b.backends]}"
+            )
     old_s = {s.name: s for s in old.shadows}
     new_s = {s.name: s for s in new.shadows}
     for name in new_s.keys() - old_s.keys():
@@ -100,11 +130,31 @@ def _route_changes(old: Route, new: Route) -> list[str]:
         changes.append(f"- shadow {name}")
     for name in old_s.keys() & new_s.keys():
         a, b = old_s[name], new_s[name]
-        if a.percent != b.percent or _backends(a.backends) != _backends(b.backends):
-            changes.append(f"shadow {name}: {a.percent}% -> {b.percent}%")
-    if (old.guardrails, old.rollout) != (new.guardrails, new.rollout):
-        changes.append("guardrails or rollout changed")
+        if a.percent != b.percent:
+            changes.append(f"shadow {name}: percent {a.percent}% -> {b.percent}%")
+        if _backends(a.backends) != _backends(b.backends):
+            changes.append(f"shadow {name}: backends {_backends(a.backends)} -> {_backends(b.backends)}")
+    changes += _fields("guardrails", old.guardrails, new.guardrails, _names(Guardrails))
+    if old.rollout is None or new.rollout is None:
+        if old.rollout != new.rollout:
+            changes.append(f"rollout {_rollout(old.rollout)} -> {_rollout(new.rollout)}")
+    else:
+        changes += _fields("rollout", old.rollout, new.rollout, _names(Rollout))
     return changes
+
+
+def _overrides(route: Route) -> dict[str, str]:
+    return {unit: route.variants[i].name for unit, i in sorted(route.overrides.items())}
+
+
+def _rollout(rollout: Rollout | None) -> str:
+    if rollout is None:
+        return "none"
+    return f"{rollout.variant} steps {list(rollout.steps)} every {rollout.interval_s:g}s"
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _movement(old: Route, new: Route, sample: int) -> tuple[float, tuple[tuple[str, str, float], ...]]:
@@ -121,9 +171,8 @@ def _movement(old: Route, new: Route, sample: int) -> tuple[float, tuple[tuple[s
 
 
 def diff(old: Policy, new: Policy, *, sample: int = SAMPLE_UNITS) -> PolicyDiff:
-    global_changes = []
-    if old.jwt != new.jwt:
-        global_changes.append(f"jwt: issuer/audience/algorithms/jwks changed ({old.jwt.jwks} -> {new.jwt.jwks})")
+    global_changes: list[str] = []
+    global_changes += _fields("jwt", old.jwt, new.jwt, _names(JwtSettings))
     if old.response_headers != new.response_headers:
         global_changes.append(f"response_headers {old.response_headers} -> {new.response_headers}")
     added = tuple(r.name for r in new.routes if r.name not in old.by_name)

@@ -61,3 +61,71 @@ def test_schema_documents_every_field():
     route = schema["$defs"]["Route"]["properties"]
     assert {"match", "auth", "cohorts", "residency", "variants", "shadows", "guardrails", "rollout"} <= set(route)
     assert schema["$defs"]["Residency"]["properties"]["on_missing_region"]["description"]
+
+
+def _explain_device(header: str) -> dict:
+    out = run("policy", "explain", EXAMPLE, "--path", "/v2/models/tabular/infer", "--sub", "u7",
+              "--residency", "eu", "--scope", "predict", "--identity", "spiffe://cohortgate.local/app-demo",
+              "--header", header, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_explain_reads_headers_as_call_does():
+    """One header syntax: NAME:VALUE as in `call` and curl; NAME=VALUE means the same."""
+    pinned = _explain_device("x-device:phone")  # eligible: u7 buckets into the canary
+    assert pinned["variant"] == "canary"
+    for spelling in ("x-device:bot", "x-device=bot", "X-Device: bot"):
+        assert _explain_device(spelling)["variant"] == "control", spelling  # ineligible: always control
+    bad = run("policy", "explain", EXAMPLE, "--path", "/x", "--header", "no-separator")
+    assert bad.returncode == 2 and "NAME:VALUE" in bad.stderr
+
+
+def _validate_text(tmp_path: Path, text: str) -> list[str]:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    out = run("policy", "validate", str(bad))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0].removeprefix(f"{bad}:").split(": YAML syntax error: ")
+
+
+def test_yaml_tab_is_explained_with_its_line(tmp_path):
+    text = Path(EXAMPLE).read_text().replace("  audience: cohortgate", "\taudience: cohortgate")
+    line = 1 + Path(EXAMPLE).read_text().splitlines().index("  audience: cohortgate")
+    where, said = _validate_text(tmp_path, text)
+    assert where == f"{line}:1"
+    assert said.startswith(f"line {line} is indented with a tab; YAML indents with spaces only")
+
+
+def test_yaml_bad_indent_is_explained_with_its_line(tmp_path):
+    lines = Path(EXAMPLE).read_text().splitlines()
+    n = lines.index("  audience: cohortgate")
+    lines[n] = " audience: cohortgate"  # one space short of its siblings
+    where, said = _validate_text(tmp_path, "\n".join(lines) + "\n")
+    assert where.startswith(f"{n + 1}:")
+    assert said.startswith(f"line {n + 1} is not indented like the keys above it")
+    lines[n] = "   audience: cohortgate"  # one space too deep
+    where, said = _validate_text(tmp_path, "\n".join(lines) + "\n")
+    assert where.startswith(f"{n + 1}:") and "indented deeper than the key above it" in said
+
+
+def test_yaml_unclosed_flow_and_quote_name_where_they_opened(tmp_path):
+    _where, said = _validate_text(tmp_path, "jwt: {issuer: x\nroutes: []\n")
+    assert said.startswith("a [...] or {...} opened on line 1 is not closed")
+    _where, said = _validate_text(tmp_path, 'jwt:\n  issuer: "x\n')
+    assert said.startswith("a quoted string opened on line 2 is never closed")
+
+
+def test_validate_warns_about_a_missing_model_file(tmp_path):
+    text = Path(EXAMPLE).read_text().replace("../models/tabular-canary.onnx", "../models/nope-canary.onnx")
+    policy = tmp_path / "policies" / "p.yaml"
+    policy.parent.mkdir()
+    policy.write_text(text.replace("../certs/", f"{Path(EXAMPLE).parents[1]}/certs/"))
+    out = run("policy", "validate", str(policy))
+    assert out.returncode == 0, out.stderr  # a valid file: a warning, not a failure
+    warnings = out.stderr.strip().splitlines()
+    assert len(warnings) == 1 + 3  # the canary's file, plus the three demo files not built in tmp_path
+    assert f"{policy}: warning: route tabular variant canary: model file {tmp_path}/models/nope-canary.onnx" \
+        " is missing" in out.stderr

@@ -64,3 +64,30 @@ def test_cli_diff_and_apply(tmp_path):
     assert out.returncode == 1 and "sum to 105" in out.stderr and "refused" in out.stderr
     assert live.read_text() == new.read_text(), "a bad file never replaces a good one"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".live")] == []
+
+
+def test_a_jwks_path_change_names_only_that_field():
+    """It used to say issuer/audience/algorithms/jwks changed when only the jwks path had."""
+    text = TEXT.replace("jwks: ../certs/jwks.json", "jwks: ../certs/next-jwks.json")
+    assert text != TEXT
+    result = diff(load_policy(EXAMPLE), parse_policy(text, base_dir=EXAMPLE.parent))
+    assert len(result.global_changes) == 1
+    (line,) = result.global_changes
+    assert line.startswith("jwt.jwks ") and line.endswith("next-jwks.json")
+    assert not any(word in line for word in ("issuer", "audience", "algorithms"))
+
+
+def test_each_changed_field_is_named_once():
+    text = (
+        TEXT.replace("audience: cohortgate", "audience: other")
+        .replace("max_p99_ms: 250", "max_p99_ms: 300")
+        .replace("interval_s: 30", "interval_s: 45")
+    )
+    assert text.count("audience: other") == 1 and "max_p99_ms: 300" in text and "interval_s: 45" in text
+    result = diff(load_policy(EXAMPLE), parse_policy(text, base_dir=EXAMPLE.parent))
+    assert result.global_changes == ("jwt.audience ['cohortgate'] -> ['other']",)
+    tabular = next(r for r in result.routes if r.name == "tabular")
+    assert "guardrails.max_p99_ms 250.0 -> 300.0" in tabular.changes
+    assert "rollout.interval_s 30.0 -> 45.0" in tabular.changes
+    assert len(tabular.changes) == 2
+    assert tabular.moves == ()  # neither field moves a user
