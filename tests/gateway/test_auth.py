@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
 import ssl
-import time
 import timeit
 from pathlib import Path
 from typing import Any
@@ -399,7 +399,8 @@ def test_a_withdrawn_key_empties_the_cache(certs: pki.CertPaths, clock: Clock, t
 
 
 def test_verify_costs_fresh_es256_vs_cache_hit(certs: pki.CertPaths) -> None:
-    """Measured, printed (run with -s), and bounded loosely so a busy machine does not flake."""
+    """Measured and printed (run with -s); only the ratio is asserted, since a busy machine slows both
+    alike (absolute costs belong in bench/bench_gateway.py)."""
     verifier = TokenVerifier(KeySet(JwksFile(certs.jwks)), ISSUER, AUDIENCE, ["ES256"])
     header = "Bearer " + pki.mint_token(certs, "alice", residency="eu", scopes=["predict"])
     verifier.verify(header)
@@ -411,7 +412,6 @@ def test_verify_costs_fresh_es256_vs_cache_hit(certs: pki.CertPaths) -> None:
     fresh_s = min(timeit.repeat(fresh, number=100, repeat=5)) / 100
     hit_s = min(timeit.repeat(lambda: verifier.verify(header), number=100_000, repeat=5)) / 100_000
     print(f"\nverify cost: fresh ES256 {fresh_s * 1e6:.1f} us, cache hit {hit_s * 1e9:.0f} ns")
-    assert hit_s < 2e-6
     assert fresh_s > 20 * hit_s
 
 
@@ -527,10 +527,12 @@ def test_no_token_or_key_in_reprs_or_logs(
 @pytest.fixture
 async def jwks_server(certs: pki.CertPaths):
     """A real HTTPS JWKS endpoint on 127.0.0.1 serving ``certs/jwks.json`` as it is on disk."""
-    state = {"hits": 0, "status": 200}
+    state: dict[str, Any] = {"hits": 0, "status": 200, "gate": None}
 
     async def handler(_request: web.Request) -> web.Response:
         state["hits"] += 1
+        if state["gate"] is not None:  # an asyncio.Event: hold the answer until the test releases it
+            await state["gate"].wait()
         if state["status"] != 200:
             return web.Response(status=state["status"])
         return web.Response(body=certs.jwks.read_bytes(), content_type="application/json")
@@ -562,12 +564,18 @@ async def test_jwks_url_unknown_kid_refreshes_in_the_background(
     pki.rotate_jwt_key(certs.dir)
     new = "Bearer " + token(certs, clock, sub="bob")
     clock.now += 31
-    started = time.perf_counter()
+    gate = state["gate"] = asyncio.Event()  # the IdP answers only when the test says so
     refused(verifier, new)  # answered at once: the fetch is not on the request path
-    assert time.perf_counter() - started < 0.05
     refused(verifier, new)  # a second miss does not start a second fetch
+    for _ in range(500):  # let the one background fetch reach the server (generous for a busy CI)
+        if state["hits"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert state["hits"] == 2 and keys.refreshes == 2 and not gate.is_set()
+    refused(verifier, new)  # the fetch is in flight and held: requests are still answered, not parked
+    gate.set()
     await keys.wait_pending()
-    assert state["hits"] == 2 and keys.refreshes == 2
+    assert state["hits"] == 2 and keys.refreshes == 2  # one fetch for three misses
     assert verifier.verify(new)["sub"] == "bob"
 
     state["status"] = 503
@@ -577,8 +585,6 @@ async def test_jwks_url_unknown_kid_refreshes_in_the_background(
 
 
 async def test_jwks_url_sync_fetch_for_start_up(jwks_server: tuple[JwksUrl, dict], certs: pki.CertPaths) -> None:
-    import asyncio
-
     source, _ = jwks_server
     keys = await asyncio.to_thread(KeySet, source)
     assert keys.kids == {json.loads(certs.jwks.read_text())["keys"][0]["kid"]}
