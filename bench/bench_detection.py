@@ -42,7 +42,8 @@ from cohortgate.controller.loop import Controller, ControllerConfig  # noqa: E40
 from cohortgate.controller.simulate import Behaviour, Traffic  # noqa: E402
 from cohortgate.core.policy import parse_policy  # noqa: E402
 from cohortgate.core.rollout import Phase  # noqa: E402
-from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client  # noqa: E402
+from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource  # noqa: E402
+from cohortgate.store.redis import redis_client  # noqa: E402
 from cohortgate.store.state import InProcessState, RedisState, effective_policy  # noqa: E402
 
 POLICY = """

@@ -181,7 +181,8 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     from cohortgate.controller.leader import RedisLeader, SoloLeader
     from cohortgate.controller.loop import Controller, ControllerConfig
     from cohortgate.controller.metrics import ControllerMetrics, TrafficMetrics
-    from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource, redact_url, redis_client
+    from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource
+    from cohortgate.store.redis import redact_url, redis_client
     from cohortgate.store.state import InProcessState, RedisState
 
     log = logging.getLogger("cohortgate.controller")

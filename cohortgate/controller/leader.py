@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Protocol
 
 from cohortgate.core.contract import LEADER_KEY
-from cohortgate.store.events import redis_errors
+from cohortgate.store.redis import redis_errors
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -37,7 +37,8 @@ from cohortgate.controller.metrics import ControllerMetrics
 from cohortgate.core.policy import Policy, Route
 from cohortgate.core.rollout import Phase, RouteState, Signal, Transition
 from cohortgate.core.stats import HarmTest, srm_check
-from cohortgate.store.events import REPORT, REQUEST, Event, EventSource, redis_errors
+from cohortgate.store.events import REPORT, REQUEST, Event, EventSource
+from cohortgate.store.redis import redis_errors
 from cohortgate.store.state import StateStore, StoreUnavailable, VersionConflict
 
 log = logging.getLogger(__name__)

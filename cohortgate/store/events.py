@@ -20,7 +20,8 @@ Sinks (``emit`` never blocks and never raises; what cannot be carried is dropped
 `RedisStreamSource` is the controller's side of the stream: a consumer group (XREADGROUP/XACK),
 so two controllers never process one event twice. It also reads the sidecars' report stream,
 whose entries (`sidecar.report.ShadowReport.to_fields`) it understands as ``report`` events.
-Redis exceptions are translated here and in `cohortgate.store.state`, nowhere else.
+Redis exceptions are translated here and in `cohortgate.store.state`; the client itself comes from
+`cohortgate.store.redis`, the one factory.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ STREAM_MAXLEN = 100_000
 AGREEMENT_OUTPUT = "label"
 
 
-@dataclass(frozen=True, slots=True)
 class DropCounter(Protocol):
     """What a sink reports to (`cohortgate.controller.metrics.TrafficMetrics` in the controller)."""
 
     def event_dropped(self, sink: str, reason: str, n: int = 1) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
 class Event:
     kind: str  # REQUEST | REPORT
     route: str  # empty in a sidecar report (it knows its model, not the route)
@@ -196,41 +197,6 @@ class InProcessSink:
 
 
 # --------------------------------------------------------------------------- Redis
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for logs (``redis://user:secret@host`` → ``redis://user:***@host``)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
-
-
-def redis_client(url: str, timeout_s: float = 0.5) -> Any:
-    """A redis.asyncio client that fails fast: short timeouts and no retries (callers decide)."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    """Everything a Redis call may raise when the server is slow, gone or restarted."""
-    import redis.exceptions
-
-    return (redis.exceptions.RedisError, OSError, TimeoutError, ConnectionError)
 
 
 class RedisStreamSink:

@@ -39,7 +39,7 @@ from cohortgate.core.contract import AUDIT_KEY, STATE_CHANNEL, STATE_KEY, STATUS
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Policy
 from cohortgate.core.rollout import RouteState
-from cohortgate.store.events import redis_client, redis_errors
+from cohortgate.store.redis import redis_client, redis_errors
 from cohortgate.support.files import write_atomic
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from cohortgate.controller.leader import RedisLeader
 from cohortgate.controller.loop import Controller, ControllerConfig
 from cohortgate.controller.simulate import Behaviour, Traffic
 from cohortgate.core.rollout import Phase
-from cohortgate.store.events import RedisStreamSink, RedisStreamSource, redis_client
+from cohortgate.store.events import RedisStreamSink, RedisStreamSource
+from cohortgate.store.redis import redis_client
 from cohortgate.store.state import RedisState, effective_policy
 from tests.controller.policies import make_policy
 
