@@ -43,6 +43,7 @@ class Backend:
     region: str
     cluster: str  # Envoy cluster name, unique in the policy
     model: str | None = None  # local ONNX file (resolved path) when `cohortgate up` should serve it
+    forward_authorization: bool = False  # Envoy keeps the client's Authorization header for this cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,14 +641,17 @@ def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> 
     return _index(filename, digest, settings, model.response_headers, routes)
 
 
-def _backends(route: str, owner: str, specs: Iterable[Any], base_dir: Path) -> tuple[Backend, ...]:
+def _backends(
+    route: str, owner: str, specs: Iterable[Any], base_dir: Path, forward_authorization: bool = False
+) -> tuple[Backend, ...]:
     out = []
     for i, b in enumerate(specs):
         parts = urlsplit(b.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or ""
         model = str((base_dir / b.model).resolve()) if b.model else None
-        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster_name(route, owner, i), model))
+        cluster = cluster_name(route, owner, i)
+        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization))
     return tuple(out)
 
 
@@ -672,11 +676,11 @@ def _eligibility(p: Predicate) -> Eligibility:
 def _compile_route(r: RouteModel, base_dir: Path) -> Route:
     variants = []
     for v in r.variants:
-        backends = _backends(r.name, v.name, v.backends, base_dir)
+        backends = _backends(r.name, v.name, v.backends, base_dir, r.forward_authorization)
         variants.append(Variant(v.name, v.weight, backends, _by_region(backends)))
     shadows = []
     for s in r.shadows:
-        backends = _backends(r.name, s.name, s.backends, base_dir)
+        backends = _backends(r.name, s.name, s.backends, base_dir)  # shadows never get Authorization
         shadows.append(
             Shadow(
                 name=s.name,

@@ -178,6 +178,11 @@ class Route(_Strict):
     shadows: list[Shadow] = []
     guardrails: Guardrails = Guardrails()
     rollout: Rollout | None = None
+    forward_authorization: bool = Field(
+        default=False,
+        description="Pass the client's Authorization header on to this route's variants, for backends "
+        "that check it themselves; by default Envoy removes it before any upstream. Shadows never get it.",
+    )
 
 
 class PolicyModel(_Strict):
