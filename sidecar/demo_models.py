@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sidecar.errors import ModelLoadError
+
 SEED = 0
 TABULAR_FEATURES = 30
 MLP_WIDTH = 512
@@ -33,7 +35,20 @@ class BuiltModel:
     skipped: bool
 
 
+def _require_demo_extra() -> None:
+    try:
+        import onnx  # noqa: F401
+        import skl2onnx  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"the demo models are trained with scikit-learn and skl2onnx ({exc.name} is not installed): "
+            "pip install 'cohortgate[demo]'"
+        ) from None
+
+
 def _tabular_estimators() -> dict[str, tuple[str, object]]:
+    _require_demo_extra()
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
