@@ -19,6 +19,7 @@ Tokens and keys never appear in a repr, a log line or a denial message.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import OrderedDict
@@ -87,12 +88,21 @@ def _freeze(value: Any) -> Any:
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim as a finite float. JSON parsers accept ``NaN``, ``Infinity`` and
+    ``1e400`` (inf); every comparison with NaN is false and inf never passes, so such an ``exp``
+    would never expire: refused, like an integer too large for a float."""
     value = claims.get(name)
     if value is None and name not in claims:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Refusal(f"The bearer token's {name!r} claim is not a number.")
-    return float(value)
+    try:
+        moment = float(value)
+    except OverflowError:
+        moment = math.inf
+    if not math.isfinite(moment):
+        raise _Refusal(f"The bearer token's {name!r} claim is not a finite number of seconds.")
+    return moment
 
 
 class TokenVerifier:

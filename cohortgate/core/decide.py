@@ -7,7 +7,8 @@ every rule is tested without an event loop. The steps, in order (each may end in
 2. route: method + path (whole-segment prefixes, OIP model names)                  -> 404
 3. authorisation: mTLS SPIFFE identity, token scopes and claims                     -> 403
 4. residency: the request's region (claim/header, or the policy's default)          -> 451
-5. cohort: override, else eligibility, else the sticky hash bucket -> variant
+5. cohort: override, else eligibility, else the sticky hash bucket -> variant;
+   a token without the route's unit claim                                          -> 401
 6. backend: the variant's backend in the region, else control's (if allowed)        -> 451
 7. shadows: each sampled per request id, kept only with a backend in the region
 
@@ -77,6 +78,23 @@ def _value(route_source: str, key: str, facts: Facts) -> str | None:
     if value is None or isinstance(value, dict | list):
         return None
     return value if isinstance(value, str) else str(value)
+
+
+def _unit(route: Route, facts: Facts) -> str | None:
+    """The cohort unit: a non-empty string (or an integer id, as its digits), else None.
+
+    A token that carries no such claim is refused at step 5 (a verified caller without an identity
+    to bucket would land in control with a null audit subject); a missing header unit, or no token
+    on a policy that does not require one, gets control.
+    """
+    if route.unit_source == "header":
+        return facts.headers.get(route.unit_key) or None
+    value = facts.claims.get(route.unit_key) if facts.claims is not None else None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -169,8 +187,15 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         )
 
     # 5. cohort
-    unit = _value(route.unit_source, route.unit_key, facts)
+    unit = _unit(route, facts)
     bucket = None
+    if unit is None and route.unit_source == "claim" and facts.claims is not None:
+        return _deny(
+            Denial.UNAUTHENTICATED,
+            f"The bearer token has no usable {route.unit_key!r} claim, which route {route.name!r} assigns cohorts by.",
+            steps,
+            route.name,
+        )
     if unit is None:
         index, assignment = 0, "no_unit"
         if steps is not None:
