@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar import batching
 from sidecar.batching import Batcher, Pending, merge, merge_key, split, take_batch
 from sidecar.errors import InferenceFailed, Unavailable
 
@@ -101,6 +101,14 @@ class Observer:
         self.batches.append((rows, requests))
 
 
+class WaitObserver:
+    def __init__(self) -> None:
+        self.waits: list[list[float]] = []
+
+    def on_batch(self, rows, requests, compute_s, waits_s) -> None:
+        self.waits.append(list(waits_s))
+
+
 @pytest.fixture
 def executor():
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -173,28 +181,55 @@ async def test_a_full_queue_answers_unavailable(executor) -> None:
     await batcher.close()
 
 
-async def test_a_delay_counts_from_the_oldest_request(executor) -> None:
-    model = Model()
-    batcher = Batcher(model, executor, max_batch_size=64, max_delay_s=0.15)
+class FakeClock:
+    """The batcher's clock, moved by the test: its decisions are then checked exactly, with no
+    wall-clock bar (the worker's real timers only decide how soon it looks at this clock again)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(batching, "time", fake)
+    real_pending = batching.Pending
+    monkeypatch.setattr(
+        batching, "Pending", lambda inputs, rows, key, future: real_pending(inputs, rows, key, future, fake.now)
+    )
+    return fake
+
+
+#: Generous real-time bound for "this eventually happens" on a busy 2-core CI machine.
+EVENTUALLY_S = 10.0
+
+
+async def test_a_delay_counts_from_the_oldest_request(executor, clock: FakeClock) -> None:
+    model, observer = Model(), WaitObserver()
+    batcher = Batcher(model, executor, max_batch_size=64, max_delay_s=0.15, observer=observer)
     batcher.start()
-    started = time.perf_counter()
-    first = batcher.submit(x(1, 0), 1)
-    await asyncio.sleep(0.05)
-    second = batcher.submit(x(1, 1), 1)
-    await asyncio.gather(first, second)
-    elapsed = time.perf_counter() - started
+    first = batcher.submit(x(1, 0), 1)  # enqueued at 0.00: the batch is due at 0.15
+    clock.now = 0.05
+    second = batcher.submit(x(1, 1), 1)  # would be due at 0.20 if the newest request counted
+    clock.now = 0.149
+    await asyncio.sleep(0.3)  # the worker's 0.15 s timer has had time to fire and look at the clock
+    assert model.batches == [] and not first.done() and not second.done()
+    clock.now = 0.15
+    await asyncio.wait_for(asyncio.gather(first, second), EVENTUALLY_S)
     assert model.batches == [2]
-    assert 0.14 <= elapsed < 1.0
+    assert observer.waits == [[0.15, pytest.approx(0.10)]]  # dispatched at the oldest's deadline
     await batcher.close()
 
 
-async def test_a_full_batch_does_not_wait_for_the_delay(executor) -> None:
+async def test_a_full_batch_does_not_wait_for_the_delay(executor, clock: FakeClock) -> None:
     model = Model()
     batcher = Batcher(model, executor, max_batch_size=4, max_delay_s=5.0)
     batcher.start()
-    started = time.perf_counter()
-    await asyncio.gather(*(batcher.submit(x(1, i), 1) for i in range(4)))
-    assert time.perf_counter() - started < 1.0
+    # The clock never moves: only being full can release this batch.
+    await asyncio.wait_for(asyncio.gather(*(batcher.submit(x(1, i), 1) for i in range(4))), EVENTUALLY_S)
     assert model.batches == [4]
     await batcher.close()
 
