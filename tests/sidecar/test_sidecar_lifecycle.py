@@ -224,11 +224,11 @@ async def test_reporting_never_blocks_and_drops_when_full() -> None:
     sink = StuckSink()
     reporter = Reporter(sink, variant="v", model="m", output_names=["y"], metrics=metrics, capacity=3, batch=1)
     reporter.start()
-    started = time.perf_counter()
     for i in range(10):
         reporter.report(f"r{i}", 200, 0.001, (np.zeros(2),))
         await asyncio.sleep(0)
-    assert time.perf_counter() - started < 0.5
+    # Every report() returned while the sink's one send is still stuck: nothing waited for it.
+    assert sink.calls == 1
     assert metrics.reports["dropped"] == 10 - 3 - 1  # three queued, one stuck in the sink
     await reporter.close(timeout_s=0.1)
 
