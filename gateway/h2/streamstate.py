@@ -80,26 +80,56 @@ TRANSITIONS: dict[tuple[StreamState, StreamEvent], StreamState] = {
     (S.CLOSED, E.CONNECTION_CLOSED): S.CLOSED,
 }
 
-Refusal = Callable[[int], H2ProtocolError]
+Refusal = Callable[[int], H2ProtocolError]  # stream id -> the error to raise
 
 
-def _refusal(state: StreamState, event: StreamEvent) -> Refusal:
-    if event not in PEER_EVENTS:
-        reason = f"stream {{}}: {event.value} while {state.value}"
-        return lambda sid: ConnectionProtocolError(ErrorCode.INTERNAL_ERROR, reason.format(sid))
-    if state is S.IDLE:  # RFC 9113 §5.1 idle: anything but HEADERS or PRIORITY
-        reason = "RST_STREAM on idle stream" if event is E.RECV_RST_STREAM else "frame on idle stream"
-        return lambda sid: ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, reason)
-    if state is S.CLOSED and event is E.RECV_HEADERS:  # §5.1 closed: a new request on an old id
-        return lambda sid: ConnectionProtocolError(ErrorCode.STREAM_CLOSED, "HEADERS on closed stream")
-    return lambda sid: StreamProtocolError(sid, ErrorCode.STREAM_CLOSED)  # §5.1 half-closed (remote)
+def _idle(reason: str) -> Refusal:
+    return lambda sid: ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, reason)
 
+
+def _stream_closed(sid: int) -> H2ProtocolError:
+    return StreamProtocolError(sid, ErrorCode.STREAM_CLOSED)
+
+
+def _headers_on_closed(sid: int) -> H2ProtocolError:
+    return ConnectionProtocolError(ErrorCode.STREAM_CLOSED, "HEADERS on closed stream")
+
+
+def _our_bug(state: StreamState, event: StreamEvent) -> Refusal:
+    reason = f"stream {{}}: {event.value} while {state.value}"
+    return lambda sid: ConnectionProtocolError(ErrorCode.INTERNAL_ERROR, reason.format(sid))
+
+
+_OUR_EVENTS_OUT_OF_TURN = [
+    (S.IDLE, E.ANSWER),
+    (S.IDLE, E.SEND_END_STREAM),
+    (S.IDLE, E.SEND_RST_STREAM),
+    (S.OPEN, E.SEND_END_STREAM),  # the final block is decided (ANSWER) before it is sent
+    (S.HALF_CLOSED_REMOTE, E.SEND_END_STREAM),
+    (S.ANSWERED, E.ANSWER),
+    (S.ANSWERED_REMOTE_CLOSED, E.ANSWER),
+    (S.CLOSED, E.ANSWER),
+    (S.CLOSED, E.SEND_END_STREAM),
+    (S.CLOSED, E.SEND_RST_STREAM),
+]
 
 REFUSALS: dict[tuple[StreamState, StreamEvent], Refusal] = {
-    (state, event): _refusal(state, event)
-    for state in StreamState
-    for event in StreamEvent
-    if (state, event) not in TRANSITIONS
+    # RFC 9113 §5.1 idle: only HEADERS (or PRIORITY) may arrive; anything else is a connection error.
+    (S.IDLE, E.RECV_DATA): _idle("frame on idle stream"),
+    (S.IDLE, E.RECV_END_STREAM): _idle("frame on idle stream"),
+    (S.IDLE, E.RECV_RST_STREAM): _idle("RST_STREAM on idle stream"),
+    # §5.1 half-closed (remote): frames other than WINDOW_UPDATE, PRIORITY, RST_STREAM.
+    **{
+        (state, event): _stream_closed
+        for state in (S.HALF_CLOSED_REMOTE, S.ANSWERED_REMOTE_CLOSED)
+        for event in (E.RECV_HEADERS, E.RECV_DATA, E.RECV_END_STREAM)
+    },
+    # §5.1 closed (and not reset by us, whose late frames the connection ignores first).
+    (S.CLOSED, E.RECV_DATA): _stream_closed,
+    (S.CLOSED, E.RECV_END_STREAM): _stream_closed,
+    (S.CLOSED, E.RECV_HEADERS): _headers_on_closed,
+    # Our own events out of turn: a bug of ours, never the peer's doing.
+    **{(state, event): _our_bug(state, event) for state, event in _OUR_EVENTS_OUT_OF_TURN},
 }
 
 

@@ -339,3 +339,19 @@ def processing_requests(draw) -> pb.ProcessingRequest:
         attrs.update({"source.principal": draw(st.text(max_size=20)), "request.size": 12})
         req.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
     return req
+
+
+@st.composite
+def legal_stream_events(draw, max_steps: int = 12) -> list:
+    """A walk through ``streamstate.TRANSITIONS`` from IDLE: each event legal where it is taken."""
+    from gateway.h2.streamstate import TRANSITIONS, StreamState
+
+    state, events = StreamState.IDLE, []
+    for _ in range(draw(st.integers(0, max_steps))):
+        choices = sorted((e for (s, e) in TRANSITIONS if s is state), key=lambda e: e.name)
+        if not choices:
+            break
+        event = draw(st.sampled_from(choices))
+        events.append(event)
+        state = TRANSITIONS[state, event]
+    return events

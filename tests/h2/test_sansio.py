@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.h2 import H2Connection, H2Limits
+from gateway.h2.streamstate import StreamState
 from tests.h2.strategies import (
     ACK,
     CANCEL,
@@ -54,6 +55,8 @@ from tests.h2.strategies import (
     window_update,
 )
 from tests.h2.strategies import settings as settings_frame
+
+LIVE_STATES = set(StreamState) - {StreamState.IDLE, StreamState.CLOSED}
 
 
 def req(kind: str = "request_headers") -> pb.ProcessingRequest:
@@ -265,6 +268,45 @@ def test_response_data_honours_the_peers_stream_window():
     peer.send(settings_frame(initial_window_size=1000))  # SETTINGS delta re-opens the stream
     assert s.ended and s.grpc_status == 0 and len(s.responses) == 1
     assert peer.conn.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("request_ends_first", [True, False])
+def test_final_block_decided_behind_the_window_waits_and_cuts_short_only_an_open_request(request_ends_first):
+    """ANSWERED: DATA queued, status decided (a bad message flag), the request still open."""
+
+    class Big:
+        def handle(self, request):
+            r = pb.ProcessingResponse()
+            r.request_body.response.body_mutation.body = b"b" * 100
+            return r
+
+    peer = Peer(processor=Big, initial_window_size=40)
+    peer.request(1, req(), end=False)
+    peer.send(data_frame(1, grpc_message(req(), flag=2)))  # answered INTERNAL once the DATA is out
+    s = peer.stream(1)
+    assert len(s.data) == 40 and not s.ended and s.rst is None
+    peer.send(data_frame(1, grpc_message(req())))  # dropped: the answer is decided
+    if request_ends_first:
+        peer.send(data_frame(1, b"", end_stream=True))
+    peer.send(window_update(1, 1000))
+    assert s.ended and s.grpc_status == 13 and len(s.responses) == 1
+    # An answer that ends before the request asks the peer to stop (RFC 9113 §8.1); after it, nothing.
+    assert s.rst == (None if request_ends_first else NO_ERROR)
+    assert peer.conn.open_streams == 0 and peer.conn.buffered_bytes == 0 and not peer.conn.closed
+
+
+def test_data_after_the_request_ended_is_stream_closed_even_while_the_answer_waits():
+    class Big:
+        def handle(self, request):
+            r = pb.ProcessingResponse()
+            r.request_body.response.body_mutation.body = b"b" * 100
+            return r
+
+    peer = Peer(processor=Big, initial_window_size=40)
+    peer.request(1, req())  # END_STREAM: OK decided, held behind the window
+    assert not peer.stream(1).ended
+    peer.send(data_frame(1, b"x"))
+    assert peer.stream(1).rst == STREAM_CLOSED and peer.conn.open_streams == 0
 
 
 def test_response_data_honours_connection_window_and_max_frame_size():
@@ -755,6 +797,8 @@ def test_hostile_input_ends_cleanly_with_memory_bounded(items, chunk_sizes):
         pos, i = pos + size, i + 1
         assert peer.conn.buffered_bytes <= bound
         assert peer.conn.open_streams <= limits.max_concurrent_streams
+        # A stream the connection still holds is live: IDLE and CLOSED ones are never kept.
+        assert all(s.state in LIVE_STATES for s in peer.conn._streams.values())
     assert peer.counters.internal_errors == 0
     if peer.conn.closed:
         assert peer.reader.frames[-1][0] == GOAWAY
