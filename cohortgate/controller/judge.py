@@ -1,17 +1,33 @@
 """One interval's verdict for one challenger: which `Signal` to feed the state machine, and why.
 
-Pure: the loop gathers the numbers (windows, sequential tests), this decides. The order is the
-order of precedence:
+Pure (no clock, no I/O, no asyncio): the loop gathers the always-valid p-values (stats) and the
+window summaries into an `Evidence`, this decides. The order is the order of precedence:
 
 1. a rolled-back variant is left alone;
-2. **breach** when an always-valid harm test rejects (error rate or slow-request rate worse than
-   control at level alpha/2 each, so both together stay at alpha), or when an absolute guardrail
-   is exceeded over the sliding window with at least ``min_samples`` requests;
-3. **clean** for a promoting variant whose step has lasted ``interval_s`` and seen ``min_samples``;
-4. otherwise **hold**, with the reason (how many samples or seconds are missing).
+2. **breach** when a harm test rejects: error rate or slow-request rate worse than control;
+3. for each absolute guardrail (``max_error_rate``; ``max_p99_ms`` as "more than 1 % of requests
+   slower than it"):
 
-The sequential test needs no sample floor -- its error guarantee holds at every n -- so a canary
-failing every request is rolled back after a handful of them, not after ``min_samples``.
+   * **control_breach** (halt + alert) when *control* is over the limit with confidence: the limit
+     then says nothing about the challenger, and rolling it back would hide an incident;
+   * **breach** when the challenger is over the limit with confidence and control is below it
+     with confidence;
+   * otherwise a **hold** that says the challenger looks over the limit but control is too close
+     to it to blame the challenger (the harm tests still decide);
+
+4. **clean** for a promoting variant whose step has lasted ``interval_s`` and seen ``min_samples``;
+5. otherwise **hold**, with the reason (how many samples or seconds are missing).
+
+The alpha split (`alpha_split`): ``alpha`` bounds the chance of ever rolling back a challenger that
+is no worse than control and within the limits, at any time. The harm tests get half (alpha/4
+each), the absolute guardrails the other half (alpha/4 each; the p99 share is unused without a
+p99 limit). Each test is always valid, so by the union bound the sum stays within alpha however
+often the loop looks. The control-side checks of a guardrail use the same share: when the
+challenger's rate really is over the limit (A/A with control over it too), a rollback needs
+control to look *below* the limit, which happens with probability at most that share.
+
+Sequential tests need no sample floor -- their guarantee holds at every n -- so a canary failing
+every request is rolled back after a handful of them; ``min_samples`` only gates promotion.
 """
 
 from __future__ import annotations
@@ -22,7 +38,76 @@ from typing import Any
 
 from cohortgate.controller.windows import Summary
 from cohortgate.core.policy import Guardrails, Rollout
-from cohortgate.core.rollout import Phase, Signal, VariantState
+from cohortgate.core.rollout import ACTIVE, Phase, RouteState, Signal, VariantState
+
+
+@dataclass(frozen=True, slots=True)
+class AlphaSplit:
+    """Each always-valid test's share of the false-rollback budget ``alpha``."""
+
+    harm_error: float
+    harm_latency: float
+    limit_error: float
+    limit_p99: float
+
+
+def alpha_split(alpha: float) -> AlphaSplit:
+    harm = alpha / 2  # the two harm tests share one half ...
+    limits = alpha / 2  # ... the two absolute guardrails the other
+    return AlphaSplit(harm / 2, harm / 2, limits / 2, limits / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitEvidence:
+    """One absolute guardrail: always-valid p-values for "over the limit" / "under the limit".
+
+    ``rate`` / ``control_rate``: the share of bad requests (errors, or slower than the p99 limit)
+    since the tests began, for the reason an operator reads.
+    """
+
+    limit: float  # max_error_rate, or max_p99_ms
+    p0: float  # the rate the limit allows: max_error_rate, or 1 % for the p99
+    p_over: float = 1.0  # the challenger is over the limit
+    p_control_over: float = 1.0  # control is over the limit
+    p_control_under: float = 1.0  # control is under the limit
+    rate: float = 0.0
+    control_rate: float = 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "limit": self.limit,
+            "p_over": self.p_over,
+            "p_control_over": self.p_control_over,
+            "p_control_under": self.p_control_under,
+            "rate": round(self.rate, 6),
+            "control_rate": round(self.control_rate, 6),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Everything the verdict reads for one challenger in one interval."""
+
+    window: Summary  # challenger, sliding window (for reasons and the audit)
+    step: Summary  # challenger, this rollout step
+    control: Summary  # control, sliding window
+    p_error: float = 1.0  # harm test: more errors than control
+    p_latency: float = 1.0  # harm test: more slow requests than control
+    error_limit: LimitEvidence | None = None
+    p99_limit: LimitEvidence | None = None
+    design_effects: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "window": self.window.to_json(),
+            "step": self.step.to_json(),
+            "control": self.control.to_json(),
+            "p_error": self.p_error,
+            "p_latency": self.p_latency,
+            "error_limit": None if self.error_limit is None else self.error_limit.to_json(),
+            "p99_limit": None if self.p99_limit is None else self.p99_limit.to_json(),
+            "design_effects": {k: round(v, 3) for k, v in self.design_effects.items()},
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,26 +126,61 @@ def _fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.1f} ms"
 
 
+def _limit_verdict(
+    variant: str, state: VariantState, name: str, g: LimitEvidence, share: float, evidence: dict[str, Any]
+) -> Verdict | None:
+    """The verdict one absolute guardrail gives, or None when it has nothing to say."""
+    what = "error rate" if name == "error" else f"share of requests slower than {g.limit:g} ms (p99 limit)"
+    allowed = f"{g.p0:.1%}"
+    if g.p_control_over < share:
+        if state.phase is Phase.HALTED:
+            return Verdict(variant, Signal.HOLD, state.reason or "halted", evidence)
+        return Verdict(
+            variant,
+            Signal.CONTROL_BREACH,
+            f"control breaches the guardrail: its {what} {g.control_rate:.2%} is over {allowed} "
+            f"(always-valid p={_fmt_p(g.p_control_over)} < {share:g}); not the challenger's fault, "
+            "experiment halted, operator alerted",
+            evidence,
+        )
+    if g.p_over < share:
+        if g.p_control_under < share:
+            return Verdict(
+                variant,
+                Signal.BREACH,
+                f"{what} {g.rate:.2%} exceeds the guardrail {allowed} (always-valid p={_fmt_p(g.p_over)} "
+                f"< {share:g}; control {g.control_rate:.2%} is under it)",
+                evidence,
+            )
+        return Verdict(
+            variant,
+            Signal.HOLD,
+            f"{what} {g.rate:.2%} is over the guardrail {allowed}, but control ({g.control_rate:.2%}) is "
+            "not clearly under it: waiting for the harm test or for control's evidence",
+            evidence,
+        )
+    return None
+
+
 def judge(
     variant: str,
     state: VariantState,
     guardrails: Guardrails,
     rollout: Rollout | None,
     now: float,
-    window: Summary,
-    step: Summary,
-    control: Summary,
-    p_error: float,
-    p_latency: float,
+    ev: Evidence,
 ) -> Verdict:
     """Decide one variant's signal for this interval (see the module docstring for the order)."""
+    split = alpha_split(guardrails.alpha)
     evidence: dict[str, Any] = {
-        "window": window.to_json(),
-        "step": step.to_json(),
-        "control": control.to_json(),
-        "p_error": p_error,
-        "p_latency": p_latency,
+        **ev.to_json(),
         "alpha": guardrails.alpha,
+        "alpha_split": {
+            "harm_error": split.harm_error,
+            "harm_latency": split.harm_latency,
+            "limit_error": split.limit_error,
+            "limit_p99": split.limit_p99,
+        },
         "min_samples": guardrails.min_samples,
         "max_error_rate": guardrails.max_error_rate,
         "max_p99_ms": guardrails.max_p99_ms,
@@ -68,44 +188,38 @@ def judge(
     if state.phase is Phase.ROLLED_BACK:
         return Verdict(variant, Signal.HOLD, "rolled back", evidence)
 
-    half = guardrails.alpha / 2
-    if p_error < half:
+    window, control = ev.window, ev.control
+    if ev.p_error < split.harm_error:
         return Verdict(
             variant,
             Signal.BREACH,
             f"error rate {window.error_rate:.1%} vs control {control.error_rate:.1%}: higher "
-            f"(always-valid p={_fmt_p(p_error)} < {half:g})",
+            f"(always-valid p={_fmt_p(ev.p_error)} < {split.harm_error:g})",
             evidence,
         )
-    if p_latency < half:
+    if ev.p_latency < split.harm_latency:
         return Verdict(
             variant,
             Signal.BREACH,
             f"slow requests (over control's p95 + {guardrails.latency_margin_ms:g} ms) more frequent than on "
             f"control: p99 {_fmt_ms(window.p99_ms)} vs {_fmt_ms(control.p99_ms)} "
-            f"(always-valid p={_fmt_p(p_latency)} < {half:g})",
+            f"(always-valid p={_fmt_p(ev.p_latency)} < {split.harm_latency:g})",
             evidence,
         )
-    if window.n >= guardrails.min_samples:
-        if window.error_rate > guardrails.max_error_rate:
-            return Verdict(
-                variant,
-                Signal.BREACH,
-                f"error rate {window.error_rate:.1%} over {window.n} requests exceeds the guardrail "
-                f"{guardrails.max_error_rate:.1%}",
-                evidence,
-            )
-        if guardrails.max_p99_ms is not None and window.p99_ms is not None and window.p99_ms > guardrails.max_p99_ms:
-            return Verdict(
-                variant,
-                Signal.BREACH,
-                f"p99 {window.p99_ms:.0f} ms over {window.n} requests exceeds the guardrail "
-                f"{guardrails.max_p99_ms:.0f} ms",
-                evidence,
-            )
+    held: Verdict | None = None
+    for name, g, share in (("error", ev.error_limit, split.limit_error), ("p99", ev.p99_limit, split.limit_p99)):
+        if g is None:
+            continue
+        v = _limit_verdict(variant, state, name, g, share, evidence)
+        if v is not None and v.signal is not Signal.HOLD:
+            return v
+        held = held or v
+    if held is not None:
+        return held
 
     if state.phase is Phase.PROMOTING and rollout is not None:
         waited = now - state.since
+        step = ev.step
         if step.n < guardrails.min_samples:
             return Verdict(
                 variant, Signal.HOLD, f"needs {guardrails.min_samples - step.n} more samples on this step", evidence
@@ -122,3 +236,19 @@ def judge(
     if state.phase is Phase.HALTED:
         return Verdict(variant, Signal.HOLD, state.reason or "halted", evidence)
     return Verdict(variant, Signal.HOLD, "healthy", evidence)
+
+
+def srm_verdicts(challengers: list[str], state: RouteState, srm: Mapping[str, Any]) -> list[Verdict]:
+    """An SRM halt for every active challenger when the sample-ratio check says mismatch."""
+    if not srm.get("mismatch"):
+        return []
+    reason = (
+        f"sample ratio mismatch: units {srm['counts']} vs weights {srm['weights']} "
+        f"(chi2={srm['chi2']:.1f}, p={srm['p_chi2']:.2g}; always-valid p={srm['p_always_valid']:.2g}); "
+        "assignment looks broken, experiment halted"
+    )
+    return [
+        Verdict(name, Signal.SRM, reason, {"srm": dict(srm)})
+        for name in challengers
+        if state.variants[name].phase in ACTIVE
+    ]

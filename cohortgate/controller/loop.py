@@ -4,9 +4,11 @@ One `Controller` per process. While it holds the leader lock it reads events fro
 in-process sink, or the Redis stream through a consumer group), keeps per-route, per-variant
 windows, and every ``interval_s``:
 
-1. feeds each challenger's interval batch to its always-valid harm tests (errors, slow requests);
+1. feeds each challenger's interval batch to its always-valid harm tests (errors, slow requests)
+   and to the guardrail tests (over ``max_error_rate`` / ``max_p99_ms``), and control's batch to
+   the same guardrail tests for control, each tempered by its arm's design effect (users differ);
 2. checks the sample ratio of distinct units against the weights (SRM halts the experiment);
-3. asks `verdict.judge` for a signal per challenger and feeds it to the `rollout` table;
+3. asks the pure `judge` for a signal per challenger and feeds it to the `rollout` table;
 4. writes changed states to the state store (compare-and-set) and an audit record with the
    evidence (counts, rates, p-values), and publishes a status snapshot.
 
@@ -27,16 +29,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cohortgate.controller.judge import Verdict, judge
+import numpy as np
+
+from cohortgate.controller.judge import Evidence, LimitEvidence, Verdict, judge, srm_verdicts
 from cohortgate.controller.leader import Leadership, SoloLeader
+from cohortgate.controller.metrics import ControllerMetrics
 from cohortgate.controller.shadows import ShadowJoin
-from cohortgate.controller.windows import RouteWindows, Summary, count_above
+from cohortgate.controller.windows import ERRORS, OVER, SLOW, RouteWindows, Summary, count_above
 from cohortgate.core import rollout
 from cohortgate.core.errors import CohortgateError
-from cohortgate.controller.metrics import ControllerMetrics
-from cohortgate.core.policy import Policy, Route
+from cohortgate.core.policy import Guardrails, Policy, Route
 from cohortgate.core.rollout import Phase, RouteState, Signal, Transition
-from cohortgate.core.stats import HarmTest, srm_check
+from cohortgate.core.stats import HarmTest, LimitTest, pooled_design_effect, srm_check
 from cohortgate.store.events import REPORT, REQUEST, Event, EventSource
 from cohortgate.store.redis import redis_errors
 from cohortgate.store.state import StateStore, StoreUnavailable, VersionConflict
@@ -56,12 +60,46 @@ class ControllerConfig:
     max_batch: int = 10_000  # events per read
     status_ttl_s: float = 10.0
     reseed_s: float = 5.0  # how often a leader checks that the store still holds every route
+    design_effect_s: float = 10.0  # how often the per-unit design effects are recomputed
+
+
+P99_SHARE = 0.01  # p99 <= limit  <=>  at most 1 % of requests take longer than the limit
 
 
 @dataclass(slots=True)
 class _Tests:
+    """A challenger's sequential tests (reset together when it restarts)."""
+
+    guardrails: Guardrails
     error: HarmTest = field(default_factory=HarmTest)
     latency: HarmTest = field(default_factory=HarmTest)
+    error_over: LimitTest = field(init=False)
+    p99_over: LimitTest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.error_over = LimitTest(self.guardrails.max_error_rate)
+        self.p99_over = LimitTest(P99_SHARE)
+
+
+@dataclass(slots=True)
+class _ControlTests:
+    """Control's guardrail tests: is control itself over (or clearly under) each limit?"""
+
+    guardrails: Guardrails
+    error_over: LimitTest = field(init=False)
+    error_under: LimitTest = field(init=False)
+    p99_over: LimitTest = field(init=False)
+    p99_under: LimitTest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.error_over = LimitTest(self.guardrails.max_error_rate)
+        self.error_under = LimitTest(self.guardrails.max_error_rate, above=False)
+        self.p99_over = LimitTest(P99_SHARE)
+        self.p99_under = LimitTest(P99_SHARE, above=False)
+
+
+def _rate(t: LimitTest) -> float:
+    return t.bad / t.n if t.n else 0.0
 
 
 class Controller:
@@ -88,6 +126,10 @@ class Controller:
         self.states: dict[str, RouteState] = {}
         self.windows: dict[str, RouteWindows] = {}
         self.tests: dict[tuple[str, str], _Tests] = {}
+        self.control_tests: dict[str, _ControlTests] = {}
+        self.design_effects: dict[tuple[str, str], dict[str, float]] = {}
+        self._deff_at: dict[str, float] = {}
+        self.alerts: dict[str, dict[str, Any]] = {}  # route -> the control breach that halted it
         self.thresholds: dict[str, float | None] = {}
         self.verdicts: dict[tuple[str, str], Verdict] = {}
         self.srm: dict[str, dict[str, Any]] = {}
@@ -107,10 +149,14 @@ class Controller:
     # ------------------------------------------------------------------ setup
 
     def _init_route(self, route: Route) -> None:
-        self.windows[route.name] = RouteWindows([v.name for v in route.variants], self.config.window_s)
+        self.windows[route.name] = RouteWindows(
+            [v.name for v in route.variants], self.config.window_s, route.guardrails.max_p99_ms
+        )
         self.thresholds[route.name] = None
+        self.control_tests[route.name] = _ControlTests(route.guardrails)
+        self._deff_at.pop(route.name, None)
         for v in route.variants[1:]:
-            self.tests[(route.name, v.name)] = _Tests()
+            self.tests[(route.name, v.name)] = _Tests(route.guardrails)
         self.states.setdefault(route.name, rollout.initial_state(route, self.clock()))
         self._update_srm_regions(route.name)
 
@@ -146,7 +192,16 @@ class Controller:
             return
         self.shadows.set_policy(policy)
         for name in set(self.windows) - set(policy.by_name):
-            for table in (self.windows, self.thresholds, self.states, self.srm, self._srm_regions, self.pending):
+            for table in (
+                self.windows,
+                self.thresholds,
+                self.states,
+                self.srm,
+                self._srm_regions,
+                self.pending,
+                self.control_tests,
+                self.alerts,
+            ):
                 table.pop(name, None)
         for key in [k for k in (*self.tests, *self.verdicts) if k[0] not in policy.by_name]:
             self.tests.pop(key, None)
@@ -163,6 +218,11 @@ class Controller:
                 self.states[route.name] = state
                 self._update_srm_regions(route.name)
             else:
+                if before.guardrails != route.guardrails:  # new limits: the guardrail tests start afresh
+                    self.windows[route.name].over_bin = RouteWindows([], 1, route.guardrails.max_p99_ms).over_bin
+                    self.control_tests[route.name] = _ControlTests(route.guardrails)
+                    for v in route.variants[1:]:
+                        self.tests[(route.name, v.name)] = _Tests(route.guardrails)
                 known = self.states.get(route.name)
                 state = rollout.reconcile(route, known, now)
                 self._adopt(route, state)
@@ -186,18 +246,44 @@ class Controller:
     def ingest(self, events: list[Event], now: float | None = None) -> None:
         """Account events into the windows (requests) and the shadow join (reports)."""
         now = self.clock() if now is None else now
+        blocks: dict[str, tuple[list[int], list[int], list[float], list[object], list[bool]]] = {}
         for e in events:
             self.events_seen += 1
             if e.kind == REQUEST and not e.shadow_of:
                 rw = self.windows.get(e.route)
-                regions = self._srm_regions.get(e.route)
-                unit = e.unit if regions is None or not e.region or e.region in regions else ""
-                if rw is None or not rw.add(e.variant, e.status, e.latency_ms, unit, now):
+                if rw is None:
                     self.unknown_events += 1
+                    continue
+                regions = self._srm_regions.get(e.route)
+                b = blocks.setdefault(e.route, ([], [], [], [], []))
+                b[0].append(rw.index.get(e.variant, -1))
+                b[1].append(e.status)
+                b[2].append(e.latency_ms)
+                b[3].append(e.unit)
+                b[4].append(regions is None or not e.region or e.region in regions)
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
+        for name, (variant, status, latency, units, srm) in blocks.items():
+            self.unknown_events += self.windows[name].add_many(
+                np.array(variant), np.array(status), np.array(latency, dtype=float), units, now, np.array(srm)
+            )
         if events:
             self.metrics.consumed.labels("all").inc(len(events))
+
+    def ingest_block(
+        self,
+        route: str,
+        variant: np.ndarray,
+        status: np.ndarray,
+        latency_ms: np.ndarray,
+        units: list[object],
+        now: float | None = None,
+    ) -> None:
+        """Requests of one route as arrays (``variant``: index in the policy's order): what `ingest`
+        does with request events, without building them -- for simulations of many runs."""
+        now = self.clock() if now is None else now
+        self.events_seen += len(variant)
+        self.unknown_events += self.windows[route].add_many(variant, status, latency_ms, units, now)
 
     def _update_srm_regions(self, route_name: str) -> None:
         """Regions where every variant with traffic has a backend (elsewhere fallbacks skew counts)."""
@@ -221,79 +307,151 @@ class Controller:
         await self._flush_pending()
         return changes
 
-    def _judge_route(self, route: Route, now: float) -> list[Transition]:
+    def _refresh_design_effects(self, route: Route, now: float) -> None:
+        """Per-unit design effects, every ``design_effect_s`` (any value in (0, 1] keeps the tests valid)."""
+        last = self._deff_at.get(route.name)
+        if last is not None and now - last < self.config.design_effect_s:
+            return
+        self._deff_at[route.name] = now
+        for name, w in self.windows[route.name].variants.items():
+            self.design_effects[(route.name, name)] = {
+                "error": w.tally.design_effect(ERRORS),
+                "slow": w.tally.design_effect(SLOW),
+                "over": w.tally.design_effect(OVER),
+            }
+
+    def _update_tests(self, route: Route, state: RouteState, now: float) -> None:
+        """Feed this interval's batches to every sequential test (the only place tests change)."""
         rw = self.windows[route.name]
-        state = self.states[route.name]
         control = route.variants[0].name
         batches = {name: w.drain() for name, w in rw.variants.items()}
         cb = batches[control]
         threshold = self.thresholds[route.name]
+        limit = route.guardrails.max_p99_ms
+        self._refresh_design_effects(route, now)
+        d0 = self.design_effects[(route.name, control)]
+        ct = self.control_tests[route.name]
+        ct.error_over.update(cb.errors, cb.n, 1 / d0["error"])
+        ct.error_under.update(cb.errors, cb.n, 1 / d0["error"])
+        if limit is not None:
+            ct.p99_over.update(count_above(cb.hist, limit), cb.n, 1 / d0["over"])
+            ct.p99_under.update(count_above(cb.hist, limit, straddling=True), cb.n, 1 / d0["over"])
         for v in route.variants[1:]:
-            vs = state.variants[v.name]
-            if vs.phase is Phase.ROLLED_BACK:
+            if state.variants[v.name].phase is Phase.ROLLED_BACK:
                 continue
             b = batches[v.name]
             tests = self.tests[(route.name, v.name)]
+            d1 = self.design_effects[(route.name, v.name)]
+            tests.error_over.update(b.errors, b.n, 1 / d1["error"])
+            if limit is not None:
+                tests.p99_over.update(count_above(b.hist, limit), b.n, 1 / d1["over"])
             if b.n and cb.n:
-                tests.error.update(b.errors, b.n, cb.n, b.errors + cb.errors)
+                deff = float(pooled_design_effect(d1["error"], b.n, d0["error"], cb.n))
+                tests.error.update(b.errors, b.n, cb.n, b.errors + cb.errors, 1 / deff)
                 if threshold is not None:
                     xs, xc = count_above(b.hist, threshold), count_above(cb.hist, threshold)
-                    tests.latency.update(xs, b.n, cb.n, xs + xc)
+                    deff = float(pooled_design_effect(d1["slow"], b.n, d0["slow"], cb.n))
+                    tests.latency.update(xs, b.n, cb.n, xs + xc, 1 / deff)
         control_window = rw.variants[control].sliding(now)
         # next interval's "slow" threshold, fixed before its data arrives: control's p95 plus the
         # policy's margin, so a slowdown too small to matter never reads as harm
+        p95 = control_window.summary().p95_ms
         self.thresholds[route.name] = (
-            control_window.summary().p95_ms + route.guardrails.latency_margin_ms
-            if control_window.n >= self.config.latency_min_samples
+            p95 + route.guardrails.latency_margin_ms
+            if p95 is not None and control_window.n >= self.config.latency_min_samples
             else None
         )
-        control_summary = control_window.summary()
+        rw.set_slow_threshold(self.thresholds[route.name])
 
-        signals: list[tuple[str, Signal, str, dict[str, Any]]] = []
-        srm = self._srm(route, state, now)
-        if srm is not None and srm["mismatch"]:
-            reason = (
-                f"sample ratio mismatch: units {srm['counts']} vs weights {srm['weights']} "
-                f"(chi2={srm['chi2']:.1f}, p={srm['p_chi2']:.2g}; always-valid p={srm['p_always_valid']:.2g}); "
-                "assignment looks broken, experiment halted"
+    def evidence(self, route: Route, variant: str, now: float, control: Summary | None = None) -> Evidence:
+        """What the judge reads for one challenger now (the tests' p-values and the windows)."""
+        rw = self.windows[route.name]
+        w = rw.variants[variant]
+        tests = self.tests[(route.name, variant)]
+        ct = self.control_tests[route.name]
+        g = route.guardrails
+        if control is None:
+            control = rw.variants[route.variants[0].name].sliding(now).summary()
+        p99 = None
+        if g.max_p99_ms is not None:
+            p99 = LimitEvidence(
+                g.max_p99_ms,
+                P99_SHARE,
+                tests.p99_over.p_value,
+                ct.p99_over.p_value,
+                ct.p99_under.p_value,
+                _rate(tests.p99_over),
+                _rate(ct.p99_over),
             )
-            for v in route.variants[1:]:
-                if state.variants[v.name].phase in rollout.ACTIVE:
-                    signals.append((v.name, Signal.SRM, reason, {"srm": srm}))
+        return Evidence(
+            window=w.sliding(now).summary(),
+            step=w.step.summary(),
+            control=control,
+            p_error=tests.error.p_value,
+            p_latency=tests.latency.p_value,
+            error_limit=LimitEvidence(
+                g.max_error_rate,
+                g.max_error_rate,
+                tests.error_over.p_value,
+                ct.error_over.p_value,
+                ct.error_under.p_value,
+                _rate(tests.error_over),
+                _rate(ct.error_over),
+            ),
+            p99_limit=p99,
+            design_effects=dict(self.design_effects.get((route.name, variant), {})),
+        )
+
+    def _judge_route(self, route: Route, now: float) -> list[Transition]:
+        state = self.states[route.name]
+        self._update_tests(route, state, now)
+        control = self.windows[route.name].variants[route.variants[0].name].sliding(now).summary()
+        srm = self._srm(route, state, now)
+        verdicts = [] if srm is None else srm_verdicts([v.name for v in route.variants[1:]], state, srm)
         for v in route.variants[1:]:
-            vs = state.variants[v.name]
-            w = rw.variants[v.name]
-            tests = self.tests[(route.name, v.name)]
             verdict = judge(
                 v.name,
-                vs,
+                state.variants[v.name],
                 route.guardrails,
                 route.rollout if route.rollout and route.rollout.variant == v.name else None,
                 now,
-                w.sliding(now).summary(),
-                w.step.summary(),
-                control_summary,
-                tests.error.p_value,
-                tests.latency.p_value,
+                self.evidence(route, v.name, now, control),
             )
             self.verdicts[(route.name, v.name)] = verdict
+            tests = self.tests[(route.name, v.name)]
             self.metrics.p_value.labels(route.name, v.name, "error").set(tests.error.p_value)
             self.metrics.p_value.labels(route.name, v.name, "latency").set(tests.latency.p_value)
-            if verdict.signal in (Signal.BREACH, Signal.CLEAN):
+            if verdict.signal is not Signal.HOLD:
                 evidence = dict(verdict.evidence)
                 if srm is not None:
                     evidence["srm"] = srm
-                signals.append((v.name, verdict.signal, verdict.reason, evidence))
+                verdicts.append(Verdict(verdict.variant, verdict.signal, verdict.reason, evidence))
         changes = []
-        for variant, signal, reason, evidence in signals:
+        for verdict in verdicts:
             before = self.states[route.name]
             after, t = rollout.apply(
-                route, before, variant, signal, now, reason, evidence, actor=f"controller:{self.name}"
+                route,
+                before,
+                verdict.variant,
+                verdict.signal,
+                now,
+                verdict.reason,
+                verdict.evidence,
+                actor=f"controller:{self.name}",
             )
             if t.changed:
                 changes.append(t)
                 self._commit(route, before, after, t, f"controller:{self.name}", now)
+                if verdict.signal is Signal.CONTROL_BREACH:
+                    self._alert(route, verdict, now)
         return changes
+
+    def _alert(self, route: Route, verdict: Verdict, now: float) -> None:
+        """Control breaches a guardrail: the route's status says so until it is resumed."""
+        if route.name not in self.alerts:
+            log.error("ALERT %s: %s", route.name, verdict.reason)
+        self.alerts[route.name] = {"kind": "control_breach", "since": now, "reason": verdict.reason}
+        self.metrics.action(route.name, route.variants[0].name, "alert", "controller")
 
     def _srm(self, route: Route, state: RouteState, now: float) -> dict[str, Any] | None:
         rw = self.windows[route.name]
@@ -317,7 +475,8 @@ class Controller:
                 "counts": dict(zip(live, counts, strict=True)),
             }
             return None
-        r = srm_check(counts, weights, self.config.srm_alpha)
+        r = srm_check(counts, weights, self.config.srm_alpha, rw.srm_p)
+        rw.srm_p = r.p_always_valid
         doc = {
             "checked": True,
             "variants": live,
@@ -387,9 +546,14 @@ class Controller:
                 continue
             if ov.phase is Phase.ROLLED_BACK and nv.phase is not Phase.ROLLED_BACK:
                 rw.variants[name].forget()  # a restarted experiment starts from scratch
-                self.tests[(route.name, name)] = _Tests()
+                self.tests[(route.name, name)] = _Tests(route.guardrails)
+            elif ov.phase is Phase.HALTED and nv.phase is not Phase.HALTED:
+                # resumed: control must show a breach afresh (the operator has looked at it)
+                self.control_tests[route.name] = _ControlTests(route.guardrails)
             elif ov.step != nv.step:
                 rw.variants[name].new_step()
+        if Phase.HALTED not in {v.phase for v in new.variants.values()}:
+            self.alerts.pop(route.name, None)
 
     def _on_store_change(self, states: Mapping[str, RouteState]) -> None:
         """A state written elsewhere (CLI, another controller): adopt it if newer than ours."""
@@ -527,6 +691,7 @@ class Controller:
         vs = st.variants[name]
         tests = self.tests[(route.name, name)]
         verdict = self.verdicts.get((route.name, name))
+        ev = self.evidence(route, name, now)
         doc.update(
             phase=vs.phase.value,
             step=vs.step,
@@ -535,6 +700,11 @@ class Controller:
             p_error=tests.error.p_value,
             p_latency=tests.latency.p_value,
             odds_ratio_error=tests.error.odds_ratio,
+            limits={
+                "error": None if ev.error_limit is None else ev.error_limit.to_json(),
+                "p99": None if ev.p99_limit is None else ev.p99_limit.to_json(),
+            },
+            design_effects=ev.design_effects,
             verdict=None if verdict is None else {"signal": verdict.signal.value, "reason": verdict.reason},
         )
         return doc
@@ -561,8 +731,11 @@ class Controller:
                     "max_p99_ms": route.guardrails.max_p99_ms,
                     "min_samples": route.guardrails.min_samples,
                     "alpha": route.guardrails.alpha,
+                    "alpha_split": "harm tests alpha/4 each, error and p99 guardrails alpha/4 each",
                 },
                 "srm": self.srm.get(route.name, {"checked": False}),
+                # set while the route is halted because control itself breaches a guardrail
+                "alert": self.alerts.get(route.name),
                 "latency_threshold_ms": self.thresholds.get(route.name),
                 "variants": {v.name: self._variant_status(route, v.name, now) for v in route.variants},
                 "shadows": self.shadows.summary(route.name),

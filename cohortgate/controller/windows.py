@@ -5,8 +5,13 @@ Each variant keeps three views of the same events, because the controller asks t
 * the **batch** since the last tick feeds the sequential tests (one likelihood ratio per interval);
 * the **step** totals since the variant's current rollout step began decide whether a step has
   enough samples to be promoted;
-* a **sliding window** of one-second buckets (60 s by default) answers the absolute guardrails and
-  `status` (error rate, p50/p99).
+* a **sliding window** of one-second buckets (60 s by default) answers `status` and the audit's
+  evidence (error rate, p50/p99): at an integer tick ``now`` it holds the seconds
+  ``[now - 60, now)``, exactly 60 of them.
+
+Beside them a `UnitTally` keeps, per hashed unit, its totals since the variant's tests began
+(requests, errors, slow requests, requests over the p99 limit): the design effect that makes the
+sequential tests valid when users differ is computed from it (`cohortgate.core.stats.design_effect`).
 
 Latencies go into a fixed log-spaced histogram (5 % wide bins from 10 µs to 10 min), so windows
 merge by addition and quantiles cost a cumulative sum. Distinct hashed units per variant, counted
@@ -22,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from cohortgate.core.stats import design_effect
 
 LAT_MIN_MS = 0.01
 LAT_RATIO = 1.05
@@ -58,9 +65,21 @@ def quantile(hist: np.ndarray, q: float) -> float | None:
     return float(LAT_EDGES[int(np.searchsorted(np.cumsum(hist), rank))])
 
 
-def count_above(hist: np.ndarray, threshold_ms: float) -> int:
-    """Requests in bins whose lower edge is at or above ``threshold_ms`` (the latency test's "slow")."""
-    first = int(np.searchsorted(LAT_EDGES, threshold_ms, side="left")) + 1
+def first_bin_above(threshold_ms: float, straddling: bool = False) -> int:
+    """The first bin counted as "above ``threshold_ms``": its lower edge is at or above it, or
+    (``straddling``) its upper edge is above it -- the bin holding the threshold counts too."""
+    if straddling:
+        return int(np.searchsorted(LAT_EDGES, threshold_ms, side="right"))
+    return int(np.searchsorted(LAT_EDGES, threshold_ms, side="left")) + 1
+
+
+def count_above(hist: np.ndarray, threshold_ms: float, straddling: bool = False) -> int:
+    """Requests in bins whose lower edge is at or above ``threshold_ms`` (the latency test's "slow").
+
+    ``straddling`` also counts the bin that holds the threshold: the generous count, for a test
+    that must show a rate is *below* a limit.
+    """
+    first = first_bin_above(threshold_ms, straddling)
     return int(hist[first:].sum()) if first < LAT_BINS else 0
 
 
@@ -113,31 +132,114 @@ class Counts:
         self.errors += other.errors
         self.hist += other.hist
 
+    def remove(self, other: Counts) -> None:
+        self.n -= other.n
+        self.errors -= other.errors
+        self.hist -= other.hist
+
     def summary(self) -> Summary:
         return summarize(self.n, self.errors, self.hist)
+
+
+# The per-unit metrics a `UnitTally` keeps, in column order.
+ERRORS, SLOW, OVER = 0, 1, 2
+
+
+class UnitTally:
+    """Per-unit totals (requests; errors, slow, over-limit requests) since the tests began.
+
+    Units are the processor's keyed hashes (or any hashable id); an outcome without one, and every
+    unit beyond ``MAX_UNITS``, counts as a unit of its own (the independent-request case).
+    """
+
+    __slots__ = ("bad", "index", "n", "single_bad", "singles")
+
+    def __init__(self) -> None:
+        self.index: dict[object, int] = {}
+        self.n = np.zeros(64, dtype=np.int64)
+        self.bad = np.zeros((3, 64), dtype=np.int64)
+        self.singles = 0
+        self.single_bad = np.zeros(3, dtype=np.int64)
+
+    def add_many(self, units: Iterable[object], bad: np.ndarray) -> None:
+        """Add outcomes of ``units`` (one per outcome); ``bad`` is (3, n) booleans: errors, slow, over."""
+        idx = self.index
+        full = len(idx) >= MAX_UNITS
+        slots = np.fromiter(
+            (-1 if (not u and u != 0) or (full and u not in idx) else idx.setdefault(u, len(idx)) for u in units),
+            dtype=np.int64,
+        )
+        known = slots >= 0
+        if not known.all():
+            self.singles += int((~known).sum())
+            self.single_bad += bad[:, ~known].sum(axis=1)
+            slots, bad = slots[known], bad[:, known]
+        size = len(idx)
+        if size > self.n.size:
+            grow = max(size, 2 * self.n.size)
+            self.n = np.concatenate([self.n, np.zeros(grow - self.n.size, np.int64)])
+            self.bad = np.concatenate([self.bad, np.zeros((3, grow - self.bad.shape[1]), np.int64)], axis=1)
+        self.n[:size] += np.bincount(slots, minlength=size)
+        for m in range(3):
+            self.bad[m, :size] += np.bincount(slots, weights=bad[m], minlength=size).astype(np.int64)
+
+    def design_effect(self, metric: int) -> float:
+        """Kish's design effect of this variant's rate of ``metric`` (see `stats.design_effect`)."""
+        k = len(self.index)
+        return float(design_effect(self.n[:k], self.bad[metric, :k], self.singles, self.single_bad[metric]))
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
 
 
 class VariantWindow:
     """Outcomes of one variant: batch since the last tick, totals on this step, a sliding window."""
 
-    __slots__ = ("_buckets", "batch", "span_s", "step", "units")
+    __slots__ = ("_buckets", "_sliding", "batch", "span_s", "step", "tally", "units")
 
     def __init__(self, span_s: float = 60.0) -> None:
         self.span_s = span_s
         self.batch = Counts.empty()
         self.step = Counts.empty()
         self._buckets: deque[tuple[int, Counts]] = deque()  # (second, counts), oldest first
-        self.units: set[str] = set()
+        self._sliding = Counts.empty()  # the sum of the buckets
+        self.units: set[object] = set()
+        self.tally = UnitTally()
 
     def add(self, status: int, latency_ms: float, unit: str, now: float) -> None:
-        self.batch.add(status, latency_ms)
-        self.step.add(status, latency_ms)
+        """One outcome (a test convenience: the controller adds blocks with `add_many`)."""
+        self.add_many(np.array([status]), np.array([latency_ms], dtype=float), [unit], now, np.array([bool(unit)]))
+
+    def add_many(
+        self,
+        status: np.ndarray,
+        latency_ms: np.ndarray,
+        units: list[object],
+        now: float,
+        srm: np.ndarray,
+        slow_bin: int = LAT_BINS,
+        over_bin: int = LAT_BINS,
+    ) -> None:
+        """A block of outcomes seen at ``now``; ``srm`` marks those whose unit the SRM check counts.
+
+        ``slow_bin`` / ``over_bin``: the first latency bin that is "slow" (the latency test's
+        threshold) / over the p99 limit, for the per-unit tally.
+        """
+        if not len(status):
+            return
+        bins = bins_of(latency_ms)
+        err = (status >= 500) | (status == 0)
+        block = Counts(len(status), int(err.sum()), np.bincount(bins, minlength=LAT_BINS).astype(np.int64))
+        self.batch.merge(block)
+        self.step.merge(block)
         second = int(now)
         if not self._buckets or self._buckets[-1][0] != second:
             self._buckets.append((second, Counts.empty()))
-        self._buckets[-1][1].add(status, latency_ms)
-        if unit and len(self.units) < MAX_UNITS:
-            self.units.add(unit)
+        self._buckets[-1][1].merge(block)
+        self._sliding.merge(block)
+        if len(self.units) < MAX_UNITS:
+            self.units.update(u for u, ok in zip(units, srm.tolist(), strict=True) if ok and (u or u == 0))
+        self.tally.add_many(units, np.stack([err, bins >= slow_bin, bins >= over_bin]))
 
     def drain(self) -> Counts:
         """The batch since the last call (and start a new one)."""
@@ -145,14 +247,11 @@ class VariantWindow:
         return out
 
     def sliding(self, now: float) -> Counts:
-        """Everything within the last ``span_s`` seconds."""
-        horizon = int(now - self.span_s)
-        while self._buckets and self._buckets[0][0] <= horizon:
-            self._buckets.popleft()
-        total = Counts.empty()
-        for _, counts in self._buckets:
-            total.merge(counts)
-        return total
+        """The one-second buckets wholly inside ``[now - span_s, now)``, plus the current one (a copy)."""
+        while self._buckets and self._buckets[0][0] + 1 <= now - self.span_s:
+            self._sliding.remove(self._buckets.popleft()[1])
+        s = self._sliding
+        return Counts(s.n, s.errors, s.hist.copy())
 
     def new_step(self) -> None:
         self.step = Counts.empty()
@@ -162,30 +261,81 @@ class VariantWindow:
         self.batch = Counts.empty()
         self.step = Counts.empty()
         self._buckets.clear()
+        self._sliding = Counts.empty()
         self.units.clear()
+        self.tally.clear()
 
 
 class RouteWindows:
-    """The windows of every variant of one route, plus when SRM counting (re)started."""
+    """The windows of every variant of one route, plus when SRM counting (re)started.
 
-    __slots__ = ("span_s", "srm_since", "variants")
+    ``slow_bin`` and ``over_bin`` (set by the controller) say which latency bins the per-unit tally
+    counts as slow (the latency test's current threshold) and as over the p99 limit.
+    """
 
-    def __init__(self, names: Iterable[str], span_s: float = 60.0) -> None:
+    __slots__ = ("index", "names", "over_bin", "slow_bin", "span_s", "srm_p", "srm_since", "variants")
+
+    def __init__(self, names: Iterable[str], span_s: float = 60.0, p99_limit_ms: float | None = None) -> None:
         self.span_s = span_s
-        self.variants = {n: VariantWindow(span_s) for n in names}
+        self.names = list(names)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.variants = {n: VariantWindow(span_s) for n in self.names}
         self.srm_since = 0.0
+        self.srm_p = 1.0  # running minimum of the SRM's always-valid p-value since counting restarted
+        self.slow_bin = LAT_BINS
+        self.over_bin = LAT_BINS if p99_limit_ms is None else first_bin_above(p99_limit_ms)
 
     def add(self, variant: str, status: int, latency_ms: float, unit: str, now: float) -> bool:
         """Record one outcome; False when the variant is unknown to the policy (ignored)."""
-        w = self.variants.get(variant)
-        if w is None:
+        if variant not in self.index:
             return False
-        w.add(status, latency_ms, unit if now >= self.srm_since else "", now)
+        idx = np.array([self.index[variant]])
+        self.add_many(idx, np.array([status]), np.array([latency_ms], dtype=float), [unit], now)
         return True
+
+    def add_many(
+        self,
+        variant: np.ndarray,
+        status: np.ndarray,
+        latency_ms: np.ndarray,
+        units: list[object],
+        now: float,
+        srm: np.ndarray | None = None,
+    ) -> int:
+        """Record a block of outcomes (``variant``: index into ``names``); returns how many were unknown.
+
+        ``srm`` (default: all) marks outcomes whose unit may count for the sample-ratio check; none
+        count before ``srm_since``. This is the one way outcomes enter the windows: the controller's
+        event path and the vectorised simulations both come through here.
+        """
+        variant = np.asarray(variant, dtype=np.int64)
+        status = np.asarray(status, dtype=np.int64)
+        latency_ms = np.asarray(latency_ms, dtype=float)
+        srm = np.ones(len(variant), bool) if srm is None else np.asarray(srm, dtype=bool)
+        if now < self.srm_since:
+            srm = np.zeros(len(variant), bool)
+        known = (variant >= 0) & (variant < len(self.names))
+        for i, name in enumerate(self.names):
+            sel = np.flatnonzero(variant == i)
+            if sel.size:
+                self.variants[name].add_many(
+                    status[sel],
+                    latency_ms[sel],
+                    [units[j] for j in sel.tolist()],
+                    now,
+                    srm[sel],
+                    self.slow_bin,
+                    self.over_bin,
+                )
+        return int((~known).sum())
+
+    def set_slow_threshold(self, threshold_ms: float | None) -> None:
+        self.slow_bin = LAT_BINS if threshold_ms is None else first_bin_above(threshold_ms)
 
     def reset_srm(self, start_at: float) -> None:
         """Weights changed: count units afresh from ``start_at`` (after gateways applied them)."""
         self.srm_since = start_at
+        self.srm_p = 1.0
         for w in self.variants.values():
             w.units.clear()
 

@@ -4,9 +4,12 @@ Each challenger variant of a route has a phase; signals move it::
 
     RUNNING ──breach/rollback──▶ ROLLED_BACK ──resume──▶ RUNNING | PROMOTING (policy weight again)
     PROMOTING ──clean/promote──▶ PROMOTING (next step) … ▶ PROMOTED (last step reached)
-    any active ──srm──▶ HALTED ──resume──▶ the phase it left;  HALTED ──breach──▶ ROLLED_BACK
+    any active ──srm | control_breach──▶ HALTED ──resume──▶ the phase it left
+    HALTED ──breach──▶ ROLLED_BACK
 
-A breach always wins over a halt: an experiment whose assignment is broken still must not keep
+``control_breach``: control itself is over an absolute guardrail, so the limit says nothing about
+the challenger; the experiment halts (no promotion) and the operator is alerted. A breach always
+wins over a halt: an experiment whose assignment is broken still must not keep
 serving a failing model. Automatic signals with no entry leave the state alone (a hold); manual
 ones with no entry raise `InvalidTransition`, so an operator learns why nothing happened.
 
@@ -30,13 +33,14 @@ class Phase(enum.StrEnum):
     PROMOTING = "promoting"  # a rollout in progress: moves up one step per clean interval
     PROMOTED = "promoted"  # reached the rollout's last step (or promoted by hand)
     ROLLED_BACK = "rolled_back"  # weight 0, disabled: its users are back on control
-    HALTED = "halted"  # sample-ratio mismatch or held by hand: no automatic promotion
+    HALTED = "halted"  # sample-ratio mismatch or control over a guardrail: no automatic promotion
 
 
 class Signal(enum.StrEnum):
     CLEAN = "clean"  # an interval passed with enough samples and no breach
     BREACH = "breach"  # a guardrail or a sequential test says the variant is worse
     SRM = "srm"  # assignment counts do not fit the weights
+    CONTROL_BREACH = "control_breach"  # control itself exceeds an absolute guardrail: halt and alert
     ROLLBACK = "rollback"  # by hand
     PROMOTE = "promote"  # by hand
     RESUME = "resume"  # by hand
@@ -63,6 +67,7 @@ TABLE: Mapping[tuple[Phase, Signal], tuple[Phase | None, Effect]] = MappingProxy
         **{(p, S.BREACH): (P.ROLLED_BACK, E.ZERO) for p in (*ACTIVE, P.HALTED)},
         **{(p, S.ROLLBACK): (P.ROLLED_BACK, E.ZERO) for p in (*ACTIVE, P.HALTED)},
         **{(p, S.SRM): (P.HALTED, E.KEEP) for p in ACTIVE},
+        **{(p, S.CONTROL_BREACH): (P.HALTED, E.KEEP) for p in ACTIVE},
         (P.RUNNING, S.PROMOTE): (P.PROMOTED, E.ALL),
         (P.PROMOTING, S.CLEAN): (P.PROMOTING, E.NEXT),
         (P.PROMOTING, S.PROMOTE): (P.PROMOTING, E.NEXT),
