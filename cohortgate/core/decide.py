@@ -80,6 +80,22 @@ def _value(route_source: str, key: str, facts: Facts) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def _region(route: Route, facts: Facts) -> str | None:
+    """The request's region: a non-empty string, else None ("missing region", whatever the claim held).
+
+    One rule for every source and representation: a list, tuple, mapping (plain or the gateway's
+    frozen ``MappingProxyType``), number, boolean, null or "" is no region, and the route's
+    missing-region behaviour applies. Never ``str()`` of it: ``['eu']`` is not region ``"('eu',)"``,
+    ``1`` is not region ``"1"``. A string outside the route's regions stays what it says, so it is
+    refused (451) rather than guessed into the default region.
+    """
+    if route.residency_source == "header":
+        value: Any = facts.headers.get(route.residency_key)
+    else:
+        value = facts.claims.get(route.residency_key) if facts.claims is not None else None
+    return value if isinstance(value, str) and value else None
+
+
 def _unit(route: Route, facts: Facts) -> str | None:
     """The cohort unit: a non-empty string (or an integer id, as its digits), else None.
 
@@ -163,7 +179,7 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         steps.append(f"authorised: identity {facts.identity or '-'}, scopes and claims satisfied")
 
     # 4. residency
-    region = _value(route.residency_source, route.residency_key, facts)
+    region = _region(route, facts)
     if region is None:
         if route.default_region is None:
             return _deny(

@@ -153,3 +153,18 @@ def test_a_missing_header_unit_or_no_token_at_all_still_gets_control() -> None:
     assert (anonymous.allowed, anonymous.variant, anonymous.assignment) == (True, "control", "no_unit")
     tokened = decide(by_claim, Facts("POST", "/v2/models/m/infer", {}, None, {"iss": "i"}, "r"))
     assert (tokened.status, tokened.route) == (401, "r")
+
+
+@pytest.mark.parametrize("residency", [["eu"], {"region": "eu"}, 1, True, ""])
+def test_a_signed_non_string_residency_is_no_region_through_the_verifier(certs, verifier, residency) -> None:
+    """Issue 16.4 with the gateway's own frozen claims: the same answer as a token without the claim."""
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": NOW, "exp": NOW + 600, "scope": "predict"}
+    key = pki._load_key(certs.jwt_key)
+    kid = {"kid": pki.public_jwk(key)["kid"]}
+    odd = verifier.verify("Bearer " + jwt.encode({**claims, "residency": residency}, key, "ES256", headers=kid))
+    none = verifier.verify("Bearer " + jwt.encode(claims, key, "ES256", headers=kid))
+    assert isinstance(odd["residency"], type(residency)) is isinstance(residency, str | int)  # frozen: tuple/proxy
+    assert EXAMPLE.by_name["tabular"].default_region is None
+    d = decide(EXAMPLE, facts(odd))
+    assert d == decide(EXAMPLE, facts(none))
+    assert d.denial is Denial.RESIDENCY_UNAVAILABLE and "carries no residency" in d.message
