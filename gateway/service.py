@@ -33,6 +33,7 @@ from cohortgate.core.errors import failure_line
 from cohortgate.core.policy import JwtSettings, Policy, load_policy
 from cohortgate.store.state import InProcessState, RedisState, StateStore, follow
 from cohortgate.support.metrics import serve_metrics
+from cohortgate.support.runtime import tune_collector
 from gateway.audit import AuditLog
 from gateway.auth import TokenVerifier
 from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
@@ -448,6 +449,7 @@ def run(config: GatewayConfig) -> int:
     )
 
     def ready() -> None:
+        tune_collector()  # start-up is done: see cohortgate.support.runtime
         log.info("gateway ready on %s (pid %d)", config.listen, os.getpid())
 
     if uvloop is not None:

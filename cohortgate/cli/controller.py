@@ -24,6 +24,7 @@ from typing import Any
 from cohortgate.core.contract import REDIS_ENV, TOKEN_FILE_ENV
 from cohortgate.support.durations import duration_arg, interval_arg
 from cohortgate.support.files import changes
+from cohortgate.support.runtime import tune_collector
 
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 DEFAULT_STATE_FILE = ".cohortgate/state.json"
@@ -263,6 +264,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         await controller.run(stop)
     finally:
         watch.cancel()
+    tune_collector()  # start-up is done: see cohortgate.support.runtime
         if als_server is not None:
             await als_server.stop(0.5)
         if dash_runner is not None:
