@@ -1,9 +1,8 @@
 """`cohortgate call MODEL`: one inference through the running stack, as a client app would make it.
 
-Reads ``<state-dir>/run.json`` (written by `cohortgate up`), mints a token with the stack's dev
-signing key, and POSTs an OIP v2 request to Envoy over mTLS with the ``app-demo`` certificate.
-Prints the variant that served it (``x-cohortgate-variant``) and the response; exits 1 on a 4xx
-or 5xx answer (after printing its JSON error), 2 when the stack cannot be reached.
+Finds the stack as `_stack` says (flags, else `up`'s run.json, else the hand-started defaults),
+mints a token with the stack's dev signing key, and POSTs an OIP v2 request to Envoy over mTLS
+with the ``app-demo`` certificate. Prints the variant that served it and the response.
 """
 
 from __future__ import annotations
@@ -14,16 +13,24 @@ import sys
 import time
 
 from cohortgate.cli._args import parse_header
+from cohortgate.cli._stack import NoStack, add_gateway_options, add_state_dir, stack_info
 from cohortgate.cli.token import parse_claim
 from cohortgate.core.contract import HEADER_ROUTE, HEADER_SERVED_BY, HEADER_VARIANT
+
+DESCRIPTION = (
+    "Call a model through the running stack as a client app would: mTLS with a client certificate, "
+    "a fresh token from the stack's signing key, an OIP v2 infer request. Prints the variant that "
+    "answered and the response. The stack is the one cohortgate up runs (its run.json), or, with "
+    "--gateway/--certs or without a run.json, one started by hand. Exit status: 0 on success, 1 on "
+    "a 4xx or 5xx answer (its JSON error printed), 2 when the stack cannot be reached."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "call",
         help="call a model through the running stack (mTLS + a fresh token) and show the variant",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     p.add_argument("model", metavar="MODEL", help="OIP model name, e.g. tabular (POST /v2/models/MODEL/infer)")
     p.add_argument("--sub", default="alice", help="the token's subject, i.e. the user (default alice)")
@@ -52,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--client", default="app-demo", help="client certificate name (default app-demo)")
     p.add_argument("--no-token", action="store_true", help="send no Authorization header (expect 401)")
-    p.add_argument("--state-dir", default=".cohortgate", help="the stack's state directory (default .cohortgate)")
+    add_state_dir(p)
+    add_gateway_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: status, variant, headers, body")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     p.set_defaults(func=_call)
@@ -62,21 +70,13 @@ def _call(args: argparse.Namespace) -> int:
     import http.client
     import ssl
 
-    from cohortgate.local.client import (
-        StackInfo,
-        StackNotRunning,
-        demo_body,
-        infer_path,
-        parse_input,
-        ssl_context,
-        token_minter,
-    )
+    from cohortgate.local.client import StackNotRunning, demo_body, infer_path, parse_input, ssl_context, token_minter
 
     try:
-        info = StackInfo.load(args.state_dir)
+        info = stack_info(args)
         ctx = ssl_context(info, args.client)
         body = parse_input(args.input) if args.input else demo_body()
-    except (StackNotRunning, ValueError, OSError, ssl.SSLError) as exc:
+    except (NoStack, StackNotRunning, ValueError, OSError, ssl.SSLError) as exc:
         print(f"cohortgate call: {exc}", file=sys.stderr)
         return 2
     headers = {"content-type": "application/json", "accept": "application/json"}
@@ -96,7 +96,7 @@ def _call(args: argparse.Namespace) -> int:
         raw = response.read()
     except (OSError, http.client.HTTPException) as exc:
         print(
-            f"cohortgate call: cannot reach {info.gateway_url}{path}: {exc} (is `cohortgate up` running?)",
+            f"cohortgate call: cannot reach {info.gateway_url}{path}: {exc} (is the stack running?)",
             file=sys.stderr,
         )
         return 2

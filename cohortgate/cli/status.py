@@ -1,16 +1,11 @@
 """`cohortgate status | rollback | promote | resume`: look at and steer running experiments.
 
-    cohortgate status [--watch [SECONDS]] [--json]
-    cohortgate rollback ROUTE VARIANT
-    cohortgate promote ROUTE VARIANT
-    cohortgate resume ROUTE
-
-By default these talk to the controller's JSON API on loopback (``--api``, default
-``$COHORTGATE_API`` or http://127.0.0.1:9480) with the admin token from ``--token-file``: the
-controller owns the state machine, so a manual action goes through the same transition table,
-compare-and-set write and audit as its own. With ``--redis URL`` they talk to the state store
-directly instead (for when no controller is reachable): status then shows the leader's last
-published snapshot, and actions need ``--policy`` to know the variants and rollout steps.
+They talk to the controller's JSON API on loopback, found as every client command finds its stack
+(`cohortgate.cli._stack`: flags, else `up`'s run.json, else the hand-started defaults), with the
+admin token: the controller owns the state machine, so a manual action goes through the same
+transition table, compare-and-set write and audit as its own. With ``--redis URL`` they talk to the
+state store directly instead (for when no controller is reachable): status then shows the leader's
+last published snapshot, and actions need ``--policy`` to know the variants and rollout steps.
 """
 
 from __future__ import annotations
@@ -18,31 +13,19 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import socket
 import sys
 import time
 from typing import Any
 
-from cohortgate.core.contract import API_ENV, TOKEN_FILE_ENV
-
-DEFAULT_API = "http://127.0.0.1:9480"
-DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
+from cohortgate.cli._stack import NoStack, add_controller_options, add_state_dir, controller_target
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--api",
-        default=os.environ.get(API_ENV, DEFAULT_API),
-        help=f"controller API (default $COHORTGATE_API or {DEFAULT_API})",
-    )
-    p.add_argument(
-        "--token-file",
-        default=os.environ.get(TOKEN_FILE_ENV, DEFAULT_TOKEN_FILE),
-        help=f"admin token file (default {DEFAULT_TOKEN_FILE})",
-    )
+    add_state_dir(p)
+    add_controller_options(p)
     p.add_argument("--redis", metavar="URL", default=None, help="talk to the Redis state store instead of the API")
-    p.add_argument("--policy", default=None, help="policy file (only with --redis, for actions)")
+    p.add_argument("--policy", default=None, help="the policy file (with --redis, for actions)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -58,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until interrupted",
     )
+    s.add_argument("--no-legend", action="store_true", help="leave out the lines that explain the columns")
     s.set_defaults(func=_status)
     for verb, helptext in (
         ("rollback", "send a variant's users back to control now"),
@@ -65,12 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ):
         p = subparsers.add_parser(verb, help=helptext)
         _common(p)
-        p.add_argument("route")
-        p.add_argument("variant")
+        p.add_argument("route", help="the route's name in the policy")
+        p.add_argument("variant", help="the variant's name in that route")
         p.set_defaults(func=_action, verb=verb)
     r = subparsers.add_parser("resume", help="resume a halted route, or restart a rolled-back variant")
     _common(r)
-    r.add_argument("route")
+    r.add_argument("route", help="the route's name in the policy")
     r.set_defaults(func=_action, verb="resume", variant=None)
 
 
@@ -87,21 +71,25 @@ def _token(path: str) -> str:
             return f.read().strip()
     except OSError as exc:
         raise CliError(
-            f"cannot read the admin token {path}: {exc.strerror} (start the controller, or pass --token-file)"
+            f"cannot read the admin token {path}: {exc.strerror} (is the controller running? or pass --token-file)"
         ) from None
 
 
 def _http(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     from cohortgate.support import http
 
+    try:
+        api, token_file = controller_target(args)
+    except NoStack as exc:
+        raise CliError(str(exc)) from None
     headers = {
-        "Authorization": f"Bearer {_token(args.token_file)}",
+        "Authorization": f"Bearer {_token(token_file)}",
         "X-Cohortgate-Actor": f"cli:{getpass.getuser()}@{socket.gethostname()}",
     }
     try:
-        reply = http.call(args.api.rstrip("/") + path, method, body=body, headers=headers, timeout=10)
+        reply = http.call(api + path, method, body=body, headers=headers, timeout=10)
     except OSError as exc:
-        raise CliError(f"cannot reach the controller at {args.api}: {getattr(exc, 'reason', exc)}") from None
+        raise CliError(f"cannot reach the controller at {api}: {getattr(exc, 'reason', exc)}") from None
     if reply.status >= 400:
         try:
             err = reply.json()["error"]
@@ -172,7 +160,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         while True:
             doc = _fetch_status(args)
-            out = json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc)
+            out = json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc, legend=not args.no_legend)
             if args.watch is not None and sys.stdout.isatty():
                 sys.stdout.write("\x1b[H\x1b[2J")
             print(out, flush=True)
@@ -231,8 +219,20 @@ def _p(x: Any) -> str:
     return "-" if x is None else f"{float(x):.2g}"
 
 
-def render(doc: dict[str, Any]) -> str:
-    """A status document as a plain-text table per route."""
+LEGEND = (
+    "weight: the share gateways apply now; x after it: rolled back, its users are on control (0%x)",
+    "phase: running, promoting (one rollout step per clean interval), promoted, rolled_back, halted "
+    "(sample-ratio mismatch or control over a guardrail: no automatic promotion)",
+    "reqs, err, p50 ms, p99 ms: the controller's sliding window (60 s by default)",
+    "p(err), p(lat): always-valid p-values of the variant being worse than control (small: evidence "
+    "of harm); -: no data yet",
+    "verdict: the last interval's signal (clean, breach, srm, control_breach) and its reason",
+    "SRM: the sample-ratio check (do the units seen match the weights?)",
+)
+
+
+def render(doc: dict[str, Any], *, legend: bool = False) -> str:
+    """A status document as a plain-text table per route; ``legend`` explains the columns and marks."""
     lines = []
     ctl = doc.get("controller", {})
     if ctl:
@@ -280,4 +280,6 @@ def render(doc: dict[str, Any]) -> str:
                 f"latency delta p50 {_ms(delta.get('p50'))} ms (mean {_ms(delta.get('mean'))}), "
                 f"shadow errors {s.get('shadow_errors', 0)}"
             )
+    if legend:
+        lines += ["", *(f"  {line}" for line in LEGEND)]
     return "\n".join(lines).lstrip("\n")

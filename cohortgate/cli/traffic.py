@@ -21,10 +21,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from cohortgate.cli._stack import NoStack, add_controller_options, add_gateway_options, add_state_dir, stack_info
 from cohortgate.core.contract import HEADER_VARIANT
 from cohortgate.support.durations import duration_arg
 
 ROLLBACK_POLL_S = 1.0
+DESCRIPTION = (
+    "Drive realistic load through the running stack, so the experiment visibly evolves: many sticky "
+    "users, each with a residency drawn once from --residency-mix and a token minted once, paced open "
+    "loop at --rps over mTLS to Envoy. Every second one line (requests/s, statuses, the variants that "
+    "answered); the controller's rollbacks as they happen; a summary at the end. Everything random "
+    "takes --seed."
+)
 
 if TYPE_CHECKING:
     from cohortgate.local.client import StackInfo
@@ -74,8 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "traffic",
         help="drive sticky multi-user demo traffic through the running stack",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     p.add_argument("--users", type=_positive(int), default=1000, help="distinct users (default 1000)")
     p.add_argument("--rps", type=_positive(float), default=100.0, help="requests per second, open loop (default 100)")
@@ -103,7 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=512,
         help="requests allowed in flight; beyond it a due request is skipped and counted (default 512)",
     )
-    p.add_argument("--state-dir", default=".cohortgate", help="the stack's state directory (default .cohortgate)")
+    add_state_dir(p)
+    add_gateway_options(p)
+    add_controller_options(p)
     p.add_argument(
         "--until-rollback",
         action="store_true",
@@ -114,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=duration_arg,
         default=None,
         metavar="S",
-        help="wait up to this long for `cohortgate up` to be ready (e.g. 2m), for scripts that start both",
+        help="wait up to this long for cohortgate up to write its run.json (e.g. 2m), for scripts that start both",
     )
     p.set_defaults(func=_traffic)
 
@@ -396,10 +405,11 @@ def _traffic(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + (args.wait or 0.0)
     while True:
         try:
-            info = StackInfo.load(args.state_dir)
+            # --wait waits for `up`: only its run.json says the stack is ready
+            info = StackInfo.load(args.state_dir) if args.wait else stack_info(args)
             info.client_pair(args.client)
             break
-        except StackNotRunning as exc:
+        except (StackNotRunning, NoStack, OSError) as exc:
             if time.monotonic() >= deadline:
                 print(f"cohortgate traffic: {exc}", file=sys.stderr)
                 return 2

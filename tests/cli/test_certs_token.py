@@ -134,7 +134,7 @@ def test_token_without_certs_says_how_to_make_them(tmp_path: Path, capsys: pytes
 
 
 @pytest.mark.parametrize(
-    "extra", [["--ttl", "0"], ["--ttl", "15x"], ["--ttl=-5m"], ["--claim", "novalue"], ["--claim", "=v"]]
+    "extra", [["--ttl", "0"], ["--ttl", "15x"], ["--ttl=-0"], ["--ttl=--5m"], ["--claim", "novalue"], ["--claim", "=v"]]
 )
 def test_token_bad_arguments_are_usage_errors(
     certs: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
@@ -143,6 +143,21 @@ def test_token_bad_arguments_are_usage_errors(
         main(["token", "--certs", str(certs), "--sub", "x", *extra])
     assert info.value.code == 2
     assert "invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "ago"), [(["--expired"], 900), (["--expired", "--ttl", "2m"], 120), (["--ttl=-5m"], 300)]
+)
+def test_expired_tokens_for_tests_are_refused_as_expired(
+    certs: Path, capsys: pytest.CaptureFixture[str], extra: list[str], ago: int
+) -> None:
+    assert main(["token", "--certs", str(certs), "--sub", "late", *extra]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == ago  # the lifetime is kept, only moved into the past
+    assert claims["nbf"] <= claims["exp"]
+    with pytest.raises(RequestDenied, match="expired"):
+        verifier_for(certs).verify(f"Bearer {token}")
 
 
 def test_token_requires_sub(certs: Path) -> None:
