@@ -177,7 +177,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
 
     from aiohttp import web
 
-    from cohortgate.controller.als import serve_als
+    from cohortgate.controller.als import route_by_path, serve_als
     from cohortgate.controller.api import load_or_create_token, make_app
     from cohortgate.controller.leader import RedisLeader, SoloLeader
     from cohortgate.controller.loop import Controller, ControllerConfig
@@ -240,7 +240,11 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     als_server = None
     if args.als:
         als_server, _ = await serve_als(
-            sink, args.als, gw_metrics, on_denied=recorder.observe_denial if recorder is not None else None
+            sink,
+            args.als,
+            gw_metrics,
+            on_denied=recorder.observe_denial if recorder is not None else None,
+            route_of=route_by_path(lambda: controller.policy),  # denials are counted by route, never by header
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -260,11 +264,11 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         args.token_file,
         f", access log on {args.als}" if args.als else "",
     )
+    tune_collector()  # start-up is done: see cohortgate.support.runtime
     try:
         await controller.run(stop)
     finally:
         watch.cancel()
-    tune_collector()  # start-up is done: see cohortgate.support.runtime
         if als_server is not None:
             await als_server.stop(0.5)
         if dash_runner is not None:

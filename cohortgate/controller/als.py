@@ -4,14 +4,24 @@ Why ALS and not an event from the ext_proc processor: the processor answers befo
 does, so it never sees the status or the latency without asking Envoy for the response headers --
 one more blocking round trip on every request. Envoy's ALS is asynchronous: it buffers entries
 after the response has been sent and streams them to us (``StreamAccessLogs``), with the status,
-the upstream timings, the request id and the headers the processor set (route, variant, hashed
-unit, region), which Envoy logs through ``additional_request_headers_to_log``.
+the upstream timings, the request id, the upstream cluster and the headers the processor set
+(hashed unit, region), which Envoy logs through ``additional_request_headers_to_log``.
+
+**Attribution comes only from what a client cannot set** (issue 17.2). The route and variant of an
+outcome are Envoy's upstream cluster (``cg.ROUTE.VARIANT.N``): the router sets it only after the
+processor allowed the request and named the cluster (clearing the route cache), and Envoy does
+not derive it from a client-sent ``x-cohortgate-cluster`` before then (checked against real
+Envoy). The logged ``x-cohortgate-*`` request headers are trusted only on such an entry: the
+processor stripped every client-sent one before setting its own. On any other entry -- a denial,
+a fail-closed 503 while the processor is down or hung, a client that never finished -- those
+headers are whatever the client sent, so they are ignored: the entry has no variant, and its route
+is the one its method and path match in the policy (``route_of``), never a header.
 
 `event_from_entry` turns one ``HTTPAccessLogEntry`` into an `Event` (pure, tested without gRPC);
 `AccessLogReceiver` is the grpc.aio servicer that feeds a sink; `serve_als` binds it to
-``uds:PATH`` or ``tcp:HOST:PORT``. Entries without a variant (requests the processor denied) are
-counted in the metrics but not sent to the controller; an ``on_denied`` callback (the dashboard's
-denial counts) sees them.
+``uds:PATH`` or ``tcp:HOST:PORT``. Entries without a variant (denials, fail-closed answers) are
+counted in the metrics by route but not sent to the controller; an ``on_denied`` callback (the
+dashboard's denial counts) sees them.
 """
 
 from __future__ import annotations
@@ -26,32 +36,57 @@ from typing import Any
 from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
     HEADER_REGION,
-    HEADER_ROUTE,
     HEADER_SHADOW_OF,
     HEADER_SHADOWS,
     HEADER_UNIT,
-    HEADER_VARIANT,
     cluster_parts,
 )
+from cohortgate.core.policy import Policy
 from cohortgate.store.events import REQUEST, Event, EventSink
 
 log = logging.getLogger(__name__)
-
 
 
 def _ms(duration: Any) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1e6
 
 
-def event_from_entry(entry: Any) -> Event:
-    """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event` (route/variant may be empty)."""
+RouteOf = Callable[[str, str], str]
+"""``route_of(method, path)``: the name of the policy route a request matches, or ``""``."""
+
+
+def route_by_path(policy: Callable[[], Policy]) -> RouteOf:
+    """A `RouteOf` over the current policy (``policy()`` is read per call: reloads apply at once)."""
+
+    def route_of(method: str, path: str) -> str:
+        route = policy().match(method, path.partition("?")[0])
+        return route.name if route is not None else ""
+
+    return route_of
+
+
+def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
+    """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event`.
+
+    Route and variant come from the upstream cluster only; without one (the request never reached
+    a backend the processor chose) the variant, unit, region and shadow mark are empty and the
+    route is ``route_of(method, path)`` (empty without ``route_of``).
+    """
     common = entry.common_properties
-    headers = entry.request.request_headers
-    route = headers.get(HEADER_ROUTE, "")
-    variant = headers.get(HEADER_VARIANT, "")
-    if (not route or not variant) and common.upstream_cluster:
-        c_route, c_variant = cluster_parts(common.upstream_cluster) or ("", "")
-        route, variant = route or c_route, variant or c_variant
+    request = entry.request
+    parts = cluster_parts(common.upstream_cluster) if common.upstream_cluster else None
+    if parts is not None:
+        headers = request.request_headers  # set (or stripped) by the processor: see the module docstring
+        (route, variant), unit, region = parts, headers.get(HEADER_UNIT, ""), headers.get(HEADER_REGION, "")
+        shadow_of = headers.get(HEADER_SHADOW_OF, "")
+    else:
+        variant = unit = region = shadow_of = ""
+        route = ""
+        if route_of is not None and request.path:
+            method = request.DESCRIPTOR.fields_by_name["request_method"].enum_type.values_by_number.get(
+                request.request_method
+            )
+            route = route_of(method.name if method is not None else "", request.path)
     if common.HasField("time_to_last_upstream_rx_byte") and common.HasField("time_to_first_upstream_tx_byte"):
         latency = _ms(common.time_to_last_upstream_rx_byte) - _ms(common.time_to_first_upstream_tx_byte)
     elif common.HasField("duration"):
@@ -66,10 +101,10 @@ def event_from_entry(entry: Any) -> Event:
         status=int(entry.response.response_code.value) if entry.response.HasField("response_code") else 0,
         latency_ms=max(0.0, latency),
         request_id=entry.request.request_id,
-        region=headers.get(HEADER_REGION, ""),
-        unit=headers.get(HEADER_UNIT, ""),
+        region=region,
+        unit=unit,
         ts=ts,
-        shadow_of=headers.get(HEADER_SHADOW_OF, ""),
+        shadow_of=shadow_of,
     )
 
 
@@ -81,10 +116,12 @@ class AccessLogReceiver:
         sink: EventSink,
         metrics: TrafficMetrics | None = None,
         on_denied: Callable[[Event], None] | None = None,
+        route_of: RouteOf | None = None,
     ) -> None:
         self.sink = sink
         self.metrics = metrics
         self.on_denied = on_denied
+        self.route_of = route_of
         self.entries = 0
         self.emitted = 0
         self.streams = 0
@@ -94,7 +131,7 @@ class AccessLogReceiver:
         for entry in message.http_logs.log_entry:
             self.entries += 1
             try:
-                event = event_from_entry(entry)
+                event = event_from_entry(entry, self.route_of)
             except (ValueError, AttributeError) as exc:  # a malformed entry never ends the stream
                 log.warning("skipping an access-log entry: %s", exc)
                 continue
@@ -103,7 +140,7 @@ class AccessLogReceiver:
                     event.route or "none", event.variant or "none", event.status, event.latency_ms / 1000.0
                 )
                 headers = entry.request.request_headers
-                for slot in HEADER_SHADOWS:  # the mirror clusters the processor named for this request
+                for slot in HEADER_SHADOWS if event.variant else ():  # mirrors the processor named
                     route, shadow = cluster_parts(headers.get(slot, "")) or ("", "")
                     if shadow:
                         self.metrics.shadow_copy(route, shadow)
@@ -151,6 +188,7 @@ async def serve_als(
     address: str,
     metrics: TrafficMetrics | None = None,
     on_denied: Callable[[Event], None] | None = None,
+    route_of: RouteOf | None = None,
 ) -> tuple[Any, AccessLogReceiver]:
     """Start a grpc.aio server with the receiver on ``address``; returns ``(server, receiver)``.
 
@@ -163,7 +201,7 @@ async def serve_als(
     if target.startswith("unix:"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target[len("unix:") :])
-    receiver = AccessLogReceiver(sink, metrics, on_denied)
+    receiver = AccessLogReceiver(sink, metrics, on_denied, route_of)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
     uds = target[len("unix:") :] if target.startswith("unix:") else None
