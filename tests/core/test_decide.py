@@ -81,10 +81,29 @@ def test_ineligible_units_always_get_control():
     assert (d.variant, d.assignment, d.bucket) == ("control", "ineligible", None)
 
 
-def test_missing_unit_gets_control():
+def test_missing_unit_claim_is_401_and_missing_unit_header_gets_control():
+    """A token without the unit claim is refused (issue 16.5); a request without a unit header is
+    served in control, unhashed."""
     all_canary = EXAMPLE.with_weights({"tabular": {"control": 0, "canary": 100}})
     d = decide(all_canary, facts(sub=None))
-    assert (d.variant, d.assignment) == ("control", "no_unit")
+    assert (d.denial, d.status, d.cluster) == (Denial.UNAUTHENTICATED, 401, None) and "'sub'" in d.message
+    by_header = parse_policy(
+        """
+version: 1
+jwt: {issuer: i, audience: a, jwks: jwks.json}
+routes:
+  - name: h
+    match: {model: h}
+    cohorts: {unit: {header: x-user-id}}
+    residency: {source: {header: x-region}, default_region: eu}
+    variants:
+      - {name: control, weight: 0, backends: [{url: "http://127.0.0.1:1", region: eu}]}
+      - {name: canary, weight: 100, backends: [{url: "http://127.0.0.1:2", region: eu}]}
+"""
+    )
+    assert decide(by_header, facts("/v2/models/h/infer", headers={"x-user-id": "u"})).variant == "canary"
+    d = decide(by_header, facts("/v2/models/h/infer"))
+    assert (d.variant, d.assignment, d.bucket) == ("control", "no_unit", None)
 
 
 def test_canary_without_region_backend_falls_back_to_control_in_region():
