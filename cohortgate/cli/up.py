@@ -1,10 +1,12 @@
-"""`cohortgate up`: the whole stack on this machine, in one command (see gateway/stack.py).
+"""`cohortgate up`: the whole stack on this machine, in one command.
 
 Builds the demo models and mints certificates and the dev signing key when missing, starts one
 sidecar per policy backend that names a local model, the controller, the gateway and Envoy, waits
-for each, then prints the endpoints and a copy-paste curl. Ctrl-C (or SIGTERM) stops everything,
-Envoy first. Editing the policy file applies live. ``<state-dir>/run.json`` tells scripts where
-everything is; ``<state-dir>/logs/`` holds each child's log.
+for each, then prints the endpoints and a copy-paste curl. A child that dies is restarted (with a
+backoff; a crash loop is reported and left down) while the others keep serving. Ctrl-C (or
+SIGTERM) stops everything, Envoy first, after its drain. Editing the policy file applies live.
+``<state-dir>/run.json`` tells scripts where everything is (and how often each child restarted);
+``<state-dir>/logs/`` holds each child's log.
 
 With ``--demo`` the canary fails a share of its requests and `cohortgate traffic` runs in the
 background (its log: ``<state-dir>/logs/traffic.log``): the controller rolls the canary back
@@ -21,7 +23,7 @@ from pathlib import Path
 from cohortgate.core.contract import REDIS_ENV
 
 DEMO_FAULT_RATE = 0.3
-DEMO_FAULT_AFTER_S = 20.0  # long enough to see a healthy canary (and its first samples) on the page
+DEMO_FAULT_AFTER_S = 20.0  # from the canary's first request: long enough to see it healthy on the page
 
 
 def _fraction(text: str) -> float:
@@ -84,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="demo knob: the faulty canary serves healthily this long first "
+        help="demo knob: the faulty canary serves healthily this long from its first request "
         f"(default 0; {DEMO_FAULT_AFTER_S:g} with --demo, so the page shows it go bad)",
     )
     p.add_argument(
@@ -110,7 +112,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--controller-port", type=_port, default=None, help="the controller API's port (default 9480, else a free one)"
     )
+    p.add_argument(
+        "--dashboard-port", type=_port, default=None, help="the dashboard's port (default 9481, else a free one)"
+    )
+    p.add_argument(
+        "--gateway-metrics-port",
+        type=_port,
+        default=None,
+        help="the gateway's /metrics and /healthz port (default 9482, else a free one)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="restart a dead child at most N times a minute; one more exit is a crash loop, left down (default 5)",
+    )
     p.add_argument(
         "--ready-timeout",
         type=float,
@@ -122,6 +140,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    if not args.policy.is_file():  # first, and alone: nothing else is worth saying without a policy
+        reason = "no such file" if not args.policy.exists() else "not a file"
+        print(f"cohortgate up: cannot read the policy {args.policy}: {reason}", file=sys.stderr)
+        return 2
     from cohortgate.local.stack import Stack, StackOptions
 
     if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
@@ -137,15 +159,16 @@ def _up(args: argparse.Namespace) -> int:
             args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if args.demo else 0.0
         ),
         canary_fault_after_s=(
-            args.canary_fault_after
-            if args.canary_fault_after is not None
-            else DEMO_FAULT_AFTER_S if args.demo else 0.0
+            args.canary_fault_after if args.canary_fault_after is not None else DEMO_FAULT_AFTER_S if args.demo else 0.0
         ),
         demo=args.demo,
         free_ports=args.free_ports,
         envoy_port=args.port,
         admin_port=args.admin_port,
         controller_port=args.controller_port,
+        dashboard_port=args.dashboard_port,
+        gateway_metrics_port=args.gateway_metrics_port,
+        max_restarts=max(0, args.max_restarts),
         concurrency=max(1, args.concurrency),
         ready_timeout_s=args.ready_timeout,
     )

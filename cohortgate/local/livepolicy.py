@@ -1,0 +1,237 @@
+"""Live policy for `cohortgate up`: follow edits of the source file so that the gateway and the
+controller always serve the same policy.
+
+The effective policy (backend URLs on the ports the sidecars bound, absolute paths) goes to two
+files with the same bytes, so the same digest: the gateway's, and the controller's. An edit is
+written to the gateway's file first; only once the gateway's ``/healthz`` names the new digest is it
+written to the controller's. When the gateway refuses it (its reload-failure counter moves, e.g. a
+JWKS that does not load) or does not switch in time, the gateway's file is put back to the serving
+bytes at once: the controller never runs a policy the gateway refused, and reverting the source
+later finds both files already on the serving policy (issue 16.8).
+
+New sidecars start (and become ready) before the gateway sees the edit; sidecars the new policy no
+longer names stop after the gateway switched and a grace (requests routed to them finish).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from cohortgate.core.errors import PolicyError
+from cohortgate.core.policy import Policy, parse_policy
+from cohortgate.local import probes
+from cohortgate.local.banner import rel
+from cohortgate.local.plan import SidecarSpec, StackError, effective_policy_data, url_key
+from cohortgate.local.recipes import RELOAD_GRACE_S
+from cohortgate.local.supervisor import POLL_S, Child, Interrupted
+from cohortgate.support.files import FileStamp, write_atomic
+
+GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
+
+
+def effective_text(raw: bytes, source: Path, urls: dict[str, str]) -> str:
+    """The effective policy's text: the source's YAML data with URLs and paths rewritten, and a header."""
+    data = yaml.safe_load(raw)
+    if not isinstance(data, dict):
+        raise StackError(f"{rel(source)} is not a mapping")
+    effective = effective_policy_data(data, source.parent, urls)
+    header = (
+        f"# Effective policy written by `cohortgate up` from {source}.\n"
+        "# Backend URLs point at the ports the sidecars bound; file paths are absolute.\n"
+        "# Edit the source file, not this one: `up` rewrites this file when the source changes.\n"
+    )
+    return header + yaml.safe_dump(effective, sort_keys=False, allow_unicode=True)
+
+
+class StackOps(Protocol):
+    """What live policy needs from the running stack."""
+
+    sidecars: dict[tuple[Any, ...], tuple[SidecarSpec, int]]  # spec.key -> (spec, port)
+
+    def progress(self, message: str) -> None: ...
+    def specs(self, policy: Policy) -> tuple[SidecarSpec, ...]: ...
+    def ensure_models(self, specs: Sequence[SidecarSpec]) -> None: ...
+    def port(self, preferred: int | None, what: str = "") -> int: ...
+    def start_sidecars(self, sidecars: Sequence[tuple[SidecarSpec, int]]) -> list[Child]: ...
+    def retire(self, children: Sequence[Child], grace_s: float) -> None: ...
+    def child_name_taken(self, name: str) -> bool: ...
+    def find_child(self, name: str) -> Child | None: ...
+    def write_run_file(self) -> None: ...
+    def tick(self) -> None: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class LivePolicy:
+    """The policy serving now, its two files, and the following of the source file."""
+
+    def __init__(
+        self,
+        source: Path,
+        gateway_file: Path,
+        controller_file: Path,
+        *,
+        gateway_health: str,
+        gateway_metrics: str,
+        switch_timeout_s: float = GATEWAY_SWITCH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.gateway_file = gateway_file
+        self.controller_file = controller_file
+        self.gateway_health = gateway_health
+        self.gateway_metrics = gateway_metrics
+        self.switch_timeout_s = switch_timeout_s
+        self.clock = clock
+        self.policy: Policy | None = None  # the effective policy serving now
+        self.text = ""  # its bytes, as both files hold them
+        self.stamp: FileStamp | None = None  # the source file as last looked at
+        self.source_digest = ""
+
+    def read_source(self) -> bytes:
+        try:
+            return self.source.read_bytes()
+        except OSError as exc:
+            raise StackError(f"cannot read the policy {rel(self.source)}: {exc.strerror or exc}") from None
+
+    def parse_source(self, raw: bytes) -> Policy:
+        return parse_policy(raw, filename=str(self.source), base_dir=self.source.parent)
+
+    def install(self, raw: bytes, source_policy: Policy, urls: dict[str, str]) -> Policy:
+        """At start-up: write both files with the effective policy of ``raw`` (nothing serves yet)."""
+        text = effective_text(raw, self.source, urls)
+        policy = self._parse_effective(text)
+        write_atomic(self.gateway_file, text.encode())
+        write_atomic(self.controller_file, text.encode())
+        self.policy, self.text = policy, text
+        self.source_digest = source_policy.digest
+        self.stamp = FileStamp.of(self.source)
+        return policy
+
+    def _parse_effective(self, text: str) -> Policy:
+        return parse_policy(text.encode(), filename=str(self.gateway_file), base_dir=self.gateway_file.parent)
+
+    def force_look(self) -> None:
+        """SIGHUP: read the source at the next look even if its stamp did not change."""
+        self.stamp = None
+
+    # ------------------------------------------------------------------ following
+
+    def follow(self, stack: StackOps) -> None:
+        """Re-validate a changed source policy and apply it; a bad edit keeps the running one."""
+        stamp = FileStamp.of(self.source)
+        if stamp is None or stamp == self.stamp:
+            return
+        self.stamp = stamp
+        try:
+            raw = self.read_source()
+        except StackError as exc:
+            stack.progress(f"policy: {exc}; keeping the running policy")
+            return
+        if hashlib.sha256(raw).hexdigest() == self.source_digest:
+            return
+        try:
+            source_policy = self.parse_source(raw)
+            specs = stack.specs(source_policy)
+            stack.ensure_models(specs)
+        except (PolicyError, StackError) as exc:
+            stack.progress(f"policy: edit refused, the running policy stays:\n{exc}")
+            return
+        self.source_digest = source_policy.digest
+        try:
+            self._apply(stack, raw, specs)
+        except Interrupted:
+            return  # a signal arrived while new sidecars were starting: the watch loop stops
+        except (StackError, PolicyError, OSError) as exc:
+            stack.progress(f"policy: could not apply the edit, the running policy stays: {exc}")
+
+    def _apply(self, stack: StackOps, raw: bytes, specs: Sequence[SidecarSpec]) -> None:
+        wanted = {s.key: s for s in specs}
+        removed = [stack.sidecars.pop(k) for k in list(stack.sidecars) if k not in wanted]
+        added: list[tuple[SidecarSpec, int]] = []
+        for key, spec in wanted.items():
+            if key in stack.sidecars:
+                continue
+            if stack.child_name_taken(spec.name):  # the same variant with another model: the old one still runs
+                n = 2
+                while stack.child_name_taken(f"{spec.name}-{n}"):
+                    n += 1
+                spec = dataclasses.replace(spec, name=f"{spec.name}-{n}")
+            same_url = any(url_key(spec.url) == url_key(o.url) for o, _ in removed)  # still held by the old one
+            port = stack.port(None if same_url else spec.port, spec.name)
+            stack.sidecars[spec.key] = (spec, port)
+            added.append((spec, port))
+
+        new_children: list[Child] = []
+
+        def undo() -> None:
+            stack.retire(new_children, 0)
+            for spec, _ in added:
+                stack.sidecars.pop(spec.key, None)
+            stack.sidecars.update((spec.key, (spec, port)) for spec, port in removed)
+
+        try:
+            if added:
+                new_children = stack.start_sidecars(added)
+            urls = {spec.url: f"http://127.0.0.1:{port}" for spec, port in stack.sidecars.values()}
+            text = effective_text(raw, self.source, urls)
+            new = self._parse_effective(text)
+        except (Interrupted, StackError, PolicyError):  # ChildFailed is a StackError
+            undo()
+            raise
+        assert self.policy is not None
+        if new.digest == self.policy.digest:  # e.g. only comments changed
+            self._restore_files()
+            undo()
+            stack.progress(f"policy: {rel(self.source)} changed, the effective policy did not")
+            return
+        verdict = self._switch_gateway(stack, text, new.digest)
+        if verdict is not None:
+            self._restore_files()
+            undo()
+            stack.write_run_file()
+            stack.progress(f"policy: {verdict}; the running policy stays on the gateway and the controller")
+            return
+        write_atomic(self.controller_file, text.encode())  # the controller follows what the gateway serves
+        self.policy, self.text = new, text
+        old = [c for spec, _ in removed if (c := stack.find_child(spec.name)) is not None]
+        stack.retire(old, RELOAD_GRACE_S)
+        stack.write_run_file()
+        changes = f"sidecars: {len(added)} started, {len(removed)} stopped" if added or removed else "same sidecars"
+        stack.progress(f"policy: applied the edit of {rel(self.source)} ({changes})")
+
+    def _restore_files(self) -> None:
+        """Both files back on the serving bytes (a no-op when they hold them already)."""
+        for path in (self.gateway_file, self.controller_file):
+            try:
+                same = path.read_text() == self.text
+            except OSError:
+                same = False
+            if not same:
+                write_atomic(path, self.text.encode())
+
+    def _switch_gateway(self, stack: StackOps, text: str, digest: str) -> str | None:
+        """Write the gateway's file and wait for it to serve ``digest``: None when it does, else why not."""
+        failures = probes.gateway_reload_failures(self.gateway_metrics)
+        write_atomic(self.gateway_file, text.encode())
+        deadline = self.clock() + self.switch_timeout_s
+        while self.clock() < deadline:
+            stack.tick()
+            serving = probes.gateway_policy(self.gateway_health)
+            if serving is not None and digest.startswith(serving):
+                return None
+            now_failed = probes.gateway_reload_failures(self.gateway_metrics)
+            if failures is not None and now_failed is not None and now_failed > failures:
+                gateway = stack.find_child("gateway")
+                log = f" (see {rel(gateway.log_path)})" if gateway is not None else ""
+                return f"the gateway refused the edit{log}"
+            if failures is None:
+                failures = now_failed  # the gateway was restarting when the edit came
+            stack.sleep(POLL_S)
+        return f"the gateway did not switch to the edit within {self.switch_timeout_s:.0f}s"

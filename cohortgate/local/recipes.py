@@ -1,0 +1,235 @@
+"""How `cohortgate up` runs each child, as pure functions: a `Layout` in, a `Recipe` (argv, env, log,
+endpoint, what run.json says about it) out. No process, no socket: tests check every flag directly.
+
+A restart runs the same recipe again, so a restarted child is exactly the child that died (same
+ports, sockets, state files, salt). Envoy is the exception in kind, not in shape: `envoy_args` are
+the extra flags `cohortgate.deploy.envoyproc.EnvoyProcess` adds to its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cohortgate.core.contract import UNIT_SALT_ENV
+from cohortgate.local.plan import SidecarSpec
+
+SIDECAR_DRAIN_S = 10.0  # a sidecar's --drain-timeout: queued requests finish on SIGTERM
+RELOAD_GRACE_S = 2.0  # the gateway's --reload-grace: how long a dropped cluster stays in Envoy
+ENVOY_DRAIN_S = 2.0  # Envoy's --drain-time-s: how long listeners drain before they close
+DEMO_BAD_SHARE = 0.03  # the demo's traffic includes a few misbehaving clients, so denials show too
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where everything of one stack lives: what every recipe needs, fixed for the stack's life."""
+
+    state_dir: Path
+    certs_dir: Path
+    ports: Mapping[str, int]  # controller, dashboard, gateway_metrics, envoy, admin
+    processor_socket: str
+    als_socket: str
+    gateway_policy: Path  # the effective policy the gateway serves
+    controller_policy: Path  # the same text, written only once the gateway serves it
+    transport: str = "grpc"
+    redis: str | None = None
+    unit_salt: str = ""
+    canary_fault_after_s: float = 0.0
+    python: str = field(default=sys.executable)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "admin.token"
+
+    @property
+    def state_file(self) -> Path:
+        """The controller's state; in embedded mode the gateway follows it too."""
+        return self.state_dir / "state.json"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.logs_dir / "audit.jsonl"
+
+    @property
+    def controller_api(self) -> str:
+        return f"http://127.0.0.1:{self.ports['controller']}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}/"
+
+    @property
+    def gateway_health(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway_metrics']}/healthz"
+
+    @property
+    def gateway_metrics(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway_metrics']}/metrics"
+
+    @property
+    def envoy_admin(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['envoy']}"
+
+    def cli(self, *args: str) -> tuple[str, ...]:
+        return (self.python, "-m", "cohortgate.cli", *args)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """One child, before it runs: the supervisor starts (and restarts) exactly this."""
+
+    name: str
+    kind: str  # sidecar | controller | gateway | envoy | traffic
+    argv: tuple[str, ...]
+    log_path: Path
+    endpoint: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)  # what run.json says about it
+    stale_paths: tuple[str, ...] = ()  # removed before each start: a stale socket must not pass for ready
+
+
+def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
+    """A model sidecar on ``port``: its shadow reports go to Redis, else to the controller's /reports."""
+    argv = layout.cli(
+        "sidecar",
+        "--model", spec.model_path,
+        "--name", spec.model_name,
+        "--port", str(port),
+        "--variant", spec.variant,
+        "--threads", "1",
+        "--drain-timeout", str(SIDECAR_DRAIN_S),
+        "--report-to", layout.redis or f"{layout.controller_api}/reports",
+    )  # fmt: skip
+    if spec.fault_rate > 0:
+        argv += ("--fault-rate", str(spec.fault_rate), "--fault-after", str(layout.canary_fault_after_s))
+    return Recipe(
+        name=spec.name,
+        kind="sidecar",
+        argv=argv,
+        log_path=layout.logs_dir / f"{spec.name}.log",
+        endpoint=f"http://127.0.0.1:{port}",
+        info={
+            "port": port,
+            "policy_url": spec.url,
+            "route": spec.route,
+            "variant": spec.variant,
+            "shadow": spec.shadow,
+            "region": spec.region,
+            "model": spec.model_name,
+            "model_path": spec.model_path,
+            "fault_rate": spec.fault_rate,
+        },
+    )
+
+
+def controller_recipe(layout: Layout) -> Recipe:
+    """The controller, its dashboard and its access-log receiver; it follows its own policy file."""
+    argv = layout.cli(
+        "controller",
+        "--policy", str(layout.controller_policy),
+        "--listen", f"127.0.0.1:{layout.ports['controller']}",
+        "--als", f"uds:{layout.als_socket}",
+        "--token-file", str(layout.token_file),
+        "--state-file", str(layout.state_file),
+        "--dashboard", f"127.0.0.1:{layout.ports['dashboard']}",
+        "--allow-actions",  # the dashboard's buttons; each action still needs the admin token
+    )  # fmt: skip
+    if layout.redis:
+        argv += ("--redis", layout.redis)
+    return Recipe(
+        name="controller",
+        kind="controller",
+        argv=argv,
+        log_path=layout.logs_dir / "controller.log",
+        endpoint=layout.controller_api,
+        info={
+            "port": layout.ports["controller"],
+            "als": f"uds:{layout.als_socket}",
+            "token_file": str(layout.token_file),
+            "dashboard": layout.dashboard,
+            "policy": str(layout.controller_policy),
+        },
+    )
+
+
+def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
+    """The ext_proc gateway on a Unix socket; it moves Envoy's clusters two-phase on a policy edit."""
+    argv = layout.cli(
+        "gateway",
+        "--policy", str(layout.gateway_policy),
+        "--certs", str(layout.certs_dir),
+        "--transport", layout.transport,
+        "--listen", f"uds:{layout.processor_socket}",
+        "--audit-log", str(layout.audit_log),
+        "--metrics", f"127.0.0.1:{layout.ports['gateway_metrics']}",
+        "--envoy-cds", str(envoy_cds),
+        "--envoy-admin", layout.envoy_admin,
+        "--reload-grace", str(RELOAD_GRACE_S),
+    )  # fmt: skip
+    # The gateway follows the controller's weights: in the shared Redis (keeping a local copy of its
+    # own), or, embedded, in the state file the controller writes.
+    if layout.redis:
+        argv += ("--redis", layout.redis, "--state-file", str(layout.state_dir / "gateway-state.json"))
+    else:
+        argv += ("--state-file", str(layout.state_file))
+    return Recipe(
+        name="gateway",
+        kind="gateway",
+        argv=argv,
+        log_path=layout.logs_dir / "gateway.log",
+        endpoint=f"uds:{layout.processor_socket}",
+        env={UNIT_SALT_ENV: layout.unit_salt},
+        info={
+            "transport": layout.transport,
+            "audit_log": str(layout.audit_log),
+            "metrics": layout.gateway_metrics,
+            "metrics_port": layout.ports["gateway_metrics"],
+        },
+        stale_paths=(layout.processor_socket,),
+    )
+
+
+def envoy_args() -> tuple[str, ...]:
+    """Flags `up` adds to `EnvoyProcess`'s own: a graceful drain of `ENVOY_DRAIN_S`, every connection
+    told to close at once (``Connection: close`` / GOAWAY) rather than a gradual share of them."""
+    return ("--drain-time-s", str(int(ENVOY_DRAIN_S)), "--drain-strategy", "immediate")
+
+
+def envoy_recipe(layout: Layout, bootstrap: Path, cds: Path, concurrency: int) -> Recipe:
+    """Envoy as run.json describes it; `EnvoyProcess` builds the command line itself (see `envoy_args`)."""
+    return Recipe(
+        name="envoy",
+        kind="envoy",
+        argv=("envoy", "-c", str(bootstrap), "--concurrency", str(concurrency), *envoy_args()),
+        log_path=layout.logs_dir / "envoy.log",
+        endpoint=layout.gateway_url,
+        info={
+            "port": layout.ports["envoy"],
+            "admin": layout.envoy_admin,
+            "admin_port": layout.ports["admin"],
+            "bootstrap": str(bootstrap),
+            "cds": str(cds),
+        },
+    )
+
+
+def traffic_recipe(layout: Layout, model: str) -> Recipe:
+    """The demo's load, as one more child: `up` stops it first and prints its summary."""
+    argv = layout.cli(
+        "traffic", "--state-dir", str(layout.state_dir), "--model", model, "--duration", "1d",
+        "--bad-share", str(DEMO_BAD_SHARE),
+    )  # fmt: skip
+    return Recipe(
+        name="traffic", kind="traffic", argv=argv, log_path=layout.logs_dir / "traffic.log", info={"model": model}
+    )
