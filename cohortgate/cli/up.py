@@ -26,6 +26,16 @@ DEMO_FAULT_RATE = 0.3
 DEMO_FAULT_AFTER_S = 20.0  # from the canary's first request: long enough to see it healthy on the page
 
 
+DESCRIPTION = (
+    "Run the whole stack on this machine: build the demo models and mint certificates when missing, "
+    "start a sidecar per backend that names a local model, the controller, the gateway and Envoy, then "
+    "print the endpoints. A child that dies is restarted; Ctrl-C stops everything; edits of the policy "
+    "file apply live. STATE-DIR/run.json tells scripts (and cohortgate call, traffic, status) where "
+    "everything is; STATE-DIR/logs holds each child's log. With --demo the canary fails a share of its "
+    "requests under background traffic, and the controller rolls it back within a minute."
+)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -46,8 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "up",
         help="run the whole stack locally: sidecars, controller, gateway, Envoy",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     p.add_argument(
         "--policy",
@@ -79,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="F",
         help="demo knob: the canary's sidecars fail this fraction of requests with 500, so "
-        f"`cohortgate traffic` shows an automatic rollback (default 0; {DEMO_FAULT_RATE:g} with --demo)",
+        f"cohortgate traffic shows an automatic rollback (default 0; {DEMO_FAULT_RATE:g} with --demo)",
     )
     p.add_argument(
         "--canary-fault-after",
@@ -92,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="the demo: a faulty canary (see --canary-fault-rate) and `cohortgate traffic` in the background, "
+        help="the demo: a faulty canary (see --canary-fault-rate) and cohortgate traffic in the background, "
         "so the controller rolls the canary back within a minute while you watch",
     )
     p.add_argument(
