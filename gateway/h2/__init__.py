@@ -3,12 +3,16 @@
 grpcio spends its time in its poller thread and wake-ups, and a general HTTP/2 state machine
 costs more than the whole decision; a server written for one peer and one method does not.
 
-    frames.py      frame layout, constants, builders             (pure)
-    hpackmemo.py   hpack decoder + generation-keyed block memo   (pure)
-    grpcwire.py    request validation, prebuilt status blocks    (pure)
-    connection.py  one connection's state machine, sans-I/O      (pure)
-    server.py      asyncio Protocol adapter, UDS/TCP/TLS, drain  (I/O)
-    metrics.py     H2Counters as Prometheus metrics, at scrape time
+    frames.py       frame layout, constants, builders                   (pure)
+    errors.py       connection and stream protocol errors               (pure)
+    hpackmemo.py    hpack decoder + generation-keyed block memo         (pure)
+    streamstate.py  a stream's lifecycle as a transition table          (pure)
+    flowcontrol.py  windows both ways, WINDOW_UPDATE, queued DATA       (pure)
+    grpcwire.py     request validation, prebuilt status blocks          (pure)
+    grpcstream.py   one gRPC call: message framing, processor, status   (pure)
+    connection.py   one connection: frames, dispatch, limits, drain     (pure, sans-I/O)
+    server.py       asyncio Protocol adapter, UDS/TCP/TLS, drain        (I/O)
+    metrics.py      H2Counters as Prometheus metrics, at scrape time
 """
 
 from gateway.h2.connection import H2Connection, H2Counters, H2Limits, NewProcessor, StreamProcessor

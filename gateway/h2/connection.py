@@ -49,11 +49,21 @@ __all__ = ["DRAIN_PING_GRACE", "H2Connection", "H2Counters", "H2Limits", "NewPro
 
 log = logging.getLogger("gateway.h2")
 
-_OPEN_STATE = StreamState.OPEN
-_CLOSED_STATE = StreamState.CLOSED
+# Enum members bound once: a class attribute lookup costs more than the table lookup it feeds.
+_IDLE = StreamState.IDLE
+_OPEN = StreamState.OPEN
+_ANSWERED = StreamState.ANSWERED
+_ANSWERED_REMOTE_CLOSED = StreamState.ANSWERED_REMOTE_CLOSED
+_CLOSED = StreamState.CLOSED
 _ANSWER_UNDECIDED = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+_RECV_HEADERS = StreamEvent.RECV_HEADERS
 _RECV_DATA = StreamEvent.RECV_DATA
 _RECV_END_STREAM = StreamEvent.RECV_END_STREAM
+_RECV_RST_STREAM = StreamEvent.RECV_RST_STREAM
+_ANSWER = StreamEvent.ANSWER
+_SEND_END_STREAM = StreamEvent.SEND_END_STREAM
+_SEND_RST_STREAM = StreamEvent.SEND_RST_STREAM
+_CONNECTION_CLOSED = StreamEvent.CONNECTION_CLOSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +167,7 @@ _DRAIN_PING = b"drain\x00\x00\x01"
 DRAIN_PING_GRACE = 1.0
 _RESET_MEMORY = 256  # stream ids reset by us, whose late frames are ignored (RFC 9113 §5.4.2)
 
-_PREFACE, _SETTINGS_FIRST, _OPEN = 0, 1, 2
+_PREFACE, _SETTINGS_FIRST, _FRAMES = 0, 1, 2  # what the connection reads next
 
 
 class H2Connection:
@@ -398,10 +408,10 @@ class H2Connection:
             pos = end
             if self._header_sid and ftype != f.CONTINUATION:
                 raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
-            if self._state != _OPEN:
+            if self._state != _FRAMES:
                 if ftype != f.SETTINGS or flags & f.ACK:
                     raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "first frame must be SETTINGS")
-                self._state = _OPEN
+                self._state = _FRAMES
             try:
                 if ftype == f.DATA:
                     self._on_data(flags, sid, payload)
@@ -420,10 +430,9 @@ class H2Connection:
         if sid == 0:
             raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
-        conn_window = self._recv_window
-        if not conn_window.consume(length):
+        increment = self._recv_window.receive(length)
+        if increment is None:
             raise ConnectionProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
-        increment = conn_window.refill()
         if increment:
             self._out.append(f.window_update_frame(0, increment))
         data = payload
@@ -438,18 +447,17 @@ class H2Connection:
             self._on_closed_stream(sid, _RECV_DATA)
             return
         s.state = next_state(s.state, _RECV_DATA, sid)
-        if not s.recv_window.consume(length):
+        increment = s.recv_window.receive(length)
+        if increment is None:
             raise StreamProtocolError(sid, ErrorCode.FLOW_CONTROL_ERROR)
-        if data and s.state is _OPEN_STATE:
+        if data and s.state is _OPEN:
             self._on_stream_bytes(s, data)
-            if s.state is _CLOSED_STATE:
+            if s.state is _CLOSED:
                 return
         if flags & f.END_STREAM:
             self._end_remote(s)
-        elif s.state is not _CLOSED_STATE:
-            increment = s.recv_window.refill()
-            if increment:
-                self._out.append(f.window_update_frame(sid, increment))
+        elif increment:  # after the answers this DATA brought, as the peer reads them
+            self._out.append(f.window_update_frame(sid, increment))
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -515,7 +523,7 @@ class H2Connection:
         if s is None:
             return  # closed: a reset crossing ours, or after our answer
         self.counters.peer_resets += 1
-        self._close_stream(s, StreamEvent.RECV_RST_STREAM)
+        self._close_stream(s, _RECV_RST_STREAM)
         if not s.headers_sent:
             # Rapid reset (CVE-2023-44487) opens streams and cancels them before they are answered.
             # Only those count: Envoy resets every ext_proc stream, but after it has its answer.
@@ -653,11 +661,11 @@ class H2Connection:
     def _on_closed_stream(self, sid: int, event: StreamEvent) -> None:
         """DATA or a header block for a stream that is not open: the transition table's refusal."""
         if sid > self._last_sid:
-            next_state(StreamState.IDLE, event, sid)  # DATA: raises
+            next_state(_IDLE, event, sid)  # DATA: raises
             return
         if sid in self._reset_ids:
             return  # late frames after our RST_STREAM are ignored
-        next_state(StreamState.CLOSED, event, sid)  # raises
+        next_state(_CLOSED, event, sid)  # raises
 
     def _on_header_block(self, sid: int, block: bytes, end_stream: bool, self_dep: bool) -> None:
         try:
@@ -668,13 +676,13 @@ class H2Connection:
             raise ConnectionProtocolError(ErrorCode.COMPRESSION_ERROR, "undecodable header block") from None
         s = self._streams.get(sid)
         if s is not None:  # trailers
-            s.state = next_state(s.state, StreamEvent.RECV_HEADERS, sid)
+            s.state = next_state(s.state, _RECV_HEADERS, sid)
             if not end_stream or self_dep or not trailers_valid(headers):
                 raise StreamProtocolError(sid, ErrorCode.PROTOCOL_ERROR)
             self._end_remote(s)
             return
         if sid <= self._last_sid:
-            self._on_closed_stream(sid, StreamEvent.RECV_HEADERS)
+            self._on_closed_stream(sid, _RECV_HEADERS)
             return
         if not sid & 1:
             raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "even stream id from a client")
@@ -718,7 +726,7 @@ class H2Connection:
         self._buffered += len(s.buf) - before
         for message in messages:
             self._dispatch(s, message)
-            if s.state is not _OPEN_STATE:
+            if s.state is not _OPEN:
                 return
         if failure is not None:
             self._finish(s, *failure)
@@ -759,7 +767,7 @@ class H2Connection:
     def _end_remote(self, s: GrpcStream) -> None:
         """The peer half-closed: end our side with the status the stream earned."""
         s.state = next_state(s.state, _RECV_END_STREAM, s.sid)
-        if s.state is StreamState.ANSWERED_REMOTE_CLOSED:
+        if s.state is _ANSWERED_REMOTE_CLOSED:
             return  # the final block follows the DATA still queued
         if s.buf:
             self._finish(s, GrpcStatus.INTERNAL, "incomplete message")
@@ -768,7 +776,7 @@ class H2Connection:
 
     def _finish(self, s: GrpcStream, status: GrpcStatus, message: str = "") -> None:
         """Decide the stream's last block; sent now, or after DATA held back by flow control."""
-        s.state = next_state(s.state, StreamEvent.ANSWER, s.sid)
+        s.state = next_state(s.state, _ANSWER, s.sid)
         self._buffered -= len(s.buf)
         s.buf = bytearray()
         block = s.final_block(status, message)
@@ -779,11 +787,11 @@ class H2Connection:
 
     def _send_trailers(self, s: GrpcStream, block: bytes) -> None:
         self._out.append(self._header_frames(s.sid, block, end_stream=True))
-        if s.state is StreamState.ANSWERED:
+        if s.state is _ANSWERED:
             # Complete answer before the request ended: ask the peer to stop (RFC 9113 §8.1).
             self._out.append(f.rst_stream_frame(s.sid, ErrorCode.NO_ERROR))
             self._remember_reset(s.sid)
-        self._close_stream(s, StreamEvent.SEND_END_STREAM)
+        self._close_stream(s, _SEND_END_STREAM)
 
     def _drain_stream(self, s: GrpcStream) -> None:
         """Send what the windows now admit of ``s``'s queued DATA, and its final block once that is all."""
@@ -795,7 +803,7 @@ class H2Connection:
         for s in list(flow.blocked.values()):
             if flow.window <= 0:
                 return
-            if s.state is not _CLOSED_STATE:
+            if s.state is not _CLOSED:
                 self._drain_stream(s)
 
     def _reset(self, sid: int, code: ErrorCode) -> None:
@@ -805,7 +813,7 @@ class H2Connection:
         self._remember_reset(sid)
         s = self._streams.get(sid)
         if s is not None:
-            self._close_stream(s, StreamEvent.SEND_RST_STREAM)
+            self._close_stream(s, _SEND_RST_STREAM)
 
     def _remember_reset(self, sid: int) -> None:
         ids = self._reset_ids
@@ -818,7 +826,8 @@ class H2Connection:
         s.processor = None
         del self._streams[s.sid]
         self._buffered -= len(s.buf)
-        self._send_flow.forget(s)
+        if s.queued:
+            self._send_flow.forget(s)
         if self._drain_state == 2 or self._peer_goaway:
             self._maybe_close()
 
@@ -862,7 +871,7 @@ class H2Connection:
     def _abandon(self) -> None:
         self.closed = True
         for s in self._streams.values():
-            s.state = next_state(s.state, StreamEvent.CONNECTION_CLOSED, s.sid)
+            s.state = next_state(s.state, _CONNECTION_CLOSED, s.sid)
             s.processor = None
         self._streams.clear()
         self._send_flow.clear()

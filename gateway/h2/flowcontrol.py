@@ -26,17 +26,17 @@ class ReceiveWindow:
         self.size = size  # what we re-open it to
         self.available = available
 
-    def consume(self, n: int) -> bool:
-        """Count ``n`` received bytes (padding included); False if the peer overran the window."""
-        self.available -= n
-        return self.available >= 0
-
-    def refill(self) -> int:
-        """The WINDOW_UPDATE increment due now: all that is used, once that is half the window, else 0."""
-        used = self.size - self.available
+    def receive(self, n: int) -> int | None:
+        """Count ``n`` received bytes (padding included): the WINDOW_UPDATE increment now due,
+        0 while less than half the window is used, None if the peer overran the window."""
+        available = self.available - n
+        if available < 0:
+            return None
+        used = self.size - available
         if used >= self.size >> 1:
             self.available = self.size
             return used
+        self.available = available
         return 0
 
 

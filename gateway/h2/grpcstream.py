@@ -18,6 +18,7 @@ from gateway.h2.grpcwire import MESSAGE_PREFIX, GrpcStatus, trailers
 from gateway.h2.streamstate import StreamState
 
 _ProcessingRequest = external_processor_pb2.ProcessingRequest
+_OPEN = StreamState.OPEN
 
 
 class StreamProcessor(Protocol):
@@ -50,8 +51,8 @@ class GrpcStream(StreamFlow):
     def __init__(
         self, sid: int, processor: StreamProcessor, recv_window: int, send_window: int, deadline: float | None
     ) -> None:
-        super().__init__(sid, recv_window, send_window)
-        self.state = StreamState.OPEN
+        StreamFlow.__init__(self, sid, recv_window, send_window)
+        self.state = _OPEN
         self.processor: StreamProcessor | None = processor
         self.buf = bytearray()  # a partial gRPC message
         self.deadline = deadline  # from grpc-timeout, on the connection's clock
