@@ -56,9 +56,10 @@ def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:
     """log sum exp along ``axis`` (numpy only: scipy's array-API wrapper costs ~1 ms a call)."""
     a = np.asarray(a, dtype=float)
     m = np.max(a, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m
+    finite = np.isfinite(m)
+    m = np.where(finite, m, 0.0)
+    total = np.sum(np.exp(a - m), axis=axis, keepdims=True)
+    out = np.where(finite, np.log(np.maximum(total, 1e-300)) + m, -np.inf)
     return np.squeeze(out, axis=axis)
 
 
@@ -67,8 +68,8 @@ def log_choose(n: np.ndarray, k: np.ndarray) -> np.ndarray:
     n = np.asarray(n, dtype=float)
     k = np.asarray(k, dtype=float)
     ok = (k >= 0) & (k <= n)
-    with np.errstate(invalid="ignore"):
-        out = special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(np.maximum(n - k, 0) + 1)
+    kk = np.clip(k, 0, np.maximum(n, 0))
+    out = special.gammaln(n + 1) - special.gammaln(kk + 1) - special.gammaln(n - kk + 1)
     return np.where(ok, out, -np.inf)
 
 
@@ -201,14 +202,19 @@ class LimitTest:
     n: int = 0
     bad: int = 0
 
+    _bad: np.ndarray = field(init=False, repr=False)  # log LR of one bad outcome, per alternative
+    _good: np.ndarray = field(init=False, repr=False)  # ... and of one good one (the LR is linear in x)
+
     def __post_init__(self) -> None:
         self.log_lr = np.zeros_like(self.log_psi)
+        self._bad = limit_log_lr(1, 1, self.p0, self.log_psi, self.above)
+        self._good = limit_log_lr(0, 1, self.p0, self.log_psi, self.above)
 
     def update(self, x: int, n: int, temper: float = 1.0) -> float:
         if not 0 <= x <= n:
             raise ValueError(f"inconsistent counts x={x} n={n}")
         if n:
-            self.log_lr = self.log_lr + limit_log_lr(x, n, self.p0, self.log_psi, self.above)
+            self.log_lr = self.log_lr + (x * self._bad + (n - x) * self._good)
             self.n += n
             self.bad += x
         self.p_value = _tempered_p(self.p_value, float(mixture_log(self.log_lr)), temper)
