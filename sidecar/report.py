@@ -31,9 +31,12 @@ import numpy as np
 import orjson
 
 from cohortgate.core.contract import REPORTS_STREAM, TOKEN_FILE_ENV
+from cohortgate.support.logs import Throttle
 from sidecar.metrics import SidecarMetrics
 
 log = logging.getLogger(__name__)
+throttled = Throttle(log)  # a dead sink fails every batch: one line per 30 s, with counts (issue 17.6)
+SINK_FAILED = "shadow-report-sink-failed"
 
 STREAM_MAXLEN = 100_000
 
@@ -299,7 +302,10 @@ class Reporter:
             try:
                 await self.sink.send(reports)
             except Exception as exc:  # a sink failure never reaches a request; count and go on
-                log.warning("shadow report sink failed (%d reports dropped): %s", len(reports), exc)
+                throttled.warning(
+                    "shadow report sink failed (%d reports dropped): %s", len(reports), exc, key=SINK_FAILED
+                )
                 self._count("failed", len(reports))
             else:
+                throttled.resolved(SINK_FAILED, "shadow report sink works again")
                 self._count("sent", len(reports))

@@ -43,8 +43,10 @@ from cohortgate.core.contract import (
 )
 from cohortgate.core.policy import Policy
 from cohortgate.store.events import REQUEST, Event, EventSink
+from cohortgate.support.logs import Throttle
 
 log = logging.getLogger(__name__)
+throttled = Throttle(log)  # one malformed entry per request must not flood the log (issue 17.6)
 
 
 def _ms(duration: Any) -> float:
@@ -133,7 +135,7 @@ class AccessLogReceiver:
             try:
                 event = event_from_entry(entry, self.route_of)
             except (ValueError, AttributeError) as exc:  # a malformed entry never ends the stream
-                log.warning("skipping an access-log entry: %s", exc)
+                throttled.warning("skipping an access-log entry: %s", exc)
                 continue
             if self.metrics is not None and not event.shadow_of:
                 self.metrics.observe_request(

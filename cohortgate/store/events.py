@@ -36,8 +36,11 @@ from typing import Any, Protocol
 
 from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, REPORTS_STREAM
 from cohortgate.store.redis import redis_client, redis_errors
+from cohortgate.support.logs import Throttle
 
 log = logging.getLogger(__name__)
+throttled = Throttle(log)  # failures that repeat per batch or per entry: one line per 30 s (issue 17.6)
+XADD_FAILED = "event-stream-xadd-failed"
 
 REQUEST = "request"
 REPORT = "report"
@@ -277,10 +280,11 @@ class RedisStreamSink:
             self._drop(len(items), "timeout")
             return False
         except redis_errors() as exc:
-            log.debug("event stream XADD failed, %d events dropped: %s", len(items), exc)
+            throttled.warning("event stream XADD failed, %d events dropped: %s", len(items), exc, key=XADD_FAILED)
             self._drop(len(items), "redis_error")
             return False
         self.sent += len(items)
+        throttled.resolved(XADD_FAILED, "event stream XADD works again")
         return True
 
     async def _run(self) -> None:
@@ -373,7 +377,7 @@ class RedisStreamSource:
             try:
                 out.append(Event.from_fields(fields))
             except (KeyError, ValueError) as exc:
-                log.warning("skipping malformed stream entry %s in %s: %s", entry_id, stream, exc)
+                throttled.warning("skipping malformed stream entry %s in %s: %s", entry_id, stream, exc)
         return out
 
     async def read(self, max_events: int, timeout_s: float) -> list[Event]:
