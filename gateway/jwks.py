@@ -14,6 +14,12 @@ is a synchronous read on that (rare) request; for a URL, the request is refused 
 fetch runs as a background task, because the verify path is synchronous and must not block the loop.
 A failed refresh keeps the previous keys. Keys are parsed by pyjwt (``PyJWKSet``); symmetric
 (``oct``) keys, keys with private members and non-signing keys are dropped, since a JWKS is public.
+
+A URL fetch is bounded: https only, redirects are never followed (a 3xx is a failed fetch that names
+where it pointed: https -> http would hand the key set to anyone on the path, and any redirect moves
+trust to a host nobody configured), at most ``MAX_JWKS_BYTES`` read (decompressed), and one total
+deadline for connecting, the headers and the body, so a server dripping bytes cannot hold it open.
+``allowed_hosts`` (the policy's ``jwt.jwks_hosts``) pins which hosts a URL may name.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import logging
 import os
 import ssl
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -36,6 +43,7 @@ from jwt import PyJWK, PyJWKSet
 log = logging.getLogger("cohortgate.jwks")
 
 MAX_JWKS_BYTES = 1 << 20
+_CHUNK = 64 * 1024
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
@@ -98,28 +106,73 @@ class JwksFile:
         return f"JwksFile({str(self.path)!r})"
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows 3xx (to http:// too) by default; a JWKS fetch follows none."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None  # urllib then raises HTTPError(code) for the 3xx itself
+
+
 class JwksUrl:
     """An ``https://`` JWKS endpoint. The gateway refreshes it in the background with aiohttp."""
 
     sync_refresh = False
 
-    def __init__(self, url: str, timeout: float = 5.0, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        allowed_hosts: Iterable[str] | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("a JWKS URL must be an absolute https:// URL")
         if timeout <= 0:
             raise ValueError("the JWKS fetch timeout must be positive")
+        self._display = f"https://{parts.netloc.rpartition('@')[2]}{parts.path}"  # no query/userinfo
+        if allowed_hosts is not None:
+            hosts = {h.lower().rstrip(".") for h in allowed_hosts}
+            if parts.hostname.rstrip(".") not in hosts:
+                raise ValueError(
+                    f"JWKS URL {self._display} names host {parts.hostname!r}, "
+                    f"which is not an allowed JWKS host ({', '.join(sorted(hosts)) or 'none'})"
+                )
         self.url = url
         self.timeout = timeout
         self._ssl = ssl_context or ssl.create_default_context()
-        self._display = f"https://{parts.netloc.rpartition('@')[2]}{parts.path}"  # no query/userinfo
+        self._opener = urllib.request.build_opener(_NoRedirects(), urllib.request.HTTPSHandler(context=self._ssl))
+
+    def _redirected(self, status: int, location: str | None) -> JwksError:
+        target = urlsplit(location or "")
+        where = f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.scheme else "a relative URL"
+        return JwksError(
+            f"JWKS endpoint {self._display} answered a redirect (HTTP {status} to {where}); "
+            "redirects are not followed: configure the final https:// URL"
+        )
 
     def fetch(self) -> Mapping[str, Any]:
         """Blocking fetch, for start-up and the CLI; never called on the request path."""
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        deadline = time.monotonic() + self.timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as resp:
-                raw = resp.read(MAX_JWKS_BYTES + 1)
+            with self._opener.open(request, timeout=self.timeout) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                while size <= MAX_JWKS_BYTES:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+                    chunk = resp.read1(_CHUNK)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                raw = b"".join(chunks)
+        except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise self._redirected(exc.code, exc.headers.get("Location")) from None
+            raise JwksError(f"JWKS endpoint {self._display} answered HTTP {exc.code}") from None
         except OSError as exc:  # URLError, timeouts and TLS errors are all OSErrors
             raise JwksError(f"cannot fetch JWKS from {self._display}: {exc}") from exc
         return _parse_document(raw, self._display)
@@ -131,11 +184,24 @@ class JwksUrl:
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(self.url, ssl=self._ssl, headers={"Accept": "application/json"}) as resp,
+                session.get(
+                    self.url, ssl=self._ssl, headers={"Accept": "application/json"}, allow_redirects=False
+                ) as resp,
             ):
+                if 300 <= resp.status < 400:
+                    raise self._redirected(resp.status, resp.headers.get("Location"))
                 if resp.status != 200:
                     raise JwksError(f"JWKS endpoint {self._display} answered HTTP {resp.status}")
-                raw = await resp.content.read(MAX_JWKS_BYTES + 1)
+                if (resp.content_length or 0) > MAX_JWKS_BYTES:
+                    raise JwksError(f"JWKS from {self._display} is larger than {MAX_JWKS_BYTES} bytes")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_JWKS_BYTES:
+                        break
+                raw = b"".join(chunks)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise JwksError(f"cannot fetch JWKS from {self._display}: {exc!r}") from exc
         return _parse_document(raw, self._display)
@@ -302,10 +368,17 @@ class KeySet:
         return f"KeySet({self.source!r}, keys={len(self._keys)})"
 
 
-def source_from_spec(spec: str, relative_to: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> KeySource:
-    """``https://...`` -> JwksUrl; anything else is a file path, relative to ``relative_to``."""
+def source_from_spec(
+    spec: str,
+    relative_to: str | os.PathLike[str] | None = None,
+    timeout: float = 5.0,
+    *,
+    allowed_hosts: Iterable[str] | None = None,
+) -> KeySource:
+    """``https://...`` -> JwksUrl (on one of ``allowed_hosts``, when given); anything else is a file
+    path, relative to ``relative_to``."""
     if spec.startswith("https://"):
-        return JwksUrl(spec, timeout)
+        return JwksUrl(spec, timeout, allowed_hosts=allowed_hosts)
     if "://" in spec:
         raise ValueError(f"JWKS location {spec!r}: only https:// URLs or file paths are accepted")
     path = Path(spec)

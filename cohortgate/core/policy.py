@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from cohortgate.core import cohorts
 from cohortgate.core.contract import MIRROR_SLOTS, cluster_name
 from cohortgate.core.errors import PolicyError
-from cohortgate.core.schema import PolicyModel, Predicate
+from cohortgate.core.schema import JwtSpec, PolicyModel, Predicate
 from cohortgate.core.schema import Route as RouteModel
 
 OIP_MODEL_PREFIX = "/v2/models/"
@@ -158,6 +158,7 @@ class JwtSettings:
     jwks: str  # absolute file path or https URL
     leeway_s: int
     required: bool
+    jwks_hosts: tuple[str, ...] | None = None  # the hosts an https:// jwks may name (None: any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +405,7 @@ def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> Pol
         problems = _pydantic_problems(exc, marks)
         problems.extend(_check(_valid_routes(data), marks))
         raise PolicyError(_in_file_order(problems)) from None
-    problems = list(_check(model.routes, marks))
+    problems = [*_check_jwt(model.jwt, marks), *_check(model.routes, marks)]
     if problems:
         raise PolicyError(_in_file_order(problems))
     return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd())
@@ -466,6 +467,23 @@ def _valid_routes(data: dict[str, Any]) -> list[RouteModel | None]:
         except ValidationError:
             out.append(None)
     return out
+
+
+def _check_jwt(jwt: JwtSpec, marks: _Marks) -> Iterable[str]:
+    """Where keys may come from: a file, or https:// on one of ``jwks_hosts`` when the policy lists them."""
+    at = marks.at(("jwt", "jwks"))
+    if "://" not in jwt.jwks:
+        return
+    parts = urlsplit(jwt.jwks)
+    if parts.scheme != "https" or not parts.hostname:
+        yield f"{at}: jwt.jwks {jwt.jwks!r}: keys come from a file path or an https:// URL only"
+        return
+    hosts = {h.lower().rstrip(".") for h in jwt.jwks_hosts or ()}
+    if jwt.jwks_hosts is not None and parts.hostname.rstrip(".") not in hosts:
+        yield (
+            f"{at}: jwt.jwks names host {parts.hostname!r}, which is not in jwt.jwks_hosts "
+            f"{sorted(hosts)}: keys are fetched only from the hosts the policy lists"
+        )
 
 
 def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
@@ -619,6 +637,7 @@ def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> 
         jwks=jwks,
         leeway_s=jwt.leeway_s,
         required=jwt.required,
+        jwks_hosts=tuple(jwt.jwks_hosts) if jwt.jwks_hosts is not None else None,
     )
     routes = tuple(_compile_route(r, base_dir) for r in model.routes)
     return _index(filename, digest, settings, model.response_headers, routes)

@@ -31,6 +31,12 @@ class JwtSpec(_Strict):
         description="Signature algorithm allow-list. `none` and HMAC algorithms are never accepted.",
     )
     jwks: str = Field(description="JWKS file (relative to the policy file) or an https:// URL.")
+    jwks_hosts: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Hosts an https:// `jwks` may name; a policy (or a reload) naming another host is refused. "
+        "Redirects are never followed.",
+    )
     leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew tolerated on exp/nbf.")
     required: bool = Field(default=True, description="Refuse requests without a valid token (401).")
 
