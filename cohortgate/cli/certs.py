@@ -1,4 +1,4 @@
-"""`cohortgate certs`: mint the local CA, TLS certificates and JWT signing key (see gateway/pki.py)."""
+"""`cohortgate certs`: mint the local CA, TLS certificates and JWT signing key (`cohortgate.deploy.pki`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Existing files are kept unless --force.",
     )
     init.add_argument("--dir", default="certs", help="output directory (default: certs)")
-    init.add_argument("--trust-domain", default="cohortgate.local", help="SPIFFE trust domain")
+    init.add_argument(
+        "--trust-domain", default="cohortgate.local", help="the SPIFFE trust domain (default cohortgate.local)"
+    )
     init.add_argument(
         "--client",
         action="append",

@@ -26,6 +26,13 @@ from cohortgate.support.durations import duration_arg, interval_arg
 from cohortgate.support.files import changes
 from cohortgate.support.runtime import tune_collector
 
+DESCRIPTION = (
+    "Watch every variant against control and roll a bad one back (or promote a good one) on its own. "
+    "Without --redis everything is in this process: Envoy's access log feeds it directly and states "
+    "live in memory and in --state-file. With --redis, events come from the Redis stream, one controller "
+    "leads at a time, and states go to the Redis hash every gateway follows. The live dashboard is served "
+    "on --dashboard (loopback), read-only unless --allow-actions."
+)
 DEFAULT_TOKEN_FILE = ".cohortgate/admin.token"
 DEFAULT_STATE_FILE = ".cohortgate/state.json"
 
@@ -50,10 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "controller",
         help="run the rollback/promotion controller",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
-    p.add_argument("--policy", required=True, help="policy YAML file")
+    p.add_argument("--policy", required=True, help="the policy file")
     p.add_argument(
         "--redis",
         metavar="URL",
@@ -100,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="check the policy file for edits this often (default 1s; 0: SIGHUP only)",
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.set_defaults(func=_run)
 
 

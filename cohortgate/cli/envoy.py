@@ -21,43 +21,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     render = sub.add_parser(
         "render",
-        help="Write bootstrap.yaml (static) and cds.yaml (the policy's clusters) into --out.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write bootstrap.yaml (static) and cds.yaml (the policy's clusters) into --out",
+        description="Write Envoy's bootstrap (listener, ext_proc filter, processor cluster: static) and cds.yaml "
+        "(the policy's clusters, which a running Envoy re-reads when the file is replaced) into --out. Paths "
+        "are written as given, so relative --certs and --out resolve against the directory Envoy starts in.",
     )
-    render.add_argument("--policy", required=True, type=Path, help="Policy file (YAML).")
-    render.add_argument("--certs", default=Path("certs"), type=Path, help="Directory from `cohortgate certs init`.")
+    render.add_argument("--policy", required=True, type=Path, help="the policy file")
+    render.add_argument(
+        "--certs",
+        default=Path("certs"),
+        type=Path,
+        help="the certificate directory from cohortgate certs init (default certs)",
+    )
     render.add_argument(
         "--transport",
         choices=("grpc", "http"),
         default="grpc",
-        help="How Envoy calls the processor: gRPC ext_proc (default) or the work-in-progress http_service.",
+        help="how Envoy calls the processor: gRPC ext_proc (default) or the work-in-progress http_service",
     )
     render.add_argument(
         "--processor",
         default=DEFAULT_PROCESSOR,
         metavar="uds:PATH|tcp:HOST:PORT",
-        help=f"Where the processor listens (default {DEFAULT_PROCESSOR}); TCP off loopback uses mTLS.",
+        help=f"where the processor listens (default {DEFAULT_PROCESSOR}); TCP off loopback uses mTLS",
     )
     render.add_argument(
         "--processor-tls",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Force mTLS to a TCP processor on or off (default: on unless the host is loopback).",
+        help="force mTLS to a TCP processor on or off (default: on unless the host is loopback)",
     )
-    render.add_argument("--listen-port", type=int, default=8443, help="HTTPS (mTLS) listener port.")
-    render.add_argument("--listen-address", default="127.0.0.1", help="Listener address (default 127.0.0.1).")
-    render.add_argument("--admin-port", type=int, default=9901, help="Admin port (always on 127.0.0.1).")
+    render.add_argument("--listen-port", type=int, default=8443, help="the HTTPS (mTLS) listener's port (default 8443)")
+    render.add_argument("--listen-address", default="127.0.0.1", help="the listener's address (default 127.0.0.1)")
+    render.add_argument(
+        "--admin-port", type=int, default=9901, help="the admin port, always on 127.0.0.1 (default 9901)"
+    )
     render.add_argument(
         "--access-log",
         default=None,
         metavar="uds:PATH|tcp:HOST:PORT",
-        help="Stream access logs to a gRPC access-log service there (off by default).",
+        help="stream access logs to a gRPC access-log service there (default off)",
     )
-    render.add_argument("--concurrency", type=int, default=None, help="Envoy workers you will run with.")
-    render.add_argument("--upstream-ca", default=None, help="CA bundle for https backends (default: system).")
-    render.add_argument("--out", default=Path(DEFAULT_OUT), type=Path, help=f"Output directory ({DEFAULT_OUT}).")
-    render.add_argument("--validate", action="store_true", help="Run `envoy --mode validate` on the result.")
+    render.add_argument(
+        "--concurrency", type=int, default=None, help="the Envoy workers you will run with (--concurrency)"
+    )
+    render.add_argument("--upstream-ca", default=None, help="a CA bundle for https backends (default: the system's)")
+    render.add_argument(
+        "--out", default=Path(DEFAULT_OUT), type=Path, help=f"the output directory (default {DEFAULT_OUT})"
+    )
+    render.add_argument("--validate", action="store_true", help="run envoy --mode validate on the result")
     render.set_defaults(func=_render)
 
 

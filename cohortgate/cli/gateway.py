@@ -1,4 +1,4 @@
-"""`cohortgate gateway`: run the ext_proc processor beside Envoy (see gateway/service.py)."""
+"""`cohortgate gateway`: run the ext_proc processor beside Envoy (`gateway.service`)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--listen",
         metavar="ADDR",
-        help="uds:PATH or tcp:HOST:PORT (default: uds:.cohortgate/processor.sock, as `envoy render`)",
+        help="uds:PATH or tcp:HOST:PORT (default uds:.cohortgate/processor.sock, as envoy render assumes)",
     )
     parser.add_argument(
         "--audit-log", default="-", metavar="FILE", help="JSON audit lines: a file, - for stdout (default)"
@@ -103,7 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="clusters a reload drops stay in Envoy this long, for requests in flight (default 2)",
     )
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="logging level (default info)",
+    )
     parser.set_defaults(func=_gateway)
 
 

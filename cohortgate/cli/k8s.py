@@ -15,6 +15,14 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUT = "deploy/k8s"
+DESCRIPTION = (
+    "Render Kubernetes manifests from a policy as a Kustomize directory: the edge (Envoy and the gateway "
+    "in one pod), a Deployment and Service per model backend pinned to its region, the controller, "
+    "NetworkPolicies, cert-manager Certificates and the policy as a ConfigMap. With --mesh, the resources "
+    "that make Envoy Gateway's or Istio's own Envoy call the processor instead of the edge. Nothing secret "
+    "is written: certificates, the unit salt and Redis credentials come from Secrets the cluster holds "
+    "(docs/scaling.md). Apply with kubectl apply -k OUT."
+)
 
 
 def _route_name(text: str) -> tuple[str, str]:
@@ -45,8 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "render",
         help="write a Kustomize directory (kubectl apply -k OUT)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     p.add_argument("--policy", required=True, type=Path, help="the policy file")
     p.add_argument("--namespace", default=None, help="namespace for everything (default cohortgate)")
@@ -64,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     redis.add_argument("--redis-url", default=None, metavar="URL",
                        help="external Redis without credentials (else its URL comes from --redis-secret)")
     p.add_argument("--redis-secret", default=None, metavar="NAME",
-                   help="Secret whose key `url` holds the Redis URL (default cohortgate-redis)")
+                   help="the Secret whose key url holds the Redis URL (default cohortgate-redis)")
     p.add_argument("--gpu-variant", type=_route_name, action="append", default=[], metavar="ROUTE/VARIANT",
                    help="serve this variant (or shadow) on a GPU: nvidia.com/gpu and the GPU taint's toleration")
     p.add_argument("--transport", choices=("grpc", "http"), default="grpc", help="Envoy -> gateway (edge only)")

@@ -1,4 +1,4 @@
-"""`cohortgate policy validate|explain|schema`: the platform team's view of a policy file."""
+"""`cohortgate policy validate|explain|diff|apply|schema`: the platform team's view of a policy file."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = parser.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
 
     validate = cmds.add_parser("validate", help="check policy files; exit 1 listing every problem")
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="policy files to check")
     validate.set_defaults(func=_validate)
 
     explain = cmds.add_parser("explain", help="show the decision for one request, step by step")
-    explain.add_argument("file", metavar="FILE")
+    explain.add_argument("file", metavar="FILE", help="the policy file")
     explain.add_argument("--path", required=True, help="request path, e.g. /v2/models/tabular/infer")
-    explain.add_argument("--method", default="POST")
-    explain.add_argument("--sub", help="the token's `sub` claim (omit with --no-token)")
-    explain.add_argument("--residency", help="the token's `residency` claim")
+    explain.add_argument("--method", default="POST", help="the request method (default POST)")
+    explain.add_argument("--sub", help="the token's sub claim")
+    explain.add_argument("--residency", help="the token's residency claim")
     explain.add_argument("--scope", action="append", default=[], help="a scope the token carries")
     explain.add_argument("--identity", help="the client certificate's SPIFFE ID")
     explain.add_argument(
@@ -37,14 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.set_defaults(func=_explain)
 
     diff = cmds.add_parser("diff", help="what a change does: routes, weights, backends, users moved")
-    diff.add_argument("old", metavar="OLD")
-    diff.add_argument("new", metavar="NEW")
-    diff.add_argument("--json", action="store_true")
+    diff.add_argument("old", metavar="OLD", help="the policy file serving now")
+    diff.add_argument("new", metavar="NEW", help="the edited policy file")
+    diff.add_argument("--json", action="store_true", help="print the changes as JSON")
     diff.set_defaults(func=_diff)
 
     apply = cmds.add_parser("apply", help="validate FILE, then replace the live policy atomically")
-    apply.add_argument("file", metavar="FILE")
-    apply.add_argument("--to", default="policies/live.yaml", metavar="LIVE", help="the file gateways watch")
+    apply.add_argument("file", metavar="FILE", help="the new policy file")
+    apply.add_argument(
+        "--to",
+        default="policies/live.yaml",
+        metavar="LIVE",
+        help="the file gateways watch (default policies/live.yaml)",
+    )
     apply.set_defaults(func=_apply)
 
     schema = cmds.add_parser("schema", help="print the policy file's JSON Schema")
@@ -156,9 +161,7 @@ def _as_json(decision: Any) -> dict[str, Any]:
         "bucket": decision.bucket,
         "assignment": decision.assignment or None,
         "fallback_to_control": decision.fallback,
-        "shadows": [
-            {"name": n, "cluster": c} for n, c in zip(decision.shadow_names, decision.shadows, strict=True)
-        ],
+        "shadows": [{"name": n, "cluster": c} for n, c in zip(decision.shadow_names, decision.shadows, strict=True)],
         "steps": list(decision.trace),
     }
 
