@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="demo knob: serve healthily this long after start before --fault-rate applies (default 0)",
+        help="demo knob: serve healthily this long from the first request before --fault-rate applies (default 0)",
     )
     p.add_argument(
         "--drain-timeout",

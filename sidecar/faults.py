@@ -3,8 +3,9 @@ canary that fails a known fraction of requests.
 
 Failures are spread evenly by a request counter, not drawn at random: after n requests exactly
 ``floor(n * rate)`` have failed, so a test can assert the count. With ``after_s`` the variant is
-healthy for that long first (counted from the injector's creation), so a demo shows a good canary
-going bad; requests before the onset are not counted.
+healthy for that long first, counted from its first request (when the demo's traffic reaches it,
+however long the rest of the stack took to start), so a demo shows a good canary going bad;
+requests before the onset are not counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fractions import Fraction
 class FaultInjector:
     """Decides, request by request, whether to fail it; ``rate`` in [0, 1]."""
 
-    __slots__ = ("_clock", "_den", "_num", "_onset", "count", "rate")
+    __slots__ = ("_after_s", "_clock", "_den", "_num", "_onset", "count", "rate")
 
     def __init__(self, rate: float, after_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 <= rate <= 1.0:
@@ -28,12 +29,15 @@ class FaultInjector:
         self._den = fraction.denominator
         self.count = 0
         self._clock = clock
-        self._onset = clock() + after_s if after_s > 0 else None
+        self._after_s = after_s
+        self._onset: float | None = None  # set by the first request when after_s > 0
 
     def fail_next(self) -> bool:
-        if self._onset is not None:
+        if self._after_s > 0:
+            if self._onset is None:
+                self._onset = self._clock() + self._after_s
             if self._clock() < self._onset:
                 return False
-            self._onset = None
+            self._after_s = 0.0
         n = self.count = self.count + 1
         return (n * self._num) // self._den > ((n - 1) * self._num) // self._den

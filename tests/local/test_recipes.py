@@ -192,3 +192,17 @@ def test_the_demo_says_the_canary_goes_bad_counted_from_its_first_request():
     text = "\n".join(lines)
     assert "tabular/canary fails 30% of its requests from 20 s after its first request on" in text
     assert text.count("fails") == 1
+
+
+def test_the_demo_canary_stays_healthy_for_its_onset_counted_from_its_first_request():
+    """The stack may take a minute to start on a busy machine: the 20 s start with the traffic."""
+    from sidecar.faults import FaultInjector
+
+    now = [0.0]
+    faults = FaultInjector(1.0, after_s=20.0, clock=lambda: now[0])
+    now[0] = 50.0  # the stack took 50 s to start; the demo's traffic arrives now
+    assert not faults.fail_next()
+    now[0] = 69.9
+    assert not faults.fail_next()
+    now[0] = 70.0
+    assert faults.fail_next() and faults.count == 1
