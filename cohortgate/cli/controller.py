@@ -16,6 +16,7 @@ it); it is read-only unless ``--allow-actions``, and even then every action need
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -175,6 +176,23 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+class ListenError(OSError):
+    """A port this controller was told to serve on is not available; the message says what to pass."""
+
+
+async def _bind(runner: Any, address: tuple[str, int], what: str, flag: str) -> None:
+    from aiohttp import web
+
+    host, port = address
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is taken (another controller or stack?)"
+        raise ListenError(f"{what} cannot listen on {host}:{port}: {reason}; pass {flag}") from None
+
+
 async def serve(args: argparse.Namespace, policy: Any) -> int:
     import asyncio
     import logging
@@ -221,60 +239,55 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     controller = Controller(policy, store, source, leader=leader, config=config, metrics=metrics, name=name)
     token = load_or_create_token(args.token_file)
     runner = web.AppRunner(make_app(controller, token, sink), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.listen[0], args.listen[1])
-    await site.start()
-    dash_runner = None
-    if recorder is not None:
-        from cohortgate.dashboard.app import Dashboard
+    dash_runner = als_server = watch = None
+    try:
+        await runner.setup()
+        await _bind(runner, args.listen, "the controller API", "--listen HOST:PORT")
+        if recorder is not None:
+            from cohortgate.dashboard.app import Dashboard
 
-        dashboard = Dashboard(controller, recorder, token, allow_actions=args.allow_actions)
-        dash_runner = web.AppRunner(dashboard.make_app(), access_log=None, shutdown_timeout=1.0)
-        await dash_runner.setup()
-        try:
-            await web.TCPSite(dash_runner, args.dashboard[0], args.dashboard[1]).start()
+            dashboard = Dashboard(controller, recorder, token, allow_actions=args.allow_actions)
+            dash_runner = web.AppRunner(dashboard.make_app(), access_log=None, shutdown_timeout=1.0)
+            await dash_runner.setup()
+            # A controller without the page it was asked for is a broken set-up, not a detail: stop here.
+            await _bind(dash_runner, args.dashboard, "the dashboard", "--dashboard HOST:PORT, or --dashboard off")
             log.info(
                 "dashboard on http://%s:%d/ (%s)",
                 args.dashboard[0],
                 args.dashboard[1],
                 "actions allowed with the admin token" if args.allow_actions else "read-only",
             )
-        except OSError as exc:  # the controller's job matters more than its page
-            log.error("dashboard not started on %s:%d: %s", args.dashboard[0], args.dashboard[1], exc)
-            await dash_runner.cleanup()
-            dash_runner = None
-    als_server = None
-    if args.als:
-        als_server, _ = await serve_als(
-            sink,
-            args.als,
-            gw_metrics,
-            on_denied=recorder.observe_denial if recorder is not None else None,
-            route_of=route_by_path(lambda: controller.policy),  # denials are counted by route, never by header
+        if args.als:
+            als_server, _ = await serve_als(
+                sink,
+                args.als,
+                gw_metrics,
+                on_denied=recorder.observe_denial if recorder is not None else None,
+                route_of=route_by_path(lambda: controller.policy),  # denials are counted by route, never by header
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        follower = PolicyFollower(controller, Path(args.policy))
+        loop.add_signal_handler(signal.SIGHUP, follower.trigger)
+        watch = asyncio.create_task(follower.watch(args.watch_interval), name="controller-policy-watch")
+        log.info(
+            "controller %s: policy %s (%s), %s, API http://%s:%d, token in %s%s",
+            name,
+            args.policy,
+            policy.digest[:12],
+            f"Redis {redact_url(args.redis)}" if args.redis else "embedded",
+            args.listen[0],
+            args.listen[1],
+            args.token_file,
+            f", access log on {args.als}" if args.als else "",
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    follower = PolicyFollower(controller, Path(args.policy))
-    loop.add_signal_handler(signal.SIGHUP, follower.trigger)
-    watch = asyncio.create_task(follower.watch(args.watch_interval), name="controller-policy-watch")
-    log.info(
-        "controller %s: policy %s (%s), %s, API http://%s:%d, token in %s%s",
-        name,
-        args.policy,
-        policy.digest[:12],
-        f"Redis {redact_url(args.redis)}" if args.redis else "embedded",
-        args.listen[0],
-        args.listen[1],
-        args.token_file,
-        f", access log on {args.als}" if args.als else "",
-    )
-    tune_collector()  # start-up is done: see cohortgate.support.runtime
-    try:
+        tune_collector()  # start-up is done: see cohortgate.support.runtime
         await controller.run(stop)
     finally:
-        watch.cancel()
+        if watch is not None:
+            watch.cancel()
         if als_server is not None:
             await als_server.stop(0.5)
         if dash_runner is not None:
