@@ -156,11 +156,33 @@ def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
     return _http(args, "GET", "/status")
 
 
+def _supervision(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`up`'s run.json when it is the stack this status comes from: its children's restarts."""
+    from cohortgate.local.client import StackInfo, StackNotRunning
+
+    if args.redis:
+        return None
+    try:
+        info = StackInfo.load(args.state_dir)
+        api, _ = controller_target(args, info)
+    except (StackNotRunning, NoStack):
+        return None
+    return dict(info.raw) if (info.controller_api or "").rstrip("/") == api else None
+
+
 def _status(args: argparse.Namespace) -> int:
+    from cohortgate.local.client import describe_supervision
+
     try:
         while True:
             doc = _fetch_status(args)
+            run = _supervision(args)
+            if run is not None and args.json:
+                doc["supervisor"] = {n: {k: c.get(k) for k in ("state", "pid", "restarts", "last_exit")}
+                                     for n, c in run.get("children", {}).items()}  # fmt: skip
             out = json.dumps(doc, indent=2, sort_keys=True) if args.json else render(doc, legend=not args.no_legend)
+            if run is not None and not args.json:
+                out = "\n".join([*describe_supervision(run), out])
             if args.watch is not None and sys.stdout.isatty():
                 sys.stdout.write("\x1b[H\x1b[2J")
             print(out, flush=True)

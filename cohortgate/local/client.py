@@ -191,3 +191,27 @@ def describe_audit(record: Mapping[str, Any]) -> str:
     if record.get("actor"):
         what += f" [{record['actor']}]"
     return what
+
+
+def describe_supervision(run: Mapping[str, Any]) -> list[str]:
+    """`cohortgate status`'s lines about `up`'s children: restarts, and any left down in a crash loop."""
+    children = run.get("children")
+    if not isinstance(children, Mapping) or not children:
+        return []
+    restarted, failed, down = [], [], []
+    for name, child in children.items():
+        if not isinstance(child, Mapping):
+            continue
+        state, restarts = child.get("state", "ready"), int(child.get("restarts") or 0)
+        last = child.get("last_exit") or "?"
+        if state == "failed":
+            failed.append(f"{name} left down after {restarts} restarts (crash loop; last exit: {last})")
+        elif state in ("backoff", "starting") and restarts:
+            down.append(f"{name} restarting (restart {restarts}; last exit: {last})")
+        elif restarts:
+            back = child.get("last_recovery_s")
+            took = f", back in {back:.1f}s" if isinstance(back, int | float) else ""
+            restarted.append(f"{name} restarted {restarts}x (last exit: {last}{took})")
+    total = sum(int(c.get("restarts") or 0) for c in children.values() if isinstance(c, Mapping))
+    head = f"supervisor: `cohortgate up` pid {run.get('pid', '?')}, {len(children)} children, {total} restarts"
+    return [head, *(f"  {line}" for line in failed + down + restarted)]
