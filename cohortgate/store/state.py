@@ -20,12 +20,22 @@ Guarantees of `RedisState`:
 * **lost updates**: ``put(state, expected_version)`` is a compare-and-set in one Lua script, so an
   operator's rollback and the controller's promotion cannot overwrite each other.
 * a route missing from the hash (a Redis restarted empty) changes nothing; the controller re-seeds.
+
+The state file (`InProcessState`'s ``cache_path``, `RedisState`'s local cache) never silently
+reverts (issue 17.3): each write carries a generation number and a SHA-256 of its states and goes
+to two files in turn, ``PATH`` then ``PATH.prev``, so one of them always holds the newest complete
+generation. A reader takes the newest generation whose checksum holds and logs which file it
+recovered from. When a file exists but no generation is readable, the store starts **safe**:
+``safe_mode`` holds the reason (for ``up``, ``status`` and the dashboard), an ERROR line says so,
+gateways serve every challenger of a route without a state at 0 %, and the controller's seed of
+such a route is stored rolled back (`safe_state`) until an operator resumes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -38,11 +48,16 @@ from typing import Any, Protocol
 from cohortgate.core.contract import AUDIT_KEY, STATE_CHANNEL, STATE_KEY, STATUS_KEY
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Policy
-from cohortgate.core.rollout import RouteState
+from cohortgate.core.rollout import Phase, RouteState, VariantState
 from cohortgate.store.redis import redis_client, redis_errors
 from cohortgate.support.files import write_atomic
+from cohortgate.support.logs import Throttle
 
 log = logging.getLogger(__name__)
+throttled = Throttle(log)  # warnings that repeat per write or per resync (issue 17.6)
+
+STATE_FORMAT = 2  # {"format", "generation", "sha256", "states"}; format 1 was the bare states mapping
+SAFE_ACTOR = "safe-mode"
 
 AUDIT_MAXLEN = 10_000
 
@@ -57,14 +72,20 @@ class VersionConflict(CohortgateError):
     """Someone else wrote the route since it was read; read again and re-apply."""
 
 
-def effective_policy(policy: Policy, states: Mapping[str, RouteState]) -> Policy:
+def effective_policy(policy: Policy, states: Mapping[str, RouteState], safe: bool = False) -> Policy:
     """The policy with the controller's weights and rolled-back variants applied.
 
     A state that does not fit the policy (unknown variants, weights not summing to 100) is skipped
-    for that route, which then keeps its file weights, and logged.
+    for that route, which then keeps its file weights, and logged. With ``safe`` (the state file
+    was unreadable) a route without a state serves control only, never the file's challengers.
     """
     weights: dict[str, dict[str, int]] = {}
     disabled: dict[str, list[str]] = {}
+    if safe:
+        for route in policy.routes:
+            if route.name not in states:
+                weights[route.name] = {v.name: 100 if i == 0 else 0 for i, v in enumerate(route.variants)}
+                disabled[route.name] = [v.name for v in route.variants[1:]]
     for name, st in states.items():
         route = policy.by_name.get(name)
         if route is None:
@@ -72,8 +93,11 @@ def effective_policy(policy: Policy, states: Mapping[str, RouteState]) -> Policy
         names = {v.name for v in route.variants}
         w = {n: int(st.weights.get(n, 0)) for n in names}
         if sum(w.values()) != 100 or any(x < 0 for x in w.values()) or not set(st.weights) <= names:
-            log.warning(
-                "state for route %r does not fit the policy (%s); keeping the file's weights", name, dict(st.weights)
+            throttled.warning(
+                "state for route %r does not fit the policy (%s); keeping the file's weights",
+                name,
+                dict(st.weights),
+                key=f"misfit:{name}",
             )
             continue
         weights[name] = w
@@ -92,7 +116,7 @@ def follow(holder: Any, store: StateStore, metrics: Any = None) -> Callable[[Map
     produced: list[Policy] = []
 
     def apply(states: Mapping[str, RouteState]) -> None:
-        effective = effective_policy(base, states)
+        effective = effective_policy(base, states, getattr(store, "safe_mode", None) is not None)
         produced[:] = [effective]
         if effective is not holder.policy:
             holder.swap(effective)
@@ -148,26 +172,111 @@ class StateStore(Protocol):
     async def read_status(self) -> dict[str, Any] | None: ...
 
 
-def _read_cache(path: Path | None) -> dict[str, RouteState]:
-    if path is None or not path.exists():
-        return {}
+def safe_state(state: RouteState, reason: str) -> RouteState:
+    """``state`` with every challenger rolled back (0 %, control 100 %): what a route starts as
+    when the state file was unreadable, until an operator resumes it."""
+    challengers = set(state.variants)
+    weights = {n: 0 if n in challengers else 100 for n in state.weights}  # control: the one non-challenger
+    variants = {
+        n: VariantState(Phase.ROLLED_BACK, v.step, state.updated_at, f"safe mode: {reason}")
+        for n, v in state.variants.items()
+    }
+    return RouteState(state.route, weights, variants, state.version + 1, state.updated_at, SAFE_ACTOR)
+
+
+def read_states(path: str | Path) -> dict[str, RouteState]:
+    """The states a store would start with from the state file ``path`` (for `up`'s notes)."""
+    return _read_cache(Path(path))[0]
+
+
+def _prev(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def _canonical(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _dump(states: Mapping[str, RouteState], generation: int) -> bytes:
+    body = {k: v.to_json() for k, v in states.items()}
+    doc = {
+        "format": STATE_FORMAT,
+        "generation": generation,
+        "sha256": hashlib.sha256(_canonical(body)).hexdigest(),
+        "states": body,
+    }
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def _parse_file(path: Path) -> tuple[int, dict[str, RouteState]]:
+    """(generation, states) of one state file; raises OSError or ValueError saying what is wrong."""
     try:
-        data = json.loads(path.read_text())
-        return {k: RouteState.from_json(v) for k, v in data.items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring unreadable state cache %s: %s", path, exc)
-        return {}
+        data = json.loads(path.read_bytes())
+        if isinstance(data, dict) and data.get("format") == STATE_FORMAT:
+            body = data["states"]
+            if hashlib.sha256(_canonical(body)).hexdigest() != data["sha256"]:
+                raise ValueError("checksum mismatch")
+            generation = int(data["generation"])
+        elif isinstance(data, dict) and "format" not in data:
+            body, generation = data, 0  # format 1: no checksum, the states alone
+        else:
+            raise ValueError(f"unknown format {data.get('format') if isinstance(data, dict) else type(data).__name__}")
+        return generation, {k: RouteState.from_json(v) for k, v in body.items()}
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
 
-def _dump(states: Mapping[str, RouteState]) -> bytes:
-    return json.dumps({k: v.to_json() for k, v in states.items()}, indent=1, sort_keys=True).encode()
+def _read_cache(path: Path | None) -> tuple[dict[str, RouteState], int, str | None]:
+    """(states, generation, safe-mode reason) from ``path`` and ``path.prev``: the newest readable
+    generation. No ``path`` is a fresh start even if a ``.prev`` is left (writes never remove
+    ``path``, so it was deleted on purpose, as ``up --demo`` does); a ``path`` but no readable
+    generation is safe mode."""
+    if path is None or not path.exists():
+        return {}, 0, None
+    found: list[tuple[int, dict[str, RouteState], Path]] = []
+    problems: list[str] = []
+    for candidate in (path, _prev(path)):
+        if not candidate.exists():
+            continue
+        try:
+            generation, states = _parse_file(candidate)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{candidate}: {exc}")
+            continue
+        found.append((generation, states, candidate))
+    if found:
+        generation, states, source = max(found, key=lambda f: f[0])
+        if problems:
+            log.warning(
+                "state file unreadable (%s); recovered generation %d from %s", "; ".join(problems), generation, source
+            )
+        return states, generation, None
+    if not problems:
+        return {}, 0, None
+    reason = f"no readable state file ({'; '.join(problems)})"
+    log.error(
+        "%s: starting SAFE -- every challenger at 0 %% until an operator resumes it (cohortgate resume ROUTE VARIANT)",
+        reason,
+    )
+    return {}, 0, reason
 
 
 class _Base:
     def __init__(self, cache_path: str | Path | None) -> None:
         self.cache_path = Path(cache_path) if cache_path else None
-        self._states: dict[str, RouteState] = _read_cache(self.cache_path)
+        states, self._generation, self.safe_mode = _read_cache(self.cache_path)
+        self._states: dict[str, RouteState] = states
         self._callbacks: list[Callback] = []
+        # safe_mode: None, or why the store started with every challenger at 0 % (shown by up,
+        # status and the dashboard); it stays set for the life of the process.
+
+    def _write_cache(self) -> None:
+        """Write the states as the next generation: ``PATH`` first, then ``PATH.prev`` (raises OSError)."""
+        assert self.cache_path is not None
+        self._generation += 1
+        data = _dump(self._states, self._generation)
+        write_atomic(self.cache_path, data)
+        write_atomic(_prev(self.cache_path), data)
 
     def snapshot(self) -> Mapping[str, RouteState]:
         return dict(self._states)
@@ -193,9 +302,9 @@ class _Base:
                 changed = True
         if changed and self.cache_path is not None:
             try:
-                write_atomic(self.cache_path, _dump(self._states))
+                self._write_cache()
             except OSError as exc:
-                log.warning("cannot write state cache %s: %s", self.cache_path, exc)
+                throttled.warning("cannot write state cache %s: %s", self.cache_path, exc, key="cache-write")
         return changed
 
 
@@ -234,7 +343,7 @@ class InProcessState(_Base):
             mtime = self._stat()
             if mtime is not None and mtime != self._mtime:
                 self._mtime = mtime
-                if self._remember(_read_cache(self.cache_path)):
+                if self._remember(_read_cache(self.cache_path)[0]):
                     self._notify()
 
     async def close(self) -> None:
@@ -251,9 +360,19 @@ class InProcessState(_Base):
         known = self._states.get(state.route)
         if expected_version is not None and known is not None and known.version != expected_version:
             raise VersionConflict(f"route {state.route!r} is at version {known.version}, not {expected_version}")
+        seed = known is None and expected_version is None and state.updated_by == "policy"
+        if self.safe_mode is not None and seed:
+            # the file's weights could undo a rollback the unreadable file held: store it safe
+            # instead, and make the writer (the controller) adopt that through its conflict path
+            safe = safe_state(state, self.safe_mode)
+            self._states[state.route] = safe
+            if self.cache_path is not None:
+                self._write_cache()
+            self._notify()
+            raise VersionConflict(f"route {state.route!r} starts safe at version {safe.version}: {self.safe_mode}")
         self._states[state.route] = state
         if self.cache_path is not None:
-            write_atomic(self.cache_path, _dump(self._states))
+            self._write_cache()
         self._notify()
 
     async def append_audit(self, record: Mapping[str, Any]) -> None:
@@ -350,7 +469,7 @@ class RedisState(_Base):
             try:
                 out[name] = RouteState.from_json(json.loads(doc))
             except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring malformed state for route %r: %s", name, exc)
+                throttled.warning("ignoring malformed state for route %r: %s", name, exc, key=f"malformed:{name}")
         return out
 
     async def load(self) -> Mapping[str, RouteState]:
