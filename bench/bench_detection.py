@@ -1,24 +1,23 @@
-"""Detection benchmark: how many requests a failing canary serves, and how long, before rollback.
+"""Detection benchmark: false rollbacks of healthy canaries (A/A), and how fast a failing one goes.
 
-For canary error rates of 5 %, 30 % and 100 % (control fails 0.5 %), at a realistic load (500
-requests/s through one route, canary at 10 %), the canary starts healthy, fails from a random
-moment on ("onset"), and we measure, from onset until the gateway applies the rollback:
+Everything drives the real `Controller` (windows, sequential tests, `judge`, the rollout table) with
+the project's `Traffic`, on a simulated clock -- no copy of the verdict rules.
 
-* requests the failing canary served, and
-* seconds.
+``aa``      A/A table: canary identical to control; the share of runs that rolled the canary back,
+            with a 95 % Clopper-Pearson interval, per scenario (base error 0.01/0.03/0.05/0.1 against
+            ``max_error_rate: 0.05``; 50 and 500 req/s; log-normal sigma 0.4 and 1.0 under
+            ``max_p99_ms: 250``; users that differ). Halts (control over a limit) are counted apart:
+            they are the intended answer when control itself breaches.
+``detect``  the canary starts healthy and fails from a random moment ("onset"); from onset until the
+            gateway applies the rollback we count the requests the failing canary served and the
+            seconds. 500 req/s, canary 10 %, events reach the controller 200 ms late (Envoy's ALS
+            flush). Uses only `Controller.ingest(events)` / `tick()` and `Traffic.events`, so the
+            same code measures an older checkout: ``--code DIR`` (for the "before" column).
+``redis``   real time against a real redis-server (stream consumer group, leader lock, Redis state).
 
-Two modes, both drive the real `Controller` with synthetic outcome events (no Envoy, no models):
-
-``sim``    in-process with a simulated clock (fast, many seeds). Events reach the controller 200 ms
-           after the request, as Envoy's access-log buffer flushes (``buffer_flush_interval``), and
-           the gateway applies a rollback at the tick that decides it.
-``redis``  real time against a real redis-server: "gateway" = a RedisStreamSink emitting at the
-           load + a RedisState watcher applying weights; controller = `Controller.run` with the
-           stream consumer group, leader lock and Redis state. Wall-clock seconds.
-
-    python bench/bench_detection.py                      # sim, 20 seeds per rate
-    python bench/bench_detection.py --mode redis --runs 3
-    python bench/bench_detection.py --mode both --json
+    python bench/bench_detection.py aa --runs 200 --jobs 2
+    python bench/bench_detection.py detect --seeds 20 [--code /tmp/before]
+    python bench/bench_detection.py redis --runs 3
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import shutil
 import socket
 import statistics
@@ -33,60 +34,151 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("COHORTGATE_CODE") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
 
 from cohortgate.controller.loop import Controller, ControllerConfig  # noqa: E402
 from cohortgate.controller.simulate import Behaviour, Traffic  # noqa: E402
 from cohortgate.core.policy import parse_policy  # noqa: E402
 from cohortgate.core.rollout import Phase  # noqa: E402
-from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource  # noqa: E402
-from cohortgate.store.redis import redis_client  # noqa: E402
+from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource, redis_client  # noqa: E402
 from cohortgate.store.state import InProcessState, RedisState, effective_policy  # noqa: E402
 
 POLICY = """
 version: 1
-jwt: {issuer: https://auth.cohortgate.local, audience: cohortgate, jwks: jwks.json}
+jwt: {{issuer: https://auth.cohortgate.local, audience: cohortgate, jwks: jwks.json}}
 routes:
   - name: tabular
-    match: {model: tabular}
-    cohorts: {unit: {claim: sub}, salt: bench}
+    match: {{model: tabular}}
+    cohorts: {{unit: {{claim: sub}}, salt: bench}}
     variants:
-      - {name: control, weight: 90, backends: [{url: "http://127.0.0.1:18101", region: eu}]}
-      - {name: canary, weight: 10, backends: [{url: "http://127.0.0.1:18103", region: eu}]}
-    guardrails: {max_error_rate: 0.05, max_p99_ms: 250, min_samples: 200, alpha: 0.05}
+      - {{name: control, weight: {control}, backends: [{{url: "http://127.0.0.1:18101", region: eu}}]}}
+      - {{name: canary, weight: {canary}, backends: [{{url: "http://127.0.0.1:18103", region: eu}}]}}
+    guardrails: {{max_error_rate: 0.05, max_p99_ms: 250, min_samples: 200, alpha: 0.05}}
 """
-RATES = (0.05, 0.30, 1.00)
-CONTROL_ERRORS = 0.005
+RATES = (0.05, 0.30, 1.00)  # redis mode
+CONTROL_ERRORS = 0.005  # redis mode
 RPS = 500
 WARMUP_S = 20.0
 SLICE_S = 0.1
-ALS_DELAY_SLICES = 2  # 200 ms: Envoy's ALS buffer flush interval in gateway/envoyconf.py
+ALS_DELAY_SLICES = 2  # 200 ms: Envoy's ALS buffer flush interval
 
 
-def policy():
-    return parse_policy(POLICY, filename="bench.yaml", base_dir=ROOT)
+def policy(canary: int = 10):
+    return parse_policy(POLICY.format(control=100 - canary, canary=canary), filename="bench.yaml", base_dir=ROOT)
 
 
-# --------------------------------------------------------------------------- simulated clock
+# --------------------------------------------------------------------------- A/A
 
 
-async def sim_once(rate: float, seed: int, interval_s: float = 1.0, max_s: float = 300.0) -> tuple | str | None:
-    pol = policy()
+def aa_scenarios() -> list[dict]:
+    """(name, behaviour, rps, users, population): the audit's cases, and users that differ."""
+    out = []
+    for rps in (500, 50):
+        for err in (0.01, 0.03, 0.05, 0.10):
+            out.append({"name": f"error {err:g}, {rps} req/s, sigma 0.4", "error": err, "rps": rps, "sigma": 0.4})
+        out.append({"name": f"error 0.01, {rps} req/s, sigma 1.0 (p99 ~205 ms vs 250)", "error": 0.01, "rps": rps,
+                    "sigma": 1.0})  # fmt: skip
+    hetero = {"rps": 500, "sigma": 0.4, "population": 3000}
+    out += [
+        {"name": "1 % of users fail 50 %, 500 req/s", "error": 0.01, "users": (0.01, 0.5, 0.0, 0.0), **hetero},
+        {"name": "5 % of users fail 10 %, 500 req/s", "error": 0.01, "users": (0.05, 0.1, 0.0, 0.0), **hetero},
+        {"name": "1 % fail 50 % + heavy users + per-user latency, sigma 1.0", "error": 0.01,
+         "users": (0.01, 0.5, 1.5, 0.5), **{**hetero, "sigma": 1.0}},
+    ]  # fmt: skip
+    return out
+
+
+def _aa_chunk(args: tuple[dict, list[int], float]) -> list[tuple]:
+    from cohortgate.controller.simulate import Users, run_controller
+
+    logging.disable(logging.CRITICAL)  # control-breach alerts are counted, not printed
+    sc, seeds, seconds = args
+    pol = policy(10)
+    same = Behaviour(sc["error"], median_ms=20.0, sigma=sc["sigma"])
+    users = Users(*sc["users"]) if "users" in sc else None
+
+    async def go():
+        out = []
+        for seed in seeds:
+            o = await run_controller(
+                pol,
+                {"control": same, "canary": same},
+                seconds=seconds,
+                rps=sc["rps"],
+                seed=seed,
+                users=users,
+                population=sc.get("population", 20_000),
+            )
+            out.append((o.rolled_back_at, o.halted_at, o.reason))
+        return out
+
+    return asyncio.run(go())
+
+
+def aa_table(runs: int, seconds: float, jobs: int) -> list[dict]:
+    from scipy import stats as sps
+
+    rows = []
+    with ProcessPoolExecutor(jobs) as pool:
+        for sc in aa_scenarios():
+            chunks = [list(range(i, runs, jobs * 4)) for i in range(jobs * 4)]
+            results = [r for part in pool.map(_aa_chunk, [(sc, c, seconds) for c in chunks]) for r in part]
+            rolled = sum(r[0] is not None for r in results)
+            halted = sum(r[1] is not None for r in results)
+            ci = sps.binomtest(rolled, len(results), 0.05).proportion_ci(0.95, method="exact")
+            reasons = sorted({r[2].split(" (")[0][:60] for r in results if r[0] is not None})
+            rows.append(
+                {
+                    "scenario": sc["name"],
+                    "runs": len(results),
+                    "rolled_back": rolled,
+                    "rate": rolled / len(results),
+                    "ci95": (round(ci.low, 4), round(ci.high, 4)),
+                    "halted": halted,
+                    "reasons": reasons,
+                }
+            )
+            print(_aa_line(rows[-1]), flush=True)
+    return rows
+
+
+def _aa_line(r: dict) -> str:
+    lo, hi = r["ci95"]
+    return (
+        f"  {r['scenario']:<58} {r['rolled_back']:>3}/{r['runs']:<4} {100 * r['rate']:5.1f} %  "
+        f"[{100 * lo:4.1f}, {100 * hi:4.1f}]  halted {r['halted']}"
+    )
+
+
+# --------------------------------------------------------------------------- detection
+
+
+DETECT = {
+    "errors 0.02 vs 0.01": Behaviour(0.02),
+    "errors 0.05 vs 0.01": Behaviour(0.05),
+    "errors 0.31 vs 0.01": Behaviour(0.31),
+    "latency 1.5x": Behaviour(0.01, median_ms=30.0),
+}
+
+
+async def sim_once(after: Behaviour, seed: int, interval_s: float = 1.0, max_s: float = 300.0) -> tuple | str | None:
+    """One detection run through `Controller.ingest` / `tick` (APIs an older checkout has too)."""
+    pol = policy(10)
     now = 1_000.0
     store = InProcessState()
     controller = Controller(
         pol, store, InProcessSink(), clock=lambda: now, config=ControllerConfig(interval_s=interval_s)
     )
     await controller.start()
-    traffic = Traffic(
-        pol, "tabular", {"control": Behaviour(CONTROL_ERRORS), "canary": Behaviour(CONTROL_ERRORS)}, seed=seed
-    )
+    healthy = Behaviour(0.01)
+    traffic = Traffic(pol, "tabular", {"control": healthy, "canary": healthy}, seed=seed)
     store.watch(lambda states: traffic.set_policy(effective_policy(pol, states)))
-    import numpy as np
-
     onset = now + WARMUP_S + float(np.random.default_rng(seed + 7).uniform(0, interval_s))
     per_slice = int(RPS * SLICE_S)
     in_flight: list[list] = []
@@ -94,7 +186,7 @@ async def sim_once(rate: float, seed: int, interval_s: float = 1.0, max_s: float
     served_at_onset = None
     while now < onset + max_s:
         if served_at_onset is None and now >= onset:
-            traffic.behaviours["canary"] = Behaviour(rate)
+            traffic.behaviours["canary"] = after
             served_at_onset = traffic.served.get("canary", 0)
         in_flight.append(traffic.events(per_slice, now, now + SLICE_S))
         if len(in_flight) > ALS_DELAY_SLICES:
@@ -105,9 +197,39 @@ async def sim_once(rate: float, seed: int, interval_s: float = 1.0, max_s: float
             await controller.tick()
             if controller.states["tabular"].variants["canary"].phase is Phase.ROLLED_BACK:
                 if served_at_onset is None:
-                    return "false alarm"  # rolled back before the failure began (an A/A false positive)
+                    return "false alarm"  # rolled back before the failure began
                 return traffic.served["canary"] - served_at_onset, now - onset
     return None
+
+
+def _detect_chunk(args: tuple[str, list[int]]) -> list:
+    name, seeds = args
+
+    async def go():
+        return [await sim_once(DETECT[name], seed) for seed in seeds]
+
+    return asyncio.run(go())
+
+
+def detect_table(seeds: int, jobs: int) -> dict[str, dict]:
+    out = {}
+    with ProcessPoolExecutor(jobs) as pool:
+        for name in DETECT:
+            chunks = [list(range(i, seeds, jobs)) for i in range(jobs)]
+            results = [r for part in pool.map(_detect_chunk, [(name, c) for c in chunks]) for r in part]
+            out[name] = summarize(results)
+            print(f"  {name:<22} {_detect_line(out[name])}", flush=True)
+    return out
+
+
+def _detect_line(s: dict) -> str:
+    if not s.get("detected"):
+        return f"not detected in {s['runs']} runs ({s.get('false_alarms', 0)} false alarms)"
+    alarms = f", {s['false_alarms']} rolled back before onset" if s["false_alarms"] else ""
+    return (
+        f"requests median {s['requests_median']:>6}, max {s['requests_max']:>6}; seconds median "
+        f"{s['seconds_median']:>6}, max {s['seconds_max']:>6}  ({s['detected']}/{s['runs']} detected{alarms})"
+    )
 
 
 # --------------------------------------------------------------------------- real Redis, wall clock
@@ -231,40 +353,30 @@ def summarize(results: list) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("sim", "redis", "both"), default="sim")
-    ap.add_argument("--seeds", type=int, default=20, help="simulated runs per error rate")
-    ap.add_argument("--runs", type=int, default=3, help="real-time Redis runs per error rate")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("mode", choices=("aa", "detect", "redis"), nargs="?", default="detect")
+    ap.add_argument("--runs", type=int, default=200, help="A/A runs per scenario (redis: runs per rate)")
+    ap.add_argument("--seconds", type=float, default=240.0, help="length of one A/A run (simulated)")
+    ap.add_argument("--seeds", type=int, default=20, help="detection runs per case")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args()
-    report: dict[str, dict] = {}
-    if args.mode in ("sim", "both"):
-
-        async def sims():
-            return {rate: [await sim_once(rate, seed) for seed in range(args.seeds)] for rate in RATES}
-
-        report["sim"] = {f"{int(rate * 100)}%": summarize(r) for rate, r in asyncio.run(sims()).items()}
-    if args.mode in ("redis", "both"):
+    print(f"code: {ROOT}")
+    if args.mode == "aa":
+        print(
+            f"A/A: {args.runs} runs of {args.seconds:g} s per scenario, canary 10 %, alpha 0.05, "
+            "max_error_rate 0.05, max_p99_ms 250; rolled back / runs, rate, 95 % interval"
+        )
+        result: object = aa_table(args.runs, args.seconds, args.jobs)
+    elif args.mode == "detect":
+        print(f"detection: {RPS} req/s, canary 10 %, control errors 1 %, ALS delay 200 ms, {args.seeds} runs each")
+        result = detect_table(args.seeds, args.jobs)
+    else:
         results = asyncio.run(redis_runs(args.runs))
-        report["redis"] = {f"{int(rate * 100)}%": summarize(r) for rate, r in results.items()}
+        result = {f"{int(rate * 100)}%": summarize(r) for rate, r in results.items()}
+        for rate, s in result.items():
+            print(f"  {rate:>5}: {_detect_line(s)}")
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(
-        f"load {RPS} req/s, canary 10 %, control errors {CONTROL_ERRORS:.1%}, interval 1 s, alpha 0.05, min_samples 200"
-    )
-    for mode, rows in report.items():
-        print(f"\n[{mode}]  canary error rate: requests served by the failing canary / seconds, onset -> rollback")
-        for rate, s in rows.items():
-            if not s.get("detected"):
-                print(f"  {rate:>5}: not detected in {s['runs']} runs")
-                continue
-            extra = f", pub/sub propagation <= {s['propagation_ms_max']} ms" if "propagation_ms_max" in s else ""
-            alarms = f", {s['false_alarms']} rolled back before onset" if s["false_alarms"] else ""
-            print(
-                f"  {rate:>5}: requests median {s['requests_median']}, max {s['requests_max']}; "
-                f"seconds median {s['seconds_median']}, max {s['seconds_max']}  "
-                f"(detected in {s['detected']}/{s['runs']} runs{alarms}){extra}"
-            )
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

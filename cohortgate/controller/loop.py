@@ -128,7 +128,7 @@ class Controller:
         self.tests: dict[tuple[str, str], _Tests] = {}
         self.control_tests: dict[str, _ControlTests] = {}
         self.design_effects: dict[tuple[str, str], dict[str, float]] = {}
-        self._deff_at: dict[str, float] = {}
+        self._deff_at: dict[str, tuple[float, int]] = {}  # route -> (when, requests tallied then)
         self.alerts: dict[str, dict[str, Any]] = {}  # route -> the control breach that halted it
         self.thresholds: dict[str, float | None] = {}
         self.verdicts: dict[tuple[str, str], Verdict] = {}
@@ -308,12 +308,16 @@ class Controller:
         return changes
 
     def _refresh_design_effects(self, route: Route, now: float) -> None:
-        """Per-unit design effects, every ``design_effect_s`` (any value in (0, 1] keeps the tests valid)."""
+        """Per-unit design effects, every ``design_effect_s`` and whenever the tallies grew by a
+        quarter since (young tests change fast). Any value keeps the tests valid under independent
+        requests; a stale one only delays the correction for clustering."""
+        variants = self.windows[route.name].variants
+        seen = sum(int(w.tally.n.sum()) + w.tally.singles for w in variants.values())
         last = self._deff_at.get(route.name)
-        if last is not None and now - last < self.config.design_effect_s:
+        if last is not None and now - last[0] < self.config.design_effect_s and seen < 1.25 * last[1]:
             return
-        self._deff_at[route.name] = now
-        for name, w in self.windows[route.name].variants.items():
+        self._deff_at[route.name] = (now, seen)
+        for name, w in variants.items():
             self.design_effects[(route.name, name)] = {
                 "error": w.tally.design_effect(ERRORS),
                 "slow": w.tally.design_effect(SLOW),

@@ -150,14 +150,30 @@ class Shadow(_Strict):
 class Guardrails(_Strict):
     """Absolute limits the controller enforces on every non-control variant."""
 
-    max_error_rate: float = Field(default=0.05, ge=0, le=1, description="5xx share that triggers rollback.")
-    max_p99_ms: float | None = Field(default=None, gt=0, description="p99 upstream latency limit.")
+    max_error_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Error (5xx, no response) share a challenger may not exceed: rolled back once a sequential "
+        "test shows it above this with confidence while control is below it; control above it halts and alerts.",
+    )
+    max_p99_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="p99 upstream latency limit, tested as 'more than 1 % of requests slower than this' (same rules).",
+    )
     min_samples: int = Field(
         default=200,
         ge=1,
-        description="Requests before a guardrail or a promotion applies (sequential tests hold at any size).",
+        description="Requests on a rollout step before it may be promoted (the sequential tests hold at any size).",
     )
-    alpha: float = Field(default=0.05, gt=0, lt=1, description="Error level of the sequential tests.")
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Chance of ever rolling back a healthy challenger: alpha/4 for each harm test (errors, "
+        "slow requests) and each guardrail (error rate, p99). See docs/statistics.md.",
+    )
     latency_margin_ms: float = Field(
         default=5.0,
         ge=0,

@@ -56,6 +56,22 @@ def test_srm_halts_and_resume_returns_to_the_phase_it_left():
     assert s.variants["beta"].phase is Phase.RUNNING and s.variants["beta"].resume_to is None
 
 
+@pytest.mark.parametrize("phase_signal", [None, Signal.CLEAN])
+def test_control_breach_halts_keeps_the_weights_and_a_second_one_is_a_hold(phase_signal):
+    s = rollout.initial_state(ROUTE)
+    if phase_signal is not None:
+        s, _ = rollout.apply(ROUTE, s, "canary", phase_signal, 0.5)
+    weights = dict(s.weights)
+    phase = s.variants["canary"].phase
+    s, tr = rollout.apply(ROUTE, s, "canary", Signal.CONTROL_BREACH, 1.0, "control over 5 %")
+    assert tr.action == "halt" and s.variants["canary"].phase is Phase.HALTED
+    assert dict(s.weights) == weights and s.variants["canary"].resume_to is phase
+    s2, tr = rollout.apply(ROUTE, s, "canary", Signal.CONTROL_BREACH, 2.0)
+    assert tr.action == "hold" and s2 is s
+    s, tr = rollout.apply(ROUTE, s, "canary", Signal.RESUME, 3.0)
+    assert s.variants["canary"].phase is phase
+
+
 def test_a_breach_wins_over_a_halt():
     s = rollout.initial_state(ROUTE)
     s, _ = rollout.apply(ROUTE, s, "canary", Signal.SRM, 1.0)
