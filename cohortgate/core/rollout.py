@@ -13,6 +13,11 @@ wins over a halt: an experiment whose assignment is broken still must not keep
 serving a failing model. Automatic signals with no entry leave the state alone (a hold); manual
 ones with no entry raise `InvalidTransition`, so an operator learns why nothing happened.
 
+A raise (a rollout step, a promote, a resume) that would move units between variants other than
+control and the one raised is refused, saying who would move: a hold for automatic signals,
+`InvalidTransition` for manual ones. That happens only with three or more challengers and a full
+lane of the cohort layout (see cohorts.py); lowering, rollbacks included, is never refused.
+
 `RouteState` is what the state store persists and every gateway applies: the effective weights
 (control takes whatever the challengers leave) and the phases, with a version for compare-and-set.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from cohortgate.core import cohorts
 from cohortgate.core.policy import Route
 
 
@@ -225,6 +231,15 @@ def _rebalance(route: Route, weights: dict[str, int], variant: str, target: int)
     return weights
 
 
+def _ramp_problem(route: Route, before: Mapping[str, int], after: Mapping[str, int]) -> str | None:
+    """`cohorts.ramp_problem` for a route's named weights (see the layout notes in cohorts.py)."""
+    names = [v.name for v in route.variants]
+    old, new = [before.get(n, 0) for n in names], [after.get(n, 0) for n in names]
+    if old == new or sum(old) != 100 or sum(new) != 100:
+        return None
+    return cohorts.ramp_problem(old, new, names)
+
+
 def apply(
     route: Route,
     state: RouteState,
@@ -273,6 +288,12 @@ def apply(
         target, step = initial_phase(route, variant)
         weights = _rebalance(route, weights, variant, route.variants[route.variant_index(variant)].weight)
     assert target is not None
+    if effect in (Effect.ALL, Effect.NEXT, Effect.RESTART):  # a raise: refuse one that moves others' units
+        problem = _ramp_problem(route, state.weights, weights)
+        if problem is not None:
+            if signal in MANUAL:
+                raise InvalidTransition(f"cannot {signal.value} {route.name}/{variant}: {problem}")
+            return state, replace(hold, reason=problem)
     if target is Phase.HALTED:
         resume_to = current.phase
     elif current.phase is Phase.HALTED:

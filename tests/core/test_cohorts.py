@@ -94,3 +94,126 @@ def test_bucket_is_a_stable_function_of_salt_and_unit():
     tabular, other = cohorts.salt_key("tabular-2026-11"), cohorts.salt_key("other-salt")
     assert [cohorts.bucket_of(tabular, u) for u in ("alice", "bob", "carol", "")] == [6004, 7253, 4905, 7755]
     assert [cohorts.bucket_of(other, u) for u in ("alice", "bob", "carol", "")] == [1755, 9483, 1985, 7157]
+
+
+# ------------------------------------------------------------------ ramps with many challengers (issue 16.9)
+
+
+def stacked_layout(weights):
+    """The layout before issue 16.9 (kept here to reproduce the finding): challengers after the
+    second stacked on the first, so growing the first shifted them."""
+    sized = [w * cohorts.PER_PERCENT for w in weights]
+    challengers = list(range(1, len(weights)))
+    top = challengers[1] if len(challengers) >= 2 else None
+    ranges = [(sized[i], i) for i in challengers if i != top] + [(sized[0], 0)]
+    if top is not None:
+        ranges.append((sized[top], top))
+    bounds, owners, edge = [], [], 0
+    for size, owner in ranges:
+        if size:
+            edge += size
+            bounds.append(edge)
+            owners.append(owner)
+    return tuple(bounds[:-1]), tuple(owners)
+
+
+def owners_of_every_bucket(lay) -> list[int]:
+    bounds, owners = lay
+    return [cohorts.owner_of(bounds, owners, b) for b in range(cohorts.BUCKETS)]
+
+
+def monotone(before, after, lay=cohorts.layout) -> bool:
+    """Brute force over every bucket: units move only control -> grown, or shrunk -> control."""
+    for a, b in zip(owners_of_every_bucket(lay(before)), owners_of_every_bucket(lay(after)), strict=True):
+        if a != b and not ((a == 0 and after[b] > before[b]) or (b == 0 and after[a] < before[a])):
+            return False
+    return True
+
+
+def test_the_findings_ramp_moved_a_user_from_control_to_v3_and_is_now_refused():
+    before, after = [21, 16, 1, 62], [2, 35, 1, 62]  # control, v1, v2, v3: raise v1 from 16 to 35
+    old = [(a, b) for a, b in zip(*map(owners_of_every_bucket, map(stacked_layout, (before, after))), strict=True)]
+    assert (0, 3) in old and (3, 1) in old  # reproduced: control -> v3, v3 -> v1
+    assert not monotone(before, after)  # no layout keeps this one (v1 and v3 share a full lane)
+    problem = cohorts.ramp_problem(before, after, ["control", "v1", "v2", "v3"])
+    assert problem is not None and problem.startswith(
+        "raising 'v1' from 16% to 35% would move 19% of all units from 'control' to 'v3', "
+        "19% of all units from 'v3' to 'v1': "
+    )
+
+
+def test_one_or_two_challengers_keep_the_layout_they_always_had():
+    """Live experiments with one or two challengers must not be reshuffled by the new lanes."""
+    for w in ([100], [90, 10], [0, 100], [60, 25, 15], [0, 50, 50], [100, 0, 0], [34, 0, 66]):
+        assert cohorts.layout(w) == stacked_layout(w), w
+    key = cohorts.salt_key("tabular-2026-11")
+    # buckets 6004, 7253, 4905, 7755 (pinned above): golden owners under two two-challenger splits
+    assert [cohorts.assign([50, 25, 25], key, u) for u in ("alice", "bob", "carol", "")] == [0, 0, 0, 2]
+    assert [cohorts.assign([20, 70, 10], key, u) for u in ("alice", "bob", "carol", "")] == [1, 0, 1, 0]
+
+
+@st.composite
+def many_weights(draw, fitting: bool):
+    """Weights for 1 to 7 challengers; ``fitting``: every lane holds its two challengers."""
+    m = draw(st.integers(1, 7))
+    if not fitting:
+        return draw(weights(m + 1))
+    lanes, slots = cohorts._slots(m)
+    room = [cohorts.BUCKETS // lanes // cohorts.PER_PERCENT] * lanes
+    w = [0] * (m + 1)
+    for i, (lane, _) in enumerate(slots, start=1):
+        w[i] = draw(st.integers(0, room[lane]))
+        room[lane] -= w[i]
+    w[0] = 100 - sum(w)
+    return w
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=many_weights(fitting=False))
+def test_every_variant_owns_exactly_its_weight_for_any_number_of_challengers(w):
+    bounds, owners = cohorts.layout(w)
+    edges = [0, *bounds, cohorts.BUCKETS]
+    owned = [0] * len(w)
+    for i, owner in enumerate(owners):
+        assert edges[i + 1] > edges[i]
+        owned[owner] += edges[i + 1] - edges[i]
+    assert owned == [x * cohorts.PER_PERCENT for x in w]
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), before=many_weights(fitting=True))
+def test_within_lanes_any_ramp_or_rollback_moves_units_only_through_control(data, before):
+    """Raise or lower any one challenger, for any number of challengers, staying within its lane."""
+    m = len(before) - 1
+    lanes, slots = cohorts._slots(m)
+    index = data.draw(st.integers(1, m))
+    lane = slots[index - 1][0]
+    lane_room = cohorts.BUCKETS // lanes // cohorts.PER_PERCENT - sum(
+        before[i + 1] for i, (p, _) in enumerate(slots) if p == lane
+    )
+    after = list(before)
+    after[index] = data.draw(st.integers(0, before[index] + min(before[0], lane_room)))
+    after[0] = before[0] - (after[index] - before[index])
+    assert monotone(before, after), (before, after)
+    assert cohorts.ramp_problem(before, after) is None
+    assert cohorts.moves(before, after) == (
+        {(0, index): (after[index] - before[index]) * 100}
+        if after[index] > before[index]
+        else {(index, 0): (before[index] - after[index]) * 100}
+        if after[index] < before[index]
+        else {}
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), before=many_weights(fitting=False))
+def test_ramp_problem_is_exact_for_any_weights(data, before):
+    """No false alarms, no misses: the check agrees with every bucket's owner before and after."""
+    index = data.draw(st.integers(1, len(before) - 1))
+    after = list(before)
+    after[index] = data.draw(st.integers(0, before[index] + before[0]))
+    after[0] = before[0] - (after[index] - before[index])
+    problem = cohorts.ramp_problem(before, after)
+    assert (problem is None) is monotone(before, after), (before, after, problem)
+    if problem is not None:
+        assert "would move" in problem and "% of all units from" in problem
