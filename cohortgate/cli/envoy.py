@@ -8,8 +8,14 @@ relative ``--certs`` and ``--out`` resolve against the directory Envoy is starte
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
+
+from cohortgate.cli.gateway import _size
+from cohortgate.deploy.envoy.bootstrap import MAX_REQUEST_BYTES
+from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT
+from cohortgate.support.durations import duration_arg
 
 DEFAULT_OUT = ".cohortgate/envoy"
 DEFAULT_PROCESSOR = "uds:.cohortgate/processor.sock"
@@ -55,6 +61,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     render.add_argument("--listen-address", default="127.0.0.1", help="the listener's address (default 127.0.0.1)")
     render.add_argument(
         "--admin-port", type=int, default=9901, help="the admin port, always on 127.0.0.1 (default 9901)"
+    )
+    render.add_argument(
+        "--admin-socket",
+        default=None,
+        metavar="PATH",
+        help="put admin on this Unix socket instead, mode 0600 so only Envoy's user can use it",
+    )
+    render.add_argument(
+        "--processor-timeout",
+        type=duration_arg,
+        default=MESSAGE_TIMEOUT.total_seconds(),
+        metavar="DURATION",
+        help=f"how long a request waits for the processor before a 503 (default {MESSAGE_TIMEOUT.total_seconds():g}s); "
+        "shorter fails faster when it hangs, but a busy host then refuses requests",
+    )
+    render.add_argument(
+        "--max-body",
+        type=_size,
+        default=MAX_REQUEST_BYTES,
+        metavar="SIZE",
+        help="the largest request body, whatever its framing (default 16m); give the gateway the same --max-body",
     )
     render.add_argument(
         "--access-log",
@@ -110,10 +137,13 @@ def _render(args: argparse.Namespace) -> int:
         transport=args.transport,
         listen_port=args.listen_port,
         admin_port=args.admin_port,
+        admin_socket=args.admin_socket,
         access_log=access_log,
         concurrency=args.concurrency,
         listen_address=args.listen_address,
         upstream_ca=args.upstream_ca,
+        message_timeout=dt.timedelta(seconds=args.processor_timeout),
+        max_request_bytes=args.max_body,
     )
     print(files.bootstrap)
     print(files.cds)

@@ -1,10 +1,11 @@
 """The Envoy process: find the binary, validate a configuration, start, watch and stop Envoy.
 
 `EnvoyProcess` is what tests and ``cohortgate up`` use to run the bootstrap that
-`cohortgate.deploy.envoy.render` wrote. Readiness means admin ``/ready`` says LIVE *and* the listener
-accepts connections; `wait_clusters` is the confirmation half of the two-phase policy apply (a
-cluster is live in Envoy before the gateway routes to it). Only the standard library is used, so
-importing this module is cheap.
+`cohortgate.deploy.envoy.render` wrote (this module imports the renderer, never the reverse).
+Readiness means admin ``/ready`` says LIVE *and* the listener accepts connections; `wait_clusters`
+is the confirmation half of the two-phase policy apply (a cluster is live in Envoy before the
+gateway routes to it). Admin is reached over its Unix socket when the bootstrap put it on one.
+Importing this module is cheap (the renderer's typed classes load only when something renders).
 
 Exceptions: ``EnvoyError(RuntimeError)`` — Envoy exited, or did not become ready in time (the
 message carries the tail of its log); ``EnvoyConfigError(EnvoyError)`` — ``envoy --mode validate``
@@ -24,20 +25,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import yaml
 
 from cohortgate.core.contract import ENVOY_BIN_ENV
+from cohortgate.deploy.envoy.bootstrap import LISTENER_NAME
+from cohortgate.deploy.envoy.clusters import CLUSTER_TYPE_URL
+from cohortgate.deploy.envoy.files import EnvoyFiles
 from cohortgate.support import http
-
-if TYPE_CHECKING:
-    from cohortgate.deploy.envoy import EnvoyFiles
 
 _POLL_S = 0.02
 _SETTLE_S = 0.05  # admin runs on the main thread; workers learn of a new cluster a moment later
-_CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-# Admin is on loopback: never let an http_proxy variable route these calls elsewhere.
 
 
 class EnvoyError(RuntimeError):
@@ -100,7 +99,7 @@ def _with_static_clusters(bootstrap: dict[str, Any]) -> dict[str, Any] | None:
     document = yaml.safe_load(Path(source["path"]).read_text(encoding="utf-8")) or {}
     clusters = []
     for resource in document.get("resources") or []:
-        if resource.get("@type") != _CLUSTER_TYPE_URL:
+        if resource.get("@type") != CLUSTER_TYPE_URL:
             raise EnvoyConfigError(f"{source['path']}: resource of type {resource.get('@type')!r} is not a Cluster")
         clusters.append({k: v for k, v in resource.items() if k != "@type"})
     merged = dict(bootstrap)
@@ -271,7 +270,9 @@ class EnvoyProcess:
 
     @property
     def admin_address(self) -> tuple[str, int]:
-        """The admin listener Envoy actually bound (read from ``--admin-address-path``)."""
+        """The TCP admin listener Envoy actually bound (read from ``--admin-address-path``)."""
+        if self.files.admin_socket is not None:
+            raise EnvoyError(f"Envoy's admin is on the Unix socket {self.files.admin_socket}, not TCP")
         if self._admin is None:
             try:
                 text = self._admin_path.read_text().strip() if self._admin_path else ""
@@ -279,25 +280,27 @@ class EnvoyProcess:
                 text = ""
             host, _, port = text.rpartition(":")
             if not port.isdigit():
-                return ("127.0.0.1", self.files.admin_port)
+                return ("127.0.0.1", self.files.admin_port or 0)
             self._admin = (host.strip("[]"), int(port))
         return self._admin
 
     @property
     def admin_url(self) -> str:
+        """Where a client reaches admin: ``unix:PATH`` (a 0600 socket) or ``http://HOST:PORT``."""
+        if self.files.admin_socket is not None:
+            return f"unix:{self.files.admin_socket}"
         host, port = self.admin_address
         return f"http://{host}:{port}"
 
     def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        reply = http.call(self.admin_url + path, timeout=timeout)
+        reply = http.call_admin(self.admin_url, path, timeout=timeout)
         return reply.status, reply.body
 
     def drain_listeners(self, graceful: bool = True, timeout: float = 2.0) -> bool:
         """Admin ``POST /drain_listeners`` (``?graceful``: connections are told to close for the
         ``--drain-time-s`` period, then the listeners close). True when Envoy accepted it."""
-        reply = http.call(self.admin_url + "/drain_listeners" + ("?graceful" if graceful else ""), "POST",
-                          body=b"", timeout=timeout)  # fmt: skip
-        return reply.status == 200
+        path = "/drain_listeners" + ("?graceful" if graceful else "")
+        return http.call_admin(self.admin_url, path, "POST", timeout=timeout).status == 200
 
     def listener_addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> bound (address, port), from admin ``/listeners``."""
@@ -316,8 +319,6 @@ class EnvoyProcess:
     @property
     def listen_port(self) -> int:
         """The port the cohortgate listener is bound to (differs from the file's when that was 0)."""
-        from cohortgate.deploy.envoy import LISTENER_NAME
-
         return self.listener_ports().get(LISTENER_NAME) or self.files.listen_port
 
     def wait_ready(self, timeout: float = 15.0) -> None:

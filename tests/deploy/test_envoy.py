@@ -29,6 +29,7 @@ import yaml
 
 from cohortgate.core.policy import Policy, load_policy, parse_policy
 from cohortgate.deploy import envoy as ec
+from cohortgate.deploy.envoy import typed
 from cohortgate.deploy.envoyproc import EnvoyConfigError, EnvoyProcess, envoy_binary, validate, validate_log
 from cohortgate.deploy.pki import CertPaths, init_certs
 from tests.integration.tlsprobe import CERTIFICATE_REQUIRED, HANDSHAKE_FAILURE, tls_alert
@@ -106,7 +107,7 @@ def _typed(document: dict, type_url_suffix: str) -> dict:
 
 def _bootstrap(certs: CertPaths, tmp_path: Path, **kw) -> dict:
     kw.setdefault("processor", ec.ProcessorAddress(uds="/run/cg/p.sock"))
-    return ec.render_bootstrap(certs=certs, cds_path=tmp_path / "cds.yaml", **kw)
+    return ec.render_bootstrap(tls=ec.EnvoyTls.from_certs(certs), cds_path=tmp_path / "cds.yaml", **kw)
 
 
 # ------------------------------------------------------------------------------ environment
@@ -122,7 +123,7 @@ def test_binary_and_proto_classes_both_import_in_this_environment() -> None:
     assert external_processor_pb2.ProcessingRequest.FromString(b"").WhichOneof("request") is None
     assert hasattr(external_processor_pb2_grpc, "ExternalProcessorServicer")
     assert cluster_pb2.Cluster(name="x").name == "x"
-    bootstrap_module = ec._pb().bootstrap  # envoy_data_plane.envoy.config.bootstrap.v3
+    bootstrap_module = typed.pb().bootstrap  # envoy_data_plane.envoy.config.bootstrap.v3
     assert bootstrap_module.Bootstrap().to_dict() == {}
     # The repository's envoy/ folder holds rendered files; as a package it would shadow all this.
     assert not (ROOT / "envoy" / "__init__.py").exists()
@@ -155,7 +156,7 @@ def test_processor_address_parse_and_rules() -> None:
 
 
 def test_cluster_names_match_policy_backends(example: Policy) -> None:
-    clusters = ec.render_clusters(example)
+    clusters = ec.cluster_resources(example.backends)
     assert [c["name"] for c in clusters] == [b.cluster for b in example.backends]
     by_name = {c["name"]: c for c in clusters}
     for backend in example.backends:
@@ -174,7 +175,7 @@ def test_cluster_names_match_policy_backends(example: Policy) -> None:
 
 def test_https_and_dns_backends_get_tls_with_sni_and_dns_discovery() -> None:
     policy = make_policy({"control": ["https://models.example.com:8443"], "canary": ["https://10.1.2.3"]})
-    a, b = ec.render_clusters(policy, upstream_ca="/etc/cg/ca.pem")
+    a, b = ec.cluster_resources(policy.backends, upstream_ca="/etc/cg/ca.pem")
     assert a["cluster_type"]["name"] == "envoy.clusters.dns" and "type" not in a
     assert a["cluster_type"]["typed_config"]["dns_lookup_family"] == "V4_PREFERRED"
     tls = a["transport_socket"]["typed_config"]
@@ -265,7 +266,11 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
     assert hcm["use_remote_address"]
     assert hcm["internal_address_config"] == {"cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]}
     assert hcm["stream_idle_timeout"] == "60s" and hcm["request_timeout"] == "60s"
-    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.body_size_limit",
+        "envoy.filters.http.router",
+    ]
 
 
 def test_listener_requires_a_client_certificate_from_the_ca(tmp_path: Path, certs: CertPaths) -> None:
@@ -295,7 +300,7 @@ def test_ext_proc_sends_request_headers_only_and_fails_closed(tmp_path: Path, ce
     }  # body modes are NONE, the proto default, hence absent
     assert ext["failure_mode_allow"] is False
     assert ext["status_on_error"] == {"code": "ServiceUnavailable"}
-    assert ext["message_timeout"] == "0.200s"
+    assert ext["message_timeout"] == "1s"  # the default: see cohortgate.deploy.envoy.extproc
     assert ext["request_attributes"] == list(ec.REQUEST_ATTRIBUTES)
     assert ext["route_cache_action"] == "CLEAR"
     assert ext["mutation_rules"]["disallow_system"] is True
@@ -317,7 +322,7 @@ def test_ext_proc_sends_request_headers_only_and_fails_closed(tmp_path: Path, ce
                 "http_uri": {
                     "uri": f"http://{ec.PROCESSOR_CLUSTER}{ec.HTTP_SERVICE_PATH}",
                     "cluster": ec.PROCESSOR_CLUSTER,
-                    "timeout": "0.200s",
+                    "timeout": "1s",
                 }
             }
         }
@@ -361,12 +366,12 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
 
 
 def test_rendered_yaml_round_trips_through_the_typed_classes(tmp_path: Path, certs: CertPaths) -> None:
-    Bootstrap = ec._pb().bootstrap.Bootstrap
+    Bootstrap = typed.pb().bootstrap.Bootstrap
 
     doc = _bootstrap(certs, tmp_path, transport="http", access_log=ec.AccessLogTarget(host="127.0.0.1", port=9))
-    typed = Bootstrap.from_dict(doc)
-    assert typed.static_resources.listeners[0].name == ec.LISTENER_NAME
-    assert typed.admin.address.socket_address.address == "127.0.0.1"
+    message = Bootstrap.from_dict(doc)
+    assert message.static_resources.listeners[0].name == ec.LISTENER_NAME
+    assert message.admin.address.socket_address.address == "127.0.0.1"
 
 
 # ---------------------------------------------------------------------- envoy --mode validate

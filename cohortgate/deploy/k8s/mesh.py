@@ -24,12 +24,12 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from cohortgate.core.contract import HEADER_PREFIX
-from cohortgate.deploy import envoy as envoyconf
+from cohortgate.core.contract import HEADER_CLUSTER, HEADER_SHADOWS
+from cohortgate.deploy.envoy.addresses import is_ip
+from cohortgate.deploy.envoy.clusters import cluster_resources
+from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT, REQUEST_ATTRIBUTES
 from cohortgate.deploy.k8s import crds
-from cohortgate.deploy.k8s.options import Mesh, RenderOptions
-from cohortgate.deploy.k8s.plan import SIDECAR_PORT, Plan
-from cohortgate.deploy.k8s.workloads import (
+from cohortgate.deploy.k8s.objects import (
     EDGE,
     ENVOY_TLS_SECRET,
     GATEWAY,
@@ -38,6 +38,8 @@ from cohortgate.deploy.k8s.workloads import (
     SYSTEM_CA,
     labels,
 )
+from cohortgate.deploy.k8s.options import Mesh, RenderOptions
+from cohortgate.deploy.k8s.plan import SIDECAR_PORT, Plan
 
 MESH_CLIENT_SECRET = "cohortgate-mesh-client-tls"
 CA_CONFIGMAP = "cohortgate-ca"  # key ca.crt: the CA that signed the processor's certificate (public)
@@ -155,14 +157,12 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
     refs = _backend_refs(plan)
     rules: list[crds.RouteRule] = []
     for _route, primary, shadows in mirror_sets(plan):
-        headers = [crds.HeaderMatch(name=envoyconf.HEADER_CLUSTER, value=primary)]
-        headers += [crds.HeaderMatch(name=envoyconf.HEADER_SHADOWS[i], value=c) for i, c in enumerate(shadows)]
+        headers = [crds.HeaderMatch(name=HEADER_CLUSTER, value=primary)]
+        headers += [crds.HeaderMatch(name=HEADER_SHADOWS[i], value=c) for i, c in enumerate(shadows)]
         mirrors = [
             crds.RouteFilter(
                 type="RequestMirror",
-                request_mirror=crds.RequestMirror(
-                    backend_ref=crds.BackendRef(**refs[c].model_dump(exclude_none=True))
-                ),
+                request_mirror=crds.RequestMirror(backend_ref=crds.BackendRef(**refs[c].model_dump(exclude_none=True))),
             )
             for c in shadows
         ]
@@ -206,11 +206,11 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
             ext_proc=[
                 crds.ExtProc(
                     backend_refs=[crds.BackendRef(name=GATEWAY, port=PROCESSOR_PORT)],
-                    message_timeout=f"{int(envoyconf.MESSAGE_TIMEOUT.total_seconds() * 1000)}ms",
+                    message_timeout=f"{int(MESSAGE_TIMEOUT.total_seconds() * 1000)}ms",
                     fail_open=False,
                     # Request headers only (no body, no response): what the edge's filter sends.
                     processing_mode=crds.ExtProcProcessingMode(
-                        request=crds.ProcessingModeOptions(attributes=list(envoyconf.REQUEST_ATTRIBUTES))
+                        request=crds.ProcessingModeOptions(attributes=list(REQUEST_ATTRIBUTES))
                     ),
                 )
             ],
@@ -242,7 +242,7 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
         name = _external_name(b)
         endpoint = (
             crds.BackendEndpoint(ip=crds.IPEndpoint(address=b.host, port=b.port))
-            if envoyconf._is_ip(b.host)
+            if is_ip(b.host)
             else crds.BackendEndpoint(fqdn=crds.FQDNEndpoint(hostname=b.host, port=b.port))
         )
         out.append(crds.Backend(metadata=_meta(name, ns, "mesh"), spec=crds.BackendSpec(endpoints=[endpoint])))
@@ -262,87 +262,21 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
 # ------------------------------------------------------------------------------------------ Istio
 
 
-def _envoy_dict(message: Any) -> dict[str, Any]:
-    import betterproto2
-
-    return message.to_dict(casing=betterproto2.Casing.SNAKE)
-
-
 def ext_proc_filter(cluster_name: str) -> dict[str, Any]:
-    """The ext_proc HTTP filter the edge uses, pointed at ``cluster_name`` (typed, then a dict)."""
-    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as mutation
-    from envoy_data_plane.envoy.config.core import v3 as core
-    from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
-    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
-    from envoy_data_plane.envoy.type import v3 as type_v3
-    from envoy_data_plane.envoy.type.matcher import v3 as matcher
-    from envoy_data_plane.google.protobuf import Any as AnyPb
+    """The edge's own ext_proc filter (`cohortgate.deploy.envoy.extproc`), pointed at ``cluster_name``."""
+    from cohortgate.deploy.envoy.extproc import ext_proc_filter as build
+    from cohortgate.deploy.envoy.typed import to_dict
 
-    send, skip = ext_proc.ProcessingModeHeaderSendMode.SEND, ext_proc.ProcessingModeHeaderSendMode.SKIP
-    none = ext_proc.ProcessingModeBodySendMode.NONE
-    config = ext_proc.ExternalProcessor(
-        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=cluster_name)),
-        failure_mode_allow=False,
-        status_on_error=type_v3.HttpStatus(code=type_v3.StatusCode.ServiceUnavailable),
-        processing_mode=ext_proc.ProcessingMode(
-            request_header_mode=send,
-            response_header_mode=skip,
-            request_body_mode=none,
-            response_body_mode=none,
-            request_trailer_mode=skip,
-            response_trailer_mode=skip,
-        ),
-        request_attributes=list(envoyconf.REQUEST_ATTRIBUTES),
-        message_timeout=envoyconf.MESSAGE_TIMEOUT,
-        route_cache_action=ext_proc.ExternalProcessorRouteCacheAction.CLEAR,
-        mutation_rules=mutation.HeaderMutationRules(
-            allow_expression=matcher.RegexMatcher(regex=HEADER_PREFIX + "[a-z0-9-]+"),
-            disallow_system=True,
-            allow_envoy=False,
-        ),
-        stat_prefix="cohortgate",
-    )
-    out = _envoy_dict(hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=AnyPb.pack(config)))
-    out["typed_config"].setdefault("failure_mode_allow", False)  # the default, stated for the reader
-    return out
+    return to_dict(build("grpc", cluster=cluster_name))
 
 
 def route_patch() -> dict[str, Any]:
-    """Cluster-header routing with the edge's four mirror slots, as an HTTP_ROUTE merge value."""
-    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as mutation
-    from envoy_data_plane.envoy.config.core import v3 as core
-    from envoy_data_plane.envoy.config.route import v3 as route
+    """The edge's cluster-header routing and mirror slots (`cohortgate.deploy.envoy.routing`), as an
+    HTTP_ROUTE merge value."""
+    from cohortgate.deploy.envoy.routing import response_headers, route_action
+    from cohortgate.deploy.envoy.typed import pb, to_dict
 
-    def header(key: str, value: str) -> Any:
-        return core.HeaderValueOption(
-            header=core.HeaderValue(key=key, value=value),
-            append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-        )
-
-    mirrors = [
-        route.RouteActionRequestMirrorPolicy(
-            cluster_header=name,
-            request_headers_mutations=[
-                mutation.HeaderMutation(
-                    append=header(envoyconf.HEADER_SHADOW_OF, f"%REQ({envoyconf.HEADER_VARIANT})%")
-                )
-            ],
-        )
-        for name in envoyconf.HEADER_SHADOWS
-    ]
-    message = route.Route(
-        route=route.RouteAction(
-            cluster_header=envoyconf.HEADER_CLUSTER,
-            timeout=envoyconf.ROUTE_TIMEOUT,
-            request_mirror_policies=mirrors,
-            cluster_not_found_response_code=route.RouteActionClusterNotFoundResponseCode.SERVICE_UNAVAILABLE,
-        ),
-        response_headers_to_add=[
-            header(envoyconf.HEADER_VARIANT, f"%REQ({envoyconf.HEADER_VARIANT})%"),
-            header(envoyconf.HEADER_ROUTE, f"%REQ({envoyconf.HEADER_ROUTE})%"),
-        ],
-    )
-    return _envoy_dict(message)
+    return to_dict(pb().route.Route(route=route_action(), response_headers_to_add=response_headers()))
 
 
 def istio(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
@@ -351,7 +285,7 @@ def istio(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
     route_name = f"cohortgate-{ns}"
     gateway_host = options.service_host(GATEWAY)
     processor_cluster = f"outbound|{PROCESSOR_PORT}||{gateway_host}"
-    clusters = envoyconf.render_clusters(plan.policy, upstream_ca=SYSTEM_CA)
+    clusters = cluster_resources(plan.policy.backends, upstream_ca=SYSTEM_CA)
     patches = [
         crds.EnvoyConfigObjectPatch(
             apply_to="HTTP_FILTER",

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from cohortgate.core.policy import Policy
-from cohortgate.deploy.k8s import mesh, workloads
+from cohortgate.deploy.envoy.files import BOOTSTRAP_FILE, CDS_FILE
+from cohortgate.deploy.k8s import controller, edge, mesh, network, objects, sidecars
 from cohortgate.deploy.k8s.options import RenderOptions
-from cohortgate.deploy.k8s.plan import Plan, make_plan
+from cohortgate.deploy.k8s.plan import POLICY_FILE, Plan, make_plan
 from cohortgate.support.files import write_atomic
 
 KUSTOMIZATION = "kustomization.yaml"
@@ -80,7 +81,7 @@ def render(policy: Policy, raw: bytes | str, options: RenderOptions, *, source: 
         metadata=k.V1ObjectMeta(
             name=options.namespace,
             labels={
-                **workloads.labels("namespace"),
+                **objects.labels("namespace"),
                 # Every cohortgate pod meets the `restricted` Pod Security Standard.
                 "pod-security.kubernetes.io/enforce": "restricted",
                 "pod-security.kubernetes.io/enforce-version": "latest",
@@ -88,29 +89,29 @@ def render(policy: Policy, raw: bytes | str, options: RenderOptions, *, source: 
         ),
     )
     groups["namespace.yaml"] = [namespace]
-    policy_data = {workloads.POLICY_FILE: plan.policy_text}
+    policy_data = {POLICY_FILE: plan.policy_text}
     if options.mesh is None:
         size = sizing.edge(options.transport, options.grpc_server, options.target_rps_per_pod)
-        bootstrap, cds = workloads.envoy_files(plan, options, size.envoy_concurrency)
-        policy_data[workloads.CDS_FILE] = cds
-        groups["policy.yaml"] = [workloads.config_map(workloads.POLICY_CONFIGMAP, options, "edge", policy_data)]
+        bootstrap, cds = edge.envoy_files(plan, options, size.envoy_concurrency)
+        policy_data[CDS_FILE] = cds
+        groups["policy.yaml"] = [objects.config_map(objects.POLICY_CONFIGMAP, options, "edge", policy_data)]
         groups["envoy.yaml"] = [
-            workloads.config_map(workloads.ENVOY_CONFIGMAP, options, "edge", {workloads.BOOTSTRAP_FILE: bootstrap})
+            objects.config_map(objects.ENVOY_CONFIGMAP, options, "edge", {BOOTSTRAP_FILE: bootstrap})
         ]
-        groups["edge.yaml"] = workloads.edge(plan, options, workloads.digest(bootstrap))
+        groups["edge.yaml"] = edge.edge(plan, options, objects.digest(bootstrap))
     else:
-        groups["policy.yaml"] = [workloads.config_map(workloads.POLICY_CONFIGMAP, options, "gateway", policy_data)]
-        groups["gateway.yaml"] = workloads.mesh_gateway(plan, options)
+        groups["policy.yaml"] = [objects.config_map(objects.POLICY_CONFIGMAP, options, "gateway", policy_data)]
+        groups["gateway.yaml"] = edge.mesh_gateway(plan, options)
         groups["mesh.yaml"] = mesh.mesh_resources(plan, options)
-    sidecars: list[Any] = []
+    model_servers: list[Any] = []
     for s in plan.sidecars:
-        sidecars.extend(workloads.sidecar(s, plan, options))
-    if sidecars:
-        groups["sidecars.yaml"] = sidecars
-    groups["controller.yaml"] = [workloads.controller(plan, options)]
+        model_servers.extend(sidecars.sidecar(s, plan, options))
+    if model_servers:
+        groups["sidecars.yaml"] = model_servers
+    groups["controller.yaml"] = [controller.controller(plan, options)]
     if options.with_redis:
-        groups["redis.yaml"] = workloads.redis(options)
-    groups["network-policies.yaml"] = workloads.network_policies(options)
+        groups["redis.yaml"] = controller.redis(options)
+    groups["network-policies.yaml"] = network.network_policies(options)
     groups["certificates.yaml"] = mesh.certificates(options)
 
     header = (

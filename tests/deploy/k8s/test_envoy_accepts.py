@@ -10,7 +10,7 @@ import yaml
 
 from cohortgate.deploy import pki
 from cohortgate.deploy.envoyproc import validate
-from cohortgate.deploy.k8s import workloads
+from cohortgate.deploy.k8s import objects
 from tests.deploy.k8s.conftest import named
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def _localise(text: str, certs: pki.CertPaths, policy_dir: Path) -> str:
     """In-pod paths -> files on this machine (the Secret's keys are cert-manager's names)."""
-    tls = workloads.ENVOY_TLS_DIR
+    tls = objects.ENVOY_TLS_DIR
     return (
         text.replace(f"{tls}/tls.crt", str(certs.envoy_cert))
         .replace(f"{tls}/tls.key", str(certs.envoy_key))

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cohortgate.cli import main
+from cohortgate.core.contract import HEADER_SHADOWS
 from cohortgate.core.decide import Facts, decide
 from cohortgate.deploy import envoy as envoyconf
 from cohortgate.deploy.k8s import sizing
@@ -147,9 +148,9 @@ def test_edge_region_pins_edge_controller_and_redis(example):
     for kind, name in (("Deployment", "cohortgate-edge"), ("Deployment", "cohortgate-controller"),
                        ("StatefulSet", "cohortgate-redis")):  # fmt: skip
         pod = named(rendered, kind, name)["spec"]["template"]["spec"]
-        values = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-            "nodeSelectorTerms"
-        ][0]["matchExpressions"][0]["values"]
+        values = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][
+            0
+        ]["matchExpressions"][0]["values"]
         assert values == ["eu"]
 
 
@@ -381,7 +382,7 @@ def test_envoy_gateway_extension_policy(renders):
     assert [t["name"] for t in policy["spec"]["targetRefs"]] == [r["metadata"]["name"] for r in routes]
     (ext_proc,) = policy["spec"]["extProc"]
     assert ext_proc["backendRefs"] == [{"name": "cohortgate-gateway", "port": 9002}]
-    assert ext_proc["failOpen"] is False and ext_proc["messageTimeout"] == "200ms"
+    assert ext_proc["failOpen"] is False and ext_proc["messageTimeout"] == "1000ms"
     assert ext_proc["processingMode"] == {"request": {"attributes": list(envoyconf.REQUEST_ATTRIBUTES)}}
 
 
@@ -448,9 +449,21 @@ def test_istio_envoy_filter(renders):
     assert route_patch["match"]["routeConfiguration"]["vhost"]["route"]["name"] == vs["spec"]["http"][0]["name"]
     assert route_patch["patch"]["value"]["route"]["cluster_header"] == "x-cohortgate-cluster"
     mirrors = route_patch["patch"]["value"]["route"]["request_mirror_policies"]
-    assert [m["cluster_header"] for m in mirrors] == list(envoyconf.HEADER_SHADOWS)
+    assert [m["cluster_header"] for m in mirrors] == list(HEADER_SHADOWS)
     assert vs["spec"]["hosts"] == ["models.example.com"]
     assert vs["spec"]["http"][0]["route"][0]["destination"]["host"].startswith("cohortgate-unrouted.")
+    # One ext_proc filter and one route action for the edge and the mesh: Istio's are the edge's own,
+    # with only the processor's cluster name (and the edge's route name and match) differing.
+    edge = renders["edge"]
+    edge_bootstrap = yaml.safe_load(named(edge, "ConfigMap", "cohortgate-envoy")["data"]["bootstrap.yaml"])
+    edge_hcm = edge_bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    edge_ext_proc = edge_hcm["http_filters"][0]
+    edge_ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = config["grpc_service"]["envoy_grpc"][
+        "cluster_name"
+    ]
+    assert value == edge_ext_proc
+    (edge_route,) = edge_hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route_patch["patch"]["value"] == {k: v for k, v in edge_route.items() if k not in ("name", "match")}
     dr = named(rendered, "DestinationRule", "cohortgate-gateway")["spec"]
     assert dr["trafficPolicy"]["tls"]["mode"] == "MUTUAL"
     assert dr["trafficPolicy"]["tls"]["subjectAltNames"] == ["spiffe://cohortgate.local/gateway"]
@@ -538,3 +551,11 @@ def test_no_secret_like_base64_in_configmaps(renders):
             for text in cm["data"].values():
                 for blob in re.findall(r"[A-Za-z0-9+/=]{120,}", text):
                     assert b"PRIVATE" not in base64.b64decode(blob + "==", validate=False)
+
+
+def test_edge_bootstrap_names_only_files_the_pod_has(renders):
+    """No placeholder certificate paths: the edge pod's TLS Secret holds tls.crt, tls.key, ca.crt."""
+    text = named(renders["edge"], "ConfigMap", "cohortgate-envoy")["data"]["bootstrap.yaml"]
+    assert "unused" not in text
+    files = {line.split("filename:")[1].strip() for line in text.splitlines() if "filename:" in line}
+    assert files == {f"/etc/cohortgate/tls/envoy/{name}" for name in ("tls.crt", "tls.key", "ca.crt")}
