@@ -6,8 +6,8 @@
   sidecars actually bound and every relative path made absolute (done on data, never on text);
 - `choose_port`: the usual port when free, else a free one, given probes the caller supplies.
 
-`gateway/stack.py` does the I/O. Errors: `StackError` (a `CohortgateError`) says what cannot be
-planned; `stack.ChildFailed` derives from it.
+`cohortgate.local.stack` does the I/O. Errors: `StackError` (a `CohortgateError`) says what cannot
+be planned; `supervisor.ChildFailed` derives from it.
 """
 
 from __future__ import annotations

@@ -238,13 +238,14 @@ class Stack:
         for spec in specs:
             self.sidecars[spec.key] = (spec, self.port(spec.port, spec.name))
         o = self.opts
-        self.ports["controller"] = self.port(o.controller_port or DEFAULT_CONTROLLER_PORT, "the controller")
-        self.ports["envoy"] = self.port(o.envoy_port or DEFAULT_ENVOY_PORT, "Envoy")
-        self.ports["admin"] = self.port(o.admin_port or DEFAULT_ADMIN_PORT, "Envoy's admin")
-        self.ports["dashboard"] = self.port(o.dashboard_port or DEFAULT_DASHBOARD_PORT, "the dashboard")
-        self.ports["gateway_metrics"] = self.port(
-            o.gateway_metrics_port or DEFAULT_GATEWAY_METRICS_PORT, "the gateway's metrics"
-        )
+        for key, asked, usual, what in (
+            ("controller", o.controller_port, DEFAULT_CONTROLLER_PORT, "the controller"),
+            ("envoy", o.envoy_port, DEFAULT_ENVOY_PORT, "Envoy"),
+            ("admin", o.admin_port, DEFAULT_ADMIN_PORT, "Envoy's admin"),
+            ("dashboard", o.dashboard_port, DEFAULT_DASHBOARD_PORT, "the dashboard"),
+            ("gateway_metrics", o.gateway_metrics_port, DEFAULT_GATEWAY_METRICS_PORT, "the gateway's metrics"),
+        ):
+            self.ports[key] = self.port(asked, what, usual=False) if asked else self.port(usual, what)
         self.layout = Layout(
             state_dir=self.state_dir,
             certs_dir=Path(self.certs.dir),
@@ -295,8 +296,10 @@ class Stack:
                 f"(kill {pid}) or pass another --state-dir"
             )
 
-    def port(self, preferred: int | None, what: str = "") -> int:
-        wanted = None if self.opts.free_ports else preferred
+    def port(self, preferred: int | None, what: str = "", *, usual: bool = True) -> int:
+        """``preferred`` when free, else a free one. A port asked for by a flag (``usual=False``) is
+        tried even with ``--free-ports``, which only skips the usual ones."""
+        wanted = None if self.opts.free_ports and usual else preferred
         port = choose_port(wanted, taken=self._taken, is_free=probes.port_is_free, any_free=probes.any_free_port)
         if wanted and port != wanted and what:
             self.progress(f"port {wanted} is taken: {what} gets {port}")
