@@ -6,6 +6,14 @@ call. When the deque is full the entry is dropped and counted, because an audit 
 the data plane is an outage. A line records who (the SPIFFE ID and the token's ``sub``, hashed with
 the same secret salt as the cohort unit), what (route, variant, region, shadows) and the verdict
 (outcome, reason, status) with the request id -- never the payload, the token or a raw user id.
+
+A file trail is rotated by `RotatingFile` (issue 17.5: it grew ~8 MB/min at 520 req/s): by size
+and by age, keeping ``backups`` old files (``PATH.1`` newest ... ``PATH.N``). Rotation happens in
+the writer thread between two batch writes, so it never blocks the request path (which only
+appends to the deque) and never splits or loses a line. Why not ``logging.handlers`` (QueueHandler
++ RotatingFileHandler): a ``LogRecord`` per line on the request path costs ~10x the deque append
+(measured with timeit, see tests/gateway/test_audit_rotation.py). ``-`` writes to standard output
+for a log shipper, unrotated.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -39,12 +49,103 @@ FIELDS = (
 )
 
 
+#: defaults of a file trail: at most (1 + AUDIT_BACKUPS) x AUDIT_MAX_BYTES on disk
+AUDIT_MAX_BYTES = 64 * 1024 * 1024
+AUDIT_BACKUPS = 8
+AUDIT_MAX_AGE_S = 24 * 3600.0
+
+
+class RotatingFile:
+    """An append-only file (0600) that the one writer thread rotates by size and age.
+
+    ``write`` rotates first when the file would grow past ``max_bytes`` or is older than
+    ``max_age_s``; lines are never split (a line longer than ``max_bytes`` gets a file of its
+    own). Not thread-safe: one writer.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = AUDIT_MAX_BYTES,
+        backups: int = AUDIT_BACKUPS,
+        max_age_s: float | None = AUDIT_MAX_AGE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if backups < 0 or (max_bytes is not None and max_bytes <= 0) or (max_age_s is not None and max_age_s <= 0):
+            raise ValueError("backups must be >= 0, max_bytes and max_age_s positive")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.rotations = 0
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "ab")
+        self._size = os.fstat(fd).st_size
+        self._opened = self.clock()
+
+    def _due(self, n: int) -> bool:
+        if self._size == 0:
+            return False
+        if self.max_bytes is not None and self._size + n > self.max_bytes:
+            return True
+        return self.max_age_s is not None and self.clock() - self._opened >= self.max_age_s
+
+    def rotate(self) -> None:
+        """``PATH`` -> ``PATH.1`` -> ... -> ``PATH.N`` (the oldest beyond ``backups`` is removed)."""
+        self._file.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            Path(f"{self.path}.{self.backups}").unlink(missing_ok=True)
+            top = 1  # backups are contiguous (.1 .. .k): shift only those that exist
+            while top < self.backups and Path(f"{self.path}.{top}").exists():
+                top += 1
+            for i in range(top - 1, 0, -1):
+                Path(f"{self.path}.{i}").replace(f"{self.path}.{i + 1}")
+            self.path.replace(f"{self.path}.1")
+        self.rotations += 1
+        self._open()
+
+    def write(self, data: bytes) -> int:
+        """Append whole lines; a batch bigger than the room left is split at line ends across files."""
+        written = 0
+        while data:
+            if self._due(len(data)):
+                self.rotate()
+            room = len(data) if self.max_bytes is None else self.max_bytes - self._size
+            if len(data) <= room:
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n", 0, max(room, 0)) + 1
+                if cut == 0:  # not one whole line fits: a fresh file takes the next line whole
+                    cut = (data.find(b"\n") + 1 or len(data)) if self._size == 0 else 0
+                if cut == 0:
+                    self.rotate()
+                    continue
+            n = self._file.write(data[:cut])
+            self._size += n
+            written += n
+            data = data[cut:]
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class AuditLog:
     """A non-blocking JSON-lines writer. ``record`` is safe to call from the event loop."""
 
     def __init__(
         self,
-        stream: IO[bytes],
+        stream: IO[bytes] | RotatingFile,
         subject_hash: Callable[[str], str],
         *,
         max_pending: int = 65_536,
@@ -68,12 +169,21 @@ class AuditLog:
         self._thread.start()
 
     @classmethod
-    def open(cls, target: str, subject_hash: Callable[[str], str], **kwargs: Any) -> AuditLog:
-        """``-`` for standard output, else a file opened for appending (0600 when created)."""
+    def open(
+        cls,
+        target: str,
+        subject_hash: Callable[[str], str],
+        *,
+        max_bytes: int | None = AUDIT_MAX_BYTES,
+        backups: int = AUDIT_BACKUPS,
+        max_age_s: float | None = AUDIT_MAX_AGE_S,
+        **kwargs: Any,
+    ) -> AuditLog:
+        """``-`` for standard output (a log shipper rotates), else a `RotatingFile` (0600 when created)."""
         if target == "-":
             return cls(sys.stdout.buffer, subject_hash, **kwargs)
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return cls(os.fdopen(fd, "ab"), subject_hash, close_stream=True, **kwargs)
+        stream = RotatingFile(target, max_bytes=max_bytes, backups=backups, max_age_s=max_age_s)
+        return cls(stream, subject_hash, close_stream=True, **kwargs)
 
     def record(self, entry: tuple[Any, ...]) -> None:
         """Queue one decision (a tuple in `FIELDS` order); drop and count it if the queue is full."""
