@@ -1,0 +1,1 @@
+"""Feature flags: the gateway's cohort assignment, asked through the OpenFeature API."""
