@@ -226,3 +226,30 @@ def test_a_policy_naming_a_jwks_host_it_does_not_list_is_refused_with_its_positi
         "policy.yaml:5:9: jwt.jwks 'http://idp.example/jwks.json': keys come from a file path or an https:// URL only"
     ]
     assert parse_policy(POLICY.replace("JWKS", "jwks.json"), "policy.yaml", tmp_path).jwt.jwks.endswith("jwks.json")
+
+
+async def test_a_reload_naming_another_jwks_host_is_refused_and_the_old_policy_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the gateway's own Reloader: one JSON failure line with FILE:LINE:COL naming the host."""
+    import logging
+
+    from cohortgate.core.policy import load_policy
+    from gateway.reload import Reloader
+    from gateway.service import PolicyHolder
+
+    example = (Path(__file__).resolve().parents[2] / "policies" / "example.yaml").read_text()
+    jwks_line = "  jwks: ../certs/jwks.json       # a file (relative to this policy file) or an https:// URL\n"
+    assert jwks_line in example
+    live = tmp_path / "live.yaml"
+    live.write_text(example.replace(jwks_line, f"  jwks: {tmp_path / 'jwks.json'}\n  jwks_hosts: [idp.example]\n"))
+    holder = PolicyHolder(load_policy(live), live)
+    good = holder.policy
+    reloader = Reloader(holder, watch_s=0)
+    live.write_text(example.replace(jwks_line, "  jwks: https://evil.example/jwks.json\n  jwks_hosts: [idp.example]\n"))
+    with caplog.at_level(logging.ERROR):
+        assert await reloader.reload("file changed") is False
+    assert holder.policy is good
+    (record,) = [r for r in caplog.records if "policy_reload_failed" in r.getMessage()]
+    (problem,) = json.loads(record.getMessage())["problems"]
+    assert problem.startswith(f"{live}:10:9: jwt.jwks names host 'evil.example', which is not in jwt.jwks_hosts")
