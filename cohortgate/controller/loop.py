@@ -276,7 +276,7 @@ class Controller:
         variant: np.ndarray,
         status: np.ndarray,
         latency_ms: np.ndarray,
-        units: list[object],
+        units: list[object] | np.ndarray,
         now: float | None = None,
     ) -> None:
         """Requests of one route as arrays (``variant``: index in the policy's order): what `ingest`
@@ -312,7 +312,7 @@ class Controller:
         quarter since (young tests change fast). Any value keeps the tests valid under independent
         requests; a stale one only delays the correction for clustering."""
         variants = self.windows[route.name].variants
-        seen = sum(int(w.tally.n.sum()) + w.tally.singles for w in variants.values())
+        seen = sum(int(w.tally.n[: w.tally.size].sum()) + w.tally.singles for w in variants.values())
         last = self._deff_at.get(route.name)
         if last is not None and now - last[0] < self.config.design_effect_s and seen < 1.25 * last[1]:
             return

@@ -212,7 +212,7 @@ async def run_controller(
         in_flight.append(traffic.block(per_slice))
         if len(in_flight) > delay_slices:
             b = in_flight.pop(0)
-            controller.ingest_block(route, b.variant, b.status, b.latency_ms, b.unit.tolist(), now)
+            controller.ingest_block(route, b.variant, b.status, b.latency_ms, b.unit, now)
         now = round(now + slice_s, 6)
         if now >= next_tick - 1e-9:
             next_tick += config.interval_s

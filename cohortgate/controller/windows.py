@@ -152,29 +152,51 @@ class UnitTally:
     unit beyond ``MAX_UNITS``, counts as a unit of its own (the independent-request case).
     """
 
-    __slots__ = ("bad", "index", "n", "single_bad", "singles")
+    __slots__ = ("_int_keys", "_int_slots", "bad", "index", "n", "single_bad", "singles", "size")
 
     def __init__(self) -> None:
-        self.index: dict[object, int] = {}
+        self.index: dict[object, int] = {}  # unit -> slot (string units: the hashes Envoy logs)
+        self._int_keys = np.zeros(0, np.int64)  # integer units (simulations), sorted, and their slots
+        self._int_slots = np.zeros(0, np.int64)
+        self.size = 0
         self.n = np.zeros(64, dtype=np.int64)
         self.bad = np.zeros((3, 64), dtype=np.int64)
         self.singles = 0
         self.single_bad = np.zeros(3, dtype=np.int64)
 
-    def add_many(self, units: Iterable[object], bad: np.ndarray) -> None:
-        """Add outcomes of ``units`` (one per outcome); ``bad`` is (3, n) booleans: errors, slow, over."""
+    def _slots(self, units: Iterable[object] | np.ndarray) -> np.ndarray:
+        """Each outcome's slot (new units get the next ones); -1: no unit, or past ``MAX_UNITS``."""
+        if isinstance(units, np.ndarray) and units.dtype.kind in "iu":
+            keys = units.astype(np.int64)
+            new = np.setdiff1d(keys, self._int_keys)[: max(0, MAX_UNITS - self.size)]
+            if new.size:
+                all_keys = np.concatenate([self._int_keys, new])
+                all_slots = np.concatenate([self._int_slots, self.size + np.arange(new.size)])
+                order = np.argsort(all_keys, kind="stable")
+                self._int_keys, self._int_slots = all_keys[order], all_slots[order]
+                self.size += new.size
+            if not self._int_keys.size:
+                return np.full(keys.size, -1, np.int64)
+            pos = np.minimum(np.searchsorted(self._int_keys, keys), self._int_keys.size - 1)
+            return np.where(self._int_keys[pos] == keys, self._int_slots[pos], -1)
         idx = self.index
-        full = len(idx) >= MAX_UNITS
+        full = self.size >= MAX_UNITS
         slots = np.fromiter(
             (-1 if (not u and u != 0) or (full and u not in idx) else idx.setdefault(u, len(idx)) for u in units),
             dtype=np.int64,
         )
+        self.size = len(idx)
+        return slots
+
+    def add_many(self, units: Iterable[object] | np.ndarray, bad: np.ndarray) -> None:
+        """Add outcomes of ``units`` (one per outcome); ``bad`` is (3, n) booleans: errors, slow, over."""
+        slots = self._slots(units)
         known = slots >= 0
         if not known.all():
             self.singles += int((~known).sum())
             self.single_bad += bad[:, ~known].sum(axis=1)
             slots, bad = slots[known], bad[:, known]
-        size = len(idx)
+        size = self.size
         if size > self.n.size:
             grow = max(size, 2 * self.n.size)
             self.n = np.concatenate([self.n, np.zeros(grow - self.n.size, np.int64)])
@@ -185,7 +207,7 @@ class UnitTally:
 
     def design_effect(self, metric: int) -> float:
         """Kish's design effect of this variant's rate of ``metric`` (see `stats.design_effect`)."""
-        k = len(self.index)
+        k = self.size
         return float(design_effect(self.n[:k], self.bad[metric, :k], self.singles, self.single_bad[metric]))
 
     def clear(self) -> None:
@@ -214,7 +236,7 @@ class VariantWindow:
         self,
         status: np.ndarray,
         latency_ms: np.ndarray,
-        units: list[object],
+        units: list[object] | np.ndarray,
         now: float,
         srm: np.ndarray,
         slow_bin: int = LAT_BINS,
@@ -238,7 +260,10 @@ class VariantWindow:
         self._buckets[-1][1].merge(block)
         self._sliding.merge(block)
         if len(self.units) < MAX_UNITS:
-            self.units.update(u for u, ok in zip(units, srm.tolist(), strict=True) if ok and (u or u == 0))
+            if isinstance(units, np.ndarray):
+                self.units.update(np.unique(units[srm]).tolist())
+            else:
+                self.units.update(u for u, ok in zip(units, srm.tolist(), strict=True) if ok and (u or u == 0))
         self.tally.add_many(units, np.stack([err, bins >= slow_bin, bins >= over_bin]))
 
     def drain(self) -> Counts:
@@ -298,7 +323,7 @@ class RouteWindows:
         variant: np.ndarray,
         status: np.ndarray,
         latency_ms: np.ndarray,
-        units: list[object],
+        units: list[object] | np.ndarray,
         now: float,
         srm: np.ndarray | None = None,
     ) -> int:
@@ -321,7 +346,7 @@ class RouteWindows:
                 self.variants[name].add_many(
                     status[sel],
                     latency_ms[sel],
-                    [units[j] for j in sel.tolist()],
+                    units[sel] if isinstance(units, np.ndarray) else [units[j] for j in sel.tolist()],
                     now,
                     srm[sel],
                     self.slow_bin,

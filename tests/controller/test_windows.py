@@ -108,3 +108,17 @@ def test_route_windows_count_srm_units_only_where_marked():
     assert unknown == 1
     assert rw.unit_counts() == {"control": 1, "canary": 1}
     assert rw.variants["canary"].batch.errors == 1 and rw.variants["canary"].tally.n.sum() == 2
+
+
+def test_integer_units_and_string_units_tally_alike():
+    """Simulations pass integer unit ids as an array (vectorised path); the loop passes hashes."""
+    rng = np.random.default_rng(8)
+    users = rng.integers(0, 300, 5000)
+    bad = np.stack([rng.random(5000) < np.where(users < 10, 0.5, 0.02)] * 3)
+    a, b = windows.UnitTally(), windows.UnitTally()
+    for chunk in np.array_split(np.arange(5000), 7):
+        a.add_many(users[chunk], bad[:, chunk])
+        b.add_many([f"u{u}" for u in users[chunk]], bad[:, chunk])
+    assert a.size == b.size == len(set(users.tolist()))
+    assert a.design_effect(windows.ERRORS) == pytest.approx(b.design_effect(windows.ERRORS))
+    assert a.design_effect(windows.ERRORS) > 2
