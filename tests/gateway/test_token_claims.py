@@ -8,6 +8,7 @@ subject. Both are 401 ``unauthenticated`` now, with a sentence that says why.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -168,3 +169,51 @@ def test_a_signed_non_string_residency_is_no_region_through_the_verifier(certs, 
     d = decide(EXAMPLE, facts(odd))
     assert d == decide(EXAMPLE, facts(none))
     assert d.denial is Denial.RESIDENCY_UNAVAILABLE and "carries no residency" in d.message
+
+
+# ------------------------------------------------------------------ through the ext_proc engine
+
+
+def engine_answer(certs: pki.CertPaths, raw_token: str):
+    """The gateway's answer to one request carrying ``raw_token``, over both transports."""
+    import orjson
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from google.protobuf import json_format
+
+    from gateway.extproc import Engine, ProcessorSettings
+    from gateway.service import PolicyHolder, build_verifier
+
+    text = (Path(__file__).resolve().parents[2] / "policies" / "example.yaml").read_text()
+    policy = parse_policy(text.replace("../certs/jwks.json", str(certs.jwks)), "example.yaml")
+    engine = Engine(PolicyHolder(policy), build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"s"))
+    req = pb.ProcessingRequest()
+    headers = {":method": "POST", ":path": INFER, ":authority": "x", "x-request-id": "req-1"}
+    headers["authorization"] = "Bearer " + raw_token
+    for key, value in headers.items():
+        req.request_headers.headers.headers.add(key=key, raw_value=value.encode())
+    attrs = req.attributes["envoy.filters.http.ext_proc"]
+    attrs.fields["connection.uri_san_peer_certificate"].string_value = APP
+    attrs.fields["connection.mtls"].bool_value = True
+    proto = engine.new_processor().handle(req)
+    via_json = json_format.Parse(
+        engine.handle_json(json_format.MessageToJson(req, preserving_proto_field_name=True).encode()),
+        pb.ProcessingResponse(),
+    )
+    assert proto == via_json
+    imm = proto.immediate_response
+    headers = {o.header.key: o.header.raw_value.decode() for o in imm.headers.set_headers}
+    return imm.status.code, headers, orjson.loads(imm.body) if imm.body else None
+
+
+def test_the_gateway_answers_401_json_for_a_nan_exp_and_a_missing_sub(certs: pki.CertPaths) -> None:
+    status, headers, body = engine_answer(certs, signed(certs, payload("NaN")))
+    assert (status, body["error"]["code"]) == (401, "unauthenticated") and "www-authenticate" in headers
+    assert body["error"]["message"] == "The bearer token's 'exp' claim is not a finite number of seconds."
+    issued = int(time.time()) - 60  # the engine's verifier reads the real clock
+    no_sub = json.loads(payload(str(2**40), iat=issued))
+    del no_sub["sub"]
+    status, headers, body = engine_answer(certs, signed(certs, json.dumps(no_sub)))
+    assert (status, body["error"]["code"]) == (401, "unauthenticated") and "www-authenticate" in headers
+    assert body["error"]["message"] == UNIT_MESSAGE
+    # the control: the same token with a sub is routed (no immediate answer at all)
+    assert engine_answer(certs, signed(certs, payload(str(2**40), iat=issued)))[0] == 0
