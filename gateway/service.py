@@ -150,7 +150,7 @@ class PolicyHolder:
 
 def build_verifier(settings: JwtSettings, *, cache_size: int = 100_000) -> TokenVerifier:
     """A `TokenVerifier` for a policy's ``jwt`` section (loads the JWKS now: a bad one is fatal)."""
-    keys = KeySet(source_from_spec(settings.jwks))
+    keys = KeySet(source_from_spec(settings.jwks, allowed_hosts=settings.jwks_hosts))
     return TokenVerifier(
         keys,
         issuer=settings.issuer,
