@@ -40,6 +40,8 @@ from sidecar.errors import (
 from sidecar.faults import FaultInjector
 from sidecar.metrics import SidecarMetrics
 from sidecar.model import DEVICES, OnnxModel
+from sidecar.openapi import OPENAPI_PATH
+from sidecar.openapi import build as build_openapi
 from sidecar.protocol import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
@@ -288,6 +290,14 @@ class Sidecar:
             params["variant"] = self.config.variant
         return params
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this sidecar, naming its model (and tensors once it has loaded)."""
+        signature = self.model.signature if self.model is not None else None
+        if signature is None:
+            return self._json(build_openapi(self.name))
+        inputs = [s.name for s in signature.inputs]
+        return self._json(build_openapi(self.name, inputs, [s.name for s in signature.outputs]))
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -403,6 +413,7 @@ def build_app(config: SidecarConfig, *, report_sink: ReportSink | None = None) -
         ("/v2/models/{name}/config", get, wrap(sidecar.model_config)),
         ("/v2/models/{name}/versions/{version}/config", get, wrap(sidecar.model_config)),
         ("/metrics", get, wrap(sidecar.metrics_page)),
+        (OPENAPI_PATH, get, wrap(sidecar.openapi)),
     ]
     for path, methods, handler in routes:
         resource = app.router.add_resource(path)

@@ -8,6 +8,7 @@
     POST /actions/promote         bearer     {"route": R, "variant": V}
     POST /actions/resume          bearer     {"route": R}
     POST /reports                 bearer     sidecar shadow reports: a JSON list (or one object)
+    GET  /openapi.json            no auth    this API's OpenAPI 3.1 document (controller/openapi.py)
 
 The admin token lives in a file (mode 0600), created on first start; a client proves it can read
 that file. Every write needs it, ``/reports`` included: a forged report would skew the
@@ -30,6 +31,8 @@ import orjson
 from aiohttp import web
 
 from cohortgate.controller.loop import Controller
+from cohortgate.controller.openapi import OPENAPI_PATH
+from cohortgate.controller.openapi import build as build_openapi
 from cohortgate.core.rollout import InvalidTransition, Signal
 from cohortgate.store.events import Event, EventSink
 from cohortgate.store.state import StoreUnavailable
@@ -88,7 +91,7 @@ def _loopback(request: web.Request) -> bool:
 
 
 #: The only paths answered without the admin token: read-only, and nothing in them is secret.
-OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/metrics", OPENAPI_PATH})
 
 
 @web.middleware
@@ -129,6 +132,10 @@ async def status_document(c: Controller) -> dict[str, Any]:
             leader_doc.setdefault("controller", {})["served_by"] = c.name
             doc = leader_doc
     return doc
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return _json(build_openapi())
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -234,4 +241,5 @@ def make_app(controller: Controller, token: str, sink: EventSink) -> web.Applica
     app.router.add_post("/actions/promote", action_handler(Signal.PROMOTE, True))
     app.router.add_post("/actions/resume", action_handler(Signal.RESUME, False))
     app.router.add_post("/reports", _reports)
+    app.router.add_get(OPENAPI_PATH, _openapi)
     return app

@@ -1,12 +1,14 @@
 """The dashboard's aiohttp adapter, served by the controller next to its JSON API.
 
-    GET  /                        the page (index.html, dashboard.js, dashboard.css: package data)
+    GET  /                        the page (index.html, dashboard.js, dashboard.css: package data),
+                                  with the current document inline, so its first paint shows the state
     GET  /api/state               the page document once (JSON)
     GET  /api/events              Server-Sent Events: ``event: state`` with the document, on every
                                   controller interval and at once on a state change
     POST /api/actions/rollback    {"route", "variant"}  } only with ``--allow-actions`` (403 otherwise);
     POST /api/actions/promote     {"route", "variant"}  } ``Authorization: Bearer TOKEN`` required:
     POST /api/actions/resume      {"route"}             } 401 without one, 403 with a wrong one
+    GET  /openapi.json            this OpenAPI 3.1 document (dashboard/openapi.py)
 
 Reads need no token: the dashboard binds to loopback only and answers only requests whose Host is a
 loopback name (a DNS-rebinding page cannot read it). Actions need the admin token in a header, never
@@ -31,6 +33,8 @@ from aiohttp import web
 from cohortgate.controller.api import CONTROLLER_KEY, action_handler, status_document
 from cohortgate.controller.loop import Controller
 from cohortgate.core.rollout import Signal
+from cohortgate.dashboard.openapi import OPENAPI_PATH
+from cohortgate.dashboard.openapi import build as build_openapi
 from cohortgate.dashboard.view import Recorder, view
 from cohortgate.store.events import REQUEST, Event, EventSource
 from cohortgate.store.state import StoreUnavailable
@@ -117,6 +121,22 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         for k, v in SECURITY_HEADERS.items():
             resp.headers.setdefault(k, v)
     return resp
+
+
+def page_with_snapshot(html: bytes, doc: dict[str, Any]) -> bytes:
+    """index.html with the document inline (a JSON data block, which the CSP lets through: it is
+    never executed), so the page draws the current state before its event stream connects and a
+    plain screenshot shows the experiment, not "connecting…"."""
+    data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    data = data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")  # no </script>
+    block = b'<script id="snapshot" type="application/json">' + data + b"</script>\n  "
+    html = html.replace(b'<script src="/dashboard.js">', block + b'<script src="/dashboard.js">', 1)
+    when = doc.get("time", "")
+    return html.replace(
+        b'<div id="conn" class="pill warn">connecting\xe2\x80\xa6</div>',
+        f'<div id="conn" class="pill ok">snapshot {when}</div>'.encode(),
+        1,
+    )
 
 
 class Dashboard:
@@ -208,7 +228,12 @@ class Dashboard:
 
     async def _asset(self, request: web.Request) -> web.Response:
         body, content_type = self._assets[request.path]
+        if request.path == "/":
+            body = page_with_snapshot(body, await self.document())
         return web.Response(body=body, content_type=content_type, charset="utf-8")
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return _json(build_openapi())
 
     async def _state(self, request: web.Request) -> web.Response:
         return _json(await self.document())
@@ -264,6 +289,7 @@ class Dashboard:
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/events", self._events)
         app.router.add_post("/api/actions/{verb}", self._action)
+        app.router.add_get(OPENAPI_PATH, self._openapi)
         app.cleanup_ctx.append(self._publisher)
         app.on_shutdown.append(self._close_streams)
         return app

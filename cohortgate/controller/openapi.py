@@ -1,0 +1,333 @@
+"""The controller API's contract as an OpenAPI 3.1 document (served at ``/openapi.json``).
+
+Written once as data, next to ``api.py`` and checked against it: ``tests/contracts`` asserts that
+every route ``make_app`` registers is documented and nothing else, and fuzzes a running controller
+with schemathesis against this document (statuses, bodies, the bearer requirement). The dashboard's
+document (``cohortgate.dashboard.openapi``) reuses the action and error schemas from here, since it
+mounts the same action handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cohortgate import __version__
+
+OPENAPI_PATH = "/openapi.json"
+#: (method, path) of every operation; the paths ``make_app`` registers, plus this document.
+OPERATIONS: tuple[tuple[str, str], ...] = (
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/status"),
+    ("GET", "/audit"),
+    ("POST", "/actions/rollback"),
+    ("POST", "/actions/promote"),
+    ("POST", "/actions/resume"),
+    ("POST", "/reports"),
+    ("GET", OPENAPI_PATH),
+)
+#: Answered without the admin token (the API's ``OPEN_PATHS``, plus this document).
+OPEN = frozenset({"/healthz", "/metrics", OPENAPI_PATH})
+
+REF = "#/components/schemas/"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": REF + name}
+
+
+def json_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def error(description: str) -> dict[str, Any]:
+    return json_response(ref("error"), description)
+
+
+_PHASES = ["running", "promoting", "promoted", "rolled_back", "halted"]
+
+#: Schemas both the controller API and the dashboard answer with.
+SCHEMAS: dict[str, Any] = {
+    "error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    },
+    "variant_action": {
+        "type": "object",
+        "required": ["route", "variant"],
+        "properties": {
+            "route": {"type": "string"},
+            "variant": {"type": "string"},
+            "actor": {"type": "string", "description": "Who asked (audited; cut to 100 characters)."},
+        },
+    },
+    "route_action": {
+        "type": "object",
+        "required": ["route"],
+        "properties": {"route": {"type": "string"}, "actor": {"type": "string"}},
+    },
+    "route_state": {
+        "type": "object",
+        "required": ["route", "weights", "variants", "version", "updated_at", "updated_by", "status"],
+        "properties": {
+            "route": {"type": "string"},
+            "weights": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100}},
+            "variants": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["phase", "step", "since", "reason"],
+                    "properties": {
+                        "phase": {"type": "string", "enum": _PHASES},
+                        "step": {"type": "integer"},
+                        "since": {"type": "number"},
+                        "reason": {"type": "string"},
+                        "resume_to": {"anyOf": [{"type": "string", "enum": _PHASES}, {"type": "null"}]},
+                    },
+                },
+            },
+            "version": {"type": "integer"},
+            "updated_at": {"type": "number"},
+            "updated_by": {"type": "string"},
+            "status": {"type": "string", "enum": _PHASES},
+        },
+    },
+    "action_result": {
+        "type": "object",
+        "required": ["changes", "state"],
+        "properties": {
+            "changes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["variant", "action", "from", "to", "weights"],
+                    "properties": {
+                        "variant": {"type": "string"},
+                        "action": {"type": "string"},
+                        "from": {"type": "string", "enum": _PHASES},
+                        "to": {"type": "string", "enum": _PHASES},
+                        "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    },
+                },
+            },
+            "state": ref("route_state"),
+        },
+    },
+    "status": {
+        "type": "object",
+        "description": "Per route and variant: weight, phase, windows, verdicts, SRM, shadows.",
+        "required": ["generated_at", "controller", "routes"],
+        "properties": {
+            "generated_at": {"type": "number"},
+            "controller": {
+                "type": "object",
+                "required": ["name", "leader", "store"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "leader": {"type": "boolean"},
+                    "store": {"type": "string", "enum": ["ok", "unreachable"]},
+                    "served_by": {"type": "string"},
+                },
+            },
+            "routes": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["status", "version", "variants"],
+                    "properties": {
+                        "status": {"type": "string", "enum": _PHASES},
+                        "version": {"type": "integer"},
+                        "variants": {"type": "object", "additionalProperties": {"type": "object"}},
+                    },
+                },
+            },
+        },
+    },
+    "report": {
+        "type": "object",
+        "description": "A sidecar's shadow report (sidecar.report.ShadowReport.to_json); one without a "
+        "variant is counted as rejected.",
+        "properties": {
+            "route": {"type": "string"},
+            "variant": {"type": "string"},
+            "status": {"type": "integer"},
+            "latency_ms": {"type": "number"},
+            "request_id": {"type": "string"},
+            "ts": {"type": "number"},
+            "model": {"type": "string"},
+            "digest": {"type": "string"},
+            "output_digests": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+
+BEARER = {"admin": {"type": "http", "scheme": "bearer", "description": "The admin token from --token-file."}}
+_AUTH = [{"admin": []}]
+UNAUTHENTICATED = error("No valid admin bearer token.")
+
+
+def _action(op_id: str, summary: str, body: str) -> dict[str, Any]:
+    return {
+        "operationId": op_id,
+        "summary": summary,
+        "security": _AUTH,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
+        "responses": {
+            "200": json_response(ref("action_result"), "What changed, and the route's state now."),
+            "400": error("The body is not JSON, or lacks route (and variant)."),
+            "401": UNAUTHENTICATED,
+            "404": error("No such route or variant."),
+            "409": error("The transition is not allowed from the variant's phase."),
+            "503": error("The state store cannot be reached."),
+        },
+    }
+
+
+def action_operations() -> dict[str, dict[str, Any]]:
+    """The three manual actions by verb (the dashboard mounts the same handler)."""
+    return {
+        "rollback": _action("rollback", "Roll a variant back to 0 % (its users return to control).", "variant_action"),
+        "promote": _action("promote", "Promote a variant (to its rollout's last step).", "variant_action"),
+        "resume": _action("resume", "Hand the route back to the policy file's weights.", "route_action"),
+    }
+
+
+def build() -> dict[str, Any]:
+    """The controller API's document."""
+    text = {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    paths: dict[str, Any] = {
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "Liveness and leadership.",
+                "security": [],
+                "responses": {
+                    "200": json_response(
+                        {
+                            "type": "object",
+                            "required": ["ok", "leader", "name"],
+                            "properties": {
+                                "ok": {"const": True},
+                                "leader": {"type": "boolean"},
+                                "name": {"type": "string"},
+                            },
+                        },
+                        "Alive.",
+                    )
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Controller and ALS metrics.",
+                "security": [],
+                "responses": {"200": text},
+            }
+        },
+        "/status": {
+            "get": {
+                "operationId": "status",
+                "summary": "The status `cohortgate status` and the dashboard show (the leader's when following).",
+                "security": _AUTH,
+                "responses": {"200": json_response(ref("status"), "The status."), "401": UNAUTHENTICATED},
+            }
+        },
+        "/audit": {
+            "get": {
+                "operationId": "audit",
+                "summary": "Audit records, newest first.",
+                "security": _AUTH,
+                "parameters": [
+                    {"name": "route", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "Clamped to 1..1000; default 50.",
+                        "schema": {"type": "integer"},
+                    },
+                ],
+                "responses": {
+                    "200": json_response(
+                        {
+                            "type": "object",
+                            "required": ["records"],
+                            "properties": {"records": {"type": "array", "items": {"type": "object"}}},
+                        },
+                        "The records.",
+                    ),
+                    "400": error("limit is not an integer."),
+                    "401": UNAUTHENTICATED,
+                    "503": error("The state store cannot be reached."),
+                },
+            }
+        },
+        **{f"/actions/{verb}": {"post": op} for verb, op in action_operations().items()},
+        "/reports": {
+            "post": {
+                "operationId": "reports",
+                "summary": "Sidecar shadow reports (loopback only).",
+                "security": _AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "anyOf": [
+                                    {"type": "array", "maxItems": 10_000, "items": ref("report")},
+                                    ref("report"),
+                                ]
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": json_response(
+                        {
+                            "type": "object",
+                            "required": ["accepted", "rejected"],
+                            "properties": {
+                                "accepted": {"type": "integer", "minimum": 0},
+                                "rejected": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "Counted: reports that could not be read are rejected, not failed.",
+                    ),
+                    "400": error("The body is not JSON."),
+                    "401": UNAUTHENTICATED,
+                    "403": error("Not from loopback."),
+                    "413": error("More than 10 000 reports, or a body over 4 MiB."),
+                },
+            }
+        },
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "security": [],
+                "responses": {"200": json_response({"type": "object"}, "The OpenAPI 3.1 document.")},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "cohortgate controller API",
+            "version": __version__,
+            "description": "Loopback JSON API of the controller (the CLI and the dashboard use it). Every "
+            'error is JSON {"error": {"code", "message"}} with its status, never a stack trace; every '
+            "path but /healthz, /metrics and /openapi.json needs the admin bearer token (401 otherwise, "
+            "unknown paths included).",
+        },
+        "security": _AUTH,
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": BEARER},
+    }
