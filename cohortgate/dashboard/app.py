@@ -1,6 +1,7 @@
 """The dashboard's aiohttp adapter, served by the controller next to its JSON API.
 
-    GET  /                        the page (index.html, dashboard.js, dashboard.css: package data)
+    GET  /                        the page (index.html, dashboard.js, dashboard.css: package data),
+                                  with the current document inline, so its first paint shows the state
     GET  /api/state               the page document once (JSON)
     GET  /api/events              Server-Sent Events: ``event: state`` with the document, on every
                                   controller interval and at once on a state change
@@ -122,6 +123,22 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     return resp
 
 
+def page_with_snapshot(html: bytes, doc: dict[str, Any]) -> bytes:
+    """index.html with the document inline (a JSON data block, which the CSP lets through: it is
+    never executed), so the page draws the current state before its event stream connects and a
+    plain screenshot shows the experiment, not "connecting…"."""
+    data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    data = data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")  # no </script>
+    block = b'<script id="snapshot" type="application/json">' + data + b"</script>\n  "
+    html = html.replace(b'<script src="/dashboard.js">', block + b'<script src="/dashboard.js">', 1)
+    when = doc.get("time", "")
+    return html.replace(
+        b'<div id="conn" class="pill warn">connecting\xe2\x80\xa6</div>',
+        f'<div id="conn" class="pill ok">snapshot {when}</div>'.encode(),
+        1,
+    )
+
+
 class Dashboard:
     """Builds the page document and pushes it to every open page."""
 
@@ -211,6 +228,8 @@ class Dashboard:
 
     async def _asset(self, request: web.Request) -> web.Response:
         body, content_type = self._assets[request.path]
+        if request.path == "/":
+            body = page_with_snapshot(body, await self.document())
         return web.Response(body=body, content_type=content_type, charset="utf-8")
 
     async def _openapi(self, request: web.Request) -> web.Response:

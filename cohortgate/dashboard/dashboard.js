@@ -6,7 +6,10 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const COLORS = ["#4c6ef5", "#f76707", "#2f9e44", "#ae3ec9", "#1098ad", "#e8590c"];
 const ACTION_COLORS = { rollback: "#e03131", promote: "#2f9e44", halt: "#f59f00", resume: "#1c7ed6", hold: "#868e96", policy_reload: "#7048e8" };
 const TOKEN_KEY = "cohortgate.admin-token";
+const RANGE_KEY = "cohortgate.chart-range";
+const AUTO_MIN_S = 120;
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let range = sessionStorage.getItem(RANGE_KEY) || "auto";
 let lastDoc = null;
 
 function el(tag, attrs, ...children) {
@@ -37,10 +40,20 @@ const pval = (x) => (x === null || x === undefined ? "–" : x < 0.001 ? x.toExp
 
 // ---------------------------------------------------------------- charts
 
+// The span a route's charts cover: the chosen range, or (auto) two minutes stretched back to keep the
+// route's latest audit event (a rollback, a promotion) in view, up to the history the controller keeps.
+function horizonFor(route, doc) {
+  if (range !== "auto") return Math.min(+range, doc.horizon_s);
+  const latest = route.markers.reduce((t, m) => Math.max(t, m.ts), 0);
+  const back = latest ? doc.generated_at - latest + 20 : 0;
+  return Math.min(doc.horizon_s, Math.max(AUTO_MIN_S, back));
+}
+
 function chart({ title, series, index, index2, fmt, markers, now, horizon, colorOf }) {
   const W = 360, H = 120, L = 4, R = 4, T = 16, B = 14;
   let first = now;
   for (const pts of Object.values(series)) if (pts.length && pts[0][0] < first) first = pts[0][0];
+  for (const m of markers) if (m.ts >= now - horizon && m.ts < first) first = m.ts;  // markers stay in view
   horizon = Math.min(horizon, Math.max(30, now - first + 2));  // zoom in while there is little history
   const x0 = now - horizon;
   const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
@@ -191,7 +204,7 @@ function routeCard(route, doc) {
     el("thead", {}, el("tr", {}, ["variant", "phase", "weight (effective vs policy)", "req/s", "requests (60 s)", "errors", "p50", "p99", "verdict and evidence", ""].map((h) => el("th", {}, h)))),
     el("tbody", {}, variantRows(route, doc, colorOf))));
   const now = doc.generated_at;
-  const common = { series: route.series, markers: route.markers, now, horizon: doc.horizon_s, colorOf };
+  const common = { series: route.series, markers: route.markers, now, horizon: horizonFor(route, doc), colorOf };
   card.append(el("div", { class: "charts" },
     chart({ ...common, title: "requests/s", index: 1, fmt: (x) => x.toFixed(0) }),
     chart({ ...common, title: "error rate", index: 2, fmt: (x) => pct(x) }),
@@ -263,5 +276,23 @@ function connect() {
   });
 }
 
+function setupRange() {
+  const select = document.getElementById("range");
+  select.value = range;
+  select.addEventListener("change", () => {
+    range = select.value;
+    sessionStorage.setItem(RANGE_KEY, range);
+    if (lastDoc) render(lastDoc);
+  });
+}
+
+// The server inlines the current document, so the first paint shows the state, not "connecting…".
+function renderSnapshot() {
+  const snapshot = document.getElementById("snapshot");
+  if (snapshot) render(JSON.parse(snapshot.textContent));
+}
+
 setupToken();
+setupRange();
+renderSnapshot();
 connect();

@@ -27,6 +27,9 @@ from cohortgate.store.events import Event
 DENIAL_BY_STATUS = {d.status: d.code for d in Denial}
 MAX_LATENCIES = 5_000  # per variant per second; enough for a p99, bounded under a flood
 AUDIT_SHOWN = 50
+# Seconds of per-second history kept and sent: the page shows 2 min by default but reaches back far
+# enough to keep the last rollback in view, or as far as this if the reader picks it.
+HORIZON_S = 900
 
 
 def denial_code(status: int) -> str:
@@ -60,7 +63,7 @@ class _Second:
 class Recorder:
     """Per-second outcomes per (route, variant), requests by region, denials by code and region."""
 
-    def __init__(self, horizon_s: int = 120, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, horizon_s: int = HORIZON_S, clock: Callable[[], float] = time.time) -> None:
         self.horizon_s = horizon_s
         self.clock = clock
         self._seconds: dict[tuple[str, str], deque[_Second]] = {}

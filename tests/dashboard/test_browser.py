@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,4 +135,67 @@ def test_rollback_button_works_with_the_token_and_is_refused_without(browser, tm
         assert [p for p in problems if "status of 401" not in p and "status of 403" not in p] == []
     finally:
         feeder.stop()
+        ctrl.stop()
+
+
+def test_first_paint_shows_the_state_without_the_event_stream(browser, tmp_path):
+    """The page carries a snapshot of the document: with its event stream blocked it still draws
+    every route, so a plain screenshot shows the experiment rather than "connecting…"."""
+    ctrl = ControllerProc(tmp_path / "ctrl", allow_actions=False).start()
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.route("**/api/events", lambda route: route.abort())
+        page.goto(ctrl.url, wait_until="domcontentloaded")
+        assert canary(page).locator("[data-weight]").get_attribute("data-weight") == "10"
+        conn = page.locator("#conn").inner_text()
+        assert conn.startswith(("snapshot ", "disconnected since")), conn  # it has a state to show, not "connecting…"
+        html = urllib.request.urlopen(ctrl.url, timeout=30).read().decode()  # what any screenshot tool gets
+        assert '<script id="snapshot" type="application/json">' in html and "connecting" not in html
+        assert page.locator("#route-tabular svg.chart").count() == 3
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-first-paint.png"), full_page=True)
+    finally:
+        ctrl.stop()
+
+
+MARKERS_SHOWN = """(rangeValue) => {
+  const select = document.getElementById('range');
+  select.value = rangeValue;
+  select.dispatchEvent(new Event('change'));
+  return document.querySelectorAll('#route-tabular svg.chart line.marker').length;
+}"""
+
+
+def test_the_charts_keep_an_old_rollback_in_view(browser, tmp_path):
+    """A rollback ten minutes ago: the automatic range reaches back to it, a chosen 2-minute range
+    does not, and 15 minutes does again (the controller keeps that much history)."""
+    ctrl = ControllerProc(tmp_path / "ctrl", allow_actions=False).start()
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.route("**/api/events", lambda route: route.abort())  # only the synthetic document below is drawn
+        page.goto(ctrl.url)
+        page.wait_for_selector("#route-tabular svg.chart", timeout=10000)
+        page.evaluate(
+            """() => {
+              const doc = JSON.parse(JSON.stringify(lastDoc));
+              const now = doc.generated_at;
+              const route = doc.routes.find((r) => r.name === 'tabular');
+              route.series = { control: [], canary: [] };
+              for (let t = Math.floor(now) - 900; t < now; t++) {
+                route.series.control.push([t, 90, 0.01, 5, 20]);
+                route.series.canary.push([t, 10, 0.2, 6, 30]);
+              }
+              route.markers = [{ ts: now - 600, time: '10 min ago', action: 'rollback', variant: 'canary',
+                                 actor: 'controller', reason: 'errors' }];
+              render(doc);
+            }"""
+        )
+        assert page.evaluate(MARKERS_SHOWN, "auto") == 3  # one per chart
+        assert page.evaluate(MARKERS_SHOWN, "120") == 0
+        assert page.evaluate(MARKERS_SHOWN, "900") == 3
+        assert page.evaluate("() => sessionStorage.getItem('cohortgate.chart-range')") == "900"
+        assert problems == []
+    finally:
         ctrl.stop()
