@@ -34,6 +34,7 @@ APT_GET  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeou
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  [ -z "$$missing" ] || { \
 	    waited=0; until $(APT_GET) update -qq; do \
 	      [ $$waited -lt $(APT_WAIT) ] || exit 1; \
