@@ -77,21 +77,29 @@ def policy(canary: int = 10):
 
 
 def aa_scenarios() -> list[dict]:
-    """(name, behaviour, rps, users, population): the audit's cases, and users that differ."""
-    out = []
-    for rps in (500, 50):
-        for err in (0.01, 0.03, 0.05, 0.10):
-            out.append({"name": f"error {err:g}, {rps} req/s, sigma 0.4", "error": err, "rps": rps, "sigma": 0.4})
-        out.append({"name": f"error 0.01, {rps} req/s, sigma 1.0 (p99 ~205 ms vs 250)", "error": 0.01, "rps": rps,
-                    "sigma": 1.0})  # fmt: skip
-    hetero = {"rps": 500, "sigma": 0.4, "population": 3000}
-    out += [
-        {"name": "1 % of users fail 50 %, 500 req/s", "error": 0.01, "users": (0.01, 0.5, 0.0, 0.0), **hetero},
-        {"name": "5 % of users fail 10 %, 500 req/s", "error": 0.01, "users": (0.05, 0.1, 0.0, 0.0), **hetero},
-        {"name": "1 % fail 50 % + heavy users + per-user latency, sigma 1.0", "error": 0.01,
-         "users": (0.01, 0.5, 1.5, 0.5), **{**hetero, "sigma": 1.0}},
+    """The audit's cases, and users that differ; the ones the old rules failed worst come first."""
+
+    def sc(err: float, rps: int, sigma: float = 0.4, **kw) -> dict:
+        name = kw.pop("name", f"error {err:g}, {rps} req/s, sigma {sigma:g}")
+        return {"name": name, "error": err, "rps": rps, "sigma": sigma, **kw}
+
+    hetero = {"population": 1500}  # ~20 requests per user in 60 s at 500 req/s: strongly clustered
+    return [
+        sc(0.05, 500),
+        sc(0.01, 500, 1.0, name="error 0.01, 500 req/s, sigma 1.0 (p99 ~205 ms, limit 250)"),
+        sc(0.01, 500, users=(0.01, 0.5, 0.0, 0.0), name="1 % of users fail 50 %, 500 req/s", **hetero),
+        sc(0.03, 50),
+        sc(0.10, 500),
+        sc(0.01, 500, users=(0.05, 0.1, 0.0, 0.0), name="5 % of users fail 10 %, 500 req/s", **hetero),
+        sc(0.01, 500),
+        sc(0.03, 500),
+        sc(0.01, 50),
+        sc(0.05, 50),
+        sc(0.10, 50),
+        sc(0.01, 50, 1.0, name="error 0.01, 50 req/s, sigma 1.0 (p99 ~205 ms, limit 250)"),
+        sc(0.01, 500, 1.0, users=(0.01, 0.5, 1.5, 0.5), name="1 % fail 50 % + heavy users + per-user latency",
+           **hetero),
     ]  # fmt: skip
-    return out
 
 
 def _aa_chunk(args: tuple[dict, list[int], float]) -> list[tuple]:
