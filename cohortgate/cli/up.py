@@ -132,6 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     p.add_argument(
+        "--no-warm-spares",
+        dest="warm_spares",
+        action="store_false",
+        help="restart a dead child cold: no spare Python process per kind with its modules imported ahead",
+    )
+    p.add_argument(
         "--max-restarts",
         type=int,
         default=5,
@@ -178,6 +184,7 @@ def _up(args: argparse.Namespace) -> int:
         dashboard_port=args.dashboard_port,
         gateway_metrics_port=args.gateway_metrics_port,
         max_restarts=max(0, args.max_restarts),
+        warm_spares=args.warm_spares,
         concurrency=max(1, args.concurrency),
         ready_timeout_s=args.ready_timeout,
     )

@@ -97,6 +97,22 @@ class Recipe:
     env: Mapping[str, str] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)  # what run.json says about it
     stale_paths: tuple[str, ...] = ()  # removed before each start: a stale socket must not pass for ready
+    preload: tuple[str, ...] = ()  # modules a warm spare imports ahead of a restart (`cohortgate.local.warm`)
+
+    @property
+    def cli_args(self) -> tuple[str, ...] | None:
+        """The ``cohortgate`` arguments when this is a ``python -m cohortgate.cli`` child, else None."""
+        return self.argv[3:] if self.argv[1:3] == ("-m", "cohortgate.cli") else None
+
+
+# What a warm spare imports for each kind: the modules that make a cold start slow.
+SIDECAR_PRELOAD = ("sidecar.server", "sidecar.model", "onnxruntime", "prometheus_client")
+CONTROLLER_PRELOAD = (
+    "aiohttp.web", "grpc", "cohortgate.core.policy", "cohortgate.controller.als", "cohortgate.controller.api",
+    "cohortgate.controller.leader", "cohortgate.controller.loop", "cohortgate.controller.metrics",
+    "cohortgate.dashboard.app", "cohortgate.dashboard.view", "cohortgate.store.events", "cohortgate.store.state",
+)  # fmt: skip
+GATEWAY_PRELOAD = ("gateway.service", "gateway.transport_grpc", "gateway.transport_http", "cohortgate.deploy.pki")
 
 
 def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
@@ -130,6 +146,7 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
             "model_path": spec.model_path,
             "fault_rate": spec.fault_rate,
         },
+        preload=SIDECAR_PRELOAD,
     )
 
 
@@ -160,6 +177,7 @@ def controller_recipe(layout: Layout) -> Recipe:
             "dashboard": layout.dashboard,
             "policy": str(layout.controller_policy),
         },
+        preload=CONTROLLER_PRELOAD,
     )
 
 
@@ -197,6 +215,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
             "metrics_port": layout.ports["gateway_metrics"],
         },
         stale_paths=(layout.processor_socket,),
+        preload=GATEWAY_PRELOAD,
     )
 
 

@@ -95,6 +95,7 @@ class StackOptions:
     max_restarts: int = DEFAULT_MAX_RESTARTS  # within restart_window_s; more is a crash loop
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
     demo: bool = False  # `cohortgate traffic` runs beside the stack, as one more child
+    warm_spares: bool = True  # one imported Python process per kind, so a restart skips the imports
 
 
 class Stack:
@@ -170,6 +171,8 @@ class Stack:
                 self.say(line)
             if self.opts.demo:
                 self._start_demo_traffic()
+            if self.opts.warm_spares:
+                self.supervisor.enable_spares()
             self._watch()
             self.progress(f"{self._signal or 'stop'}: stopping the stack")
             self._stop_all()
@@ -625,6 +628,7 @@ class Stack:
                 "failed": sorted(n for n, c in children.items() if c["state"] == Phase.FAILED.value),
                 "max_restarts": self.opts.max_restarts,
                 "window_s": self.opts.restart_window_s,
+                "spares": self.supervisor.spare_states(),
             },
         }
 

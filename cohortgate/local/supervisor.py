@@ -12,6 +12,11 @@ A child's life is a transition table (`TRANSITIONS`), not nested ifs::
     starting --ready--> ready --exited--> backoff --restart--> starting
     backoff --give_up--> failed            (any) --stop--> stopped
 
+Once the stack is up, one warm `Spare` per kind of Python child (sidecar, gateway, controller) waits
+with its modules imported (`cohortgate.local.warm`); a restart hands it the dead child's command, so
+it skips the imports, most of a cold start on a busy machine. Spares are spawned only while no
+child is starting (their imports would slow the start they are meant to speed up).
+
 Envoy runs through `cohortgate.deploy.envoyproc.EnvoyProcess` (`EnvoyRunner`); stopping it drains
 first (admin ``/drain_listeners?graceful``, the drain period or until every connection closed),
 so no request in flight or sent during the drain is reset.
@@ -24,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -179,6 +186,67 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+class Spare:
+    """A warm spare (`cohortgate.local.warm`): a Python process with a kind's modules imported, waiting
+    for one job. A restart handed to it skips the imports, most of a cold start on a busy machine."""
+
+    def __init__(self, python: str, preload: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(
+            [python, "-m", "cohortgate.local.warm", *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**inherited_env(), "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+        self._warm = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def warm(self) -> bool:
+        """Whether its imports are done (it said so on stdout); never blocks."""
+        if not self._warm and self.proc.stdout is not None and self.alive:
+            readable, _, _ = select.select([self.proc.stdout], [], [], 0)
+            self._warm = bool(readable) and self.proc.stdout.readline().strip() == b"warm"
+        return self._warm
+
+    def _close_pipe(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def hand(self, recipe: Recipe) -> subprocess.Popen[bytes]:
+        """Give it ``recipe``'s job; it becomes that child (same log, environment and arguments)."""
+        job = {
+            "args": list(recipe.cli_args or ()),
+            "env": {**inherited_env(), "PYTHONUNBUFFERED": "1", **recipe.env},
+            "log": str(recipe.log_path),
+        }
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+        self.proc.stdin.close()
+        self._close_pipe()
+        return self.proc
+
+    def discard(self) -> None:
+        """No job: closing its input makes it exit; SIGKILL if it does not."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        self._close_pipe()
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+
+
 class PopenProcess:
     """A Python child: its own session (a terminal's Ctrl-C reaches only `up`), its log appended to."""
 
@@ -190,11 +258,17 @@ class PopenProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self) -> None:
+    def start(self, spare: Spare | None = None) -> None:
         for path in self.recipe.stale_paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.recipe.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if spare is not None:
+            try:
+                self.proc = spare.hand(self.recipe)
+                return
+            except OSError:  # it died since we looked: start cold
+                spare.discard()
         with open(self.recipe.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.recipe.argv,
@@ -370,9 +444,13 @@ class Child:
     def move(self, event: Event) -> None:
         self.phase = transition(self.phase, event)
 
-    def start(self, now: float) -> None:
-        self.process = self._make_process()
-        self.process.start()
+    def start(self, now: float, spare: Spare | None = None) -> None:
+        process = self._make_process()
+        if spare is not None and isinstance(process, PopenProcess):
+            process.start(spare)
+        else:
+            process.start()
+        self.process = process
         self.started_at = now
 
     def log_tail(self, lines: int = 20) -> str:
@@ -421,6 +499,9 @@ class Supervisor:
         self.on_change = on_change
         self.clock = clock
         self.stop_requested = threading.Event()
+        self.spares: dict[tuple[str, tuple[str, ...]], Spare] = {}
+        self.keep_spares = False
+        self._spare_states: dict[str, str] = {}
 
     def __getitem__(self, name: str) -> Child:
         return self.children[name]
@@ -473,6 +554,44 @@ class Supervisor:
                 return
             self.sleep(POLL_S)
 
+    # ------------------------------------------------------------------ warm spares
+
+    def enable_spares(self) -> None:
+        """From now on keep one warm spare per kind of Python child (once no child is starting)."""
+        self.keep_spares = True
+        self._refill_spares()
+
+    @staticmethod
+    def _spare_key(recipe: Recipe) -> tuple[str, tuple[str, ...]] | None:
+        return (recipe.argv[0], recipe.preload) if recipe.preload and recipe.cli_args is not None else None
+
+    def _take_spare(self, recipe: Recipe) -> Spare | None:
+        key = self._spare_key(recipe)
+        spare = self.spares.pop(key, None) if key is not None else None
+        return spare if spare is not None and spare.alive else None
+
+    def _refill_spares(self) -> None:
+        """A spare's imports compete for the CPU: spawn them only while every child is settled."""
+        if not self.keep_spares or self.stop_requested.is_set():
+            return
+        if any(c.phase is Phase.STARTING for c in self.children.values()):
+            return
+        for child in self.children.values():
+            key = self._spare_key(child.recipe)
+            if key is not None and (key not in self.spares or not self.spares[key].alive):
+                self.spares[key] = Spare(key[0], key[1])
+
+    def spare_states(self) -> dict[str, str]:
+        """For run.json: each kind's spare, ``warm`` (imports done) or ``warming``."""
+        kinds = {self._spare_key(c.recipe): c.kind for c in self.children.values()}
+        return {kinds.get(k, "?"): "warm" if s.warm else "warming" for k, s in self.spares.items() if s.alive}
+
+    def _drop_spares(self) -> None:
+        self.keep_spares = False
+        spares, self.spares = list(self.spares.values()), {}
+        for spare in spares:
+            spare.discard()
+
     # ------------------------------------------------------------------ supervising
 
     def tick(self) -> list[Child]:
@@ -497,9 +616,15 @@ class Supervisor:
             if child.phase is Phase.BACKOFF and now >= child.restart_at:
                 child.move(Event.RESTART)
                 child.restarts += 1
-                child.start(now)
-                self.report(f"{child.name}: restarting (restart {child.restarts})")
+                spare = self._take_spare(child.recipe)
+                child.start(now, spare)
+                how = " from a warm spare" if spare is not None else ""
+                self.report(f"{child.name}: restarting{how} (restart {child.restarts})")
                 self.on_change()
+        self._refill_spares()
+        if self.spares and (states := self.spare_states()) != self._spare_states:
+            self._spare_states = states
+            self.on_change()  # run.json says when the spares are warm
         return became_ready
 
     def _ready(self, child: Child, now: float) -> None:
@@ -559,6 +684,7 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Stage by stage (`STOP_ORDER`): SIGTERM a stage, wait for it, then the next. Envoy drains first."""
+        self._drop_spares()
         by_stage: dict[int, list[Child]] = {}
         for child in self.children.values():
             by_stage.setdefault(STOP_ORDER.get(child.kind, 9), []).append(child)
@@ -589,6 +715,9 @@ class Supervisor:
                 self.report(tail[tail.rfind("total:") :] if "total:" in tail else tail)
 
     def kill_all(self) -> None:
+        for spare in list(self.spares.values()):
+            with contextlib.suppress(ProcessLookupError):
+                spare.proc.kill()
         for child in self.children.values():
             if child.process is not None:
                 child.process.kill()

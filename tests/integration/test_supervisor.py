@@ -173,7 +173,7 @@ def every_success_was_decided(*clients: Client) -> None:
 
 def test_killed_children_come_back_while_the_rest_keeps_serving(up_factory) -> None:  # noqa: F811
     up = up_factory(EXAMPLE)
-    run = up.wait_run(timeout=180)
+    run = up.wait_run()
     clients = {
         "tabular-eu": Client("tabular-eu", run, "/v2/models/tabular/infer", token(run, "eve", "eu")),
         "tabular-ae": Client("tabular-ae", run, "/v2/models/tabular/infer", token(run, "aki", "ae")),
@@ -186,6 +186,11 @@ def test_killed_children_come_back_while_the_rest_keeps_serving(up_factory) -> N
         for client in clients.values():
             if client.token:
                 client.first_ok_after(0.0)  # every route answers before the faults
+        # Steady state: the warm spares (one per kind of Python child) have done their imports.
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        while up.run()["supervision"]["spares"] != {"sidecar": "warm", "controller": "warm", "gateway": "warm"}:
+            assert time.monotonic() < deadline, up.run()["supervision"]
+            time.sleep(0.1)
         measured: dict[str, float] = {}
 
         # 1. The gateway (the ext_proc processor): Envoy fails closed meanwhile, then service resumes.
@@ -268,7 +273,7 @@ def test_killed_children_come_back_while_the_rest_keeps_serving(up_factory) -> N
 
 def test_a_stop_drains_envoy_and_resets_no_request(up_factory) -> None:  # noqa: F811
     up = up_factory(EXAMPLE)
-    run = up.wait_run(timeout=180)
+    run = up.wait_run()
     clients = [
         Client(f"drain-{i}", run, "/v2/models/tabular/infer", token(run, f"user-{i}", "eu"), pause_s=0.0)
         for i in range(4)
@@ -357,7 +362,7 @@ def test_the_controller_never_runs_a_policy_the_gateway_refused(up_factory, tmp_
     good = POLICY.format(jwks=jwks, models=models, overrides="", extra="")
     policy.write_text(good)
     up = up_factory(policy)
-    run = up.wait_run(timeout=180)
+    run = up.wait_run()
     serving = run["policy"]["digest"]
     assert digests(run) == (serving, serving[:12])
 
@@ -422,7 +427,7 @@ def test_a_crash_loop_is_reported_and_left_down_while_the_rest_serves(up_factory
     """A sidecar that dies more often than the limit: `up` stops restarting it, says so, and keeps the
     rest of the stack up."""
     up = up_factory(EXAMPLE, "--max-restarts", "2")
-    run = up.wait_run(timeout=180)
+    run = up.wait_run()
     name = "sidecar-ae-scoring-control-ae"
     for _ in range(3):  # kill it three times, each time once it is back
         pid = child_pid(up, name)

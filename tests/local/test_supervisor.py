@@ -252,3 +252,32 @@ def test_a_sigkilled_process_comes_back_under_a_new_pid(tmp_path: Path):
     assert child.phase is Phase.STOPPED
     with pytest.raises(ProcessLookupError):
         os.kill(second, 0)
+
+
+def test_a_warm_spare_runs_the_job_it_is_handed_with_its_log_and_environment(tmp_path: Path):
+    """The spare imports ahead, then becomes exactly the command a cold start would have run."""
+    from cohortgate.local.supervisor import PopenProcess, Spare
+
+    recipe = Recipe(
+        name="probe", kind="sidecar", argv=(sys.executable, "-m", "cohortgate.cli", "--version"),
+        log_path=tmp_path / "probe.log", env={"COHORTGATE_TEST_MARK": "1"}, preload=("json",),
+    )  # fmt: skip
+    assert recipe.cli_args == ("--version",)
+    spare = Spare(sys.executable, recipe.preload)
+    deadline = time.monotonic() + 60
+    while not spare.warm:  # it says so once its imports are done
+        assert time.monotonic() < deadline and spare.alive
+        time.sleep(0.02)
+    process = PopenProcess(recipe)
+    process.start(spare)
+    assert process.pid == spare.proc.pid
+    assert process.proc is not None and process.proc.wait(60) == 0
+    assert (tmp_path / "probe.log").read_text().startswith("cohortgate ")
+
+
+def test_a_spare_without_a_job_exits_quietly():
+    from cohortgate.local.supervisor import Spare
+
+    spare = Spare(sys.executable, ("json",))
+    spare.discard()
+    assert spare.proc.returncode == 0

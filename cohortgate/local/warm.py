@@ -1,0 +1,51 @@
+"""A warm spare for `cohortgate up`'s restarts: a Python process that has already imported a child's
+heavy modules (grpc, onnxruntime, aiohttp, pydantic: seconds on a busy machine) and waits for one job.
+
+``python -m cohortgate.local.warm MODULE...`` imports the modules, says ``warm`` on stdout, then reads
+one JSON line on stdin:
+``{"args": [...], "env": {...}, "log": PATH}``. It points stdout and stderr at the log, takes the
+environment, and runs ``cohortgate ARGS`` in-process: the same command a cold start would run, minus
+the imports. End of input without a job: it exits 0 (the supervisor closed it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+
+
+def main() -> int:
+    for name in sys.argv[1:]:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    from cohortgate.cli import build_parser
+    from cohortgate.cli import main as cli_main
+
+    build_parser()  # imports every command module, as the job's own parse will
+    try:
+        sys.stdout.write("warm\n")  # the supervisor's cue: a restart handed over now skips every import
+        sys.stdout.flush()
+    except BrokenPipeError:  # the supervisor dropped this spare already
+        return 0
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return 0
+    job = json.loads(line)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    log = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.environ.clear()
+    os.environ.update(job["env"])
+    sys.argv = ["cohortgate", *job["args"]]
+    return cli_main(list(job["args"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
