@@ -89,11 +89,23 @@ class EnvoyClusters:
     def __init__(
         self, cds_path: str | os.PathLike[str], admin_url: str, *, upstream_ca: str | None = None, poll_s: float = 0.02
     ) -> None:
+        """``admin_url`` is ``http://HOST:PORT`` or ``unix:PATH`` (admin on a 0600 socket)."""
         self.cds_path = Path(cds_path)
         self.admin_url = admin_url.rstrip("/")
         self.upstream_ca = upstream_ca
         self.poll_s = poll_s
         self._session: Any = None
+        socket_path = self.admin_url.removeprefix("unix:") if self.admin_url.startswith("unix:") else None
+        self._socket = socket_path
+        self._base = "http://localhost" if socket_path is not None else self.admin_url
+
+    def _open(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            connector = aiohttp.UnixConnector(path=self._socket) if self._socket is not None else None
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2.0))
+        return self._session
 
     async def write(self, backends: Iterable[Backend], source: str) -> bool:
         from cohortgate.deploy.envoy import write_cds_clusters
@@ -105,11 +117,7 @@ class EnvoyClusters:
 
     async def active(self) -> set[str]:
         """Names of the clusters Envoy has now, from admin ``/clusters?format=json`` (``cluster_statuses``)."""
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
-        async with self._session.get(f"{self.admin_url}/clusters?format=json") as resp:
+        async with self._open().get(f"{self._base}/clusters?format=json") as resp:
             if resp.status != 200:
                 raise ClustersNotConfirmed(f"Envoy admin /clusters answered {resp.status}")
             body = await resp.read()
@@ -121,12 +129,8 @@ class EnvoyClusters:
 
         A few bytes to ask for, where ``/clusters`` is megabytes for thousands of clusters and its
         rendering holds Envoy's main thread, the one that applies the new file."""
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
-        url = f"{self.admin_url}/stats?filter=%5Ecluster_manager%5C.cds%5C.version_text%24"
-        async with self._session.get(url) as resp:
+        url = f"{self._base}/stats?filter=%5Ecluster_manager%5C.cds%5C.version_text%24"
+        async with self._open().get(url) as resp:
             text = (await resp.read()).decode(errors="replace") if resp.status == 200 else ""
         _, _, value = text.partition(":")
         return value.strip().strip('"') or None

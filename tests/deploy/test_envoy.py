@@ -246,8 +246,14 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
     doc = _bootstrap(certs, tmp_path)
     hcm = _typed(doc, "HttpConnectionManager")
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    (route,) = vhost["routes"]
-    assert route["match"] == {"prefix": "/"}
+    route, unsized = vhost["routes"]
+    # Requests with a content-length are never buffered; the others take the buffered route.
+    assert route["match"] == {"prefix": "/", "headers": [{"name": "content-length", "present_match": True}]}
+    assert route["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
+    assert unsized["match"] == {"prefix": "/"} and "typed_per_filter_config" not in unsized
+    assert {k: v for k, v in unsized.items() if k not in ("name", "match")} == {
+        k: v for k, v in route.items() if k not in ("name", "match", "typed_per_filter_config")
+    }
     action = route["route"]
     assert action["cluster_header"] == "x-cohortgate-cluster"
     assert "cluster" not in action and "retry_policy" not in action and "retry_policy" not in vhost
@@ -269,6 +275,7 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
     assert [f["name"] for f in hcm["http_filters"]] == [
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.body_size_limit",
+        "envoy.filters.http.buffer",
         "envoy.filters.http.router",
     ]
 

@@ -23,7 +23,7 @@ from cohortgate.deploy.envoy.extproc import (
     processor_cluster,
 )
 from cohortgate.deploy.envoy.replies import local_reply_config
-from cohortgate.deploy.envoy.routing import route_config
+from cohortgate.deploy.envoy.routing import BUFFER_FILTER, route_config
 from cohortgate.deploy.envoy.typed import (
     address,
     dump,
@@ -71,6 +71,19 @@ def body_size_limit_filter(max_request_bytes: int) -> Any:
     return m.hcm.HttpFilter(name=bodylimit.FILTER_NAME, typed_config=pack(config))
 
 
+def _body_limit_filters(max_request_bytes: int) -> list[Any]:
+    """After ext_proc, so an oversized ``content-length`` still gets the processor's own 413 (and its
+    audit line). The streaming limit refuses any body that passes the limit; the buffer filter, on the
+    route for requests without ``content-length`` only (see `routing.route_config`), holds such a
+    body until it is whole, so a backend or shadow never sees a request that is then cut off."""
+    m = pb()
+    buffer = m.buffer.Buffer(max_request_bytes=max_request_bytes)
+    return [
+        body_size_limit_filter(max_request_bytes),
+        m.hcm.HttpFilter(name=BUFFER_FILTER, typed_config=pack(buffer)),
+    ]
+
+
 def _http_connection_manager(
     transport: str, access_log: AccessLogTarget | None, message_timeout: dt.timedelta, max_request_bytes: int | None
 ) -> Any:
@@ -78,19 +91,17 @@ def _http_connection_manager(
     return m.hcm.HttpConnectionManager(
         stat_prefix="cohortgate",
         codec_type=m.hcm.HttpConnectionManagerCodecType.AUTO,
-        route_config=route_config(),
+        route_config=route_config(buffer_unsized=max_request_bytes is not None),
         http_filters=[
             ext_proc_filter(transport, message_timeout=message_timeout),
-            # After ext_proc: an oversized content-length still gets the processor's own 413 (and its
-            # audit line); a body without one is cut off at the limit, before a backend has all of it.
-            *([body_size_limit_filter(max_request_bytes)] if max_request_bytes is not None else []),
+            *(_body_limit_filters(max_request_bytes) if max_request_bytes is not None else []),
             m.hcm.HttpFilter(
                 name="envoy.filters.http.router",
                 typed_config=pack(m.router.Router(suppress_envoy_headers=True)),
             ),
         ],
         access_log=_access_logs(access_log),
-        local_reply_config=local_reply_config(max_request_bytes),
+        local_reply_config=local_reply_config(),
         # Identity comes from the TLS handshake only: drop any client-sent XFCC.
         forward_client_cert_details=m.hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE,
         # Every request gets a fresh id (no client is trusted to bring one), and every response

@@ -28,17 +28,16 @@ class LocalReply(NamedTuple):
     message: str
 
 
-def local_replies(max_request_bytes: int | None) -> tuple[LocalReply, ...]:
-    """The mappers in the order Envoy tries them (first match wins)."""
+def local_replies() -> tuple[LocalReply, ...]:
+    """The mappers in the order Envoy tries them (first match wins).
+
+    A 413 gets the denial's own sentence whoever refused the body (the processor by its
+    ``content-length``, or Envoy's body limit): a mapper cannot tell them apart, and the limits of
+    the two may differ, so the sentence names none."""
     unavailable = LocalReply(
         None, 503, Denial.UNAVAILABLE.status, Denial.UNAVAILABLE.code,
         "The gateway cannot decide on this request right now; try again later.",
     )  # fmt: skip
-    too_large = (
-        f"The request body is larger than {max_request_bytes} bytes."
-        if max_request_bytes
-        else Denial.PAYLOAD_TOO_LARGE.default_message
-    )
     return (
         LocalReply(UPSTREAM_DOWN_FLAGS, None, 503, "backend_unavailable",
                    "The model backend for this route cannot be reached right now; try again later."),
@@ -48,16 +47,16 @@ def local_replies(max_request_bytes: int | None) -> tuple[LocalReply, ...]:
         # Every other local 504 is ext_proc's message timeout (a backend's is flagged UT, above).
         unavailable._replace(status=504),
         LocalReply(None, Denial.PAYLOAD_TOO_LARGE.status, Denial.PAYLOAD_TOO_LARGE.status,
-                   Denial.PAYLOAD_TOO_LARGE.code, too_large),
+                   Denial.PAYLOAD_TOO_LARGE.code, Denial.PAYLOAD_TOO_LARGE.default_message),
     )  # fmt: skip
 
 
-def local_reply_config(max_request_bytes: int | None) -> Any:
+def local_reply_config() -> Any:
     from envoy_data_plane.google.protobuf import Struct
 
     m = pb()
     mappers = []
-    for reply in local_replies(max_request_bytes):
+    for reply in local_replies():
         if reply.flags is not None:
             flt = m.accesslog.AccessLogFilter(
                 response_flag_filter=m.accesslog.ResponseFlagFilter(flags=list(reply.flags))

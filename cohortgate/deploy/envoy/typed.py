@@ -35,6 +35,7 @@ _MODULES = {
     "als": "envoy_data_plane.envoy.extensions.access_loggers.grpc.v3",
     "dns_common": "envoy_data_plane.envoy.extensions.clusters.common.dns.v3",
     "dns": "envoy_data_plane.envoy.extensions.clusters.dns.v3",
+    "buffer": "envoy_data_plane.envoy.extensions.filters.http.buffer.v3",
     "ext_proc": "envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3",
     "header_mutation": "envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3",
     "router": "envoy_data_plane.envoy.extensions.filters.http.router.v3",

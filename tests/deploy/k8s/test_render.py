@@ -462,7 +462,7 @@ def test_istio_envoy_filter(renders):
         "cluster_name"
     ]
     assert value == edge_ext_proc
-    (edge_route,) = edge_hcm["route_config"]["virtual_hosts"][0]["routes"]
+    edge_route = edge_hcm["route_config"]["virtual_hosts"][0]["routes"][-1]  # the route for any request
     assert route_patch["patch"]["value"] == {k: v for k, v in edge_route.items() if k not in ("name", "match")}
     dr = named(rendered, "DestinationRule", "cohortgate-gateway")["spec"]
     assert dr["trafficPolicy"]["tls"]["mode"] == "MUTUAL"
