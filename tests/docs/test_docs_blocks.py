@@ -5,6 +5,7 @@ per document. Select with ``-m docs``; about a minute and a half on a 2-core mac
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,14 @@ def test_the_document_runs_as_written(doc: Path, tmp_path: Path):
             if block.kind == "with-background" and background is None:
                 skipped.append(f"{block.where}: its background block did not run")
                 continue
+            started = time.monotonic()
             if block.kind == "background":
                 background = Background(block, clone, env, tmp_path / f"background-{block.line}.log")
                 outcome = background.wait_ready()
             else:
                 outcome = run_block(block, clone, env)
+            took = time.monotonic() - started
+            print(f"docs-test {block.where}: {block.kind}, exit {outcome.returncode}, {took:.1f} s")
             if outcome.returncode != 0:
                 failures.append(outcome.describe())
                 if block.kind == "background":
