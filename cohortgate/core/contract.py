@@ -20,6 +20,7 @@ HEADER_UNIT: Final = "x-cohortgate-unit"  # keyed hash of the cohort unit, never
 HEADER_REGION: Final = "x-cohortgate-region"
 HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
 HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
+HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed exposure token (core.exposure)
 
 # Envoy's listener has this many mirror slots; the policy allows at most this many shadows per route.
 MIRROR_SLOTS: Final = 4
@@ -68,3 +69,4 @@ REDIS_ENV: Final = "COHORTGATE_REDIS"
 API_ENV: Final = "COHORTGATE_API"
 TOKEN_FILE_ENV: Final = "COHORTGATE_TOKEN_FILE"
 ENVOY_BIN_ENV: Final = "COHORTGATE_ENVOY_BIN"
+EXPOSURE_KEY_ENV: Final = "COHORTGATE_EXPOSURE_KEY"  # MAC keys of exposure tokens (gateways + controller)
