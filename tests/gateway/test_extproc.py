@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import io
 import threading
-import time
 from typing import Any
 
 import jwt
@@ -524,17 +523,18 @@ def test_audit_line_per_decision_without_secrets(policy: Policy, verifier: Any, 
 
 
 def test_audit_never_blocks_and_counts_drops() -> None:
-    gate = threading.Event()
+    gate, writing = threading.Event(), threading.Event()
 
     class Stuck(io.BytesIO):
         def write(self, data: Any) -> int:
-            gate.wait(5)
+            writing.set()
+            gate.wait(30)
             return super().write(data)
 
     audit = AuditLog(Stuck(), str, max_pending=3, flush_interval_s=0.01)
     entry = (0.0, "r", None, None, None, None, None, "deny", "no_route", 404, ())
     audit.record(entry)
-    time.sleep(0.1)  # the writer has taken the first entry and is stuck in write()
+    assert writing.wait(30)  # the writer has taken the first entry and is stuck in write()
     for _ in range(5):
         audit.record(entry)
     assert audit.pending == 3 and audit.dropped == 2
