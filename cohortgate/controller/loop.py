@@ -35,7 +35,16 @@ from cohortgate.controller.judge import Evidence, LimitEvidence, Verdict, judge,
 from cohortgate.controller.leader import Leadership, SoloLeader
 from cohortgate.controller.metrics import ControllerMetrics
 from cohortgate.controller.shadows import ShadowJoin
-from cohortgate.controller.windows import ERRORS, OVER, SLOW, RouteWindows, Summary, count_above
+from cohortgate.controller.windows import (
+    ERRORS,
+    LAT_BINS,
+    OVER,
+    SLOW,
+    RouteWindows,
+    Summary,
+    count_above,
+    first_bin_above,
+)
 from cohortgate.core import rollout
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Guardrails, Policy, Route
@@ -218,11 +227,15 @@ class Controller:
                 self.states[route.name] = state
                 self._update_srm_regions(route.name)
             else:
-                if before.guardrails != route.guardrails:  # new limits: the guardrail tests start afresh
-                    self.windows[route.name].over_bin = RouteWindows([], 1, route.guardrails.max_p99_ms).over_bin
+                if before.guardrails != route.guardrails:  # new limits: the limit tests start afresh
+                    limit = route.guardrails.max_p99_ms
+                    self.windows[route.name].over_bin = LAT_BINS if limit is None else first_bin_above(limit)
                     self.control_tests[route.name] = _ControlTests(route.guardrails)
                     for v in route.variants[1:]:
-                        self.tests[(route.name, v.name)] = _Tests(route.guardrails)
+                        fresh = _Tests(route.guardrails)  # the harm tests keep their evidence
+                        old_tests = self.tests[(route.name, v.name)]
+                        fresh.error, fresh.latency = old_tests.error, old_tests.latency
+                        self.tests[(route.name, v.name)] = fresh
                 known = self.states.get(route.name)
                 state = rollout.reconcile(route, known, now)
                 self._adopt(route, state)

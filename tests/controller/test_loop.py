@@ -223,3 +223,15 @@ async def test_p99_guardrail_is_a_test_on_the_share_of_slow_requests():
     assert sim.changes == []
     limits = sim.controller.status()["routes"]["tabular"]["variants"]["canary"]["limits"]
     assert limits["p99"]["p_over"] > 0.0125 and limits["p99"]["p_control_under"] < 0.0125
+
+
+async def test_an_edited_limit_restarts_the_limit_tests_but_keeps_the_harm_evidence():
+    sim = await Sim(make_policy(steps=None), {"control": Behaviour(0.02), "canary": Behaviour(0.04)}).start()
+    await sim.run(20)
+    tests = sim.controller.tests[("tabular", "canary")]
+    harm_p, seen = tests.error.p_value, tests.error_over.n
+    assert harm_p < 1.0 and seen > 0
+    await sim.controller.set_policy(make_policy(steps=None, max_error_rate=0.03))
+    fresh = sim.controller.tests[("tabular", "canary")]
+    assert fresh.error.p_value == harm_p and fresh.error_over.n == 0 and fresh.error_over.p0 == 0.03
+    assert sim.controller.control_tests["tabular"].error_over.p0 == 0.03
