@@ -129,12 +129,13 @@ def _aa_chunk(args: tuple[dict, list[int], float]) -> list[tuple]:
     return asyncio.run(go())
 
 
-def aa_table(runs: int, seconds: float, jobs: int) -> list[dict]:
+def aa_table(runs: int, seconds: float, jobs: int, only: list[int] | None = None) -> list[dict]:
     from scipy import stats as sps
 
     rows = []
+    scenarios = aa_scenarios()
     with ProcessPoolExecutor(jobs) as pool:
-        for sc in aa_scenarios():
+        for sc in [scenarios[i - 1] for i in only] if only else scenarios:
             chunks = [list(range(i, runs, jobs * 4)) for i in range(jobs * 4)]
             results = [r for part in pool.map(_aa_chunk, [(sc, c, seconds) for c in chunks]) for r in part]
             rolled = sum(r[0] is not None for r in results)
@@ -366,6 +367,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=240.0, help="length of one A/A run (simulated)")
     ap.add_argument("--seeds", type=int, default=20, help="detection runs per case")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    ap.add_argument("--only", help="A/A: comma-separated scenario numbers (1-based), default all")
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args()
     print(f"code: {ROOT}")
@@ -374,7 +376,8 @@ def main() -> int:
             f"A/A: {args.runs} runs of {args.seconds:g} s per scenario, canary 10 %, alpha 0.05, "
             "max_error_rate 0.05, max_p99_ms 250; rolled back / runs, rate, 95 % interval"
         )
-        result: object = aa_table(args.runs, args.seconds, args.jobs)
+        only = [int(i) for i in args.only.split(",")] if args.only else None
+        result: object = aa_table(args.runs, args.seconds, args.jobs, only)
     elif args.mode == "detect":
         print(f"detection: {RPS} req/s, canary 10 %, control errors 1 %, ALS delay 200 ms, {args.seeds} runs each")
         result = detect_table(args.seeds, args.jobs)
