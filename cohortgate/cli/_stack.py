@@ -3,7 +3,8 @@
 1. Flags win: ``--gateway``/``--certs`` for Envoy, ``--api``/``--token-file`` for the controller
    ($COHORTGATE_API and $COHORTGATE_TOKEN_FILE count as those flags).
 2. Otherwise ``<state-dir>/run.json``, which `cohortgate up` writes. A stale one (its `up` is gone)
-   is an error, never a reason to guess: another stack may hold those ports now.
+   is an error, never a reason to guess: another stack may hold those ports now. So is a missing one
+   when ``--state-dir`` was given: the user named an `up` stack, not the defaults.
 3. Otherwise the defaults of a stack started by hand as the README does: Envoy on
    https://127.0.0.1:8443 with certificates in certs/, the controller on http://127.0.0.1:9480 with
    its token in .cohortgate/admin.token (the defaults of `envoy render`, `certs init`, `controller`).
@@ -39,7 +40,7 @@ class NoStack(Exception):
 def add_state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
-        default=DEFAULT_STATE_DIR,
+        default=None,
         metavar="DIR",
         help=f"where cohortgate up keeps run.json (default {DEFAULT_STATE_DIR})",
     )
@@ -75,14 +76,24 @@ def add_controller_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_file(state_dir: str) -> StackInfo | None:
-    """The live stack's run.json; None when there is none; NoStack when it is stale or unreadable."""
+def state_dir(args: argparse.Namespace) -> str:
+    return args.state_dir or DEFAULT_STATE_DIR
+
+
+def _run_file(args: argparse.Namespace) -> StackInfo | None:
+    """The live stack's run.json; None when there is none; NoStack when it is stale or unreadable,
+    or missing from a ``--state-dir`` given explicitly."""
     from cohortgate.local.client import RUN_FILE, StackInfo, StackNotRunning
 
-    if not (Path(state_dir) / RUN_FILE).exists():
+    directory = state_dir(args)
+    if not (Path(directory) / RUN_FILE).exists():
+        if args.state_dir is not None:
+            raise NoStack(
+                f"{Path(directory) / RUN_FILE} not found: start the stack with cohortgate up --state-dir {directory}"
+            )
         return None
     try:
-        return StackInfo.load(state_dir)
+        return StackInfo.load(directory)
     except StackNotRunning as exc:
         raise NoStack(f"{exc} (or pass --gateway/--api for a stack started by hand)") from None
 
@@ -92,7 +103,7 @@ def stack_info(args: argparse.Namespace) -> StackInfo:
     from cohortgate.local.client import StackInfo
 
     explicit = args.gateway is not None or args.certs is not None
-    info = None if explicit else _run_file(args.state_dir)
+    info = None if explicit else _run_file(args)
     if info is not None and getattr(args, "api", None) is None and getattr(args, "token_file", None) is None:
         return info
     if explicit or info is None:  # a stack started by hand: its controller by flag or default
@@ -110,7 +121,7 @@ def stack_info(args: argparse.Namespace) -> StackInfo:
     try:
         paths = pki.load_cert_paths(args.certs or DEFAULT_CERTS)
     except FileNotFoundError as exc:
-        where = "" if explicit else f" (no {args.state_dir}/run.json either: is `cohortgate up` running?)"
+        where = "" if explicit else f" (no {state_dir(args)}/run.json either: is `cohortgate up` running?)"
         raise NoStack(f"{exc}{where}") from None
     return StackInfo(
         gateway_url=url,
@@ -129,7 +140,7 @@ def controller_target(args: argparse.Namespace, info: StackInfo | None = None) -
     if args.api is not None or args.token_file is not None:
         return (args.api or DEFAULT_API).rstrip("/"), args.token_file or DEFAULT_TOKEN_FILE
     if info is None:
-        info = _run_file(args.state_dir)
+        info = _run_file(args)
     if info is not None and info.controller_api:
         return info.controller_api.rstrip("/"), str(info.raw.get("admin_token_file") or DEFAULT_TOKEN_FILE)
     return DEFAULT_API, DEFAULT_TOKEN_FILE

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from cohortgate.cli._stack import NoStack, add_controller_options, add_state_dir, controller_target
+from cohortgate.cli._stack import NoStack, add_controller_options, add_state_dir, controller_target, state_dir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -163,7 +163,7 @@ def _supervision(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.redis:
         return None
     try:
-        info = StackInfo.load(args.state_dir)
+        info = StackInfo.load(state_dir(args))
         api, _ = controller_target(args, info)
     except (StackNotRunning, NoStack):
         return None

@@ -21,7 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from cohortgate.cli._stack import NoStack, add_controller_options, add_gateway_options, add_state_dir, stack_info
+from cohortgate.cli._stack import (
+    NoStack,
+    add_controller_options,
+    add_gateway_options,
+    add_state_dir,
+    stack_info,
+    state_dir,
+)
 from cohortgate.core.contract import HEADER_VARIANT
 from cohortgate.support.durations import duration_arg
 
@@ -406,7 +413,7 @@ def _traffic(args: argparse.Namespace) -> int:
     while True:
         try:
             # --wait waits for `up`: only its run.json says the stack is ready
-            info = StackInfo.load(args.state_dir) if args.wait else stack_info(args)
+            info = StackInfo.load(state_dir(args)) if args.wait else stack_info(args)
             info.client_pair(args.client)
             break
         except (StackNotRunning, NoStack, OSError) as exc:

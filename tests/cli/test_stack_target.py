@@ -114,9 +114,15 @@ async def test_status_refuses_a_stale_run_json_instead_of_guessing(aiohttp_serve
         assert f"cohortgate {verb[0]}: " in err and "is stale" in err and "--api" in err, err
 
 
-def test_without_run_json_the_hand_started_defaults_apply(tmp_path):
-    args = argparse.Namespace(state_dir=str(tmp_path / "none"), api=None, token_file=None)
-    assert controller_target(args) == (DEFAULT_API, DEFAULT_TOKEN_FILE)
+def test_without_run_json_the_hand_started_defaults_apply(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .cohortgate/run.json here
+    assert controller_target(argparse.Namespace(state_dir=None, api=None, token_file=None)) == (
+        DEFAULT_API,
+        DEFAULT_TOKEN_FILE,
+    )
+    # A --state-dir names an `up` stack: without its run.json that is an error, not the defaults.
+    with pytest.raises(NoStack, match=r"run\.json not found: start the stack with cohortgate up --state-dir"):
+        controller_target(argparse.Namespace(state_dir=str(tmp_path / "none"), api=None, token_file=None))
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "run.json").write_text("{not json")
