@@ -91,9 +91,9 @@ def cpu_seconds(pid: int) -> float:
 
 def start_upstream(work: Path) -> tuple[EnvoyProcess, int]:
     """A static upstream: Envoy answering every request with a fixed 200 (direct_response)."""
-    port, admin = free_port(), free_port()
+    port, admin = free_port(), work / "upstream-admin.sock"
     config = {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "admin": {"address": {"pipe": {"path": str(admin), "mode": 0o600}}},
         "static_resources": {
             "listeners": [
                 {
@@ -145,7 +145,8 @@ def start_upstream(work: Path) -> tuple[EnvoyProcess, int]:
     }
     path = work / "upstream.yaml"
     path.write_text(yaml.safe_dump(config))
-    envoy = EnvoyProcess(EnvoyFiles(path, path, port, admin), log_path=work / "upstream.log", concurrency=1)
+    files = EnvoyFiles(path, path, port, admin_port=None, admin_socket=admin)
+    envoy = EnvoyProcess(files, log_path=work / "upstream.log", concurrency=1)
     envoy.__enter__()
     return envoy, port
 
@@ -304,7 +305,7 @@ def envoy_for(
         processor=ProcessorAddress(uds=str(sock)),
         transport=transport,  # type: ignore[arg-type]
         listen_port=free_port(),
-        admin_port=free_port(),
+        admin_socket=out / "admin.sock",
     )
     patch_bootstrap(files.bootstrap, alone=setup == "envoy-alone")
     envoy = EnvoyProcess(files, log_path=out / "envoy.log", concurrency=concurrency)

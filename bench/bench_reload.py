@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from cohortgate.core.policy import load_policy  # noqa: E402
 from cohortgate.deploy import pki  # noqa: E402
 from cohortgate.deploy.envoy import ProcessorAddress, render  # noqa: E402
 from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
+from cohortgate.support import http as loopback  # noqa: E402
 
 ROUTE = """  - name: r{i}
     match: {{model: m{i}}}
@@ -98,9 +98,9 @@ def apply(source: Path, live: Path) -> None:
     os.replace(tmp, live)
 
 
-def clusters(admin: int) -> set[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters?format=json", timeout=5) as r:
-        return {c["name"] for c in json.loads(r.read())["cluster_statuses"]}
+def clusters(admin: str) -> set[str]:
+    reply = loopback.call_admin(admin, "/clusters?format=json", timeout=5)
+    return {c["name"] for c in json.loads(reply.body)["cluster_statuses"]}
 
 
 def bench(n: int, rounds: int, watch: float, work: Path, certs: pki.CertPaths) -> list[dict[str, float]]:
@@ -110,19 +110,20 @@ def bench(n: int, rounds: int, watch: float, work: Path, certs: pki.CertPaths) -
     names = list(range(n))
     live.write_text(policy_text(certs.jwks, url, names))
     sock = work / "processor.sock"
-    admin = None
+    admin_socket = work / "envoy" / "admin.sock"
+    admin = f"unix:{admin_socket}"  # mode 0600: only this user may talk to Envoy's admin
     files = render(
         load_policy(live),
         certs=certs,
         out_dir=work / "envoy",
         processor=ProcessorAddress(uds=str(sock)),
         listen_port=_free_port(),
-        admin_port=(admin := _free_port()),
+        admin_socket=admin_socket,
     )
     log = open(work / "gateway.log", "ab")  # noqa: SIM115
     gateway = subprocess.Popen(
         [sys.executable, "-m", "cohortgate.cli", "gateway", "--policy", str(live), "--listen", f"uds:{sock}",
-         "--no-audit", "--envoy-cds", str(files.cds), "--envoy-admin", f"http://127.0.0.1:{admin}",
+         "--no-audit", "--envoy-cds", str(files.cds), "--envoy-admin", admin,
          "--watch-interval", str(watch)],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "COHORTGATE_UNIT_SALT": "bench"},

@@ -111,3 +111,40 @@ def test_admin_on_a_unix_socket_is_mode_0600(tmp_path: Path) -> None:
     )
     assert doc["admin"]["address"] == {"pipe": {"path": str(tmp_path / "admin.sock"), "mode": 0o600}}
     assert clusters.CLUSTER_TYPE_URL.endswith("Cluster")
+
+
+def test_envoy_render_flags_set_the_processor_timeout_body_limit_and_admin_socket(tmp_path: Path) -> None:
+    """The processor's message timeout is a product setting (issue 18): the CLI sets it, and the
+    http transport's own request timeout with it."""
+    from cohortgate.cli import main
+
+    out = tmp_path / "out"
+    argv = ["envoy", "render", "--policy", str(EXAMPLE), "--out", str(out), "--certs", str(tmp_path / "none")]
+    extra = ["--transport", "http", "--processor-timeout", "250ms", "--max-body", "1m"]
+    assert main([*argv, *extra, "--admin-socket", str(tmp_path / "admin.sock")]) == 0
+    doc = yaml.safe_load((out / "bootstrap.yaml").read_text())
+    ext_proc = _find(doc, "ExternalProcessor")
+    assert ext_proc["message_timeout"] == "0.250s"
+    assert ext_proc["http_service"]["http_service"]["http_uri"]["timeout"] == "0.250s"
+    assert _find(doc, "BodySizeLimit")["max_request_bytes"] == 1 << 20
+    assert _find(doc, "filters.http.buffer.v3.Buffer")["max_request_bytes"] == 1 << 20
+    assert doc["admin"]["address"] == {"pipe": {"path": str(tmp_path / "admin.sock"), "mode": 0o600}}
+
+    assert main([*argv]) == 0  # the defaults: 1 s, 16 MiB, admin on 127.0.0.1:9901
+    doc = yaml.safe_load((out / "bootstrap.yaml").read_text())
+    assert _find(doc, "ExternalProcessor")["message_timeout"] == "1s"
+    assert _find(doc, "BodySizeLimit")["max_request_bytes"] == 16 << 20
+    assert doc["admin"]["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}
+
+
+def _find(document: object, type_suffix: str) -> dict:
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if str(node.get("@type", "")).endswith(type_suffix):
+                return node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    raise AssertionError(f"no {type_suffix}")

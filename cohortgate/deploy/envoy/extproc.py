@@ -7,8 +7,9 @@ same 503 ``unavailable`` when it does not answer within the message timeout (see
 The message timeout is a product setting: it bounds how long a request waits for the processor's
 decision. Too short and a busy host turns ordinary scheduling delays (a GC pause, a CPU hog on a
 2-core machine) into 503s; too long and a hung processor holds every request that long before it
-fails closed. The default (`MESSAGE_TIMEOUT`, 1 s) is ~100x the processor's loaded p99 and well
-under a client's usual timeout; ``cohortgate envoy render --processor-timeout`` changes it.
+fails closed. The default (`MESSAGE_TIMEOUT`, 1 s) is several times a whole request's p99 on a
+busy 2-core machine (docs/performance.md) and well under a client's usual timeout; ``cohortgate
+envoy render --processor-timeout`` changes it (docs/scaling.md discusses the trade-off).
 """
 
 from __future__ import annotations
