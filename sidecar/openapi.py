@@ -13,10 +13,12 @@ then enumerated, so a client generated from a sidecar's own document can only na
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from cohortgate import __version__
+from sidecar.protocol import TensorSpec
 
 OPENAPI_PATH = "/openapi.json"
 #: (method, path) of every operation, in the order the sidecar registers them.
@@ -208,13 +210,27 @@ def _with_served_by(response: dict[str, Any]) -> dict[str, Any]:
     return {**response, "headers": _SERVED_BY}
 
 
-def build(model: str | None = None, inputs: Sequence[str] = (), outputs: Sequence[str] = ()) -> dict[str, Any]:
-    """The document; with ``model`` (and its tensor names) it describes that one served model."""
+def example_request(inputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """One row of zeros (false for BOOL) per input: a request the model accepts, for the document's example."""
+    tensors = []
+    for spec in inputs:
+        shape = [1 if d == -1 else d for d in spec.shape]
+        zero: Any = False if spec.datatype == "BOOL" else 0
+        tensors.append(
+            {"name": spec.name, "datatype": spec.datatype, "shape": shape, "data": [zero] * math.prod(shape)}
+        )
+    return {"inputs": tensors}
+
+
+def build(
+    model: str | None = None, inputs: Sequence[TensorSpec] = (), outputs: Sequence[TensorSpec] = ()
+) -> dict[str, Any]:
+    """The document; with ``model`` (and its signature) it describes that one served model."""
     schemas = copy.deepcopy(_SCHEMAS)
     if inputs:
-        schemas["request_input"]["properties"]["name"]["enum"] = list(inputs)
+        schemas["request_input"]["properties"]["name"]["enum"] = [s.name for s in inputs]
     if outputs:
-        schemas["request_output"]["properties"]["name"]["enum"] = list(outputs)
+        schemas["request_output"]["properties"]["name"]["enum"] = [s.name for s in outputs]
     unavailable = _json(_ref("error_response"), "Not ready: loading, queue full, or shutting down (Retry-After).")
     not_found = _json(_ref("error_response"), "No such model or version.")
     ready = {
@@ -250,6 +266,8 @@ def build(model: str | None = None, inputs: Sequence[str] = (), outputs: Sequenc
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
+    if inputs:
+        infer_body["content"]["application/json"]["example"] = example_request(inputs)
     binary_header = {
         "name": HEADER_LENGTH,
         "in": "header",

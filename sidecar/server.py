@@ -292,11 +292,9 @@ class Sidecar:
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of this sidecar, naming its model (and tensors once it has loaded)."""
-        signature = self.model.signature if self.model is not None else None
-        if signature is None:
+        if self.model is None:
             return self._json(build_openapi(self.name))
-        inputs = [s.name for s in signature.inputs]
-        return self._json(build_openapi(self.name, inputs, [s.name for s in signature.outputs]))
+        return self._json(build_openapi(self.name, self.model.signature.inputs, self.model.signature.outputs))
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -214,6 +214,8 @@ async def _reports(request: web.Request) -> web.Response:
         data = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         return _error(400, "bad_request", "the body must be JSON")
+    if not isinstance(data, list | dict):  # found by contract fuzzing: `null` or `5` was "1 rejected", 202
+        return _error(400, "bad_request", "the body must be a report object or a list of them")
     items = data if isinstance(data, list) else [data]
     if len(items) > MAX_REPORTS:
         return _error(413, "payload_too_large", f"at most {MAX_REPORTS} reports per request")

@@ -281,11 +281,13 @@ def build() -> dict[str, Any]:
                     "content": {
                         "application/json": {
                             "schema": {
-                                "anyOf": [
-                                    {"type": "array", "maxItems": 10_000, "items": ref("report")},
-                                    ref("report"),
-                                ]
-                            }
+                                "description": "One report (see the report schema) or a list of them (413 past 10 000); "
+                                "an item that cannot be read as a report is counted as rejected, not refused.",
+                                "anyOf": [{"type": "array"}, {"type": "object"}],
+                            },
+                            "example": [
+                                {"route": "tabular", "variant": "canary", "status": 200, "latency_ms": 5.0, "ts": 1.0}
+                            ],
                         }
                     },
                 },
@@ -301,7 +303,7 @@ def build() -> dict[str, Any]:
                         },
                         "Counted: reports that could not be read are rejected, not failed.",
                     ),
-                    "400": error("The body is not JSON."),
+                    "400": error("The body is not JSON, or neither an object nor a list."),
                     "401": UNAUTHENTICATED,
                     "403": error("Not from loopback."),
                     "413": error("More than 10 000 reports, or a body over 4 MiB."),

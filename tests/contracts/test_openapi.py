@@ -22,6 +22,7 @@ from cohortgate.dashboard.view import Recorder
 from cohortgate.store.events import InProcessSink
 from cohortgate.store.state import InProcessState
 from sidecar import openapi as sidecar_openapi
+from sidecar.protocol import TensorSpec
 from sidecar.server import SidecarConfig, build_app
 from tests.controller.policies import make_policy
 
@@ -58,7 +59,7 @@ def documented(doc: dict) -> set[tuple[str, str]]:
 
 
 DOCS = {
-    "sidecar": sidecar_openapi.build("tiny", ["x"], ["y"]),
+    "sidecar": sidecar_openapi.build("tiny", [TensorSpec("x", "FP32", (-1, 3))], [TensorSpec("y", "FP32", (-1, 3))]),
     "controller": controller_openapi.build(),
     "dashboard": dashboard_openapi.build(),
 }
