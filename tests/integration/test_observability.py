@@ -1,0 +1,219 @@
+"""A real Prometheus scrapes a running gateway, controller and Envoy, loads the rendered alerting rules,
+and raises the processor-down and fail-closed alerts when the gateway is killed; every metric name the
+rules and the dashboard may use (`cohortgate.deploy.promql.EXPORTED`) is in some live scrape.
+
+Prometheus scrapes and evaluates every second; alerts are asserted in their ``pending`` state, which
+Prometheus enters at the first evaluation where the expression holds (``for:`` only delays ``firing``),
+so the test needs seconds, not the rules' minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cohortgate.deploy import alerts, pki
+from cohortgate.deploy.promql import CONTROLLER, ENVOY, EXPORTED, GATEWAY, SIDECAR
+from tests.dashboard.harness import ControllerProc
+from tests.integration.conftest import Client, GatewayProcess, free_port, mint
+from tests.needs import missing
+
+pytestmark = pytest.mark.integration
+
+#: a loaded 2-core CI machine: Prometheus, Envoy, the gateway and the controller all start here
+START_TIMEOUT_S = 60.0
+ALERT_TIMEOUT_S = 60.0
+
+
+def get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def names_in(exposition: str) -> set[str]:
+    """Sample names a scrape offers as Prometheus stores them, plus those of labelled metrics with no
+    child yet (only their ``# TYPE`` line is there)."""
+    samples: set[str] = set()
+    typed: dict[str, str] = {}
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            typed[name] = kind
+        elif line and not line.startswith("#"):
+            samples.add(re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0))  # type: ignore[union-attr]
+    names = set(samples)
+    for name, kind in typed.items():
+        expected = {
+            "counter": [name if name.endswith("_total") else name + "_total"],
+            "histogram": [name + suffix for suffix in ("_bucket", "_sum", "_count")],
+        }.get(kind, [name])
+        if not any(e in samples or name in samples for e in expected):
+            names |= set(expected)
+    return names
+
+
+def wait_for(what: str, check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except OSError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise AssertionError(f"{what} not seen in {timeout}s (last: {last!r})")
+
+
+class Stack:
+    def __init__(self, gateway: GatewayProcess, gateway_metrics: str, controller: ControllerProc, envoy: Any, client: Client, certs: pki.CertPaths) -> None:  # fmt: skip  # noqa: E501
+        self.gateway = gateway
+        self.gateway_metrics = gateway_metrics
+        self.controller = controller
+        self.envoy = envoy
+        self.client = client
+        self.certs = certs
+
+    @property
+    def envoy_admin(self) -> str:
+        host, port = self.envoy.admin_address
+        return f"{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, policy_file: Path, upstreams: Any
+) -> Iterator[Stack]:
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+
+    work = tmp_path_factory.mktemp("observability")
+    sock = work / "run" / "processor.sock"
+    gateway = GatewayProcess(policy_file, sock, "fast", work)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    gateway.cmd += ["--metrics", metrics_addr]
+    controller = ControllerProc(work / "controller")
+    gateway.start(timeout=START_TIMEOUT_S)
+    try:
+        controller.start(timeout_s=START_TIMEOUT_S)
+        files = render(
+            load_policy(policy_file),
+            certs=certs,
+            out_dir=work / "envoy",
+            processor=ProcessorAddress(uds=str(sock)),
+            transport="grpc",
+            listen_port=free_port(),
+            admin_port=free_port(),
+        )
+        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
+            app_cert, app_key = certs.clients["app-demo"]
+            client = Client(envoy.listen_port, certs.ca_cert, app_cert, app_key)
+            yield Stack(gateway, metrics_addr, controller, envoy, client, certs)
+            client.close()
+    finally:
+        controller.stop()
+        gateway.stop()
+
+
+def test_every_name_the_rules_and_dashboard_use_is_exported(stack: Stack) -> None:
+    """Scrape each running part; `EXPORTED` (what rules and dashboard may name) must all be there."""
+    assert stack.client.request(token=mint(stack.certs, "obs-alice")).status == 200
+    assert stack.client.request(token=None).status == 401  # a denial, counted by code
+    gateway = names_in(get(f"http://{stack.gateway_metrics}/metrics").decode())
+    controller = names_in(get(f"{stack.controller.api}/metrics").decode())
+    status, body = stack.envoy.admin_get("/stats/prometheus")
+    assert status == 200
+    envoy = names_in(body.decode())
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sidecar.metrics import SidecarMetrics
+
+    sidecar_metrics = SidecarMetrics("tabular", CollectorRegistry())
+    sidecar = names_in(generate_latest(sidecar_metrics.registry).decode())
+
+    assert GATEWAY - gateway == set()
+    assert CONTROLLER - controller == set()
+    assert ENVOY - envoy == set()
+    assert SIDECAR - sidecar == set()
+    assert EXPORTED == GATEWAY | CONTROLLER | ENVOY | SIDECAR
+
+
+def test_prometheus_scrapes_the_stack_and_raises_processor_alerts(stack: Stack, tmp_path: Path) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        missing("prometheus is not installed (make system-deps installs Debian's prometheus package)")
+    (tmp_path / "rules.yaml").write_text(alerts.render())
+    scrape = json.loads(json.dumps(__import__("yaml").safe_load(alerts.scrape_config(
+        gateway=[stack.gateway_metrics],
+        controller=[stack.controller.api.removeprefix("http://")],
+        sidecar=[],
+        envoy=[stack.envoy_admin],
+    ))))  # fmt: skip
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": ["rules.yaml"],
+        **scrape,
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    log.close()
+
+    def query(q: str) -> list[dict[str, Any]]:
+        doc = json.loads(get(f"{api}/query?" + urllib.parse.urlencode({"query": q})))
+        assert doc["status"] == "success", doc
+        return doc["data"]["result"]
+
+    def tail() -> str:
+        return (tmp_path / "prometheus.log").read_text()[-3000:]
+
+    try:
+        # all three targets up, and every rule loaded and evaluating without error
+        wait_for("3 targets up", lambda: len(query("up == 1")) == 3, START_TIMEOUT_S)
+        rules = json.loads(get(f"{api}/rules"))["data"]["groups"][0]["rules"]
+        assert {r["name"] for r in rules} == {r.alert for r in alerts.rules()}
+        wait_for("rules evaluated", lambda: all(r.get("lastEvaluation", "").startswith("20") for r in json.loads(get(f"{api}/rules"))["data"]["groups"][0]["rules"]), 20)  # fmt: skip  # noqa: E501
+        errors = [(r["name"], r.get("lastError")) for r in json.loads(get(f"{api}/rules"))["data"]["groups"][0]["rules"] if r["health"] != "ok"]  # fmt: skip  # noqa: E501
+        assert errors == []
+        assert query("ALERTS") == [], "an alert on a healthy stack"
+        # the processor dies: Envoy answers 503 (fail-closed) and both alerts go pending
+        stack.gateway.kill()
+        deadline = time.monotonic() + ALERT_TIMEOUT_S
+        pending: set[str] = set()
+        while time.monotonic() < deadline and not {"CohortgateProcessorDown", "CohortgateFailClosed"} <= pending:
+            assert stack.client.request(token=mint(stack.certs, "obs-bob")).status == 503
+            pending = {a["metric"]["alertname"] for a in query("ALERTS")}
+            time.sleep(0.5)
+        assert {"CohortgateProcessorDown", "CohortgateFailClosed"} <= pending, tail()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
