@@ -26,7 +26,8 @@ install: $(VENV)/.installed-cpu
 install-test: $(VENV)/.installed-test
 
 # Test needs outside PyPI: a real redis-server for the Redis-backed tests, Debian's chromium for the
-# dashboard's browser tests (Playwright drives it; no browser download). Another apt running (an
+# dashboard's browser tests (Playwright drives it; no browser download), curl and openssl for the
+# README's blocks (tests/docs runs them). Another apt running (an
 # unattended upgrade on a fresh VM) holds the dpkg lock: wait for it, up to APT_WAIT seconds, rather
 # than fail.
 APT_WAIT ?= 600
@@ -34,6 +35,8 @@ APT_GET  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeou
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
 	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  [ -z "$$missing" ] || { \
 	    waited=0; until $(APT_GET) update -qq; do \

@@ -10,9 +10,11 @@ readers of the rendered page never see it)::
     <!-- docs-test: with-background [timeout=S] -->       which run while it does; then it is stopped
     <!-- docs-test: skip REASON -->                        not run here; the reason is reported
 
+``requires=curl,openssl`` names the tools a block needs beyond the checkout.
+
 A block without a marker is an error, so a new block cannot escape the test. ``ports`` lists ports a
-block needs free (the docs use the default ones); when one is taken on this machine the block is
-skipped with that reason instead of failing on someone else's process.
+block needs free (the docs use the default ones). A taken port or a missing tool skips the block with
+that reason on a workstation (someone else's process is no fault of the docs) and fails it under CI.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class Block:
     @property
     def ports(self) -> list[int]:
         return [int(p) for p in self.options.get("ports", "").split(",") if p]
+
+    @property
+    def requires(self) -> list[str]:
+        return [t for t in self.options.get("requires", "").split(",") if t]
 
 
 def parse(path: Path) -> tuple[list[Block], list[str]]:

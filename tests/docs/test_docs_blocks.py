@@ -5,12 +5,14 @@ per document. Select with ``-m docs``; about a minute and a half on a 2-core mac
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.docs.blocks import ROOT, Background, Block, documents, environment, make_clone, parse, run_block, taken
+from tests.needs import in_ci
 
 DOCS = documents()
 
@@ -69,8 +71,10 @@ def test_the_document_runs_as_written(doc: Path, tmp_path: Path):
             if block.kind != "with-background":
                 stop_background()
             busy = taken(block.ports)
-            if busy:
-                skipped.append(f"{block.where}: ports {busy} are taken on this machine")
+            absent = [tool for tool in block.requires if shutil.which(tool) is None]
+            if busy or absent:
+                why = f"ports {busy} are taken on this machine" if busy else f"{', '.join(absent)} not installed"
+                (failures if in_ci() else skipped).append(f"{block.where}: {why}")
                 continue
             if block.kind == "with-background" and background is None:
                 skipped.append(f"{block.where}: its background block did not run")
