@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from cohortgate.core.policy import load_policy  # noqa: E402
 from cohortgate.deploy import pki  # noqa: E402
-from cohortgate.deploy.envoy import EnvoyFiles, ProcessorAddress, render  # noqa: E402
+from cohortgate.deploy.envoy import MAX_REQUEST_BYTES, EnvoyFiles, ProcessorAddress, render  # noqa: E402
 from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -295,19 +295,36 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 
 def envoy_for(
-    setup: str, transport: str, policy_path: Path, certs: pki.CertPaths, sock: Path, work: Path, concurrency: int
+    setup: str,
+    transport: str,
+    policy_path: Path,
+    certs: pki.CertPaths,
+    sock: Path,
+    work: Path,
+    concurrency: int,
+    *,
+    guards: bool = True,
 ) -> EnvoyProcess:
+    """``guards=False``: without the body limit (body_size_limit, buffer route) and with the route's
+    Authorization kept (no upstream header filter), to measure what those cost Envoy."""
     out = work / f"envoy-{setup}"
+    policy = load_policy(policy_path)
+    if not guards:
+        kept = policy_path.with_name("policy-unguarded.yaml")
+        text = policy_path.read_text()
+        kept.write_text(text.replace("    residency:", "    forward_authorization: true\n    residency:"))
+        policy = load_policy(kept)
     files = render(
-        load_policy(policy_path),
+        policy,
         certs=certs,
         out_dir=out,
         processor=ProcessorAddress(uds=str(sock)),
         transport=transport,  # type: ignore[arg-type]
         listen_port=free_port(),
         admin_socket=out / "admin.sock",
+        max_request_bytes=None if not guards else MAX_REQUEST_BYTES,
     )
-    patch_bootstrap(files.bootstrap, alone=setup == "envoy-alone")
+    patch_bootstrap(files.bootstrap, alone=setup.startswith("envoy-alone"))
     envoy = EnvoyProcess(files, log_path=out / "envoy.log", concurrency=concurrency)
     envoy.__enter__()
     return envoy
@@ -324,6 +341,11 @@ def main() -> int:
     parser.add_argument("--h2load-threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every slot's result here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--unguarded",
+        action="store_true",
+        help="add Envoy alone without the body limit and the Authorization filter, to measure their cost",
+    )
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         print("h2load is not on PATH (apt-get install nghttp2-client)", file=sys.stderr)
@@ -352,6 +374,13 @@ def main() -> int:
         envoy = envoy_for("envoy-alone", "grpc", policy_path, certs, work / "alone.sock", work, args.envoy_concurrency)
         stack.callback(envoy.stop)
         setups.append(Setup("envoy-alone", envoy, None))
+        if args.unguarded:
+            envoy = envoy_for(
+                "envoy-alone-unguarded", "grpc", policy_path, certs, work / "alone.sock", work,
+                args.envoy_concurrency, guards=False,
+            )  # fmt: skip
+            stack.callback(envoy.stop)
+            setups.append(Setup("envoy-alone-unguarded", envoy, None))
         for name in args.transports:
             transport, server = ("grpc", "fast") if name == "fast" else (name, "grpcio")
             sock = work / f"run-{name}" / "processor.sock"
