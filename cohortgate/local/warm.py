@@ -14,17 +14,19 @@ import contextlib
 import importlib
 import json
 import os
+import runpy
 import sys
+
+CLI = "cohortgate.cli"
 
 
 def main() -> int:
     for name in sys.argv[1:]:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    from cohortgate.cli import build_parser
-    from cohortgate.cli import main as cli_main
-
-    build_parser()  # imports every command module, as the job's own parse will
+    # The command is named, not imported (like the ``-m cohortgate.cli`` of a cold start): local sits
+    # below the CLI in the layers, and a launcher does not depend on what it launches.
+    importlib.import_module(CLI).build_parser()  # imports every command module, as the job's parse will
     try:
         sys.stdout.write("warm\n")  # the supervisor's cue: a restart handed over now skips every import
         sys.stdout.flush()
@@ -44,7 +46,8 @@ def main() -> int:
     os.environ.clear()
     os.environ.update(job["env"])
     sys.argv = ["cohortgate", *job["args"]]
-    return cli_main(list(job["args"]))
+    runpy.run_module(CLI, run_name="__main__", alter_sys=True)  # exits with the command's status
+    return 0
 
 
 if __name__ == "__main__":
