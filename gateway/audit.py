@@ -13,7 +13,9 @@ the writer thread between two batch writes, so it never blocks the request path 
 appends to the deque) and never splits or loses a line. Why not ``logging.handlers`` (QueueHandler
 + RotatingFileHandler): a ``LogRecord`` per line on the request path costs ~10x the deque append
 (measured with timeit, see tests/gateway/test_audit_rotation.py). ``-`` writes to standard output
-for a log shipper, unrotated.
+for a log shipper, unrotated. ``log_format="ecs"`` writes the same records as Elastic Common Schema
+documents (`cohortgate.support.logs.audit_to_ecs`: ``@timestamp``, ``event.*``, ``service.*``,
+``user.id`` = the hashed subject, ``trace.id`` when the request carried a W3C trace).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import IO, Any
 
 import orjson
 
+from cohortgate.support.logs import audit_to_ecs
+
 log = logging.getLogger("cohortgate.audit")
 
 #: The tuple the processor records, in this order.
@@ -47,6 +51,10 @@ FIELDS = (
     "status",
     "shadows",
 )
+#: an entry may carry one more element: the request's W3C trace id (32 hex digits), for ``trace.id``
+TRACE_FIELD = "trace_id"
+#: ``log_format`` choices: cohortgate's own flat lines, or ECS documents
+AUDIT_FORMATS = ("json", "ecs")
 
 
 #: defaults of a file trail: at most (1 + AUDIT_BACKUPS) x AUDIT_MAX_BYTES on disk
@@ -151,9 +159,13 @@ class AuditLog:
         max_pending: int = 65_536,
         flush_interval_s: float = 0.2,
         close_stream: bool = False,
+        log_format: str = "json",
     ) -> None:
         if max_pending <= 0 or flush_interval_s <= 0:
             raise ValueError("max_pending and flush_interval_s must be positive")
+        if log_format not in AUDIT_FORMATS:
+            raise ValueError(f"audit format {log_format!r}: use one of {', '.join(AUDIT_FORMATS)}")
+        self._ecs = log_format == "ecs"
         self._stream = stream
         self._hash = subject_hash
         self._close_stream = close_stream
@@ -249,11 +261,14 @@ class AuditLog:
             marker.set()
 
     def _line(self, entry: tuple[Any, ...]) -> bytes:
-        record = dict(zip(FIELDS, entry, strict=True))
+        fields = FIELDS if len(entry) == len(FIELDS) else (*FIELDS, TRACE_FIELD)
+        record = dict(zip(fields, entry, strict=True))
         record["time"] = (
             dt.datetime.fromtimestamp(entry[0], dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         )
         subject = record["subject"]
         record["subject"] = self._hash(str(subject)) if subject is not None else None
         record["shadows"] = list(record["shadows"])
+        if self._ecs:
+            return orjson.dumps(audit_to_ecs(record), option=orjson.OPT_APPEND_NEWLINE)
         return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)

@@ -184,6 +184,7 @@ class GatewayConfig:
     grpc_server: Literal["grpcio", "fast"] = "fast"
     certs_dir: str | None = None  # needed for TCP (mTLS with the processor certificate)
     audit_log: str | None = "-"  # a file, "-" for stdout, None for none
+    audit_format: str = "json"  # or "ecs" (gateway.audit.AUDIT_FORMATS)
     unit_salt: bytes | None = field(default=None, repr=False)
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     trust_domain: str | None = None
@@ -213,7 +214,9 @@ class Gateway:
 
             trust_domain = load_cert_paths(config.certs_dir).trust_domain  # only our own SPIFFE IDs
         self.audit = (
-            AuditLog.open(config.audit_log, lambda sub: hash_unit(salt, sub)) if config.audit_log is not None else None
+            AuditLog.open(config.audit_log, lambda sub: hash_unit(salt, sub), log_format=config.audit_format)
+            if config.audit_log is not None
+            else None
         )
         self.engine = Engine(
             self.holder,

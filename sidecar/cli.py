@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 
@@ -88,16 +87,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="on SIGTERM, wait up to this long for queued requests (default 30)",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "ecs"),
+        help="text (default) or ecs (Elastic Common Schema JSON)",
+    )
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
+    from cohortgate.support.logs import configure
     from sidecar.model import ModelLoadError
     from sidecar.server import SidecarConfig, serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure("sidecar", args.log_level, args.log_format)
     try:
         config = SidecarConfig(
             model_path=args.model,

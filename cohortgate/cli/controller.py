@@ -108,6 +108,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check the policy file for edits this often (default 1s; 0: SIGHUP only)",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "ecs"),
+        help="text (default) or ecs (Elastic Common Schema JSON)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -151,12 +157,12 @@ class PolicyFollower:
 
 def _run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from cohortgate.core.errors import PolicyError
     from cohortgate.core.policy import load_policy
+    from cohortgate.support.logs import configure
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure("controller", args.log_level, args.log_format)
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:

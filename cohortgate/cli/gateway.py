@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -109,16 +108,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("debug", "info", "warning", "error"),
         help="logging level (default info)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "ecs"),
+        help="service log and audit lines: text (default) or ecs (Elastic Common Schema JSON, docs/observability.md)",
+    )
     parser.set_defaults(func=_gateway)
 
 
 def _gateway(args: argparse.Namespace) -> int:
     from cohortgate.core.errors import PolicyError
+    from cohortgate.support.logs import configure
     from gateway.service import GatewayConfig, ListenAddress, default_socket_path, run
 
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure("gateway", args.log_level, args.log_format)
     try:
         listen = ListenAddress.parse(args.listen) if args.listen else ListenAddress(uds=default_socket_path())
     except ValueError as exc:
@@ -131,6 +135,7 @@ def _gateway(args: argparse.Namespace) -> int:
         grpc_server=args.grpc_server,
         certs_dir=args.certs,
         audit_log=None if args.no_audit else args.audit_log,
+        audit_format="ecs" if args.log_format == "ecs" else "json",
         max_body_bytes=args.max_body,
         trust_domain=args.trust_domain,
         redis_url=args.redis,

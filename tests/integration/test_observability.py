@@ -103,8 +103,9 @@ def stack(
     sock = work / "run" / "processor.sock"
     gateway = GatewayProcess(policy_file, sock, "fast", work)
     metrics_addr = f"127.0.0.1:{free_port()}"
-    gateway.cmd += ["--metrics", metrics_addr]
+    gateway.cmd += ["--metrics", metrics_addr, "--log-format", "ecs"]
     controller = ControllerProc(work / "controller")
+    controller.cmd += ["--log-format", "ecs"]
     gateway.start(timeout=START_TIMEOUT_S)
     try:
         controller.start(timeout_s=START_TIMEOUT_S)
@@ -149,6 +150,29 @@ def test_every_name_the_rules_and_dashboard_use_is_exported(stack: Stack) -> Non
     assert ENVOY - envoy == set()
     assert SIDECAR - sidecar == set()
     assert EXPORTED == GATEWAY | CONTROLLER | ENVOY | SIDECAR
+
+
+def test_service_logs_and_audit_are_ecs(stack: Stack) -> None:
+    """Started with --log-format ecs, every line the gateway and controller log and every audit line is
+    an ECS document; the audit keeps subjects hashed."""
+    assert stack.client.request(token=mint(stack.certs, "obs-carol")).status == 200
+    assert stack.client.request(token=None).status == 401
+
+    def audit_lines() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in stack.gateway.audit_path.read_text().splitlines()]
+
+    docs = wait_for("two audit lines", lambda: (lambda d: d if len(d) >= 2 else None)(audit_lines()), 10)
+    assert {d["event"]["outcome"] for d in docs} == {"success", "failure"}
+    assert all(d["ecs.version"] and d["@timestamp"] and d["service"]["name"] == "cohortgate-gateway" for d in docs)
+    assert "obs-carol" not in stack.gateway.audit_path.read_text()
+    assert any(d.get("user", {}).get("id") for d in docs)
+    for path, service in ((stack.gateway.log_path, "gateway"), (stack.controller.log_path, "controller")):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        assert lines, path
+        for line in lines:
+            doc = json.loads(line)  # every line is one JSON document
+            assert doc["service"]["name"] == f"cohortgate-{service}", line
+            assert {"@timestamp", "log.level", "message", "ecs.version"} <= doc.keys(), line
 
 
 def test_prometheus_scrapes_the_stack_and_raises_processor_alerts(stack: Stack, tmp_path: Path) -> None:
