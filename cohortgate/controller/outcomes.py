@@ -1,0 +1,348 @@
+"""The outcome ledger: outcomes attributed to the variant that served, tallied per unit, read as lift.
+
+Three things come in, each a plain dict (one JSON line of the journal, one item of a batch):
+
+* ``{"kind": "exposure", "route", "variant", "unit", "t", "request_id"?}`` -- a response was
+  served (from the access log; the exposure token proves it too, so this feed is optional for
+  token outcomes but needed for imports by request id and for units that never report anything:
+  a unit exposed without converting is a zero, not a missing row);
+* ``{"kind": "outcome", "metric", "value", "exposure": TOKEN | "request_id": ID, "t"?}`` -- a
+  client's outcome (token) or a late label / warehouse row (request id);
+* ``{"kind": "covariate", "route", "unit", "name", "value"}`` -- a unit's pre-exposure value
+  (CUPED).
+
+Rules: a token is verified (`cohortgate.core.exposure`: forged, altered or stale ones are refused
+and counted by reason) at the outcome's time ``t`` with the attribution window as its maximum age;
+an outcome counts once per exposure and metric (a retry, a re-import or the same label arriving
+by token and by request id are duplicates); it is attributed to the variant in the token (or in
+the exposure the request id names). Units exposed to more than one variant of a route (moved by a
+ramp) are left out of the comparison and counted.
+
+`OutcomeLedger.results` computes, per route, metric and challenger, the lift and verdict through
+`cohortgate.core.lift` on per-unit totals; each call is a look, and the always-valid bounds it
+reports are the running intersection over looks. The journal (`append_journal`, `read_journal`)
+is an append-only JSON-lines file: the ledger's persistence, and how ``cohortgate outcomes import``
+hands rows to a controller (replaying it is idempotent: duplicates count once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cohortgate.core import lift as L
+from cohortgate.core.contract import EXPOSURE_KEY_ENV
+from cohortgate.core.exposure import Exposure, ExposureRefused, exposure_id, parse_keys, verify
+
+DEFAULT_WINDOW_S = 7 * 24 * 3600.0  # attribution window: an outcome this long after the response still counts
+
+# Status codes `OutcomeLedger.ingest` returns (and counts): stable, for metrics and the CLI.
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+UNKNOWN_METRIC = "unknown_metric"
+UNKNOWN_REQUEST = "unknown_request"
+BAD_RECORD = "bad_record"
+EXPIRED = "expired"
+
+
+def keys_from_env(environ: Mapping[str, str] = os.environ) -> tuple[bytes, ...] | None:
+    """The exposure MAC keys from ``$COHORTGATE_EXPOSURE_KEY``, or None when it is unset."""
+    text = environ.get(EXPOSURE_KEY_ENV, "")
+    return parse_keys(text) if text.strip() else None
+
+
+@dataclass(slots=True)
+class _Arm:
+    """One variant's per-unit tallies on one route (grown in place; arrays built when read)."""
+
+    index: dict[str, int] = field(default_factory=dict)
+    exposures: list[float] = field(default_factory=list)
+    sums: dict[str, list[float]] = field(default_factory=dict)
+
+    def slot(self, unit: str) -> int:
+        i = self.index.get(unit)
+        if i is None:
+            i = self.index[unit] = len(self.exposures)
+            self.exposures.append(0.0)
+            for s in self.sums.values():
+                s.append(0.0)
+        return i
+
+    def add(self, unit: str, metric: str, value: float) -> None:
+        i = self.slot(unit)
+        sums = self.sums.get(metric)
+        if sums is None:
+            sums = self.sums[metric] = [0.0] * len(self.exposures)
+        sums[i] += value
+
+
+@dataclass(frozen=True, slots=True)
+class MetricResult:
+    """One metric, one challenger against control, at one look."""
+
+    route: str
+    metric: str
+    role: str
+    challenger: str
+    control: str
+    units_challenger: int
+    units_control: int
+    control_value: float
+    challenger_value: float
+    abs: float
+    rel: float
+    ci_rel: tuple[float, float]  # fixed horizon, for reference only
+    cs_rel: tuple[float, float]  # always valid: this look
+    bounds: L.Bounds  # always valid: running intersection over looks (what decides)
+    p_always: float
+    alpha: float
+    cuped: bool
+    crossed_units: int  # exposed to both arms: left out
+    decision: L.Decision
+
+    def to_json(self) -> dict[str, Any]:
+        def num(v: float) -> float | None:
+            return None if not math.isfinite(v) else round(float(v), 8)
+
+        return {
+            "route": self.route,
+            "metric": self.metric,
+            "role": self.role,
+            "challenger": self.challenger,
+            "control": self.control,
+            "units": {"challenger": self.units_challenger, "control": self.units_control},
+            "value": {"challenger": num(self.challenger_value), "control": num(self.control_value)},
+            "lift": {"absolute": num(self.abs), "relative": num(self.rel)},
+            "interval_fixed_horizon": [num(v) for v in self.ci_rel],
+            "interval_always_valid": [num(self.bounds.rel_lo), num(self.bounds.rel_hi)],
+            "interval_absolute_always_valid": [num(self.bounds.abs_lo), num(self.bounds.abs_hi)],
+            "p_always_valid": num(self.p_always),
+            "alpha": self.alpha,
+            "cuped": self.cuped,
+            "crossed_units": self.crossed_units,
+            "verdict": self.decision.verdict.value,
+            "reason": self.decision.reason,
+            "non_inferior": self.decision.non_inferior,
+        }
+
+
+class OutcomeLedger:
+    """Outcomes in, per-unit tallies per route/variant/metric, lift and verdicts out.
+
+    ``metrics``: route -> declared metrics (until the policy declares them); ``controls``: route ->
+    its control variant. ``keys``: exposure MAC keys; None refuses every token (imports by request
+    id still work). Not thread-safe: the controller feeds it from its loop.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, Sequence[L.MetricSpec]],
+        controls: Mapping[str, str],
+        keys: Sequence[bytes] | None,
+        window_s: float = DEFAULT_WINDOW_S,
+        alpha: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = {route: {m.name: m for m in specs} for route, specs in metrics.items()}
+        self.controls = dict(controls)
+        self.keys = tuple(keys or ())
+        self.window_s = window_s
+        self.alpha = alpha
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self._arms: dict[str, dict[str, _Arm]] = {}
+        self._seen_exposures: set[tuple[str, str, str, str]] = set()
+        self._seen_outcomes: set[tuple[tuple[str, str, str, str], str]] = set()
+        self._requests: dict[str, tuple[Exposure, float]] = {}  # request id -> exposure, its time
+        self._covariates: dict[tuple[str, str], dict[str, float]] = {}  # (route, name) -> unit -> value
+        self._bounds: dict[tuple[str, str, str], L.Bounds] = {}
+
+    # ------------------------------------------------------------------ in
+
+    def ingest(self, record: Mapping[str, Any]) -> str:
+        """Take one record (see the module docstring); return its status code (also counted)."""
+        kind = record.get("kind", "outcome")
+        try:
+            if kind == "exposure":
+                status = self._expose(record)
+            elif kind == "outcome":
+                status = self._outcome(record)
+            elif kind == "covariate":
+                status = self._covariate(record)
+            else:
+                status = BAD_RECORD
+        except (KeyError, TypeError, ValueError):
+            status = BAD_RECORD
+        self.counts[status] += 1
+        return status
+
+    def ingest_many(self, records: Iterable[Mapping[str, Any]]) -> Counter[str]:
+        """A batch: how many records got each status."""
+        return Counter(self.ingest(r) for r in records)
+
+    def _arm(self, route: str, variant: str) -> _Arm:
+        return self._arms.setdefault(route, {}).setdefault(variant, _Arm())
+
+    def _register(self, exp: Exposure) -> None:
+        if exp.key not in self._seen_exposures:
+            self._seen_exposures.add(exp.key)
+            arm = self._arm(exp.route, exp.variant)
+            arm.exposures[arm.slot(exp.unit)] += 1.0
+
+    def _expose(self, r: Mapping[str, Any]) -> str:
+        rid = r.get("request_id")
+        t = float(r["t"])
+        eid = exposure_id(str(rid)) if rid else str(r.get("eid") or f"t{t!r}")
+        exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(t), eid)
+        if rid:
+            self._requests[str(rid)] = (exp, t)
+        if exp.key in self._seen_exposures:
+            return DUPLICATE
+        self._register(exp)
+        return ACCEPTED
+
+    def _outcome(self, r: Mapping[str, Any]) -> str:
+        metric = str(r["metric"])
+        value = float(r["value"])
+        if not math.isfinite(value):
+            return BAD_RECORD
+        t = float(r["t"]) if r.get("t") is not None else self.clock()
+        token = r.get("exposure")
+        if token:
+            try:
+                exp = verify(str(token), self.keys, t, self.window_s)
+            except ExposureRefused as exc:
+                return exc.code
+        elif r.get("request_id"):
+            found = self._requests.get(str(r["request_id"]))
+            if found is None:
+                return UNKNOWN_REQUEST
+            exp, served_at = found
+            if t - served_at > self.window_s:
+                return EXPIRED
+        else:
+            return BAD_RECORD
+        if metric not in self.metrics.get(exp.route, {}):
+            return UNKNOWN_METRIC
+        key = (exp.key, metric)
+        if key in self._seen_outcomes:
+            return DUPLICATE
+        self._seen_outcomes.add(key)
+        self._register(exp)  # the token proves the exposure even if the access log has not said so yet
+        self._arm(exp.route, exp.variant).add(exp.unit, metric, value)
+        return ACCEPTED
+
+    def _covariate(self, r: Mapping[str, Any]) -> str:
+        value = float(r["value"])
+        if not math.isfinite(value):
+            return BAD_RECORD
+        self._covariates.setdefault((str(r["route"]), str(r["name"])), {})[str(r["unit"])] = value
+        return ACCEPTED
+
+    # ------------------------------------------------------------------ out
+
+    def _unit_values(self, route: str, arm: _Arm, spec: L.MetricSpec, keep: np.ndarray):
+        n = len(arm.exposures)
+        y = np.asarray(arm.sums.get(spec.name, [0.0] * n), dtype=float)
+        if spec.kind == "binary":
+            y = (y > 0).astype(float)  # a unit converted or it did not
+        d = np.asarray(arm.exposures, dtype=float) if spec.kind == "ratio" else None
+        x = None
+        if spec.covariate:
+            cov = self._covariates.get((route, spec.covariate), {})
+            x = np.fromiter((cov.get(u, 0.0) for u in arm.index), dtype=float, count=n)[keep]
+        return y[keep], None if d is None else d[keep], x
+
+    def results(self, route: str) -> list[MetricResult]:
+        """Every declared metric of ``route`` for every challenger seen: one look (bounds narrow)."""
+        control = self.controls.get(route)
+        arms = self._arms.get(route, {})
+        if control is None or control not in arms:
+            return []
+        challengers = sorted(v for v in arms if v != control)
+        alpha = L.per_challenger(self.alpha, len(challengers))
+        out = []
+        for challenger in challengers:
+            c_arm, t_arm = arms[control], arms[challenger]
+            crossed = c_arm.index.keys() & t_arm.index.keys()
+            keep_c = np.fromiter((u not in crossed for u in c_arm.index), dtype=bool, count=len(c_arm.index))
+            keep_t = np.fromiter((u not in crossed for u in t_arm.index), dtype=bool, count=len(t_arm.index))
+            for spec in self.metrics.get(route, {}).values():
+                y1, d1, x1 = self._unit_values(route, t_arm, spec, keep_t)
+                y0, d0, x0 = self._unit_values(route, c_arm, spec, keep_c)
+                cuped = spec.covariate is not None
+                lf = L.lift(
+                    L.unit_moments(y1, d1, x1),
+                    L.unit_moments(y0, d0, x0),
+                    spec.kind,
+                    alpha,
+                    spec.planned_units,
+                    cuped=cuped,
+                )
+                key = (route, challenger, spec.name)
+                bounds = self._bounds.get(key, L.Bounds()).narrow(lf)
+                self._bounds[key] = bounds
+                units = int(y1.size + y0.size)
+                out.append(
+                    MetricResult(
+                        route=route,
+                        metric=spec.name,
+                        role=spec.role,
+                        challenger=challenger,
+                        control=control,
+                        units_challenger=int(y1.size),
+                        units_control=int(y0.size),
+                        control_value=float(lf.control),
+                        challenger_value=float(lf.challenger),
+                        abs=float(lf.abs),
+                        rel=float(lf.rel),
+                        ci_rel=(float(lf.ci_rel[0]), float(lf.ci_rel[1])),
+                        cs_rel=(float(lf.cs_rel[0]), float(lf.cs_rel[1])),
+                        bounds=bounds,
+                        p_always=float(lf.p_always),
+                        alpha=alpha,
+                        cuped=cuped,
+                        crossed_units=len(crossed),
+                        decision=L.decide(spec, bounds, units, alpha),
+                    )
+                )
+        return out
+
+
+# ---------------------------------------------------------------------- the journal
+
+
+def append_journal(path: Path | str, records: Iterable[Mapping[str, Any]]) -> int:
+    """Append records as JSON lines (one ``write`` per batch, then fsync); return how many."""
+    lines = [json.dumps(dict(r), separators=(",", ":"), sort_keys=True) + "\n" for r in records]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(lines)
+
+
+def read_journal(path: Path | str) -> Iterator[dict[str, Any]]:
+    """The journal's records in order; a line that is not a JSON object (a torn last write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
