@@ -38,6 +38,7 @@ system-deps:
 	  command -v curl >/dev/null || missing="$$missing curl"; \
 	  command -v openssl >/dev/null || missing="$$missing openssl"; \
 	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	  command -v java >/dev/null || missing="$$missing default-jre-headless"; \
 	  [ -z "$$missing" ] || { \
 	    waited=0; until $(APT_GET) update -qq; do \
 	      [ $$waited -lt $(APT_WAIT) ] || exit 1; \
