@@ -104,7 +104,10 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        resp = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        if "Allow" in exc.headers:  # found by contract fuzzing: a 405 names what is allowed (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except Exception:
         log.exception("controller API error on %s %s", request.method, request.path)
         return _error(500, "internal", "the controller could not answer; see its log")

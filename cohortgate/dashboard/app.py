@@ -114,6 +114,8 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
                 raise
             code = "not_found" if exc.status == 404 else exc.reason.lower().replace(" ", "_")
             resp = _error(exc.status, code, exc.text if exc.status != 404 else f"nothing at {request.path}")
+            if "Allow" in exc.headers:  # found by contract fuzzing: a 405 names what is allowed (RFC 9110)
+                resp.headers["Allow"] = exc.headers["Allow"]
         except Exception:
             log.exception("dashboard error on %s %s", request.method, request.path)
             resp = _error(500, "internal", "the dashboard could not answer; see the controller's log")

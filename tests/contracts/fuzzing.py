@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import hypothesis
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
@@ -122,3 +123,38 @@ def _fuzz_one(strategy, label, report, base_url, examples, headers, check, exclu
 
     with contextlib.suppress(hypothesis.errors.Unsatisfiable):  # nothing to negate in this operation
         one()
+
+
+UNDECLARED = ("PUT", "DELETE", "PATCH", "TRACE")
+
+
+def undeclared_methods(schema_doc: Mapping, base_url: str, *, headers: Mapping[str, str] | None = None) -> list[str]:
+    """Every documented path asked with methods its document does not declare: each must be a JSON
+    405 whose ``Allow`` lists the declared methods (RFC 9110), with no stack trace. Schemathesis'
+    coverage phase does the same (its ST204); this keeps it in the bounded pytest run."""
+    problems = []
+    for path, ops in schema_doc["paths"].items():
+        url = base_url + re.sub(r"\{(\w+)\}", lambda m, ops=ops: _param_value(ops, m.group(1)), path)
+        declared = {m.upper() for m in ops}
+        for method in UNDECLARED:
+            if method in declared:
+                continue
+            response = requests.request(method, url, headers=dict(headers or {}), timeout=20)
+            allow = {m.strip() for m in response.headers.get("Allow", "").split(",") if m.strip()}
+            if response.status_code != 405:
+                problems.append(f"{method} {path}: {response.status_code}, not 405")
+            elif not declared <= allow:
+                problems.append(f"{method} {path}: 405 with Allow {sorted(allow)}, not {sorted(declared)}")
+            elif not response.headers.get("Content-Type", "").startswith("application/json"):
+                problems.append(f"{method} {path}: 405 is not JSON")
+            if STACK_TRACE.search(response.text or ""):
+                problems.append(f"{method} {path}: stack trace in the body")
+    return problems
+
+
+def _param_value(ops: Mapping, name: str) -> str:
+    for op in ops.values():
+        for param in op.get("parameters", ()):
+            if param["name"] == name and param["in"] == "path":
+                return str(param["schema"].get("enum", ["x"])[0])
+    return "x"

@@ -11,6 +11,11 @@ What fuzzing found, each now a regression test:
 
 * ``POST /reports`` answered a body that is neither an object nor a list (``null``, ``5``, ``"x"``)
   with 202 and "1 rejected": now 400 (``tests/controller/test_api_contract.py``).
+* the controller API and the dashboard answered a method a path does not serve (``TRACE /status``)
+  with 405 but no ``Allow`` header (RFC 9110 requires it; their error middleware rebuilt the
+  response without it): schemathesis' coverage phase (ST204). Now kept
+  (``tests/controller/test_api_contract.py``, ``tests/dashboard/test_app_contract.py``, and
+  ``undeclared_methods`` below for every path of every surface).
 
 Checks left out, with the reason:
 
@@ -30,7 +35,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from sidecar.server import SidecarConfig
-from tests.contracts.fuzzing import fuzz
+from tests.contracts.fuzzing import fuzz, undeclared_methods
 from tests.dashboard.harness import ControllerProc
 from tests.sidecar.sidecar_helpers import ThreadedSidecar, dtypes_model, free_port, sidecar_in_thread
 
@@ -150,3 +155,15 @@ def test_a_stack_trace_in_a_body_is_reported():
     trace = 'Traceback (most recent call last):\n  File "/x/api.py", line 12, in handler\nKeyError: 1'
     assert STACK_TRACE.search(trace)
     assert not STACK_TRACE.search('{"error": {"code": "internal", "message": "see its log"}}')
+
+
+@pytest.mark.parametrize("surface", ["sidecar", "controller", "dashboard"])
+def test_a_method_a_path_does_not_serve_is_a_json_405_naming_the_allowed_ones(request, surface):
+    if surface == "sidecar":
+        base, headers = request.getfixturevalue("sidecar").url, {}
+    else:
+        proc = request.getfixturevalue("controller")
+        base = proc.api if surface == "controller" else proc.url.rstrip("/")
+        headers = {"Authorization": f"Bearer {proc.token}"}
+    problems = undeclared_methods(served(base), base, headers=headers)
+    assert not problems, "\n".join(problems)

@@ -33,3 +33,12 @@ async def test_reports_still_count_unreadable_items_of_a_list_as_rejected(api):
     resp = await api.post("/reports", data=b'[5, {"ts": null}, {"variant": "canary"}]', headers=AUTH)
     assert resp.status == 202
     assert await resp.json() == {"accepted": 1, "rejected": 2}
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [("TRACE", "/status", "GET"), ("PUT", "/reports", "POST")])
+async def test_a_method_the_path_does_not_serve_is_405_with_allow(api, method, path, allowed):
+    """Was a JSON 405 without Allow (RFC 9110 requires it): the error middleware dropped the header."""
+    resp = await api.request(method, path, headers=AUTH)
+    assert resp.status == 405
+    assert (await resp.json())["error"]["code"] == "method_not_allowed"
+    assert allowed in {m.strip() for m in resp.headers["Allow"].split(",")}
