@@ -13,7 +13,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve an ONNX model over OIP v2 (REST, binary tensors, dynamic batching)",
         description="Serve one ONNX model over the Open Inference Protocol v2.",
     )
-    p.add_argument("--model", required=True, metavar="PATH", help="the .onnx file")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--model",
+        metavar="REF",
+        help="the .onnx file, or a reference: file://, https:// or s3:// with @sha256:<hex>, or a signed "
+        "store version .../NAME/VERSION (docs/models.md)",
+    )
+    model.add_argument(
+        "--model-file",
+        metavar="PATH",
+        help="a file holding the reference; when it names another one the model is swapped live",
+    )
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="ed25519:<base64> or a public-key PEM (repeatable); set: only versions signed by one serve",
+    )
+    p.add_argument("--kek", metavar="SPEC", help="key-encryption key for sealed models: file:PATH, env:NAME, cmd:CMD")
+    p.add_argument("--model-cache", metavar="DIR", help="cache for fetched models (default ~/.cache/cohortgate/models)")
+    p.add_argument(
+        "--model-max-bytes", type=int, default=4 * 1024**3, metavar="BYTES", help="refuse larger models (default 4 GiB)"
+    )
     p.add_argument("--name", help="OIP model name (default: the file's stem)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -104,7 +127,12 @@ def handler(args: argparse.Namespace) -> int:
     configure("sidecar", args.log_level, args.log_format)
     try:
         config = SidecarConfig(
-            model_path=args.model,
+            model_path=args.model or _reference_in(args.model_file),
+            model_file=args.model_file,
+            trusted_keys=tuple(args.trusted_key),
+            kek=args.kek,
+            model_cache_dir=args.model_cache,
+            model_max_bytes=args.model_max_bytes,
             name=args.name,
             host=args.host,
             port=args.port,
@@ -132,6 +160,15 @@ def handler(args: argparse.Namespace) -> int:
         print(f"cohortgate sidecar: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reference_in(path: str) -> str:
+    from sidecar.server import _read_reference
+
+    try:
+        return _read_reference(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read --model-file {path}: {exc.strerror}") from None
 
 
 def _run(main) -> None:

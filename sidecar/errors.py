@@ -2,7 +2,9 @@
 
     CohortgateError                      (gateway/errors.py)
     ├── ModelLoadError                   the model cannot be served (missing, invalid, no CUDA); the
-    │                                    CLI prints it and exits 2, ``ready`` never turns true
+    │   │                                CLI prints it and exits 2, ``ready`` never turns true
+    │   └── ArtifactRefused              the artifact failed a supply-chain check (digest, signature,
+    │                                    key, size, fetch); ``reason`` labels the refusal metric
     └── SidecarError                     a user-visible answer: HTTP status + sentence
         ├── BadRequest          400      body is not JSON, or a tensor does not fit the signature
         ├── NotFound            404      unknown model, version or route
@@ -22,6 +24,14 @@ from cohortgate.core.errors import CohortgateError
 
 class ModelLoadError(CohortgateError):
     """The model cannot be served: missing file, invalid graph, unsupported types, or no CUDA."""
+
+
+class ArtifactRefused(ModelLoadError):
+    """A model artifact failed a check (``sidecar/artifacts.py``); ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class SidecarError(CohortgateError):

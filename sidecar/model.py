@@ -84,7 +84,10 @@ class OnnxModel:
         *,
         device: str = "auto",
         intra_op_threads: int | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
+        """``model_bytes``, when given, are what runs (verified and decrypted in memory by
+        ``sidecar.artifacts``); ``path`` then only names the model in messages."""
         try:
             import onnxruntime as ort
         except ImportError:  # the package ships it as an extra: cpu or gpu, never both
@@ -95,7 +98,7 @@ class OnnxModel:
         path = Path(path)
         self.path = path
         self.name = name or path.stem
-        if not path.is_file():
+        if model_bytes is None and not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
         providers = choose_providers(device, ort.get_available_providers())
         if CUDA in providers:
@@ -109,7 +112,8 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
+            source = model_bytes if model_bytes is not None else str(path)
+            self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime's load errors, translated once
             raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
         self.providers = tuple(self._session.get_providers())

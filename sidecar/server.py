@@ -27,9 +27,13 @@ import orjson
 from aiohttp import web
 
 from cohortgate import __version__
-from cohortgate.core.contract import HEADER_SERVED_BY
+from cohortgate.core.contract import HEADER_MODEL_DIGEST, HEADER_MODEL_VERSION, HEADER_SERVED_BY
+from cohortgate.support.files import changes
+from sidecar import serving
+from sidecar.artifacts import DEFAULT_MAX_BYTES, Artifact, ArtifactMetrics
 from sidecar.batching import Batcher
 from sidecar.errors import (
+    ArtifactRefused,
     InferenceFailed,
     MethodNotAllowed,
     NotFound,
@@ -80,6 +84,13 @@ class SidecarConfig:
     fault_rate: float = 0.0
     fault_after_s: float = 0.0  # healthy this long before the faults start
     drain_timeout_s: float = 30.0
+    # Model supply chain (sidecar/artifacts.py): model_path is a reference, see docs/models.md.
+    trusted_keys: tuple[str, ...] = ()  # ed25519:<b64> or public-key PEM paths; set: only signed versions serve
+    kek: str | None = None  # file:PATH | env:NAME | cmd:COMMAND, for sealed artifacts
+    model_cache_dir: str | None = None  # default ~/.cache/cohortgate/models
+    model_max_bytes: int = DEFAULT_MAX_BYTES
+    model_file: str | None = None  # holds the reference; an edit swaps the model live
+    model_poll_s: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,7 +117,7 @@ class SidecarConfig:
 
     @property
     def model_name(self) -> str:
-        return self.name or Path(self.model_path).stem
+        return self.name or serving.model_name(self.model_path)
 
 
 class Sidecar:
@@ -119,6 +130,11 @@ class Sidecar:
         self.metrics = SidecarMetrics(self.name)
         self.model: OnnxModel | None = None
         self.batcher: Batcher | None = None
+        self.artifact: Artifact | None = None  # what is served: version, digest, load timings
+        self.reference = config.model_path
+        self.artifact_metrics = ArtifactMetrics(self.name)
+        self.metrics.registry.register(self.artifact_metrics)
+        self._swap_lock = asyncio.Lock()
         self.reporter: Reporter | None = None
         self.ready = False
         self.load_error: str | None = None
@@ -139,10 +155,17 @@ class Sidecar:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
         self._loaded = loop.create_future()
         loading = loop.create_task(self._load(), name=f"load-{self.name}")
+        following = None
+        if self.config.model_file:
+            following = loop.create_task(self._follow_model_file(), name=f"follow-{self.name}")
         try:
             yield
         finally:
             self.ready = self.metrics.ready = False
+            if following is not None:
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await following
             if not loading.done():
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -160,23 +183,25 @@ class Sidecar:
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(self._executor, self._load_blocking)
-            self._start_serving(model)
+            model, artifact = await loop.run_in_executor(self._executor, self._load_blocking)
+            self._start_serving(model, artifact)
         except Exception as exc:
-            log.error("model %s cannot be served: %s", self.config.model_path, exc)
+            log.error("model %s cannot be served: %s", self.reference, exc)
+            if isinstance(exc, ArtifactRefused):
+                self.artifact_metrics.refused[exc.reason] += 1
             self.load_error = str(exc)
             self._loaded.set_exception(exc)  # type: ignore[union-attr]
             return
         self.ready = self.metrics.ready = True
         self._loaded.set_result(None)  # type: ignore[union-attr]
 
-    def _start_serving(self, model: OnnxModel) -> None:
+    def _start_serving(self, model: OnnxModel, artifact: Artifact | None = None) -> None:
+        """Install a loaded model (first load or swap) in one synchronous step: no request sees half."""
         config = self.config
-        self.model = model
         batch = config.max_batch_size if model.signature.batchable else 1
         if batch != config.max_batch_size:
             log.warning("model %s has a fixed first axis: batching is off", self.name)
-        self.batcher = Batcher(
+        batcher = Batcher(
             model.run,
             self._executor,  # type: ignore[arg-type]
             max_batch_size=batch,
@@ -184,13 +209,21 @@ class Sidecar:
             max_queue=config.max_queue,
             observer=self.metrics,
         )
-        self.batcher.start()
+        batcher.start()
+        self.model, self.batcher, self.artifact = model, batcher, artifact
+        self.artifact_metrics.served = artifact
+        if artifact is not None:
+            self._json_headers = {
+                **self._json_headers,
+                HEADER_MODEL_VERSION: artifact.label,
+                HEADER_MODEL_DIGEST: artifact.digest,
+            }
         self.metrics.queue_depth = lambda: self.batcher.depth if self.batcher else 0
         self.metrics.provider = model.provider
         sink = self._report_sink
         if sink is None and config.report_to:
             sink = sink_from_url(config.report_to)
-        if sink is not None:
+        if sink is not None and self.reporter is None:
             self.reporter = Reporter(
                 sink,
                 variant=config.variant or self.name,
@@ -200,11 +233,51 @@ class Sidecar:
             )
             self.reporter.start()
 
-    def _load_blocking(self) -> OnnxModel:
-        config = self.config
-        model = OnnxModel(config.model_path, self.name, device=config.device, intra_op_threads=config.intra_op_threads)
-        model.warm_up(config.max_batch_size if model.signature.batchable else 1)
-        return model
+    def _load_blocking(self) -> tuple[OnnxModel, Artifact]:
+        if self.config.model_file:
+            self.reference = _read_reference(self.config.model_file)
+        return serving.load_model(self.config, self.reference, self.name)
+
+    async def swap(self, reference: str) -> bool:
+        """Load ``reference`` beside the served model in its own thread, warm it up, switch in one step,
+        drain the old batcher (requests already queued on it finish there), then free the old model.
+        A reference that fails any check is refused, counted and logged; the old model keeps serving."""
+        async with self._swap_lock:
+            loop = asyncio.get_running_loop()
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
+            try:
+                model, artifact = await loop.run_in_executor(
+                    executor, serving.load_model, self.config, reference, self.name
+                )
+            except Exception as exc:
+                executor.shutdown(wait=False)
+                if isinstance(exc, ArtifactRefused):
+                    self.artifact_metrics.refused[exc.reason] += 1
+                self.artifact_metrics.swaps["refused"] += 1
+                log.error("model swap to %s refused; still serving %s: %s", reference, self.reference, exc)
+                return False
+            old_batcher, old_executor = self.batcher, self._executor
+            self._executor, self.reference = executor, reference
+            self._start_serving(model, artifact)
+            if old_batcher is not None:
+                await old_batcher.close()
+            if old_executor is not None:
+                old_executor.shutdown(wait=True)
+            self.artifact_metrics.swaps["swapped"] += 1
+            log.info("model %s now serves %s (%s)", self.name, artifact.label, artifact.digest)
+            return True
+
+    async def _follow_model_file(self) -> None:
+        """Swap when ``--model-file`` names another reference (polled; a half-written file is no change)."""
+        await asyncio.shield(self._loaded)  # type: ignore[arg-type]
+        async for _ in changes(self.config.model_file, self.config.model_poll_s):  # type: ignore[arg-type]
+            try:
+                reference = _read_reference(self.config.model_file)  # type: ignore[arg-type]
+            except OSError as exc:
+                log.error("cannot read --model-file: %s", exc)
+                continue
+            if reference and reference != self.reference:
+                await self.swap(reference)
 
     # Responses -----------------------------------------------------------------------------
     def _json(self, doc: Any, status: int = 200) -> web.Response:
@@ -237,6 +310,8 @@ class Sidecar:
 
     async def server_ready(self, request: web.Request) -> web.Response:
         if not self.ready:
+            if self.load_error is not None:
+                raise Unavailable(f"model '{self.name}' cannot be served: {self.load_error}", retry_after_s=30)
             raise Unavailable(f"model '{self.name}' is not ready")
         return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
 
@@ -320,10 +395,12 @@ class Sidecar:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise PayloadTooLarge(f"the body exceeds the limit of {self.config.max_body_bytes} bytes") from None
+            # One snapshot from here to the answer: a live swap between two awaits never mixes models.
+            model, batcher, headers = self.model, self.batcher, self._json_headers
             decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
-            outputs = await self.batcher.submit(decoded.inputs, decoded.rows)  # type: ignore[union-attr]
+            outputs = await batcher.submit(decoded.inputs, decoded.rows)  # type: ignore[union-attr]
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
         except SidecarError as exc:
             status = exc.status
@@ -335,15 +412,11 @@ class Sidecar:
         else:
             status = 200
             if header_length is None:
-                response = web.Response(body=payload, headers=self._json_headers)
+                response = web.Response(body=payload, headers=headers)
             else:
                 response = web.Response(
                     body=payload,
-                    headers={
-                        "Content-Type": BINARY_CONTENT_TYPE,
-                        HEADER_LENGTH: str(header_length),
-                        HEADER_SERVED_BY: self.served_by,
-                    },
+                    headers={**headers, "Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(header_length)},
                 )
         elapsed = time.perf_counter() - started
         self.metrics.on_request(status, elapsed)
@@ -354,6 +427,15 @@ class Sidecar:
 
     async def not_found(self, request: web.Request) -> web.Response:
         raise NotFound(f"no route for {request.method} {request.path}")
+
+
+def _read_reference(path: str) -> str:
+    """The first non-empty, non-comment line of a ``--model-file``."""
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line
+    return ""
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)

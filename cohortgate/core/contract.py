@@ -21,6 +21,8 @@ HEADER_REGION: Final = "x-cohortgate-region"
 HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
 HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
 HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed exposure token (core.exposure)
+HEADER_MODEL_VERSION: Final = "x-cohortgate-model-version"  # sidecar response: NAME/VERSION that answered
+HEADER_MODEL_DIGEST: Final = "x-cohortgate-model-digest"  # sidecar response: sha256 of the model that answered
 
 # Envoy's listener has this many mirror slots; the policy allows at most this many shadows per route.
 MIRROR_SLOTS: Final = 4
