@@ -172,8 +172,13 @@ class LocalObjectReference(_M):
     name: str
 
 
+class HeaderModifier(_M):
+    remove: list[str]
+
+
 class RouteFilter(_M):
-    type: Literal["RequestMirror", "ExtensionRef"]
+    type: Literal["RequestHeaderModifier", "RequestMirror", "ExtensionRef"]
+    request_header_modifier: HeaderModifier | None = None
     request_mirror: RequestMirror | None = None
     extension_ref: LocalObjectReference | None = None
 

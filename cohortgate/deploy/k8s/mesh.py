@@ -26,7 +26,7 @@ from typing import Any
 
 from cohortgate.core.contract import HEADER_CLUSTER, HEADER_SHADOWS
 from cohortgate.deploy.envoy.addresses import is_ip
-from cohortgate.deploy.envoy.clusters import cluster_resources
+from cohortgate.deploy.envoy.clusters import AUTHORIZATION, cluster_resources
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT, REQUEST_ATTRIBUTES
 from cohortgate.deploy.k8s import crds
 from cohortgate.deploy.k8s.objects import (
@@ -39,7 +39,7 @@ from cohortgate.deploy.k8s.objects import (
     labels,
 )
 from cohortgate.deploy.k8s.options import Mesh, RenderOptions
-from cohortgate.deploy.k8s.plan import SIDECAR_PORT, Plan
+from cohortgate.deploy.k8s.plan import SIDECAR_PORT, Plan, PlanError
 
 MESH_CLIENT_SECRET = "cohortgate-mesh-client-tls"
 CA_CONFIGMAP = "cohortgate-ca"  # key ca.crt: the CA that signed the processor's certificate (public)
@@ -156,10 +156,24 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
     gw_ns, gw_name = options.mesh_gateway_ref
     refs = _backend_refs(plan)
     rules: list[crds.RouteRule] = []
+    keeps = {b.cluster for b in plan.policy.backends if b.forward_authorization}
+    # The edge removes Authorization per cluster; here a rule's RequestHeaderModifier does, and a
+    # RequestMirror copies the request as forwarded, so a token kept for a variant would reach its
+    # shadows too: refused rather than rendered.
+    for route in plan.policy.routes:
+        if route.shadows and any(b.cluster in keeps for v in route.variants for b in v.backends):
+            raise PlanError(
+                f"route {route.name}: forward_authorization with shadows is not possible with Envoy Gateway "
+                "(its mirrors copy the forwarded request, token included); drop one of them or use --mesh istio"
+            )
+    strip = crds.RouteFilter(
+        type="RequestHeaderModifier", request_header_modifier=crds.HeaderModifier(remove=[AUTHORIZATION])
+    )
     for _route, primary, shadows in mirror_sets(plan):
         headers = [crds.HeaderMatch(name=HEADER_CLUSTER, value=primary)]
         headers += [crds.HeaderMatch(name=HEADER_SHADOWS[i], value=c) for i, c in enumerate(shadows)]
-        mirrors = [
+        mirrors = [] if primary in keeps else [strip]
+        mirrors += [
             crds.RouteFilter(
                 type="RequestMirror",
                 request_mirror=crds.RequestMirror(backend_ref=crds.BackendRef(**refs[c].model_dump(exclude_none=True))),

@@ -102,6 +102,7 @@ HTTP_ROUTE = resource(
                         ["type"],
                         type={"enum": ["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror",
                                        "RequestRedirect", "URLRewrite", "ExtensionRef", "CORS"]},
+                        requestHeaderModifier=obj(remove=arr(STR, 0, 16)),
                         requestMirror=obj(["backendRef"], backendRef=BACKEND_REF),
                         extensionRef=LOCAL_REF,
                     ),

@@ -397,7 +397,7 @@ def test_envoy_gateway_routes_cover_every_decision(renders):
     table = {}
     for rule in rules[1:]:
         headers = {h["name"]: h["value"] for h in rule["matches"][0]["headers"]}
-        mirrors = tuple(service_of(f) for f in rule.get("filters", []))
+        mirrors = tuple(service_of(f) for f in rule.get("filters", []) if f["type"] != "RequestHeaderModifier")
         table[(headers.pop("x-cohortgate-cluster"), tuple(headers[k] for k in sorted(headers)))] = (
             rule["backendRefs"][0]["name"],
             mirrors,
@@ -559,3 +559,41 @@ def test_edge_bootstrap_names_only_files_the_pod_has(renders):
     assert "unused" not in text
     files = {line.split("filename:")[1].strip() for line in text.splitlines() if "filename:" in line}
     assert files == {f"/etc/cohortgate/tls/envoy/{name}" for name in ("tls.crt", "tls.key", "ca.crt")}
+
+
+def _with_forward_authorization(route_index: int, *, drop_shadows: bool):
+    from cohortgate.core.policy import parse_policy
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    route = raw["routes"][route_index]
+    route["forward_authorization"] = True
+    if drop_shadows:
+        route.pop("shadows", None)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    return parse_policy(text, filename=str(EXAMPLE), base_dir=EXAMPLE.parent), text
+
+
+def test_envoy_gateway_rules_remove_authorization_unless_the_route_keeps_it(renders):
+    """Issue 16.7 with a mesh: each HTTPRoute rule removes the bearer token before the backend and
+    its mirrors; a forward_authorization route keeps it, and with shadows is refused (a mirror would
+    get the token too)."""
+    strip = {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": ["authorization"]}}
+    rules = [r for d in docs(renders["envoy-gateway"], "HTTPRoute") for r in d["spec"]["rules"] if "backendRefs" in r]
+    assert rules and all(r["filters"][0] == strip for r in rules)
+
+    index = next(i for i, r in enumerate(yaml.safe_load(EXAMPLE.read_text())["routes"]) if r.get("shadows"))
+    policy, text = _with_forward_authorization(index, drop_shadows=False)
+    with pytest.raises(PlanError, match="forward_authorization with shadows"):
+        render(policy, text, CONFIGS["envoy-gateway"])
+    policy, text = _with_forward_authorization(index, drop_shadows=True)
+    kept = {b.cluster for v in policy.routes[index].variants for b in v.backends}
+    rendered = render(policy, text, CONFIGS["envoy-gateway"])
+    for d in docs(rendered, "HTTPRoute"):
+        for rule in d["spec"]["rules"]:
+            cluster = next((h["value"] for m in rule["matches"] for h in m.get("headers", [])), None)
+            if cluster in kept:
+                assert strip not in (rule.get("filters") or [])
+            elif cluster is not None:
+                assert rule["filters"][0] == strip
+    # Istio embeds the edge's clusters, which carry the rule themselves.
+    assert render(policy, text, CONFIGS["istio"]).files
