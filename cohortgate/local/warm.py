@@ -27,11 +27,10 @@ def main() -> int:
     # The command is named, not imported (like the ``-m cohortgate.cli`` of a cold start): local sits
     # below the CLI in the layers, and a launcher does not depend on what it launches.
     importlib.import_module(CLI).build_parser()  # imports every command module, as the job's parse will
-    try:
-        sys.stdout.write("warm\n")  # the supervisor's cue: a restart handed over now skips every import
-        sys.stdout.flush()
-    except BrokenPipeError:  # the supervisor dropped this spare already
-        return 0
+    # The supervisor's cue: a restart handed over now skips every import. Unbuffered, and a closed pipe is
+    # no reason to stop: a job handed over while the imports ran is waiting on stdin already.
+    with contextlib.suppress(BrokenPipeError):
+        os.write(1, b"warm\n")
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return 0

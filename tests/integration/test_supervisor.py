@@ -431,6 +431,8 @@ def test_a_crash_loop_is_reported_and_left_down_while_the_rest_serves(up_factory
     name = "sidecar-ae-scoring-control-ae"
     for _ in range(3):  # kill it three times, each time once it is back
         pid = child_pid(up, name)
+        if pid is None:
+            pytest.fail(f"{name} has no pid: {up.run()['children'][name]}\n{up.output()}")
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + RECOVERY_TIMEOUT_S
         while True:

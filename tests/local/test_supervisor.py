@@ -281,3 +281,19 @@ def test_a_spare_without_a_job_exits_quietly():
     spare = Spare(sys.executable, ("json",))
     spare.discard()
     assert spare.proc.returncode == 0
+
+
+def test_a_spare_handed_a_job_while_still_importing_runs_it(tmp_path: Path):
+    """A child may die before its spare is warm: the job waits on stdin and runs after the imports."""
+    from cohortgate.local.supervisor import PopenProcess, Spare
+
+    recipe = Recipe(
+        name="probe", kind="sidecar", argv=(sys.executable, "-m", "cohortgate.cli", "--version"),
+        log_path=tmp_path / "probe.log", preload=("json",),
+    )  # fmt: skip
+    spare = Spare(sys.executable, recipe.preload)
+    assert not spare.warm  # handed over at once, mid-import
+    process = PopenProcess(recipe)
+    process.start(spare)
+    assert process.proc is not None and process.proc.wait(60) == 0
+    assert (tmp_path / "probe.log").read_text().startswith("cohortgate ")
