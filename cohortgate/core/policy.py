@@ -128,6 +128,7 @@ class Route:
     rollout: Rollout | None
     bounds: tuple[int, ...]  # cohort layout for the current weights
     owners: tuple[int, ...]
+    trusted_keys: tuple[str, ...] = ()  # model-signing keys: ed25519:<b64> or resolved PEM paths
 
     @property
     def control(self) -> Variant:
@@ -651,10 +652,15 @@ def _backends(
         parts = urlsplit(b.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or ""
-        model = str((base_dir / b.model).resolve()) if b.model else None
+        model = _model_reference(b.model, base_dir) if b.model else None
         cluster = cluster_name(route, owner, i)
         out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization))
     return tuple(out)
+
+
+def _model_reference(model: str, base_dir: Path) -> str:
+    """A plain path is resolved against the policy's directory; a reference (``scheme://…``) is kept."""
+    return model if "://" in model else str((base_dir / model).resolve())
 
 
 def _by_region(backends: tuple[Backend, ...]) -> Mapping[str, tuple[Backend, ...]]:
@@ -729,4 +735,5 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         rollout=Rollout(r.rollout.variant, tuple(r.rollout.steps), r.rollout.interval_s) if r.rollout else None,
         bounds=bounds,
         owners=owners,
+        trusted_keys=tuple(k if k.startswith("ed25519:") else str((base_dir / k).resolve()) for k in r.trusted_keys),
     )

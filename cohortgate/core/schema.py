@@ -131,7 +131,9 @@ class Backend(_Strict):
     url: str = Field(description="http(s)://host:port of the model server.")
     region: str = Field(min_length=1, description="Data-residency region of this backend.")
     model: str | None = Field(
-        default=None, description="Local ONNX file; `cohortgate up` runs a sidecar for it. Absent: external."
+        default=None,
+        description="Local ONNX file or a model reference (file://, https://, s3:// pinned @sha256: or a signed "
+        "version; docs/models.md); `cohortgate up` runs a sidecar for it. Absent: external.",
     )
 
 
@@ -204,6 +206,11 @@ class Route(_Strict):
         default=False,
         description="Pass the client's Authorization header on to this route's variants, for backends "
         "that check it themselves; by default Envoy removes it before any upstream. Shadows never get it.",
+    )
+    trusted_keys: list[str] = Field(
+        default=[],
+        description="Public keys (`ed25519:<base64>` or a PEM path) that may sign this route's models; "
+        "when set, its sidecars serve only store versions signed by one of them (docs/models.md).",
     )
 
 
