@@ -4,8 +4,11 @@ A sidecar (a tiny five-datatype ONNX model, in a thread) and a real ``cohortgate
 process with its dashboard (``--allow-actions``), on 127.0.0.1. Per operation, ``EXAMPLES``
 requests generated from the schema and as many that violate it, seeded (the same every run): no
 5xx, nothing undocumented (status, content type, headers, body schema), no stack trace, and an
-operation that needs the token refuses without it. About 35 s on the shared 2-core VM under a load
-average of 13; the pytest timeout (300 s) is the only clock.
+operation that needs the token refuses without it, and a method a path does not serve is a JSON
+405 with ``Allow``. About 36 s for the module on the shared 2-core VM at a load average of 13 (the
+pytest timeout, 300 s, is the only clock). ``st run URL/openapi.json --checks all`` (the CLI, with
+its coverage and stateful phases) is the deeper run by hand; it was clean at the time of writing
+on all three surfaces (1 423 cases on the sidecar, 578 on the controller API).
 
 What fuzzing found, each now a regression test:
 
@@ -41,7 +44,7 @@ from tests.sidecar.sidecar_helpers import ThreadedSidecar, dtypes_model, free_po
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = 10  # per operation and generation mode (schema-valid, schema-violating)
+EXAMPLES = 6  # per operation and generation mode (schema-valid, schema-violating)
 INFER = ("POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer")
 
 
@@ -111,6 +114,24 @@ def test_the_dashboard_keeps_its_contract(controller):
         skip=("GET /api/events",),  # an endless stream; tests/dashboard reads its frames
     )
     assert_clean(report)
+
+
+@pytest.mark.parametrize("surface", ["controller", "dashboard"])
+def test_the_actions_keep_their_contract_on_the_policys_own_route(controller, surface):
+    """The documents cannot know the policy's names, so fuzzing alone mostly meets 404: here the
+    route and variant names are the policy's, and rollbacks, resumes and refused transitions
+    (200, 409) are checked against the schemas too."""
+    base = controller.api if surface == "controller" else controller.url.rstrip("/")
+    doc = served(base)
+    schemas = doc["components"]["schemas"]
+    for name in ("variant_action", "route_action"):
+        schemas[name]["properties"]["route"]["enum"] = ["tabular"]
+    schemas["variant_action"]["properties"]["variant"]["enum"] = ["control", "canary"]
+    others = tuple(f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops if "/actions/" not in p)
+    report = fuzz(doc, base, examples=EXAMPLES, headers={"Authorization": f"Bearer {controller.token}"}, skip=others)
+    assert_clean(report)
+    assert any(200 in codes for codes in report.statuses.values())
+    assert any(409 in codes for codes in report.statuses.values())
 
 
 @pytest.mark.parametrize("surface", ["controller", "dashboard"])
