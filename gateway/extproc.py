@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -51,7 +51,11 @@ from cohortgate.core.contract import (
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
 from cohortgate.core.policy import Policy
+from cohortgate.support.tracing import TRACE_HEADERS
 from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
+
+if TYPE_CHECKING:
+    from cohortgate.support.tracing import Tracing
 
 log = logging.getLogger("cohortgate.extproc")
 
@@ -184,20 +188,24 @@ def _json_allowed(sets: list[tuple[bytes, bytes]], removes: list[tuple[bytes, by
 
 
 class _Allowed:
-    __slots__ = ("removes", "sets")
+    __slots__ = ("decision", "removes", "sets")
 
-    def __init__(self, sets: list[tuple[bytes, bytes]], removes: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, sets: list[tuple[bytes, bytes]], removes: list[tuple[bytes, bytes]], decision: Any = None
+    ) -> None:
         self.sets = sets
         self.removes = removes
+        self.decision = decision  # for the trace span: route, variant
 
 
 class _Denied:
-    __slots__ = ("denial", "message", "request_id")
+    __slots__ = ("denial", "message", "request_id", "route")
 
-    def __init__(self, denial: Denial, message: str, request_id: str) -> None:
+    def __init__(self, denial: Denial, message: str, request_id: str, route: str | None = None) -> None:
         self.denial = denial
         self.message = message
         self.request_id = request_id
+        self.route = route
 
 
 def error_body(denial: Denial, message: str | None = None) -> bytes:
@@ -283,8 +291,10 @@ class Engine:
         audit: AuditSink | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self.policies = policies
+        self.tracing = tracing  # None (the default): no span, no header read, opentelemetry never imported
         self.verifier = verifier  # replaced by the service when the policy's jwt settings change
         self.settings = settings
         self.audit = audit
@@ -304,6 +314,7 @@ class Engine:
 
     def handle_proto(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Request-headers message in, response out (never raises)."""
+        t0 = time.time_ns() if self.tracing is not None else 0
         try:
             policy = self._current()
             wanted = self._wanted
@@ -325,6 +336,8 @@ class Engine:
                 if MTLS_ATTRIBUTE in fields:
                     mtls = fields[MTLS_ATTRIBUTE].bool_value
             answer = self._evaluate(policy, headers, strip, uri, mtls)
+            if self.tracing is not None:
+                self._trace(headers, t0, answer)
             if type(answer) is _Allowed:
                 return pb.ProcessingResponse.FromString(_proto_allowed(answer.sets + answer.removes))
             return _proto_denied(answer)  # type: ignore[arg-type]
@@ -334,6 +347,7 @@ class Engine:
 
     def handle_json(self, body: bytes) -> bytes:
         """A JSON ``ProcessingRequest`` (as Envoy's ``http_service`` posts it) in, JSON out."""
+        t0 = time.time_ns() if self.tracing is not None else 0
         try:
             policy = self._current()
             doc = orjson.loads(body)
@@ -357,6 +371,8 @@ class Engine:
                 uri = attrs.get(URI_SAN_ATTRIBUTE)
                 mtls = attrs.get(MTLS_ATTRIBUTE)
             answer = self._evaluate(policy, headers, strip, uri, mtls)
+            if self.tracing is not None:
+                self._trace(headers, t0, answer)
             if type(answer) is _Allowed:
                 return _json_allowed(answer.sets, answer.removes)
             return _json_denied(answer)  # type: ignore[arg-type]
@@ -369,7 +385,7 @@ class Engine:
     def _current(self) -> Policy:
         policy = self.policies.policy
         if policy is not self._policy:
-            self._wanted = policy_headers(policy)
+            self._wanted = policy_headers(policy) | (TRACE_HEADERS if self.tracing is not None else frozenset())
             self._policy = policy
         return policy
 
@@ -474,7 +490,7 @@ class Engine:
                     decision.shadow_names,
                 )
             )
-        return _Allowed(sets, removes)
+        return _Allowed(sets, removes, decision)
 
     def _denied(
         self,
@@ -492,7 +508,36 @@ class Engine:
             self.audit.record(
                 (self._clock(), request_id, identity, sub, route, None, None, "deny", denial.code, denial.status, ())
             )
-        return _Denied(denial, message, request_id)
+        return _Denied(denial, message, request_id, route)
+
+    def _trace(self, headers: Mapping[str, str], t0: int, answer: _Allowed | _Denied) -> None:
+        """One span for this decision, child of the request's traceparent; never fails the request.
+        Only the trace headers reach the tracer, never the token."""
+        try:
+            if not self.tracing.sampled(headers.get("traceparent")):  # type: ignore[union-attr]
+                return
+            carrier = {k: headers[k] for k in TRACE_HEADERS if k in headers}
+            if type(answer) is _Allowed:
+                d = answer.decision
+                attributes = {
+                    "cohortgate.decision": "allow",
+                    "cohortgate.route": d.route,
+                    "cohortgate.variant": d.variant,
+                }
+                if d.shadows:
+                    attributes["cohortgate.shadows"] = list(d.shadow_names)
+            else:
+                denied: _Denied = answer  # type: ignore[assignment]
+                attributes = {
+                    "cohortgate.decision": "deny" if denied.denial is not Denial.UNAVAILABLE else "error",
+                    "cohortgate.denial_code": denied.denial.code,
+                    "http.response.status_code": denied.denial.status,
+                }
+                if denied.route is not None:
+                    attributes["cohortgate.route"] = denied.route
+            self.tracing.span("cohortgate.decide", carrier, t0, time.time_ns(), attributes)  # type: ignore[union-attr]
+        except Exception:  # tracing must never turn an answer into an error
+            log.debug("cannot record a trace span", exc_info=True)
 
     def _internal_error(self) -> None:
         stats = self.stats

@@ -185,6 +185,8 @@ class GatewayConfig:
     certs_dir: str | None = None  # needed for TCP (mTLS with the processor certificate)
     audit_log: str | None = "-"  # a file, "-" for stdout, None for none
     audit_format: str = "json"  # or "ecs" (gateway.audit.AUDIT_FORMATS)
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector: one span per decision (off when None)
+    trace_ratio: float = 0.01  # requests without a sampled parent traced with this probability
     unit_salt: bytes | None = field(default=None, repr=False)
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     trust_domain: str | None = None
@@ -223,6 +225,7 @@ class Gateway:
             self.verifier,
             ProcessorSettings(unit_salt=salt, max_body_bytes=config.max_body_bytes, trust_domain=trust_domain),
             self.audit,
+            tracing=_tracing(config),
         )
         self.metrics = GatewayMetrics()
         self.metrics.count_decisions_of(self.engine.stats)
@@ -422,6 +425,16 @@ class Gateway:
                     os.unlink(self.config.listen.uds)
         if self.audit is not None:
             self.audit.close()
+        if self.engine.tracing is not None:
+            self.engine.tracing.shutdown()
+
+
+def _tracing(config: GatewayConfig) -> Any:
+    if config.otlp_endpoint is None:
+        return None
+    from cohortgate.support.tracing import Tracing
+
+    return Tracing("gateway", config.otlp_endpoint, config.trace_ratio)
 
 
 def _fast_ssl_context(cert: str, key: str, ca: str) -> ssl.SSLContext:

@@ -114,6 +114,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="service log and audit lines: text (default) or ecs (Elastic Common Schema JSON, docs/observability.md)",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=None,
+        help="OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per decision (needs the otel extra; "
+        "off by default)",
+    )
+    parser.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.01,
+        metavar="RATIO",
+        help="with --otlp-endpoint: trace this share of requests that carry no sampled traceparent (default 0.01)",
+    )
     parser.set_defaults(func=_gateway)
 
 
@@ -136,6 +150,8 @@ def _gateway(args: argparse.Namespace) -> int:
         certs_dir=args.certs,
         audit_log=None if args.no_audit else args.audit_log,
         audit_format="ecs" if args.log_format == "ecs" else "json",
+        otlp_endpoint=args.otlp_endpoint,
+        trace_ratio=args.trace_sample,
         max_body_bytes=args.max_body,
         trust_domain=args.trust_domain,
         redis_url=args.redis,

@@ -13,10 +13,12 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,72 @@ def wait_for(what: str, check: Any, timeout: float) -> Any:
     raise AssertionError(f"{what} not seen in {timeout}s (last: {last!r})")
 
 
+class OtlpReceiver:
+    """An OTLP/HTTP collector in the test: ``POST /v1/traces`` with an ExportTraceServiceRequest
+    (protobuf), kept as decoded spans (trace id, parent span id, name, attributes)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                ok = self.path == "/v1/traces" and self.headers.get("content-type") == "application/x-protobuf"
+                if ok:
+                    request = ExportTraceServiceRequest.FromString(body)
+                    for rs in request.resource_spans:
+                        service = {a.key: a.value.string_value for a in rs.resource.attributes}.get("service.name")
+                        for ss in rs.scope_spans:
+                            for span in ss.spans:
+                                receiver.spans.append(
+                                    {
+                                        "service": service,
+                                        "name": span.name,
+                                        "trace_id": span.trace_id.hex(),
+                                        "parent_span_id": span.parent_span_id.hex(),
+                                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                                        "start": span.start_time_unix_nano,
+                                        "end": span.end_time_unix_nano,
+                                    }
+                                )
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if ok else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of_trace(self, trace: str) -> list[dict[str, Any]]:
+        return [s for s in list(self.spans) if s["trace_id"] == trace]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _any_value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
 class Stack:
-    def __init__(self, gateway: GatewayProcess, gateway_metrics: str, controller: ControllerProc, envoy: Any, client: Client, certs: pki.CertPaths) -> None:  # fmt: skip  # noqa: E501
+    def __init__(self, gateway: GatewayProcess, gateway_metrics: str, controller: ControllerProc, envoy: Any, client: Client, certs: pki.CertPaths, otlp: OtlpReceiver) -> None:  # fmt: skip  # noqa: E501
+        self.otlp = otlp
         self.gateway = gateway
         self.gateway_metrics = gateway_metrics
         self.controller = controller
@@ -103,7 +169,18 @@ def stack(
     sock = work / "run" / "processor.sock"
     gateway = GatewayProcess(policy_file, sock, "fast", work)
     metrics_addr = f"127.0.0.1:{free_port()}"
-    gateway.cmd += ["--metrics", metrics_addr, "--log-format", "ecs"]
+    otlp = OtlpReceiver()
+    # traced: only requests whose traceparent says sampled (ratio 0 for the rest)
+    gateway.cmd += [
+        "--metrics",
+        metrics_addr,
+        "--log-format",
+        "ecs",
+        "--otlp-endpoint",
+        otlp.url,
+        "--trace-sample",
+        "0",
+    ]
     controller = ControllerProc(work / "controller")
     controller.cmd += ["--log-format", "ecs"]
     gateway.start(timeout=START_TIMEOUT_S)
@@ -121,11 +198,12 @@ def stack(
         with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
             app_cert, app_key = certs.clients["app-demo"]
             client = Client(envoy.listen_port, certs.ca_cert, app_cert, app_key)
-            yield Stack(gateway, metrics_addr, controller, envoy, client, certs)
+            yield Stack(gateway, metrics_addr, controller, envoy, client, certs, otlp)
             client.close()
     finally:
         controller.stop()
         gateway.stop()
+        otlp.close()
 
 
 def test_every_name_the_rules_and_dashboard_use_is_exported(stack: Stack) -> None:
@@ -173,6 +251,39 @@ def test_service_logs_and_audit_are_ecs(stack: Stack) -> None:
             doc = json.loads(line)  # every line is one JSON document
             assert doc["service"]["name"] == f"cohortgate-{service}", line
             assert {"@timestamp", "log.level", "message", "ecs.version"} <= doc.keys(), line
+
+
+def test_a_traced_request_is_one_span_in_its_callers_trace(stack: Stack) -> None:
+    """Through the real Envoy: the client's W3C traceparent reaches the processor, whose span (exported
+    over OTLP/HTTP to the in-test collector) is the caller's child with the decision's facts; an
+    unsampled traceparent produces no span."""
+    import secrets
+
+    unsampled, sampled = secrets.token_hex(16), secrets.token_hex(16)
+    parent = secrets.token_hex(8)
+    token = mint(stack.certs, "obs-dave")
+    reply = stack.client.request(token=token, headers={"traceparent": f"00-{unsampled}-{parent}-00"})
+    assert reply.status == 200
+    reply = stack.client.request(token=token, headers={"traceparent": f"00-{sampled}-{parent}-01"})
+    assert reply.status == 200
+    denied = stack.client.request(token=None, headers={"traceparent": f"00-{sampled}-{parent}-01"})
+    assert denied.status == 401
+    spans = wait_for("two spans of the sampled trace", lambda: (lambda s: s if len(s) >= 2 else None)(stack.otlp.of_trace(sampled)), 30)  # fmt: skip  # noqa: E501
+    time.sleep(1.5)  # one more export interval: nothing else may arrive for either trace
+    spans = stack.otlp.of_trace(sampled)
+    assert len(spans) == 2
+    assert stack.otlp.of_trace(unsampled) == []
+    allowed = next(s for s in spans if s["attributes"]["cohortgate.decision"] == "allow")
+    deny = next(s for s in spans if s["attributes"]["cohortgate.decision"] == "deny")
+    for span in spans:
+        assert span["name"] == "cohortgate.decide"
+        assert span["parent_span_id"] == parent
+        assert span["service"] == "cohortgate-gateway"
+        assert 0 < span["start"] <= span["end"]
+        assert token not in json.dumps(span) and "obs-dave" not in json.dumps(span)
+    assert allowed["attributes"]["cohortgate.route"] == "tabular"
+    assert allowed["attributes"]["cohortgate.variant"] in {"control", "canary"}
+    assert deny["attributes"]["cohortgate.denial_code"] == "unauthenticated"
 
 
 def test_prometheus_scrapes_the_stack_and_raises_processor_alerts(stack: Stack, tmp_path: Path) -> None:
