@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cohortgate.support.durations import duration_arg
+
 DEFAULT_OUT = "deploy/k8s"
 DESCRIPTION = (
     "Render Kubernetes manifests from a policy as a Kustomize directory: the edge (Envoy and the gateway "
@@ -76,6 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve this variant (or shadow) on a GPU: nvidia.com/gpu and the GPU taint's toleration")
     p.add_argument("--transport", choices=("grpc", "http"), default="grpc", help="Envoy -> gateway (edge only)")
     p.add_argument("--grpc-server", choices=("grpcio", "fast"), default="fast", help="the gateway's gRPC server")
+    p.add_argument("--processor-timeout", type=duration_arg, default=None, metavar="DURATION",
+                   help="how long a request waits for the processor before a 503 (default 1s)")
     p.add_argument("--target-rps", type=int, default=1000, metavar="N",
                    help="requests per second one edge pod is sized for (default 1000)")
     p.add_argument("--min-replicas", type=int, default=2, help="HPA minimum (default 2)")
@@ -112,6 +116,8 @@ def _options(args: argparse.Namespace):
     extra = {}
     if args.istio_selector:
         extra["istio_selector"] = tuple(args.istio_selector)
+    if args.processor_timeout is not None:
+        extra["processor_timeout_s"] = args.processor_timeout
     return RenderOptions(
         namespace=args.namespace or DEFAULT_NAMESPACE,
         image=args.image or DEFAULT_IMAGE,

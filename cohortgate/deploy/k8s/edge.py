@@ -9,6 +9,7 @@ Envoy's ``watched_directory`` sees the symlink swap.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from kubernetes import client as k
@@ -72,6 +73,7 @@ def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int) -> t
         admin_port=ADMIN_PORT,
         concurrency=envoy_concurrency,
         listen_address="0.0.0.0",
+        message_timeout=dt.timedelta(seconds=options.processor_timeout_s),
     )
     header = (
         "Envoy bootstrap rendered by `cohortgate k8s render` (cohortgate.deploy.envoy): static; the policy's\n"

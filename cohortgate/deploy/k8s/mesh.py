@@ -19,6 +19,7 @@ header that only the processor sets:
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from typing import Any
 from cohortgate.core.contract import HEADER_CLUSTER, HEADER_SHADOWS
 from cohortgate.deploy.envoy.addresses import is_ip
 from cohortgate.deploy.envoy.clusters import AUTHORIZATION, cluster_resources
-from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT, REQUEST_ATTRIBUTES
+from cohortgate.deploy.envoy.extproc import REQUEST_ATTRIBUTES
 from cohortgate.deploy.k8s import crds
 from cohortgate.deploy.k8s.objects import (
     EDGE,
@@ -220,7 +221,7 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
             ext_proc=[
                 crds.ExtProc(
                     backend_refs=[crds.BackendRef(name=GATEWAY, port=PROCESSOR_PORT)],
-                    message_timeout=f"{int(MESSAGE_TIMEOUT.total_seconds() * 1000)}ms",
+                    message_timeout=f"{round(options.processor_timeout_s * 1000)}ms",
                     fail_open=False,
                     # Request headers only (no body, no response): what the edge's filter sends.
                     processing_mode=crds.ExtProcProcessingMode(
@@ -276,12 +277,12 @@ def envoy_gateway(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
 # ------------------------------------------------------------------------------------------ Istio
 
 
-def ext_proc_filter(cluster_name: str) -> dict[str, Any]:
+def ext_proc_filter(cluster_name: str, message_timeout: dt.timedelta) -> dict[str, Any]:
     """The edge's own ext_proc filter (`cohortgate.deploy.envoy.extproc`), pointed at ``cluster_name``."""
     from cohortgate.deploy.envoy.extproc import ext_proc_filter as build
     from cohortgate.deploy.envoy.typed import to_dict
 
-    return to_dict(build("grpc", cluster=cluster_name))
+    return to_dict(build("grpc", cluster=cluster_name, message_timeout=message_timeout))
 
 
 def route_patch() -> dict[str, Any]:
@@ -314,7 +315,10 @@ def istio(plan: Plan, options: RenderOptions) -> list[crds._Resource]:
                     )
                 ),
             ),
-            patch=crds.Patch(operation="INSERT_BEFORE", value=ext_proc_filter(processor_cluster)),
+            patch=crds.Patch(
+                operation="INSERT_BEFORE",
+                value=ext_proc_filter(processor_cluster, dt.timedelta(seconds=options.processor_timeout_s)),
+            ),
         ),
         *(
             crds.EnvoyConfigObjectPatch(

@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cohortgate import __version__
+from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -58,6 +59,7 @@ class RenderOptions:
     models_pvc: str = "cohortgate-models"
     mesh_gateway: str | None = None  # NS/NAME: the Gateway (EG) or Istio Gateway to attach to
     istio_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
+    processor_timeout_s: float = MESSAGE_TIMEOUT.total_seconds()  # ext_proc's message timeout
 
     def __post_init__(self) -> None:
         regions = MappingProxyType({k: tuple(v) for k, v in self.region_labels.items()})
@@ -107,6 +109,8 @@ class RenderOptions:
                 yield f"Istio selector {key}={value} is not a label"
         if self.mesh is not None and self.issuer_kind == "Issuer":
             yield "a mesh needs a ClusterIssuer: the mesh's client certificate lives in the mesh's namespace"
+        if not self.processor_timeout_s > 0:
+            yield f"the processor timeout must be positive, not {self.processor_timeout_s!r}"
         if self.transport == "http" and self.mesh is not None:
             yield "meshes call the processor over gRPC; --transport http is for the edge only"
 

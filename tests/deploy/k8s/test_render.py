@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -597,3 +598,18 @@ def test_envoy_gateway_rules_remove_authorization_unless_the_route_keeps_it(rend
                 assert rule["filters"][0] == strip
     # Istio embeds the edge's clusters, which carry the rule themselves.
     assert render(policy, text, CONFIGS["istio"]).files
+
+
+def test_processor_timeout_reaches_the_edge_and_both_meshes(example):
+    """One setting (k8s render --processor-timeout) for every Envoy that calls the processor."""
+    policy, raw = example
+    options = {name: dataclasses.replace(o, processor_timeout_s=2.5) for name, o in CONFIGS.items()}
+    edge = render(policy, raw, options["edge"])
+    bootstrap = named(edge, "ConfigMap", "cohortgate-envoy")["data"]["bootstrap.yaml"]
+    assert "message_timeout: 2.500s" in bootstrap
+    eg = named(render(policy, raw, options["envoy-gateway"]), "EnvoyExtensionPolicy", "cohortgate")
+    assert eg["spec"]["extProc"][0]["messageTimeout"] == "2500ms"
+    istio = named(render(policy, raw, options["istio"]), "EnvoyFilter", "cohortgate")
+    assert istio["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["message_timeout"] == "2.500s"
+    with pytest.raises(ValueError, match="processor timeout"):
+        RenderOptions(processor_timeout_s=0)
