@@ -65,24 +65,34 @@ class _Holder:
 
 
 class _StateFile:
-    """The controller's state file, re-read when its mtime changes (checked at most every ``poll_s``)."""
+    """The controller's state file, re-read when it changes (checked at most every ``poll_s``).
+
+    A change is any difference in (mtime, inode, size) of the file or its ``.prev`` twin: writes
+    replace the file by rename, so two writes within one mtime tick still differ by inode."""
 
     def __init__(self, base: Policy, path: Path, poll_s: float) -> None:
         self.base, self.path, self.poll_s = base, path, poll_s
-        self._mtime: int | None = -1
+        self._seen: tuple[Any, ...] | None = None
         self._checked = float("-inf")
         self.policy = base
+
+    def _signature(self) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for p in (self.path, self.path.with_name(self.path.name + ".prev")):
+            try:
+                st = os.stat(p)
+                out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     def current(self) -> Policy:
         now = time.monotonic()
         if now - self._checked >= self.poll_s:
             self._checked = now
-            try:
-                mtime: int | None = os.stat(self.path).st_mtime_ns
-            except OSError:
-                mtime = None
-            if mtime != self._mtime:
-                self._mtime = mtime
+            seen = self._signature()
+            if seen != self._seen:
+                self._seen = seen
                 store = InProcessState(self.path)  # reads the newest readable generation, as gateways do
                 self.policy = effective_policy(self.base, store.snapshot(), store.safe_mode is not None)
         return self.policy

@@ -256,3 +256,36 @@ def test_a_provider_without_the_apps_identity_is_refused_like_the_gateway(policy
     details = provider.resolve_string_details("fraud", "d", EvaluationContext("u", {"scope": "predict"}))
     assert details.value == "d" and details.error_code == ErrorCode.INVALID_CONTEXT
     assert "forbidden (403)" in details.error_message
+
+
+@pytest.mark.parametrize("mode", ["store", "state_file"])
+def test_the_provider_follows_the_controllers_next_write(policy: Policy, tmp_path: Path, mode: str):
+    """A rollback the controller writes reaches the provider as it reaches gateways: at once from a
+    running store (its watch callback), on the next read after the file's mtime changes."""
+    path = tmp_path / "state.json"
+    store = store_with_states(path)
+    if mode == "store":
+        provider = CohortgateProvider(policy, store=store, identity=APP)
+    else:
+        provider = CohortgateProvider(policy, state_file=path, poll_s=0.0, identity=APP)
+    eu = {"scope": "predict", "residency": "eu"}
+    in_canary = [
+        u
+        for u in (f"user-{i}" for i in range(200))
+        if provider.resolve_string_details("fraud", "", EvaluationContext(u, eu)).value == "canary"
+    ]
+    assert in_canary
+    rolled_back = RouteState(
+        "fraud",
+        {"control": 100, "canary": 0, "beta": 0},
+        {
+            "canary": VariantState(Phase.ROLLED_BACK, -1, 2.0, "breach"),
+            "beta": VariantState(Phase.ROLLED_BACK, -1, 1.0, "breach"),
+        },
+        version=4,
+        updated_by="controller",
+    )
+    writer = store if mode == "store" else InProcessState(path)
+    asyncio.run(writer.put(rolled_back))
+    for unit in in_canary:
+        assert provider.resolve_string_details("fraud", "", EvaluationContext(unit, eu)).value == "control"
