@@ -51,7 +51,7 @@ from cohortgate.core.contract import (
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
 from cohortgate.core.policy import Policy
-from cohortgate.support.tracing import TRACE_HEADERS
+from cohortgate.support.tracing import TRACE_HEADERS, TRACEPARENT, trace_id
 from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
 
 if TYPE_CHECKING:
@@ -436,7 +436,7 @@ class Engine:
             if limit is not None and length is not None and length.isdigit() and int(length) > limit:
                 raise RequestDenied(Denial.PAYLOAD_TOO_LARGE, f"The request body is larger than {limit} bytes.")
         except RequestDenied as exc:
-            return self._denied(exc.denial, exc.message, request_id, identity, claims, None)
+            return self._denied(exc.denial, exc.message, request_id, identity, claims, None, self._trace_id(headers))
 
         path = headers.get(":path", "")
         query = path.find("?")
@@ -447,7 +447,9 @@ class Engine:
             Facts(headers.get(":method", ""), path, headers, identity, claims, request_id),
         )
         if decision.denial is not None:
-            return self._denied(decision.denial, decision.message, request_id, identity, claims, decision.route)
+            return self._denied(
+                decision.denial, decision.message, request_id, identity, claims, decision.route, self._trace_id(headers)
+            )
 
         options = self._options
         sets = [options.set(HEADER_CLUSTER, decision.cluster)]  # type: ignore[arg-type]
@@ -475,21 +477,22 @@ class Engine:
             for cluster in decision.shadows:
                 mirrored[cluster] = mirrored.get(cluster, 0) + 1
         if self.audit is not None:
-            self.audit.record(
-                (
-                    self._clock(),
-                    request_id,
-                    identity,
-                    claims.get("sub") if claims is not None else None,
-                    decision.route,
-                    decision.variant,
-                    decision.region,
-                    "allow",
-                    decision.assignment + ("+fallback" if decision.fallback else ""),
-                    200,
-                    decision.shadow_names,
-                )
+            entry = (
+                self._clock(),
+                request_id,
+                identity,
+                claims.get("sub") if claims is not None else None,
+                decision.route,
+                decision.variant,
+                decision.region,
+                "allow",
+                decision.assignment + ("+fallback" if decision.fallback else ""),
+                200,
+                decision.shadow_names,
             )
+            if self.tracing is not None and (trace := self._trace_id(headers)) is not None:
+                entry += (trace,)  # the audit line's trace.id
+            self.audit.record(entry)
         return _Allowed(sets, removes, decision)
 
     def _denied(
@@ -500,15 +503,31 @@ class Engine:
         identity: str | None,
         claims: Mapping[str, Any] | None,
         route: str | None,
+        trace: str | None = None,
     ) -> _Denied:
         denied = self.stats.denied
         denied[denial.code] = denied.get(denial.code, 0) + 1
         if self.audit is not None:
             sub = claims.get("sub") if claims is not None else None
-            self.audit.record(
-                (self._clock(), request_id, identity, sub, route, None, None, "deny", denial.code, denial.status, ())
+            entry = (
+                self._clock(),
+                request_id,
+                identity,
+                sub,
+                route,
+                None,
+                None,
+                "deny",
+                denial.code,
+                denial.status,
+                (),
             )
+            self.audit.record(entry if trace is None else (*entry, trace))
         return _Denied(denial, message, request_id, route)
+
+    def _trace_id(self, headers: Mapping[str, str]) -> str | None:
+        """The request's W3C trace id for its audit line, when tracing is on."""
+        return trace_id(headers.get(TRACEPARENT)) if self.tracing is not None else None
 
     def _trace(self, headers: Mapping[str, str], t0: int, answer: _Allowed | _Denied) -> None:
         """One span for this decision, child of the request's traceparent; never fails the request.

@@ -113,6 +113,30 @@ def test_answers_are_the_same_with_and_without_tracing(
     assert "traceparent" not in plain._wanted and "traceparent" in traced.engine._wanted
 
 
+class ListAudit:
+    def __init__(self) -> None:
+        self.entries: list[tuple[Any, ...]] = []
+
+    def record(self, entry: tuple[Any, ...]) -> None:
+        self.entries.append(entry)
+
+
+def test_audit_entries_carry_the_trace_id_only_when_tracing(
+    traced: Traced, policy: Policy, verifier: Any, certs: pki.CertPaths
+) -> None:
+    auth = "Bearer " + token(certs, "user-1")
+    on, off = ListAudit(), ListAudit()
+    traced.engine.audit = on
+    plain = Engine(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000), off)
+    for engine in (traced.engine, plain):
+        engine.new_processor().handle(request(infer(auth, traceparent=UNSAMPLED)))  # logged even if not sampled
+        engine.new_processor().handle(request(infer(None, traceparent=SAMPLED)))
+        engine.new_processor().handle(request(infer(auth)))
+    assert [e[-1] for e in on.entries[:2]] == [TRACE, TRACE]
+    assert len(on.entries[2]) == len(off.entries[0]) == 11  # no traceparent, or tracing off: no trace field
+    assert all(len(e) == 11 for e in off.entries)
+
+
 def test_off_means_opentelemetry_is_never_imported() -> None:
     """A gateway without --otlp-endpoint builds its engine and answers without loading opentelemetry."""
     code = (

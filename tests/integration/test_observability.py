@@ -284,6 +284,12 @@ def test_a_traced_request_is_one_span_in_its_callers_trace(stack: Stack) -> None
     assert allowed["attributes"]["cohortgate.route"] == "tabular"
     assert allowed["attributes"]["cohortgate.variant"] in {"control", "canary"}
     assert deny["attributes"]["cohortgate.denial_code"] == "unauthenticated"
+    # the ECS audit lines of both requests name the trace
+    audit = [json.loads(x) for x in stack.gateway.audit_path.read_text().splitlines()]
+    assert sorted(d["event"]["outcome"] for d in audit if d.get("trace", {}).get("id") == sampled) == [
+        "failure",
+        "success",
+    ]
 
 
 def test_prometheus_scrapes_the_stack_and_raises_processor_alerts(stack: Stack, tmp_path: Path) -> None:
