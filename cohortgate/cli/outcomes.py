@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cohortgate.core.contract import EXPOSURE_KEY_ENV
+
 DEFAULT_JOURNAL = "state/outcomes.jsonl"
 
 
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="append outcome rows from CSV or Parquet to the outcome journal",
         description="Rows need metric, value and either exposure (the token a response carried) or request_id; "
         "t (Unix seconds or ISO 8601) is when the outcome happened. Tokens are verified here when "
-        "COHORTGATE_EXPOSURE_KEY is set; refused and duplicate rows are counted and left out.",
+        f"{EXPOSURE_KEY_ENV} is set; refused and duplicate rows are counted and left out.",
     )
     imp.add_argument("file", metavar="FILE", help="a .csv or .parquet file (Parquet needs pyarrow)")
     imp.add_argument(
@@ -159,7 +161,7 @@ def _import(args: argparse.Namespace) -> int:
         detail = ", ".join(f"{n} {code}" for code, n in sorted(counts.items()) if code != "accepted" and n)
         print(f"{counts['accepted']} outcomes appended to {args.journal}" + (f" ({detail} left out)" if detail else ""))
         if keys is None:
-            print("tokens not verified here (COHORTGATE_EXPOSURE_KEY unset): the controller verifies them")
+            print(f"tokens not verified here ({EXPOSURE_KEY_ENV} unset): the controller verifies them")
     return 1 if counts["bad_row"] else 0
 
 

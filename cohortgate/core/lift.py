@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special
 
 Kind = Literal["binary", "mean", "ratio"]
@@ -56,7 +57,7 @@ Role = Literal["primary", "secondary", "guardrail"]
 MIN_UNITS = 100  # per arm before a sequence says anything: the normal approximation's burn-in
 
 
-def _f(a) -> np.ndarray:
+def _f(a: ArrayLike) -> np.ndarray:
     return np.asarray(a, dtype=float)
 
 
@@ -80,7 +81,13 @@ class Moments:
     sdx: np.ndarray
 
 
-def unit_moments(y, d=None, x=None, where=None, cumulative: bool = False) -> Moments:
+def unit_moments(
+    y: ArrayLike,
+    d: ArrayLike | None = None,
+    x: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    cumulative: bool = False,
+) -> Moments:
     """`Moments` of per-unit values along the last axis (units); ``where`` selects this arm's units.
 
     ``cumulative``: running sums over the unit axis instead (entry ``i`` summarises units ``0..i``),
@@ -107,7 +114,7 @@ def unit_moments(y, d=None, x=None, where=None, cumulative: bool = False) -> Mom
     )
 
 
-def take(m: Moments, index) -> Moments:
+def take(m: Moments, index: np.ndarray | Sequence[int] | int) -> Moments:
     """The moments at some positions of the last axis (e.g. the looks of a cumulative summary)."""
     return Moments(*(np.take(getattr(m, f), index, axis=-1) for f in Moments.__slots__))
 
@@ -128,8 +135,9 @@ def _arm(m: Moments, ddof: int) -> _Arm:
         ybar, dbar, xbar = _f(m.sy) / n, _f(m.sd) / n, _f(m.sx) / n
         k = n - ddof
 
-        def cov(sab, a, b):
-            return (_f(sab) - n * a * b) / k
+        def cov(sab: ArrayLike, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            out: np.ndarray = (_f(sab) - n * a * b) / k
+            return out
 
         vyy, vdd, vyd = cov(m.syy, ybar, ybar), cov(m.sdd, dbar, dbar), cov(m.syd, ybar, dbar)
         vxx, vxy, vdx = cov(m.sxx, xbar, xbar), cov(m.sxy, xbar, ybar), cov(m.sdx, dbar, xbar)
@@ -145,11 +153,12 @@ def eta(alpha: float) -> float:
     return a + math.log1p(a)
 
 
-def cs_factor(t, planned, alpha: float) -> np.ndarray:
+def cs_factor(t: ArrayLike, planned: ArrayLike, alpha: float) -> np.ndarray:
     """``(half-width / se)^2`` of the normal-mixture sequence after ``t`` of ``planned`` units."""
     r = eta(alpha) * _f(t) / _f(planned)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (1 + 1 / r) * (2 * math.log(1 / alpha) + np.log1p(r))
+        out: np.ndarray = (1 + 1 / r) * (2 * math.log(1 / alpha) + np.log1p(r))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +229,7 @@ def lift(
         k = np.sqrt(cs_factor(t, planned_units, alpha))
         inf = np.inf
 
-        def band(center, width):
+        def band(center: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             ok = valid & np.isfinite(center) & np.isfinite(width)
             return (np.where(ok, center - width, -inf), np.where(ok, center + width, inf))
 

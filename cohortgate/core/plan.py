@@ -185,7 +185,9 @@ class Population:
     value_sigma: float = 1.0  # mean metric: log-normal spread of each converting event's value
 
 
-def _draw(pop: Population, rng: np.random.Generator, shape: tuple[int, ...], uplift: np.ndarray):
+def _draw(
+    pop: Population, rng: np.random.Generator, shape: tuple[int, ...], uplift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Per-unit (y, d, x) for ``shape`` units; ``uplift`` multiplies the propensity (arm effect)."""
     a = pop.base * pop.concentration
     p = rng.beta(a, pop.concentration - a, size=shape)

@@ -49,17 +49,14 @@ def test_the_token_is_compact_and_names_the_request() -> None:
     assert a.key != b.key
 
 
-@given(data=st.data())
-def test_any_altered_character_is_refused_as_forged_or_malformed(data: st.DataObject) -> None:
+def test_every_single_character_alteration_is_refused() -> None:
+    # Exhaustive over positions and the URL-safe alphabet: includes the MAC's last character, whose
+    # low 4 bits base64 leaves unused (a decoder would accept 16 spellings of one tag).
     token = mint(KEY, "tabular", "challenger", UNIT, NOW, exposure_id("req-1"))
-    i = data.draw(st.integers(0, len(token) - 1))
-    c = data.draw(
-        st.sampled_from("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.").filter(
-            lambda c: c != token[i]
-        )
-    )
-    altered = token[:i] + c + token[i + 1 :]
-    assert _refusal(altered) in (Refusal.FORGED, Refusal.MALFORMED)
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_."
+    for i, original in enumerate(token):
+        for c in alphabet.replace(original, ""):
+            assert _refusal(token[:i] + c + token[i + 1 :]) in (Refusal.FORGED, Refusal.MALFORMED), (i, c)
 
 
 def test_a_variant_swapped_by_the_client_is_forged() -> None:
