@@ -27,9 +27,10 @@ from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.core.rollout import Phase, RouteState, VariantState
 from cohortgate.deploy import pki
 from cohortgate.flags import CohortgateProvider
-from cohortgate.store.state import InProcessState, follow
+from cohortgate.store.state import InProcessState, RedisState, follow
 from gateway.extproc import Engine, ProcessorSettings
 from gateway.service import PolicyHolder, build_verifier
+from tests.controller.conftest import RedisServer
 from tests.gateway.test_extproc import denial, request, set_headers
 
 USERS = 10_000
@@ -154,7 +155,11 @@ def gateway_answer(engine: Engine, path: str, headers: dict[str, str]) -> str:
 
 
 def provider_answer(client, route: str, unit: str, attributes: dict[str, str]) -> str:
-    details = client.get_string_details(route, "DEFAULT", EvaluationContext(unit, attributes))
+    return outcome(client.get_string_details(route, "DEFAULT", EvaluationContext(unit, attributes)))
+
+
+def outcome(details) -> str:
+    """The variant, or ``denied STATUS`` as ``gateway_answer`` says it."""
     if details.error_code is not None:
         assert details.error_code == ErrorCode.INVALID_CONTEXT, details.error_message
         return "denied " + details.error_message.split("(")[1].split(")")[0]
@@ -289,3 +294,54 @@ def test_the_provider_follows_the_controllers_next_write(policy: Policy, tmp_pat
     asyncio.run(writer.put(rolled_back))
     for unit in in_canary:
         assert provider.resolve_string_details("fraud", "", EvaluationContext(unit, eu)).value == "control"
+
+
+@pytest.mark.integration
+async def test_over_redis_the_provider_and_a_gateway_follow_the_same_writes(
+    policy: Policy, tmp_path: Path, tokens: list[str]
+):
+    """The controller writes to a real redis-server; a gateway's engine and the provider each follow
+    it with their own ``RedisState`` (pub/sub), and agree before and after a rollback."""
+    server = RedisServer(tmp_path / "redis").start()
+    stores: list[RedisState] = []
+    try:
+        writer = RedisState(server.url)
+        writer.connect()
+        stores.append(writer)
+        await writer.put(EFFECTIVE)
+        for_gateway, for_provider = RedisState(server.url), RedisState(server.url)
+        stores += [for_gateway, for_provider]
+        await for_gateway.start()
+        await for_provider.start()
+        engine = gateway_engine(policy, for_gateway)
+        provider = CohortgateProvider(policy, store=for_provider, identity=APP)
+
+        def compare(n: int) -> Counter[str]:
+            seen: Counter[str] = Counter()
+            for i in range(n):
+                unit, claims = user(i)
+                gw = gateway_answer(engine, "/v2/models/fraud/infer", {"authorization": f"Bearer {tokens[i]}"})
+                ctx = EvaluationContext(unit, {"scope": "predict", **claims})
+                of = outcome(provider.resolve_string_details("fraud", "", ctx))
+                assert gw == of, (unit, claims, gw, of)
+                seen[gw] += 1
+            return seen
+
+        assert compare(1000)["canary"] > 0
+        rolled_back = RouteState(
+            "fraud",
+            {"control": 100, "canary": 0, "beta": 0},
+            {"canary": VariantState(Phase.ROLLED_BACK, -1, 2.0, "breach"), "beta": EFFECTIVE.variants["beta"]},
+            version=4,
+            updated_by="controller",
+        )
+        await writer.put(rolled_back, expected_version=3)
+        for _ in range(200):  # pub/sub: both readers re-read the route within a few ms (10 s at most here)
+            if for_gateway.snapshot()["fraud"].version == 4 and for_provider.snapshot()["fraud"].version == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert compare(1000)["canary"] == 0
+    finally:
+        for store in stores:
+            await store.close()
+        server.stop()
