@@ -47,6 +47,7 @@ from cohortgate.core.contract import (
     HEADER_SHADOWS,
     HEADER_UNIT,
     HEADER_VARIANT,
+    MAX_REQUEST_BYTES,
 )
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
@@ -64,7 +65,7 @@ REQUEST_ID_HEADER = "x-request-id"
 STRIPPED_EXACT = frozenset({XFCC_HEADER})
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
-DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_BODY_BYTES = MAX_REQUEST_BYTES
 
 _BASE_HEADERS = frozenset({":method", ":path", "authorization", "content-length", REQUEST_ID_HEADER})
 _OVERWRITE = 2  # HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

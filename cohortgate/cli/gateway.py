@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cohortgate.core.contract import MAX_REQUEST_BYTES
+
 
 def _size(text: str) -> int:
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -62,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-audit", action="store_true", help="write no audit trail")
     parser.add_argument(
-        "--max-body", type=_size, default=16 << 20, metavar="SIZE", help="largest request body (default 16m)"
+        "--max-body", type=_size, default=MAX_REQUEST_BYTES, metavar="SIZE", help="largest request body (default 16m)"
     )
     parser.add_argument("--trust-domain", help="accept client SPIFFE IDs from this trust domain only")
     parser.add_argument(

@@ -39,6 +39,11 @@ ACCESS_LOG_HEADERS: Final = (
 )
 ACCESS_LOG_NAME: Final = "cohortgate"  # Envoy's ``log_name`` for our access-log stream
 
+# -- limits both Envoy and the processor enforce -----------------------------------------------------
+# The default largest request body: Envoy refuses longer bodies of any framing (413) and the processor
+# refuses a longer content-length; both must refuse the same bodies.
+MAX_REQUEST_BYTES: Final = 16 << 20
+
 # -- Envoy cluster names ---------------------------------------------------------------------------
 CLUSTER_PREFIX: Final = "cg"
 

@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import ACCESS_LOG_HEADERS, ACCESS_LOG_NAME
+from cohortgate.core.contract import ACCESS_LOG_HEADERS, ACCESS_LOG_NAME, MAX_REQUEST_BYTES
 from cohortgate.deploy.envoy import bodylimit
 from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress
 from cohortgate.deploy.envoy.extproc import (
@@ -42,7 +42,6 @@ STREAM_IDLE_TIMEOUT = dt.timedelta(seconds=60)
 REQUEST_TIMEOUT = dt.timedelta(seconds=60)
 REQUEST_HEADERS_TIMEOUT = dt.timedelta(seconds=10)
 MAX_DOWNSTREAM_CONNECTIONS = 10_000
-MAX_REQUEST_BYTES = 16 << 20  # the gateway's --max-body default: both refuse the same bodies
 ADMIN_SOCKET_MODE = 0o600  # admin can stop Envoy (/quitquitquit): only its own user may talk to it
 
 
