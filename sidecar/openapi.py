@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cohortgate import __version__
+from cohortgate.core.contract import HEADER_SERVED_BY
 from sidecar.protocol import TensorSpec
 
 OPENAPI_PATH = "/openapi.json"
@@ -54,7 +55,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _ERROR = _json(_ref("error_response"), "An error: one sentence, never a stack trace.")
 _SERVED_BY = {
-    "x-cohortgate-served-by": {
+    HEADER_SERVED_BY: {
         "description": "The variant (or model) that answered.",
         "schema": {"type": "string"},
     }
