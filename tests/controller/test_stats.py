@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
+from cohortgate.controller.loop import ControllerConfig
 from cohortgate.controller.simulate import Behaviour, Users, run_controller
 from cohortgate.core import stats
 from tests.controller.policies import make_policy
@@ -180,26 +181,31 @@ def test_pooled_design_effect_weights_each_arm_by_its_variance_share():
 # --------------------------------------------------------------------------- A/A and power through the controller
 
 
-async def _runs(n, behaviours, *, seconds=30, rps=50, users=None, **policy):
+async def _runs(n, behaviours, *, seconds=20, rps=50, users=None, **policy):
+    """``n`` seeded runs of the real Controller; it judges every 2 s (as often as the CPU budget of a
+    CI test allows: the always-valid tests do not care how often they are looked at)."""
     out = []
     pol = make_policy(steps=None, **policy)
+    config = ControllerConfig(interval_s=2.0)
     for seed in range(n):
-        out.append(await run_controller(pol, behaviours, seconds=seconds, rps=rps, seed=seed, users=users))
+        out.append(
+            await run_controller(pol, behaviours, seconds=seconds, rps=rps, seed=seed, users=users, config=config)
+        )
     return out
 
 
 async def test_aa_at_the_error_limit_with_slow_tails_and_clustered_users_rarely_rolls_back():
     """The audit's worst A/A cases at once, through the real Controller (simulated clock): base error equal
     to ``max_error_rate`` (was 200/200 rolled back), log-normal sigma 1.0 under ``max_p99_ms: 250`` (was
-    80 %), and 1 % of users failing half their requests in both arms (was 16.5 %). 250 runs of 30 s at
-    50 req/s split 50/50 (the old rules rolled back about half of them; see bench/bench_detection.py
-    for the full table)."""
+    80 %), and 1 % of users failing half their requests in both arms (was 16.5 %). 200 runs of 20 s at
+    50 req/s split 50/50 (500 canary requests each: the old point-estimate guardrail fired in about
+    half of them). bench/bench_detection.py prints the full table."""
     same = Behaviour(0.05, median_ms=20.0, sigma=1.0)
     users = Users(bad_share=0.01, bad_rate=0.5)
-    outcomes = await _runs(250, {"control": same, "canary": same}, users=users, weights=(50, 50))
+    outcomes = await _runs(200, {"control": same, "canary": same}, users=users, weights=(50, 50))
     rolled = sum(o.rolled_back_at is not None for o in outcomes)
-    # alpha = 0.05: at most 12 of 250; the always-valid bound makes it far fewer in practice
-    assert rolled <= 12, [o.reason for o in outcomes if o.rolled_back_at is not None]
+    # alpha = 0.05: at most 10 of 200; the always-valid bound makes it far fewer in practice
+    assert rolled <= 10, [o.reason for o in outcomes if o.rolled_back_at is not None]
 
 
 async def test_the_same_harness_catches_a_worse_canary():
