@@ -281,7 +281,7 @@ def build() -> dict[str, Any]:
                     "content": {
                         "application/json": {
                             "schema": {
-                                "description": "One report (see the report schema) or a list of them (413 past 10 000); "
+                                "description": "One report (the report schema) or a list of them (413 past 10 000); "
                                 "an item that cannot be read as a report is counted as rejected, not refused.",
                                 "anyOf": [{"type": "array"}, {"type": "object"}],
                             },
