@@ -27,6 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--denial-min-rate", type=float, default=None, help="denials/s below which no spike (0.2)")
     p.add_argument("--queue-depth", type=int, default=None, help="sidecar queue depth that is saturation (64)")
     p.add_argument("--queue-p95", type=float, default=None, help="sidecar p95 batch wait in seconds (0.1)")
+    p.add_argument(
+        "--k8s",
+        action="store_true",
+        help="write a Prometheus Operator PrometheusRule manifest instead of a rule file",
+    )
+    p.add_argument("--namespace", default="cohortgate", help="with --k8s: the namespace (default cohortgate)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --k8s: a label the operator's ruleSelector matches, e.g. release=kube-prometheus-stack",
+    )
     p.set_defaults(func=_alerts_render)
 
     grafana = subparsers.add_parser("grafana", help="render a Grafana dashboard and its provisioning")
@@ -58,7 +71,13 @@ def _alerts_render(args: argparse.Namespace) -> int:
         "sidecar_queue_p95_s": args.queue_p95,
     }
     t = replace(t, **{k: v for k, v in overrides.items() if v is not None})
-    text = render(t)
+    if args.k8s:
+        from cohortgate.deploy.alerts import prometheus_rule
+
+        labels = dict(item.partition("=")[::2] for item in args.label)
+        text = prometheus_rule(t, namespace=args.namespace, labels=labels)
+    else:
+        text = render(t)
     if args.out is None:
         sys.stdout.write(text)
     else:

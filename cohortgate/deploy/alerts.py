@@ -211,6 +211,25 @@ def render(t: Thresholds = Thresholds()) -> str:
     )
 
 
+def prometheus_rule(
+    t: Thresholds = Thresholds(), namespace: str = "cohortgate", labels: dict[str, str] | None = None
+) -> str:
+    """The same rules as a Prometheus Operator ``PrometheusRule`` (``kubectl apply -f``). An operator
+    picks rules up by its ``ruleSelector``; kube-prometheus-stack's selects ``release: <its release>``,
+    so pass that in ``labels``."""
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "cohortgate",
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "cohortgate", **(labels or {})},
+        },
+        "spec": {"groups": [{"name": GROUP, "rules": [r.as_dict() for r in rules(t)]}]},
+    }
+    return yaml.safe_dump(doc, sort_keys=False, width=200)
+
+
 def scrape_config(gateway: list[str], controller: list[str], sidecar: list[str], envoy: list[str]) -> str:
     """A ``scrape_configs`` section with the job names the rules and the dashboard assume."""
     jobs = [

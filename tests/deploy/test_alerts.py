@@ -265,3 +265,14 @@ def test_rules_name_only_metrics_of_the_stack(rule: alerts.Rule) -> None:
     """Every metric a rule names is in the list the stack exports (checked against live scrapes in
     tests/integration/test_observability.py)."""
     assert metric_names(rule.expr) <= EXPORTED | {"up"}
+
+
+def test_the_prometheus_rule_manifest_holds_the_same_rules(tmp_path: Path) -> None:
+    out = tmp_path / "rule.yaml"
+    args = ["alerts", "render", "--k8s", "--namespace", "obs", "--label", "release=kps", "--out", str(out)]
+    assert cli(args) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["metadata"]["namespace"] == "obs"
+    assert doc["metadata"]["labels"]["release"] == "kps"
+    assert doc["spec"] == yaml.safe_load(alerts.render())  # the groups promtool tested, unchanged
