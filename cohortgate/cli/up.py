@@ -117,7 +117,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="take free ports for everything instead of the usual ones (tests, stacks side by side)",
     )
     p.add_argument("--port", type=_port, default=None, help="Envoy's HTTPS port (default 8443, else a free one)")
-    p.add_argument("--admin-port", type=_port, default=None, help="Envoy's admin port (default 9901, else a free one)")
     p.add_argument(
         "--controller-port", type=_port, default=None, help="the controller API's port (default 9480, else a free one)"
     )
@@ -179,7 +178,6 @@ def _up(args: argparse.Namespace) -> int:
         demo=args.demo,
         free_ports=args.free_ports,
         envoy_port=args.port,
-        admin_port=args.admin_port,
         controller_port=args.controller_port,
         dashboard_port=args.dashboard_port,
         gateway_metrics_port=args.gateway_metrics_port,

@@ -29,7 +29,7 @@ class Layout:
 
     state_dir: Path
     certs_dir: Path
-    ports: Mapping[str, int]  # controller, dashboard, gateway_metrics, envoy, admin
+    ports: Mapping[str, int]  # controller, dashboard, gateway_metrics, envoy
     processor_socket: str
     als_socket: str
     gateway_policy: Path  # the effective policy the gateway serves
@@ -74,8 +74,13 @@ class Layout:
         return f"http://127.0.0.1:{self.ports['gateway_metrics']}/metrics"
 
     @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin on a 0600 Unix socket: only this user can drain, quit or reconfigure Envoy."""
+        return self.state_dir / "envoy-admin.sock"
+
+    @property
     def envoy_admin(self) -> str:
-        return f"http://127.0.0.1:{self.ports['admin']}"
+        return f"unix:{self.admin_socket}"
 
     @property
     def gateway_url(self) -> str:
@@ -236,7 +241,6 @@ def envoy_recipe(layout: Layout, bootstrap: Path, cds: Path, concurrency: int) -
         info={
             "port": layout.ports["envoy"],
             "admin": layout.envoy_admin,
-            "admin_port": layout.ports["admin"],
             "bootstrap": str(bootstrap),
             "cds": str(cds),
         },

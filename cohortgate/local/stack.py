@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["ChildFailed", "Stack", "StackError", "StackOptions"]
 
 DEFAULT_ENVOY_PORT = 8443
-DEFAULT_ADMIN_PORT = 9901
 DEFAULT_CONTROLLER_PORT = banner.DEFAULT_CONTROLLER_PORT
 DEFAULT_DASHBOARD_PORT = 9481
 DEFAULT_GATEWAY_METRICS_PORT = 9482
@@ -86,7 +85,6 @@ class StackOptions:
     canary_fault_after_s: float = 0.0  # the canary is healthy this long from its first request (the demo)
     free_ports: bool = False  # every port a free one (tests, stacks side by side)
     envoy_port: int | None = None
-    admin_port: int | None = None
     controller_port: int | None = None
     dashboard_port: int | None = None
     gateway_metrics_port: int | None = None
@@ -244,7 +242,6 @@ class Stack:
         for key, asked, usual, what in (
             ("controller", o.controller_port, DEFAULT_CONTROLLER_PORT, "the controller"),
             ("envoy", o.envoy_port, DEFAULT_ENVOY_PORT, "Envoy"),
-            ("admin", o.admin_port, DEFAULT_ADMIN_PORT, "Envoy's admin"),
             ("dashboard", o.dashboard_port, DEFAULT_DASHBOARD_PORT, "the dashboard"),
             ("gateway_metrics", o.gateway_metrics_port, DEFAULT_GATEWAY_METRICS_PORT, "the gateway's metrics"),
         ):
@@ -445,7 +442,7 @@ class Stack:
             processor=ProcessorAddress(uds=self.layout.processor_socket),
             transport=self.opts.transport,  # type: ignore[arg-type]
             listen_port=self.ports["envoy"],
-            admin_port=self.ports["admin"],
+            admin_socket=self.layout.admin_socket,
             access_log=AccessLogTarget(uds=self.layout.als_socket),
             concurrency=self.opts.concurrency,
         )
@@ -603,7 +600,6 @@ class Stack:
             },
             "ports": {
                 "envoy": self.ports["envoy"],
-                "envoy_admin": self.ports["admin"],
                 "controller": self.ports["controller"],
                 "dashboard": self.ports["dashboard"],
                 "gateway_metrics": self.ports["gateway_metrics"],

@@ -19,7 +19,7 @@ from cohortgate.local.recipes import (
     traffic_recipe,
 )
 
-PORTS = {"controller": 19480, "dashboard": 19481, "gateway_metrics": 19482, "envoy": 18443, "admin": 19901}
+PORTS = {"controller": 19480, "dashboard": 19481, "gateway_metrics": 19482, "envoy": 18443}
 
 
 def layout(redis: str | None = None, **kw) -> Layout:
@@ -96,7 +96,7 @@ def test_the_gateway_gets_the_unit_salt_in_its_environment_and_drops_a_stale_soc
     assert flag(recipe.argv, "--policy") == "/srv/state/policy.yaml"
     assert flag(recipe.argv, "--listen") == "uds:/srv/state/processor.sock"
     assert flag(recipe.argv, "--envoy-cds") == "/srv/state/envoy/cds.yaml"
-    assert flag(recipe.argv, "--envoy-admin") == "http://127.0.0.1:19901"
+    assert flag(recipe.argv, "--envoy-admin") == "unix:/srv/state/envoy-admin.sock"  # 0600: only this user
     assert flag(recipe.argv, "--metrics") == "127.0.0.1:19482"
     assert flag(recipe.argv, "--state-file") == "/srv/state/state.json"  # embedded: the controller's file
     assert recipe.env == {UNIT_SALT_ENV: "s4lt"} and "s4lt" not in recipe.argv  # never on a command line
@@ -109,7 +109,7 @@ def test_the_gateway_gets_the_unit_salt_in_its_environment_and_drops_a_stale_soc
 def test_envoy_drains_every_connection_at_once_for_two_seconds():
     assert envoy_args() == ("--drain-time-s", "2", "--drain-strategy", "immediate")
     recipe = envoy_recipe(layout(), Path("/b.yaml"), Path("/cds.yaml"), concurrency=2)
-    assert recipe.endpoint == "https://127.0.0.1:18443" and recipe.info["admin"] == "http://127.0.0.1:19901"
+    assert recipe.endpoint == "https://127.0.0.1:18443" and recipe.info["admin"] == "unix:/srv/state/envoy-admin.sock"
     assert recipe.argv[-4:] == envoy_args()
 
 
@@ -134,7 +134,7 @@ def run_doc() -> dict:
         "ports": {"controller": 19480},
         "endpoints": {
             "gateway": "https://127.0.0.1:18443",
-            "envoy_admin": "http://127.0.0.1:19901",
+            "envoy_admin": "unix:/srv/state/envoy-admin.sock",
             "dashboard": "http://127.0.0.1:19481/",
             "controller_api": "http://127.0.0.1:19480",
             "gateway_metrics": "http://127.0.0.1:19482/metrics",
