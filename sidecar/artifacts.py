@@ -370,6 +370,7 @@ def load_artifact(
 ) -> Artifact:
     """Fetch, verify and (if sealed) decrypt one reference; ``ArtifactRefused`` says which check failed."""
     ref = parse_reference(text)
+    expected: str | None  # the model's digest, when anything pins it
     timings: dict[str, float] = {}
     version = signed_by = None
     started = time.perf_counter()

@@ -396,7 +396,7 @@ class Sidecar:
             except web.HTTPRequestEntityTooLarge:
                 raise PayloadTooLarge(f"the body exceeds the limit of {self.config.max_body_bytes} bytes") from None
             # One snapshot from here to the answer: a live swap between two awaits never mixes models.
-            model, batcher, headers = self.model, self.batcher, self._json_headers
+            model, batcher, headers = self.model, self.batcher, self._json_headers  # type: ignore[assignment]
             decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")

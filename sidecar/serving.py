@@ -20,13 +20,20 @@ from sidecar.model import OnnxModel
 class LoadSettings(Protocol):
     """The parts of ``SidecarConfig`` a load needs."""
 
-    device: str
-    intra_op_threads: int | None
-    max_batch_size: int
-    trusted_keys: tuple[str, ...]
-    kek: str | None
-    model_cache_dir: str | None
-    model_max_bytes: int
+    @property
+    def device(self) -> str: ...
+    @property
+    def intra_op_threads(self) -> int | None: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    @property
+    def trusted_keys(self) -> tuple[str, ...]: ...
+    @property
+    def kek(self) -> str | None: ...
+    @property
+    def model_cache_dir(self) -> str | None: ...
+    @property
+    def model_max_bytes(self) -> int: ...
 
 
 def model_name(reference: str) -> str:

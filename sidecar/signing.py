@@ -89,12 +89,12 @@ def load_trusted_key(spec: str) -> TrustedKey:
             raise ArtifactRefused("key", f"trusted key {spec[:20]}… is not 32 base64-encoded bytes: {exc}") from None
         return TrustedKey(key, key_id(key), "inline")
     try:
-        key = serialization.load_pem_public_key(Path(spec).read_bytes())
+        loaded = serialization.load_pem_public_key(Path(spec).read_bytes())
     except (OSError, ValueError) as exc:
         raise ArtifactRefused("key", f"cannot read the trusted key {spec}: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
+    if not isinstance(loaded, Ed25519PublicKey):
         raise ArtifactRefused("key", f"trusted key {spec} is not an Ed25519 public key")
-    return TrustedKey(key, key_id(key), spec)
+    return TrustedKey(loaded, key_id(loaded), spec)
 
 
 def sign(private: Ed25519PrivateKey, manifest: bytes) -> bytes:
