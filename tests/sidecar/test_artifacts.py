@@ -285,3 +285,78 @@ async def test_s3_store_push_list_and_the_sidecar_serves_from_the_bucket(
     # a pin that does not match the bucket's manifest is refused
     with pytest.raises(ArtifactRefused, match="digest mismatch"):
         await asyncio.to_thread(load_artifact, f"s3://{s3_bucket}/prod/adder/2@{v1.digest}")
+
+
+# ------------------------------------------------------------------------------------------ https
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM), the certificate being its own CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_https_references_verify_tls_and_follow_no_redirect(
+    aiohttp_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import ssl
+
+    store = repository.DirectoryStore(tmp_path / "store")
+    (v1,) = push_versions(store, "adder", 1.0)
+
+    async def serve_store(request: web.Request) -> web.StreamResponse:
+        path = tmp_path / "store" / request.match_info["tail"]
+        return web.Response(body=path.read_bytes()) if path.is_file() else web.Response(status=404)
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/store/adder/1/model.onnx")
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_get("/store/{tail:.*}", serve_store)
+    app.router.add_get("/elsewhere/model.onnx", redirect)
+    server = await aiohttp_server(app, ssl=context)
+    base = f"https://127.0.0.1:{server.port}"
+
+    # An unknown CA is refused (a fetch error, not a crash) ...
+    with pytest.raises(ArtifactRefused, match="CERTIFICATE_VERIFY_FAILED") as info:
+        await asyncio.to_thread(load_artifact, f"{base}/store/adder/1@{v1.digest}")
+    assert info.value.reason == "fetch"
+    # ... and trusted through the standard SSL_CERT_FILE, the version verifies and loads.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    artifact = await asyncio.to_thread(
+        load_artifact, f"{base}/store/adder/1@{v1.digest}", cache=ArtifactCache(tmp_path / "c")
+    )
+    assert artifact.model == add_model(1.0) and artifact.version == "adder/1"
+    with pytest.raises(ArtifactRefused, match="HTTP 302"):
+        await asyncio.to_thread(load_artifact, f"{base}/elsewhere/model.onnx@{v1.digest}")
