@@ -110,6 +110,10 @@ class SidecarConfig:
             problems.append("report_to needs a variant")
         if self.report_to and not self.report_to.startswith(REPORT_SCHEMES):
             problems.append(f"report_to must start with one of {', '.join(REPORT_SCHEMES)}")
+        if self.model_max_bytes < 1:
+            problems.append("model_max_bytes must be at least 1")
+        if self.model_file and self.model_poll_s <= 0:
+            problems.append("model_poll_s must be positive")
         if not 0 <= self.port <= 65535:
             problems.append("port must be within 0..65535")
         if problems:
