@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 from cohortgate.core.contract import UNIT_SALT_ENV
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import Policy
+from cohortgate.core.rollout import Phase as RolloutPhase
 from cohortgate.local import banner, probes, recipes
 from cohortgate.local.client import DEFAULT_CLIENT as DEMO_CLIENT
 from cohortgate.local.client import DEFAULT_STATE_DIR, RUN_FILE, describe_audit, pid_alive
@@ -50,6 +51,7 @@ from cohortgate.local.supervisor import (
     RestartPolicy,
     Supervisor,
 )
+from cohortgate.store.state import read_states
 from cohortgate.support.files import write_atomic
 
 if TYPE_CHECKING:
@@ -271,18 +273,18 @@ class Stack:
             for path in files:
                 path.unlink(missing_ok=True)
             return
-        try:
-            doc = json.loads(files[0].read_text())
-        except (OSError, ValueError):
-            return
-        with contextlib.suppress(AttributeError, TypeError):
-            for route, state in sorted(doc.items()):
-                for variant, v in sorted((state.get("variants") or {}).items()):
-                    if v.get("phase") in ("rolled_back", "halted"):
-                        self.progress(
-                            f"note: {route}/{variant} is {v['phase'].replace('_', ' ')} since an earlier run "
-                            f"(`cohortgate resume {route}` restarts it)"
-                        )
+        states, safe_mode = read_states(files[0])
+        if safe_mode is not None:
+            self.progress(
+                f"SAFE MODE: {safe_mode}; every challenger serves 0 % until `cohortgate resume ROUTE VARIANT`"
+            )
+        for route, state in sorted(states.items()):
+            for variant, v in sorted(state.variants.items()):
+                if v.phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.HALTED):
+                    self.progress(
+                        f"note: {route}/{variant} is {v.phase.value.replace('_', ' ')} since an earlier run "
+                        f"(`cohortgate resume {route}` restarts it)"
+                    )
 
     def _check_running_stack(self) -> None:
         try:

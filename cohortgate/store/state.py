@@ -184,9 +184,10 @@ def safe_state(state: RouteState, reason: str) -> RouteState:
     return RouteState(state.route, weights, variants, state.version + 1, state.updated_at, SAFE_ACTOR)
 
 
-def read_states(path: str | Path) -> dict[str, RouteState]:
-    """The states a store would start with from the state file ``path`` (for `up`'s notes)."""
-    return _read_cache(Path(path))[0]
+def read_states(path: str | Path) -> tuple[dict[str, RouteState], str | None]:
+    """(states, safe-mode reason) a store would start with from the state file ``path`` (for `up`'s notes)."""
+    states, _generation, safe_mode = _read_cache(Path(path))
+    return states, safe_mode
 
 
 def _prev(path: Path) -> Path:

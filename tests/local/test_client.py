@@ -157,3 +157,34 @@ def test_up_keeps_an_earlier_rollback_and_says_so_but_the_demo_starts_afresh(tmp
     assert (tmp_path / "state.json").exists()
     Stack(StackOptions(policy=Path("policies/example.yaml"), state_dir=tmp_path, demo=True), out=out)._previous_state()
     assert not (tmp_path / "state.json").exists()
+
+
+async def test_up_reads_the_checksummed_state_and_says_when_it_starts_safe(tmp_path):
+    """The notes read the state the store itself would start from (the checksummed generations),
+    and a state file with no readable generation is announced as safe mode, not passed over."""
+    import io
+    from pathlib import Path
+
+    from cohortgate.controller.loop import Controller
+    from cohortgate.core.policy import load_policy
+    from cohortgate.core.rollout import Signal
+    from cohortgate.local.stack import Stack, StackOptions
+    from cohortgate.store.events import InProcessSink
+    from cohortgate.store.state import InProcessState
+
+    policy = load_policy("policies/example.yaml")
+    controller = Controller(policy, InProcessState(tmp_path / "state.json"), InProcessSink(), clock=lambda: 2_000.0)
+    await controller.start()
+    await controller.manual(Signal.ROLLBACK, "tabular", "canary", "operator")
+    assert "format" in (tmp_path / "state.json").read_text()  # the checksummed format, not the old plain map
+
+    out = io.StringIO()
+    Stack(StackOptions(policy=Path("policies/example.yaml"), state_dir=tmp_path), out=out)._previous_state()
+    assert "tabular/canary is rolled back since an earlier run" in out.getvalue()
+    assert "SAFE MODE" not in out.getvalue()
+
+    for path in tmp_path.glob("state.json*"):
+        path.write_text("garbage{")
+    out = io.StringIO()
+    Stack(StackOptions(policy=Path("policies/example.yaml"), state_dir=tmp_path), out=out)._previous_state()
+    assert "SAFE MODE" in out.getvalue() and "cohortgate resume" in out.getvalue()
