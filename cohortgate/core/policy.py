@@ -101,6 +101,22 @@ class Rollout:
 
 
 @dataclass(frozen=True, slots=True)
+class Metric:
+    """A declared outcome metric; the controller reads it as a `cohortgate.core.lift.MetricSpec` (the same
+    fields, plus the attribution window); kept apart so the gateway never imports numpy for it."""
+
+    name: str
+    kind: str  # binary | mean | ratio
+    direction: str  # increase | decrease
+    role: str  # primary | secondary | guardrail
+    margin: float | None
+    margin_abs: bool
+    planned_units: int
+    attribution_window_s: float
+    covariate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path_prefix: str | None
@@ -129,6 +145,8 @@ class Route:
     bounds: tuple[int, ...]  # cohort layout for the current weights
     owners: tuple[int, ...]
     trusted_keys: tuple[str, ...] = ()  # model-signing keys: ed25519:<b64> or resolved PEM paths
+    kind: str = "model"  # "model" | "outcomes" (the outcome ingest, forwarded to the controller)
+    metrics: tuple[Metric, ...] = ()  # outcome metrics read on this route
 
     @property
     def control(self) -> Variant:
@@ -493,7 +511,10 @@ def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
     for ri, route in enumerate(routes):
         if route is None:
             continue
-        at = lambda *loc, _ri=ri: marks.at(("routes", _ri, *loc), key=True)  # noqa: E731
+
+        def at(*loc: Any, _ri: int = ri) -> str:
+            return marks.at(("routes", _ri, *loc), key=True)
+
         if route.name in seen_routes:
             yield f"{at('name')}: duplicate route name {route.name!r} (first at routes[{seen_routes[route.name]}])"
         else:
@@ -571,6 +592,7 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
                 f"{at('auth', 'identities', ii)}: identity {pattern!r} must be a spiffe:// ID, "
                 "optionally ending in `*`"
             )
+    yield from _check_metrics(route, at)
     if route.rollout is not None:
         ro = route.rollout
         if ro.variant not in variant_names:
@@ -579,6 +601,25 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
             yield f"{at('rollout', 'variant')}: the control variant {ro.variant!r} cannot be rolled out"
         if any(not 0 < s <= 100 for s in ro.steps) or list(ro.steps) != sorted(set(ro.steps)):
             yield f"{at('rollout', 'steps')}: rollout steps must be strictly increasing weights in 1..100"
+
+
+def _check_metrics(route: RouteModel, at: Any) -> Iterable[str]:
+    """Metric names unique, at most one primary; an outcomes route is a single plain forward."""
+    seen: set[str] = set()
+    primaries = 0
+    for mi, m in enumerate(route.metrics):
+        if m.name in seen:
+            yield f"{at('metrics', mi, 'name')}: duplicate metric name {m.name!r}"
+        seen.add(m.name)
+        primaries += m.role == "primary"
+        if m.role == "primary" and primaries > 1:
+            yield f"{at('metrics', mi, 'role')}: route {route.name!r} has more than one primary metric"
+    if route.kind == "outcomes":
+        if len(route.variants) != 1:
+            yield f"{at('variants')}: an outcomes route has one variant (its backend: the controller API)"
+        for what in ("shadows", "rollout", "metrics"):
+            if getattr(route, what):
+                yield f"{at(what)}: an outcomes route has no {what}"
 
 
 def _check_url(url: str, where: str) -> Iterable[str]:
@@ -736,4 +777,6 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         bounds=bounds,
         owners=owners,
         trusted_keys=tuple(k if k.startswith("ed25519:") else str((base_dir / k).resolve()) for k in r.trusted_keys),
+        kind=r.kind,
+        metrics=tuple(Metric(**m.model_dump()) for m in r.metrics),
     )

@@ -192,8 +192,49 @@ class Rollout(_Strict):
     interval_s: float = Field(default=30, gt=0, description="Minimum time on a step before promotion.")
 
 
+class Metric(_Strict):
+    """An outcome metric of a route (docs/outcomes.md): what a client's outcomes are read as."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="The name outcomes carry (`metric` in POST /v1/outcomes).")
+    kind: Literal["binary", "mean", "ratio"] = Field(
+        default="binary",
+        description="binary: share of units that converted; mean: per-unit total (revenue per user); "
+        "ratio: per exposure (clicks per session, delta method).",
+    )
+    direction: Literal["increase", "decrease"] = Field(default="increase", description="Which way is better.")
+    role: Literal["primary", "secondary", "guardrail"] = Field(
+        default="primary",
+        description="primary: can win or lose; secondary: reported; guardrail: must be non-inferior by `margin`.",
+    )
+    margin: float | None = Field(
+        default=None, ge=0, description="Guardrails: how much worse than control is acceptable (relative: 0.01 = 1 %)."
+    )
+    margin_abs: bool = Field(default=False, description="Read `margin` in the metric's own units, not relative.")
+    planned_units: int = Field(
+        default=10_000, ge=2, description="Units (both arms) the plan needs (`cohortgate experiment plan`)."
+    )
+    attribution_window_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        le=90 * 24 * 3600.0,
+        description="An outcome reported longer than this after the response is not attributed (expired).",
+    )
+    covariate: str | None = Field(default=None, min_length=1, description="Pre-exposure covariate name (CUPED).")
+
+    @model_validator(mode="after")
+    def _guardrail_margin(self) -> Metric:
+        if self.role == "guardrail" and self.margin is None:
+            raise ValueError("a guardrail metric needs a non-inferiority `margin`")
+        return self
+
+
 class Route(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["model", "outcomes"] = Field(
+        default="model",
+        description="model: an A/B-tested model endpoint; outcomes: the ingest of outcome reports "
+        "(POST /v1/outcomes), forwarded to the controller's /outcomes; one variant, its backend the controller API.",
+    )
     match: Match
     auth: Auth = Auth()
     cohorts: Cohorts = Cohorts()
@@ -206,6 +247,9 @@ class Route(_Strict):
         default=False,
         description="Pass the client's Authorization header on to this route's variants, for backends "
         "that check it themselves; by default Envoy removes it before any upstream. Shadows never get it.",
+    )
+    metrics: list[Metric] = Field(
+        default=[], description="Outcome metrics read on this route (docs/outcomes.md); at most one primary."
     )
     trusted_keys: list[str] = Field(
         default=[],
