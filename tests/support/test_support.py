@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from cohortgate.support import http
 from cohortgate.support.durations import interval_arg, parse_duration
-from cohortgate.support.files import FileStamp, changes, write_atomic
+from cohortgate.support.files import POLL_ONLY_ENV, FileStamp, changes, watch, write_atomic
 
 
 def test_write_atomic_replaces_whole_files_with_the_exact_mode(tmp_path: Path) -> None:
@@ -71,6 +72,88 @@ async def test_changes_yields_each_edit_and_ignores_a_missing_file(tmp_path: Pat
 
 async def test_changes_with_a_zero_interval_never_polls(tmp_path: Path) -> None:
     assert [s async for s in changes(tmp_path / "x", 0)] == []
+
+
+@pytest.fixture(params=["events", "polling"])
+def watch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every watch test runs on OS events (watchfiles) and on the polling fallback."""
+    if request.param == "polling":
+        monkeypatch.setenv(POLL_ONLY_ENV, "1")
+    else:
+        monkeypatch.delenv(POLL_ONLY_ENV, raising=False)
+    return str(request.param)
+
+
+async def _next_stamp(gen: object, timeout_s: float = 30) -> FileStamp:
+    return await asyncio.wait_for(gen.__anext__(), timeout=timeout_s)  # type: ignore[attr-defined]
+
+
+async def test_changes_follows_atomic_rename_over_writes(tmp_path: Path, watch_mode: str) -> None:
+    """write_atomic replaces the inode each time: the watch must survive every rename-over, and the
+    temp files next to it are not changes of the file."""
+    path = tmp_path / "policy.yaml"
+    write_atomic(path, "a")
+    gen = changes(path, 0.05)
+    follower = asyncio.ensure_future(_next_stamp(gen))
+    await asyncio.sleep(0.2)  # the watch is in place
+    for size in (2, 3, 4):
+        write_atomic(path, "x" * size)
+        stamp = await follower if size == 2 else await _next_stamp(gen)
+        assert stamp.size == size
+        assert stamp == FileStamp.of(path)
+    write_atomic(tmp_path / "other.yaml", "zzzzz")  # a neighbour: nothing
+    with pytest.raises(TimeoutError):
+        await _next_stamp(gen, 0.3)
+    await gen.aclose()
+
+
+async def test_changes_waits_for_a_missing_file_to_appear(tmp_path: Path, watch_mode: str) -> None:
+    path = tmp_path / "later.yaml"
+    gen = changes(path, 0.05)
+    follower = asyncio.ensure_future(_next_stamp(gen))
+    await asyncio.sleep(0.2)
+    assert not follower.done()  # missing is not a change
+    write_atomic(path, "hello")
+    assert (await follower).size == 5
+    await gen.aclose()
+
+
+async def test_os_events_see_an_edit_long_before_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a 1 h safety-net interval only an OS event can report the edit within the 30 s timeout."""
+    monkeypatch.delenv(POLL_ONLY_ENV, raising=False)
+    path = tmp_path / "policy.yaml"
+    write_atomic(path, "a")
+    gen = changes(path, 3600)
+    follower = asyncio.ensure_future(_next_stamp(gen))
+    await asyncio.sleep(0.2)
+    write_atomic(path, "bb")
+    assert (await follower).size == 2
+    await gen.aclose()
+
+
+def test_watch_in_a_thread_stops_on_its_event(tmp_path: Path, watch_mode: str) -> None:
+    path = tmp_path / "policy.yaml"
+    write_atomic(path, "a")
+    stop = threading.Event()
+    seen: list[int] = []
+    got = threading.Event()
+
+    def follow() -> None:
+        for stamp in watch(path, 0.05, stop):
+            seen.append(stamp.size)
+            got.set()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    threading.Event().wait(0.2)
+    write_atomic(path, "bbb")
+    assert got.wait(30)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert seen == [3]
 
 
 @pytest.mark.parametrize(
