@@ -30,6 +30,19 @@ Tensors = tuple[np.ndarray, ...]
 
 
 @dataclass(slots=True)
+class BatchTiming:
+    """What happened to one request inside the batcher, filled in before its future resolves.
+
+    Only a caller that asks (tracing on) passes one to `Batcher.submit`; without it the batcher
+    records nothing per request, so the hot path pays a single ``is not None`` test."""
+
+    queue_s: float = 0.0  # from submit to the batch's dispatch
+    compute_s: float = 0.0  # the model call for the whole batch, in the executor thread
+    batch_rows: int = 0  # rows in the batch this request ran in
+    batch_requests: int = 0  # requests merged into that batch
+
+
+@dataclass(slots=True)
 class Pending:
     """One queued request: its inputs, its rows, its merge key and the future its caller awaits."""
 
@@ -38,6 +51,7 @@ class Pending:
     key: tuple
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    timing: BatchTiming | None = None
 
 
 def merge_key(inputs: Tensors) -> tuple:
@@ -162,15 +176,19 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._worker = self._loop.create_task(self._work(), name="sidecar-batcher")
 
-    def submit(self, inputs: Tensors, rows: int) -> asyncio.Future:
-        """Queue one request; the returned future resolves to its outputs. Raises ``Unavailable``."""
+    def submit(self, inputs: Tensors, rows: int, timing: BatchTiming | None = None) -> asyncio.Future:
+        """Queue one request; the returned future resolves to its outputs. Raises ``Unavailable``.
+        ``timing``, when given, holds the request's queue wait, batch size and compute time by then."""
         if self._closing or self._loop is None:
             raise Unavailable("the sidecar is shutting down")
         if len(self._queue) >= self.max_queue:
             raise Unavailable(f"the request queue is full ({self.max_queue} waiting)")
         future = self._loop.create_future()
         key = merge_key(inputs) if self.max_batch_size > 1 else ()
-        self._queue.append(Pending(inputs, rows, key, future))
+        pending = Pending(inputs, rows, key, future)
+        if timing is not None:
+            pending.timing = timing
+        self._queue.append(pending)
         self._queued_rows += rows
         # Wake the worker only when it can act: the model is idle (greedy; with a delay, only the
         # first arrival starts the clock) or a full batch is waiting.
@@ -248,6 +266,10 @@ class Batcher:
             self._fail(batch, exc)
         else:
             for p, part in zip(batch, parts, strict=True):
+                if p.timing is not None:
+                    t = p.timing
+                    t.queue_s, t.compute_s = started - p.enqueued, compute_s
+                    t.batch_rows, t.batch_requests = sum(rows), len(batch)
                 if not p.future.done():
                     p.future.set_result(part)
         self._wake()

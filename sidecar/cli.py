@@ -116,6 +116,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="text (default) or ecs (Elastic Common Schema JSON)",
     )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=None,
+        help="OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per inference (needs the otel extra; off)",
+    )
+    p.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.01,
+        metavar="RATIO",
+        help="with --otlp-endpoint: trace this share of requests that carry no sampled traceparent (default 0.01)",
+    )
     p.set_defaults(func=handler)
 
 
@@ -147,6 +160,8 @@ def handler(args: argparse.Namespace) -> int:
             fault_rate=args.fault_rate,
             fault_after_s=args.fault_after,
             drain_timeout_s=args.drain_timeout,
+            otlp_endpoint=args.otlp_endpoint,
+            trace_ratio=args.trace_sample,
         )
     except ValueError as exc:
         print(f"cohortgate sidecar: {exc}", file=sys.stderr)

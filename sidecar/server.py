@@ -31,7 +31,7 @@ from cohortgate.core.contract import HEADER_MODEL_DIGEST, HEADER_MODEL_VERSION, 
 from cohortgate.support.files import changes
 from sidecar import serving
 from sidecar.artifacts import DEFAULT_MAX_BYTES, Artifact, ArtifactMetrics
-from sidecar.batching import Batcher
+from sidecar.batching import Batcher, BatchTiming
 from sidecar.errors import (
     ArtifactRefused,
     InferenceFailed,
@@ -55,6 +55,7 @@ from sidecar.protocol import (
     error_body,
 )
 from sidecar.report import Reporter, ReportSink, sink_from_url
+from sidecar.tracing import open_tracing, record_infer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class SidecarConfig:
     model_max_bytes: int = DEFAULT_MAX_BYTES
     model_file: str | None = None  # holds the reference; an edit swaps the model live
     model_poll_s: float = 1.0
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector: one span per inference (off when None)
+    trace_ratio: float = 0.01  # share of requests without a sampled traceparent to trace
 
     def __post_init__(self) -> None:
         problems = []
@@ -143,6 +146,7 @@ class Sidecar:
         self.ready = False
         self.load_error: str | None = None
         self._report_sink = report_sink
+        self.tracing = open_tracing(config.otlp_endpoint, config.trace_ratio)  # None: no span, no import
         self._faults = FaultInjector(config.fault_rate, config.fault_after_s) if config.fault_rate > 0 else None
         self._executor: ThreadPoolExecutor | None = None
         self._loaded: asyncio.Future | None = None
@@ -179,6 +183,8 @@ class Sidecar:
             if self.reporter is not None:
                 await self.reporter.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self.tracing is not None:
+                self.tracing.shutdown()
 
     async def on_shutdown(self, app: web.Application) -> None:
         # Health checks see "not ready" while in-flight requests finish.
@@ -388,6 +394,7 @@ class Sidecar:
         started = time.perf_counter()
         outputs = None
         decoded = None
+        timing = None
         try:
             model = self._check_model(request)
             if not self.ready:
@@ -404,7 +411,8 @@ class Sidecar:
             decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
-            outputs = await batcher.submit(decoded.inputs, decoded.rows)  # type: ignore[union-attr]
+            timing = BatchTiming() if self.tracing is not None else None
+            outputs = await batcher.submit(decoded.inputs, decoded.rows, timing)  # type: ignore[union-attr]
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
         except SidecarError as exc:
             status = exc.status
@@ -424,6 +432,9 @@ class Sidecar:
                 )
         elapsed = time.perf_counter() - started
         self.metrics.on_request(status, elapsed)
+        if self.tracing is not None:
+            rows = decoded.rows if decoded is not None else None
+            record_infer(self.tracing, request.headers, elapsed, status, self.name, self.served_by, rows, timing)
         if self.reporter is not None:
             request_id = request.headers.get(REQUEST_ID) or (decoded.id if decoded is not None else None) or ""
             self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None)
