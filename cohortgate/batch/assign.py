@@ -10,6 +10,7 @@ input column of that name, as a claim or a header exactly as the route says.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -113,9 +114,28 @@ class Assigner:
         return decide(self.policy, self.facts(values))
 
     def place(self, columns: Mapping[str, Sequence[Any]], rows: int) -> list[Decision]:
-        """One decision per row; ``columns`` holds the route's key columns as Python values."""
+        """One decision per row; ``columns`` holds the route's key columns as Python values.
+
+        `decide` is pure and a batch row has no request id, so rows with the same key values (the
+        same user scored several times) share one decision: it is computed once per distinct tuple.
+        """
         present = [(k.name, columns[k.name]) for k in self.keys if k.name in columns]
-        return [self.decide({name: col[i] for name, col in present}) for i in range(rows)]
+        names = [name for name, _ in present]
+        cache: dict[tuple[Any, ...], Decision] = {}
+        out: list[Decision] = []
+        for values in zip(*(col for _, col in present), strict=True) if present else [()] * rows:
+            key = (*values, *map(type, values))  # 1, 1.0 and True are equal keys but not equal facts
+            try:
+                found = cache.get(key)
+            except TypeError:  # an unhashable value (a list in a claim column): no sharing
+                found = None
+            if found is None:
+                found = self.decide(dict(zip(names, values, strict=True)))
+                if len(cache) < 1_000_000:
+                    with contextlib.suppress(TypeError):
+                        cache[key] = found
+            out.append(found)
+        return out
 
     def missing(self, names: Iterable[str]) -> list[Key]:
         have = set(names)

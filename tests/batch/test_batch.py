@@ -180,3 +180,15 @@ def test_scalar_feature_columns(policy_file, rows) -> None:
     pd.testing.assert_series_equal(by_array["label"], by_columns["label"])
     with pytest.raises(BatchError, match="no feature column"):
         score_frame(prepare(policy_file, "tabular", features=["f0", "zz"]), wide)
+
+
+def test_repeated_units_share_a_decision_but_not_across_types(policy_file) -> None:
+    policy = load_policy(policy_file)
+    a = Assigner(policy, "tabular")
+    units = ["u1", "u2", "u1", 1, True, 1]
+    placed = a.place({"sub": units, "residency": ["eu"] * 6, "x-device": ["web"] * 6}, 6)
+    assert placed[0] is placed[2] and placed[3] is placed[5]  # computed once per distinct facts
+    for unit, got in zip(units, placed, strict=True):
+        want = gateway_decision(policy, pd.Series({"sub": unit, "residency": "eu", "x-device": "web"}))
+        assert (got.variant, got.bucket, got.denial) == (want.variant, want.bucket, want.denial), unit
+    assert placed[4].denial is not None and placed[4].denial.code == "unauthenticated"  # True is no unit
