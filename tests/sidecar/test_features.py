@@ -149,3 +149,39 @@ def test_spec_refuses_malformed_views() -> None:
         spec(views=("clicks_7d",))
     with pytest.raises(ValueError, match="view:feature"):
         spec(views=())
+
+
+@pytest.mark.integration
+async def test_live_feast_materialize_reads_back(tmp_path: Path) -> None:
+    """With a Python that has Feast (``COHORTGATE_FEAST_PYTHON``, e.g. /tmp/feastenv/bin/python; Feast
+    stays out of cohortgate's environment), materialise afresh into a real redis-server and read it."""
+    import os
+    import subprocess
+
+    import redis.asyncio as redis
+
+    from tests.controller.conftest import RedisServer
+
+    python = os.environ.get("COHORTGATE_FEAST_PYTHON")
+    if not python:
+        pytest.skip("COHORTGATE_FEAST_PYTHON is not set: the recorded fixture stands in for a live Feast")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        out = tmp_path / "fresh.json"
+        script = Path(__file__).parent / "fixtures" / "make_feast_fixture.py"
+        address = server.url.removeprefix("redis://").split("/")[0]
+        done = subprocess.run(
+            [python, str(script), "--redis", address, "--out", str(out)], capture_output=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        fresh = json.loads(out.read_text())
+        client = redis.Redis.from_url(server.url)
+        reader = FeastRedisReader(spec(), client, clock=lambda: fresh["now"])
+        lookups = await reader.fetch(USERS)
+        for i in range(3):
+            for value, feature in zip(lookups[i].values, fresh["features"], strict=True):
+                assert value == pytest.approx(fresh["online"][feature.split(":")[1]][i], rel=1e-6)
+        assert [lk.reason for lk in lookups[3:]] == ["missing", "stale"]
+        await client.aclose()
+    finally:
+        server.stop()
