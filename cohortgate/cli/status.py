@@ -266,6 +266,8 @@ def render(doc: dict[str, Any], *, legend: bool = False) -> str:
             if "name" in ctl
             else f"controller: {ctl.get('note', '')}"
         )
+        if ctl.get("safe_mode"):
+            lines.append(f"SAFE MODE: {ctl['safe_mode']}; challengers serve 0 % until cohortgate resume ROUTE VARIANT")
     for name, r in sorted(doc.get("routes", {}).items()):
         srm = r.get("srm") or {}
         if srm.get("checked"):
@@ -279,6 +281,9 @@ def render(doc: dict[str, Any], *, legend: bool = False) -> str:
             f"route {name}: {r.get('status', '?')}  v{r.get('version', '?')} by {r.get('updated_by', '?')}"
             f"  SRM {srm_text}"
         )
+        alert = r.get("alert")
+        if alert:
+            lines.append(f"  ALERT {alert.get('kind', '')}: {alert.get('reason', '')}")
         header = (
             f"  {'variant':<14}{'weight':>7}  {'phase':<12}{'reqs':>8}{'err':>9}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'p(err)':>9}{'p(lat)':>9}  verdict"

@@ -769,6 +769,8 @@ class Controller:
                 "events": self.events_seen,
                 "unknown_events": self.unknown_events,
                 "interval_s": self.config.interval_s,
+                # why the store started with every challenger at 0 % (no readable state file), or None
+                "safe_mode": getattr(self.store, "safe_mode", None),
             },
             "routes": routes,
         }
