@@ -301,6 +301,18 @@ def view(
         )
     if audit_error:
         notices.append({"level": "warn", "text": f"cannot read the audit log: {audit_error}"})
+    if controller.get("safe_mode"):
+        notices.append(
+            {
+                "level": "error",
+                "text": f"SAFE MODE: {controller['safe_mode']}; every challenger serves 0 % until an operator "
+                "resumes it",
+            }
+        )
+    for name, route in sorted(((status or {}).get("routes") or {}).items()):
+        alert = route.get("alert")
+        if alert:  # control itself over a guardrail: the world changed, not the canary
+            notices.append({"level": "error", "text": f"{name}: experiment halted: {alert.get('reason', '')}"})
 
     records = [audit_view(r) for r in audit][:AUDIT_SHOWN]
     records.sort(key=lambda r: -r["ts"])

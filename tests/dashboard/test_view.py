@@ -163,3 +163,13 @@ def test_view_without_a_status_and_as_a_follower():
     assert doc["routes"] == [] and "no controller status" in doc["notices"][0]["text"]
     doc = view(status_doc(leader=False), policy_weights={}, recorder=Recorder(), audit=[], now=T0)
     assert any("not the leader" in n["text"] for n in doc["notices"])
+
+
+def test_view_raises_safe_mode_and_control_breach_alerts_as_notices():
+    status = status_doc()
+    status["controller"]["safe_mode"] = "no readable state file (state.json: garbage)"
+    status["routes"]["tabular"]["alert"] = {"kind": "control_breach", "reason": "control error rate 9% > 5%"}
+    doc = view(status, policy_weights={}, recorder=Recorder(), audit=[], now=T0)
+    errors = [n["text"] for n in doc["notices"] if n["level"] == "error"]
+    assert any(t.startswith("SAFE MODE: no readable state file") for t in errors)
+    assert "tabular: experiment halted: control error rate 9% > 5%" in errors
