@@ -50,20 +50,20 @@ async def test_an_unchanged_policy_changes_nothing():
 
 
 def test_the_controller_process_follows_edits_of_its_policy_file(tmp_path):
-    import json
     import time
 
+    from cohortgate.store.state import read_states
     from tests.dashboard.harness import ControllerProc, policy_text
 
     proc = ControllerProc(tmp_path).start()
     try:
 
-        def weights():
-            doc = json.loads(proc.state_file.read_text()) if proc.state_file.exists() else {}
-            return (doc.get("tabular") or {}).get("weights")
+        def weights():  # what the store would start from: the checksummed state file
+            states, _safe_mode = read_states(proc.state_file)
+            return dict(states["tabular"].weights) if "tabular" in states else None
 
         def wait_for(predicate, what):
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 60  # generous: a busy 2-core CI machine; the watch interval is 1 s
             while time.monotonic() < deadline:
                 if predicate():
                     return
