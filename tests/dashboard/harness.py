@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cohortgate.store.state import read_states
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -169,16 +171,10 @@ class Feeder(threading.Thread):
         """What a gateway following the controller's state file would apply."""
         if time.monotonic() - self._weights_at > 0.2:
             self._weights_at = time.monotonic()
-            try:
-                doc = json.loads(self.ctrl.state_file.read_text())
-                st = doc.get("tabular") or doc.get("routes", {}).get("tabular") or {}
-                w = dict(st.get("weights") or {})
-                for name in st.get("disabled") or ():
-                    w[name] = 0
-                if w:
-                    self._weights = w
-            except (OSError, ValueError, AttributeError):
-                pass
+            states, _safe_mode = read_states(self.ctrl.state_file)  # the checksummed file, as a store reads it
+            st = states.get("tabular")
+            if st is not None:
+                self._weights = {n: 0 if n in st.disabled else int(w) for n, w in st.weights.items()}
         return self._weights
 
     def _entry(self, rid: str, reports: list[dict[str, Any]]) -> Any:
