@@ -144,3 +144,30 @@ def test_file_stamp_changes_on_rename(tmp_path: Path) -> None:
     first = FileStamp.of(path)
     replace(path, "a")
     assert FileStamp.of(path) != first and FileStamp.of(tmp_path / "missing") is None
+
+
+# ------------------------------------------------------------------------------ rendering clusters fast
+
+SHAPES = [
+    ("r1-control", "http", "127.0.0.1", 8080, None, False),
+    ("r2.canary_x", "https", "api.example.com", 443, None, True),
+    ("c3", "https", "10.0.0.1", 8443, "/etc/ssl/ca.pem", False),
+    ("true", "http", "::1", 1, None, False),  # a YAML boolean: PyYAML quotes it
+    ("odd name:x", "https", "1.5", 443, None, False),  # not plain YAML at all
+    ("c4", "http", "localhost", 54321, None, True),  # the placeholder port itself
+]
+
+
+@pytest.mark.parametrize("key", SHAPES, ids=[k[0] for k in SHAPES])
+def test_filled_cluster_shapes_equal_the_typed_build(key: tuple) -> None:
+    """A live reload renders clusters from a cached shape (~0.05 ms each, not ~25 ms of GIL each);
+    the result is exactly the typed build's: resource, fingerprint and YAML item."""
+    from cohortgate.deploy.envoy import clusters
+    from cohortgate.deploy.envoy.typed import dump_item
+
+    reference = clusters._typed_resource(*key)
+    assert clusters._cluster_resource(*key) == reference
+    assert list(clusters._cluster_resource(*key)) == list(reference)  # key order too (Istio dumps it)
+    fingerprint, item = clusters._cluster_text(key)
+    assert fingerprint == json.dumps(reference, sort_keys=True)
+    assert item == dump_item(reference)
