@@ -9,14 +9,21 @@ JWKS that does not load) or does not switch in time, the gateway's file is put b
 bytes at once: the controller never runs a policy the gateway refused, and reverting the source
 later finds both files already on the serving policy (issue 16.8).
 
+The source is followed on OS file events (`cohortgate.support.files.watch`, in a thread): an edit
+marks the stamp stale at once, and `up`'s loop (every 0.1 s) applies it; its once-a-second look
+stays as the safety net. The gateway follows its own file on OS events too, so the edit reaches it
+without a polling hop.
+
 New sidecars start (and become ready) before the gateway sees the edit; sidecars the new policy no
 longer names stop after the gateway switched and a grace (requests routed to them finish).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,8 +38,9 @@ from cohortgate.local.banner import rel
 from cohortgate.local.plan import SidecarSpec, StackError, effective_policy_data, url_key
 from cohortgate.local.recipes import RELOAD_GRACE_S
 from cohortgate.local.supervisor import POLL_S, Child, Interrupted
-from cohortgate.support.files import FileStamp, write_atomic
+from cohortgate.support.files import FileStamp, watch, write_atomic
 
+SOURCE_SAFETY_NET_S = 5.0  # the event watch also stats the source this often (events lost, odd file systems)
 GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
 
 
@@ -93,6 +101,8 @@ class LivePolicy:
         self.text = ""  # its bytes, as both files hold them
         self.stamp: FileStamp | None = None  # the source file as last looked at
         self.source_digest = ""
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
 
     def read_source(self) -> bytes:
         try:
@@ -121,10 +131,27 @@ class LivePolicy:
         """SIGHUP: read the source at the next look even if its stamp did not change."""
         self.stamp = None
 
+    def watch_source(self) -> None:
+        """Mark the source stale the moment the OS reports an edit (a daemon thread, started once)."""
+        if self._watcher is not None:
+            return
+
+        def run() -> None:
+            for _stamp in watch(self.source, SOURCE_SAFETY_NET_S, self._stop_watching):
+                self.force_look()
+
+        self._watcher = threading.Thread(target=run, name="cohortgate-policy-source-watch", daemon=True)
+        self._watcher.start()
+        atexit.register(self.stop_watching)
+
+    def stop_watching(self) -> None:
+        self._stop_watching.set()
+
     # ------------------------------------------------------------------ following
 
     def follow(self, stack: StackOps) -> None:
         """Re-validate a changed source policy and apply it; a bad edit keeps the running one."""
+        self.watch_source()
         stamp = FileStamp.of(self.source)
         if stamp is None or stamp == self.stamp:
             return
