@@ -10,7 +10,8 @@ Per request (Envoy sends request headers only, one message per stream):
 2. authenticate: the bearer JWT (cached verification) and the SPIFFE ID of the client certificate;
 3. refuse bodies over the size limit by ``content-length`` (413);
 4. ``decide(policy, facts)``;
-5. answer: allowed -> a header mutation (cluster, shadow slots, variant/route, hashed unit, region)
+5. answer: allowed -> a header mutation (cluster, shadow slots, variant/route, hashed unit, region,
+   and the exposure token when ``$COHORTGATE_EXPOSURE_KEY`` is set: Envoy copies it to the response)
    with ``clear_route_cache``; denied -> an immediate JSON response with the denial's status.
 
 Anything unexpected is logged, counted and answered with an immediate 503 (``unavailable``):
@@ -30,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +42,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from cohortgate.core.contract import (
+    EXPOSURE_KEY_ENV,
     HEADER_CLUSTER,
+    HEADER_EXPOSURE,
+    HEADER_OUTCOMES,
     HEADER_PREFIX,
     HEADER_REGION,
     HEADER_ROUTE,
@@ -51,6 +56,8 @@ from cohortgate.core.contract import (
 )
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
+from cohortgate.core.exposure import exposure_id, parse_keys
+from cohortgate.core.exposure import mint as mint_exposure
 from cohortgate.core.policy import Policy
 from cohortgate.support.tracing import TRACE_HEADERS, TRACEPARENT, trace_id
 from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
@@ -86,6 +93,13 @@ class AuditSink(Protocol):
     def record(self, entry: tuple[Any, ...]) -> None: ...
 
 
+def exposure_key_from_env() -> bytes | None:
+    """The MAC key exposure tokens are minted under: the first of ``$COHORTGATE_EXPOSURE_KEY``, None when
+    unset (then no token is minted and nothing changes for users who do not report outcomes)."""
+    text = os.environ.get(EXPOSURE_KEY_ENV, "")
+    return parse_keys(text)[0] if text.strip() else None
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessorSettings:
     """What the processor needs besides the policy and the verifier."""
@@ -93,6 +107,8 @@ class ProcessorSettings:
     unit_salt: bytes = field(repr=False)  # HMAC key for x-cohortgate-unit and the audit's subject
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     trust_domain: str | None = None  # accept SPIFFE IDs from this trust domain only
+    # MAC key (core.exposure.mac_key) for x-cohortgate-exposure; read from the environment at start
+    exposure_key: bytes | None = field(default_factory=exposure_key_from_env, repr=False)
 
 
 @dataclass(slots=True)
@@ -302,7 +318,8 @@ class Engine:
         self.stats = Stats()
         self._clock = clock
         self._options = _Options()
-        self._units: dict[str, tuple[bytes, bytes]] = {}
+        self._units: dict[str, tuple[tuple[bytes, bytes], str]] = {}  # unit -> (header option, its hash)
+        self._outcome_routes: frozenset[str] = frozenset()
         self._identities: dict[tuple[str, bool], str | None] = {}
         self._policy: Policy | None = None
         self._wanted: frozenset[str] = _BASE_HEADERS
@@ -387,6 +404,7 @@ class Engine:
         policy = self.policies.policy
         if policy is not self._policy:
             self._wanted = policy_headers(policy) | (TRACE_HEADERS if self.tracing is not None else frozenset())
+            self._outcome_routes = frozenset(r.name for r in policy.routes if r.kind == "outcomes")
             self._policy = policy
         return policy
 
@@ -407,13 +425,15 @@ class Engine:
         self._identities[key] = identity
         return identity
 
-    def _unit_option(self, unit: str) -> tuple[bytes, bytes]:
-        option = self._units.get(unit)
-        if option is None:
+    def _unit_option(self, unit: str) -> tuple[tuple[bytes, bytes], str]:
+        """The x-cohortgate-unit option for a raw unit, and the keyed hash it carries (cached)."""
+        cached = self._units.get(unit)
+        if cached is None:
             if len(self._units) >= _CACHE_LIMIT:
                 self._units.clear()
-            option = self._units[unit] = _set_option(HEADER_UNIT, hash_unit(self.settings.unit_salt, unit))
-        return option
+            hashed = hash_unit(self.settings.unit_salt, unit)
+            cached = self._units[unit] = (_set_option(HEADER_UNIT, hashed), hashed)
+        return cached
 
     def _evaluate(
         self,
@@ -459,8 +479,25 @@ class Engine:
         if policy.response_headers:
             sets.append(options.set(HEADER_VARIANT, decision.variant))  # type: ignore[arg-type]
             sets.append(options.set(HEADER_ROUTE, decision.route))  # type: ignore[arg-type]
+        minted = False
+        outcomes = decision.route in self._outcome_routes
+        if outcomes:
+            sets.append(options.set(HEADER_OUTCOMES, "1"))  # Envoy rewrites the path to the controller's
         if decision.unit is not None:
-            sets.append(self._unit_option(decision.unit))
+            unit_option, hashed = self._unit_option(decision.unit)
+            sets.append(unit_option)
+            key = self.settings.exposure_key
+            if key is not None and not outcomes:  # Envoy copies this request header to the response
+                token = mint_exposure(
+                    key,
+                    decision.route,  # type: ignore[arg-type]
+                    decision.variant,  # type: ignore[arg-type]
+                    hashed,
+                    self._clock(),
+                    exposure_id(request_id) if request_id else None,
+                )
+                sets.append(_set_option(HEADER_EXPOSURE, token))
+                minted = True
         sets.append(options.set(HEADER_REGION, decision.region))  # type: ignore[arg-type]
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it
@@ -469,6 +506,10 @@ class Engine:
                 ours.update((HEADER_VARIANT, HEADER_ROUTE))
             if decision.unit is not None:
                 ours.add(HEADER_UNIT)
+            if minted:
+                ours.add(HEADER_EXPOSURE)
+            if outcomes:
+                ours.add(HEADER_OUTCOMES)
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
         routed = stats.routed

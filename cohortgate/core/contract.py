@@ -21,6 +21,8 @@ HEADER_REGION: Final = "x-cohortgate-region"
 HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
 HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
 HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed exposure token (core.exposure)
+HEADER_OUTCOMES: Final = "x-cohortgate-outcomes"  # set on outcomes routes: Envoy rewrites the path to OUTCOMES_PATH
+OUTCOMES_PATH: Final = "/outcomes"  # the controller API's outcome ingest (an outcomes route's backend)
 HEADER_MODEL_VERSION: Final = "x-cohortgate-model-version"  # sidecar response: NAME/VERSION that answered
 HEADER_MODEL_DIGEST: Final = "x-cohortgate-model-digest"  # sidecar response: sha256 of the model that answered
 

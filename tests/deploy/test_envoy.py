@@ -246,7 +246,11 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
     doc = _bootstrap(certs, tmp_path)
     hcm = _typed(doc, "HttpConnectionManager")
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    route, unsized = vhost["routes"]
+    outcomes, route, unsized = vhost["routes"]
+    # Only the processor's mark (it strips client-sent x-cohortgate-*) sends a request to the controller's /outcomes.
+    assert outcomes["match"] == {"prefix": "/", "headers": [{"name": "x-cohortgate-outcomes", "present_match": True}]}
+    assert outcomes["route"]["regex_rewrite"] == {"pattern": {"regex": "^.*$"}, "substitution": "/outcomes"}
+    assert "request_mirror_policies" not in outcomes["route"]
     # Requests with a content-length are never buffered; the others take the buffered route.
     assert route["match"] == {"prefix": "/", "headers": [{"name": "content-length", "present_match": True}]}
     assert route["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
@@ -265,6 +269,7 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
     assert copied == {
         "x-cohortgate-variant": "%REQ(x-cohortgate-variant)%",
         "x-cohortgate-route": "%REQ(x-cohortgate-route)%",
+        "x-cohortgate-exposure": "%REQ(x-cohortgate-exposure)%",
     }
     assert all(not h.get("keep_empty_value") for h in route["response_headers_to_add"])
     assert hcm["forward_client_cert_details"] == "SANITIZE"

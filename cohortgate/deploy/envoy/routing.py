@@ -1,5 +1,11 @@
 """Routing by the processor's headers: the primary by ``x-cohortgate-cluster``, copies to the mirror slots.
 
+The exposure token the processor mints (``x-cohortgate-exposure``, a request header) is copied to the
+response with ``%REQ(...)%``: no response-phase round trip to the processor. A request the processor
+marks ``x-cohortgate-outcomes`` (a route of kind ``outcomes``) takes its own route, which rewrites
+the path to the controller API's ``/outcomes``; only the processor can set the mark (it strips every
+client-sent ``x-cohortgate-*`` header).
+
 The same route action serves the edge's route table and a mesh gateway's patched route (Istio), so
 the slots, the shadow marker and the response headers are spelled once.
 """
@@ -9,7 +15,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from cohortgate.core.contract import HEADER_CLUSTER, HEADER_ROUTE, HEADER_SHADOW_OF, HEADER_SHADOWS, HEADER_VARIANT
+from cohortgate.core.contract import (
+    HEADER_CLUSTER,
+    HEADER_EXPOSURE,
+    HEADER_OUTCOMES,
+    HEADER_ROUTE,
+    HEADER_SHADOW_OF,
+    HEADER_SHADOWS,
+    HEADER_VARIANT,
+    OUTCOMES_PATH,
+)
 from cohortgate.deploy.envoy.typed import header_value, pack, pb
 
 ROUTE_TIMEOUT = dt.timedelta(seconds=30)
@@ -41,11 +56,30 @@ def route_action() -> Any:
 
 
 def response_headers() -> list[Any]:
-    """Which variant and route answered (x-request-id is set on every response by the HCM instead)."""
+    """Which variant and route answered, and the exposure token (x-request-id is set on every response by
+    the HCM instead). A header the processor did not set renders empty and is left out."""
     return [
         header_value(HEADER_VARIANT, f"%REQ({HEADER_VARIANT})%"),
         header_value(HEADER_ROUTE, f"%REQ({HEADER_ROUTE})%"),
+        header_value(HEADER_EXPOSURE, f"%REQ({HEADER_EXPOSURE})%"),
     ]
+
+
+def outcomes_route() -> Any:
+    """Outcome reports: the processor's mark sends them to the controller's ``/outcomes`` (never mirrored)."""
+    m = pb()
+    return m.route.Route(
+        name="outcomes",
+        match=m.route.RouteMatch(prefix="/", headers=[m.route.HeaderMatcher(name=HEADER_OUTCOMES, present_match=True)]),
+        route=m.route.RouteAction(
+            cluster_header=HEADER_CLUSTER,
+            timeout=ROUTE_TIMEOUT,
+            regex_rewrite=m.matcher.RegexMatchAndSubstitute(
+                pattern=m.matcher.RegexMatcher(regex="^.*$"), substitution=OUTCOMES_PATH
+            ),
+            cluster_not_found_response_code=m.route.RouteActionClusterNotFoundResponseCode.SERVICE_UNAVAILABLE,
+        ),
+    )
 
 
 def route_config(*, buffer_unsized: bool = False) -> Any:
@@ -58,17 +92,19 @@ def route_config(*, buffer_unsized: bool = False) -> Any:
     """
     m = pb()
     routes = [
+        outcomes_route(),
         m.route.Route(
             name="by-cluster-header",
             match=m.route.RouteMatch(prefix="/"),
             route=route_action(),
             response_headers_to_add=response_headers(),
-        )
+        ),
     ]
     if buffer_unsized:
         sized = m.route.RouteMatch(prefix="/", headers=[m.route.HeaderMatcher(name=CONTENT_LENGTH, present_match=True)])
         unbuffered = {BUFFER_FILTER: pack(m.buffer.BufferPerRoute(disabled=True))}
         routes = [
+            outcomes_route(),
             m.route.Route(
                 name="by-cluster-header",
                 match=sized,
