@@ -8,7 +8,8 @@ One `Reloader` per gateway owns the whole procedure, serialised by a lock:
    JWKS does not load, is refused: one JSON log line with the ``FILE:LINE:COL`` list, the
    reload-failure metric, and the old policy keeps serving;
 3. with ``--envoy-cds``: **add** — write ``cds.yaml`` with the union of the serving and the new
-   clusters and poll Envoy's admin ``/clusters`` until every new cluster is active (not confirmed in
+   clusters and poll Envoy's admin ``/clusters`` until every new cluster is active; ``confirm_s``
+   (5 s) bounds writing and confirming together, and no admin call outlives it (not confirmed in
    time: the reload is refused the same way and the file goes back to the serving clusters);
 4. **swap** one reference (`PolicyHolder.install`); requests in flight finish on the policy object
    they already hold, and the controller's effective weights are put back on top at once
@@ -150,13 +151,14 @@ class EnvoyClusters:
         missing = wanted
         while True:
             try:
-                if written is not None and await self.loaded_version() != written:
-                    problem = f"Envoy has not loaded CDS version {written} yet"
-                else:
-                    missing = wanted - await self.active()
-                    if not missing:
-                        return
-                    problem = f"{len(missing)} new cluster(s) not active, e.g. {sorted(missing)[:3]}"
+                async with asyncio.timeout(max(0.01, deadline - time.monotonic())):  # no call outlives the limit
+                    if written is not None and await self.loaded_version() != written:
+                        problem = f"Envoy has not loaded CDS version {written} yet"
+                    else:
+                        missing = wanted - await self.active()
+                        if not missing:
+                            return
+                        problem = f"{len(missing)} new cluster(s) not active, e.g. {sorted(missing)[:3]}"
             except (TimeoutError, OSError, ValueError, aiohttp.ClientError, ClustersNotConfirmed) as exc:
                 problem = f"Envoy admin {self.admin_url} unreachable: {exc or type(exc).__name__}"
             if time.monotonic() >= deadline:
@@ -293,9 +295,12 @@ class Reloader:
             return True
         started = time.monotonic()
         union = union_backends(serving.backends, new.backends, self._still_in_envoy())
-        await envoy.write(union, new.path)
+        await envoy.write(union, new.path)  # not cancelled on the limit: a late write would undo the revert
         try:
-            await envoy.confirm(change.added, self.confirm_s)
+            left = self.confirm_s - (time.monotonic() - started)
+            if left <= 0:
+                raise ClustersNotConfirmed(f"writing the clusters alone took more than {self.confirm_s:.1f}s")
+            await envoy.confirm(change.added, left)
         except ClustersNotConfirmed as exc:
             self.holder.failed(exc, trigger, reason="envoy")
             with contextlib.suppress(Exception):  # back to what is named; Envoy drops the unconfirmed ones

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -171,3 +172,76 @@ def test_filled_cluster_shapes_equal_the_typed_build(key: tuple) -> None:
     fingerprint, item = clusters._cluster_text(key)
     assert fingerprint == json.dumps(reference, sort_keys=True)
     assert item == dump_item(reference)
+
+
+# ------------------------------------------------------------------------------ the confirmation limit
+
+
+class SlowWrite(EnvoyClusters):
+    """The first write (the union) takes ``delay_s``, like the old cold render of 2 000 clusters."""
+
+    def __init__(self, *args, delay_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+        self.writes = 0
+
+    async def write(self, backends, source):  # type: ignore[override]
+        self.writes += 1
+        if self.writes == 2:  # the first is the test's own initial write
+            await asyncio.sleep(self.delay_s)
+        return await super().write(backends, source)
+
+
+async def fake_envoy_admin(cds: Path) -> tuple[web.AppRunner, str]:
+    """An admin that has always loaded the file just written and lists its clusters (an instant Envoy)."""
+    import yaml
+
+    from cohortgate.deploy.envoy import written_version
+
+    async def stats(_request: web.Request) -> web.Response:
+        return web.Response(text=f'cluster_manager.cds.version_text: "{written_version(cds)}"\n')
+
+    async def clusters(_request: web.Request) -> web.Response:
+        doc = yaml.safe_load(cds.read_text())
+        return web.json_response({"cluster_statuses": [{"name": r["name"]} for r in doc["resources"]]})
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/clusters", clusters)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def add_a_cluster(live: Path) -> None:
+    line = '          - {url: "http://127.0.0.1:18103", region: eu, model: ../models/tabular-canary.onnx}\n'
+    assert line in live.read_text()
+    replace(live, live.read_text().replace(line, line + line.replace("18103", "18199").replace("eu", "ae")))
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.6])
+async def test_the_confirmation_limit_counts_the_write_too(live: Path, tmp_path: Path, delay_s: float) -> None:
+    """docs: a reload not confirmed within ``confirm_s`` is refused. The limit starts before the
+    clusters are written (a 2 000-cluster render once took 14 s, "confirmed" after the 5 s limit)."""
+    cds = tmp_path / "cds.yaml"
+    runner, admin = await fake_envoy_admin(cds)
+    envoy = SlowWrite(cds, admin, delay_s=delay_s)
+    holder, metrics, reloader = make(live, watch_s=0, envoy=envoy, confirm_s=0.3)
+    good = holder.policy
+    try:
+        await envoy.write(good.backends, good.path)
+        before = cds.read_text()
+        add_a_cluster(live)
+        applied = await reloader.reload("file changed")
+        if delay_s == 0:  # an instant Envoy confirms well within the limit
+            assert applied and holder.policy is not good
+        else:
+            assert not applied and holder.policy is good
+            assert sample(metrics, "cohortgate_policy_reloads_total", result="failed") == 1
+            assert cds.read_text() == before
+    finally:
+        await reloader.close()
+        await runner.cleanup()
