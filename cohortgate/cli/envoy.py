@@ -92,6 +92,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     render.add_argument(
         "--concurrency", type=int, default=None, help="the Envoy workers you will run with (--concurrency)"
     )
+    render.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="Envoy's OpenTelemetry tracer exports to this OTLP/HTTP collector, http://HOST:PORT (default off)",
+    )
+    render.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.01,
+        metavar="RATIO",
+        help="with --otlp-endpoint: start a trace for this share of requests without a traceparent (default 0.01); "
+        "a client's sampled flag is kept",
+    )
     render.add_argument("--upstream-ca", default=None, help="a CA bundle for https backends (default: the system's)")
     render.add_argument(
         "--out", default=Path(DEFAULT_OUT), type=Path, help=f"the output directory (default {DEFAULT_OUT})"
@@ -126,6 +140,7 @@ def _render(args: argparse.Namespace) -> int:
     try:
         processor = envoyconf.ProcessorAddress.parse(args.processor, tls=args.processor_tls)
         access_log = envoyconf.AccessLogTarget.parse(args.access_log) if args.access_log else None
+        tracing = envoyconf.TraceCollector.parse(args.otlp_endpoint, args.trace_sample) if args.otlp_endpoint else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +159,7 @@ def _render(args: argparse.Namespace) -> int:
         upstream_ca=args.upstream_ca,
         message_timeout=dt.timedelta(seconds=args.processor_timeout),
         max_request_bytes=args.max_body,
+        tracing=tracing,
     )
     print(files.bootstrap)
     print(files.cds)

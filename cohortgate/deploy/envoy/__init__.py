@@ -20,7 +20,7 @@ This module names the package's public surface; each name lives in the submodule
 
 from __future__ import annotations
 
-from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress
+from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.bootstrap import ALS_CLUSTER, LISTENER_NAME, MAX_REQUEST_BYTES, render_bootstrap
 from cohortgate.deploy.envoy.clusters import cds_text, cluster_resources
 from cohortgate.deploy.envoy.extproc import (
@@ -54,6 +54,7 @@ __all__ = [
     "EnvoyFiles",
     "EnvoyTls",
     "ProcessorAddress",
+    "TraceCollector",
     "cds_text",
     "cluster_resources",
     "render",

@@ -89,3 +89,36 @@ class AccessLogTarget:
     def parse(cls, spec: str) -> AccessLogTarget:
         uds, host, port = _parse_endpoint(spec, "access log address")
         return cls(uds=uds, host=host, port=port)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceCollector:
+    """An OTLP/HTTP collector for Envoy's OpenTelemetry tracer and the share of new traces to start.
+
+    Only ``http://HOST:PORT`` (the collector's OTLP/HTTP port, usually 4318): Envoy posts protobuf
+    spans to ``/v1/traces`` under it. A remote or TLS collector is best reached through a local
+    OpenTelemetry Collector agent, which also batches and retries."""
+
+    host: str
+    port: int
+    ratio: float = 0.01
+    path: str = "/v1/traces"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"trace sample ratio {self.ratio}: must be within 0..1")
+
+    @classmethod
+    def parse(cls, url: str, ratio: float = 0.01) -> TraceCollector:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"OTLP endpoint {url!r}: give http://HOST:PORT (the collector's OTLP/HTTP port)")
+        base = parts.path.rstrip("/")
+        return cls(host=parts.hostname, port=parts.port or 4318, ratio=ratio, path=f"{base}/v1/traces")
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"

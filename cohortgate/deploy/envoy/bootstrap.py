@@ -14,7 +14,7 @@ from typing import Any
 
 from cohortgate.core.contract import ACCESS_LOG_HEADERS, ACCESS_LOG_NAME, MAX_REQUEST_BYTES
 from cohortgate.deploy.envoy import bodylimit
-from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress
+from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.extproc import (
     MESSAGE_TIMEOUT,
     EnvoyTls,
@@ -24,6 +24,7 @@ from cohortgate.deploy.envoy.extproc import (
 )
 from cohortgate.deploy.envoy.replies import local_reply_config
 from cohortgate.deploy.envoy.routing import BUFFER_FILTER, route_config
+from cohortgate.deploy.envoy.telemetry import collector_cluster, hcm_tracing, stats_config
 from cohortgate.deploy.envoy.typed import (
     address,
     dump,
@@ -84,11 +85,16 @@ def _body_limit_filters(max_request_bytes: int) -> list[Any]:
 
 
 def _http_connection_manager(
-    transport: str, access_log: AccessLogTarget | None, message_timeout: dt.timedelta, max_request_bytes: int | None
+    transport: str,
+    access_log: AccessLogTarget | None,
+    message_timeout: dt.timedelta,
+    max_request_bytes: int | None,
+    tracing: TraceCollector | None = None,
 ) -> Any:
     m = pb()
     return m.hcm.HttpConnectionManager(
         stat_prefix="cohortgate",
+        tracing=hcm_tracing(tracing) if tracing is not None else None,
         codec_type=m.hcm.HttpConnectionManagerCodecType.AUTO,
         route_config=route_config(buffer_unsized=max_request_bytes is not None),
         http_filters=[
@@ -140,9 +146,10 @@ def _listener(
     concurrency: int | None,
     message_timeout: dt.timedelta,
     max_request_bytes: int | None,
+    tracing: TraceCollector | None = None,
 ) -> Any:
     m = pb()
-    hcm = _http_connection_manager(transport, access_log, message_timeout, max_request_bytes)
+    hcm = _http_connection_manager(transport, access_log, message_timeout, max_request_bytes, tracing)
     downstream_tls = m.tls.DownstreamTlsContext(
         require_client_certificate=True,
         common_tls_context=m.tls.CommonTlsContext(
@@ -207,11 +214,13 @@ def render_bootstrap(
     listen_address: str = "127.0.0.1",
     message_timeout: dt.timedelta = MESSAGE_TIMEOUT,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
+    tracing: TraceCollector | None = None,
 ) -> dict[str, Any]:
     """The static bootstrap as a document (no policy needed: clusters arrive through ``cds_path``).
 
     Admin listens on ``admin_socket`` (a Unix socket only Envoy's user can use) when given, else on
     127.0.0.1:``admin_port``. ``concurrency`` > 1 balances connections exactly across workers.
+    ``tracing`` turns Envoy's OpenTelemetry tracer on (`telemetry`; off by default).
     """
     check_transport(transport)
     if (admin_port is None) == (admin_socket is None):
@@ -225,6 +234,8 @@ def render_bootstrap(
                 ALS_CLUSTER, uds=access_log.uds, host=access_log.host, port=access_log.port, http2=True
             )
         )
+    if tracing is not None:
+        clusters.append(collector_cluster(tracing))
     admin = (
         address(uds=admin_socket, mode=ADMIN_SOCKET_MODE)
         if admin_socket is not None
@@ -244,6 +255,7 @@ def render_bootstrap(
                     concurrency,
                     message_timeout,
                     max_request_bytes,
+                    tracing,
                 )
             ],
             clusters=clusters,
@@ -258,6 +270,7 @@ def render_bootstrap(
             )
         ),
         overload_manager=_overload_manager(),
+        stats_config=stats_config(),
     )
     return to_dict(bootstrap)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress
+from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.bootstrap import MAX_REQUEST_BYTES, bootstrap_text, render_bootstrap
 from cohortgate.deploy.envoy.clusters import cds_text, text_version
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT, EnvoyTls
@@ -86,6 +86,7 @@ def render(
     upstream_ca: str | None = None,
     message_timeout: dt.timedelta = MESSAGE_TIMEOUT,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
+    tracing: TraceCollector | None = None,
 ) -> EnvoyFiles:
     """Write ``cds.yaml`` and ``bootstrap.yaml`` into ``out_dir`` and say where they are.
 
@@ -109,6 +110,7 @@ def render(
         listen_address=listen_address,
         message_timeout=message_timeout,
         max_request_bytes=max_request_bytes,
+        tracing=tracing,
     )
     header = (
         "Envoy bootstrap rendered by `cohortgate envoy render` (static: the policy's clusters\n"
