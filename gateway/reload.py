@@ -76,7 +76,6 @@ def union_backends(*groups: Iterable[Backend]) -> tuple[Backend, ...]:
     return tuple(seen.values())
 
 
-
 class ClustersNotConfirmed(CohortgateError):
     """Envoy did not show the new clusters in time; the reload is refused."""
 
@@ -171,6 +170,23 @@ class EnvoyClusters:
             await session.close()
 
 
+class LoopLag:
+    """How late a tiny periodic task wakes up: the time every request waits for the event loop.
+
+    Run during a reload: the processor must answer Envoy within its message timeout (1 s), so a
+    reload that holds the loop (or the GIL) longer than that turns requests on unchanged routes into 504s."""
+
+    def __init__(self, period_s: float = 0.005) -> None:
+        self.period_s = period_s
+        self.max_s = 0.0
+
+    async def run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.period_s)
+            self.max_s = max(self.max_s, time.monotonic() - before - self.period_s)
+
+
 # ------------------------------------------------------------------------------ the procedure
 
 
@@ -204,6 +220,7 @@ class Reloader:
         self._stamp = FileStamp.of(self.path)
         self._lingering: list[tuple[float, tuple[Backend, ...]]] = []  # (until, backends) still in Envoy
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_loop_lag_s = 0.0  # the worst event-loop lag during the last reload (requests wait that long)
 
     # ---- life
 
@@ -249,11 +266,23 @@ class Reloader:
     async def reload(self, trigger: str = "reload") -> bool:
         """Apply the file as it is now; True when a new policy serves. Never raises."""
         async with self._lock:
+            started = time.monotonic()
+            lag = LoopLag()
+            probe = asyncio.get_running_loop().create_task(lag.run(), name="cohortgate-reload-loop-lag")
             try:
                 return await self._reload(trigger)
             except Exception as exc:  # anything unexpected: the same refusal as a bad file
                 self.holder.failed(exc, trigger, reason="internal")
                 return False
+            finally:
+                probe.cancel()
+                self.last_loop_lag_s = lag.max_s
+                log.info(
+                    "policy reload (%s) took %.0f ms; event loop lag at most %.1f ms meanwhile",
+                    trigger,
+                    (time.monotonic() - started) * 1000,
+                    lag.max_s * 1000,
+                )
 
     async def _reload(self, trigger: str) -> bool:
         holder = self.holder

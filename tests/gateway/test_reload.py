@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,25 @@ async def test_the_confirmation_limit_counts_the_write_too(live: Path, tmp_path:
     finally:
         await reloader.close()
         await runner.cleanup()
+
+
+async def test_loop_lag_sees_a_blocked_event_loop() -> None:
+    """The probe that measures a reload's cost to requests: a 0.2 s block shows as >= 0.15 s of lag."""
+    from gateway.reload import LoopLag
+
+    lag = LoopLag()
+    probe = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    time.sleep(0.2)  # what a compile on the loop (or a thread holding the GIL) does to every request
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    assert lag.max_s >= 0.15
+
+
+async def test_a_reload_reports_its_loop_lag(live: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, reloader = make(live, watch_s=0)
+    replace(live, live.read_text().replace("weight: 90", "weight: 80").replace("weight: 10\n", "weight: 20\n"))
+    with caplog.at_level(logging.INFO, logger="cohortgate.reload"):
+        assert await reloader.reload("file changed")
+    assert any("event loop lag at most" in r.getMessage() for r in caplog.records)
+    assert reloader.last_loop_lag_s >= 0
