@@ -56,6 +56,7 @@ class ClusterChange:
 
     added: frozenset[str]  # confirm these before the new policy serves
     removed: frozenset[str]  # drop these only after the old policy stopped serving (and a grace)
+    changed: frozenset[str] = frozenset()  # same name, another endpoint: the new one goes to Envoy first
 
 
 def clusters_of(backends: Iterable[Backend]) -> frozenset[str]:
@@ -63,8 +64,11 @@ def clusters_of(backends: Iterable[Backend]) -> frozenset[str]:
 
 
 def cluster_change(old: Iterable[Backend], new: Iterable[Backend]) -> ClusterChange:
-    a, b = clusters_of(old), clusters_of(new)
-    return ClusterChange(added=b - a, removed=a - b)
+    before = {b.cluster: b for b in old}
+    after = {b.cluster: b for b in new}
+    a, b = before.keys(), after.keys()
+    changed = frozenset(n for n in a & b if before[n] != after[n])
+    return ClusterChange(added=frozenset(b - a), removed=frozenset(a - b), changed=changed)
 
 
 def union_backends(*groups: Iterable[Backend]) -> tuple[Backend, ...]:
@@ -320,22 +324,28 @@ class Reloader:
     async def _add_clusters(self, serving: Policy, new: Policy, change: ClusterChange, trigger: str) -> bool:
         envoy = self.envoy
         assert envoy is not None
-        if not change.added:
+        if not change.added and not change.changed:
             return True
         started = time.monotonic()
-        union = union_backends(serving.backends, new.backends, self._still_in_envoy())
+        # The new policy's backends first: a cluster whose endpoint changed is written as the new one.
+        union = union_backends(new.backends, serving.backends, self._still_in_envoy())
         await envoy.write(union, new.path)  # not cancelled on the limit: a late write would undo the revert
         try:
             left = self.confirm_s - (time.monotonic() - started)
             if left <= 0:
                 raise ClustersNotConfirmed(f"writing the clusters alone took more than {self.confirm_s:.1f}s")
-            await envoy.confirm(change.added, left)
+            await envoy.confirm(change.added | change.changed, left)
         except ClustersNotConfirmed as exc:
             self.holder.failed(exc, trigger, reason="envoy")
             with contextlib.suppress(Exception):  # back to what is named; Envoy drops the unconfirmed ones
                 await envoy.write(union_backends(serving.backends, self._still_in_envoy()), serving.path)
             return False
-        log.info("Envoy confirmed %d new cluster(s) in %.0f ms", len(change.added), (time.monotonic() - started) * 1000)
+        log.info(
+            "Envoy confirmed %d new and %d changed cluster(s) in %.0f ms",
+            len(change.added),
+            len(change.changed),
+            (time.monotonic() - started) * 1000,
+        )
         return True
 
     async def _trim_later(self) -> None:

@@ -268,3 +268,28 @@ async def test_a_reload_reports_its_loop_lag(live: Path, caplog: pytest.LogCaptu
         assert await reloader.reload("file changed")
     assert any("event loop lag at most" in r.getMessage() for r in caplog.records)
     assert reloader.last_loop_lag_s >= 0
+
+
+def test_cluster_change_names_a_moved_endpoint_as_changed():
+    change = cluster_change([backend("x", 1), backend("y", 1)], [backend("x", 2), backend("y", 1)])
+    assert change.changed == {"x"} and not change.added and not change.removed
+
+
+async def test_a_moved_backend_reaches_envoy_under_its_cluster_name(live: Path, tmp_path: Path) -> None:
+    """Same route, variant and index (so the same cluster name), another URL: Envoy must get the new
+    endpoint before the policy swaps (it used to keep the old one: only new names were written)."""
+    cds = tmp_path / "cds.yaml"
+    runner, admin = await fake_envoy_admin(cds)
+    envoy = EnvoyClusters(cds, admin)
+    holder, _, reloader = make(live, watch_s=0, envoy=envoy, confirm_s=30)
+    good = holder.policy
+    try:
+        await envoy.write(good.backends, good.path)
+        assert "port_value: 18103" in cds.read_text()
+        replace(live, live.read_text().replace("http://127.0.0.1:18103", "http://127.0.0.1:18199"))
+        assert await reloader.reload("file changed")
+        assert holder.policy is not good
+        assert "port_value: 18199" in cds.read_text() and "port_value: 18103" not in cds.read_text()
+    finally:
+        await reloader.close()
+        await runner.cleanup()
