@@ -435,6 +435,11 @@ class Engine:
             cached = self._units[unit] = (_set_option(HEADER_UNIT, hashed), hashed)
         return cached
 
+    def _mint(self, key: bytes, decision: Any, unit: str, request_id: str) -> str:
+        """The exposure token for this answer (a few microseconds: one keyed BLAKE2b)."""
+        eid = exposure_id(request_id) if request_id else None
+        return mint_exposure(key, decision.route, decision.variant, unit, self._clock(), eid)
+
     def _evaluate(
         self,
         policy: Policy,
@@ -480,24 +485,20 @@ class Engine:
             sets.append(options.set(HEADER_VARIANT, decision.variant))  # type: ignore[arg-type]
             sets.append(options.set(HEADER_ROUTE, decision.route))  # type: ignore[arg-type]
         minted = False
-        outcomes = decision.route in self._outcome_routes
-        if outcomes:
-            sets.append(options.set(HEADER_OUTCOMES, "1"))  # Envoy rewrites the path to the controller's
+        key = self.settings.exposure_key
+        hashed = None
         if decision.unit is not None:
             unit_option, hashed = self._unit_option(decision.unit)
             sets.append(unit_option)
-            key = self.settings.exposure_key
-            if key is not None and not outcomes:  # Envoy copies this request header to the response
-                token = mint_exposure(
-                    key,
-                    decision.route,  # type: ignore[arg-type]
-                    decision.variant,  # type: ignore[arg-type]
-                    hashed,
-                    self._clock(),
-                    exposure_id(request_id) if request_id else None,
-                )
-                sets.append(_set_option(HEADER_EXPOSURE, token))
-                minted = True
+        outcomes = decision.route in self._outcome_routes
+        if outcomes:
+            # The mark Envoy routes on (path rewritten to the controller's /outcomes) is also the gateway's
+            # pass there: a token minted for the outcomes route itself, which no response ever carries.
+            mark = "unkeyed" if key is None else self._mint(key, decision, hashed or "gateway", request_id)
+            sets.append(_set_option(HEADER_OUTCOMES, mark))
+        elif key is not None and hashed is not None:  # Envoy copies this request header to the response
+            sets.append(_set_option(HEADER_EXPOSURE, self._mint(key, decision, hashed, request_id)))
+            minted = True
         sets.append(options.set(HEADER_REGION, decision.region))  # type: ignore[arg-type]
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it

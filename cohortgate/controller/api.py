@@ -8,6 +8,8 @@
     POST /actions/promote         bearer     {"route": R, "variant": V}
     POST /actions/resume          bearer     {"route": R}
     POST /reports                 bearer     sidecar shadow reports: a JSON list (or one object)
+    POST /outcomes                bearer|gw  client outcomes with exposure tokens (controller/outcomes_api.py)
+    GET  /outcomes?route=R        bearer     the outcome ledger's lift per metric and challenger
     GET  /openapi.json            no auth    this API's OpenAPI 3.1 document (controller/openapi.py)
 
 The admin token lives in a file (mode 0600), created on first start; a client proves it can read
@@ -30,6 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from cohortgate.controller import outcomes_api
 from cohortgate.controller.loop import Controller
 from cohortgate.controller.openapi import OPENAPI_PATH
 from cohortgate.controller.openapi import build as build_openapi
@@ -97,7 +100,7 @@ OPEN_PATHS = frozenset({"/healthz", "/metrics", OPENAPI_PATH})
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     """Auth for everything but health and metrics, and JSON for every error."""
-    if request.path not in OPEN_PATHS and not _authorized(request):
+    if request.path not in OPEN_PATHS and not _authorized(request) and not outcomes_api.gateway_pass(request):
         return _error(401, "unauthenticated", "a valid admin bearer token is required")
     try:
         return await handler(request)
@@ -247,4 +250,5 @@ def make_app(controller: Controller, token: str, sink: EventSink) -> web.Applica
     app.router.add_post("/actions/resume", action_handler(Signal.RESUME, False))
     app.router.add_post("/reports", _reports)
     app.router.add_get(OPENAPI_PATH, _openapi)
+    outcomes_api.register(app, controller)  # POST/GET /outcomes: the outcome ledger (controller/outcomes_api.py)
     return app

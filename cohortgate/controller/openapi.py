@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from cohortgate import __version__
+from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH
 
 OPENAPI_PATH = "/openapi.json"
 #: (method, path) of every operation; the paths ``make_app`` registers, plus this document.
@@ -24,6 +25,8 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("POST", "/actions/promote"),
     ("POST", "/actions/resume"),
     ("POST", "/reports"),
+    ("POST", OUTCOMES_PATH),
+    ("GET", OUTCOMES_PATH),
     ("GET", OPENAPI_PATH),
 )
 #: Answered without the admin token (the API's ``OPEN_PATHS``, plus this document).
@@ -169,6 +172,15 @@ SCHEMAS: dict[str, Any] = {
 }
 
 BEARER = {"admin": {"type": "http", "scheme": "bearer", "description": "The admin token from --token-file."}}
+GATEWAY = {
+    "gateway": {
+        "type": "apiKey",
+        "in": "header",
+        "name": HEADER_OUTCOMES,
+        "description": "POST /outcomes only: the gateway's mark on a request it allowed on an outcomes route "
+        "(an exposure token for that route under $COHORTGATE_EXPOSURE_KEY, at most 60 s old).",
+    },
+}
 _AUTH = [{"admin": []}]
 UNAUTHENTICATED = error("No valid admin bearer token.")
 
@@ -196,6 +208,98 @@ def action_operations() -> dict[str, dict[str, Any]]:
         "rollback": _action("rollback", "Roll a variant back to 0 % (its users return to control).", "variant_action"),
         "promote": _action("promote", "Promote a variant (to its rollout's last step).", "variant_action"),
         "resume": _action("resume", "Hand the route back to the policy file's weights.", "route_action"),
+    }
+
+
+_OUTCOME = {
+    "type": "object",
+    "required": ["exposure", "metric", "value"],
+    "properties": {
+        "exposure": {"type": "string", "description": "The x-cohortgate-exposure token of the response."},
+        "metric": {"type": "string", "description": "A metric the route declares."},
+        "value": {"type": "number"},
+    },
+}
+_STATUSES = ["accepted", "duplicate", "unknown_metric", "bad_record", "malformed", "forged", "expired", "not_yet_valid"]
+
+
+def outcome_operations() -> dict[str, Any]:
+    """POST /outcomes (client outcomes, through an outcomes route) and GET /outcomes (the ledger's lift)."""
+    return {
+        "post": {
+            "operationId": "post_outcomes",
+            "summary": "Outcomes with exposure tokens: one (answered with its status) or a batch (202, per item).",
+            "security": [{"admin": []}, {"gateway": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                _OUTCOME,
+                                {"type": "array", "items": {"type": "object"}},
+                                {
+                                    "type": "object",
+                                    "required": ["outcomes"],
+                                    "properties": {"outcomes": {"type": "array", "items": {"type": "object"}}},
+                                },
+                            ]
+                        },
+                        "example": {
+                            "exposure": "1.shop.v1.0123456789abcdef.6b11b154.A8huSQdt.x",
+                            "metric": "c",
+                            "value": 1,
+                        },
+                    }
+                },
+            },
+            "responses": {
+                "200": json_response(
+                    {"type": "object", "required": ["status"], "properties": {"status": {"const": "duplicate"}}},
+                    "Already counted (same exposure and metric).",
+                ),
+                "202": json_response(
+                    {
+                        "type": "object",
+                        "description": "One outcome: its status; a batch: accepted, each item's status, counts.",
+                        "properties": {
+                            "status": {"const": "accepted"},
+                            "accepted": {"type": "integer", "minimum": 0},
+                            "statuses": {"type": "array", "items": {"type": "string", "enum": _STATUSES}},
+                            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        },
+                    },
+                    "Accepted (one), or counted (a batch).",
+                ),
+                "400": error("Not JSON, not an outcome, or the token is malformed."),
+                "401": UNAUTHENTICATED,
+                "403": error("The exposure token is forged, altered, expired or not yet valid (code says which)."),
+                "413": error("More than 10 000 outcomes, or a body over 4 MiB."),
+                "422": error("The token's route declares no such metric."),
+            },
+        },
+        "get": {
+            "operationId": "get_outcomes",
+            "summary": "The outcome ledger: lift and verdict per metric and challenger (one look), counts by status.",
+            "security": _AUTH,
+            "parameters": [{"name": "route", "in": "query", "required": False, "schema": {"type": "string"}}],
+            "responses": {
+                "200": json_response(
+                    {
+                        "type": "object",
+                        "required": ["results", "counts", "window_s"],
+                        "properties": {
+                            "results": {"type": "array", "items": {"type": "object"}},
+                            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            "window_s": {"type": "number"},
+                        },
+                    },
+                    "The results.",
+                ),
+                "401": UNAUTHENTICATED,
+                "404": error("No such route."),
+            },
+        },
     }
 
 
@@ -310,6 +414,7 @@ def build() -> dict[str, Any]:
                 },
             }
         },
+        OUTCOMES_PATH: outcome_operations(),
         OPENAPI_PATH: {
             "get": {
                 "operationId": "openapi",
@@ -331,5 +436,5 @@ def build() -> dict[str, Any]:
         },
         "security": _AUTH,
         "paths": paths,
-        "components": {"schemas": SCHEMAS, "securitySchemes": BEARER},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {**BEARER, **GATEWAY}},
     }

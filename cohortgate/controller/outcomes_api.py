@@ -1,0 +1,199 @@
+"""``POST /outcomes`` and ``GET /outcomes`` on the controller API: client outcomes into the ledger.
+
+Clients post through Envoy (``POST /v1/outcomes`` or whatever path a route of ``kind: outcomes``
+matches; mTLS + JWT like any route): the processor marks the request, Envoy rewrites its path to
+``/outcomes`` and forwards it here. Who may post:
+
+* **the gateway**, proven by its mark ``x-cohortgate-outcomes``: an exposure token minted for the
+  outcomes route itself under ``$COHORTGATE_EXPOSURE_KEY`` (only the gateways and the controller
+  hold it; the processor strips a client-sent one, and no response ever carries one), at most
+  `PASS_MAX_AGE_S` old; Envoy removes the client's Authorization header, so the admin token is
+  never needed on that path;
+* anyone with the **admin token** (a server-side producer on the controller's host).
+
+Each outcome is then proven by its own exposure token (forged, altered, expired ones are refused
+with a JSON error and counted by reason). A client's ``t`` is ignored: the outcome's time is the
+controller's clock, so a client cannot move a stale token back into its attribution window.
+
+Bodies: one ``{"exposure", "metric", "value"}`` (answered with its status: 202 accepted, 200
+duplicate, 4xx with the refusal's code), or a batch -- a list of them or ``{"outcomes": [...]}`` --
+answered 202 with each item's status and the counts. ``GET /outcomes?route=R`` (admin token): the
+ledger's lift per metric and challenger (one look) and the counts by status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cohortgate.controller import outcomes as O
+from cohortgate.controller.loop import Controller
+from cohortgate.core import lift as L
+from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH
+from cohortgate.core.exposure import ExposureRefused, Refusal, verify
+from cohortgate.core.policy import Policy
+
+MAX_OUTCOMES = 10_000  # per request
+PASS_MAX_AGE_S = 60.0  # the gateway's mark is minted per request: older than this is a replay
+_REFUSALS = {r.code: r for r in Refusal}
+#: A single outcome's status -> (HTTP status, message) when it is not accepted.
+_ERRORS = {
+    O.UNKNOWN_METRIC: (422, "the route declares no such metric"),
+    O.BAD_RECORD: (400, 'give {"exposure": TOKEN, "metric": NAME, "value": NUMBER}'),
+}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+def metric_specs(policy: Policy) -> dict[str, list[L.MetricSpec]]:
+    """The policy's metric declarations as the ledger reads them, by route."""
+    return {
+        r.name: [
+            L.MetricSpec(
+                name=m.name,
+                kind=m.kind,  # type: ignore[arg-type]
+                direction=m.direction,  # type: ignore[arg-type]
+                role=m.role,  # type: ignore[arg-type]
+                margin=m.margin,
+                margin_abs=m.margin_abs,
+                planned_units=m.planned_units,
+                covariate=m.covariate,
+            )
+            for m in r.metrics
+        ]
+        for r in policy.routes
+        if r.metrics
+    }
+
+
+def attribution_window(policy: Policy) -> float:
+    """The ledger's one window: the longest any metric declares (the default when none does)."""
+    return max((m.attribution_window_s for r in policy.routes for m in r.metrics), default=O.DEFAULT_WINDOW_S)
+
+
+class OutcomesService:
+    """The ledger, kept in step with the controller's current policy (a reload may add metrics)."""
+
+    def __init__(
+        self, controller: Controller, keys: tuple[bytes, ...] | None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.controller = controller
+        self.keys = keys
+        self.clock = clock
+        self.ledger = O.OutcomeLedger({}, {}, keys, clock=clock)
+        self._policy: Policy | None = None
+        self._outcome_routes: frozenset[str] = frozenset()
+        self.sync()
+
+    def sync(self) -> O.OutcomeLedger:
+        policy = self.controller.policy
+        if policy is not self._policy:
+            ledger = self.ledger
+            ledger.metrics = {route: {m.name: m for m in specs} for route, specs in metric_specs(policy).items()}
+            ledger.controls = {r.name: r.control.name for r in policy.routes if r.kind == "model"}
+            ledger.window_s = attribution_window(policy)
+            self._outcome_routes = frozenset(r.name for r in policy.routes if r.kind == "outcomes")
+            self._policy = policy
+        return self.ledger
+
+    def gateway_pass(self, mark: str) -> bool:
+        """Whether ``mark`` is a fresh token the gateway minted for one of the policy's outcomes routes."""
+        if not self.keys or not mark:
+            return False
+        self.sync()
+        try:
+            exp = verify(mark, self.keys, self.clock(), PASS_MAX_AGE_S)
+        except ExposureRefused:
+            return False
+        return exp.route in self._outcome_routes
+
+
+SERVICE_KEY = web.AppKey("outcomes", OutcomesService)
+
+
+def gateway_pass(request: web.Request) -> bool:
+    """The API guard's question: a POST to /outcomes carrying the gateway's valid mark."""
+    service = request.app.get(SERVICE_KEY)
+    return (
+        service is not None
+        and request.method == "POST"
+        and request.path == OUTCOMES_PATH
+        and service.gateway_pass(request.headers.get(HEADER_OUTCOMES, ""))
+    )
+
+
+def _record(item: Any) -> dict[str, Any] | None:
+    """A client's item as a ledger outcome (only the fields a client may set), or None when malformed."""
+    if not isinstance(item, dict):
+        return None
+    exposure, metric, value = item.get("exposure"), item.get("metric"), item.get("value")
+    if not isinstance(exposure, str) or not isinstance(metric, str) or isinstance(value, bool):
+        return None
+    if not isinstance(value, int | float):
+        return None
+    return {"kind": "outcome", "exposure": exposure, "metric": metric, "value": value}
+
+
+def _ingest(ledger: O.OutcomeLedger, item: Any) -> str:
+    record = _record(item)
+    if record is None:
+        ledger.counts[O.BAD_RECORD] += 1
+        return O.BAD_RECORD
+    return ledger.ingest(record)
+
+
+async def _post(request: web.Request) -> web.Response:
+    ledger = request.app[SERVICE_KEY].sync()
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "bad_request", "the body must be JSON")
+    if isinstance(data, dict) and "outcomes" in data and "exposure" not in data:
+        data = data["outcomes"]
+    if isinstance(data, dict):
+        status = _ingest(ledger, data)
+        if status == O.ACCEPTED:
+            return _json({"status": status}, 202)
+        if status == O.DUPLICATE:
+            return _json({"status": status}, 200)  # a retry: already counted once
+        refusal = _REFUSALS.get(status)
+        if refusal is not None:
+            return _error(refusal.status, status, f"exposure token refused: {status}")
+        code, message = _ERRORS.get(status, (400, status))
+        return _error(code, status, message)
+    if not isinstance(data, list):
+        return _error(400, "bad_request", 'give one outcome, a list of them, or {"outcomes": [...]}')
+    if len(data) > MAX_OUTCOMES:
+        return _error(413, "payload_too_large", f"at most {MAX_OUTCOMES} outcomes per request")
+    statuses = [_ingest(ledger, item) for item in data]
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s] = counts.get(s, 0) + 1
+    return _json({"accepted": counts.get(O.ACCEPTED, 0), "statuses": statuses, "counts": counts}, 202)
+
+
+async def _get(request: web.Request) -> web.Response:
+    ledger = request.app[SERVICE_KEY].sync()
+    route = request.query.get("route")
+    if route is not None and route not in request.app[SERVICE_KEY].controller.policy.by_name:
+        return _error(404, "not_found", f"no route {route!r}")
+    routes = [route] if route is not None else sorted(ledger.metrics)
+    results = [r.to_json() for name in routes for r in ledger.results(name)]
+    return _json({"results": results, "counts": dict(ledger.counts), "window_s": ledger.window_s})
+
+
+def register(app: web.Application, controller: Controller, keys: tuple[bytes, ...] | None = None) -> None:
+    """Mount ``/outcomes`` on the controller API; ``keys`` default to ``$COHORTGATE_EXPOSURE_KEY``."""
+    app[SERVICE_KEY] = OutcomesService(controller, keys if keys is not None else O.keys_from_env())
+    app.router.add_post(OUTCOMES_PATH, _post)
+    app.router.add_get(OUTCOMES_PATH, _get)
