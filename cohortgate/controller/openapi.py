@@ -211,11 +211,18 @@ def action_operations() -> dict[str, dict[str, Any]]:
     }
 
 
+_LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+#: The exposure token's shape (cohortgate.core.exposure): version, route, variant, unit, time, id, MAC.
+_TOKEN = rf"^1\.{_LABEL}\.{_LABEL}\.[0-9a-zA-Z_-]{{1,64}}\.[0-9a-f]{{1,12}}\.[0-9a-zA-Z_-]{{8}}\.[0-9a-zA-Z_-]{{22}}$"
 _OUTCOME = {
     "type": "object",
     "required": ["exposure", "metric", "value"],
     "properties": {
-        "exposure": {"type": "string", "description": "The x-cohortgate-exposure token of the response."},
+        "exposure": {
+            "type": "string",
+            "description": "The x-cohortgate-exposure token of the response (a token of another shape: 400).",
+            "pattern": _TOKEN,
+        },
         "metric": {"type": "string", "description": "A metric the route declares."},
         "value": {"type": "number"},
     },
@@ -237,11 +244,11 @@ def outcome_operations() -> dict[str, Any]:
                         "schema": {
                             "anyOf": [
                                 _OUTCOME,
-                                {"type": "array", "items": {"type": "object"}},
+                                {"type": "array", "description": "A batch: an item that is not an outcome is counted."},
                                 {
                                     "type": "object",
                                     "required": ["outcomes"],
-                                    "properties": {"outcomes": {"type": "array", "items": {"type": "object"}}},
+                                    "properties": {"outcomes": {"type": "array"}},
                                 },
                             ]
                         },
