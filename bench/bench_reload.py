@@ -24,6 +24,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import ssl
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ from cohortgate.deploy import pki  # noqa: E402
 from cohortgate.deploy.envoy import ProcessorAddress, render  # noqa: E402
 from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
 from cohortgate.support import http as loopback  # noqa: E402
+from cohortgate.support.files import write_atomic  # noqa: E402
 
 ROUTE = """  - name: r{i}
     match: {{model: m{i}}}
@@ -173,6 +175,159 @@ def bench(n: int, rounds: int, watch: float, work: Path, certs: pki.CertPaths) -
     return results
 
 
+# ------------------------------------------------------------------------------ through `cohortgate up`
+
+UP_HEAD = """version: 1
+jwt: {{issuer: https://auth.cohortgate.local, audience: cohortgate, algorithms: [ES256], jwks: {jwks}}}
+routes:
+"""
+
+
+def up_policy(jwks: Path, url: str, prefix: str, n: int, moved: tuple[int, str] | None = None) -> str:
+    """``bg`` (the unchanged route under load) and ``n`` routes ``PREFIX0..``, all on external
+    endpoints (no sidecars); ``moved`` puts one route on another URL (a one-route edit)."""
+    routes = [ROUTE.format(i="", url=url).replace("r:", "bg:", 1).replace("name: r\n", "name: bg\n")]
+    for i in range(n):
+        target = moved[1] if moved is not None and moved[0] == i else url
+        routes.append(ROUTE.format(i=i, url=target).replace(f"name: r{i}", f"name: {prefix}{i}").replace(
+            f"model: m{i}", f"model: {prefix}{i}"))
+    return UP_HEAD.format(jwks=jwks) + "".join(routes).replace("model: m}", "model: bg}")
+
+
+class Load:
+    """Steady requests to the unchanged route ``bg`` (``rate`` a second), every status counted."""
+
+    def __init__(self, connect, token: str, rate: float) -> None:
+        self.connect, self.token, self.period = connect, token, 1.0 / rate
+        self.statuses: dict[str, int] = {}
+        self.failures: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = self.connect()
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                headers = {"authorization": f"Bearer {self.token}"}
+                conn.request("POST", "/v2/models/bg/infer", body=b"{}", headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                status = str(resp.status)
+                if resp.status != 200:
+                    status += " " + (resp.getheader("x-cohortgate-error") or resp.getheader("server") or "")
+            except (OSError, http.client.HTTPException) as exc:
+                status = type(exc).__name__
+                conn.close()
+                conn = self.connect()
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if not status.startswith("200"):
+                self.failures.append((time.monotonic(), status))
+            next_at += self.period
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+        conn.close()
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+
+def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=print) -> dict:
+    """`cohortgate up` serving ``n`` routes; ``rounds`` full replacements (alternating two files of
+    ``n`` new routes: 2n new clusters each), then one one-route edit; background load on ``bg``.
+
+    Per apply: ``live`` = until the last new route answers 200 from its backend (seconds from the
+    write of the source file), ``switched`` = until `up`'s run.json names the new policy."""
+    base = upstream("base")
+    moved = upstream("moved")
+    url = f"http://127.0.0.1:{base.server_address[1]}"
+    moved_url = f"http://127.0.0.1:{moved.server_address[1]}"
+    jwks = ROOT / "certs" / "jwks.json"  # where `up` makes its certificates (git-ignored), as in the README
+    source = work / "policy.yaml"
+    source.write_text(up_policy(jwks, url, "a", n))
+    state = work / "state"
+    out = open(work / "up.out", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cohortgate.cli", "up", "--policy", str(source), "--state-dir", str(state),
+         "--free-ports"],
+        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    rows: list[dict] = []
+    load = None
+    try:
+        run_file = state / "run.json"
+
+        def ready() -> bool:
+            if up.poll() is not None:
+                raise SystemExit(f"`cohortgate up` exited:\n{(work / 'up.out').read_text(errors='replace')}")
+            return run_file.exists() and "Ctrl-C stops everything" in (work / "up.out").read_text(errors="replace")
+
+        _wait(ready, 300, "`cohortgate up` ready")
+        run = json.loads(run_file.read_text())
+        certs = run["certs"]
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        ctx.load_cert_chain(certs["clients"]["app-demo"]["cert"], certs["clients"]["app-demo"]["key"])
+        token = pki.mint_token(pki.load_cert_paths(certs["dir"]), "bench-user", residency="eu", scopes=["predict"])
+        port = run["ports"]["envoy"]
+
+        def connect() -> http.client.HTTPSConnection:
+            return http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+
+        probe = connect()
+
+        def answer(model: str) -> str:
+            probe.request("POST", f"/v2/models/{model}/infer", body=b"{}", headers={"authorization": f"Bearer {token}"})
+            resp = probe.getresponse()
+            resp.read()
+            return resp.getheader("x-upstream") or str(resp.status)
+
+        _wait(lambda: answer("bg") == "base", 60, "bg answered")
+        load = Load(connect, token, rate)
+        load.thread.start()
+        time.sleep(2.0)
+        edits = [("a" if k % 2 else "b", None) for k in range(rounds)] + [("a" if rounds % 2 == 0 else "b", 0)]
+        for prefix, one in edits:
+            digest = json.loads(run_file.read_text())["policy"]["digest"]
+            text = up_policy(jwks, url, prefix, n, moved=(0, moved_url) if one is not None else None)
+            before = load.failed
+            start = time.perf_counter()
+            write_atomic(source, text)
+            if one is None:
+                _wait(lambda p=prefix: answer(f"{p}{n - 1}") == "base", 120, f"{prefix}{n - 1} live")
+            else:
+                _wait(lambda p=prefix: answer(f"{p}0") == "moved", 120, f"{prefix}0 moved")
+            live = time.perf_counter() - start
+            _wait(lambda d=digest: json.loads(run_file.read_text())["policy"]["digest"] != d, 60, "run.json")
+            switched = time.perf_counter() - start
+            time.sleep(1.0)  # requests sent during the apply have come back
+            kind = "1 route edited" if one is not None else f"{n} routes replaced"
+            row = {"edit": kind, "live": live, "switched": switched, "failed": load.failed - before}
+            rows.append(row)
+            say(f"{n:>5} routes  {kind:<20} live {live:6.2f} s  run.json {switched:6.2f} s  failed {row['failed']}")
+        probe.close()
+    finally:
+        if load is not None:
+            load.stop.set()
+            load.thread.join(15)
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
+        out.close()
+        base.shutdown()
+        moved.shutdown()
+    gateway_log = next(iter(sorted(state.rglob("gateway*.log"))), None)
+    lags = []
+    if gateway_log is not None:
+        for line in gateway_log.read_text(errors="replace").splitlines():
+            if "event loop lag at most" in line:
+                lags.append(line.rsplit("at most", 1)[1].strip())
+    return {"rows": rows, "statuses": dict(load.statuses) if load else {}, "failures": load.failures if load else [],
+            "loop_lag": lags}  # fmt: skip
+
+
 def _free_port() -> int:
     import socket
 
@@ -199,7 +354,17 @@ def main() -> int:
     parser.add_argument("--routes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--watch", type=float, default=0.1, help="the gateway's --watch-interval (default 0.1)")
+    parser.add_argument("--through-up", action="store_true", help="measure through `cohortgate up`, under load")
+    parser.add_argument("--rate", type=float, default=100.0, help="--through-up: background requests a second")
     args = parser.parse_args()
+    if args.through_up:
+        with tempfile.TemporaryDirectory(prefix="cg-bench-up-") as tmp:
+            for n in args.routes:
+                work = Path(tmp) / f"n{n}"
+                work.mkdir()
+                result = through_up(n, args.rounds, work, rate=args.rate)
+                print(f"{n} routes: background statuses {result['statuses']}; loop lag {result['loop_lag']}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="cg-bench-reload-") as tmp:
         certs = pki.init_certs(Path(tmp) / "certs", clients=("app-demo",))
         rows = []

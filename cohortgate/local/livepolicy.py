@@ -40,13 +40,15 @@ from cohortgate.local.recipes import RELOAD_GRACE_S
 from cohortgate.local.supervisor import POLL_S, Child, Interrupted
 from cohortgate.support.files import FileStamp, watch, write_atomic
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the same text as safe_dump, ~3x faster
 SOURCE_SAFETY_NET_S = 5.0  # the event watch also stats the source this often (events lost, odd file systems)
 GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
 
 
 def effective_text(raw: bytes, source: Path, urls: dict[str, str]) -> str:
     """The effective policy's text: the source's YAML data with URLs and paths rewritten, and a header."""
-    data = yaml.safe_load(raw)
+    data = yaml.load(raw, Loader=_LOADER)  # libyaml: a 1 000-route policy in ~0.3 s, not ~3 s
     if not isinstance(data, dict):
         raise StackError(f"{rel(source)} is not a mapping")
     effective = effective_policy_data(data, source.parent, urls)
@@ -55,7 +57,7 @@ def effective_text(raw: bytes, source: Path, urls: dict[str, str]) -> str:
         "# Backend URLs point at the ports the sidecars bound; file paths are absolute.\n"
         "# Edit the source file, not this one: `up` rewrites this file when the source changes.\n"
     )
-    return header + yaml.safe_dump(effective, sort_keys=False, allow_unicode=True)
+    return header + yaml.dump(effective, Dumper=_DUMPER, sort_keys=False, allow_unicode=True)
 
 
 class StackOps(Protocol):
@@ -126,6 +128,12 @@ class LivePolicy:
 
     def _parse_effective(self, text: str) -> Policy:
         return parse_policy(text.encode(), filename=str(self.gateway_file), base_dir=self.gateway_file.parent)
+
+    def _parse_into(self, text: str, out: list[Policy | BaseException]) -> None:
+        try:
+            out.append(self._parse_effective(text))
+        except BaseException as exc:
+            out.append(exc)
 
     def force_look(self) -> None:
         """SIGHUP: read the source at the next look even if its stamp did not change."""
@@ -208,17 +216,26 @@ class LivePolicy:
                 new_children = stack.start_sidecars(added)
             urls = {spec.url: f"http://127.0.0.1:{port}" for spec, port in stack.sidecars.values()}
             text = effective_text(raw, self.source, urls)
-            new = self._parse_effective(text)
         except (Interrupted, StackError, PolicyError):  # ChildFailed is a StackError
             undo()
             raise
         assert self.policy is not None
-        if new.digest == self.policy.digest:  # e.g. only comments changed
+        digest = hashlib.sha256(text.encode()).hexdigest()  # what the gateway's Policy.digest will be
+        if digest == self.policy.digest:  # e.g. only comments changed
             self._restore_files()
             undo()
             stack.progress(f"policy: {rel(self.source)} changed, the effective policy did not")
             return
-        verdict = self._switch_gateway(stack, text, new.digest)
+        # up's own parse of the effective text (~1 s for 1 000 routes on 2 busy cores) runs while the
+        # gateway parses and confirms its clusters, not before it starts.
+        parsed: list[Policy | BaseException] = []
+        parse = threading.Thread(
+            target=self._parse_into, args=(text, parsed), name="cohortgate-effective-parse", daemon=True
+        )
+        verdict = self._switch_gateway(stack, text, digest, after_write=parse.start)
+        parse.join()
+        if verdict is None and not isinstance(parsed[0], Policy):
+            verdict = f"the effective policy does not parse: {parsed[0]}"  # the gateway took what up cannot read
         if verdict is not None:
             self._restore_files()
             undo()
@@ -226,6 +243,8 @@ class LivePolicy:
             stack.progress(f"policy: {verdict}; the running policy stays on the gateway and the controller")
             return
         write_atomic(self.controller_file, text.encode())  # the controller follows what the gateway serves
+        new = parsed[0]
+        assert isinstance(new, Policy)
         self.policy, self.text = new, text
         old = [c for spec, _ in removed if (c := stack.find_child(spec.name)) is not None]
         stack.retire(old, RELOAD_GRACE_S)
@@ -243,10 +262,13 @@ class LivePolicy:
             if not same:
                 write_atomic(path, self.text.encode())
 
-    def _switch_gateway(self, stack: StackOps, text: str, digest: str) -> str | None:
+    def _switch_gateway(
+        self, stack: StackOps, text: str, digest: str, after_write: Callable[[], None] = lambda: None
+    ) -> str | None:
         """Write the gateway's file and wait for it to serve ``digest``: None when it does, else why not."""
         failures = probes.gateway_reload_failures(self.gateway_metrics)
-        write_atomic(self.gateway_file, text.encode())
+        write_atomic(self.gateway_file, text.encode())  # the gateway sees it on an OS file event
+        after_write()
         deadline = self.clock() + self.switch_timeout_s
         while self.clock() < deadline:
             stack.tick()
