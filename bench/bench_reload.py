@@ -249,7 +249,7 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
     out = open(work / "up.out", "wb")  # noqa: SIM115
     up = subprocess.Popen(
         [sys.executable, "-m", "cohortgate.cli", "up", "--policy", str(source), "--state-dir", str(state),
-         "--free-ports"],
+         "--free-ports", "--ready-timeout", "180"],  # a 1 000-route controller starts in > 30 s on 2 busy cores
         stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     rows: list[dict] = []

@@ -293,3 +293,13 @@ async def test_a_moved_backend_reaches_envoy_under_its_cluster_name(live: Path, 
     finally:
         await reloader.close()
         await runner.cleanup()
+
+
+def test_the_confirmation_limit_grows_with_the_clusters_envoy_must_apply():
+    from gateway.reload import confirm_limit
+
+    one = cluster_change([backend("x", 1)], [backend("x", 2)])
+    many = cluster_change([], [backend(f"c{i}") for i in range(2000)])
+    assert confirm_limit(5.0, cluster_change([], [])) == 5.0
+    assert 5.0 < confirm_limit(5.0, one) < 5.1  # a one-route edit: still ~5 s
+    assert confirm_limit(5.0, many) == pytest.approx(15.0)  # a 1 000-route replacement
