@@ -68,7 +68,7 @@ class _Decisions(Collector):
             labels=("route", "shadow"),
         )  # fmt: skip
         for family_, attr in ((routed, "routed"), (mirrored, "mirrored")):
-            totals_ = {}
+            totals_: dict[tuple[str, str], float] = {}
             for stats in self.sources:
                 for cluster, n in list(getattr(stats, attr, {}).items()):
                     key = cluster_parts(cluster) or ("none", cluster)

@@ -122,7 +122,10 @@ def ramp_problem(before: Sequence[int], after: Sequence[int], names: Sequence[st
     """None when the change moves units only between control and challengers whose weight changed
     in that direction (control -> a grown one, a shrunk one -> control); else a sentence saying
     which units would move where (as shares of all units), for the operator who asked."""
-    label = (lambda i: repr(names[i])) if names is not None else (lambda i: f"variant {i}")
+
+    def label(i: int) -> str:
+        return repr(names[i]) if names is not None else f"variant {i}"
+
     bad = {
         (a, b): n
         for (a, b), n in moves(before, after).items()

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cohortgate.core import cohorts
-from cohortgate.core.policy import Guardrails, JwtSettings, Policy, Rollout, Route
+from cohortgate.core.policy import Backend, Guardrails, JwtSettings, Policy, Rollout, Route
 
 SAMPLE_UNITS = 20_000
 
@@ -51,7 +51,7 @@ class PolicyDiff:
         return out or ["no changes"]
 
 
-def _backends(backends) -> list[str]:
+def _backends(backends: Iterable[Backend]) -> list[str]:
     return [f"{b.url} ({b.region})" for b in backends]
 
 
@@ -129,11 +129,11 @@ def _route_changes(old: Route, new: Route) -> list[str]:
     for name in old_s.keys() - new_s.keys():
         changes.append(f"- shadow {name}")
     for name in old_s.keys() & new_s.keys():
-        a, b = old_s[name], new_s[name]
-        if a.percent != b.percent:
-            changes.append(f"shadow {name}: percent {a.percent}% -> {b.percent}%")
-        if _backends(a.backends) != _backends(b.backends):
-            changes.append(f"shadow {name}: backends {_backends(a.backends)} -> {_backends(b.backends)}")
+        sa, sb = old_s[name], new_s[name]
+        if sa.percent != sb.percent:
+            changes.append(f"shadow {name}: percent {sa.percent}% -> {sb.percent}%")
+        if _backends(sa.backends) != _backends(sb.backends):
+            changes.append(f"shadow {name}: backends {_backends(sa.backends)} -> {_backends(sb.backends)}")
     changes += _fields("guardrails", old.guardrails, new.guardrails, _names(Guardrails))
     if old.rollout is None or new.rollout is None:
         if old.rollout != new.rollout:

@@ -455,7 +455,7 @@ def rotate_jwt_key(dir: str | os.PathLike[str] = "certs", keep: int = 2) -> str:
     jwk = public_jwk(key)
     _publish(paths.jwks, jwk, keep=keep)
     _write_key(paths.jwt_key, key)
-    return jwk["kid"]
+    return str(jwk["kid"])
 
 
 def mint_foreign_client(

@@ -87,9 +87,10 @@ def effective_policy(policy: Policy, states: Mapping[str, RouteState], safe: boo
                 weights[route.name] = {v.name: 100 if i == 0 else 0 for i, v in enumerate(route.variants)}
                 disabled[route.name] = [v.name for v in route.variants[1:]]
     for name, st in states.items():
-        route = policy.by_name.get(name)
-        if route is None:
+        found = policy.by_name.get(name)
+        if found is None:
             continue
+        route = found
         names = {v.name for v in route.variants}
         w = {n: int(st.weights.get(n, 0)) for n in names}
         if sum(w.values()) != 100 or any(x < 0 for x in w.values()) or not set(st.weights) <= names:
@@ -513,7 +514,7 @@ class RedisState(_Base):
                         last_sync = time.monotonic()
             except asyncio.CancelledError:
                 raise
-            except (StoreUnavailable, *redis_errors()) as exc:
+            except (StoreUnavailable, *redis_errors()) as exc:  # type: ignore[misc]  # a tuple built at run time
                 if backoff == 0.1:
                     log.warning("state store watcher lost Redis (%s); keeping the last weights", exc)
                 self.connected = False

@@ -426,7 +426,7 @@ class H2Connection:
 
     # ------------------------------------------------------------------ frame handlers
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, sid: int, payload: bytes | bytearray) -> None:
         if sid == 0:
             raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
@@ -459,7 +459,7 @@ class H2Connection:
         elif increment:  # after the answers this DATA brought, as the peer reads them
             self._out.append(f.window_update_frame(sid, increment))
 
-    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_headers(self, flags: int, sid: int, payload: bytes | bytearray) -> None:
         if sid == 0:
             raise ConnectionProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         start, end = 0, len(payload)

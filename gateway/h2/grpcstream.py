@@ -59,7 +59,7 @@ class GrpcStream(StreamFlow):
         self.headers_sent = False
         self.trailers: bytes | None = None  # the final block, once decided, while DATA waits before it
 
-    def take_messages(self, data: bytes, max_message: int) -> tuple[list[bytes], PrefixFailure | None]:
+    def take_messages(self, data: bytes | bytearray, max_message: int) -> tuple[list[bytes], PrefixFailure | None]:
         """The complete messages in what is buffered plus ``data``, keeping the rest in ``buf``.
 
         Stops at the first prefix that ends the stream (compressed, bad flag, over ``max_message``)
@@ -105,7 +105,7 @@ class GrpcStream(StreamFlow):
         response = self.processor.handle(request)  # type: ignore[union-attr]
         if response is None:
             return None
-        payload = response.SerializeToString()
+        payload: bytes = response.SerializeToString()
         return MESSAGE_PREFIX.pack(0, len(payload)) + payload
 
     def final_block(self, status: GrpcStatus, message: str) -> bytes:
