@@ -93,7 +93,7 @@ class OtlpReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self._body()
                 ok = self.path == "/v1/traces" and self.headers.get("content-type") == "application/x-protobuf"
                 if ok:
                     request = ExportTraceServiceRequest.FromString(body)
@@ -106,6 +106,7 @@ class OtlpReceiver:
                                         "service": service,
                                         "name": span.name,
                                         "trace_id": span.trace_id.hex(),
+                                        "span_id": span.span_id.hex(),
                                         "parent_span_id": span.parent_span_id.hex(),
                                         "attributes": {a.key: _any_value(a.value) for a in span.attributes},
                                         "start": span.start_time_unix_nano,
@@ -118,6 +119,18 @@ class OtlpReceiver:
                 self.send_header("content-length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
+
+            def _body(self) -> bytes:
+                """Envoy's OTLP/HTTP exporter sends its body chunked; the SDKs give a length."""
+                if "chunked" not in self.headers.get("transfer-encoding", ""):
+                    return self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return body
 
             def log_message(self, *args: Any) -> None:
                 pass
