@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import special
 
 # Prior over the odds ratio of "bad" (failed or slow) between a challenger and control: log-uniform
@@ -73,7 +74,9 @@ def log_choose(n: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.where(ok, out, -np.inf)
 
 
-def fisher_log_lr(x, n1, n0, f, log_psi: np.ndarray = DEFAULT_LOG_PSI) -> np.ndarray:
+def fisher_log_lr(
+    x: ArrayLike, n1: ArrayLike, n0: ArrayLike, f: ArrayLike, log_psi: np.ndarray = DEFAULT_LOG_PSI
+) -> np.ndarray:
     """log [P_psi(X = x) / P_1(X = x)] for Fisher's noncentral hypergeometric distribution.
 
     ``x`` bad outcomes on the challenger out of ``n1`` requests, ``f`` bad outcomes in total, ``n0``
@@ -99,7 +102,7 @@ def mixture_log(log_lr: np.ndarray) -> np.ndarray:
     return logsumexp(log_lr, axis=-1) - math.log(log_lr.shape[-1])
 
 
-def running_p(log_m: np.ndarray, temper=1.0) -> np.ndarray:
+def running_p(log_m: np.ndarray, temper: ArrayLike = 1.0) -> np.ndarray:
     """Always-valid p-values from log mixture martingales along the last axis.
 
     ``p_t = min(1, min_{s<=t} M_s^-c_s)`` (Ville's inequality; ``c`` the tempering in (0, 1]).
@@ -108,7 +111,14 @@ def running_p(log_m: np.ndarray, temper=1.0) -> np.ndarray:
     return np.minimum(1.0, np.exp(-np.maximum.accumulate(evidence, axis=-1)))
 
 
-def harm_paths(x, n1, n0, f, log_psi: np.ndarray = DEFAULT_LOG_PSI, temper=1.0) -> np.ndarray:
+def harm_paths(
+    x: ArrayLike,
+    n1: ArrayLike,
+    n0: ArrayLike,
+    f: ArrayLike,
+    log_psi: np.ndarray = DEFAULT_LOG_PSI,
+    temper: ArrayLike = 1.0,
+) -> np.ndarray:
     """Always-valid p-values after each interval; the interval axis is the last input axis.
 
     ``p[..., t] = min(1, min_{s<=t} M_s^-c_s)``, non-increasing in t (``temper`` is c, broadcast).
@@ -162,7 +172,9 @@ def _tempered_p(previous: float, log_m: float, temper: float) -> float:
 # --------------------------------------------------------------------------- absolute limits
 
 
-def limit_log_lr(x, n, p0: float, log_psi: np.ndarray = DEFAULT_LOG_PSI, above: bool = True) -> np.ndarray:
+def limit_log_lr(
+    x: ArrayLike, n: ArrayLike, p0: float, log_psi: np.ndarray = DEFAULT_LOG_PSI, above: bool = True
+) -> np.ndarray:
     """log Bernoulli likelihood ratio of ``x`` bad in ``n`` under ``p1`` against the limit ``p0``.
 
     The alternatives are ``odds(p1) = odds(p0) * psi`` for psi on the grid (``above``) or 1/psi (below),
@@ -177,10 +189,17 @@ def limit_log_lr(x, n, p0: float, log_psi: np.ndarray = DEFAULT_LOG_PSI, above: 
     logit0 = math.log(p0 / (1 - p0))
     log_p1 = -np.logaddexp(0.0, -(logit0 + log_psi))  # log p1
     log_q1 = -np.logaddexp(0.0, logit0 + log_psi)  # log (1 - p1)
-    return x[..., None] * (log_p1 - math.log(p0)) + (n - x)[..., None] * (log_q1 - math.log1p(-p0))
+    return np.asarray(x[..., None] * (log_p1 - math.log(p0)) + (n - x)[..., None] * (log_q1 - math.log1p(-p0)))
 
 
-def limit_paths(x, n, p0: float, temper=1.0, above: bool = True, log_psi: np.ndarray = DEFAULT_LOG_PSI) -> np.ndarray:
+def limit_paths(
+    x: ArrayLike,
+    n: ArrayLike,
+    p0: float,
+    temper: ArrayLike = 1.0,
+    above: bool = True,
+    log_psi: np.ndarray = DEFAULT_LOG_PSI,
+) -> np.ndarray:
     """Always-valid p-values of "the rate is above (below) ``p0``" after each interval (last axis)."""
     log_lr = np.cumsum(limit_log_lr(x, n, p0, log_psi, above), axis=-2)
     return running_p(mixture_log(log_lr), temper)
@@ -224,7 +243,7 @@ class LimitTest:
 # --------------------------------------------------------------------------- clustering by unit
 
 
-def design_effect(n_u, x_u, singles=0, single_bad=0) -> np.ndarray:
+def design_effect(n_u: ArrayLike, x_u: ArrayLike, singles: ArrayLike = 0, single_bad: ArrayLike = 0) -> np.ndarray:
     """Cluster-robust variance of a ratio ``sum x / sum n`` over its binomial variance (>= 1).
 
     ``n_u``, ``x_u``: per-unit requests and bad outcomes on the last axis; ``singles`` more units
@@ -249,13 +268,13 @@ def design_effect(n_u, x_u, singles=0, single_bad=0) -> np.ndarray:
     return np.where(ok, np.maximum(np.nan_to_num(deff, nan=1.0), 1.0), 1.0)
 
 
-def pooled_design_effect(deff1, n1, deff0, n0) -> np.ndarray:
+def pooled_design_effect(deff1: ArrayLike, n1: ArrayLike, deff0: ArrayLike, n0: ArrayLike) -> np.ndarray:
     """The design effect of a difference of two arms' rates: each arm's, weighted by its 1/N."""
     deff1, n1, deff0, n0 = (np.asarray(a, dtype=float) for a in (deff1, n1, deff0, n0))
     with np.errstate(invalid="ignore", divide="ignore"):
         w1, w0 = 1 / n1, 1 / n0
         out = (deff1 * w1 + deff0 * w0) / (w1 + w0)
-    return np.where((n1 > 0) & (n0 > 0), out, np.maximum(deff1, deff0))
+    return np.asarray(np.where((n1 > 0) & (n0 > 0), out, np.maximum(deff1, deff0)))
 
 
 # --------------------------------------------------------------------------- sample-ratio mismatch
@@ -271,7 +290,7 @@ class SrmResult:
     mismatch: bool
 
 
-def srm_log_bf(counts, expected, concentration: float = 100.0) -> np.ndarray:
+def srm_log_bf(counts: ArrayLike, expected: ArrayLike, concentration: float = 100.0) -> np.ndarray:
     """log Bayes factor of a Dirichlet(concentration * expected) mixture against the null ``expected``.
 
     ``counts`` has the categories on its last axis; leading axes broadcast.
@@ -282,7 +301,7 @@ def srm_log_bf(counts, expected, concentration: float = 100.0) -> np.ndarray:
     alpha = concentration * theta
     log_beta_post = special.gammaln(alpha + counts).sum(-1) - special.gammaln((alpha + counts).sum(-1))
     log_beta_prior = special.gammaln(alpha).sum() - special.gammaln(alpha.sum())
-    return log_beta_post - log_beta_prior - (counts * np.log(theta)).sum(-1)
+    return np.asarray(log_beta_post - log_beta_prior - (counts * np.log(theta)).sum(-1))
 
 
 def srm_check(counts: Sequence[int], weights: Sequence[float], alpha: float = 1e-3, p_before: float = 1.0) -> SrmResult:

@@ -719,7 +719,7 @@ class H2Connection:
             self._out.append(f.rst_stream_frame(sid, ErrorCode.NO_ERROR))
             self._remember_reset(sid)
 
-    def _on_stream_bytes(self, s: GrpcStream, data: bytes) -> None:
+    def _on_stream_bytes(self, s: GrpcStream, data: bytes | bytearray) -> None:
         """Answer each gRPC message that ``data`` completes; keep a partial one, within the limits."""
         before = len(s.buf)
         messages, failure = s.take_messages(data, self._max_message)

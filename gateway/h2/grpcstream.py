@@ -84,7 +84,7 @@ class GrpcStream(StreamFlow):
             end = pos + 5 + length
             if end > size:
                 break
-            messages.append(data[pos + 5 : end])
+            messages.append(data[pos + 5 : end])  # type: ignore[arg-type]  # a bytearray slice: bytes-like
             pos = end
         if data is buf:
             del buf[:pos]
