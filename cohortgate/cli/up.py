@@ -131,6 +131,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="trace Envoy, the gateway and the sidecars to this OTLP/HTTP collector, http://HOST:PORT "
+        "(needs the otel extra; default off)",
+    )
+    p.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.01,
+        metavar="RATIO",
+        help="with --otlp-endpoint: the share of requests without a sampled traceparent to trace (default 0.01)",
+    )
+    p.add_argument(
         "--no-warm-spares",
         dest="warm_spares",
         action="store_false",
@@ -185,5 +199,7 @@ def _up(args: argparse.Namespace) -> int:
         warm_spares=args.warm_spares,
         concurrency=max(1, args.concurrency),
         ready_timeout_s=args.ready_timeout,
+        otlp_endpoint=args.otlp_endpoint,
+        trace_sample=args.trace_sample,
     )
     return Stack(options).run()

@@ -38,7 +38,15 @@ class Layout:
     redis: str | None = None
     unit_salt: str = ""
     canary_fault_after_s: float = 0.0
+    otlp_endpoint: str | None = None  # every child traces to this OTLP/HTTP collector (docs/observability.md)
+    trace_sample: float = 0.01
     python: str = field(default=sys.executable)
+
+    def tracing_args(self) -> tuple[str, ...]:
+        """The gateway's and each sidecar's tracing flags (none when tracing is off)."""
+        if self.otlp_endpoint is None:
+            return ()
+        return ("--otlp-endpoint", self.otlp_endpoint, "--trace-sample", str(self.trace_sample))
 
     @property
     def logs_dir(self) -> Path:
@@ -132,6 +140,7 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
         "--drain-timeout", str(SIDECAR_DRAIN_S),
         "--report-to", layout.redis or f"{layout.controller_api}/reports",
     )  # fmt: skip
+    argv += layout.tracing_args()
     if spec.fault_rate > 0:
         argv += ("--fault-rate", str(spec.fault_rate), "--fault-after", str(layout.canary_fault_after_s))
     return Recipe(
@@ -206,6 +215,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
         argv += ("--redis", layout.redis, "--state-file", str(layout.state_dir / "gateway-state.json"))
     else:
         argv += ("--state-file", str(layout.state_file))
+    argv += layout.tracing_args()
     return Recipe(
         name="gateway",
         kind="gateway",

@@ -96,6 +96,8 @@ class StackOptions:
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
     demo: bool = False  # `cohortgate traffic` runs beside the stack, as one more child
     warm_spares: bool = True  # one imported Python process per kind, so a restart skips the imports
+    otlp_endpoint: str | None = None  # Envoy, the gateway and the sidecars trace to this collector
+    trace_sample: float = 0.01  # the share of requests without a sampled traceparent that Envoy traces
 
 
 class Stack:
@@ -260,6 +262,8 @@ class Stack:
             redis=o.redis,
             unit_salt=self._unit_salt(),
             canary_fault_after_s=o.canary_fault_after_s,
+            otlp_endpoint=o.otlp_endpoint,
+            trace_sample=o.trace_sample,
         )
         self.live.gateway_health = self.layout.gateway_health
         self.live.gateway_metrics = self.layout.gateway_metrics
@@ -434,7 +438,7 @@ class Stack:
 
     def _render_envoy(self) -> EnvoyFiles:
         """Envoy's bootstrap and CDS files (slow to import: runs in a thread while the rest starts)."""
-        from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
+        from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, TraceCollector, render
 
         assert self.policy is not None and self.layout is not None
         return render(
@@ -447,6 +451,11 @@ class Stack:
             admin_socket=self.layout.admin_socket,
             access_log=AccessLogTarget(uds=self.layout.als_socket),
             concurrency=self.opts.concurrency,
+            tracing=(
+                TraceCollector.parse(self.opts.otlp_endpoint, self.opts.trace_sample)
+                if self.opts.otlp_endpoint
+                else None
+            ),
         )
 
     def _start_all(self) -> None:

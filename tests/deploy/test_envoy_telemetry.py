@@ -67,7 +67,7 @@ def test_trace_collector_accepts_only_plain_http_and_a_ratio_in_range() -> None:
     for bad in ("https://collector:4318", "collector:4318", "grpc://c:4317"):
         with pytest.raises(ValueError, match="http://HOST:PORT"):
             ec.TraceCollector.parse(bad)
-    with pytest.raises(ValueError, match="within 0..1"):
+    with pytest.raises(ValueError, match=r"within 0\.\.1"):
         ec.TraceCollector.parse("http://c:4318", 1.5)
     assert main(["envoy", "render", "--policy", str(EXAMPLE), "--otlp-endpoint", "https://c"]) == 2
 
@@ -128,3 +128,32 @@ def test_envoy_labels_cluster_stats_with_the_full_dotted_name(tmp_path: Path) ->
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_up_passes_the_collector_to_the_gateway_and_each_sidecar() -> None:
+    """`cohortgate up --otlp-endpoint URL --trace-sample R`: the recipes carry the flags (Envoy's
+    bootstrap gets the tracer from the same options), and nothing when tracing is off."""
+    from cohortgate.local import recipes
+    from tests.local.test_recipes import layout, spec
+
+    on = layout(otlp_endpoint="http://127.0.0.1:4318", trace_sample=0.05)
+    flags = ("--otlp-endpoint", "http://127.0.0.1:4318", "--trace-sample", "0.05")
+    for argv in (recipes.gateway_recipe(on, Path("/srv/cds.yaml")).argv, recipes.sidecar_recipe(spec(), 8102, on).argv):
+        assert any(argv[i : i + 4] == flags for i in range(len(argv))), argv
+    off = layout()
+    for argv in (
+        recipes.gateway_recipe(off, Path("/srv/cds.yaml")).argv,
+        recipes.sidecar_recipe(spec(), 8102, off).argv,
+    ):
+        assert "--otlp-endpoint" not in argv
+
+
+def test_up_parses_the_tracing_flags() -> None:
+    import argparse
+
+    from cohortgate.cli.up import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["up", "--otlp-endpoint", "http://127.0.0.1:4318", "--trace-sample", "0.2"])
+    assert (args.otlp_endpoint, args.trace_sample) == ("http://127.0.0.1:4318", 0.2)
