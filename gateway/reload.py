@@ -138,22 +138,29 @@ class EnvoyClusters:
         doc = await asyncio.to_thread(json.loads, body) if len(body) > 1 << 20 else json.loads(body)
         return {c["name"] for c in doc.get("cluster_statuses", ())}
 
-    async def loaded_version(self) -> str | None:
-        """The CDS ``version_info`` Envoy has accepted (stat ``cluster_manager.cds.version_text``).
+    async def _cds_stats(self) -> tuple[str | None, int | None]:
+        """(the CDS ``version_info`` Envoy accepted, its number of warming clusters), from two stats.
 
         A few bytes to ask for, where ``/clusters`` is megabytes for thousands of clusters and its
         rendering holds Envoy's main thread, the one that applies the new file."""
-        url = f"{self._base}/stats?filter=%5Ecluster_manager%5C.cds%5C.version_text%24"
+        url = f"{self._base}/stats?filter=%5Ecluster_manager%5C.%28cds%5C.version_text%7Cwarming_clusters%29%24"
         async with self._open().get(url) as resp:
             text = (await resp.read()).decode(errors="replace") if resp.status == 200 else ""
-        _, _, value = text.partition(":")
-        return value.strip().strip('"') or None
+        stats = dict(line.partition(":")[::2] for line in text.splitlines())
+        version = stats.get("cluster_manager.cds.version_text", "").strip().strip('"') or None
+        warming = stats.get("cluster_manager.warming_clusters", "").strip()
+        return version, int(warming) if warming.isdigit() else None
+
+    async def loaded_version(self) -> str | None:
+        """The CDS ``version_info`` Envoy has accepted (stat ``cluster_manager.cds.version_text``)."""
+        return (await self._cds_stats())[0]
 
     async def confirm(self, names: Iterable[str], timeout_s: float) -> None:
         """Return once every cluster in ``names`` is active; raise `ClustersNotConfirmed` after ``timeout_s``.
 
-        Waits (cheaply) until Envoy has accepted the file just written, then checks the active
-        cluster list itself: accepted is not yet active while a cluster warms."""
+        Envoy applies a CDS file whole or not at all: once it has accepted the version just written
+        and no cluster is warming, every cluster of that file is active. Only when the file's version
+        is unknown (or the stats say nothing of warming) is the active list itself read."""
         import aiohttp
 
         from cohortgate.deploy.envoy import written_version
@@ -165,8 +172,13 @@ class EnvoyClusters:
         while True:
             try:
                 async with asyncio.timeout(max(0.01, deadline - time.monotonic())):  # no call outlives the limit
-                    if written is not None and await self.loaded_version() != written:
+                    version, warming = await self._cds_stats() if written is not None else (None, None)
+                    if written is not None and version != written:
                         problem = f"Envoy has not loaded CDS version {written} yet"
+                    elif warming is not None and warming > 0:
+                        problem = f"{warming} cluster(s) still warming"
+                    elif written is not None and warming == 0:
+                        return
                     else:
                         missing = wanted - await self.active()
                         if not missing:

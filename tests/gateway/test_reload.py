@@ -193,14 +193,17 @@ class SlowWrite(EnvoyClusters):
         return await super().write(backends, source)
 
 
-async def fake_envoy_admin(cds: Path) -> tuple[web.AppRunner, str]:
-    """An admin that has always loaded the file just written and lists its clusters (an instant Envoy)."""
+async def fake_envoy_admin(cds: Path, warming: int = 0) -> tuple[web.AppRunner, str]:
+    """An admin that has always loaded the file just written and lists its clusters (an instant Envoy);
+    ``warming`` clusters never finish warming."""
     import yaml
 
     from cohortgate.deploy.envoy import written_version
 
     async def stats(_request: web.Request) -> web.Response:
-        return web.Response(text=f'cluster_manager.cds.version_text: "{written_version(cds)}"\n')
+        assert "warming_clusters" in _request.query["filter"]  # both stats in one call
+        version = f'cluster_manager.cds.version_text: "{written_version(cds)}"\n'
+        return web.Response(text=version + f"cluster_manager.warming_clusters: {warming}\n")
 
     async def clusters(_request: web.Request) -> web.Response:
         doc = yaml.safe_load(cds.read_text())
@@ -303,3 +306,20 @@ def test_the_confirmation_limit_grows_with_the_clusters_envoy_must_apply():
     assert confirm_limit(5.0, cluster_change([], [])) == 5.0
     assert 5.0 < confirm_limit(5.0, one) < 5.1  # a one-route edit: still ~5 s
     assert confirm_limit(5.0, many) == pytest.approx(15.0)  # a 1 000-route replacement
+
+
+async def test_a_warming_cluster_is_not_confirmed(live: Path, tmp_path: Path) -> None:
+    """Envoy accepted the file but a cluster is still warming (e.g. a DNS name not resolved yet): not active."""
+    cds = tmp_path / "cds.yaml"
+    runner, admin = await fake_envoy_admin(cds, warming=1)
+    envoy = EnvoyClusters(cds, admin)
+    holder, _, reloader = make(live, watch_s=0, envoy=envoy, confirm_s=0.3)
+    good = holder.policy
+    try:
+        await envoy.write(good.backends, good.path)
+        add_a_cluster(live)
+        assert not await reloader.reload("file changed")
+        assert holder.policy is good
+    finally:
+        await reloader.close()
+        await runner.cleanup()
