@@ -1,0 +1,59 @@
+"""The controller's decisions as spans (`cohortgate.controller.decision_trace`): one root span per
+committed rollback/promote/halt, with the evidence, and no operator name."""
+
+from __future__ import annotations
+
+import json
+
+from cohortgate.controller.decision_trace import decision_attributes, record_decision
+from cohortgate.support.tracing import Tracing
+
+RECORD = {
+    "ts": 1.0,
+    "route": "tabular",
+    "variant": "canary",
+    "action": "rollback",
+    "signal": "harm",
+    "actor": "operator:alice@example.com",
+    "from": "ramping",
+    "to": "rolled_back",
+    "weights_before": {"control": 90, "canary": 10},
+    "weights_after": {"control": 100, "canary": 0},
+    "reason": "error rate: always-valid p 0.001 < 0.05",
+    "evidence": {"p_value": 0.001, "requests": 1200, "errors": 40},
+    "version": 7,
+    "policy_digest": "sha256:abc",
+}
+
+
+def test_a_decision_is_one_root_span_with_its_evidence() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("controller", None, 0.0, exporter=exporter)  # decisions ignore the ratio
+    record_decision(tracing, RECORD)
+    tracing.provider.force_flush()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "cohortgate.controller.rollback"
+    assert span.parent is None
+    attrs = dict(span.attributes)
+    assert (attrs["cohortgate.route"], attrs["cohortgate.variant"]) == ("tabular", "canary")
+    assert (attrs["cohortgate.phase.from"], attrs["cohortgate.phase.to"]) == ("ramping", "rolled_back")
+    assert json.loads(attrs["cohortgate.evidence"]) == RECORD["evidence"]
+    assert json.loads(attrs["cohortgate.weights.after"]) == {"canary": 0, "control": 100}
+    assert attrs["cohortgate.state_version"] == 7 and attrs["cohortgate.actor"] == "operator"
+    assert "alice" not in repr(attrs)
+    assert span.resource.attributes["service.name"] == "cohortgate-controller"
+    tracing.shutdown()
+
+
+def test_a_broken_record_never_raises() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("controller", None, 0.0, exporter=exporter)
+    record_decision(tracing, {"route": "x"})  # no action: logged, not raised
+    tracing.provider.force_flush()
+    assert exporter.get_finished_spans() == ()
+    assert decision_attributes(RECORD | {"version": None})["cohortgate.route"] == "tabular"
+    tracing.shutdown()
