@@ -142,18 +142,23 @@ def _ld(tag: int, payload: bytes) -> bytes:
     return bytes((tag, n)) + payload if n < 0x80 else bytes((tag,)) + _varint(n) + payload
 
 
+def _proto_set(name: str, raw: bytes) -> bytes:
+    """One ``HeaderMutation.set_headers`` entry as protobuf field bytes."""
+    header = _ld(0x0A, name.encode()) + _ld(0x1A, raw)  # HeaderValue{key=1, raw_value=3}
+    option = _ld(0x0A, header) + bytes((0x18, _OVERWRITE))  # HeaderValueOption{header=1, append_action=3}
+    return _ld(0x0A, option)  # HeaderMutation.set_headers = 1
+
+
 def _set_option(name: str, value: str) -> tuple[bytes, bytes]:
     """One ``HeaderMutation.set_headers`` entry: (protobuf field bytes, JSON object bytes)."""
     raw = value.encode()
-    header = _ld(0x0A, name.encode()) + _ld(0x1A, raw)  # HeaderValue{key=1, raw_value=3}
-    option = _ld(0x0A, header) + bytes((0x18, _OVERWRITE))  # HeaderValueOption{header=1, append_action=3}
     as_json = orjson.dumps(
         {
             "header": {"key": name, "raw_value": base64.b64encode(raw).decode()},
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
         }
     )
-    return _ld(0x0A, option), as_json  # HeaderMutation.set_headers = 1
+    return _proto_set(name, raw), as_json
 
 
 def _remove_option(name: str) -> tuple[bytes, bytes]:
@@ -205,14 +210,19 @@ def _json_allowed(sets: list[tuple[bytes, bytes]], removes: list[tuple[bytes, by
 
 
 class _Allowed:
-    __slots__ = ("decision", "removes", "sets")
+    __slots__ = ("decision", "exposure", "removes", "sets")
 
     def __init__(
-        self, sets: list[tuple[bytes, bytes]], removes: list[tuple[bytes, bytes]], decision: Any = None
+        self,
+        sets: list[tuple[bytes, bytes]],
+        removes: list[tuple[bytes, bytes]],
+        decision: Any = None,
+        exposure: str | None = None,
     ) -> None:
         self.sets = sets
         self.removes = removes
         self.decision = decision  # for the trace span: route, variant
+        self.exposure = exposure  # this request's token: encoded by the transport that answers (never cached)
 
 
 class _Denied:
@@ -357,7 +367,10 @@ class Engine:
             if self.tracing is not None:
                 self._trace(headers, t0, answer)
             if type(answer) is _Allowed:
-                return pb.ProcessingResponse.FromString(_proto_allowed(answer.sets + answer.removes))
+                options = answer.sets + answer.removes
+                if answer.exposure is not None:  # protobuf only: the JSON form would cost ~2 µs more
+                    options.append((_proto_set(HEADER_EXPOSURE, answer.exposure.encode()), b""))
+                return pb.ProcessingResponse.FromString(_proto_allowed(options))
             return _proto_denied(answer)  # type: ignore[arg-type]
         except Exception:
             self._internal_error()
@@ -392,7 +405,10 @@ class Engine:
             if self.tracing is not None:
                 self._trace(headers, t0, answer)
             if type(answer) is _Allowed:
-                return _json_allowed(answer.sets, answer.removes)
+                sets = answer.sets
+                if answer.exposure is not None:
+                    sets = [*sets, _set_option(HEADER_EXPOSURE, answer.exposure)]
+                return _json_allowed(sets, answer.removes)
             return _json_denied(answer)  # type: ignore[arg-type]
         except Exception:
             self._internal_error()
@@ -484,7 +500,7 @@ class Engine:
         if policy.response_headers:
             sets.append(options.set(HEADER_VARIANT, decision.variant))  # type: ignore[arg-type]
             sets.append(options.set(HEADER_ROUTE, decision.route))  # type: ignore[arg-type]
-        minted = False
+        minted: str | None = None
         key = self.settings.exposure_key
         hashed = None
         if decision.unit is not None:
@@ -497,8 +513,7 @@ class Engine:
             mark = "unkeyed" if key is None else self._mint(key, decision, hashed or "gateway", request_id)
             sets.append(_set_option(HEADER_OUTCOMES, mark))
         elif key is not None and hashed is not None:  # Envoy copies this request header to the response
-            sets.append(_set_option(HEADER_EXPOSURE, self._mint(key, decision, hashed, request_id)))
-            minted = True
+            minted = self._mint(key, decision, hashed, request_id)
         sets.append(options.set(HEADER_REGION, decision.region))  # type: ignore[arg-type]
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it
@@ -507,7 +522,7 @@ class Engine:
                 ours.update((HEADER_VARIANT, HEADER_ROUTE))
             if decision.unit is not None:
                 ours.add(HEADER_UNIT)
-            if minted:
+            if minted is not None:
                 ours.add(HEADER_EXPOSURE)
             if outcomes:
                 ours.add(HEADER_OUTCOMES)
@@ -536,7 +551,7 @@ class Engine:
             if self.tracing is not None and (trace := self._trace_id(headers)) is not None:
                 entry += (trace,)  # the audit line's trace.id
             self.audit.record(entry)
-        return _Allowed(sets, removes, decision)
+        return _Allowed(sets, removes, decision, minted)
 
     def _denied(
         self,
