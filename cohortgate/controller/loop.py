@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -533,6 +534,8 @@ class Controller:
             "evidence": _jsonable(t.evidence),
             "version": after.version,
             "policy_digest": self.policy.digest,
+            # the controller host's load when it decided: a latency verdict on a starved machine says so
+            "host": _host_load(),
         }
         self.pending_audit.append(record)
         self.metrics.action(route.name, t.variant, t.action, actor.split(":", 1)[0])
@@ -862,3 +865,12 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     return value
+
+
+def _host_load() -> dict[str, Any]:
+    """Load averages and CPU count of the controller's host (where Envoy and the sidecars usually run too)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:  # pragma: no cover - not on every platform
+        return {"cpus": os.cpu_count()}
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2), "cpus": os.cpu_count()}

@@ -141,8 +141,12 @@ async def test_manual_actions_go_through_the_table_and_the_audit():
         await c.manual(Signal.ROLLBACK, "nope", "canary", "manual:alice")
     [t] = await c.manual(Signal.RESUME, "tabular", None, "manual:bob")
     assert t.after is Phase.PROMOTING and dict(t.weights_after) == {"control": 90, "canary": 10}
-    actors = [r["actor"] for r in await sim.store.audit("tabular")]
-    assert actors == ["manual:bob", "manual:alice", "manual:alice"]
+    records = await sim.store.audit("tabular")
+    assert [r["actor"] for r in records] == ["manual:bob", "manual:alice", "manual:alice"]
+    # each decision records the host's load beside both arms' latencies (issue 17.8: a latency verdict
+    # on a starved machine shows it) -- and the evidence carries control's window next to the canary's
+    host = records[-1]["host"]
+    assert host["cpus"] >= 1 and host["load_1m"] >= 0 and set(host) >= {"load_1m", "load_5m", "load_15m"}
 
 
 async def test_a_restart_keeps_the_controllers_weights(tmp_path):
