@@ -41,7 +41,7 @@ def test_no_module_but_the_contract_spells_a_shared_name() -> None:
 def test_the_contract_names_are_the_documented_ones() -> None:
     # Pinned here independently: changing one is a breaking change for running deployments.
     assert contract.HEADER_CLUSTER == "x-cohortgate-cluster"
-    assert contract.HEADER_SHADOWS == tuple(f"x-cohortgate-shadow-{i}" for i in range(4))
+    assert tuple(f"x-cohortgate-shadow-{i}" for i in range(4)) == contract.HEADER_SHADOWS
     assert contract.MIRROR_SLOTS == 4
     assert contract.STATE_KEY == "{cohortgate}:state"
     assert contract.EVENTS_STREAM == "{cohortgate}:events"
