@@ -43,6 +43,7 @@ from cohortgate.support.files import FileStamp, watch, write_atomic
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the same text as safe_dump, ~3x faster
 SOURCE_SAFETY_NET_S = 5.0  # the event watch also stats the source this often (events lost, odd file systems)
+SWITCH_PER_CLUSTER_S = 0.01  # the gateway's own limit is 5 s + 5 ms a cluster of its CDS file, plus its parse
 GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
 
 
@@ -104,6 +105,7 @@ class LivePolicy:
         self.stamp: FileStamp | None = None  # the source file as last looked at
         self.source_digest = ""
         self._watcher: threading.Thread | None = None
+        self._clusters = 0  # clusters of the edit being applied (the gateway's time grows with them)
         self._stop_watching = threading.Event()
 
     def read_source(self) -> bytes:
@@ -179,6 +181,7 @@ class LivePolicy:
             stack.progress(f"policy: edit refused, the running policy stays:\n{exc}")
             return
         self.source_digest = source_policy.digest
+        self._clusters = len(source_policy.backends)
         try:
             self._apply(stack, raw, specs)
         except Interrupted:
@@ -269,7 +272,9 @@ class LivePolicy:
         failures = probes.gateway_reload_failures(self.gateway_metrics)
         write_atomic(self.gateway_file, text.encode())  # the gateway sees it on an OS file event
         after_write()
-        deadline = self.clock() + self.switch_timeout_s
+        serving_n = len(self.policy.backends) if self.policy is not None else 0
+        timeout_s = self.switch_timeout_s + SWITCH_PER_CLUSTER_S * (serving_n + self._clusters)
+        deadline = self.clock() + timeout_s
         while self.clock() < deadline:
             stack.tick()
             serving = probes.gateway_policy(self.gateway_health)
@@ -283,4 +288,4 @@ class LivePolicy:
             if failures is None:
                 failures = now_failed  # the gateway was restarting when the edit came
             stack.sleep(POLL_S)
-        return f"the gateway did not switch to the edit within {self.switch_timeout_s:.0f}s"
+        return f"the gateway did not switch to the edit within {timeout_s:.0f}s"
