@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--policy", required=True, help="the policy file the gateway serves")
     parser.add_argument("--route", required=True, help="the route whose variants score the rows")
-    parser.add_argument("--input", required=True, help="Parquet file (or directory, with --spark/--master)")
+    parser.add_argument(
+        "--input", required=True, help="the rows to score: a Parquet file (or a directory, with --spark/--master)"
+    )
     parser.add_argument("--output", required=True, help="scored rows (Parquet; a directory of parts on Spark)")
     parser.add_argument(
         "--rejects", help="rejected rows with reason, status, message (default: OUTPUT's stem + .rejects)"

@@ -70,14 +70,14 @@ def register_supply(sub: argparse._SubParsersAction) -> None:
 
     pull = sub.add_parser("pull", help="verify a version and write it to a file")
     version_args(pull)
-    pull.add_argument("--out", required=True, metavar="FILE")
+    pull.add_argument("--out", required=True, metavar="FILE", help="where to write the verified model")
     pull.add_argument("--trusted-key", action="append", default=[], metavar="KEY", help="ed25519:<b64> or a PEM")
     pull.add_argument("--kek", metavar="SPEC", help="file:PATH | env:NAME | cmd:COMMAND: write the plain model")
     pull.set_defaults(func=pull_handler)
 
     sign = sub.add_parser("sign", help="sign a version's manifest (detached Ed25519)")
     version_args(sign)
-    sign.add_argument("--key", required=True, metavar="PRIVATE_PEM")
+    sign.add_argument("--key", required=True, metavar="PRIVATE_PEM", help="the Ed25519 private key to sign with")
     sign.set_defaults(func=sign_handler)
 
     seal = sub.add_parser("seal", help="encrypt a version's model at rest (AES-256-GCM, wrapped data key)")
@@ -86,9 +86,11 @@ def register_supply(sub: argparse._SubParsersAction) -> None:
     seal.set_defaults(func=seal_handler)
 
     verify = sub.add_parser("verify", help="load a reference as the sidecar would, and print what it is")
-    verify.add_argument("reference")
-    verify.add_argument("--trusted-key", action="append", default=[], metavar="KEY")
-    verify.add_argument("--kek", metavar="SPEC")
+    verify.add_argument("reference", help="the model reference to check (NAME@VERSION, file://, https:// or s3://)")
+    verify.add_argument(
+        "--trusted-key", action="append", default=[], metavar="KEY", help="a public key the signature may be from"
+    )
+    verify.add_argument("--kek", metavar="SPEC", help="file:PATH | env:NAME | cmd:COMMAND, to open a sealed model")
     verify.set_defaults(func=verify_handler)
 
 
