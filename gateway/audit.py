@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -37,21 +37,26 @@ from cohortgate.support.logs import audit_to_ecs
 
 log = logging.getLogger("cohortgate.audit")
 
-#: The tuple the processor records, in this order.
-FIELDS = (
-    "time",
-    "request_id",
-    "identity",
-    "subject",
-    "route",
-    "variant",
-    "region",
-    "outcome",
-    "reason",
-    "status",
-    "shadows",
-)
-#: an entry may carry one more element: the request's W3C trace id (32 hex digits), for ``trace.id``
+class AuditEntry(NamedTuple):
+    """One decision as the processor records it. Built with ``tuple.__new__(AuditEntry, values)`` on the
+    request path (0.15 µs; the NamedTuple's own ``__new__`` is a Python call, 0.5 µs)."""
+
+    time: float
+    request_id: str
+    identity: str | None
+    subject: Any  # the JWT's sub; hashed when written, never stored raw
+    route: str | None
+    variant: str | None
+    region: str | None
+    outcome: str  # allow | deny | error
+    reason: str  # the assignment (bucket, override, +fallback) or the denial code
+    status: int
+    shadows: tuple[str, ...]
+    trace_id: str | None = None  # the request's W3C trace id, when tracing is on
+
+
+#: the fields every line has (``trace_id`` only when tracing is on)
+FIELDS = AuditEntry._fields[:-1]
 TRACE_FIELD = "trace_id"
 #: ``log_format`` choices: cohortgate's own flat lines, or ECS documents
 AUDIT_FORMATS = ("json", "ecs")
@@ -197,8 +202,8 @@ class AuditLog:
         stream = RotatingFile(target, max_bytes=max_bytes, backups=backups, max_age_s=max_age_s)
         return cls(stream, subject_hash, close_stream=True, **kwargs)
 
-    def record(self, entry: tuple[Any, ...]) -> None:
-        """Queue one decision (a tuple in `FIELDS` order); drop and count it if the queue is full."""
+    def record(self, entry: AuditEntry) -> None:
+        """Queue one decision; drop and count it if the queue is full."""
         if len(self._pending) >= self._max:
             self.dropped += 1
             return
@@ -261,8 +266,9 @@ class AuditLog:
             marker.set()
 
     def _line(self, entry: tuple[Any, ...]) -> bytes:
-        fields = FIELDS if len(entry) == len(FIELDS) else (*FIELDS, TRACE_FIELD)
-        record = dict(zip(fields, entry, strict=True))
+        record = dict(zip(AuditEntry._fields, entry, strict=False))
+        if record.get(TRACE_FIELD) is None:
+            record.pop(TRACE_FIELD, None)
         record["time"] = (
             dt.datetime.fromtimestamp(entry[0], dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         )

@@ -60,10 +60,13 @@ from cohortgate.core.exposure import exposure_id, parse_keys
 from cohortgate.core.exposure import mint as mint_exposure
 from cohortgate.core.policy import Policy
 from cohortgate.support.tracing import TRACE_HEADERS, TRACEPARENT, trace_id
+from gateway.audit import AuditEntry
 from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
 
 if TYPE_CHECKING:
     from cohortgate.support.tracing import Tracing
+
+_new_tuple = tuple.__new__  # see AuditEntry
 
 log = logging.getLogger("cohortgate.extproc")
 
@@ -90,7 +93,7 @@ class Verifier(Protocol):
 
 
 class AuditSink(Protocol):
-    def record(self, entry: tuple[Any, ...]) -> None: ...
+    def record(self, entry: AuditEntry) -> None: ...
 
 
 def exposure_key_from_env() -> bytes | None:
@@ -529,28 +532,31 @@ class Engine:
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
         routed = stats.routed
-        routed[decision.cluster] = routed.get(decision.cluster, 0) + 1  # type: ignore[index]
+        routed[decision.cluster] = routed.get(decision.cluster, 0) + 1  # type: ignore[index, arg-type]
         if decision.shadows:
             mirrored = stats.mirrored
             for cluster in decision.shadows:
                 mirrored[cluster] = mirrored.get(cluster, 0) + 1
         if self.audit is not None:
-            entry = (
-                self._clock(),
-                request_id,
-                identity,
-                claims.get("sub") if claims is not None else None,
-                decision.route,
-                decision.variant,
-                decision.region,
-                "allow",
-                decision.assignment + ("+fallback" if decision.fallback else ""),
-                200,
-                decision.shadow_names,
+            self.audit.record(
+                _new_tuple(
+                    AuditEntry,
+                    (
+                        self._clock(),
+                        request_id,
+                        identity,
+                        claims.get("sub") if claims is not None else None,
+                        decision.route,
+                        decision.variant,
+                        decision.region,
+                        "allow",
+                        decision.assignment + ("+fallback" if decision.fallback else ""),
+                        200,
+                        decision.shadow_names,
+                        self._trace_id(headers) if self.tracing is not None else None,  # the line's trace.id
+                    ),
+                )
             )
-            if self.tracing is not None and (trace := self._trace_id(headers)) is not None:
-                entry += (trace,)  # the audit line's trace.id
-            self.audit.record(entry)
         return _Allowed(sets, removes, decision, minted)
 
     def _denied(
@@ -567,20 +573,13 @@ class Engine:
         denied[denial.code] = denied.get(denial.code, 0) + 1
         if self.audit is not None:
             sub = claims.get("sub") if claims is not None else None
-            entry = (
-                self._clock(),
-                request_id,
-                identity,
-                sub,
-                route,
-                None,
-                None,
-                "deny",
-                denial.code,
-                denial.status,
-                (),
+            self.audit.record(
+                _new_tuple(
+                    AuditEntry,
+                    (self._clock(), request_id, identity, sub, route, None, None, "deny", denial.code, denial.status,
+                     (), trace),
+                )
             )
-            self.audit.record(entry if trace is None else (*entry, trace))
         return _Denied(denial, message, request_id, route)
 
     def _trace_id(self, headers: Mapping[str, str]) -> str | None:
@@ -624,7 +623,9 @@ class Engine:
             log.exception("internal error in the processor (%d so far); answered 503", n)
         if self.audit is not None:
             with contextlib.suppress(Exception):  # the audit must never turn a 503 into a crash
-                self.audit.record((self._clock(), "", None, None, None, None, None, "error", "internal_error", 503, ()))
+                self.audit.record(
+                    AuditEntry(self._clock(), "", None, None, None, None, None, "error", "internal_error", 503, ())
+                )
 
     def _json_other(self, doc: Mapping[str, Any]) -> bytes:
         """Any phase other than request headers (not configured, but answered so Envoy continues)."""
