@@ -1,6 +1,6 @@
 """The ext_proc processor: request headers + peer-certificate attributes in, routing headers or a
 JSON denial out. Transport-free: gRPC, the HTTP ``http_service`` and the fast HTTP/2 server all
-call the same `Engine`.
+call the same `Processor`.
 
 Per request (Envoy sends request headers only, one message per stream):
 
@@ -310,8 +310,11 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-class Engine:
-    """Shared by every stream: reads the current policy and verifier on each request."""
+class Processor:
+    """The ext_proc processor, one per gateway process: authenticates, decides and answers each request.
+
+    Shared by every stream (`new_processor` gives each stream its own `StreamProcessor`); reads the
+    current policy and verifier on each request, so a reload needs no restart."""
 
     def __init__(
         self,
@@ -644,7 +647,7 @@ class StreamProcessor:
 
     __slots__ = ("_engine",)
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Processor) -> None:
         self._engine = engine
 
     def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
@@ -656,7 +659,7 @@ class StreamProcessor:
         return _continue(self._engine, request)
 
 
-def _continue(engine: Engine, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+def _continue(engine: Processor, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
     engine.stats.other_messages += 1
     kind = request.WhichOneof("request")
     response = pb.ProcessingResponse()

@@ -7,7 +7,7 @@ from Envoy's access log (`cohortgate.controller.metrics.TrafficMetrics`).
 
 ====================================================  ==========================================
 ``cohortgate_decisions_total{outcome,code}``                allowed / denied (by denial code) / error,
-                                                            read from `Engine.stats` at scrape time
+                                                            read from `Processor.stats` at scrape time
 ``cohortgate_routed_requests_total{route,variant}``         allowed requests by the chosen variant
 ``cohortgate_mirror_decisions_total{route,shadow}``         mirrored copies requested
 ``cohortgate_policy_reloads_total{result}``                 policy reloads: ok / failed
@@ -33,7 +33,7 @@ from cohortgate.support.metrics import MetricsBase
 class _Decisions(Collector):
     """``cohortgate_decisions_total``: the processor's own plain counters, read only when scraped.
 
-    `gateway.extproc.Engine` already counts allowed / denied-by-code / errors in `Stats` (an int
+    `gateway.extproc.Processor` already counts allowed / denied-by-code / errors in `Stats` (an int
     increment); exporting those at scrape time keeps the request path free of any metric call.
     Decisions counted elsewhere (``GatewayMetrics.decision``) are added on top.
     """
@@ -112,7 +112,7 @@ class GatewayMetrics(MetricsBase):
         manual[key] = manual.get(key, 0) + 1
 
     def count_decisions_of(self, stats: Any) -> None:
-        """Export an `Engine.stats` (read at scrape time, so requests pay nothing)."""
+        """Export an `Processor.stats` (read at scrape time, so requests pay nothing)."""
         self.decisions.sources.append(stats)
 
     def allowed(self) -> None:

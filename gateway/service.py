@@ -1,6 +1,6 @@
 """A running gateway: the policy holder, the token verifier, the audit trail and one transport.
 
-`Gateway` assembles the parts the processor (`gateway.extproc.Engine`) reads on every request:
+`Gateway` assembles the parts the processor (`gateway.extproc.Processor`) reads on every request:
 
 - `PolicyHolder.policy`, one reference swapped atomically by ``swap`` (the controller's effective
   weights) or ``reload`` (the file changed; a bad file logs, counts and keeps the old policy);
@@ -36,7 +36,7 @@ from cohortgate.support.metrics import serve_metrics
 from cohortgate.support.runtime import tune_collector
 from gateway.audit import AuditLog
 from gateway.auth import TokenVerifier
-from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Engine, ProcessorSettings, hash_unit
+from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Processor, ProcessorSettings, hash_unit
 from gateway.jwks import KeySet, source_from_spec
 from gateway.metrics import GatewayMetrics
 from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
@@ -220,7 +220,7 @@ class Gateway:
             if config.audit_log is not None
             else None
         )
-        self.engine = Engine(
+        self.engine = Processor(
             self.holder,
             self.verifier,
             ProcessorSettings(unit_salt=salt, max_body_bytes=config.max_body_bytes, trust_domain=trust_domain),

@@ -1,6 +1,6 @@
 """The OpenFeature provider names the variant the gateway routes to, for 10 000 users.
 
-The gateway's side is the real ext_proc ``Engine`` (JWT verified, SPIFFE identity, headers read as
+The gateway's side is the real ext_proc ``Processor`` (JWT verified, SPIFFE identity, headers read as
 Envoy sends them) following the same state store with ``follow``, as the gateway's composition root
 does. The provider is asked through the OpenFeature API (``api.get_client()``), the way an
 application would. The controller's effective weights (control 75, canary 25, beta rolled back)
@@ -28,7 +28,7 @@ from cohortgate.core.rollout import Phase, RouteState, VariantState
 from cohortgate.deploy import pki
 from cohortgate.flags import CohortgateProvider
 from cohortgate.store.state import InProcessState, RedisState, follow
-from gateway.extproc import Engine, ProcessorSettings
+from gateway.extproc import Processor, ProcessorSettings
 from gateway.service import PolicyHolder, build_verifier
 from tests.controller.conftest import RedisServer
 from tests.gateway.test_extproc import denial, request, set_headers
@@ -125,10 +125,10 @@ def store_with_states(path: Path | None = None) -> InProcessState:
     return store
 
 
-def gateway_engine(policy: Policy, store: InProcessState) -> Engine:
+def gateway_engine(policy: Policy, store: InProcessState) -> Processor:
     holder = PolicyHolder(policy)
     follow(holder, store)  # as gateway.service does
-    return Engine(holder, build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"parity-salt"))
+    return Processor(holder, build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"parity-salt"))
 
 
 def user(i: int) -> tuple[str, dict[str, str]]:
@@ -147,7 +147,7 @@ def user(i: int) -> tuple[str, dict[str, str]]:
     return unit, claims
 
 
-def gateway_answer(engine: Engine, path: str, headers: dict[str, str]) -> str:
+def gateway_answer(engine: Processor, path: str, headers: dict[str, str]) -> str:
     resp = engine.handle_proto(request({":method": "POST", ":path": path, **headers}, uri=APP))
     if resp.WhichOneof("response") == "immediate_response":
         return f"denied {denial(resp)[0]}"

@@ -1,7 +1,7 @@
 """The processor mints x-cohortgate-exposure per allowed request (and the outcomes route's mark) -- no Envoy.
 
 Also the measured request-path cost: ``python -m tests.gateway.test_exposure_header`` times
-`Engine.handle_proto` with and without a key (process CPU time, best of several repeats).
+`Processor.handle_proto` with and without a key (process CPU time, best of several repeats).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from cohortgate.core.exposure import exposure_id, mac_key, verify
 from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.deploy import pki
-from gateway.extproc import Engine, ProcessorSettings, exposure_key_from_env, hash_unit
+from gateway.extproc import Processor, ProcessorSettings, exposure_key_from_env, hash_unit
 from gateway.service import PolicyHolder, build_verifier
 from tests.gateway.test_extproc import APP, SALT, infer, request, set_headers, token
 
@@ -67,9 +67,9 @@ def policy(certs: pki.CertPaths) -> Policy:
     return parse_policy(POLICY.format(jwks=certs.jwks), filename="exposure-policy.yaml")
 
 
-def engine(policy: Policy, key: bytes | None) -> Engine:
+def engine(policy: Policy, key: bytes | None) -> Processor:
     settings = ProcessorSettings(unit_salt=SALT, max_body_bytes=1000, exposure_key=key)
-    return Engine(PolicyHolder(policy), build_verifier(policy.jwt), settings, clock=lambda: NOW)
+    return Processor(PolicyHolder(policy), build_verifier(policy.jwt), settings, clock=lambda: NOW)
 
 
 def test_an_allowed_request_carries_a_token_naming_the_variant_that_served(policy, certs):

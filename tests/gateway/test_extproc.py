@@ -29,7 +29,7 @@ from gateway.extproc import (
     HEADER_SHADOWS,
     HEADER_UNIT,
     HEADER_VARIANT,
-    Engine,
+    Processor,
     ProcessorSettings,
     _proto_allowed,
     _set_option,
@@ -134,8 +134,8 @@ def verifier(policy: Policy) -> Any:
 
 
 @pytest.fixture
-def engine(policy: Policy, verifier: Any) -> Engine:
-    return Engine(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000))
+def engine(policy: Policy, verifier: Any) -> Processor:
+    return Processor(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000))
 
 
 def token(certs: pki.CertPaths, sub: str = "user-1", **kwargs: Any) -> str:
@@ -185,7 +185,7 @@ def envoy_json(req: pb.ProcessingRequest) -> bytes:
     ).encode()
 
 
-def answer(engine: Engine, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+def answer(engine: Processor, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
     """The proto answer, after checking the JSON transport gives the same one."""
     proto = engine.new_processor().handle(req)
     assert proto is not None
@@ -220,7 +220,7 @@ def independent_bucket(salt: str, unit: str) -> int:
     return int.from_bytes(hashlib.blake2b(unit.encode(), digest_size=8, key=key).digest(), "big") % 10_000
 
 
-def test_allowed_request_gets_routing_headers(engine: Engine, certs: pki.CertPaths) -> None:
+def test_allowed_request_gets_routing_headers(engine: Processor, certs: pki.CertPaths) -> None:
     # Expected values are literals, not a second call of decide(): user-1 hashes to bucket 2350 of
     # 10000 under salt "tabular-test", inside control's range (canary at 10% owns buckets 0..999).
     assert independent_bucket("tabular-test", "user-1") == 2350
@@ -238,19 +238,19 @@ def test_allowed_request_gets_routing_headers(engine: Engine, certs: pki.CertPat
     assert engine.stats.allowed == 2 and engine.stats.requests == 2  # protobuf and JSON
 
 
-def test_a_unit_in_the_canary_range_gets_the_canary(engine: Engine, certs: pki.CertPaths) -> None:
+def test_a_unit_in_the_canary_range_gets_the_canary(engine: Processor, certs: pki.CertPaths) -> None:
     """user-4 hashes to bucket 21 (canary owns 0..999): a hash or layout change moves it."""
     assert independent_bucket("tabular-test", "user-4") == 21
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs, "user-4")))))
     assert got[HEADER_CLUSTER] == "cg.tabular.canary.0" and got[HEADER_VARIANT] == "canary"
 
 
-def test_query_string_is_not_part_of_the_path(engine: Engine, certs: pki.CertPaths) -> None:
+def test_query_string_is_not_part_of_the_path(engine: Processor, certs: pki.CertPaths) -> None:
     resp = answer(engine, request(infer("Bearer " + token(certs), path=INFER + "?debug=1&x=/other")))
     assert set_headers(resp)[HEADER_ROUTE] == "tabular"
 
 
-def test_same_user_same_cluster_and_split_near_weights(engine: Engine, certs: pki.CertPaths) -> None:
+def test_same_user_same_cluster_and_split_near_weights(engine: Processor, certs: pki.CertPaths) -> None:
     auth = "Bearer " + token(certs, "sticky-user")
     clusters = {set_headers(engine.handle_proto(request(infer(auth))))[HEADER_CLUSTER] for _ in range(50)}
     assert len(clusters) == 1
@@ -262,7 +262,7 @@ def test_same_user_same_cluster_and_split_near_weights(engine: Engine, certs: pk
     assert abs(canary / 2000 - 0.5) <= 0.03
 
 
-def test_override_and_residency_fallback(engine: Engine, certs: pki.CertPaths) -> None:
+def test_override_and_residency_fallback(engine: Processor, certs: pki.CertPaths) -> None:
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs, "qa-canary")))))
     assert got[HEADER_VARIANT] == "canary" and got[HEADER_CLUSTER] == "cg.tabular.canary.0"
     # canary has no ae backend: control's ae backend serves, and the eu-only shadow is dropped
@@ -271,7 +271,7 @@ def test_override_and_residency_fallback(engine: Engine, certs: pki.CertPaths) -
     assert not any(name in got for name in HEADER_SHADOWS)
 
 
-def test_header_sourced_unit_and_region(engine: Engine, certs: pki.CertPaths) -> None:
+def test_header_sourced_unit_and_region(engine: Processor, certs: pki.CertPaths) -> None:
     headers = {":method": "GET", ":path": "/v1/header/ping", "x-user-id": "ünïcode-user", "x-region": "eu"}
     headers["authorization"] = "Bearer " + token(certs)
     got = set_headers(answer(engine, request(headers, uri=None)))
@@ -279,7 +279,7 @@ def test_header_sourced_unit_and_region(engine: Engine, certs: pki.CertPaths) ->
     assert got[HEADER_CLUSTER] in {"cg.by-header.control.0", "cg.by-header.treatment.0"}
 
 
-def test_spoofed_routing_headers_are_removed(engine: Engine, certs: pki.CertPaths) -> None:
+def test_spoofed_routing_headers_are_removed(engine: Processor, certs: pki.CertPaths) -> None:
     spoof = {
         HEADER_CLUSTER: "cg.ae-scoring.control.0",
         "x-cohortgate-shadow-0": "cg.ae-scoring.control.0",
@@ -299,12 +299,12 @@ def test_spoofed_routing_headers_are_removed(engine: Engine, certs: pki.CertPath
 
 
 def test_response_headers_can_be_turned_off(certs: pki.CertPaths, verifier: Any) -> None:
-    engine = Engine(PolicyHolder(make_policy(certs, response_headers=False)), verifier, ProcessorSettings(SALT))
+    engine = Processor(PolicyHolder(make_policy(certs, response_headers=False)), verifier, ProcessorSettings(SALT))
     got = set_headers(answer(engine, request(infer("Bearer " + token(certs)))))
     assert HEADER_VARIANT not in got and HEADER_ROUTE not in got and HEADER_CLUSTER in got
 
 
-def test_policy_swap_applies_to_the_next_request(engine: Engine, certs: pki.CertPaths, policy: Policy) -> None:
+def test_policy_swap_applies_to_the_next_request(engine: Processor, certs: pki.CertPaths, policy: Policy) -> None:
     auth = "Bearer " + token(certs, "swap-user")
     assert set_headers(engine.handle_proto(request(infer(auth))))[HEADER_VARIANT] in {"control", "canary"}
     holder = engine.policies
@@ -355,7 +355,7 @@ DENIALS = [
 ]
 
 
-def test_a_header_sent_twice_is_never_half_verified(engine: Engine, certs: pki.CertPaths) -> None:
+def test_a_header_sent_twice_is_never_half_verified(engine: Processor, certs: pki.CertPaths) -> None:
     headers = [*infer("Bearer " + token(certs)).items(), ("authorization", "Bearer " + token(certs, "other"))]
     status, _, body = denial(answer(engine, request(headers)))
     assert (status, body["error"]["code"]) == (401, "unauthenticated")
@@ -369,7 +369,7 @@ def test_a_header_sent_twice_is_never_half_verified(engine: Engine, certs: pki.C
     ids=[d[0] for d in DENIALS],
 )
 def test_denials_are_immediate_json(
-    engine: Engine, certs: pki.CertPaths, auth: Any, extra: dict[str, str], uri: str | None, status: int, code: str
+    engine: Processor, certs: pki.CertPaths, auth: Any, extra: dict[str, str], uri: str | None, status: int, code: str
 ) -> None:
     resp = answer(engine, request(infer(auth(certs), **extra), uri=uri))
     got_status, headers, body = denial(resp)
@@ -388,7 +388,7 @@ def test_denials_are_immediate_json(
 
 def test_trust_domain_is_enforced_when_configured(policy: Policy, verifier: Any, certs: pki.CertPaths) -> None:
     settings = ProcessorSettings(SALT, trust_domain="other.domain")
-    engine = Engine(PolicyHolder(policy), verifier, settings)
+    engine = Processor(PolicyHolder(policy), verifier, settings)
     status, _, body = denial(answer(engine, request(infer("Bearer " + token(certs)))))
     assert (status, body["error"]["code"]) == (403, "forbidden")
 
@@ -415,20 +415,20 @@ def _assert_503(resp: pb.ProcessingResponse) -> None:
 
 
 def test_internal_errors_fail_closed_with_503(policy: Policy, certs: pki.CertPaths, caplog: Any) -> None:
-    engine = Engine(PolicyHolder(policy), Exploding(), ProcessorSettings(SALT))
+    engine = Processor(PolicyHolder(policy), Exploding(), ProcessorSettings(SALT))
     req = request(infer("Bearer " + token(certs)))
     _assert_503(engine.new_processor().handle(req))  # type: ignore[arg-type]
     _assert_503(json_format.Parse(engine.handle_json(envoy_json(req)), pb.ProcessingResponse()))
     assert engine.stats.errors == 2 and engine.stats.allowed == 0
     assert "internal error in the processor" in caplog.text
 
-    broken = Engine(ExplodingHolder(), Exploding(), ProcessorSettings(SALT))  # type: ignore[arg-type]
+    broken = Processor(ExplodingHolder(), Exploding(), ProcessorSettings(SALT))  # type: ignore[arg-type]
     _assert_503(broken.handle_proto(req))
     for garbage in (b"", b"not json", b"[]", b'{"request_headers": 3}', b'{"unknown_phase": {}}'):
         _assert_503(json_format.Parse(engine.handle_json(garbage), pb.ProcessingResponse()))
 
 
-def test_other_phases_continue_and_observability_gets_no_answer(engine: Engine) -> None:
+def test_other_phases_continue_and_observability_gets_no_answer(engine: Processor) -> None:
     processor = engine.new_processor()
     resp = processor.handle(pb.ProcessingRequest(response_headers=pb.HttpHeaders()))
     assert resp is not None and resp.WhichOneof("response") == "response_headers"
@@ -479,7 +479,7 @@ def test_preencoded_options_equal_the_protobuf_api(options: list[tuple[str, str]
     with_token=st.booleans(),
 )
 def test_json_and_protobuf_transports_always_agree(
-    engine: Engine,
+    engine: Processor,
     certs: pki.CertPaths,
     sub: str,
     residency: str | None,
@@ -502,7 +502,7 @@ def test_json_and_protobuf_transports_always_agree(
 def test_audit_line_per_decision_without_secrets(policy: Policy, verifier: Any, certs: pki.CertPaths) -> None:
     sink = io.BytesIO()
     audit = AuditLog(sink, lambda s: hash_unit(SALT, s))
-    engine = Engine(PolicyHolder(policy), verifier, ProcessorSettings(SALT), audit)
+    engine = Processor(PolicyHolder(policy), verifier, ProcessorSettings(SALT), audit)
     raw = token(certs, "audited-user")
     engine.handle_proto(request(infer("Bearer " + raw)))
     engine.handle_proto(request(infer(None)))
@@ -559,7 +559,7 @@ def test_unit_hash_is_keyed_and_stable(salt: bytes, unit: str, expected: str) ->
     assert hash_unit(salt, unit) == hmac.new(salt, unit.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def test_envoy_json_shape_is_what_the_engine_reads(engine: Engine, certs: pki.CertPaths) -> None:
+def test_envoy_json_shape_is_what_the_engine_reads(engine: Processor, certs: pki.CertPaths) -> None:
     """The JSON shape Envoy 1.40 posts, written out by hand (not by this file's helper) and fed to the
     engine: proto field names, base64 ``raw_value``, the peer's SAN in the ``attributes`` Struct."""
 
@@ -610,7 +610,7 @@ ENVOY_140_POST = (
 )
 
 
-def test_a_captured_envoy_post_is_understood(engine: Engine, certs: pki.CertPaths) -> None:
+def test_a_captured_envoy_post_is_understood(engine: Processor, certs: pki.CertPaths) -> None:
     out = json_format.Parse(engine.handle_json(ENVOY_140_POST), pb.ProcessingResponse())
     status, headers, _ = denial(out)
     assert status == 401 and headers["x-request-id"] == "510a427d-02cd-4341-84e1-5af86911b8a2"

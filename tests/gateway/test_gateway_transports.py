@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from cohortgate.cli import build_parser
 from cohortgate.deploy import pki
-from gateway.extproc import HEADER_CLUSTER, Engine
+from gateway.extproc import HEADER_CLUSTER, Processor
 from gateway.service import Gateway, GatewayConfig, ListenAddress
 from gateway.transport_http import ExtProcHttpProtocol, start_http
 from tests.gateway.test_extproc import POLICY, envoy_json, infer, request
@@ -249,7 +249,7 @@ async def test_reload_swaps_policy_and_keeps_the_old_one_on_error(
 ) -> None:
     gateway = Gateway(_config(tmp_path, policy_file, "http"))
     before = gateway.holder.policy
-    engine: Engine = gateway.engine
+    engine: Processor = gateway.engine
     policy_file.write_text(
         policy_file.read_text().replace("weight: 10\n", "weight: 100\n").replace("weight: 90\n", "weight: 0\n")
     )

@@ -180,12 +180,12 @@ def engine_answer(certs: pki.CertPaths, raw_token: str):
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from google.protobuf import json_format
 
-    from gateway.extproc import Engine, ProcessorSettings
+    from gateway.extproc import Processor, ProcessorSettings
     from gateway.service import PolicyHolder, build_verifier
 
     text = (Path(__file__).resolve().parents[2] / "policies" / "example.yaml").read_text()
     policy = parse_policy(text.replace("../certs/jwks.json", str(certs.jwks)), "example.yaml")
-    engine = Engine(PolicyHolder(policy), build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"s"))
+    engine = Processor(PolicyHolder(policy), build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"s"))
     req = pb.ProcessingRequest()
     headers = {":method": "POST", ":path": INFER, ":authority": "x", "x-request-id": "req-1"}
     headers["authorization"] = "Bearer " + raw_token

@@ -15,7 +15,7 @@ import pytest
 from cohortgate.core.policy import Policy
 from cohortgate.deploy import pki
 from cohortgate.support.tracing import Tracing, trace_id
-from gateway.extproc import Engine, ProcessorSettings
+from gateway.extproc import Processor, ProcessorSettings
 from gateway.service import PolicyHolder, build_verifier
 from tests.gateway.test_extproc import SALT, envoy_json, infer, make_policy, request, token
 from tests.needs import import_or_missing
@@ -47,7 +47,7 @@ class Traced:
         memory = import_or_missing("opentelemetry.sdk.trace.export.in_memory_span_exporter")
         self.exporter = memory.InMemorySpanExporter()
         self.tracing = Tracing("gateway", None, ratio, exporter=self.exporter)
-        self.engine = Engine(
+        self.engine = Processor(
             PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000), tracing=self.tracing
         )
 
@@ -106,7 +106,7 @@ def test_sampling_follows_the_parent_then_the_ratio(policy: Policy, verifier: An
 def test_answers_are_the_same_with_and_without_tracing(
     traced: Traced, policy: Policy, verifier: Any, certs: pki.CertPaths
 ) -> None:
-    plain = Engine(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000))
+    plain = Processor(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000))
     for auth in ("Bearer " + token(certs, "user-7"), None, "Bearer junk"):
         req = request(infer(auth, traceparent=SAMPLED))
         assert traced.engine.new_processor().handle(req) == plain.new_processor().handle(req)
@@ -127,7 +127,7 @@ def test_audit_entries_carry_the_trace_id_only_when_tracing(
     auth = "Bearer " + token(certs, "user-1")
     on, off = ListAudit(), ListAudit()
     traced.engine.audit = on
-    plain = Engine(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000), off)
+    plain = Processor(PolicyHolder(policy), verifier, ProcessorSettings(unit_salt=SALT, max_body_bytes=1000), off)
     for engine in (traced.engine, plain):
         engine.new_processor().handle(request(infer(auth, traceparent=UNSAMPLED)))  # logged even if not sampled
         engine.new_processor().handle(request(infer(None, traceparent=SAMPLED)))
@@ -142,7 +142,7 @@ def test_off_means_opentelemetry_is_never_imported() -> None:
     code = (
         "import sys\n"
         "from gateway.service import GatewayConfig, _tracing\n"
-        "from gateway.extproc import Engine\n"
+        "from gateway.extproc import Processor\n"
         "assert _tracing(GatewayConfig(policy_path='p.yaml')) is None\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'opentelemetry imported'\n"
     )

@@ -1,7 +1,7 @@
 """Timeouts through the real Envoy: a backend too slow for the route is a 504 ``backend_timeout``; a
 processor slower than usual but inside its message timeout still gets the request served.
 
-The processor is the real `Engine` behind the production gRPC or HTTP server (`start_grpc`,
+The processor is the real `Processor` behind the production gRPC or HTTP server (`start_grpc`,
 `start_http`), run in a thread of this process so a test can slow one request down on purpose
 (header ``x-test-processor-delay``). The upstream holds a request (header ``x-test-hold``) until the
 test ends, so "slower than the route timeout" never depends on how busy the machine is.
@@ -128,10 +128,10 @@ class InThreadProcessor:
     """
 
     def __init__(self, policy: Policy, sock: Path, transport: str) -> None:
-        from gateway.extproc import Engine, ProcessorSettings
+        from gateway.extproc import Processor, ProcessorSettings
         from gateway.service import PolicyHolder, build_verifier
 
-        self.engine = Engine(
+        self.engine = Processor(
             PolicyHolder(policy), build_verifier(policy.jwt), ProcessorSettings(unit_salt=b"timeouts-salt")
         )
         self.sock, self.transport = sock, transport
