@@ -53,6 +53,8 @@ demo: install
 
 test: install-test system-deps
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # The whole suite three times in a row beside a CPU hog (two busy processes, as on a shared CI box):
@@ -84,6 +86,8 @@ test-mutants: install-test system-deps
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The side-by-side benchmarks (not timed tests); h2load and wrk are their load generators.
 bench: install-test
