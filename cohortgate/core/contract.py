@@ -79,3 +79,4 @@ API_ENV: Final = "COHORTGATE_API"
 TOKEN_FILE_ENV: Final = "COHORTGATE_TOKEN_FILE"
 ENVOY_BIN_ENV: Final = "COHORTGATE_ENVOY_BIN"
 EXPOSURE_KEY_ENV: Final = "COHORTGATE_EXPOSURE_KEY"  # MAC keys of exposure tokens (gateways + controller)
+POLL_FILES_ENV: Final = "COHORTGATE_POLL_FILES"  # set (non-empty): follow files by polling, never OS events

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-POLL_ONLY_ENV = "COHORTGATE_POLL_FILES"  # set (non-empty): never use OS file events, poll only
+from cohortgate.core.contract import POLL_FILES_ENV
+
 EVENT_STEP_MS = 10  # an event batch is handed over once the OS was quiet this long
 EVENT_DEBOUNCE_MS = 200  # ...or after this long at most, while events keep coming
 
@@ -67,7 +68,7 @@ def _watch_filter(path: Path) -> Any:
 def _inotify_usable(path: Path) -> bool:
     """watchfiles (inotify / FSEvents / ReadDirectoryChanges, via Rust ``notify``) installed, and the
     directory there to watch; otherwise the caller polls."""
-    if os.environ.get(POLL_ONLY_ENV):
+    if os.environ.get(POLL_FILES_ENV):
         return False
     try:
         import watchfiles  # noqa: F401

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from cohortgate.core.contract import POLL_FILES_ENV
 from cohortgate.support import http
 from cohortgate.support.durations import interval_arg, parse_duration
-from cohortgate.support.files import POLL_ONLY_ENV, FileStamp, changes, watch, write_atomic
+from cohortgate.support.files import FileStamp, changes, watch, write_atomic
 
 
 def test_write_atomic_replaces_whole_files_with_the_exact_mode(tmp_path: Path) -> None:
@@ -78,9 +79,9 @@ async def test_changes_with_a_zero_interval_never_polls(tmp_path: Path) -> None:
 def watch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every watch test runs on OS events (watchfiles) and on the polling fallback."""
     if request.param == "polling":
-        monkeypatch.setenv(POLL_ONLY_ENV, "1")
+        monkeypatch.setenv(POLL_FILES_ENV, "1")
     else:
-        monkeypatch.delenv(POLL_ONLY_ENV, raising=False)
+        monkeypatch.delenv(POLL_FILES_ENV, raising=False)
     return str(request.param)
 
 
@@ -122,7 +123,7 @@ async def test_os_events_see_an_edit_long_before_the_poll_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a 1 h safety-net interval only an OS event can report the edit within the 30 s timeout."""
-    monkeypatch.delenv(POLL_ONLY_ENV, raising=False)
+    monkeypatch.delenv(POLL_FILES_ENV, raising=False)
     path = tmp_path / "policy.yaml"
     write_atomic(path, "a")
     gen = changes(path, 3600)
