@@ -114,6 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="text (default) or ecs (Elastic Common Schema JSON)",
     )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=None,
+        help="OTLP/HTTP collector: each rollback, promotion, halt or resume is a span with its evidence "
+        "(needs the otel extra; off by default)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -242,7 +249,14 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
 
         recorder = Recorder()
         source = TappedSource(source, recorder.observe)
-    controller = Controller(policy, store, source, leader=leader, config=config, metrics=metrics, name=name)
+    tracing = None
+    if args.otlp_endpoint:
+        from cohortgate.support.tracing import Tracing
+
+        tracing = Tracing("controller", args.otlp_endpoint)
+    controller = Controller(
+        policy, store, source, leader=leader, config=config, metrics=metrics, name=name, tracing=tracing
+    )
     token = load_or_create_token(args.token_file)
     runner = web.AppRunner(make_app(controller, token, sink), access_log=None)
     dash_runner = als_server = watch = None
@@ -304,4 +318,6 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         for client in (reader, lock_client):
             if client is not None:
                 await client.aclose()
+        if tracing is not None:
+            tracing.shutdown()
     return 0

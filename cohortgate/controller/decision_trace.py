@@ -28,15 +28,20 @@ SPAN_PREFIX = "cohortgate.controller."
 def decision_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
     """Span attributes from one audit record (`Controller._commit`'s): scalars as they are, mappings
     as compact JSON; the actor reduced to its kind (``controller``, ``operator``, ``api``)."""
+    actor = str(record.get("actor", ""))
+    kind = actor.split(":", 1)[0]
+    reason = str(record.get("reason", ""))
+    if actor and actor != kind:
+        reason = reason.replace(actor, kind)  # a manual action's reason names its operator
     attributes: dict[str, Any] = {
         "cohortgate.route": record["route"],
         "cohortgate.variant": record["variant"],
         "cohortgate.action": record["action"],
         "cohortgate.signal": record["signal"],
-        "cohortgate.actor": str(record.get("actor", "")).split(":", 1)[0],
+        "cohortgate.actor": kind,
         "cohortgate.phase.from": record["from"],
         "cohortgate.phase.to": record["to"],
-        "cohortgate.reason": record.get("reason", ""),
+        "cohortgate.reason": reason,
         "cohortgate.weights.before": json.dumps(record.get("weights_before", {}), sort_keys=True),
         "cohortgate.weights.after": json.dumps(record.get("weights_after", {}), sort_keys=True),
         "cohortgate.evidence": json.dumps(record.get("evidence", {}), sort_keys=True, default=str),

@@ -124,6 +124,7 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "controller",
+        tracing: Any = None,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -133,6 +134,7 @@ class Controller:
         self.metrics = metrics or ControllerMetrics()
         self.clock = clock
         self.name = name
+        self.tracing = tracing  # a cohortgate.support.tracing.Tracing: each decision is a span (off when None)
         self.states: dict[str, RouteState] = {}
         self.windows: dict[str, RouteWindows] = {}
         self.tests: dict[tuple[str, str], _Tests] = {}
@@ -538,6 +540,10 @@ class Controller:
             "host": _host_load(),
         }
         self.pending_audit.append(record)
+        if self.tracing is not None:
+            from cohortgate.controller.decision_trace import record_decision
+
+            record_decision(self.tracing, record)
         self.metrics.action(route.name, t.variant, t.action, actor.split(":", 1)[0])
         log.info(
             "%s %s/%s: %s -> %s, weights %s (%s)",

@@ -178,6 +178,8 @@ def controller_recipe(layout: Layout) -> Recipe:
     )  # fmt: skip
     if layout.redis:
         argv += ("--redis", layout.redis)
+    if layout.otlp_endpoint is not None:
+        argv += ("--otlp-endpoint", layout.otlp_endpoint)
     return Recipe(
         name="controller",
         kind="controller",

@@ -57,3 +57,47 @@ def test_a_broken_record_never_raises() -> None:
     assert exporter.get_finished_spans() == ()
     assert decision_attributes(RECORD | {"version": None})["cohortgate.route"] == "tabular"
     tracing.shutdown()
+
+
+async def test_the_controller_traces_the_rollback_it_judged_and_an_operators_promotion() -> None:
+    """Through the real loop (simulated traffic): the judge's rollback and an operator's promotion each
+    become a span, with the evidence the audit record holds."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cohortgate.controller.simulate import Behaviour
+    from cohortgate.core.rollout import Phase, Signal
+    from tests.controller.policies import make_policy
+    from tests.controller.test_loop import Sim, canary_phase
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("controller", None, 0.0, exporter=exporter)
+    sim = await Sim(make_policy(), {"control": Behaviour(0.0), "canary": Behaviour(1.0)}).start()
+    sim.controller.tracing = tracing
+    await sim.run(60, until=lambda s: canary_phase(s) is Phase.ROLLED_BACK)
+    assert canary_phase(sim) is Phase.ROLLED_BACK
+    await sim.controller.manual(Signal.RESUME, "tabular", None, "manual:alice")
+    tracing.provider.force_flush()
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["cohortgate.controller.rollback", "cohortgate.controller.resume"]
+    rollback = dict(spans[0].attributes)
+    assert rollback["cohortgate.actor"] == "controller" and "error rate" in rollback["cohortgate.reason"]
+    assert json.loads(rollback["cohortgate.evidence"])["p_error"] < 0.025
+    assert dict(spans[1].attributes)["cohortgate.actor"] == "manual"
+    assert not any("alice" in repr(dict(s.attributes)) for s in spans)
+    tracing.shutdown()
+
+
+def test_the_controller_cli_and_up_pass_the_collector() -> None:
+    import argparse
+
+    from cohortgate.cli.controller import register
+    from cohortgate.local import recipes
+    from tests.local.test_recipes import layout
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["controller", "--policy", "p.yaml", "--otlp-endpoint", "http://127.0.0.1:4318"])
+    assert args.otlp_endpoint == "http://127.0.0.1:4318"
+    argv = recipes.controller_recipe(layout(otlp_endpoint="http://127.0.0.1:4318")).argv
+    assert argv[argv.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4318"
+    assert "--otlp-endpoint" not in recipes.controller_recipe(layout()).argv
