@@ -201,9 +201,13 @@ def short_route_timeout(bootstrap: Path, timeout: str) -> None:
     [listener] = doc["static_resources"]["listeners"]
     [hcm] = [f for chain in listener["filter_chains"] for f in chain["filters"]]
     [vhost] = hcm["typed_config"]["route_config"]["virtual_hosts"]
-    [route] = vhost["routes"]
-    assert route["route"]["timeout"] == SHIPPED_ROUTE_TIMEOUT, route["route"]
-    route["route"]["timeout"] = timeout
+    # the routes that forward to a backend and mirror to shadows (with and without content-length; the
+    # outcomes route goes to the controller)
+    routes = [r for r in vhost["routes"] if "request_mirror_policies" in r.get("route", {})]
+    assert len(routes) == 2, vhost["routes"]
+    for route in routes:
+        assert route["route"]["timeout"] == SHIPPED_ROUTE_TIMEOUT, route["route"]
+        route["route"]["timeout"] = timeout
     bootstrap.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
