@@ -65,8 +65,10 @@ MUTANTS = (
     Mutant(
         "api-auth-bypass",
         "cohortgate/controller/api.py",
-        r"if request\.path not in OPEN_PATHS and not _authorized\(request\):",
-        'if request.path not in OPEN_PATHS and request.method == "GET" and not _authorized(request):',
+        r"if request\.path not in OPEN_PATHS and not _authorized\(request\)"
+        r" and not outcomes_api\.gateway_pass\(request\):",
+        'if request.path not in OPEN_PATHS and request.method == "GET" and not _authorized(request) '
+        "and not outcomes_api.gateway_pass(request):",
         ("tests/controller/test_api.py", "tests/dashboard/test_app.py"),
         "the controller API lets POST /actions/* and /reports through without the admin token",
     ),

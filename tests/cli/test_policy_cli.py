@@ -29,7 +29,9 @@ def test_validate_bad_file_exits_1_with_positions(tmp_path):
     out = run("policy", "validate", EXAMPLE, str(bad))
     assert out.returncode == 1
     assert "ok" in out.stdout
-    lines = out.stderr.strip().splitlines()
+    # the problems, each at its position (warnings about the example's model files, unbuilt in a fresh
+    # clone, are not problems of the bad file)
+    lines = [line for line in out.stderr.strip().splitlines() if ": warning: " not in line]
     assert lines and all(line.startswith(f"{bad}:") for line in lines)
     assert any("sum to 90, not 100" in line for line in lines)
     assert any("unknown variant 'ghost'" in line for line in lines)
