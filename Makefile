@@ -18,8 +18,11 @@ $(VENV)/.installed-cpu: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet -e ".[cpu,demo]"
 	@touch $@
 
+# xds-protos ships an older copy of opentelemetry's own protos under the same module path; whichever
+# wheel pip unpacks last wins, so put opentelemetry-proto's copy back (the OTLP exporter needs it).
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@touch $@ $(VENV)/.installed-cpu
 
 install: $(VENV)/.installed-cpu
