@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from cohortgate.support.cliargs import add_tracing_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -116,18 +118,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="text (default) or ecs (Elastic Common Schema JSON)",
     )
-    p.add_argument(
-        "--otlp-endpoint",
-        metavar="URL",
-        default=None,
-        help="OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per inference (needs the otel extra; off)",
-    )
-    p.add_argument(
-        "--trace-sample",
-        type=float,
-        default=0.01,
-        metavar="RATIO",
-        help="with --otlp-endpoint: trace this share of requests that carry no sampled traceparent (default 0.01)",
+    add_tracing_options(
+        p,
+        "OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per inference (needs the otel extra; off)",
+        sample="trace this share of requests that carry no sampled traceparent",
     )
     p.set_defaults(func=handler)
 

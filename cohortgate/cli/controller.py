@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cohortgate.core.contract import REDIS_ENV, TOKEN_FILE_ENV
+from cohortgate.support.cliargs import add_tracing_options
 from cohortgate.support.durations import duration_arg, interval_arg
 from cohortgate.support.files import changes
 from cohortgate.support.runtime import tune_collector
@@ -114,12 +115,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="text (default) or ecs (Elastic Common Schema JSON)",
     )
-    p.add_argument(
-        "--otlp-endpoint",
-        metavar="URL",
-        default=None,
-        help="OTLP/HTTP collector: each rollback, promotion, halt or resume is a span with its evidence "
-        "(needs the otel extra; off by default)",
+    add_tracing_options(
+        p,
+        "OTLP/HTTP collector: each rollback, promotion, halt or resume is a span with its evidence (needs the otel "
+        "extra; off by default)",
     )
     p.set_defaults(func=_run)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from cohortgate.cli.gateway import _size
 from cohortgate.deploy.envoy.bootstrap import MAX_REQUEST_BYTES
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT
+from cohortgate.support.cliargs import add_tracing_options
 from cohortgate.support.durations import duration_arg
 
 DEFAULT_OUT = ".cohortgate/envoy"
@@ -92,19 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     render.add_argument(
         "--concurrency", type=int, default=None, help="the Envoy workers you will run with (--concurrency)"
     )
-    render.add_argument(
-        "--otlp-endpoint",
-        default=None,
-        metavar="URL",
-        help="Envoy's OpenTelemetry tracer exports to this OTLP/HTTP collector, http://HOST:PORT (default off)",
-    )
-    render.add_argument(
-        "--trace-sample",
-        type=float,
-        default=0.01,
-        metavar="RATIO",
-        help="with --otlp-endpoint: start a trace for this share of requests without a traceparent (default 0.01); "
-        "a client's sampled flag is kept",
+    add_tracing_options(
+        render,
+        "Envoy's OpenTelemetry tracer exports to this OTLP/HTTP collector, http://HOST:PORT (default off)",
+        sample="start a trace for this share of requests without a traceparent; a client's sampled flag is kept",
     )
     render.add_argument("--upstream-ca", default=None, help="a CA bundle for https backends (default: the system's)")
     render.add_argument(

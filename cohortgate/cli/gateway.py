@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cohortgate.core.contract import MAX_REQUEST_BYTES
+from cohortgate.support.cliargs import add_tracing_options
 
 
 def _size(text: str) -> int:
@@ -116,19 +117,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("text", "ecs"),
         help="service log and audit lines: text (default) or ecs (Elastic Common Schema JSON, docs/observability.md)",
     )
-    parser.add_argument(
-        "--otlp-endpoint",
-        metavar="URL",
-        default=None,
-        help="OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per decision (needs the otel extra; "
-        "off by default)",
-    )
-    parser.add_argument(
-        "--trace-sample",
-        type=float,
-        default=0.01,
-        metavar="RATIO",
-        help="with --otlp-endpoint: trace this share of requests that carry no sampled traceparent (default 0.01)",
+    add_tracing_options(
+        parser,
+        "OTLP/HTTP collector, e.g. http://127.0.0.1:4318: one span per decision (needs the otel extra; off by default)",
+        sample="trace this share of requests that carry no sampled traceparent",
     )
     parser.set_defaults(func=_gateway)
 

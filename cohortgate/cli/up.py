@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from cohortgate.core.contract import REDIS_ENV
+from cohortgate.support.cliargs import add_tracing_options
 
 DEMO_FAULT_RATE = 0.3
 DEMO_FAULT_AFTER_S = 20.0  # from the canary's first request: long enough to see it healthy on the page
@@ -130,19 +131,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the gateway's /metrics and /healthz port (default 9482, else a free one)",
     )
     p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
-    p.add_argument(
-        "--otlp-endpoint",
-        default=None,
-        metavar="URL",
-        help="trace Envoy, the gateway and the sidecars to this OTLP/HTTP collector, http://HOST:PORT "
-        "(needs the otel extra; default off)",
-    )
-    p.add_argument(
-        "--trace-sample",
-        type=float,
-        default=0.01,
-        metavar="RATIO",
-        help="with --otlp-endpoint: the share of requests without a sampled traceparent to trace (default 0.01)",
+    add_tracing_options(
+        p,
+        "trace Envoy, the gateway and the sidecars to this OTLP/HTTP collector, http://HOST:PORT (needs the otel "
+        "extra; default off)",
+        sample="the share of requests without a sampled traceparent to trace",
     )
     p.add_argument(
         "--no-warm-spares",
