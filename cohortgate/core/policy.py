@@ -117,6 +117,16 @@ class Metric:
 
 
 @dataclass(frozen=True, slots=True)
+class Experiment:
+    """A route's experiment catalog entry (shown in reports and the dashboard, archived with the result)."""
+
+    hypothesis: str
+    owner: str
+    primary_metric: str | None
+    start: str  # ISO date
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path_prefix: str | None
@@ -147,6 +157,7 @@ class Route:
     trusted_keys: tuple[str, ...] = ()  # model-signing keys: ed25519:<b64> or resolved PEM paths
     kind: str = "model"  # "model" | "outcomes" (the outcome ingest, forwarded to the controller)
     metrics: tuple[Metric, ...] = ()  # outcome metrics read on this route
+    experiment: Experiment | None = None  # the catalog entry, when the policy gives one
 
     @property
     def control(self) -> Variant:
@@ -614,10 +625,23 @@ def _check_metrics(route: RouteModel, at: Any) -> Iterable[str]:
         primaries += m.role == "primary"
         if m.role == "primary" and primaries > 1:
             yield f"{at('metrics', mi, 'role')}: route {route.name!r} has more than one primary metric"
+    exp = route.experiment
+    if exp is not None and exp.primary_metric is not None and exp.primary_metric not in seen:
+        known = ", ".join(sorted(seen)) or "none declared"
+        yield (
+            f"{at('experiment', 'primary_metric')}: the experiment's primary metric {exp.primary_metric!r} "
+            f"is not one of the route's metrics ({known})"
+        )
+    declared = next((m.name for m in route.metrics if m.role == "primary"), None)
+    if exp is not None and exp.primary_metric in seen and declared not in (None, exp.primary_metric):
+        yield (
+            f"{at('experiment', 'primary_metric')}: the experiment's primary metric {exp.primary_metric!r} "
+            f"is not the metric declared `role: primary` ({declared!r})"
+        )
     if route.kind == "outcomes":
         if len(route.variants) != 1:
             yield f"{at('variants')}: an outcomes route has one variant (its backend: the controller API)"
-        for what in ("shadows", "rollout", "metrics"):
+        for what in ("shadows", "rollout", "metrics", "experiment"):
             if getattr(route, what):
                 yield f"{at(what)}: an outcomes route has no {what}"
 
@@ -779,4 +803,9 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         trusted_keys=tuple(k if k.startswith("ed25519:") else str((base_dir / k).resolve()) for k in r.trusted_keys),
         kind=r.kind,
         metrics=tuple(Metric(**m.model_dump()) for m in r.metrics),
+        experiment=Experiment(
+            r.experiment.hypothesis, r.experiment.owner, r.experiment.primary_metric, r.experiment.start.isoformat()
+        )
+        if r.experiment
+        else None,
     )

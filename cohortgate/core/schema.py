@@ -7,6 +7,7 @@ regions, overlaps) live in `policy.py`, which also compiles the result into the 
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -228,6 +229,17 @@ class Metric(_Strict):
         return self
 
 
+class Experiment(_Strict):
+    """The experiment's catalog entry: what it tests and who answers for it (shown in reports, archived)."""
+
+    hypothesis: str = Field(min_length=1, description="What the challenger should change, and why.")
+    owner: str = Field(min_length=1, description="Who answers for the experiment (a person or team).")
+    primary_metric: str | None = Field(
+        default=None, description="The metric that decides it; must be one of the route's `metrics`."
+    )
+    start: date = Field(description="The day the experiment started (YYYY-MM-DD).")
+
+
 class Route(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["model", "outcomes"] = Field(
@@ -250,6 +262,9 @@ class Route(_Strict):
     )
     metrics: list[Metric] = Field(
         default=[], description="Outcome metrics read on this route (docs/outcomes.md); at most one primary."
+    )
+    experiment: Experiment | None = Field(
+        default=None, description="The experiment's catalog entry (hypothesis, owner, primary metric, start)."
     )
     trusted_keys: list[str] = Field(
         default=[],
