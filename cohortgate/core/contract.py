@@ -21,10 +21,15 @@ HEADER_REGION: Final = "x-cohortgate-region"
 HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
 HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
 HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed exposure token (core.exposure)
+HEADER_ASSIGNMENT: Final = "x-cohortgate-assignment"  # bandit routes: the signed sticky arm (core.sticky), echoed
 HEADER_OUTCOMES: Final = "x-cohortgate-outcomes"  # set on outcomes routes: Envoy rewrites the path to OUTCOMES_PATH
 OUTCOMES_PATH: Final = "/outcomes"  # the controller API's outcome ingest (an outcomes route's backend)
 HEADER_MODEL_VERSION: Final = "x-cohortgate-model-version"  # sidecar response: NAME/VERSION that answered
 HEADER_MODEL_DIGEST: Final = "x-cohortgate-model-digest"  # sidecar response: sha256 of the model that answered
+# The feature-store entity id of a route with `features:` (issue 22). The raw id, since the sidecar looks it
+# up in the online store: set by the processor only, never logged (not in ACCESS_LOG_HEADERS).
+HEADER_ENTITY: Final = "x-cohortgate-entity"
+HEADER_FEATURES: Final = "x-cohortgate-features"  # sidecar response: "joined" or "fallback:<reason>"
 
 # Envoy's listener has this many mirror slots; the policy allows at most this many shadows per route.
 MIRROR_SLOTS: Final = 4
@@ -59,6 +64,13 @@ def cluster_parts(cluster: str) -> tuple[str, str] | None:
     """The inverse of `cluster_name`: (route, variant or shadow), or None for any other name."""
     parts = cluster.split(".")
     return (parts[1], parts[2]) if len(parts) == 4 and parts[0] == CLUSTER_PREFIX else None
+
+
+def cluster_index(cluster: str) -> int | None:
+    """The backend's index N in ``cg.ROUTE.VARIANT.N`` (its place in the variant's backends), or None."""
+    parts = cluster.split(".")
+    ok = len(parts) == 4 and parts[0] == CLUSTER_PREFIX and parts[3].isdigit() and parts[3].isascii()
+    return int(parts[3]) if ok else None
 
 
 # -- Redis keys and channels -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from cohortgate.core import cohorts
-from cohortgate.core.contract import MIRROR_SLOTS, cluster_name
+from cohortgate.core.contract import HEADER_PREFIX, MIRROR_SLOTS, cluster_name
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.schema import JwtSpec, PolicyModel, Predicate
 from cohortgate.core.schema import Route as RouteModel
@@ -98,6 +99,7 @@ class Rollout:
     variant: str
     steps: tuple[int, ...]
     interval_s: float
+    promote_on_win: bool = False  # a primary-metric win jumps to the last step (needs a primary metric)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,44 @@ class Experiment:
     owner: str
     primary_metric: str | None
     start: str  # ISO date
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """A route's adaptive allocation (schema.Allocation; the strategies live in core/bandit.py)."""
+
+    strategy: str  # thompson | ucb | epsilon_greedy
+    reward: str  # a metric of the route (binary or mean)
+    reward_kind: str  # that metric's kind
+    reward_direction: str  # increase | decrease
+    update_s: float
+    min_share: float
+    epsilon: float
+    segments: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """A route's online-feature join (schema.Features): the gateway reads the entity, the sidecar the rest."""
+
+    store: str = field(repr=False)  # redis:// URL; may hold a password
+    project: str
+    join_key: str
+    entity_source: str  # "claim" | "header"
+    entity_key: str  # claim name, or lower-cased header name
+    entity_type: str  # "string" | "int64"
+    views: tuple[str, ...]  # view:feature, in input order
+    input: str | None  # the model input extended (None: the first)
+    budget_ms: float
+    max_age_s: float | None
+    fallback_model: str | None  # resolved path or reference
+    defaults: tuple[tuple[float, ...], ...] | None  # per view entry, flattened; None with a fallback model
+    variants: frozenset[str] | None  # None: every variant and shadow joins
+
+    def joins(self, variant: str | None) -> bool:
+        """Whether the sidecar of ``variant`` joins (a sidecar without a variant name always does)."""
+        return self.variants is None or variant is None or variant in self.variants
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +197,8 @@ class Route:
     trusted_keys: tuple[str, ...] = ()  # model-signing keys: ed25519:<b64> or resolved PEM paths
     kind: str = "model"  # "model" | "outcomes" (the outcome ingest, forwarded to the controller)
     metrics: tuple[Metric, ...] = ()  # outcome metrics read on this route
+    features: Features | None = None  # online features the sidecar joins (issue 22)
+    allocation: Allocation | None = None  # bandit allocation (issue 21); None: fixed weights
     experiment: Experiment | None = None  # the catalog entry, when the policy gives one
 
     @property
@@ -173,8 +215,7 @@ class Route:
         """A copy with effective weights (missing variants keep theirs) and rolled-back variants off."""
         off = set(disabled)
         variants = tuple(
-            replace(v, weight=int(weights.get(v.name, v.weight)), enabled=v.name not in off)
-            for v in self.variants
+            replace(v, weight=int(weights.get(v.name, v.weight)), enabled=v.name not in off) for v in self.variants
         )
         bounds, owners = cohorts.layout([v.weight for v in variants])
         return replace(self, variants=variants, bounds=bounds, owners=owners)
@@ -332,13 +373,14 @@ def _load_yaml(text: str, marks: _Marks, problems: list[str]) -> Any:
                 for k, v in n.value:
                     key = scalar(k)
                     if isinstance(key, list | dict):
-                        problems.append(f"{marks.filename}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
-                                        "a key must be a plain value")
+                        problems.append(
+                            f"{marks.filename}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
+                            "a key must be a plain value"
+                        )
                         continue
                     if key in out:
                         problems.append(
-                            f"{marks.filename}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
-                            f"duplicate key {key!r}"
+                            f"{marks.filename}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: duplicate key {key!r}"
                         )
                     marks.keys[(*loc, key)] = k.start_mark
                     out[key] = walk(v, (*loc, key))
@@ -600,10 +642,11 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
     for ii, pattern in enumerate(route.auth.identities):
         if not pattern.startswith("spiffe://") or "*" in pattern[:-1]:
             yield (
-                f"{at('auth', 'identities', ii)}: identity {pattern!r} must be a spiffe:// ID, "
-                "optionally ending in `*`"
+                f"{at('auth', 'identities', ii)}: identity {pattern!r} must be a spiffe:// ID, optionally ending in `*`"
             )
     yield from _check_metrics(route, at)
+    yield from _check_features(route, at)
+    yield from _check_allocation(route, at)
     if route.rollout is not None:
         ro = route.rollout
         if ro.variant not in variant_names:
@@ -612,6 +655,11 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
             yield f"{at('rollout', 'variant')}: the control variant {ro.variant!r} cannot be rolled out"
         if any(not 0 < s <= 100 for s in ro.steps) or list(ro.steps) != sorted(set(ro.steps)):
             yield f"{at('rollout', 'steps')}: rollout steps must be strictly increasing weights in 1..100"
+        if ro.promote_on_win and not any(m.role == "primary" for m in route.metrics):
+            yield (
+                f"{at('rollout', 'promote_on_win')}: promote_on_win needs a primary metric to win on "
+                f"(declare one in route {route.name!r}'s metrics with role: primary)"
+            )
 
 
 def _check_metrics(route: RouteModel, at: Any) -> Iterable[str]:
@@ -644,6 +692,69 @@ def _check_metrics(route: RouteModel, at: Any) -> Iterable[str]:
         for what in ("shadows", "rollout", "metrics", "experiment"):
             if getattr(route, what):
                 yield f"{at(what)}: an outcomes route has no {what}"
+
+
+def _check_allocation(route: RouteModel, at: Any) -> Iterable[str]:
+    """A bandit needs a binary or mean reward the route declares, two arms, room for every floor, no rollout."""
+    al = route.allocation
+    if al is None:
+        return
+    metric = next((m for m in route.metrics if m.name == al.reward), None)
+    if metric is None:
+        known = ", ".join(m.name for m in route.metrics) or "none declared"
+        yield f"{at('allocation', 'reward')}: reward {al.reward!r} is not one of the route's metrics ({known})"
+    elif metric.kind == "ratio":
+        yield f"{at('allocation', 'reward')}: reward {al.reward!r} is a ratio metric; a bandit reads binary or mean"
+    if len(route.variants) < 2:
+        yield f"{at('allocation')}: route {route.name!r} has one variant; a bandit needs two or more arms"
+    elif math.ceil(al.min_share * 100 - 1e-9) * len(route.variants) > 100:
+        yield (
+            f"{at('allocation', 'min_share')}: min_share {al.min_share:g} for {len(route.variants)} arms asks "
+            "for more than all the traffic"
+        )
+    if route.rollout is not None:
+        yield f"{at('allocation')}: a route has a rollout or an allocation, not both"
+    if route.kind == "outcomes":
+        yield f"{at('allocation')}: an outcomes route has no allocation"
+    if len(set(al.segments)) != len(al.segments):
+        yield f"{at('allocation', 'segments')}: a segment key is named twice"
+
+
+def _check_features(route: RouteModel, at: Any) -> Iterable[str]:
+    """The join's names: a Redis store, `view:feature` entries, defaults for each, known variants, a header
+    the processor does not strip."""
+    f = route.features
+    if f is None:
+        return
+    if route.kind == "outcomes":
+        yield f"{at('features')}: an outcomes route has no features"
+    if urlsplit(f.store).scheme not in ("redis", "rediss", "unix") or "://" not in f.store:
+        yield f"{at('features', 'store')}: features.store must be a redis://, rediss:// or unix:// URL"
+    seen: set[str] = set()
+    for i, view in enumerate(f.views):
+        if view.count(":") != 1 or not all(view.split(":")):
+            yield f"{at('features', 'views', i)}: {view!r} is not a `view:feature` entry"
+        elif view in seen:
+            yield f"{at('features', 'views', i)}: feature {view!r} is named twice"
+        seen.add(view)
+    if f.entity.header is not None and f.entity.header.lower().startswith(HEADER_PREFIX):
+        yield (
+            f"{at('features', 'entity', 'header')}: the entity cannot come from {f.entity.header!r}: "
+            f"the gateway strips every {HEADER_PREFIX}* header a client sends"
+        )
+    defaults = f.fallback.defaults
+    if defaults is not None:
+        for name in defaults:
+            if name not in seen:
+                yield f"{at('features', 'fallback', 'defaults', name)}: {name!r} is not one of features.views"
+        for name in f.views:
+            if name not in defaults:
+                yield f"{at('features', 'fallback', 'defaults')}: no default for {name!r} (every feature needs one)"
+    if f.variants is not None:
+        names = {v.name for v in route.variants} | {s.name for s in route.shadows}
+        for i, name in enumerate(f.variants):
+            if name not in names:
+                yield f"{at('features', 'variants', i)}: {name!r} is not a variant or shadow of this route"
 
 
 def _check_url(url: str, where: str) -> Iterable[str]:
@@ -690,7 +801,6 @@ def _overlap(a: RouteModel, b: RouteModel) -> bool:
     paths_a = [p for p in (ma.path_prefix, OIP_MODEL_PREFIX + ma.model if ma.model else None) if p]
     paths_b = [p for p in (mb.path_prefix, OIP_MODEL_PREFIX + mb.model if mb.model else None) if p]
     return all(_segment_prefix(x, y) or _segment_prefix(y, x) for x in paths_a for y in paths_b)
-
 
 
 def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> Policy:
@@ -746,6 +856,51 @@ def _eligibility(p: Predicate) -> Eligibility:
     return Eligibility(source, key, "not_in", frozenset(p.not_in or ()))
 
 
+def _allocation(r: RouteModel) -> Allocation | None:
+    al = r.allocation
+    if al is None:
+        return None
+    metric = next(m for m in r.metrics if m.name == al.reward)
+    return Allocation(
+        al.strategy,
+        al.reward,
+        metric.kind,
+        metric.direction,
+        al.update_s,
+        al.min_share,
+        al.epsilon,
+        tuple(al.segments),
+        al.seed,
+    )
+
+
+def _features(r: RouteModel, base_dir: Path) -> Features | None:
+    f = r.features
+    if f is None:
+        return None
+    fb = f.fallback
+    defaults = None
+    if fb.defaults is not None:
+        defaults = tuple(
+            tuple(float(x) for x in (d if isinstance(d, list) else [d])) for d in (fb.defaults[v] for v in f.views)
+        )
+    return Features(
+        store=f.store,
+        project=f.project,
+        join_key=f.join_key,
+        entity_source="claim" if f.entity.claim is not None else "header",
+        entity_key=f.entity.claim if f.entity.claim is not None else (f.entity.header or "").lower(),
+        entity_type=f.entity_type,
+        views=tuple(f.views),
+        input=f.input,
+        budget_ms=f.budget_ms,
+        max_age_s=f.max_age_s,
+        fallback_model=_model_reference(fb.model, base_dir) if fb.model else None,
+        defaults=defaults,
+        variants=frozenset(f.variants) if f.variants is not None else None,
+    )
+
+
 def _compile_route(r: RouteModel, base_dir: Path) -> Route:
     variants = []
     for v in r.variants:
@@ -770,9 +925,11 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
     res = r.residency
     salt = r.cohorts.salt or r.name
     bounds, owners = cohorts.layout([v.weight for v in variants])
-    regions = set(res.allowed_regions) if res.allowed_regions is not None else {
-        b.region for v in variants for b in v.backends
-    }
+    regions = (
+        set(res.allowed_regions)
+        if res.allowed_regions is not None
+        else {b.region for v in variants for b in v.backends}
+    )
     return Route(
         name=r.name,
         path_prefix=r.match.path_prefix,
@@ -797,12 +954,16 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         variants=tuple(variants),
         shadows=tuple(shadows),
         guardrails=Guardrails(**r.guardrails.model_dump()),
-        rollout=Rollout(r.rollout.variant, tuple(r.rollout.steps), r.rollout.interval_s) if r.rollout else None,
+        rollout=Rollout(r.rollout.variant, tuple(r.rollout.steps), r.rollout.interval_s, r.rollout.promote_on_win)
+        if r.rollout
+        else None,
         bounds=bounds,
         owners=owners,
         trusted_keys=tuple(k if k.startswith("ed25519:") else str((base_dir / k).resolve()) for k in r.trusted_keys),
         kind=r.kind,
         metrics=tuple(Metric(**m.model_dump()) for m in r.metrics),
+        features=_features(r, base_dir),
+        allocation=_allocation(r),
         experiment=Experiment(
             r.experiment.hypothesis, r.experiment.owner, r.experiment.primary_metric, r.experiment.start.isoformat()
         )

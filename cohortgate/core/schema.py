@@ -191,6 +191,11 @@ class Rollout(_Strict):
     variant: str = Field(pattern=NAME_PATTERN)
     steps: list[int] = Field(min_length=1, description="Weights to move through, e.g. [5, 25, 50, 100].")
     interval_s: float = Field(default=30, gt=0, description="Minimum time on a step before promotion.")
+    promote_on_win: bool = Field(
+        default=False,
+        description="Promote to the last step as soon as the route's primary outcome metric wins (always valid) "
+        "and every guardrail metric is non-inferior (docs/outcomes.md); needs a primary metric.",
+    )
 
 
 class Metric(_Strict):
@@ -240,6 +245,69 @@ class Experiment(_Strict):
     start: date = Field(description="The day the experiment started (YYYY-MM-DD).")
 
 
+class Allocation(_Strict):
+    """Adaptive allocation (docs/bandits.md): the controller moves the weights toward the arm with the
+    best reward; a unit keeps the arm it was first given (a signed assignment it echoes back)."""
+
+    strategy: Literal["thompson", "ucb", "epsilon_greedy"] = Field(
+        default="thompson", description="thompson: Beta/Normal posterior sampling; ucb: UCB1; epsilon_greedy."
+    )
+    reward: str = Field(pattern=NAME_PATTERN, description="The route's outcome metric the bandit maximises.")
+    update_s: float = Field(default=10.0, ge=1, le=86_400, description="How often the weights are recomputed.")
+    min_share: float = Field(
+        default=0.05, ge=0.01, lt=0.5, description="Least share of new units any live arm keeps (exploration)."
+    )
+    epsilon: float = Field(default=0.1, gt=0, lt=1, description="epsilon_greedy only: the share spread evenly.")
+    segments: list[str] = Field(
+        default=[],
+        max_length=3,
+        description="Per-segment allocation over these keys: `region` (the request's residency) or a claim name.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the controller's draws (Thompson, epsilon).")
+
+
+class FeatureFallback(_Strict):
+    """What serves a request whose features cannot be joined: exactly one of a model or default values."""
+
+    model: str | None = Field(
+        default=None,
+        description="A global model that needs no joined features (a file or a model reference, docs/models.md): "
+        "it takes the request's own input.",
+    )
+    defaults: dict[str, float | list[float]] | None = Field(
+        default=None, description="`view:feature` -> the value joined instead (one for every feature in `views`)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FeatureFallback:
+        if (self.model is None) == (self.defaults is None):
+            raise ValueError("give exactly one of `model` or `defaults`")
+        return self
+
+
+class Features(_Strict):
+    """Online features joined into the model's input by its sidecar, from Feast's Redis online store
+    (docs/features.md). The gateway passes the entity id; a miss, a stale row or a slow store serves the fallback."""
+
+    store: str = Field(description="redis://[:password@]host:port/db (or rediss://) of Feast's Redis online store.")
+    project: str = Field(min_length=1, description="The Feast project.")
+    join_key: str = Field(min_length=1, description="The Feast entity's join key, e.g. user_id.")
+    entity: Source = Field(description="Where the entity id comes from: a verified JWT claim or a request header.")
+    entity_type: Literal["string", "int64"] = Field(
+        default="string", description="The join key's Feast value type (it changes the Redis key)."
+    )
+    views: list[str] = Field(min_length=1, description="`view:feature` entries, appended to the input in this order.")
+    input: str | None = Field(
+        default=None, min_length=1, description="The model input the joined values extend (default: its first)."
+    )
+    budget_ms: float = Field(default=5.0, gt=0, le=10_000, description="The store's round trip may take this long.")
+    max_age_s: float | None = Field(default=3600.0, gt=0, description="Rows older than this are stale (null: any age).")
+    fallback: FeatureFallback
+    variants: list[str] | None = Field(
+        default=None, description="The variants and shadows whose models join (default: all of them)."
+    )
+
+
 class Route(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["model", "outcomes"] = Field(
@@ -265,6 +333,12 @@ class Route(_Strict):
     )
     experiment: Experiment | None = Field(
         default=None, description="The experiment's catalog entry (hypothesis, owner, primary metric, start)."
+    )
+    allocation: Allocation | None = Field(
+        default=None, description="Adaptive (bandit) allocation; absent: the variants' fixed weights (the default)."
+    )
+    features: Features | None = Field(
+        default=None, description="Online features joined into the input by the sidecar (docs/features.md)."
     )
     trusted_keys: list[str] = Field(
         default=[],
