@@ -39,6 +39,7 @@ from cohortgate.core.contract import (
     HEADER_SHADOW_OF,
     HEADER_SHADOWS,
     HEADER_UNIT,
+    cluster_index,
     cluster_parts,
 )
 from cohortgate.core.policy import Policy
@@ -70,9 +71,10 @@ def route_by_path(policy: Callable[[], Policy]) -> RouteOf:
 def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
     """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event`.
 
-    Route and variant come from the upstream cluster only; without one (the request never reached
-    a backend the processor chose) the variant, unit, region and shadow mark are empty and the
-    route is ``route_of(method, path)`` (empty without ``route_of``).
+    Route, variant and the backend's index N come from the upstream cluster only; without one (the
+    request never reached a backend the processor chose) the variant, unit, region and shadow mark
+    are empty, the backend is -1 and the route is ``route_of(method, path)`` (empty without
+    ``route_of``).
     """
     common = entry.common_properties
     request = entry.request
@@ -81,7 +83,9 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         headers = request.request_headers  # set (or stripped) by the processor: see the module docstring
         (route, variant), unit, region = parts, headers.get(HEADER_UNIT, ""), headers.get(HEADER_REGION, "")
         shadow_of = headers.get(HEADER_SHADOW_OF, "")
+        backend = cluster_index(common.upstream_cluster)
     else:
+        backend = None
         variant = unit = region = shadow_of = ""
         route = ""
         if route_of is not None and request.path:
@@ -107,6 +111,7 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         unit=unit,
         ts=ts,
         shadow_of=shadow_of,
+        backend=-1 if backend is None else backend,
     )
 
 

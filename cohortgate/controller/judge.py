@@ -85,6 +85,26 @@ class LimitEvidence:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendEvidence:
+    """One backend of a variant (index N of ``cg.ROUTE.VARIANT.N``), its sliding window.
+
+    A variant served by several backends can be slow because one of them is (a starved host, a
+    bad node) rather than because of its model: the per-backend windows let an operator tell.
+    """
+
+    index: int
+    address: str  # host:port in the policy ("" when the policy no longer names it)
+    window: Summary
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "address": self.address, **self.window.to_json()}
+
+
+def backends_json(backends: tuple[BackendEvidence, ...]) -> dict[str, dict[str, Any]]:
+    return {str(b.index): b.to_json() for b in backends}
+
+
+@dataclass(frozen=True, slots=True)
 class Evidence:
     """Everything the verdict reads for one challenger in one interval."""
 
@@ -96,6 +116,8 @@ class Evidence:
     error_limit: LimitEvidence | None = None
     p99_limit: LimitEvidence | None = None
     design_effects: Mapping[str, float] = field(default_factory=dict)
+    backends: tuple[BackendEvidence, ...] = ()  # the challenger's, per backend
+    control_backends: tuple[BackendEvidence, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +129,8 @@ class Evidence:
             "error_limit": None if self.error_limit is None else self.error_limit.to_json(),
             "p99_limit": None if self.p99_limit is None else self.p99_limit.to_json(),
             "design_effects": {k: round(v, 3) for k, v in self.design_effects.items()},
+            "backends": backends_json(self.backends),
+            "control_backends": backends_json(self.control_backends),
         }
 
 
@@ -126,8 +150,23 @@ def _fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.1f} ms"
 
 
+def backend_note(backends: tuple[BackendEvidence, ...], errors: bool = False) -> str:
+    """Which of a variant's backends is worst (the highest p99, or error rate), when it has two or
+    more with requests in the window: "" otherwise. Facts only: no threshold decides here."""
+    seen = [b for b in backends if b.window.n]
+    if len(seen) < 2:
+        return ""
+    if errors:
+        seen.sort(key=lambda b: (b.window.error_rate, b.index), reverse=True)
+        worst, rest = seen[0], ", ".join(f"#{b.index} {b.window.error_rate:.1%}" for b in seen[1:])
+        return f"; most errors on backend #{worst.index} {worst.address} ({worst.window.error_rate:.1%}; {rest})"
+    seen.sort(key=lambda b: (b.window.p99_ms or 0.0, b.index), reverse=True)
+    worst, rest = seen[0], ", ".join(f"#{b.index} {_fmt_ms(b.window.p99_ms)}" for b in seen[1:])
+    return f"; slowest backend #{worst.index} {worst.address} (p99 {_fmt_ms(worst.window.p99_ms)}; {rest})"
+
+
 def _limit_verdict(
-    variant: str, state: VariantState, name: str, g: LimitEvidence, share: float, evidence: dict[str, Any]
+    variant: str, state: VariantState, name: str, g: LimitEvidence, share: float, evidence: dict[str, Any], ev: Evidence
 ) -> Verdict | None:
     """The verdict one absolute guardrail gives, or None when it has nothing to say."""
     what = "error rate" if name == "error" else f"share of requests slower than {g.limit:g} ms (p99 limit)"
@@ -140,7 +179,7 @@ def _limit_verdict(
             Signal.CONTROL_BREACH,
             f"control breaches the guardrail: its {what} {g.control_rate:.2%} is over {allowed} "
             f"(always-valid p={_fmt_p(g.p_control_over)} < {share:g}); not the challenger's fault, "
-            "experiment halted, operator alerted",
+            "experiment halted, operator alerted" + backend_note(ev.control_backends, errors=name == "error"),
             evidence,
         )
     if g.p_over < share:
@@ -149,7 +188,8 @@ def _limit_verdict(
                 variant,
                 Signal.BREACH,
                 f"{what} {g.rate:.2%} exceeds the guardrail {allowed} (always-valid p={_fmt_p(g.p_over)} "
-                f"< {share:g}; control {g.control_rate:.2%} is under it)",
+                f"< {share:g}; control {g.control_rate:.2%} is under it)"
+                + backend_note(ev.backends, errors=name == "error"),
                 evidence,
             )
         return Verdict(
@@ -194,7 +234,7 @@ def judge(
             variant,
             Signal.BREACH,
             f"error rate {window.error_rate:.1%} vs control {control.error_rate:.1%}: higher "
-            f"(always-valid p={_fmt_p(ev.p_error)} < {split.harm_error:g})",
+            f"(always-valid p={_fmt_p(ev.p_error)} < {split.harm_error:g})" + backend_note(ev.backends, errors=True),
             evidence,
         )
     if ev.p_latency < split.harm_latency:
@@ -203,14 +243,14 @@ def judge(
             Signal.BREACH,
             f"slow requests (over control's p95 + {guardrails.latency_margin_ms:g} ms) more frequent than on "
             f"control: p99 {_fmt_ms(window.p99_ms)} vs {_fmt_ms(control.p99_ms)} "
-            f"(always-valid p={_fmt_p(ev.p_latency)} < {split.harm_latency:g})",
+            f"(always-valid p={_fmt_p(ev.p_latency)} < {split.harm_latency:g})" + backend_note(ev.backends),
             evidence,
         )
     held: Verdict | None = None
     for name, g, share in (("error", ev.error_limit, split.limit_error), ("p99", ev.p99_limit, split.limit_p99)):
         if g is None:
             continue
-        v = _limit_verdict(variant, state, name, g, share, evidence)
+        v = _limit_verdict(variant, state, name, g, share, evidence, ev)
         if v is not None and v.signal is not Signal.HOLD:
             return v
         held = held or v

@@ -32,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from cohortgate.controller.judge import Evidence, LimitEvidence, Verdict, judge, srm_verdicts
+from cohortgate.controller.judge import (
+    BackendEvidence,
+    Evidence,
+    LimitEvidence,
+    Verdict,
+    backends_json,
+    judge,
+    srm_verdicts,
+)
 from cohortgate.controller.leader import Leadership, SoloLeader
 from cohortgate.controller.metrics import ControllerMetrics
 from cohortgate.controller.shadows import ShadowJoin
@@ -262,7 +270,7 @@ class Controller:
     def ingest(self, events: list[Event], now: float | None = None) -> None:
         """Account events into the windows (requests) and the shadow join (reports)."""
         now = self.clock() if now is None else now
-        blocks: dict[str, tuple[list[int], list[int], list[float], list[object], list[bool]]] = {}
+        blocks: dict[str, tuple[list[int], list[int], list[float], list[object], list[bool], list[int]]] = {}
         for e in events:
             self.events_seen += 1
             if e.kind == REQUEST and not e.shadow_of:
@@ -271,17 +279,24 @@ class Controller:
                     self.unknown_events += 1
                     continue
                 regions = self._srm_regions.get(e.route)
-                b = blocks.setdefault(e.route, ([], [], [], [], []))
+                b = blocks.setdefault(e.route, ([], [], [], [], [], []))
                 b[0].append(rw.index.get(e.variant, -1))
                 b[1].append(e.status)
                 b[2].append(e.latency_ms)
                 b[3].append(e.unit)
                 b[4].append(regions is None or not e.region or e.region in regions)
+                b[5].append(e.backend)
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
-        for name, (variant, status, latency, units, srm) in blocks.items():
+        for name, (variant, status, latency, units, srm, backend) in blocks.items():
             self.unknown_events += self.windows[name].add_many(
-                np.array(variant), np.array(status), np.array(latency, dtype=float), units, now, np.array(srm)
+                np.array(variant),
+                np.array(status),
+                np.array(latency, dtype=float),
+                units,
+                now,
+                np.array(srm),
+                np.array(backend, dtype=np.int64),
             )
         if events:
             self.metrics.consumed.labels("all").inc(len(events))
@@ -383,6 +398,16 @@ class Controller:
         )
         rw.set_slow_threshold(self.thresholds[route.name])
 
+    def backend_evidence(self, route: Route, variant: str, now: float) -> tuple[BackendEvidence, ...]:
+        """A variant's backends with requests in the sliding window, named by the policy's address."""
+        backends = next((v.backends for v in route.variants if v.name == variant), ())
+        return tuple(
+            BackendEvidence(
+                index, f"{backends[index].host}:{backends[index].port}" if index < len(backends) else "", summary
+            )
+            for index, summary in self.windows[route.name].variants[variant].backend_summaries(now).items()
+        )
+
     def evidence(self, route: Route, variant: str, now: float, control: Summary | None = None) -> Evidence:
         """What the judge reads for one challenger now (the tests' p-values and the windows)."""
         rw = self.windows[route.name]
@@ -420,6 +445,8 @@ class Controller:
             ),
             p99_limit=p99,
             design_effects=dict(self.design_effects.get((route.name, variant), {})),
+            backends=self.backend_evidence(route, variant, now),
+            control_backends=self.backend_evidence(route, route.variants[0].name, now),
         )
 
     def _judge_route(self, route: Route, now: float) -> list[Transition]:
@@ -710,6 +737,7 @@ class Controller:
             "enabled": name not in st.disabled,
             "window": w.sliding(now).summary().to_json(),
             "step_requests": w.step.n,
+            "backends": backends_json(self.backend_evidence(route, name, now)),  # issue 17.8
         }
         if name == route.variants[0].name:
             doc["phase"] = "control"

@@ -214,17 +214,45 @@ class UnitTally:
         self.__init__()  # type: ignore[misc]
 
 
-class VariantWindow:
-    """Outcomes of one variant: batch since the last tick, totals on this step, a sliding window."""
+class Sliding:
+    """One-second buckets of `Counts` over the last ``span_s`` seconds, and their running sum."""
 
-    __slots__ = ("_buckets", "_sliding", "batch", "span_s", "step", "tally", "units")
+    __slots__ = ("_buckets", "_sum", "span_s")
+
+    def __init__(self, span_s: float = 60.0) -> None:
+        self.span_s = span_s
+        self._buckets: deque[tuple[int, Counts]] = deque()  # (second, counts), oldest first
+        self._sum = Counts.empty()
+
+    def add(self, second: int, block: Counts) -> None:
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, Counts.empty()))
+        self._buckets[-1][1].merge(block)
+        self._sum.merge(block)
+
+    def counts(self, now: float) -> Counts:
+        """The buckets wholly inside ``[now - span_s, now)``, plus the current one (a copy)."""
+        while self._buckets and self._buckets[0][0] + 1 <= now - self.span_s:
+            self._sum.remove(self._buckets.popleft()[1])
+        s = self._sum
+        return Counts(s.n, s.errors, s.hist.copy())
+
+
+class VariantWindow:
+    """Outcomes of one variant: batch since the last tick, totals on this step, a sliding window.
+
+    ``backends`` holds a sliding window per backend (the index N of its ``cg.ROUTE.VARIANT.N``
+    cluster), so the evidence can tell a slow backend from a slow model (issue 17.8).
+    """
+
+    __slots__ = ("_sliding", "backends", "batch", "span_s", "step", "tally", "units")
 
     def __init__(self, span_s: float = 60.0) -> None:
         self.span_s = span_s
         self.batch = Counts.empty()
         self.step = Counts.empty()
-        self._buckets: deque[tuple[int, Counts]] = deque()  # (second, counts), oldest first
-        self._sliding = Counts.empty()  # the sum of the buckets
+        self._sliding = Sliding(span_s)
+        self.backends: dict[int, Sliding] = {}
         self.units: set[object] = set()
         self.tally = UnitTally()
 
@@ -241,11 +269,13 @@ class VariantWindow:
         srm: np.ndarray,
         slow_bin: int = LAT_BINS,
         over_bin: int = LAT_BINS,
+        backend: np.ndarray | None = None,
     ) -> None:
         """A block of outcomes seen at ``now``; ``srm`` marks those whose unit the SRM check counts.
 
         ``slow_bin`` / ``over_bin``: the first latency bin that is "slow" (the latency test's
-        threshold) / over the p99 limit, for the per-unit tally.
+        threshold) / over the p99 limit, for the per-unit tally. ``backend``: each outcome's
+        backend index (-1: unknown, not counted per backend).
         """
         if not len(status):
             return
@@ -255,16 +285,30 @@ class VariantWindow:
         self.batch.merge(block)
         self.step.merge(block)
         second = int(now)
-        if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append((second, Counts.empty()))
-        self._buckets[-1][1].merge(block)
-        self._sliding.merge(block)
+        self._sliding.add(second, block)
+        if backend is not None:
+            self._add_backends(second, block, bins, err, np.asarray(backend, dtype=np.int64))
         if len(self.units) < MAX_UNITS:
             if isinstance(units, np.ndarray):
                 self.units.update(np.unique(units[srm]).tolist())
             else:
                 self.units.update(u for u, ok in zip(units, srm.tolist(), strict=True) if ok and (u or u == 0))
         self.tally.add_many(units, np.stack([err, bins >= slow_bin, bins >= over_bin]))
+
+    def _add_backends(self, second: int, block: Counts, bins: np.ndarray, err: np.ndarray, backend: np.ndarray) -> None:
+        known = backend >= 0
+        if not known.any():
+            return
+        first = int(backend[0])
+        if known.all() and (backend == first).all():  # the usual case: one backend, the whole block
+            self.backends.setdefault(first, Sliding(self.span_s)).add(second, block)
+            return
+        for b in np.unique(backend[known]).tolist():
+            sel = backend == b
+            part = Counts(
+                int(sel.sum()), int(err[sel].sum()), np.bincount(bins[sel], minlength=LAT_BINS).astype(np.int64)
+            )
+            self.backends.setdefault(int(b), Sliding(self.span_s)).add(second, part)
 
     def drain(self) -> Counts:
         """The batch since the last call (and start a new one)."""
@@ -273,10 +317,18 @@ class VariantWindow:
 
     def sliding(self, now: float) -> Counts:
         """The one-second buckets wholly inside ``[now - span_s, now)``, plus the current one (a copy)."""
-        while self._buckets and self._buckets[0][0] + 1 <= now - self.span_s:
-            self._sliding.remove(self._buckets.popleft()[1])
-        s = self._sliding
-        return Counts(s.n, s.errors, s.hist.copy())
+        return self._sliding.counts(now)
+
+    def backend_summaries(self, now: float) -> dict[int, Summary]:
+        """Each backend's sliding window (those with requests in it), by backend index."""
+        out = {}
+        for index in sorted(self.backends):
+            counts = self.backends[index].counts(now)
+            if counts.n:
+                out[index] = counts.summary()
+            else:
+                del self.backends[index]  # nothing left in its window: forget it
+        return out
 
     def new_step(self) -> None:
         self.step = Counts.empty()
@@ -285,8 +337,8 @@ class VariantWindow:
         """Drop every view (a variant that was rolled back or restarted)."""
         self.batch = Counts.empty()
         self.step = Counts.empty()
-        self._buckets.clear()
-        self._sliding = Counts.empty()
+        self._sliding = Sliding(self.span_s)
+        self.backends.clear()
         self.units.clear()
         self.tally.clear()
 
@@ -326,17 +378,20 @@ class RouteWindows:
         units: list[object] | np.ndarray,
         now: float,
         srm: np.ndarray | None = None,
+        backend: np.ndarray | None = None,
     ) -> int:
         """Record a block of outcomes (``variant``: index into ``names``); returns how many were unknown.
 
         ``srm`` (default: all) marks outcomes whose unit may count for the sample-ratio check; none
-        count before ``srm_since``. This is the one way outcomes enter the windows: the controller's
-        event path and the vectorised simulations both come through here.
+        count before ``srm_since``. ``backend`` (default: unknown) is each outcome's backend index.
+        This is the one way outcomes enter the windows: the controller's event path and the
+        vectorised simulations both come through here.
         """
         variant = np.asarray(variant, dtype=np.int64)
         status = np.asarray(status, dtype=np.int64)
         latency_ms = np.asarray(latency_ms, dtype=float)
         srm = np.ones(len(variant), bool) if srm is None else np.asarray(srm, dtype=bool)
+        backend = None if backend is None else np.asarray(backend, dtype=np.int64)
         if now < self.srm_since:
             srm = np.zeros(len(variant), bool)
         known = (variant >= 0) & (variant < len(self.names))
@@ -351,6 +406,7 @@ class RouteWindows:
                     srm[sel],
                     self.slow_bin,
                     self.over_bin,
+                    None if backend is None else backend[sel],
                 )
         return int((~known).sum())
 

@@ -73,6 +73,7 @@ class Event:
     model: str = ""  # report: the model name the sidecar serves
     digest: str = ""  # report: what agreement compares (`AGREEMENT_OUTPUT`'s digest, else every output's)
     shadow_of: str = ""  # request: set when Envoy logged a mirrored copy (not a primary outcome)
+    backend: int = -1  # request: the index N of the backend that answered (``cg.ROUTE.VARIANT.N``); -1 unknown
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry (empty ones left out)."""
@@ -87,6 +88,8 @@ class Event:
             value = getattr(self, name)
             if value:
                 fields[name] = value
+        if self.backend >= 0:
+            fields["backend"] = str(self.backend)
         return fields
 
     @classmethod
@@ -106,6 +109,7 @@ class Event:
             model=fields.get("model", ""),
             digest=fields.get(f"digest.{AGREEMENT_OUTPUT}") or fields.get("digest", ""),
             shadow_of=fields.get("shadow_of", ""),
+            backend=int(b) if (b := fields.get("backend", "")).isascii() and b.isdigit() else -1,
         )
 
     @classmethod
