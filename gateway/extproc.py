@@ -43,7 +43,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from cohortgate.core.contract import (
     EXPOSURE_KEY_ENV,
+    HEADER_ASSIGNMENT,
     HEADER_CLUSTER,
+    HEADER_ENTITY,
     HEADER_EXPOSURE,
     HEADER_OUTCOMES,
     HEADER_PREFIX,
@@ -58,7 +60,8 @@ from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
 from cohortgate.core.exposure import exposure_id, parse_keys
 from cohortgate.core.exposure import mint as mint_exposure
-from cohortgate.core.policy import Policy
+from cohortgate.core.policy import Features, Policy
+from cohortgate.core.sticky import sticky_key
 from cohortgate.support.tracing import TRACE_HEADERS, TRACEPARENT, trace_id
 from gateway.audit import AuditEntry
 from gateway.auth import MTLS_ATTRIBUTE, URI_SAN_ATTRIBUTE, identity_from_attributes
@@ -103,6 +106,13 @@ def exposure_key_from_env() -> bytes | None:
     return parse_keys(text)[0] if text.strip() else None
 
 
+def sticky_keys_from_env() -> tuple[bytes, ...]:
+    """The keys of bandit routes' assignment notes (core.sticky), derived from every exposure key (the
+    first signs, all verify); none when ``$COHORTGATE_EXPOSURE_KEY`` is unset (then nothing is pinned)."""
+    text = os.environ.get(EXPOSURE_KEY_ENV, "")
+    return tuple(sticky_key(k) for k in parse_keys(text)) if text.strip() else ()
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessorSettings:
     """What the processor needs besides the policy and the verifier."""
@@ -112,6 +122,7 @@ class ProcessorSettings:
     trust_domain: str | None = None  # accept SPIFFE IDs from this trust domain only
     # MAC key (core.exposure.mac_key) for x-cohortgate-exposure; read from the environment at start
     exposure_key: bytes | None = field(default_factory=exposure_key_from_env, repr=False)
+    sticky_keys: tuple[bytes, ...] = field(default_factory=sticky_keys_from_env, repr=False)
 
 
 @dataclass(slots=True)
@@ -303,6 +314,8 @@ def policy_headers(policy: Policy) -> frozenset[str]:
         if route.residency_source == "header":
             names.add(route.residency_key)
         names.update(rule.key for rule in route.eligibility if rule.source == "header")
+        if route.features is not None and route.features.entity_source == "header":
+            names.add(route.features.entity_key)
     return frozenset(names)
 
 
@@ -336,18 +349,24 @@ class Processor:
         self._options = _Options()
         self._units: dict[str, tuple[tuple[bytes, bytes], str]] = {}  # unit -> (header option, its hash)
         self._outcome_routes: frozenset[str] = frozenset()
+        self._feature_routes: dict[str, Features] = {}  # routes whose sidecars join online features
+        self._sticky = False  # some route allocates adaptively and notes can be signed
         self._identities: dict[tuple[str, bool], str | None] = {}
         self._policy: Policy | None = None
         self._wanted: frozenset[str] = _BASE_HEADERS
 
-    def new_processor(self) -> StreamProcessor:
-        """One per ext_proc stream (the factory every transport is given)."""
-        return StreamProcessor(self)
+    def new_processor(self, trace: Mapping[str, str] | None = None) -> StreamProcessor:
+        """One per ext_proc stream (the factory every transport is given). ``trace``: the stream's
+        own W3C trace metadata, where Envoy puts its trace context when it started the trace."""
+        return StreamProcessor(self, trace)
 
     # ---- transport entry points
 
-    def handle_proto(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        """Request-headers message in, response out (never raises)."""
+    def handle_proto(
+        self, request: pb.ProcessingRequest, stream_trace: Mapping[str, str] | None = None
+    ) -> pb.ProcessingResponse:
+        """Request-headers message in, response out (never raises). ``stream_trace``: the gRPC
+        stream's trace metadata, the span's parent when the request carries no traceparent."""
         t0 = time.time_ns() if self.tracing is not None else 0
         try:
             policy = self._current()
@@ -371,7 +390,7 @@ class Processor:
                     mtls = fields[MTLS_ATTRIBUTE].bool_value
             answer = self._evaluate(policy, headers, strip, uri, mtls)
             if self.tracing is not None:
-                self._trace(headers, t0, answer)
+                self._trace(headers if TRACEPARENT in headers or not stream_trace else stream_trace, t0, answer)
             if type(answer) is _Allowed:
                 options = answer.sets + answer.removes
                 if answer.exposure is not None:  # protobuf only: the JSON form would cost ~2 µs more
@@ -427,6 +446,10 @@ class Processor:
         if policy is not self._policy:
             self._wanted = policy_headers(policy) | (TRACE_HEADERS if self.tracing is not None else frozenset())
             self._outcome_routes = frozenset(r.name for r in policy.routes if r.kind == "outcomes")
+            self._feature_routes = {r.name: r.features for r in policy.routes if r.features is not None}
+            self._sticky = bool(self.settings.sticky_keys) and any(r.allocation for r in policy.routes)
+            if self._sticky:  # bandit routes read the client's echoed assignment note
+                self._wanted |= {HEADER_ASSIGNMENT}
             self._policy = policy
         return policy
 
@@ -490,10 +513,14 @@ class Processor:
         query = path.find("?")
         if query >= 0:
             path = path[:query]
-        decision = decide(
-            policy,
-            Facts(headers.get(":method", ""), path, headers, identity, claims, request_id),
-        )
+        if self._sticky:
+            facts = Facts(
+                headers.get(":method", ""), path, headers, identity, claims, request_id,
+                headers.get(HEADER_ASSIGNMENT), self.settings.sticky_keys,
+            )
+        else:
+            facts = Facts(headers.get(":method", ""), path, headers, identity, claims, request_id)
+        decision = decide(policy, facts)
         if decision.denial is not None:
             return self._denied(
                 decision.denial, decision.message, request_id, identity, claims, decision.route, self._trace_id(headers)
@@ -521,6 +548,17 @@ class Processor:
         elif key is not None and hashed is not None:  # Envoy copies this request header to the response
             minted = self._mint(key, decision, hashed, request_id)
         sets.append(options.set(HEADER_REGION, decision.region))  # type: ignore[arg-type]
+        if decision.sticky:  # Envoy copies this request header to the response, like the exposure token
+            sets.append(_set_option(HEADER_ASSIGNMENT, decision.sticky))
+        elif self._sticky and HEADER_ASSIGNMENT in headers:
+            strip.append(HEADER_ASSIGNMENT)  # read, not honoured here: never forwarded upstream
+        entity = None
+        if self._feature_routes:
+            features = self._feature_routes.get(decision.route)  # type: ignore[arg-type]
+            if features is not None:
+                entity = _entity(features, headers, claims)
+                if entity is not None:  # never cached: one option per user would flush the policy's ones
+                    sets.append(_set_option(HEADER_ENTITY, entity))
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it
             ours = {HEADER_CLUSTER, HEADER_REGION, *HEADER_SHADOWS[: len(decision.shadows)]}
@@ -530,8 +568,12 @@ class Processor:
                 ours.add(HEADER_UNIT)
             if minted is not None:
                 ours.add(HEADER_EXPOSURE)
+            if decision.sticky:
+                ours.add(HEADER_ASSIGNMENT)
             if outcomes:
                 ours.add(HEADER_OUTCOMES)
+            if entity is not None:
+                ours.add(HEADER_ENTITY)
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
         routed = stats.routed
@@ -645,15 +687,16 @@ class Processor:
 class StreamProcessor:
     """One ext_proc stream. Envoy sends request headers only, so this is one message long."""
 
-    __slots__ = ("_engine",)
+    __slots__ = ("_engine", "_trace")
 
-    def __init__(self, engine: Processor) -> None:
+    def __init__(self, engine: Processor, trace: Mapping[str, str] | None = None) -> None:
         self._engine = engine
+        self._trace = trace
 
     def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         """The answer to one message, or None when Envoy expects none (observability mode)."""
         if request.HasField("request_headers"):
-            return self._engine.handle_proto(request)
+            return self._engine.handle_proto(request, self._trace)
         if request.observability_mode:
             return None
         return _continue(self._engine, request)
@@ -668,6 +711,20 @@ def _continue(engine: Processor, request: pb.ProcessingRequest) -> pb.Processing
         return response
     engine.stats.errors += 1
     return _proto_denied(_UNAVAILABLE)
+
+
+def _entity(features: Features, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str | None:
+    """The feature-store entity id the policy names (a verified claim or a header), when it is one a
+    header can carry: printable ASCII, at most 256 characters. Otherwise none is sent, and the sidecar
+    serves its fallback (reason ``no_entity``)."""
+    if features.entity_source == "claim":
+        raw = claims.get(features.entity_key) if claims is not None else None
+        value = str(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else None
+    else:
+        value = headers.get(features.entity_key)
+    if not value or len(value) > 256 or not (value.isascii() and value.isprintable()):
+        return None
+    return value
 
 
 def hash_unit(salt: bytes, unit: str) -> str:
