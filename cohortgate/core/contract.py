@@ -24,6 +24,9 @@ HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed 
 HEADER_ASSIGNMENT: Final = "x-cohortgate-assignment"  # bandit routes: the signed sticky arm (core.sticky), echoed
 HEADER_OUTCOMES: Final = "x-cohortgate-outcomes"  # set on outcomes routes: Envoy rewrites the path to OUTCOMES_PATH
 OUTCOMES_PATH: Final = "/outcomes"  # the controller API's outcome ingest (an outcomes route's backend)
+# The controller API's ingest of the sidecars' quality reports (cohortgate.core.sketch.QualityReport JSON, a list
+# or one object; the shadow reports' admin token). A sidecar posts there beside its --report-to URL's /reports.
+QUALITY_REPORTS_PATH: Final = "/reports/quality"
 HEADER_MODEL_VERSION: Final = "x-cohortgate-model-version"  # sidecar response: NAME/VERSION that answered
 HEADER_MODEL_DIGEST: Final = "x-cohortgate-model-digest"  # sidecar response: sha256 of the model that answered
 # The feature-store entity id of a route with `features:` (issue 22). The raw id, since the sidecar looks it
@@ -82,6 +85,7 @@ STATUS_KEY: Final = "{cohortgate}:status"  # the leader's status snapshot
 LEADER_KEY: Final = "{cohortgate}:controller:leader"  # the controller's leader lock
 EVENTS_STREAM: Final = "{cohortgate}:events"  # access-log events for the controller
 REPORTS_STREAM: Final = "{cohortgate}:shadow"  # the sidecars' shadow reports
+QUALITY_STREAM: Final = "{cohortgate}:quality"  # the sidecars' quality reports (field "report": the JSON)
 CONSUMER_GROUP: Final = "cohortgate-controller"
 
 # -- environment variables -------------------------------------------------------------------------
