@@ -514,10 +514,8 @@ class Processor:
         if query >= 0:
             path = path[:query]
         if self._sticky:
-            facts = Facts(
-                headers.get(":method", ""), path, headers, identity, claims, request_id,
-                headers.get(HEADER_ASSIGNMENT), self.settings.sticky_keys,
-            )
+            note, keys = headers.get(HEADER_ASSIGNMENT), self.settings.sticky_keys
+            facts = Facts(headers.get(":method", ""), path, headers, identity, claims, request_id, note, keys)
         else:
             facts = Facts(headers.get(":method", ""), path, headers, identity, claims, request_id)
         decision = decide(policy, facts)

@@ -29,6 +29,9 @@ OUTCOMES_PATH: Final = "/outcomes"  # the controller API's outcome ingest (an ou
 QUALITY_REPORTS_PATH: Final = "/reports/quality"
 HEADER_MODEL_VERSION: Final = "x-cohortgate-model-version"  # sidecar response: NAME/VERSION that answered
 HEADER_MODEL_DIGEST: Final = "x-cohortgate-model-digest"  # sidecar response: sha256 of the model that answered
+# the request's quality segments (policy `quality.segments`): ``name=value;name=value``, declared values
+# only (anything else is ``other``); Envoy logs it for the controller, the sidecar may read it
+HEADER_SEGMENT: Final = "x-cohortgate-segment"
 # The feature-store entity id of a route with `features:` (issue 22). The raw id, since the sidecar looks it
 # up in the online store: set by the processor only, never logged (not in ACCESS_LOG_HEADERS).
 HEADER_ENTITY: Final = "x-cohortgate-entity"
@@ -46,6 +49,7 @@ ACCESS_LOG_HEADERS: Final = (
     HEADER_REGION,
     HEADER_SHADOW_OF,
     *HEADER_SHADOWS,
+    HEADER_SEGMENT,
 )
 ACCESS_LOG_NAME: Final = "cohortgate"  # Envoy's ``log_name`` for our access-log stream
 
@@ -87,6 +91,9 @@ EVENTS_STREAM: Final = "{cohortgate}:events"  # access-log events for the contro
 REPORTS_STREAM: Final = "{cohortgate}:shadow"  # the sidecars' shadow reports
 QUALITY_STREAM: Final = "{cohortgate}:quality"  # the sidecars' quality reports (field "report": the JSON)
 CONSUMER_GROUP: Final = "cohortgate-controller"
+# stream: the outcome journal (controller/outcomes.py): the controller appends the outcomes its API
+# accepted, server-side producers XADD {"record": JSON} here; replayed on start, tailed every interval
+OUTCOMES_STREAM: Final = "{cohortgate}:outcomes"
 
 # -- environment variables -------------------------------------------------------------------------
 UNIT_SALT_ENV: Final = "COHORTGATE_UNIT_SALT"  # HMAC key of x-cohortgate-unit; same on every gateway

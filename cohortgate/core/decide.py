@@ -7,7 +7,8 @@ every rule is tested without an event loop. The steps, in order (each may end in
 2. route: method + path (whole-segment prefixes, OIP model names)                  -> 404
 3. authorisation: mTLS SPIFFE identity, token scopes and claims                     -> 403
 4. residency: the request's region (claim/header, or the policy's default)          -> 451
-5. cohort: override, else eligibility, else the sticky hash bucket -> variant;
+5. cohort: override, else eligibility, else the sticky hash bucket -> variant (a bandit
+   route first honours the unit's signed assignment note, core/sticky.py);
    a token without the route's unit claim                                          -> 401
 6. backend: the variant's backend in the region, else control's (if allowed)        -> 451
 7. shadows: each sampled per request id, kept only with a backend in the region
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cohortgate.core import cohorts
+from cohortgate.core import cohorts, sticky
 from cohortgate.core.errors import Denial
 from cohortgate.core.policy import Policy, Route
 
@@ -38,6 +39,8 @@ class Facts:
     identity: str | None = None  # SPIFFE ID from the verified client certificate
     claims: Mapping[str, Any] | None = field(default=None, repr=False)  # verified JWT claims
     request_id: str = ""
+    sticky: str | None = field(default=None, repr=False)  # the client's echoed assignment note (core.sticky)
+    sticky_keys: tuple[bytes, ...] = field(default=(), repr=False)  # its keys; none: no sticky notes
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,11 @@ class Decision:
     shadows: tuple[str, ...] = ()  # Envoy clusters to mirror to
     shadow_names: tuple[str, ...] = ()
     bucket: int | None = None
-    assignment: str = ""  # override | ineligible | no_unit | hash
+    assignment: str = ""  # override | ineligible | no_unit | hash | sticky
     fallback: bool = False  # served by control because the variant had no in-region backend
     unit: str | None = field(default=None, repr=False)  # raw unit: hash it before it leaves the process
     trace: tuple[str, ...] = ()
+    sticky: str = field(default="", repr=False)  # bandit routes: the assignment note to send back
 
     @property
     def allowed(self) -> bool:
@@ -136,6 +140,20 @@ def _identity_allowed(route: Route, identity: str | None) -> bool:
 def _sample(key: bytes, request_id: str) -> int:
     digest = hashlib.blake2b(request_id.encode(), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "big") % cohorts.BUCKETS
+
+
+def _held(route: Route, facts: Facts, unit: str) -> int | None:
+    """The arm a valid assignment note keeps this unit on, if that arm is still live (a rolled-back
+    or removed arm lets go of its units: they take the layout like anyone new)."""
+    if not facts.sticky or not facts.sticky_keys:
+        return None
+    name = sticky.verify(facts.sticky, facts.sticky_keys, route.name, route.salt, unit)
+    if name is None:
+        return None
+    for i, v in enumerate(route.variants):
+        if v.name == name:
+            return i if v.enabled and v.weight > 0 else None
+    return None
 
 
 def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
@@ -233,7 +251,12 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         else:
             bucket = cohorts.bucket_of(route.salt_key, unit)
             index, assignment = cohorts.owner_of(route.bounds, route.owners, bucket), "hash"
-            if steps is not None:
+            held = _held(route, facts, unit) if route.allocation is not None else None
+            if held is not None:
+                index, assignment = held, "sticky"
+                if steps is not None:
+                    steps.append(f"sticky: the unit's assignment note keeps it on {route.variants[index].name!r}")
+            elif steps is not None:
                 weights = ", ".join(f"{v.name} {v.weight}%" for v in route.variants)
                 steps.append(
                     f"bucket {bucket} of {cohorts.BUCKETS} (salt {route.salt!r}; {weights}) "
@@ -279,6 +302,12 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         if steps is not None:
             steps.append(f"shadow {shadow.name!r}: mirrored to {target.url} (cluster {target.cluster})")
 
+    note = ""
+    # overrides and ineligible units are not the bandit's to pin; a fallback is not the unit's arm
+    pin = assignment in ("hash", "sticky") and not fallback
+    if pin and route.allocation is not None and facts.sticky_keys and unit is not None:
+        note = sticky.mint(facts.sticky_keys[0], route.name, route.salt, unit, variant.name)
+
     return Decision(
         route=route.name,
         variant=variant.name,
@@ -291,4 +320,5 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         fallback=fallback,
         unit=unit,
         trace=tuple(steps or ()),
+        sticky=note,
     )

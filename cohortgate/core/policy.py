@@ -167,6 +167,36 @@ class Features:
 
 
 @dataclass(frozen=True, slots=True)
+class Segment:
+    """A declared segment (schema.Segment): which fact, and the values kept (anything else: ``other``)."""
+
+    name: str
+    source: str  # "region" | "claim" | "header"
+    key: str  # claim name, lower-cased header name, or "" for region
+    values: frozenset[str]
+
+    def value_of(self, value: str | None) -> str:
+        """The segment value the access log carries for ``value``: itself if declared, else ``other``."""
+        return value if value is not None and value in self.values else "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """A route's quality guardrails (schema.Quality; read by cohortgate.controller.quality)."""
+
+    alpha: float
+    min_samples: int
+    psi: float | None
+    js: float | None
+    wasserstein: float | None
+    prediction_drift: float | None
+    segments: tuple[Segment, ...]
+    margin: float
+    four_fifths: float | None
+    fallback: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path_prefix: str | None
@@ -200,6 +230,7 @@ class Route:
     features: Features | None = None  # online features the sidecar joins (issue 22)
     allocation: Allocation | None = None  # bandit allocation (issue 21); None: fixed weights
     experiment: Experiment | None = None  # the catalog entry, when the policy gives one
+    quality: Quality | None = None  # model-quality guardrails (docs/quality.md)
 
     @property
     def control(self) -> Variant:
@@ -646,6 +677,7 @@ def _check_route(route: RouteModel, at: Any) -> Iterable[str]:
             )
     yield from _check_metrics(route, at)
     yield from _check_features(route, at)
+    yield from _check_quality(route, at)
     yield from _check_allocation(route, at)
     if route.rollout is not None:
         ro = route.rollout
@@ -755,6 +787,75 @@ def _check_features(route: RouteModel, at: Any) -> Iterable[str]:
         for i, name in enumerate(f.variants):
             if name not in names:
                 yield f"{at('features', 'variants', i)}: {name!r} is not a variant or shadow of this route"
+
+
+def _check_quality(route: RouteModel, at: Any) -> Iterable[str]:
+    """Segments named once, each with its key (region has none) and distinct values; region
+    values the route serves; the fallback a challenger of the route."""
+    q = route.quality
+    if q is None:
+        return
+    if route.kind == "outcomes":
+        yield f"{at('quality')}: an outcomes route has no quality block"
+        return
+    seen: set[str] = set()
+    regions = set(route.residency.allowed_regions or ()) or {b.region for v in route.variants for b in v.backends}
+    for si, seg in enumerate(q.segments):
+        if seg.name in seen:
+            yield f"{at('quality', 'segments', si, 'name')}: duplicate segment name {seg.name!r}"
+        seen.add(seg.name)
+        if seg.source == "region" and seg.key is not None:
+            yield f"{at('quality', 'segments', si, 'key')}: a region segment takes no key (it is the request's region)"
+        if seg.source != "region" and seg.key is None:
+            yield f"{at('quality', 'segments', si)}: a {seg.source} segment needs `key` (the {seg.source} name)"
+        if len(set(seg.values)) != len(seg.values) or "other" in seg.values:
+            yield (
+                f"{at('quality', 'segments', si, 'values')}: segment {seg.name!r} values must be distinct and not "
+                "`other` (the name of every undeclared value)"
+            )
+        if seg.source == "region":
+            for vi, value in enumerate(seg.values):
+                if value not in regions:
+                    yield (
+                        f"{at('quality', 'segments', si, 'values', vi)}: region {value!r} is not one this route "
+                        f"serves {sorted(regions)}"
+                    )
+    if q.fallback is not None:
+        names = [v.name for v in route.variants]
+        if q.fallback not in names:
+            yield (
+                f"{at('quality', 'fallback')}: fallback names unknown variant {q.fallback!r} "
+                f"(variants: {', '.join(names)})"
+            )
+        elif q.fallback == names[0]:
+            yield f"{at('quality', 'fallback')}: the fallback must be a challenger, not control {q.fallback!r}"
+
+
+def _quality(r: RouteModel) -> Quality | None:
+    q = r.quality
+    if q is None:
+        return None
+    segments = tuple(
+        Segment(
+            s.name,
+            s.source,
+            "" if s.source == "region" else (s.key or "").lower() if s.source == "header" else s.key or "",
+            frozenset(s.values),
+        )
+        for s in q.segments
+    )
+    return Quality(
+        q.alpha,
+        q.min_samples,
+        q.psi,
+        q.js,
+        q.wasserstein,
+        q.prediction_drift,
+        segments,
+        q.margin,
+        q.four_fifths,
+        q.fallback,
+    )
 
 
 def _check_url(url: str, where: str) -> Iterable[str]:
@@ -963,6 +1064,7 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         kind=r.kind,
         metrics=tuple(Metric(**m.model_dump()) for m in r.metrics),
         features=_features(r, base_dir),
+        quality=_quality(r),
         allocation=_allocation(r),
         experiment=Experiment(
             r.experiment.hypothesis, r.experiment.owner, r.experiment.primary_metric, r.experiment.start.isoformat()

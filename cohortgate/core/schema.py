@@ -308,6 +308,64 @@ class Features(_Strict):
     )
 
 
+class Segment(_Strict):
+    """A declared fact the gateway already sees, by which quality is judged per segment (docs/quality.md).
+
+    Only the listed values are kept; any other value (or none) is the segment ``other``, so the access
+    log never carries more than ``len(values) + 1`` values per segment, whatever clients send."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="The segment's name in the access log and the dashboard.")
+    source: Literal["region", "claim", "header"] = Field(
+        description="region: the request's residency region; claim: a verified JWT claim; header: a request header."
+    )
+    key: str | None = Field(default=None, min_length=1, description="The claim or header name (not for region).")
+    values: list[str] = Field(min_length=1, max_length=16, description="The declared values; anything else is `other`.")
+
+
+class Quality(_Strict):
+    """Model-quality guardrails of a route (docs/quality.md): drift, segments, disparate impact, fallback."""
+
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="Chance of ever rolling back a challenger that is no worse in any segment.",
+    )
+    min_samples: int = Field(
+        default=500, ge=10, description="Values a window needs, on each side, before a feature's drift is judged."
+    )
+    psi: float | None = Field(default=0.2, gt=0, description="Population stability index over which a feature drifts.")
+    js: float | None = Field(default=0.1, gt=0, le=1, description="Jensen-Shannon distance (base 2) threshold.")
+    wasserstein: float | None = Field(
+        default=0.1, gt=0, description="Wasserstein distance, in reference standard deviations, threshold."
+    )
+    prediction_drift: float | None = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="JS distance between a challenger's and control's outputs on the same window; null: off.",
+    )
+    segments: list[Segment] = Field(default=[], max_length=4, description="Segments judged separately.")
+    margin: float = Field(
+        default=0.1,
+        ge=0,
+        description="Within a segment, a challenger's error or slow-request odds may exceed control's by this "
+        "much (0.1 = 10 %) before it counts as worse.",
+    )
+    four_fifths: float | None = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Least ratio of positive-prediction rates between a segment's values (four-fifths rule); "
+        "null: off.",
+    )
+    fallback: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="A challenger that takes the traffic when control's inputs drift (drift-aware switching).",
+    )
+
+
 class Route(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["model", "outcomes"] = Field(
@@ -339,6 +397,9 @@ class Route(_Strict):
     )
     features: Features | None = Field(
         default=None, description="Online features joined into the input by the sidecar (docs/features.md)."
+    )
+    quality: Quality | None = Field(
+        default=None, description="Model-quality guardrails: drift, segments, fairness, fallback (docs/quality.md)."
     )
     trusted_keys: list[str] = Field(
         default=[],

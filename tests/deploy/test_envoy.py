@@ -270,6 +270,7 @@ def test_route_forwards_by_cluster_header_with_four_mirror_slots(tmp_path: Path,
         "x-cohortgate-variant": "%REQ(x-cohortgate-variant)%",
         "x-cohortgate-route": "%REQ(x-cohortgate-route)%",
         "x-cohortgate-exposure": "%REQ(x-cohortgate-exposure)%",
+        "x-cohortgate-assignment": "%REQ(x-cohortgate-assignment)%",
     }
     assert all(not h.get("keep_empty_value") for h in route["response_headers_to_add"])
     assert hcm["forward_client_cert_details"] == "SANITIZE"
@@ -372,6 +373,7 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
         "x-cohortgate-region",
         "x-cohortgate-shadow-of",
         *(f"x-cohortgate-shadow-{i}" for i in range(4)),  # shadow copies are counted from these
+        "x-cohortgate-segment",  # quality segments (declared values only): per-segment guardrails
     ]
     names = [c["name"] for c in doc["static_resources"]["clusters"]]
     assert names == [ec.PROCESSOR_CLUSTER, ec.ALS_CLUSTER]

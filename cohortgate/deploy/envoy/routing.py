@@ -1,7 +1,8 @@
 """Routing by the processor's headers: the primary by ``x-cohortgate-cluster``, copies to the mirror slots.
 
 The exposure token the processor mints (``x-cohortgate-exposure``, a request header) is copied to the
-response with ``%REQ(...)%``: no response-phase round trip to the processor. A request the processor
+response with ``%REQ(...)%``: no response-phase round trip to the processor; so is a bandit route's
+sticky assignment note (``x-cohortgate-assignment``, core/sticky.py). A request the processor
 marks ``x-cohortgate-outcomes`` (a route of kind ``outcomes``) takes its own route, which rewrites
 the path to the controller API's ``/outcomes``; only the processor can set the mark (it strips every
 client-sent ``x-cohortgate-*`` header).
@@ -16,6 +17,7 @@ import datetime as dt
 from typing import Any
 
 from cohortgate.core.contract import (
+    HEADER_ASSIGNMENT,
     HEADER_CLUSTER,
     HEADER_EXPOSURE,
     HEADER_OUTCOMES,
@@ -62,6 +64,7 @@ def response_headers() -> list[Any]:
         header_value(HEADER_VARIANT, f"%REQ({HEADER_VARIANT})%"),
         header_value(HEADER_ROUTE, f"%REQ({HEADER_ROUTE})%"),
         header_value(HEADER_EXPOSURE, f"%REQ({HEADER_EXPOSURE})%"),
+        header_value(HEADER_ASSIGNMENT, f"%REQ({HEADER_ASSIGNMENT})%"),  # bandit routes' sticky note
     ]
 
 
