@@ -322,7 +322,7 @@ class Gateway:
             from gateway.h2.metrics import register_h2_metrics
 
             ctx = _fast_ssl_context(*tls) if tls else None
-            kwargs: dict[str, Any] = {"ssl": ctx}
+            kwargs: dict[str, Any] = {"ssl": ctx, "trace_context": self.engine.tracing is not None}
             if listen.uds is not None:
                 kwargs["uds"] = listen.uds
             else:
@@ -338,7 +338,12 @@ class Gateway:
             cert, key, ca = (Path(p).read_bytes() for p in tls)
             creds = server_credentials(cert, key, ca)
         return await start_grpc(
-            self.engine.new_processor, uds=listen.uds, host=listen.host, port=listen.port, credentials=creds
+            self.engine.new_processor,
+            uds=listen.uds,
+            host=listen.host,
+            port=listen.port,
+            credentials=creds,
+            trace_context=self.engine.tracing is not None,
         )
 
     def _tls_files(self, listen: ListenAddress) -> tuple[str, str, str] | None:

@@ -31,9 +31,16 @@ class Processor(Protocol):
     def handle(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse | None: ...
 
 
-def _handler(new_processor: Callable[[], Processor]) -> grpc.GenericRpcHandler:
+def _trace_carrier(context: Any) -> dict[str, str] | None:
+    """The call's W3C trace metadata (Envoy's own trace context when it started the trace)."""
+    carrier = {k: v for k, v in context.invocation_metadata() or () if k in ("traceparent", "tracestate")}
+    return carrier or None
+
+
+def _handler(new_processor: Callable[..., Processor], trace_context: bool = False) -> grpc.GenericRpcHandler:
     async def process(request: pb.ProcessingRequest, context: Any) -> pb.ProcessingResponse:
-        response = new_processor().handle(request)
+        processor = new_processor(_trace_carrier(context)) if trace_context else new_processor()
+        response = processor.handle(request)
         return _EMPTY if response is None else response
 
     return grpc.method_handlers_generic_handler(
@@ -54,16 +61,18 @@ def server_credentials(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCredent
 
 
 async def start_grpc(
-    new_processor: Callable[[], Processor],
+    new_processor: Callable[..., Processor],
     *,
     uds: str | None = None,
     host: str | None = None,
     port: int | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    trace_context: bool = False,
 ) -> grpc.aio.Server:
-    """Start the server on a Unix socket (mode 0600) or a TCP port (mTLS when ``credentials``)."""
+    """Start the server on a Unix socket (mode 0600) or a TCP port (mTLS when ``credentials``).
+    ``trace_context``: give each processor the call's W3C trace metadata."""
     server = grpc.aio.server(
-        handlers=[_handler(new_processor)],
+        handlers=[_handler(new_processor, trace_context)],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", 1 << 16),
@@ -91,4 +100,3 @@ async def start_grpc(
         os.chmod(uds, 0o600)
     log.info("ext_proc gRPC server listening on %s%s", address, " (mTLS)" if credentials else "")
     return server
-

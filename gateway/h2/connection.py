@@ -42,7 +42,7 @@ from gateway.h2.flowcontrol import ReceiveWindow, SendFlow
 from gateway.h2.frames import ErrorCode
 from gateway.h2.grpcstream import GrpcStream, MalformedMessage, NewProcessor, StreamProcessor
 from gateway.h2.grpcwire import MALFORMED, RESPONSE_HEADERS, GrpcStatus, request_verdict, trailers, trailers_valid
-from gateway.h2.hpackmemo import MemoDecoder
+from gateway.h2.hpackmemo import Headers, MemoDecoder
 from gateway.h2.streamstate import StreamEvent, StreamState, next_state
 
 __all__ = ["DRAIN_PING_GRACE", "H2Connection", "H2Counters", "H2Limits", "NewProcessor", "StreamProcessor"]
@@ -181,13 +181,19 @@ class H2Connection:
         *,
         clock: Callable[[], float] = time.monotonic,
         local: bool = False,
+        trace_context: bool = False,
     ) -> None:
         """``local``: the peer came over a Unix socket (``uds_idle_timeout`` applies, not ``idle_timeout``).
+
+        ``trace_context``: hand each new processor the stream's ``traceparent``/``tracestate``
+        metadata (Envoy puts its own trace context there when it started the trace); off, nothing
+        is read and the factory is called with no argument.
 
         ``clock`` is read only for timeouts, grpc-timeout deadlines and when a flood counter
         reaches its limit, never per frame.
         """
         self._new_processor = new_processor
+        self._trace_context = trace_context
         self.limits = limits = limits or H2Limits()
         self.counters = counters if counters is not None else H2Counters()
         self._clock = clock
@@ -701,7 +707,7 @@ class H2Connection:
                 return
             deadline = self._clock() + verdict  # grpc-timeout, counted from the request headers
         try:
-            processor = self._new_processor()
+            processor = self._new_processor(trace_carrier(headers)) if self._trace_context else self._new_processor()
         except Exception:
             self._processor_failed(sid, "creating")
             self._answer_and_end(sid, trailers(GrpcStatus.INTERNAL, "internal error", trailers_only=True), end_stream)
@@ -878,3 +884,18 @@ class H2Connection:
         self._inbuf = bytearray()
         self._header_frag = bytearray()
         self._buffered = 0
+
+
+_TRACE_KEYS = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
+
+
+def trace_carrier(headers: Headers) -> dict[str, str] | None:
+    """The W3C trace context among a stream's request headers (gRPC metadata), or None."""
+    carrier = None
+    for name, value in headers:
+        key = _TRACE_KEYS.get(name)
+        if key is not None:
+            if carrier is None:
+                carrier = {}
+            carrier[key] = value.decode("latin-1")
+    return carrier

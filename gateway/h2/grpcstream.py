@@ -29,7 +29,9 @@ class StreamProcessor(Protocol):
     ) -> external_processor_pb2.ProcessingResponse | None: ...
 
 
-NewProcessor = Callable[[], StreamProcessor]
+#: called once per gRPC stream; with ``trace_context`` on, given the stream's W3C trace metadata
+#: (``{"traceparent": ..., "tracestate": ...}`` or None)
+NewProcessor = Callable[..., StreamProcessor]
 
 
 class MalformedMessage(Exception):

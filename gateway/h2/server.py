@@ -34,7 +34,13 @@ class _H2Protocol(asyncio.Protocol):
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
-        self._conn = H2Connection(server._new_processor, server.limits, server.counters, local=server.local)
+        self._conn = H2Connection(
+            server._new_processor,
+            server.limits,
+            server.counters,
+            local=server.local,
+            trace_context=server.trace_context,
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -115,8 +121,11 @@ class FastServer:
     ``local``: it listens on a Unix socket, so ``limits.uds_idle_timeout`` applies to its peers.
     """
 
-    def __init__(self, new_processor: NewProcessor, limits: H2Limits, *, local: bool = False) -> None:
+    def __init__(
+        self, new_processor: NewProcessor, limits: H2Limits, *, local: bool = False, trace_context: bool = False
+    ) -> None:
         self._new_processor = new_processor
+        self.trace_context = trace_context
         self.limits = limits
         self.local = local
         self.counters = H2Counters()
@@ -286,18 +295,20 @@ async def serve_fast(
     port: int | None = None,
     ssl: ssl_module.SSLContext | None = None,
     limits: H2Limits | None = None,
+    trace_context: bool = False,
 ) -> FastServer:
     """Serve ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` on a UDS or TCP (+TLS).
 
     ``new_processor()`` is called once per gRPC stream. With ``ssl``, ALPN is set to ``h2``
-    on the given context (gRPC clients insist on it).
+    on the given context (gRPC clients insist on it). ``trace_context``: pass each stream's W3C
+    trace metadata to ``new_processor`` (see ``H2Connection``).
     """
     if (uds is None) == (host is None and port is None):
         raise ValueError("serve_fast needs exactly one of uds= or host=/port=")
     if ssl is not None and uds is not None:
         raise ValueError("TLS is for TCP listeners; a UDS is protected by its file mode")
     loop = asyncio.get_running_loop()
-    server = FastServer(new_processor, limits or H2Limits(), local=uds is not None)
+    server = FastServer(new_processor, limits or H2Limits(), local=uds is not None, trace_context=trace_context)
     if uds is not None:
         sock = _bind_unix(uds)
         try:

@@ -188,9 +188,10 @@ def _complete(spans: list[dict[str, Any]], infer: dict[str, Any]) -> list[dict[s
     return spans if infer["parent_span_id"] in ids and any(not s["parent_span_id"] for s in spans) else None
 
 
-def test_envoy_starts_a_trace_the_sidecar_joins(traced: Stack) -> None:
-    """No traceparent from the client: Envoy (sampling 100 % here) starts the trace and the sidecar's
-    span joins it as the child of Envoy's upstream span; the trace has exactly one root."""
+def test_envoy_starts_a_trace_the_processor_and_sidecar_join(traced: Stack) -> None:
+    """No traceparent from the client: Envoy (sampling 100 % here) starts the trace; the processor's
+    span joins it through the ext_proc stream's gRPC metadata (where Envoy puts its own trace
+    context), the sidecar's as the child of Envoy's upstream span; the trace has exactly one root."""
     token = mint(traced.certs, "trace-gina")
     before = {s["span_id"] for s in list(traced.otlp.spans)}
     reply = traced.client.request(token=token, body=_body())
@@ -208,6 +209,15 @@ def test_envoy_starts_a_trace_the_sidecar_joins(traced: Stack) -> None:
     by_id = _connected(spans, "")
     assert [s["service"] for s in spans if not s["parent_span_id"]] == ["cohortgate-envoy"]
     _check_infer(infer, by_id)
+    decide = wait_for(
+        "the processor's span in Envoy's trace",
+        lambda: [s for s in traced.otlp.of_trace(infer["trace_id"]) if s["name"] == "cohortgate.decide"],
+        EXPORT_TIMEOUT_S,
+    )
+    assert len(decide) == 1 and decide[0]["attributes"]["cohortgate.variant"] == "control"
+    spans = traced.otlp.of_trace(infer["trace_id"])
+    envoy_ids = {s["span_id"] for s in spans if s["service"] == "cohortgate-envoy"}
+    assert decide[0]["parent_span_id"] in envoy_ids  # a child of Envoy's ext_proc call span
     _no_secrets(spans, token, "trace-gina")
 
 
