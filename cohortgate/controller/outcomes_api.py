@@ -23,19 +23,28 @@ ledger's lift per metric and challenger (one look) and the counts by status.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from cohortgate.controller import archive as A
 from cohortgate.controller import outcomes as O
+from cohortgate.controller import report as R
+from cohortgate.controller.lift_history import LiftHistory
 from cohortgate.controller.loop import Controller
 from cohortgate.core import lift as L
 from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH
 from cohortgate.core.exposure import ExposureRefused, Refusal, verify
 from cohortgate.core.policy import Policy
+
+log = logging.getLogger(__name__)
 
 MAX_OUTCOMES = 10_000  # per request
 PASS_MAX_AGE_S = 60.0  # the gateway's mark is minted per request: older than this is a replay
@@ -93,6 +102,10 @@ class OutcomesService:
         self.ledger = O.OutcomeLedger({}, {}, keys, clock=clock)
         self._policy: Policy | None = None
         self._outcome_routes: frozenset[str] = frozenset()
+        self.history = LiftHistory()  # each sample's lift, for the dashboard's bands and the report's plots
+        self.latest: dict[str, list[dict[str, Any]]] = {}  # route -> the last sample's results (JSON)
+        self.archive_dir: Path | None = None  # set: finished experiments are archived here (archive.py)
+        self._archived: set[tuple[str, float]] = set()
         self.sync()
 
     def sync(self) -> O.OutcomeLedger:
@@ -116,6 +129,64 @@ class OutcomesService:
         except ExposureRefused:
             return False
         return exp.route in self._outcome_routes
+
+    # ------------------------------------------------------------------ looks, history, archive
+
+    def sample(self, now: float | None = None) -> None:
+        """One look at every route with metrics (the API app does this each controller interval): the
+        results kept for the dashboard, a point of lift history, and the archive of a finished one."""
+        ledger = self.sync()
+        now = self.clock() if now is None else now
+        for route in self.controller.policy.routes:
+            if not route.metrics:
+                continue
+            # the loop's own look this interval when it made one (gating.py), so sampling adds no look
+            looked = getattr(getattr(self.controller, "outcomes", None), "latest", {}).get(route.name)
+            results = [r.to_json() for r in (looked if looked is not None else ledger.results(route.name))]
+            self.latest[route.name] = results
+            self.history.record(now, results)
+            self._archive_if_finished(route.name, now)
+
+    def report(
+        self, route: str, now: float | None = None, status: dict[str, Any] | None = None, source: str = "controller"
+    ) -> dict[str, Any]:
+        """The route's report document (`cohortgate.controller.report`) from the last sample."""
+        now = self.clock() if now is None else now
+        policy_route = self.controller.policy.by_name[route]
+        if status is None:
+            status = self.controller.status(now)["routes"].get(route)
+        return R.document(
+            route,
+            design=R.design_of(policy_route, self.ledger.alpha),
+            results=self.latest.get(route, []),
+            history=self.history.series(route),
+            status=status,
+            counts=dict(self.ledger.counts),
+            srm=(status or {}).get("srm"),
+            generated_at=now,
+            source=source,
+        )
+
+    def _archive_if_finished(self, route: str, now: float) -> None:
+        if self.archive_dir is None or not self.controller.leader.held:
+            return
+        state = self.controller.states.get(route)
+        if state is None or not state.variants:
+            return
+        phases = list(state.variants.values())
+        if not all(v.phase.value in R.TERMINAL for v in phases):
+            return
+        finished_at = max(v.since for v in phases)
+        if (route, finished_at) in self._archived:
+            return
+        self._archived.add((route, finished_at))
+        try:
+            path = A.write(self.archive_dir, route, finished_at, self.report(route, now, source="controller archive"))
+        except (OSError, ValueError):
+            log.exception("cannot archive the finished experiment on route %s", route)
+            return
+        if path is not None:
+            log.info("experiment on route %s finished: archived in %s", route, path)
 
 
 SERVICE_KEY = web.AppKey("outcomes", OutcomesService)
@@ -189,7 +260,39 @@ async def _get(request: web.Request) -> web.Response:
         return _error(404, "not_found", f"no route {route!r}")
     routes = [route] if route is not None else sorted(ledger.metrics)
     results = [r.to_json() for name in routes for r in ledger.results(name)]
-    return _json({"results": results, "counts": dict(ledger.counts), "window_s": ledger.window_s})
+    service = request.app[SERVICE_KEY]
+    policy = service.controller.policy
+    return _json(
+        {
+            "results": results,
+            "counts": dict(ledger.counts),
+            "window_s": ledger.window_s,
+            # added for the report and the dashboard: the design and the lift over time, per route
+            "design": {
+                name: R.design_of(policy.by_name[name], ledger.alpha) for name in routes if name in policy.by_name
+            },
+            "history": {name: service.history.series(name) for name in routes},
+        }
+    )
+
+
+async def _sampler(app: web.Application) -> AsyncIterator[None]:
+    """Sample the ledger each controller interval (see `OutcomesService.sample`)."""
+    service = app[SERVICE_KEY]
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(service.controller.config.interval_s)
+            try:
+                service.sample()
+            except Exception:
+                log.exception("outcomes: cannot sample the ledger")
+
+    task = asyncio.get_running_loop().create_task(run(), name="outcomes-sampler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def register(app: web.Application, controller: Controller, keys: tuple[bytes, ...] | None = None) -> None:
@@ -197,3 +300,4 @@ def register(app: web.Application, controller: Controller, keys: tuple[bytes, ..
     app[SERVICE_KEY] = OutcomesService(controller, keys if keys is not None else O.keys_from_env())
     app.router.add_post(OUTCOMES_PATH, _post)
     app.router.add_get(OUTCOMES_PATH, _get)
+    app.cleanup_ctx.append(_sampler)
