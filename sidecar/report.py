@@ -11,6 +11,12 @@ batches to a ``ReportSink``, the small interface the controller plugs into:
     MemorySink          in-process (tests, an embedded controller)
     HttpSink            POST a JSON list to an http(s):// URL, with the controller's admin token
     RedisStreamSink     XADD to a Redis stream, from a redis://host:port/db?stream=NAME URL
+
+A sidecar with a data contract also sends a ``QualityReport`` (cohortgate.core.sketch: drift sketches
+and violation counts, never a raw value) per window: ``QualityReporter`` closes the window of its
+``QualityGate`` every ``interval_s`` and hands the report to the same sink's ``send_quality``
+(HTTP: POST to ``QUALITY_REPORTS_PATH`` beside the shadow reports' ``/reports``; Redis: XADD to
+``QUALITY_STREAM``). A failed send is counted and dropped: the next window is complete on its own.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -30,13 +36,16 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import numpy as np
 import orjson
 
-from cohortgate.core.contract import REPORTS_STREAM, TOKEN_FILE_ENV
+from cohortgate.core.contract import QUALITY_REPORTS_PATH, QUALITY_STREAM, REPORTS_STREAM, TOKEN_FILE_ENV
+from cohortgate.core.sketch import QualityReport
 from cohortgate.support.logs import Throttle
 from sidecar.metrics import SidecarMetrics
+from sidecar.quality import QualityGate
 
 log = logging.getLogger(__name__)
 throttled = Throttle(log)  # a dead sink fails every batch: one line per 30 s, with counts (issue 17.6)
 SINK_FAILED = "shadow-report-sink-failed"
+QUALITY_FAILED = "quality-report-sink-failed"
 
 STREAM_MAXLEN = 100_000
 
@@ -53,9 +62,10 @@ class ShadowReport:
     digest: str
     output_digests: tuple[tuple[str, str], ...]
     ts: float
+    fallback: str = ""  # features: why the fallback served this request (sidecar/join.py), else empty
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "request_id": self.request_id,
             "variant": self.variant,
             "model": self.model,
@@ -65,6 +75,9 @@ class ShadowReport:
             "output_digests": dict(self.output_digests),
             "ts": self.ts,
         }
+        if self.fallback:
+            doc["fallback"] = self.fallback
+        return doc
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields, as a Redis stream entry holds them (``digest.<output>`` per output)."""
@@ -79,6 +92,8 @@ class ShadowReport:
         }
         for name, digest in self.output_digests:
             fields[f"digest.{name}"] = digest
+        if self.fallback:
+            fields["fallback"] = self.fallback
         return fields
 
     @classmethod
@@ -94,6 +109,7 @@ class ShadowReport:
             digest=fields["digest"],
             output_digests=outputs,
             ts=float(fields["ts"]),
+            fallback=fields.get("fallback", ""),
         )
 
 
@@ -119,14 +135,24 @@ class ReportSink(Protocol):
     async def close(self) -> None: ...
 
 
+class QualitySink(Protocol):
+    """Where quality reports go (the three sinks below are both); ``send_quality`` may raise."""
+
+    async def send_quality(self, report: QualityReport) -> None: ...
+
+
 class MemorySink:
     """Keeps reports in a list: the embedded default and the test double."""
 
     def __init__(self) -> None:
         self.reports: list[ShadowReport] = []
+        self.quality: list[QualityReport] = []
 
     async def send(self, reports: Sequence[ShadowReport]) -> None:
         self.reports.extend(reports)
+
+    async def send_quality(self, report: QualityReport) -> None:
+        self.quality.append(report)
 
     async def close(self) -> None:
         pass
@@ -161,12 +187,24 @@ class HttpSink:
         return headers
 
     async def send(self, reports: Sequence[ShadowReport]) -> None:
+        await self._post(self.url, orjson.dumps([r.to_json() for r in reports]))
+
+    @property
+    def quality_url(self) -> str:
+        """``QUALITY_REPORTS_PATH`` on the same controller: ``.../reports`` -> ``.../reports/quality``."""
+        parts = urlsplit(self.url)
+        base = parts.path.rstrip("/").removesuffix("/reports")
+        return urlunsplit(parts._replace(path=base + QUALITY_REPORTS_PATH, query=""))
+
+    async def send_quality(self, report: QualityReport) -> None:
+        await self._post(self.quality_url, orjson.dumps(report.to_json()))
+
+    async def _post(self, url: str, body: bytes) -> None:
         import aiohttp
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
-        body = orjson.dumps([r.to_json() for r in reports])
-        async with self._session.post(self.url, data=body, headers=self._headers()) as response:
+        async with self._session.post(url, data=body, headers=self._headers()) as response:
             if response.status == 401:
                 self._token = None  # re-read the file next time
                 raise RuntimeError(
@@ -198,6 +236,10 @@ class RedisStreamSink:
             pipe.xadd(self.stream, report.to_fields(), maxlen=self._maxlen, approximate=True)
         await pipe.execute()
 
+    async def send_quality(self, report: QualityReport) -> None:
+        fields = {"report": orjson.dumps(report.to_json())}
+        await self._client.xadd(QUALITY_STREAM, fields, maxlen=self._maxlen, approximate=True)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -222,6 +264,7 @@ class _Pending:
     latency_s: float
     outputs: Sequence[np.ndarray] | None
     ts: float
+    fallback: str = ""
 
 
 class Reporter:
@@ -254,12 +297,20 @@ class Reporter:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._drain(), name="sidecar-reporter")
 
-    def report(self, request_id: str, status: int, latency_s: float, outputs: Sequence[np.ndarray] | None) -> None:
-        """Queue one report; drop it (and count the drop) when the queue is full or closed."""
+    def report(
+        self,
+        request_id: str,
+        status: int,
+        latency_s: float,
+        outputs: Sequence[np.ndarray] | None,
+        fallback: str = "",
+    ) -> None:
+        """Queue one report; drop it (and count the drop) when the queue is full or closed. ``fallback``:
+        why the features' fallback served the request (empty when joined, or without features)."""
         if self._closing or len(self._queue) >= self._capacity or self._wakeup is None:
             self._count("dropped")
             return
-        self._queue.append(_Pending(request_id, status, latency_s, outputs, time.time()))
+        self._queue.append(_Pending(request_id, status, latency_s, outputs, time.time(), fallback))
         if not self._wakeup.is_set():
             self._wakeup.set()
 
@@ -285,8 +336,9 @@ class Reporter:
         else:
             digest, per_output = output_digests(self._names, p.outputs)
         return ShadowReport(
-            p.request_id, self.variant, self.model, p.status, round(p.latency_s * 1000, 3), digest, per_output, p.ts
-        )
+            p.request_id, self.variant, self.model, p.status, round(p.latency_s * 1000, 3), digest, per_output, p.ts,
+            p.fallback,
+        )  # fmt: skip
 
     async def _drain(self) -> None:
         assert self._wakeup is not None
@@ -309,3 +361,66 @@ class Reporter:
             else:
                 throttled.resolved(SINK_FAILED, "shadow report sink works again")
                 self._count("sent", len(reports))
+
+
+class QualityReporter:
+    """Every ``interval_s``, close the gate's window and send its report; ``start`` inside the loop.
+
+    ``gate`` is read on every tick (a live swap installs a new one); ``retire`` sends the window of a
+    gate being replaced right away, so a swap loses no rows.
+    """
+
+    def __init__(
+        self,
+        sink: QualitySink,
+        gate: Callable[[], QualityGate | None],
+        *,
+        interval_s: float = 10.0,
+        metrics: SidecarMetrics | None = None,
+    ) -> None:
+        self.sink = sink
+        self._gate = gate
+        self.interval_s = interval_s
+        self._metrics = metrics
+        self._task: asyncio.Task | None = None
+        self._pending: list[QualityReport] = []
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="sidecar-quality-reporter")
+
+    def retire(self, gate: QualityGate) -> None:
+        self._pending.append(gate.take())
+
+    async def close(self) -> None:
+        """Send the last (partial) window, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.send_now()
+
+    async def send_now(self) -> None:
+        gate = self._gate()
+        if gate is not None:
+            self._pending.append(gate.take())
+        pending, self._pending = self._pending, []
+        for report in pending:
+            if not report.requests:
+                continue  # an idle window says nothing; the controller keeps its last one
+            try:
+                await self.sink.send_quality(report)
+            except Exception as exc:  # never reaches a request: count, log (throttled) and go on
+                throttled.warning("quality report sink failed (a window dropped): %s", exc, key=QUALITY_FAILED)
+                self._count("failed")
+            else:
+                throttled.resolved(QUALITY_FAILED, "quality report sink works again")
+                self._count("sent")
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.quality_reports[outcome] += 1
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.send_now()

@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from cohortgate.controller.allocation import Allocator
+from cohortgate.controller.fallbacks import FeatureFallbacks
+from cohortgate.controller.gating import OutcomeGate
 from cohortgate.controller.judge import (
     BackendEvidence,
     Evidence,
@@ -133,6 +136,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         name: str = "controller",
         tracing: Any = None,
+        outcomes: OutcomeGate | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -154,6 +158,10 @@ class Controller:
         self.verdicts: dict[tuple[str, str], Verdict] = {}
         self.srm: dict[str, dict[str, Any]] = {}
         self.shadows = ShadowJoin(policy)
+        self.allocation = Allocator()  # bandit routes' weights, every update_s (allocation.py)
+        self.fallbacks = FeatureFallbacks(policy)  # feature fallbacks per variant (issue 22)
+        # outcome metrics: the ledger POST /outcomes feeds, its journal, the judge's evidence (gating.py)
+        self.outcomes = outcomes if outcomes is not None else OutcomeGate.from_env(policy, clock=clock)
         self.pending: dict[str, tuple[RouteState, int | None]] = {}  # writes waiting for the store
         self.pending_audit: list[dict[str, Any]] = []
         self.events_seen = 0
@@ -187,6 +195,7 @@ class Controller:
         self._started = True
         await self.store.start()
         self.store.watch(self._on_store_change)
+        await self.outcomes.start(self.store)  # replay the outcome journal
         try:
             stored = dict(await self.store.load())
         except StoreUnavailable:
@@ -211,6 +220,8 @@ class Controller:
         if old.digest == policy.digest:
             return
         self.shadows.set_policy(policy)
+        self.fallbacks.set_policy(policy)
+        self.outcomes.set_policy(policy)
         for name in set(self.windows) - set(policy.by_name):
             for table in (
                 self.windows,
@@ -288,6 +299,7 @@ class Controller:
                 b[5].append(e.backend)
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
+                self.fallbacks.add(e)
         for name, (variant, status, latency, units, srm, backend) in blocks.items():
             self.unknown_events += self.windows[name].add_many(
                 np.array(variant),
@@ -333,8 +345,10 @@ class Controller:
         now = self.clock() if now is None else now
         self.metrics.ticks.inc()
         changes: list[Transition] = []
+        await self.outcomes.poll()
         for route in self.policy.routes:
             changes.extend(self._judge_route(route, now))
+        self.pending_audit.extend(self.allocation.tick(self, now))  # after the guardrails: a rollback stands
         await self._flush_pending()
         return changes
 
@@ -454,6 +468,7 @@ class Controller:
         self._update_tests(route, state, now)
         control = self.windows[route.name].variants[route.variants[0].name].sliding(now).summary()
         srm = self._srm(route, state, now)
+        self.outcomes.look(route.name)
         verdicts = [] if srm is None else srm_verdicts([v.name for v in route.variants[1:]], state, srm)
         for v in route.variants[1:]:
             verdict = judge(
@@ -462,7 +477,7 @@ class Controller:
                 route.guardrails,
                 route.rollout if route.rollout and route.rollout.variant == v.name else None,
                 now,
-                self.evidence(route, v.name, now, control),
+                self.outcomes.with_outcomes(route.name, v.name, self.evidence(route, v.name, now, control)),
             )
             self.verdicts[(route.name, v.name)] = verdict
             tests = self.tests[(route.name, v.name)]
@@ -491,6 +506,9 @@ class Controller:
                 self._commit(route, before, after, t, f"controller:{self.name}", now)
                 if verdict.signal is Signal.CONTROL_BREACH:
                     self._alert(route, verdict, now)
+        self.pending_audit.extend(
+            self.outcomes.decisions(route.name, now, f"controller:{self.name}", self.policy.digest)
+        )
         return changes
 
     def _alert(self, route: Route, verdict: Verdict, now: float) -> None:
@@ -503,6 +521,9 @@ class Controller:
     def _srm(self, route: Route, state: RouteState, now: float) -> dict[str, Any] | None:
         rw = self.windows[route.name]
         live = [v.name for v in route.variants if state.weights.get(v.name, 0) > 0 and v.name not in state.disabled]
+        if route.allocation is not None:  # sticky units keep their arm: counts need not follow moving weights
+            self.srm[route.name] = {"checked": False, "reason": "bandit allocation: units are pinned, not hashed"}
+            return None
         if len(live) < 2 or now < rw.srm_since:
             self.srm[route.name] = {
                 "checked": False,
@@ -793,6 +814,9 @@ class Controller:
                 "latency_threshold_ms": self.thresholds.get(route.name),
                 "variants": {v.name: self._variant_status(route, v.name, now) for v in route.variants},
                 "shadows": self.shadows.summary(route.name),
+                "allocation": self.allocation.report(self, route) if route.allocation is not None else None,
+                "features": self.fallbacks.summary(route.name),  # None: the route joins no features
+                "outcomes": self.outcomes.summary(route.name),
             }
         return {
             "generated_at": now,

@@ -36,6 +36,8 @@ HEADER_SEGMENT: Final = "x-cohortgate-segment"
 # up in the online store: set by the processor only, never logged (not in ACCESS_LOG_HEADERS).
 HEADER_ENTITY: Final = "x-cohortgate-entity"
 HEADER_FEATURES: Final = "x-cohortgate-features"  # sidecar response: "joined" or "fallback:<reason>"
+# Why a sidecar served a request without its joined features; its reports to the controller carry one.
+FEATURE_FALLBACK_REASONS: Final = ("missing", "stale", "over_budget", "unavailable", "no_entity", "invalid")
 
 # Envoy's listener has this many mirror slots; the policy allows at most this many shadows per route.
 MIRROR_SLOTS: Final = 4

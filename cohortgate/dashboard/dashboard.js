@@ -216,6 +216,9 @@ function routeCard(route, doc) {
       route.shadows.map((s) => [s.name, s.pairs, pct(s.agreement), s.latency_delta_ms ? `${ms(s.latency_delta_ms.mean)} / ${ms(s.latency_delta_ms.p95)}` : "–"]),
       "no shadows on this route")),
     el("div", {}, el("h3", {}, "By region"), table(["region", "requests", "errors"], route.regions, "no requests yet"))));
+  if (route.features) card.append(el("div", { class: "features" }, el("h3", {}, "Feature fallbacks (online features not joined)"),
+    table(["variant", "reports", "fallback rate", "reasons"],
+      route.features.map((f) => [f.name, f.reports, pct(f.rate), f.reasons || "–"]), "no sidecar reports yet")));
   return card;
 }
 

@@ -201,6 +201,21 @@ def srm_view(srm: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"state": "ok", "text": f"units {counts} fit weights {weights} ({p})"}
 
 
+def features_view(features: Mapping[str, Any] | None) -> list[dict[str, Any]] | None:
+    """Per variant of a route with ``features:``: how often its fallback served (None: no features)."""
+    if features is None:
+        return None
+    return [
+        {
+            "name": name,
+            "reports": d.get("reports", 0),
+            "rate": d.get("rate"),
+            "reasons": ", ".join(f"{r} {n}" for r, n in (d.get("reasons") or {}).items()),
+        }
+        for name, d in features.items()
+    ]
+
+
 def audit_view(record: Mapping[str, Any]) -> dict[str, Any]:
     """One audit record as the timeline shows it: when, what, who or what decided, and why."""
     ev = record.get("evidence") or {}
@@ -355,6 +370,7 @@ def view(
                 "srm": srm_view(route.get("srm")),
                 "variants": vs,
                 "shadows": shadows,
+                "features": features_view(route.get("features")),
                 "regions": [[r, n, errs.get(r, 0)] for r, n in _ranked(req)],
                 "series": {v["name"]: recorder.series(name, v["name"], now) for v in vs},
                 "markers": [r for r in records if r["route"] == name],

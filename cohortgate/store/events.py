@@ -74,6 +74,8 @@ class Event:
     digest: str = ""  # report: what agreement compares (`AGREEMENT_OUTPUT`'s digest, else every output's)
     shadow_of: str = ""  # request: set when Envoy logged a mirrored copy (not a primary outcome)
     backend: int = -1  # request: the index N of the backend that answered (``cg.ROUTE.VARIANT.N``); -1 unknown
+    segment: str = ""  # request: the processor's segment label (``name=value;...``, declared values only)
+    fallback: str = ""  # report: why the features' fallback served the request (sidecar/join.py); empty: joined
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry (empty ones left out)."""
@@ -84,7 +86,7 @@ class Event:
             "latency_ms": f"{self.latency_ms:.3f}",
             "ts": f"{self.ts:.6f}",
         }
-        for name in ("route", "request_id", "region", "unit", "model", "digest", "shadow_of"):
+        for name in ("route", "request_id", "region", "unit", "model", "digest", "shadow_of", "segment", "fallback"):
             value = getattr(self, name)
             if value:
                 fields[name] = value
@@ -109,6 +111,8 @@ class Event:
             model=fields.get("model", ""),
             digest=fields.get(f"digest.{AGREEMENT_OUTPUT}") or fields.get("digest", ""),
             shadow_of=fields.get("shadow_of", ""),
+            segment=fields.get("segment", ""),
+            fallback=fields.get("fallback", ""),
             backend=int(b) if (b := fields.get("backend", "")).isascii() and b.isdigit() else -1,
         )
 
@@ -125,6 +129,7 @@ class Event:
             ts=float(data.get("ts", 0.0)),
             model=str(data.get("model", "")),
             digest=str((data.get("output_digests") or {}).get(AGREEMENT_OUTPUT) or data.get("digest", "")),
+            fallback=str(data.get("fallback", "")),
         )
 
 
