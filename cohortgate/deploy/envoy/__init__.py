@@ -7,9 +7,9 @@ Two files, split by what changes:
   mirrors to the shadow slots (`routing`), JSON local replies (`replies`), the processor and
   access-log clusters, and admin. Nothing in it depends on the policy, so a policy edit never
   needs a restart.
-- ``cds.yaml`` (`clusters`) holds the only policy-dependent part, one cluster per variant and
-  shadow backend. Envoy reads it through filesystem CDS and reloads it when a new version is
-  renamed into place.
+- ``cds.yaml`` or ``cds.json`` (`clusters`) holds the only policy-dependent part, one cluster per
+  variant and shadow backend. Envoy reads it through filesystem CDS and reloads it when a new
+  version is renamed into place; the JSON form (`cohortgate up`'s) is the fast one to read.
 
 Renderers return documents and text; `files` is the one place that writes them for a local Envoy
 (Kubernetes rendering puts the same text in ConfigMaps). Starting and checking Envoy is
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.bootstrap import ALS_CLUSTER, LISTENER_NAME, MAX_REQUEST_BYTES, render_bootstrap
-from cohortgate.deploy.envoy.clusters import cds_text, cluster_resources
+from cohortgate.deploy.envoy.clusters import cds_form, cds_text, cluster_resources
 from cohortgate.deploy.envoy.extproc import (
     HTTP_SERVICE_PATH,
     MESSAGE_TIMEOUT,
@@ -33,6 +33,7 @@ from cohortgate.deploy.envoy.extproc import (
 from cohortgate.deploy.envoy.files import (
     BOOTSTRAP_FILE,
     CDS_FILE,
+    JSON_CDS_FILE,
     EnvoyFiles,
     render,
     write_cds,
@@ -45,6 +46,7 @@ __all__ = [
     "BOOTSTRAP_FILE",
     "CDS_FILE",
     "HTTP_SERVICE_PATH",
+    "JSON_CDS_FILE",
     "LISTENER_NAME",
     "MAX_REQUEST_BYTES",
     "MESSAGE_TIMEOUT",
@@ -55,6 +57,7 @@ __all__ = [
     "EnvoyTls",
     "ProcessorAddress",
     "TraceCollector",
+    "cds_form",
     "cds_text",
     "cluster_resources",
     "render",

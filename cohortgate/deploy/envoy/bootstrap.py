@@ -215,8 +215,13 @@ def render_bootstrap(
     message_timeout: dt.timedelta = MESSAGE_TIMEOUT,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
     tracing: TraceCollector | None = None,
+    deferred_stats: bool = False,
 ) -> dict[str, Any]:
     """The static bootstrap as a document (no policy needed: clusters arrive through ``cds_path``).
+
+    ``deferred_stats`` has Envoy create a cluster's traffic stats (``upstream_rq_*``, ``upstream_cx_*``…)
+    at its first request, not when the cluster arrives: adding 2 000 clusters took ~3 s with them,
+    ~1.6 s without, on 2 busy cores. A cluster that never got a request then has none of these stats.
 
     Admin listens on ``admin_socket`` (a Unix socket only Envoy's user can use) when given, else on
     127.0.0.1:``admin_port``. ``concurrency`` > 1 balances connections exactly across workers.
@@ -272,6 +277,8 @@ def render_bootstrap(
         overload_manager=_overload_manager(),
         stats_config=stats_config(),
     )
+    if deferred_stats:
+        bootstrap.deferred_stat_options = m.bootstrap.BootstrapDeferredStatOptions(enable_deferred_creation_stats=True)
     return to_dict(bootstrap)
 
 

@@ -6,6 +6,10 @@ cached). `cds_text` joins the items under a ``DiscoveryResponse`` header whose `
 the fingerprints, so a live edit of a 1 000-cluster policy costs a join and a hash (~ms), not a
 full dump (~0.2 s), and an edit that changes no cluster renders the same version.
 
+Two forms of the same document, chosen by the file's suffix as Envoy does (`cds_form`): YAML, and
+JSON (one resource a line: the fingerprints themselves). Envoy reads a YAML file through yaml-cpp
+and then JSON; a 4 000-cluster union took it ~6-8 s on 2 busy cores, the JSON file ~0.6 s.
+
 Every backend cluster removes the client's ``Authorization`` header before the upstream (an
 upstream header-mutation filter, so mirrored copies lose it too) unless its route sets
 ``forward_authorization``; shadow clusters never get it.
@@ -217,19 +221,40 @@ def _header(source: str) -> str:
     )
 
 
+CDS_FORMS = ("yaml", "json")
+
+
+def cds_form(path: str | os.PathLike[str]) -> str:
+    """The form Envoy expects in a CDS file: JSON for ``*.json``, else YAML (Envoy's own rule)."""
+    return "json" if os.fspath(path).endswith(".json") else "yaml"
+
+
 def cds_text(
-    backends: Iterable[Backend], *, upstream_ca: str | None = None, source: str = "a policy"
+    backends: Iterable[Backend], *, upstream_ca: str | None = None, source: str = "a policy", form: str = "yaml"
 ) -> tuple[str, str]:
-    """(version, ``cds.yaml`` text) for these backends' clusters; the version names the content."""
+    """(version, CDS file text in ``form``, see `CDS_FORMS`) for these backends' clusters; the
+    version names the content, whatever the form."""
+    if form not in CDS_FORMS:
+        raise ValueError(f"unknown CDS form {form!r}: one of {', '.join(CDS_FORMS)}")
     parts = [_cluster_text(_key(b, upstream_ca)) for b in unique_backends(backends)]
     version = hashlib.sha256(("[" + ", ".join(j for j, _ in parts) + "]").encode()).hexdigest()[:16]
+    if form == "json":
+        # JSON has no comments: the header's facts go nowhere; version_info leads (`text_version`).
+        head = f'{{"version_info": "{version}", "type_url": "{CLUSTER_TYPE_URL}", "resources": ['
+        return version, head + ("\n" + ",\n".join(j for j, _ in parts) + "\n" if parts else "") + "]}\n"
     envelope = to_dict(pb().discovery.DiscoveryResponse(version_info=version, type_url=CLUSTER_TYPE_URL))
     head = dump(envelope, _header(source))
     return version, head + ("resources:\n" + "".join(y for _, y in parts) if parts else "resources: []\n")
 
 
+_JSON_VERSION = re.compile(r'^\{"version_info": "([^"]*)"')
+
+
 def text_version(text: str) -> str | None:
-    """The ``version_info`` of a CDS text `cds_text` made (Envoy reports the one it accepted)."""
+    """The ``version_info`` of a CDS text `cds_text` made, either form (Envoy reports the one it accepted)."""
+    found = _JSON_VERSION.match(text)
+    if found:
+        return found[1]
     for line in text.splitlines()[:20]:
         if line.startswith("version_info:"):
             return line.split(":", 1)[1].strip().strip("'\"")

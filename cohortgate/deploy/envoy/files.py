@@ -1,8 +1,10 @@
 """Writing the rendered texts where a local Envoy reads them: the only file I/O of this package.
 
-``render`` writes ``cds.yaml`` then ``bootstrap.yaml`` into one directory; `write_cds` /
-`write_cds_clusters` replace ``cds.yaml`` atomically (Envoy's directory watch sees one complete
-file), and leave it alone when it already holds exactly these clusters.
+``render`` writes the CDS file then ``bootstrap.yaml`` into one directory; `write_cds` /
+`write_cds_clusters` replace the CDS file atomically (Envoy's directory watch sees one complete
+file), and leave it alone when it already holds exactly these clusters. The CDS file is
+``cds.yaml`` by default (what operators and the k8s manifests know); ``cds_file=JSON_CDS_FILE``
+(what `cohortgate up` uses) makes it JSON, which Envoy reads ~10x faster (`clusters`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.bootstrap import MAX_REQUEST_BYTES, bootstrap_text, render_bootstrap
-from cohortgate.deploy.envoy.clusters import cds_text, text_version
+from cohortgate.deploy.envoy.clusters import cds_form, cds_text, text_version
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT, EnvoyTls
 from cohortgate.support.files import write_atomic
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 BOOTSTRAP_FILE = "bootstrap.yaml"
 CDS_FILE = "cds.yaml"
+JSON_CDS_FILE = "cds.json"  # the same clusters as JSON: Envoy picks its parser by the suffix
 ADMIN_SOCKET_FILE = "admin.sock"
 
 
@@ -58,7 +61,7 @@ def write_cds_clusters(
     first); True when the file changed. Confirm with `EnvoyProcess.wait_clusters` before the
     gateway names a new cluster, and stop naming a cluster before it leaves this file."""
     path = Path(path)
-    version, text = cds_text(backends, upstream_ca=upstream_ca, source=source)
+    version, text = cds_text(backends, upstream_ca=upstream_ca, source=source, form=cds_form(path))
     if written_version(path) == version:
         return False
     write_atomic(path, text)
@@ -87,14 +90,18 @@ def render(
     message_timeout: dt.timedelta = MESSAGE_TIMEOUT,
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
     tracing: TraceCollector | None = None,
+    cds_file: str = CDS_FILE,
+    deferred_stats: bool = False,
 ) -> EnvoyFiles:
-    """Write ``cds.yaml`` and ``bootstrap.yaml`` into ``out_dir`` and say where they are.
+    """Write the CDS file (``cds_file``: `CDS_FILE` or `JSON_CDS_FILE`) and ``bootstrap.yaml`` into
+    ``out_dir`` and say where they are.
 
     Paths (certificates, ``out_dir``) are written as given: relative ones resolve against Envoy's
     working directory. ``admin_socket`` puts admin on a 0600 Unix socket instead of ``admin_port``.
+    ``deferred_stats``: see `render_bootstrap`.
     """
     out_dir = Path(out_dir)
-    cds = out_dir / CDS_FILE
+    cds = out_dir / cds_file
     bootstrap = out_dir / BOOTSTRAP_FILE
     tls = certs if isinstance(certs, EnvoyTls) else EnvoyTls.from_certs(certs)
     document = render_bootstrap(
@@ -111,12 +118,13 @@ def render(
         message_timeout=message_timeout,
         max_request_bytes=max_request_bytes,
         tracing=tracing,
+        deferred_stats=deferred_stats,
     )
     header = (
         "Envoy bootstrap rendered by `cohortgate envoy render` (static: the policy's clusters\n"
         f"arrive through filesystem CDS in {cds}). ext_proc transport: {transport}. Do not edit."
     )
-    # cds.yaml first: Envoy must find it when it starts from the bootstrap.
+    # the CDS file first: Envoy must find it when it starts from the bootstrap.
     write_cds(policy, cds, upstream_ca=upstream_ca)
     write_atomic(bootstrap, bootstrap_text(document, header))
     return EnvoyFiles(
