@@ -262,6 +262,15 @@ class OutcomeLedger:
             x = np.fromiter((cov.get(u, 0.0) for u in arm.index), dtype=float, count=n)[keep]
         return y[keep], None if d is None else d[keep], x
 
+    def unit_rewards(self, route: str, metric: str, kind: str) -> dict[str, tuple[list[str], np.ndarray]]:
+        """Per variant of ``route``: its units and each one's reward on ``metric`` (binary: converted or
+        not; otherwise the unit's total), 0 for an exposed unit without an outcome. The bandit's input."""
+        out = {}
+        for variant, arm in self._arms.get(route, {}).items():
+            y = np.asarray(arm.sums.get(metric, [0.0] * len(arm.exposures)), dtype=float)
+            out[variant] = (list(arm.index), (y > 0).astype(float) if kind == "binary" else y)
+        return out
+
     def results(self, route: str) -> list[MetricResult]:
         """Every declared metric of ``route`` for every challenger seen: one look (bounds narrow)."""
         control = self.controls.get(route)

@@ -750,6 +750,11 @@ def _check_allocation(route: RouteModel, at: Any) -> Iterable[str]:
         yield f"{at('allocation')}: an outcomes route has no allocation"
     if len(set(al.segments)) != len(al.segments):
         yield f"{at('allocation', 'segments')}: a segment key is named twice"
+    elif al.segments:  # refused rather than ignored: the gateway applies one allocation per route today
+        yield (
+            f"{at('allocation', 'segments')}: per-segment allocation is computed by the core "
+            "(bandit.allocate_segments) but gateways do not apply it yet; leave `segments` out (docs/bandits.md)"
+        )
 
 
 def _check_features(route: RouteModel, at: Any) -> Iterable[str]:
