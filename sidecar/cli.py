@@ -91,6 +91,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variant", help="variant name for reports and the x-cohortgate-served-by header")
     p.add_argument(
+        "--contract",
+        metavar="FILE",
+        help="the model's data contract (default: the store manifest's, else M.contract.json beside M.onnx)",
+    )
+    p.add_argument(
+        "--contract-mode",
+        choices=("observe", "enforce"),
+        help="enforce: inputs breaking the contract get 422; observe: served and counted (default: the contract's)",
+    )
+    p.add_argument(
+        "--quality-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="send a quality report (drift sketches, violations) to --report-to every S seconds (default 10)",
+    )
+    p.add_argument("--route", help="the policy route this sidecar serves, named in its quality reports")
+    p.add_argument(
+        "--features-policy",
+        metavar="FILE",
+        help="join online features as this policy's --features-route declares them (docs/features.md)",
+    )
+    p.add_argument("--features-route", metavar="ROUTE", help="the route whose features: block this sidecar joins")
+    p.add_argument(
         "--fault-rate",
         type=float,
         default=0.0,
@@ -151,11 +175,16 @@ def handler(args: argparse.Namespace) -> int:
             intra_op_threads=args.threads,
             report_to=args.report_to,
             variant=args.variant,
+            contract=args.contract,
+            contract_mode=args.contract_mode,
+            quality_interval_s=args.quality_interval,
+            route=args.route,
             fault_rate=args.fault_rate,
             fault_after_s=args.fault_after,
             drain_timeout_s=args.drain_timeout,
             otlp_endpoint=args.otlp_endpoint,
             trace_ratio=args.trace_sample,
+            features=_features(args.features_policy, args.features_route, args.variant),
         )
     except ValueError as exc:
         print(f"cohortgate sidecar: {exc}", file=sys.stderr)
@@ -169,6 +198,28 @@ def handler(args: argparse.Namespace) -> int:
         print(f"cohortgate sidecar: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _features(policy: str | None, route: str | None, variant: str | None):
+    """The join settings of ``route``'s features: block, or None (no block, or one this variant is not in)."""
+    if (policy is None) != (route is None):
+        raise ValueError("--features-policy and --features-route go together")
+    if policy is None:
+        return None
+    from cohortgate.core.errors import PolicyError
+    from cohortgate.core.policy import load_policy
+    from sidecar.join import JoinSettings
+
+    try:
+        compiled = load_policy(policy)
+    except PolicyError as exc:
+        raise ValueError(f"--features-policy {policy}: {exc}") from None
+    found = compiled.by_name.get(route)  # type: ignore[arg-type]
+    if found is None:
+        raise ValueError(f"--features-route {route!r} is not a route of {policy}")
+    if found.features is None:
+        raise ValueError(f"route {route!r} of {policy} has no features: block")
+    return JoinSettings.from_features(found.features) if found.features.joins(variant) else None
 
 
 def _reference_in(path: str) -> str:

@@ -27,9 +27,16 @@ import orjson
 from aiohttp import web
 
 from cohortgate import __version__
-from cohortgate.core.contract import HEADER_MODEL_DIGEST, HEADER_MODEL_VERSION, HEADER_SERVED_BY
+from cohortgate.core.contract import (
+    HEADER_ENTITY,
+    HEADER_FEATURES,
+    HEADER_MODEL_DIGEST,
+    HEADER_MODEL_VERSION,
+    HEADER_SERVED_BY,
+)
 from cohortgate.support.files import changes
-from sidecar import serving
+from sidecar import artifacts, serving
+from sidecar import contract as data_contract
 from sidecar.artifacts import DEFAULT_MAX_BYTES, Artifact, ArtifactMetrics
 from sidecar.batching import Batcher, BatchTiming
 from sidecar.errors import (
@@ -42,6 +49,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.faults import FaultInjector
+from sidecar.join import Joined, Joiner, JoinSettings
 from sidecar.metrics import SidecarMetrics
 from sidecar.model import DEVICES, OnnxModel
 from sidecar.openapi import OPENAPI_PATH
@@ -54,7 +62,8 @@ from sidecar.protocol import (
     encode_infer_response,
     error_body,
 )
-from sidecar.report import Reporter, ReportSink, sink_from_url
+from sidecar.quality import QualityGate
+from sidecar.report import QualityReporter, Reporter, ReportSink, sink_from_url
 from sidecar.tracing import open_tracing, record_infer
 
 log = logging.getLogger(__name__)
@@ -94,6 +103,12 @@ class SidecarConfig:
     model_poll_s: float = 1.0
     otlp_endpoint: str | None = None  # an OTLP/HTTP collector: one span per inference (off when None)
     trace_ratio: float = 0.01  # share of requests without a sampled traceparent to trace
+    # Data contract (sidecar/contract.py): a JSON file; default the manifest's, else M.contract.json beside M.onnx.
+    contract: str | None = None
+    contract_mode: str | None = None  # enforce | observe; None: the contract's own mode
+    quality_interval_s: float = 10.0  # one quality report (drift sketches, violations) per window this long
+    route: str | None = None  # the policy route this sidecar serves, named in its quality reports
+    features: JoinSettings | None = None  # online features joined into the input (sidecar/join.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +134,10 @@ class SidecarConfig:
             problems.append("model_poll_s must be positive")
         if not 0 <= self.port <= 65535:
             problems.append("port must be within 0..65535")
+        if self.contract_mode is not None and self.contract_mode not in data_contract.MODES:
+            problems.append(f"contract_mode must be one of {', '.join(data_contract.MODES)}")
+        if self.quality_interval_s <= 0:
+            problems.append("quality_interval_s must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -143,6 +162,8 @@ class Sidecar:
         self.metrics.registry.register(self.artifact_metrics)
         self._swap_lock = asyncio.Lock()
         self.reporter: Reporter | None = None
+        self.quality: QualityGate | None = None  # the data contract at work, when the model has one
+        self.quality_reporter: QualityReporter | None = None
         self.ready = False
         self.load_error: str | None = None
         self._report_sink = report_sink
@@ -151,6 +172,11 @@ class Sidecar:
         self._executor: ThreadPoolExecutor | None = None
         self._loaded: asyncio.Future | None = None
         self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, HEADER_SERVED_BY: self.served_by}
+        # Online features (None: this sidecar joins none): the store's reader, the joiner built for the
+        # served model, and the fallback model with its own batcher (None with `defaults`).
+        self.joiner: Joiner | None = None
+        self._feature_reader: Any = None
+        self.fallback: tuple[OnnxModel, Batcher] | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
     async def wait_ready(self) -> None:
@@ -162,6 +188,8 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
         self._loaded = loop.create_future()
+        if self.config.features is not None:
+            self._feature_reader = _open_reader(self.config.features)
         loading = loop.create_task(self._load(), name=f"load-{self.name}")
         following = None
         if self.config.model_file:
@@ -180,6 +208,13 @@ class Sidecar:
                     await loading
             if self.batcher is not None:
                 await self.batcher.close()
+            if self.fallback is not None:
+                await self.fallback[1].close()
+            if self._feature_reader is not None:
+                with contextlib.suppress(Exception):
+                    await self._feature_reader.client.aclose()
+            if self.quality_reporter is not None:
+                await self.quality_reporter.close()  # the last window, before the shared sink closes
             if self.reporter is not None:
                 await self.reporter.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -194,7 +229,15 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         try:
             model, artifact = await loop.run_in_executor(self._executor, self._load_blocking)
-            self._start_serving(model, artifact)
+            contract = self._contract_for(model, artifact, self.reference)
+            if self.config.features is not None:
+                await self._load_fallback(loop)
+            joiner = self._joiner_for(model)
+            if joiner is not None:  # connect now, so the first request's budget is not spent on it
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._feature_reader.client.ping(), 2.0)
+            self._start_serving(model, artifact, joiner)
+            self._install_contract(contract)
         except Exception as exc:
             log.error("model %s cannot be served: %s", self.reference, exc)
             if isinstance(exc, ArtifactRefused):
@@ -205,7 +248,29 @@ class Sidecar:
         self.ready = self.metrics.ready = True
         self._loaded.set_result(None)  # type: ignore[union-attr]
 
-    def _start_serving(self, model: OnnxModel, artifact: Artifact | None = None) -> None:
+    async def _load_fallback(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The features' fallback model (same supply-chain checks as the primary), with its own batcher."""
+        reference = self.config.features.fallback_model  # type: ignore[union-attr]
+        if reference is None:
+            return
+        name = f"{self.name}-fallback"
+        model, _ = await loop.run_in_executor(self._executor, serving.load_model, self.config, reference, name)
+        batch = self.config.max_batch_size if model.signature.batchable else 1
+        batcher = Batcher(model.run, self._executor, max_batch_size=batch, max_queue=self.config.max_queue)  # type: ignore[arg-type]
+        batcher.start()
+        self.fallback = (model, batcher)
+
+    def _joiner_for(self, model: OnnxModel) -> Joiner | None:
+        """The joiner for ``model``; raises ``ModelLoadError`` when it and the features do not fit."""
+        if self.config.features is None:
+            return None
+        fallback = self.fallback[0].signature if self.fallback is not None else None
+        joiner = Joiner(self.config.features, self._feature_reader, model.signature, fallback)
+        if self.joiner is not None:  # a swap keeps the counters
+            joiner.fetch_seconds = self.joiner.fetch_seconds
+        return joiner
+
+    def _start_serving(self, model: OnnxModel, artifact: Artifact | None = None, joiner: Joiner | None = None) -> None:
         """Install a loaded model (first load or swap) in one synchronous step: no request sees half."""
         config = self.config
         batch = config.max_batch_size if model.signature.batchable else 1
@@ -221,6 +286,13 @@ class Sidecar:
         )
         batcher.start()
         self.model, self.batcher, self.artifact = model, batcher, artifact
+        if joiner is not None:
+            if self.joiner is None:
+                self.metrics.registry.register(joiner)
+            else:  # the registry asks the first joiner: it now reads the new one's signature and counters
+                self.metrics.registry.unregister(self.joiner)
+                self.metrics.registry.register(joiner)
+            self.joiner = joiner
         self.artifact_metrics.served = artifact
         if artifact is not None:
             self._json_headers = {
@@ -243,6 +315,46 @@ class Sidecar:
             )
             self.reporter.start()
 
+    def _contract_for(self, model: OnnxModel, artifact: Artifact, reference: str) -> data_contract.Contract | None:
+        """The model's data contract compiled against its signature; a bad one refuses the model."""
+        ref = artifacts.parse_reference(reference)
+        contract = data_contract.load(
+            model.signature,
+            explicit=self.config.contract,
+            manifest=artifact.data_contract,
+            local_model=data_contract.local_path(ref.url, ref.scheme),
+            mode=self.config.contract_mode,
+        )
+        if contract is not None:
+            log.info(
+                "model %s checks a data contract (%s): %d input and %d output features",
+                self.name,
+                contract.mode,
+                len(contract.inputs),
+                len(contract.outputs),
+            )
+        return contract
+
+    def _install_contract(self, contract: data_contract.Contract | None) -> None:
+        """Put the served model's contract to work (right after ``_start_serving``: no await between)."""
+        old = self.quality
+        self.quality = None
+        if contract is not None:
+            self.quality = QualityGate(
+                contract, model=self.name, variant=self.served_by, route=self.config.route, metrics=self.metrics
+            )
+            sink = self.reporter.sink if self.reporter is not None else None
+            if self.quality_reporter is None and sink is not None and hasattr(sink, "send_quality"):
+                self.quality_reporter = QualityReporter(
+                    sink,  # type: ignore[arg-type]
+                    lambda: self.quality,
+                    interval_s=self.config.quality_interval_s,
+                    metrics=self.metrics,
+                )
+                self.quality_reporter.start()
+        if old is not None and self.quality_reporter is not None:
+            self.quality_reporter.retire(old)  # the old model's window goes out whole
+
     def _load_blocking(self) -> tuple[OnnxModel, Artifact]:
         if self.config.model_file:
             self.reference = _read_reference(self.config.model_file)
@@ -259,6 +371,8 @@ class Sidecar:
                 model, artifact = await loop.run_in_executor(
                     executor, serving.load_model, self.config, reference, self.name
                 )
+                contract = self._contract_for(model, artifact, reference)
+                joiner = self._joiner_for(model)
             except Exception as exc:
                 executor.shutdown(wait=False)
                 if isinstance(exc, ArtifactRefused):
@@ -268,7 +382,8 @@ class Sidecar:
                 return False
             old_batcher, old_executor = self.batcher, self._executor
             self._executor, self.reference = executor, reference
-            self._start_serving(model, artifact)
+            self._start_serving(model, artifact, joiner)
+            self._install_contract(contract)
             if old_batcher is not None:
                 await old_batcher.close()
             if old_executor is not None:
@@ -299,7 +414,7 @@ class Sidecar:
             headers = {**headers, "Retry-After": str(exc.retry_after_s)}
         elif isinstance(exc, MethodNotAllowed) and exc.allow:
             headers = {**headers, "Allow": exc.allow}
-        return web.Response(body=error_body(exc.message), status=exc.status, headers=headers)
+        return web.Response(body=error_body(exc.message, exc.details), status=exc.status, headers=headers)
 
     def _check_model(self, request: web.Request) -> OnnxModel:
         name = request.match_info["name"]
@@ -395,6 +510,7 @@ class Sidecar:
         outputs = None
         decoded = None
         timing = None
+        joined: Joined | None = None
         try:
             model = self._check_model(request)
             if not self.ready:
@@ -408,11 +524,28 @@ class Sidecar:
                 raise PayloadTooLarge(f"the body exceeds the limit of {self.config.max_body_bytes} bytes") from None
             # One snapshot from here to the answer: a live swap between two awaits never mixes models.
             model, batcher, headers = self.model, self.batcher, self._json_headers  # type: ignore[assignment]
-            decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
+            quality = self.quality
+            joiner = self.joiner
+            signature = model.signature if joiner is None else joiner.signature
+            decoded = decode_infer_request(signature, body, request.headers.get(HEADER_LENGTH))
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
             timing = BatchTiming() if self.tracing is not None else None
-            outputs = await batcher.submit(decoded.inputs, decoded.rows, timing)  # type: ignore[union-attr]
+            inputs = decoded.inputs
+            if joiner is not None:
+                joined = await joiner.join(request.headers.get(HEADER_ENTITY), inputs)
+                headers = {**headers, HEADER_FEATURES: joined.label}
+                if joined.inputs is None:  # the fallback model serves the request's own input
+                    model, batcher = self.fallback  # type: ignore[misc]
+                else:
+                    inputs = joined.inputs
+            if quality is not None and model is self.model:  # (a features fallback model has no contract)
+                quality.check_inputs(inputs, decoded.rows)  # enforce: raises ContractViolation (422)
+            else:
+                quality = None
+            outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
+            if quality is not None:
+                quality.observe_outputs(outputs, decoded.rows)
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
         except SidecarError as exc:
             status = exc.status
@@ -437,11 +570,23 @@ class Sidecar:
             record_infer(self.tracing, request.headers, elapsed, status, self.name, self.served_by, rows, timing)
         if self.reporter is not None:
             request_id = request.headers.get(REQUEST_ID) or (decoded.id if decoded is not None else None) or ""
-            self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None)
+            fallback = (joined.reason or "") if joined is not None else ""
+            self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None, fallback=fallback)
         return response
 
     async def not_found(self, request: web.Request) -> web.Response:
         raise NotFound(f"no route for {request.method} {request.path}")
+
+
+def _open_reader(settings: JoinSettings) -> Any:
+    """The online store's reader, its client created inside the running loop (redis-py connects lazily)."""
+    import redis.asyncio as redis
+
+    from sidecar.features import FeastRedisReader
+
+    budget = settings.spec.budget_ms / 1000
+    client = redis.Redis.from_url(settings.store, socket_connect_timeout=max(budget, 1.0))
+    return FeastRedisReader(settings.spec, client)
 
 
 def _read_reference(path: str) -> str:
@@ -552,12 +697,15 @@ async def serve(
             waiting.result()  # raises ModelLoadError
             model = sidecar.model
             assert model is not None
-            log.info(
-                "sidecar %s (%s) ready on http://%s:%d — %s, %d intra-op threads, batching %s",
+            served = sidecar.artifact
+            log.info(  # the digest: which artifact every answer until the next swap line comes from
+                "sidecar %s (%s) ready on http://%s:%d — model %s (%s), %s, %d intra-op threads, batching %s",
                 sidecar.name,
                 sidecar.served_by,
                 config.host,
                 config.port,
+                served.label if served is not None else sidecar.reference,
+                served.digest if served is not None else "no digest",
                 model.provider,
                 model.intra_op_threads,
                 f"up to {sidecar.batcher.max_batch_size} rows" if sidecar.batcher.max_batch_size > 1 else "off",
