@@ -189,6 +189,19 @@ function table(head, rows, emptyText) {
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c) => el("td", {}, c))))));
 }
 
+// A bandit route: weights per arm over the last updates, posterior means, IPW estimates (issue 21).
+function allocationPanel(a) {
+  const when = (t) => new Date(t * 1000).toISOString().slice(11, 19);
+  const iv = (m, ci) => (m == null ? "–" : `${pct(m)} [${ci[0] == null ? "–" : pct(ci[0])}, ${ci[1] == null ? "–" : pct(ci[1])}]`);
+  return el("div", { class: "allocation" },
+    el("h3", {}, "Allocation over time (bandit: " + a.title + ")"),
+    a.held ? el("p", { class: "muted" }, a.held) : null,
+    table(["arm", ...a.times.map(when)], a.over_time.map(([arm, ...w]) => [arm, ...w.map((x) => x + "%")]), "no update yet"),
+    table(["arm", "units", "posterior mean [95 %]", "IPW mean [95 %]"],
+      a.arms_now.map(([arm, n, m, ci, ipw, ici]) => [arm, n, iv(m, ci), iv(ipw, ici)]), "no rewards yet"),
+    el("p", { class: "muted" }, a.weighting));
+}
+
 function routeCard(route, doc) {
   const names = route.variants.map((v) => v.name);
   const colorOf = (n) => COLORS[Math.max(0, names.indexOf(n)) % COLORS.length];
@@ -219,6 +232,7 @@ function routeCard(route, doc) {
   if (route.features) card.append(el("div", { class: "features" }, el("h3", {}, "Feature fallbacks (online features not joined)"),
     table(["variant", "reports", "fallback rate", "reasons"],
       route.features.map((f) => [f.name, f.reports, pct(f.rate), f.reasons || "–"]), "no sidecar reports yet")));
+  if (route.allocation) card.append(allocationPanel(route.allocation));
   return card;
 }
 

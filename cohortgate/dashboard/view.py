@@ -216,6 +216,37 @@ def features_view(features: Mapping[str, Any] | None) -> list[dict[str, Any]] | 
     ]
 
 
+def allocation_view(allocation: Mapping[str, Any] | None, points: int = 12) -> dict[str, Any] | None:
+    """A bandit route's allocation: the weights over the last ``points`` updates per arm, each arm's
+    posterior mean with its interval, and the IPW estimate (None: fixed weights)."""
+    if not allocation:
+        return None
+    history = list(allocation.get("history") or ())[-points:]
+    arms = list((allocation.get("weights") or {}).keys())
+    latest = history[-1]["posterior"] if history else {}
+    estimates = allocation.get("estimates") or {}
+    return {
+        "title": f"{allocation.get('strategy')} on {allocation.get('reward')}, every {allocation.get('update_s'):g} s, "
+        f"floor {allocation.get('min_share', 0):.0%}",
+        "arms": arms,
+        "times": [p["t"] for p in history],
+        "over_time": [[a, *[p["weights"].get(a, 0) for p in history]] for a in arms],
+        "arms_now": [
+            [
+                a,
+                (latest.get(a) or {}).get("units", 0),
+                (latest.get(a) or {}).get("mean"),
+                (latest.get(a) or {}).get("interval") or [None, None],
+                (estimates.get(a) or {}).get("mean_ipw"),
+                (estimates.get(a) or {}).get("interval_ipw") or [None, None],
+            ]
+            for a in arms
+        ],
+        "held": allocation.get("held"),
+        "weighting": allocation.get("weighting", ""),
+    }
+
+
 def audit_view(record: Mapping[str, Any]) -> dict[str, Any]:
     """One audit record as the timeline shows it: when, what, who or what decided, and why."""
     ev = record.get("evidence") or {}
@@ -371,6 +402,7 @@ def view(
                 "variants": vs,
                 "shadows": shadows,
                 "features": features_view(route.get("features")),
+                "allocation": allocation_view(route.get("allocation")),
                 "regions": [[r, n, errs.get(r, 0)] for r, n in _ranked(req)],
                 "series": {v["name"]: recorder.series(name, v["name"], now) for v in vs},
                 "markers": [r for r in records if r["route"] == name],
