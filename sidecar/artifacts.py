@@ -150,7 +150,7 @@ class Manifest:
     version: str
     digest: str  # of the plaintext model.onnx
     size: int
-    data_contract: Any = None  # placeholder: the input/output contract, once one exists
+    data_contract: Any = None  # the data contract (sidecar/contract.py), as pushed; the signature covers it
     metadata: Mapping[str, Any] = field(default_factory=dict)
     created: str = ""
 
@@ -353,6 +353,7 @@ class Artifact:
     signed_by: str | None = None  # the trusted key's id
     sealed: bool = False
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds: fetch, verify, decrypt
+    data_contract: Any = None  # the manifest's data contract (sidecar/contract.py), covered by its signature
 
     @property
     def label(self) -> str:
@@ -373,6 +374,7 @@ def load_artifact(
     expected: str | None  # the model's digest, when anything pins it
     timings: dict[str, float] = {}
     version = signed_by = None
+    data_contract: Any = None
     started = time.perf_counter()
     if ref.is_version:
         where = str(ref.url)
@@ -401,6 +403,7 @@ def load_artifact(
         timings["verify"] = time.perf_counter() - t
         expected = manifest.digest
         version = f"{manifest.name}/{manifest.version}"
+        data_contract = manifest.data_contract
         blob_url = ref.child(ARTIFACT)
         _cap(manifest.size, max_bytes, blob_url)
     else:
@@ -424,7 +427,7 @@ def load_artifact(
         # A corrupt or tampered cache entry is not kept, and the artifact is fetched anew, once.
         cache.drop(expected)  # type: ignore[union-attr, arg-type]
         blob, digest, sealed = _fetch_and_check(blob_url, expected, kek, cache, max_bytes, timings)
-    return Artifact(blob, digest, str(ref), version, signed_by, sealed, MappingProxyType(timings))
+    return Artifact(blob, digest, str(ref), version, signed_by, sealed, MappingProxyType(timings), data_contract)
 
 
 def _fetch_and_check(

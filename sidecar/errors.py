@@ -10,6 +10,8 @@
         ├── NotFound            404      unknown model, version or route
         ├── MethodNotAllowed    405      known route, wrong method
         ├── PayloadTooLarge     413      body over ``--max-body-bytes``
+        ├── ContractViolation   422      inputs break an enforced data contract (``sidecar/contract.py``):
+        │                                ``code``, ``feature`` and ``rule`` beside ``error``
         ├── InferenceFailed     500      onnxruntime failed (translated in ``model.py``) or a fault
         └── Unavailable         503      queue full, not ready, or shutting down (with Retry-After)
 
@@ -42,6 +44,11 @@ class SidecarError(CohortgateError):
     def __init__(self, message: str) -> None:
         self.message = message
         super().__init__(message)
+
+    @property
+    def details(self) -> dict[str, str] | None:
+        """Fields the JSON answer carries beside ``error`` (a stable ``code``...); None: the sentence only."""
+        return None
 
 
 class BadRequest(SidecarError):

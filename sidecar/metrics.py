@@ -59,6 +59,10 @@ class SidecarMetrics:
         self.requests = 0
         self.failures: Counter[int] = Counter()  # by HTTP status
         self.reports: Counter[str] = Counter()  # shadow reports by outcome
+        # Data contract (sidecar/contract.py): rows breaking a rule, by (input|output, feature, rule).
+        self.contract_violations: Counter[tuple[str, str, str]] = Counter()
+        self.contract_rejected = 0  # requests refused with 422 (enforce mode)
+        self.quality_reports: Counter[str] = Counter()  # quality reports by outcome: sent, failed, dropped
         self.request_seconds = Histogram(LATENCY_BUCKETS)
         self.queue_seconds = Histogram(LATENCY_BUCKETS)
         self.compute_seconds = Histogram(LATENCY_BUCKETS)
@@ -126,3 +130,22 @@ class SidecarMetrics:
         for outcome, count in sorted(self.reports.items()):
             reports.add_metric([m, outcome], count)
         yield reports
+        violations = CounterMetricFamily(
+            f"{PREFIX}_contract_violations",
+            "Rows breaking a rule of the model's data contract, by side (input/output), feature and rule.",
+            labels=["model", "side", "feature", "rule"],
+        )
+        for (side, feature, rule), count in sorted(self.contract_violations.items()):
+            violations.add_metric([m, side, feature, rule], count)
+        yield violations
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_contract_rejected", "Requests refused (422) by an enforced data contract.", labels=["model"]
+        )
+        rejected.add_metric([m], self.contract_rejected)
+        yield rejected
+        quality = CounterMetricFamily(
+            f"{PREFIX}_quality_reports", "Quality (drift-sketch) reports, by outcome.", labels=["model", "outcome"]
+        )
+        for outcome, count in sorted(self.quality_reports.items()):
+            quality.add_metric([m, outcome], count)
+        yield quality

@@ -112,8 +112,9 @@ def format_shape(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+def error_body(message: str, details: dict[str, Any] | None = None) -> bytes:
+    """OIP's error shape, ``{"error": sentence}``; ``details`` (a stable ``code`` and its facts) beside it."""
+    return orjson.dumps({"error": message, **details} if details else {"error": message})
 
 
 def decode_infer_request(signature: Signature, body: bytes, header_length: str | None) -> InferRequest:

@@ -18,6 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", default="models", help="directory to write into (default: models/)")
     build.add_argument("--force", action="store_true", help="rebuild models that already exist")
     build.set_defaults(func=build_handler)
+    prof = sub.add_parser(
+        "profile",
+        help="write a model's data contract (types, ranges, reference sketches) from reference data",
+    )
+    prof.add_argument("model", help="the .onnx file")
+    prof.add_argument("--data", required=True, metavar="FILE", help="reference data: a .parquet or .csv file")
+    prof.add_argument("--out", metavar="FILE", help="where to write (default: M.contract.json beside M.onnx)")
+    prof.add_argument("--bins", type=int, default=10, help="equal-mass histogram bins per numeric feature (default 10)")
+    prof.add_argument(
+        "--margin", type=float, default=0.1, help="widen each observed range by this share of its span (default 0.1)"
+    )
+    prof.add_argument("--mode", choices=("observe", "enforce"), default="observe", help="the contract's mode")
+    prof.set_defaults(func=profile_handler)
     register_supply(sub)
 
 
@@ -30,6 +43,36 @@ def build_handler(args: argparse.Namespace) -> int:
         accuracy = "" if model.accuracy is None else f"  held-out accuracy {model.accuracy:.3f}"
         print(f"{what} {model.path}  ({model.description}){accuracy}")
     print(f"done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def profile_handler(args: argparse.Namespace) -> int:
+    from cohortgate.support.files import write_atomic
+    from sidecar import contract, profile
+    from sidecar.errors import ModelLoadError
+    from sidecar.model import OnnxModel
+
+    if args.bins < 1 or args.margin < 0:
+        print("cohortgate models profile: --bins must be at least 1 and --margin not negative", file=sys.stderr)
+        return 2
+    try:
+        model = OnnxModel(args.model, device="cpu")
+        doc = profile.profile(
+            model.signature,
+            model.run,
+            profile.read_table(args.data),
+            bins=args.bins,
+            margin=args.margin,
+            mode=args.mode,
+        )
+    except ModelLoadError as exc:
+        print(f"cohortgate models profile: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or str(contract.beside(args.model))
+    import orjson
+
+    write_atomic(out, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    print(f"wrote {out}: {len(doc['inputs'])} input and {len(doc['outputs'])} output features, mode {doc['mode']}")
     return 0
 
 

@@ -1,0 +1,135 @@
+"""A served model's data contract at work: check each request, count violations, sketch each window.
+
+``QualityGate`` sits on the infer path. ``check_inputs`` runs the contract over the request's
+tensors (``sidecar.contract``), counts what broke (per feature and rule, for /metrics and the
+report) and, in ``enforce`` mode, raises the 422. Accepted inputs and the model's outputs are
+appended to a bounded buffer -- references, no copy -- and turned into sketches a block at a time
+(``flush``, at most ``max_buffer_rows`` rows), so the hot path pays a list append, not a histogram.
+``take`` closes the window and returns its ``QualityReport`` (cohortgate.core.sketch): counts only,
+never a raw value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from cohortgate.core.sketch import QualityReport, Sketch, merge_sketches
+from sidecar.contract import Contract, Findings
+from sidecar.metrics import SidecarMetrics
+
+DEFAULT_BUFFER_ROWS = 8192
+
+
+class QualityGate:
+    """Check, count and sketch for one (model, variant); used from the event loop's thread only."""
+
+    def __init__(
+        self,
+        contract: Contract,
+        *,
+        model: str,
+        variant: str,
+        route: str | None = None,
+        metrics: SidecarMetrics | None = None,
+        max_buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.contract = contract
+        self.model, self.variant, self.route = model, variant, route
+        self._metrics = metrics
+        self._max_rows = max_buffer_rows
+        self._clock = clock
+        self._used_in = sorted({r.index for r in contract._input_rules})
+        self._used_out = sorted({r.index for r in contract._output_rules})
+        self._reset(clock())
+
+    def _reset(self, start: float) -> None:
+        self.window_start = start
+        self.requests = 0
+        self.rows = 0
+        self.violations: dict[str, dict[str, int]] = {}
+        self._inputs: dict[str, Sketch] = self.contract.empty_sketches("inputs")
+        self._outputs: dict[str, Sketch] = self.contract.empty_sketches("outputs")
+        self._buf_in: list[Sequence[np.ndarray]] = []
+        self._buf_out: list[Sequence[np.ndarray]] = []
+        self._buffered = 0
+
+    # Hot path ------------------------------------------------------------------------------
+    def check_inputs(self, inputs: Sequence[np.ndarray], rows: int) -> None:
+        """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces."""
+        self.requests += 1
+        findings = self.contract.check_inputs(inputs)
+        if findings is not None:
+            self._count(findings, "input")
+            if self.contract.enforce:
+                if self._metrics is not None:
+                    self._metrics.contract_rejected += 1
+                raise self.contract.refuse(findings)
+        self.rows += rows
+        if self._used_in:
+            self._buf_in.append(inputs)
+            self._grow(rows)
+
+    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int) -> None:
+        """Count what the model's outputs break (never refused) and keep them for the sketches."""
+        findings = self.contract.check_outputs(outputs)
+        if findings is not None:
+            self._count(findings, "output")
+        if self._used_out:
+            self._buf_out.append(outputs)
+            self._grow(rows)
+
+    def _grow(self, rows: int) -> None:
+        self._buffered += rows
+        if self._buffered >= self._max_rows:
+            self.flush()
+
+    def _count(self, findings: Findings, side: str) -> None:
+        counter = self._metrics.contract_violations if self._metrics is not None else None
+        for feature, rules in findings.counts.items():
+            mine = self.violations.setdefault(feature, {})
+            for rule, n in rules.items():
+                mine[rule] = mine.get(rule, 0) + n
+                if counter is not None:
+                    counter[(side, feature, rule)] += n
+
+    # Windows -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Sketch what is buffered into the window (a few histograms per feature, off the request path)."""
+        if self._buf_in:
+            stacked = _stack(self._buf_in, self._used_in)
+            self._inputs = merge_sketches(self._inputs, self.contract.sketches(stacked, "inputs"))
+        if self._buf_out:
+            stacked = _stack(self._buf_out, self._used_out)
+            self._outputs = merge_sketches(self._outputs, self.contract.sketches(stacked, "outputs"))
+        self._buf_in, self._buf_out, self._buffered = [], [], 0
+
+    def take(self, now: float | None = None) -> QualityReport:
+        """Close the window: its report, and a fresh window from ``now``."""
+        end = self._clock() if now is None else now
+        self.flush()
+        report = QualityReport(
+            self.model,
+            self.variant,
+            self.window_start,
+            end,
+            self._inputs,
+            self._outputs,
+            self.violations,
+            self.route,
+            self.rows,
+            self.requests,
+        )
+        self._reset(end)
+        return report
+
+
+def _stack(buffer: Sequence[Sequence[np.ndarray]], used: Sequence[int]) -> dict[int, np.ndarray]:
+    out = {}
+    for i in used:
+        parts = [b[i] for b in buffer]
+        out[i] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out
