@@ -17,6 +17,7 @@ from cohortgate.core import rollout, sticky
 from cohortgate.core.decide import Facts, decide
 from cohortgate.core.policy import Policy, load_policy
 from cohortgate.core.rollout import Phase, Signal
+from cohortgate.dashboard.view import allocation_view
 from cohortgate.store.events import InProcessSink
 from cohortgate.store.state import InProcessState
 
@@ -103,6 +104,9 @@ async def test_the_bandit_moves_new_units_to_the_best_arm_and_nobody_switches(co
     report = ctl.status()["routes"]["ranker"]["allocation"]
     assert report["weights"] == weights and len(report["history"]) == WITHIN // REQUESTS_PER_UPDATE
     assert "need weighting" in report["weighting"]
+    view = allocation_view(report)  # the dashboard's panel: weights per arm over the last updates
+    assert view is not None and len(view["times"]) == 12
+    assert [row[0] for row in view["over_time"]] == list(RATES) and view["over_time"][2][-1] == weights["challenger"]
     est = report["estimates"]
     assert est["challenger"]["mean_ipw"] > est["control"]["mean_ipw"]
     assert sum(e["units"] for e in est.values()) == len(arms)
