@@ -109,6 +109,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--route", help="the policy route this sidecar serves, named in its quality reports")
     p.add_argument(
+        "--features-policy",
+        metavar="FILE",
+        help="join online features as this policy's --features-route declares them (docs/features.md)",
+    )
+    p.add_argument("--features-route", metavar="ROUTE", help="the route whose features: block this sidecar joins")
+    p.add_argument(
         "--fault-rate",
         type=float,
         default=0.0,
@@ -178,6 +184,7 @@ def handler(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             otlp_endpoint=args.otlp_endpoint,
             trace_ratio=args.trace_sample,
+            features=_features(args.features_policy, args.features_route, args.variant),
         )
     except ValueError as exc:
         print(f"cohortgate sidecar: {exc}", file=sys.stderr)
@@ -191,6 +198,28 @@ def handler(args: argparse.Namespace) -> int:
         print(f"cohortgate sidecar: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _features(policy: str | None, route: str | None, variant: str | None):
+    """The join settings of ``route``'s features: block, or None (no block, or one this variant is not in)."""
+    if (policy is None) != (route is None):
+        raise ValueError("--features-policy and --features-route go together")
+    if policy is None:
+        return None
+    from cohortgate.core.errors import PolicyError
+    from cohortgate.core.policy import load_policy
+    from sidecar.join import JoinSettings
+
+    try:
+        compiled = load_policy(policy)
+    except PolicyError as exc:
+        raise ValueError(f"--features-policy {policy}: {exc}") from None
+    found = compiled.by_name.get(route)  # type: ignore[arg-type]
+    if found is None:
+        raise ValueError(f"--features-route {route!r} is not a route of {policy}")
+    if found.features is None:
+        raise ValueError(f"route {route!r} of {policy} has no features: block")
+    return JoinSettings.from_features(found.features) if found.features.joins(variant) else None
 
 
 def _reference_in(path: str) -> str:

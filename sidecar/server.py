@@ -27,7 +27,13 @@ import orjson
 from aiohttp import web
 
 from cohortgate import __version__
-from cohortgate.core.contract import HEADER_MODEL_DIGEST, HEADER_MODEL_VERSION, HEADER_SERVED_BY
+from cohortgate.core.contract import (
+    HEADER_ENTITY,
+    HEADER_FEATURES,
+    HEADER_MODEL_DIGEST,
+    HEADER_MODEL_VERSION,
+    HEADER_SERVED_BY,
+)
 from cohortgate.support.files import changes
 from sidecar import artifacts, serving
 from sidecar import contract as data_contract
@@ -43,6 +49,7 @@ from sidecar.errors import (
     Unavailable,
 )
 from sidecar.faults import FaultInjector
+from sidecar.join import Joined, Joiner, JoinSettings
 from sidecar.metrics import SidecarMetrics
 from sidecar.model import DEVICES, OnnxModel
 from sidecar.openapi import OPENAPI_PATH
@@ -101,6 +108,7 @@ class SidecarConfig:
     contract_mode: str | None = None  # enforce | observe; None: the contract's own mode
     quality_interval_s: float = 10.0  # one quality report (drift sketches, violations) per window this long
     route: str | None = None  # the policy route this sidecar serves, named in its quality reports
+    features: JoinSettings | None = None  # online features joined into the input (sidecar/join.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -164,6 +172,11 @@ class Sidecar:
         self._executor: ThreadPoolExecutor | None = None
         self._loaded: asyncio.Future | None = None
         self._json_headers = {"Content-Type": JSON_CONTENT_TYPE, HEADER_SERVED_BY: self.served_by}
+        # Online features (None: this sidecar joins none): the store's reader, the joiner built for the
+        # served model, and the fallback model with its own batcher (None with `defaults`).
+        self.joiner: Joiner | None = None
+        self._feature_reader: Any = None
+        self.fallback: tuple[OnnxModel, Batcher] | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
     async def wait_ready(self) -> None:
@@ -175,6 +188,8 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.name}")
         self._loaded = loop.create_future()
+        if self.config.features is not None:
+            self._feature_reader = _open_reader(self.config.features)
         loading = loop.create_task(self._load(), name=f"load-{self.name}")
         following = None
         if self.config.model_file:
@@ -193,6 +208,11 @@ class Sidecar:
                     await loading
             if self.batcher is not None:
                 await self.batcher.close()
+            if self.fallback is not None:
+                await self.fallback[1].close()
+            if self._feature_reader is not None:
+                with contextlib.suppress(Exception):
+                    await self._feature_reader.client.aclose()
             if self.quality_reporter is not None:
                 await self.quality_reporter.close()  # the last window, before the shared sink closes
             if self.reporter is not None:
@@ -210,7 +230,13 @@ class Sidecar:
         try:
             model, artifact = await loop.run_in_executor(self._executor, self._load_blocking)
             contract = self._contract_for(model, artifact, self.reference)
-            self._start_serving(model, artifact)
+            if self.config.features is not None:
+                await self._load_fallback(loop)
+            joiner = self._joiner_for(model)
+            if joiner is not None:  # connect now, so the first request's budget is not spent on it
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._feature_reader.client.ping(), 2.0)
+            self._start_serving(model, artifact, joiner)
             self._install_contract(contract)
         except Exception as exc:
             log.error("model %s cannot be served: %s", self.reference, exc)
@@ -222,7 +248,29 @@ class Sidecar:
         self.ready = self.metrics.ready = True
         self._loaded.set_result(None)  # type: ignore[union-attr]
 
-    def _start_serving(self, model: OnnxModel, artifact: Artifact | None = None) -> None:
+    async def _load_fallback(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The features' fallback model (same supply-chain checks as the primary), with its own batcher."""
+        reference = self.config.features.fallback_model  # type: ignore[union-attr]
+        if reference is None:
+            return
+        name = f"{self.name}-fallback"
+        model, _ = await loop.run_in_executor(self._executor, serving.load_model, self.config, reference, name)
+        batch = self.config.max_batch_size if model.signature.batchable else 1
+        batcher = Batcher(model.run, self._executor, max_batch_size=batch, max_queue=self.config.max_queue)  # type: ignore[arg-type]
+        batcher.start()
+        self.fallback = (model, batcher)
+
+    def _joiner_for(self, model: OnnxModel) -> Joiner | None:
+        """The joiner for ``model``; raises ``ModelLoadError`` when it and the features do not fit."""
+        if self.config.features is None:
+            return None
+        fallback = self.fallback[0].signature if self.fallback is not None else None
+        joiner = Joiner(self.config.features, self._feature_reader, model.signature, fallback)
+        if self.joiner is not None:  # a swap keeps the counters
+            joiner.fetch_seconds = self.joiner.fetch_seconds
+        return joiner
+
+    def _start_serving(self, model: OnnxModel, artifact: Artifact | None = None, joiner: Joiner | None = None) -> None:
         """Install a loaded model (first load or swap) in one synchronous step: no request sees half."""
         config = self.config
         batch = config.max_batch_size if model.signature.batchable else 1
@@ -238,6 +286,13 @@ class Sidecar:
         )
         batcher.start()
         self.model, self.batcher, self.artifact = model, batcher, artifact
+        if joiner is not None:
+            if self.joiner is None:
+                self.metrics.registry.register(joiner)
+            else:  # the registry asks the first joiner: it now reads the new one's signature and counters
+                self.metrics.registry.unregister(self.joiner)
+                self.metrics.registry.register(joiner)
+            self.joiner = joiner
         self.artifact_metrics.served = artifact
         if artifact is not None:
             self._json_headers = {
@@ -317,6 +372,7 @@ class Sidecar:
                     executor, serving.load_model, self.config, reference, self.name
                 )
                 contract = self._contract_for(model, artifact, reference)
+                joiner = self._joiner_for(model)
             except Exception as exc:
                 executor.shutdown(wait=False)
                 if isinstance(exc, ArtifactRefused):
@@ -326,7 +382,7 @@ class Sidecar:
                 return False
             old_batcher, old_executor = self.batcher, self._executor
             self._executor, self.reference = executor, reference
-            self._start_serving(model, artifact)
+            self._start_serving(model, artifact, joiner)
             self._install_contract(contract)
             if old_batcher is not None:
                 await old_batcher.close()
@@ -454,6 +510,7 @@ class Sidecar:
         outputs = None
         decoded = None
         timing = None
+        joined: Joined | None = None
         try:
             model = self._check_model(request)
             if not self.ready:
@@ -468,15 +525,25 @@ class Sidecar:
             # One snapshot from here to the answer: a live swap between two awaits never mixes models.
             model, batcher, headers = self.model, self.batcher, self._json_headers  # type: ignore[assignment]
             quality = self.quality
-            decoded = decode_infer_request(model.signature, body, request.headers.get(HEADER_LENGTH))
+            joiner = self.joiner
+            signature = model.signature if joiner is None else joiner.signature
+            decoded = decode_infer_request(signature, body, request.headers.get(HEADER_LENGTH))
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
             timing = BatchTiming() if self.tracing is not None else None
+            inputs = decoded.inputs
+            if joiner is not None:
+                joined = await joiner.join(request.headers.get(HEADER_ENTITY), inputs)
+                headers = {**headers, HEADER_FEATURES: joined.label}
+                if joined.inputs is None:  # the fallback model serves the request's own input
+                    model, batcher = self.fallback  # type: ignore[misc]
+                else:
+                    inputs = joined.inputs
             if quality is not None and model is self.model:  # (a features fallback model has no contract)
-                quality.check_inputs(decoded.inputs, decoded.rows)  # enforce: raises ContractViolation (422)
+                quality.check_inputs(inputs, decoded.rows)  # enforce: raises ContractViolation (422)
             else:
                 quality = None
-            outputs = await batcher.submit(decoded.inputs, decoded.rows, timing)  # type: ignore[union-attr]
+            outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
                 quality.observe_outputs(outputs, decoded.rows)
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
@@ -503,11 +570,23 @@ class Sidecar:
             record_infer(self.tracing, request.headers, elapsed, status, self.name, self.served_by, rows, timing)
         if self.reporter is not None:
             request_id = request.headers.get(REQUEST_ID) or (decoded.id if decoded is not None else None) or ""
-            self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None)
+            fallback = (joined.reason or "") if joined is not None else ""
+            self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None, fallback=fallback)
         return response
 
     async def not_found(self, request: web.Request) -> web.Response:
         raise NotFound(f"no route for {request.method} {request.path}")
+
+
+def _open_reader(settings: JoinSettings) -> Any:
+    """The online store's reader, its client created inside the running loop (redis-py connects lazily)."""
+    import redis.asyncio as redis
+
+    from sidecar.features import FeastRedisReader
+
+    budget = settings.spec.budget_ms / 1000
+    client = redis.Redis.from_url(settings.store, socket_connect_timeout=max(budget, 1.0))
+    return FeastRedisReader(settings.spec, client)
 
 
 def _read_reference(path: str) -> str:
@@ -618,12 +697,15 @@ async def serve(
             waiting.result()  # raises ModelLoadError
             model = sidecar.model
             assert model is not None
-            log.info(
-                "sidecar %s (%s) ready on http://%s:%d — %s, %d intra-op threads, batching %s",
+            served = sidecar.artifact
+            log.info(  # the digest: which artifact every answer until the next swap line comes from
+                "sidecar %s (%s) ready on http://%s:%d — model %s (%s), %s, %d intra-op threads, batching %s",
                 sidecar.name,
                 sidecar.served_by,
                 config.host,
                 config.port,
+                served.label if served is not None else sidecar.reference,
+                served.digest if served is not None else "no digest",
                 model.provider,
                 model.intra_op_threads,
                 f"up to {sidecar.batcher.max_batch_size} rows" if sidecar.batcher.max_batch_size > 1 else "off",
