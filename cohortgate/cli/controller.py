@@ -215,9 +215,11 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
 
     from cohortgate.controller.als import route_by_path, serve_als
     from cohortgate.controller.api import load_or_create_token, make_app
+    from cohortgate.controller.archive import archive_dir
     from cohortgate.controller.leader import RedisLeader, SoloLeader
     from cohortgate.controller.loop import Controller, ControllerConfig
     from cohortgate.controller.metrics import ControllerMetrics, TrafficMetrics
+    from cohortgate.controller.outcomes_api import SERVICE_KEY
     from cohortgate.store.events import InProcessSink, RedisStreamSink, RedisStreamSource
     from cohortgate.store.redis import redact_url, redis_client
     from cohortgate.store.state import InProcessState, RedisState
@@ -257,7 +259,10 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         policy, store, source, leader=leader, config=config, metrics=metrics, name=name, tracing=tracing
     )
     token = load_or_create_token(args.token_file)
-    runner = web.AppRunner(make_app(controller, token, sink), access_log=None)
+    api_app = make_app(controller, token, sink)
+    outcomes = api_app[SERVICE_KEY]
+    outcomes.archive_dir = archive_dir(args.state_file)  # finished experiments: `cohortgate report --archived`
+    runner = web.AppRunner(api_app, access_log=None)
     dash_runner = als_server = watch = None
     try:
         await runner.setup()
@@ -265,7 +270,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
         if recorder is not None:
             from cohortgate.dashboard.app import Dashboard
 
-            dashboard = Dashboard(controller, recorder, token, allow_actions=args.allow_actions)
+            dashboard = Dashboard(controller, recorder, token, allow_actions=args.allow_actions, outcomes=outcomes)
             dash_runner = web.AppRunner(dashboard.make_app(), access_log=None, shutdown_timeout=1.0)
             await dash_runner.setup()
             # A controller without the page it was asked for is a broken set-up, not a detail: stop here.

@@ -290,6 +290,15 @@ def _metric_decl(doc: Mapping[str, Any], metric: str) -> Mapping[str, Any]:
     return next((m for m in doc["design"].get("metrics", ()) if m["name"] == metric), {})
 
 
+def signed_margin(decl: Mapping[str, Any]) -> float | None:
+    """A relative guardrail margin as a line on the lift axis: below 0 when higher is better, above
+    when lower is; None for other roles and absolute margins (not on the relative scale)."""
+    if decl.get("role") != "guardrail" or decl.get("margin") is None or decl.get("margin_abs"):
+        return None
+    m = float(decl["margin"])
+    return -m if decl.get("direction", "increase") == "increase" else m
+
+
 def svg_lift(
     series: Mapping[str, Any], decl: Mapping[str, Any] | None = None, width: int = 640, height: int = 220
 ) -> str:
@@ -309,9 +318,7 @@ def svg_lift(
     )
     if not pts:
         return head + f'<text x="{pad_l}" y="{pad_t + h / 2}">no looks yet</text></svg>'
-    margin = None
-    if decl.get("role") == "guardrail" and decl.get("margin") is not None and not decl.get("margin_abs"):
-        margin = -float(decl["margin"]) if decl.get("direction", "increase") == "increase" else float(decl["margin"])
+    margin = signed_margin(decl)
     finite = [v for p in pts for v in (p[1], p[2], p[3]) if v is not None]
     lo, hi = min([*finite, 0.0] + ([margin] if margin is not None else [])), max([*finite, 0.0])
     # the band's first looks can be huge: centre the scale on the estimate's range when so

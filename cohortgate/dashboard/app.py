@@ -32,6 +32,8 @@ from aiohttp import web
 
 from cohortgate.controller.api import CONTROLLER_KEY, action_handler, status_document
 from cohortgate.controller.loop import Controller
+from cohortgate.controller.outcomes_api import OutcomesService
+from cohortgate.controller.report import design_of
 from cohortgate.core.rollout import Signal
 from cohortgate.dashboard.openapi import OPENAPI_PATH
 from cohortgate.dashboard.openapi import build as build_openapi
@@ -153,8 +155,10 @@ class Dashboard:
         allow_actions: bool = False,
         push_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        outcomes: OutcomesService | None = None,
     ) -> None:
         self.controller = controller
+        self.outcomes = outcomes  # the API's outcome service: its last look and lift history (lift panels)
         self.recorder = recorder
         self.token = token
         self.allow_actions = allow_actions
@@ -196,7 +200,23 @@ class Dashboard:
             allow_actions=self.allow_actions,
             store_down_since=self._store_down_since,
             audit_error=self._audit_error,
+            outcomes=self._outcomes(),
         )
+
+    def _outcomes(self) -> dict[str, dict[str, Any]] | None:
+        """Per route with metrics: its design, the last look's results and the lift history."""
+        service = self.outcomes
+        if service is None:
+            return None
+        return {
+            r.name: {
+                "design": design_of(r, service.ledger.alpha),
+                "results": service.latest.get(r.name, []),
+                "history": service.history.series(r.name),
+            }
+            for r in self.controller.policy.routes
+            if r.metrics
+        }
 
     async def frame(self) -> bytes:
         return (

@@ -232,8 +232,64 @@ function routeCard(route, doc) {
   if (route.features) card.append(el("div", { class: "features" }, el("h3", {}, "Feature fallbacks (online features not joined)"),
     table(["variant", "reports", "fallback rate", "reasons"],
       route.features.map((f) => [f.name, f.reports, pct(f.rate), f.reasons || "–"]), "no sidecar reports yet")));
+  if (route.outcomes) card.append(liftPanel(route.outcomes));
   if (route.allocation) card.append(allocationPanel(route.allocation));
   return card;
+}
+
+// ---------------------------------------------------------------- outcome metrics (lift panels)
+
+const signed = (x) => (x === null || x === undefined ? "–" : (x >= 0 ? "+" : "−") + Math.abs(100 * x).toFixed(2) + " %");
+const band = (iv) => (iv ? `[${iv[0] === null ? "−∞" : signed(iv[0])}, ${iv[1] === null ? "+∞" : signed(iv[1])}]` : "–");
+
+// Relative lift over time: the always-valid band (shaded; an infinite bound at the edge), the estimate,
+// zero, and a guardrail's margin (dashed red).
+function liftChart(m) {
+  const W = 560, H = 150, L = 52, R = 4, T = 16, B = 14;
+  const pts = m.points.filter((p) => p[1] !== null);
+  const title = `${m.metric}: ${m.challenger} vs ${m.control}`;
+  const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart lift-chart", role: "img", "aria-label": title + ", relative lift with its always-valid band" });
+  box.append(svg("text", { x: 2, y: 11, class: "chart-title" }, title));
+  if (!pts.length) { box.append(svg("text", { x: L, y: H / 2, class: "chart-axis" }, "no looks yet")); return box; }
+  const est = pts.map((p) => p[1]);
+  const spread = Math.max(Math.max(...est) - Math.min(...est), Math.max(...est.map(Math.abs)), 0.01);
+  let lo = Math.min(0, ...est), hi = Math.max(0, ...est);
+  for (const p of pts) { if (p[2] !== null) lo = Math.min(lo, p[2]); if (p[3] !== null) hi = Math.max(hi, p[3]); }
+  if (m.margin !== null) { lo = Math.min(lo, m.margin); hi = Math.max(hi, m.margin); }
+  lo = Math.max(lo, Math.min(...est) - 4 * spread); hi = Math.min(hi, Math.max(...est) + 4 * spread);
+  if (hi - lo < 1e-9) { lo -= 0.01; hi += 0.01; }
+  const t0 = pts[0][0], t1 = pts[pts.length - 1][0], span = t1 - t0 || 1;
+  const X = (t) => L + ((t - t0) / span) * (W - L - R);
+  const Y = (v, edge) => { const c = Math.min(Math.max(v === null ? edge : v, lo), hi); return T + ((hi - c) / (hi - lo)) * (H - T - B); };
+  const upper = pts.map((p) => `${X(p[0]).toFixed(1)},${Y(p[3], hi).toFixed(1)}`);
+  const lower = pts.slice().reverse().map((p) => `${X(p[0]).toFixed(1)},${Y(p[2], lo).toFixed(1)}`);
+  box.append(svg("polygon", { points: upper.concat(lower).join(" "), class: "lift-band" }));
+  box.append(svg("line", { x1: L, x2: W - R, y1: Y(0, 0), y2: Y(0, 0), class: "axis" }));
+  if (m.margin !== null && m.margin >= lo && m.margin <= hi) {
+    box.append(svg("line", { x1: L, x2: W - R, y1: Y(m.margin, 0), y2: Y(m.margin, 0), class: "lift-margin" }));
+  }
+  box.append(svg("path", { d: pts.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1], 0).toFixed(1)}`).join(""), class: "line lift-line" }));
+  for (const v of [lo, hi]) box.append(svg("text", { x: L - 3, y: Y(v, v) + 3, class: "chart-axis end" }, signed(v)));
+  const mins = (t1 - t0) / 60;
+  box.append(svg("text", { x: L, y: H - 3, class: "chart-axis" }, mins >= 1.5 ? `${Math.round(mins)} min of looks` : `${Math.round(t1 - t0)} s of looks`));
+  box.append(svg("text", { x: W - R - 2, y: H - 3, class: "chart-axis end" }, "now"));
+  return box;
+}
+
+function liftPanel(o) {
+  const exp = o.experiment;
+  const panel = el("div", { class: "outcomes", "data-outcomes": o.metrics.length },
+    el("h3", {}, "Outcome metrics: lift against control, always-valid band"),
+    exp ? el("p", { class: "catalog" }, el("b", {}, exp.hypothesis), el("span", { class: "muted" }, ` · owner ${exp.owner} · started ${exp.start}${exp.primary_metric ? " · decides on " + exp.primary_metric : ""}`)) : null);
+  if (o.empty) { panel.append(el("p", { class: "empty" }, o.empty)); return panel; }
+  panel.append(el("div", { class: "lifts" }, o.metrics.map((m) => el("div", { class: "lift", "data-metric": m.metric, "data-challenger": m.challenger, "data-verdict": m.verdict },
+    liftChart(m),
+    el("div", { class: "lift-text" },
+      el("span", { class: "badge v-" + m.verdict }, m.verdict.replace("_", " ")), " ",
+      el("b", {}, signed(m.lift)), " ", el("span", {}, band(m.interval)), el("span", { class: "muted" }, " always valid"),
+      el("div", { class: "evidence" }, `${m.role} · ${m.kind || ""} · fixed horizon ${band(m.fixed)} · units ${m.units.challenger ?? 0} / ${m.units.control ?? 0}${m.planned_units ? " of " + m.planned_units + " planned" : ""}`),
+      m.reason ? el("div", { class: "why" }, m.reason) : null)))));
+  return panel;
 }
 
 function renderDenials(doc) {

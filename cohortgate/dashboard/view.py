@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cohortgate.controller.report import signed_margin
 from cohortgate.controller.windows import is_error
 from cohortgate.core.errors import Denial
 from cohortgate.store.events import Event
@@ -162,6 +163,50 @@ def _ranked(counter: Mapping[str, int]) -> list[list[Any]]:
 
 
 # --------------------------------------------------------------------------- the page document
+
+
+def outcomes_view(route: str, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The lift panel of a route with outcome metrics (None without): the catalog entry, and per metric
+    and challenger the lift, its always-valid band over time, samples per arm, verdict and reason.
+
+    ``data``: ``{"design", "results", "history"}`` as `cohortgate.controller.report` reads them."""
+    if not data:
+        return None
+    design = data.get("design") or {}
+    decls = {m["name"]: m for m in design.get("metrics", ())}
+    series = {(s["metric"], s["challenger"]): s["points"] for s in data.get("history") or ()}
+    metrics = []
+    for r in data.get("results") or ():
+        decl = decls.get(r["metric"], {})
+        margin = signed_margin(decl)
+        metrics.append(
+            {
+                "metric": r["metric"],
+                "challenger": r["challenger"],
+                "control": r["control"],
+                "role": r["role"],
+                "kind": decl.get("kind"),
+                "direction": decl.get("direction", "increase"),
+                "verdict": r.get("verdict"),
+                "reason": r.get("reason") or "",
+                "units": r.get("units") or {},
+                "value": r.get("value") or {},
+                "lift": (r.get("lift") or {}).get("relative"),
+                "interval": r.get("interval_always_valid"),
+                "fixed": r.get("interval_fixed_horizon"),
+                "planned_units": decl.get("planned_units"),
+                "margin": margin,
+                "points": [p[:4] for p in series.get((r["metric"], r["challenger"]), ())],
+            }
+        )
+    declared = ", ".join(decls) or "none"
+    return {
+        "experiment": design.get("experiment"),
+        "metrics": metrics,
+        "empty": None
+        if metrics
+        else f"no outcomes yet on route {route} (metrics: {declared}); clients post them with the exposure token",
+    }
 
 
 def tripped_guardrails(variant: Mapping[str, Any], guardrails: Mapping[str, Any]) -> list[str]:
@@ -319,8 +364,10 @@ def view(
     allow_actions: bool = False,
     store_down_since: float | None = None,
     audit_error: str | None = None,
+    outcomes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The whole page as data (see the module docstring)."""
+    """The whole page as data (see the module docstring). ``outcomes``: route -> its lift data
+    (`outcomes_view`), for the routes that declare outcome metrics."""
     notices: list[dict[str, str]] = []
     controller = dict((status or {}).get("controller") or {})
     if status is None:
@@ -407,6 +454,7 @@ def view(
                 "series": {v["name"]: recorder.series(name, v["name"], now) for v in vs},
                 "markers": [r for r in records if r["route"] == name],
                 "empty": empty,
+                "outcomes": outcomes_view(name, (outcomes or {}).get(name)),
             }
         )
     if status is not None and not routes_out:
