@@ -15,8 +15,19 @@ window summaries into an `Evidence`, this decides. The order is the order of pre
    * otherwise a **hold** that says the challenger looks over the limit but control is too close
      to it to blame the challenger (the harm tests still decide);
 
-4. **clean** for a promoting variant whose step has lasted ``interval_s`` and seen ``min_samples``;
-5. otherwise **hold**, with the reason (how many samples or seconds are missing).
+4. **loss** (a rollback) when an outcome metric says the challenger is worse: the primary metric's
+   always-valid interval lies on the bad side of 0, or a guardrail metric is *inferior* (worse than
+   control by more than its margin) -- see docs/outcomes.md;
+5. **win** for the rollout's variant when ``promote_on_win`` is set, the primary metric wins and every
+   guardrail metric is non-inferior: straight to the rollout's last step;
+6. **clean** for a promoting variant whose step has lasted ``interval_s``, seen ``min_samples`` and
+   whose guardrail metrics are all shown *non-inferior* (a pending or inconclusive one holds the
+   step, and the reason says which);
+7. otherwise **hold**, with the reason (how many samples or seconds are missing).
+
+Outcome metrics have their own budget: each metric's confidence sequence runs at the ledger's alpha
+(Bonferroni-divided across challengers, `cohortgate.core.lift.per_challenger`), apart from the
+harm tests' ``alpha`` below; their A/A rates through this function are in docs/outcomes.md.
 
 The alpha split (`alpha_split`): ``alpha`` bounds the chance of ever rolling back a challenger that
 is no worse than control and within the limits, at any time. The harm tests get half (alpha/4
@@ -116,6 +127,7 @@ class Evidence:
     error_limit: LimitEvidence | None = None
     p99_limit: LimitEvidence | None = None
     design_effects: Mapping[str, float] = field(default_factory=dict)
+    outcomes: tuple[OutcomeEvidence, ...] = ()  # the challenger's outcome metrics (none declared: empty)
     backends: tuple[BackendEvidence, ...] = ()  # the challenger's, per backend
     control_backends: tuple[BackendEvidence, ...] = ()
 
@@ -129,8 +141,44 @@ class Evidence:
             "error_limit": None if self.error_limit is None else self.error_limit.to_json(),
             "p99_limit": None if self.p99_limit is None else self.p99_limit.to_json(),
             "design_effects": {k: round(v, 3) for k, v in self.design_effects.items()},
+            "outcomes": [o.to_json() for o in self.outcomes],
             "backends": backends_json(self.backends),
             "control_backends": backends_json(self.control_backends),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeEvidence:
+    """One outcome metric of one challenger at this look (from the ledger: `cohortgate.controller.gating`).
+
+    ``verdict`` is `cohortgate.core.lift.Verdict`'s value (win, loss, non_inferior, inferior,
+    inconclusive, pending); ``interval`` the always-valid relative interval (running intersection).
+    """
+
+    metric: str
+    role: str  # primary | secondary | guardrail
+    verdict: str
+    lift: float  # relative
+    interval: tuple[float, float]  # relative, always valid
+    units: int  # both arms
+    planned_units: int
+    reason: str
+    margin: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        def num(v: float) -> float | None:
+            return round(v, 6) if v == v and abs(v) != float("inf") else None
+
+        return {
+            "metric": self.metric,
+            "role": self.role,
+            "verdict": self.verdict,
+            "lift": num(self.lift),
+            "interval": [num(self.interval[0]), num(self.interval[1])],
+            "units": self.units,
+            "planned_units": self.planned_units,
+            "margin": self.margin,
+            "reason": self.reason,
         }
 
 
@@ -254,10 +302,16 @@ def judge(
         if v is not None and v.signal is not Signal.HOLD:
             return v
         held = held or v
+    lost = _outcome_loss(variant, ev, evidence)
+    if lost is not None:
+        return lost
     if held is not None:
         return held
 
     if state.phase is Phase.PROMOTING and rollout is not None:
+        won = _outcome_win(variant, rollout, ev, evidence)
+        if won is not None:
+            return won
         waited = now - state.since
         step = ev.step
         if step.n < guardrails.min_samples:
@@ -266,6 +320,9 @@ def judge(
             )
         if waited < rollout.interval_s:
             return Verdict(variant, Signal.HOLD, f"{rollout.interval_s - waited:.1f} s left on this step", evidence)
+        waiting = _guardrails_waiting(ev.outcomes)
+        if waiting:
+            return Verdict(variant, Signal.HOLD, f"step held: {waiting}", evidence)
         nxt = rollout.steps[min(state.step + 1, len(rollout.steps) - 1)]
         return Verdict(
             variant,
@@ -276,6 +333,60 @@ def judge(
     if state.phase is Phase.HALTED:
         return Verdict(variant, Signal.HOLD, state.reason or "halted", evidence)
     return Verdict(variant, Signal.HOLD, "healthy", evidence)
+
+
+def _fmt_outcome(o: OutcomeEvidence) -> str:
+    lo, hi = o.interval
+    units = f"{o.units} units of {o.planned_units} planned"
+    return f"{o.metric} {o.lift:+.2%} [{lo:+.2%}, {hi:+.2%}] always valid, {units}"
+
+
+def _outcome_loss(variant: str, ev: Evidence, evidence: dict[str, Any]) -> Verdict | None:
+    """A rollback when the primary metric loses or a guardrail metric is inferior (secondaries only report)."""
+    for o in ev.outcomes:
+        if o.role == "primary" and o.verdict == "loss":
+            what = "primary metric worse than control"
+        elif o.role == "guardrail" and o.verdict == "inferior":
+            what = f"guardrail metric worse than control by more than its margin {o.margin:g}"
+        else:
+            continue
+        return Verdict(variant, Signal.LOSS, f"{what}: {_fmt_outcome(o)}", evidence)
+    return None
+
+
+def _guardrails_waiting(outcomes: tuple[OutcomeEvidence, ...]) -> str:
+    """Why the guardrail metrics do not yet let a step advance ("" when all are non-inferior)."""
+    notes = []
+    for o in outcomes:
+        if o.role != "guardrail" or o.verdict == "non_inferior":
+            continue
+        if o.verdict == "inconclusive":
+            notes.append(
+                f"guardrail metric {o.metric} is inconclusive at its planned units (non-inferiority by "
+                f"{o.margin:g} not shown: {_fmt_outcome(o)}); an operator promotes or rolls back"
+            )
+        else:
+            notes.append(f"guardrail metric {o.metric} not yet shown non-inferior by {o.margin:g} ({_fmt_outcome(o)})")
+    return "; ".join(notes)
+
+
+def _outcome_win(variant: str, rollout: Rollout, ev: Evidence, evidence: dict[str, Any]) -> Verdict | None:
+    """Straight to the last step: ``promote_on_win``, the primary wins, every guardrail metric non-inferior."""
+    if not rollout.promote_on_win or rollout.variant != variant:
+        return None
+    primary = next((o for o in ev.outcomes if o.role == "primary" and o.verdict == "win"), None)
+    if primary is None:
+        return None
+    waiting = _guardrails_waiting(ev.outcomes)
+    if waiting:
+        return Verdict(variant, Signal.HOLD, f"primary metric wins ({_fmt_outcome(primary)}), but {waiting}", evidence)
+    return Verdict(
+        variant,
+        Signal.WIN,
+        f"primary metric better than control: {_fmt_outcome(primary)}; guardrail metrics non-inferior; "
+        f"promote_on_win: straight to {rollout.steps[-1]}%",
+        evidence,
+    )
 
 
 def srm_verdicts(challengers: list[str], state: RouteState, srm: Mapping[str, Any]) -> list[Verdict]:

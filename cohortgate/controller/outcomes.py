@@ -18,6 +18,13 @@ by token and by request id are duplicates); it is attributed to the variant in t
 the exposure the request id names). Units exposed to more than one variant of a route (moved by a
 ramp) are left out of the comparison and counted.
 
+Persistence: every record the ledger accepts from a live source (``POST /outcomes``) is kept in
+``unjournaled`` with the time it was judged at, and the controller appends it to a journal each
+interval: `FileJournal` (JSON lines; ``cohortgate outcomes import`` appends there too) or
+`RedisJournal` (the stream `OUTCOMES_STREAM`, where server-side producers ``XADD`` the same
+records). On start the journal is replayed (``ingest(..., journal=False)``) and then tailed, so the
+ledger survives a restart and sees what others append.
+
 `OutcomeLedger.results` computes, per route, metric and challenger, the lift and verdict through
 `cohortgate.core.lift` on per-unit totals; each call is a look, and the always-valid bounds it
 reports are the running intersection over looks. The journal (`append_journal`, `read_journal`)
@@ -28,6 +35,7 @@ hands rows to a controller (replaying it is idempotent: duplicates count once).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -40,8 +48,10 @@ from typing import Any
 import numpy as np
 
 from cohortgate.core import lift as L
-from cohortgate.core.contract import EXPOSURE_KEY_ENV
+from cohortgate.core.contract import EXPOSURE_KEY_ENV, OUTCOMES_STREAM
 from cohortgate.core.exposure import Exposure, ExposureRefused, exposure_id, parse_keys, verify
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 7 * 24 * 3600.0  # attribution window: an outcome this long after the response still counts
 
@@ -165,12 +175,20 @@ class OutcomeLedger:
         self._requests: dict[str, tuple[Exposure, float]] = {}  # request id -> exposure, its time
         self._covariates: dict[tuple[str, str], dict[str, float]] = {}  # (route, name) -> unit -> value
         self._bounds: dict[tuple[str, str, str], L.Bounds] = {}
+        self.unjournaled: list[dict[str, Any]] = []  # accepted live records the journal has not yet got
 
     # ------------------------------------------------------------------ in
 
-    def ingest(self, record: Mapping[str, Any]) -> str:
-        """Take one record (see the module docstring); return its status code (also counted)."""
+    def ingest(self, record: Mapping[str, Any], journal: bool = True) -> str:
+        """Take one record (see the module docstring); return its status code (also counted).
+
+        An outcome without ``t`` is judged at the ledger's clock, and that time is written into the
+        record kept for the journal, so a replay judges it at the same time. ``journal=False``: the
+        record comes from the journal (a replay, or what another process appended): not kept again.
+        """
         kind = record.get("kind", "outcome")
+        if kind == "outcome" and record.get("t") is None:
+            record = {**record, "t": self.clock()}
         try:
             if kind == "exposure":
                 status = self._expose(record)
@@ -183,14 +201,22 @@ class OutcomeLedger:
         except (KeyError, TypeError, ValueError):
             status = BAD_RECORD
         self.counts[status] += 1
+        if journal and status == ACCEPTED:
+            self.unjournaled.append(dict(record))
         return status
 
-    def ingest_many(self, records: Iterable[Mapping[str, Any]]) -> Counter[str]:
+    def ingest_many(self, records: Iterable[Mapping[str, Any]], journal: bool = True) -> Counter[str]:
         """A batch: how many records got each status."""
-        return Counter(self.ingest(r) for r in records)
+        return Counter(self.ingest(r, journal) for r in records)
 
     def _arm(self, route: str, variant: str) -> _Arm:
-        return self._arms.setdefault(route, {}).setdefault(variant, _Arm())
+        arms = self._arms.get(route)
+        if arms is None:
+            arms = self._arms[route] = {}
+        arm = arms.get(variant)
+        if arm is None:
+            arm = arms[variant] = _Arm()
+        return arm
 
     def _register(self, exp: Exposure) -> None:
         if exp.key not in self._seen_exposures:
@@ -355,3 +381,124 @@ def read_journal(path: Path | str) -> Iterator[dict[str, Any]]:
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+class FileJournal:
+    """The ledger's journal in a JSON-lines file: replayed on start, tailed every interval.
+
+    ``cohortgate outcomes import`` appends to the same file; the controller's own appends are
+    recognised by their byte ranges (``O_APPEND`` writes land whole at the end) and not read back.
+    Only complete lines are read: a line still being written is read at the next poll.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self._own: list[tuple[int, int]] = []
+
+    def __repr__(self) -> str:
+        return f"FileJournal({str(self.path)!r})"
+
+    async def read_new(self) -> list[dict[str, Any]]:
+        """Records appended since the last read (all of them the first time), except our own."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        out: list[dict[str, Any]] = []
+        pos = self.offset
+        for line in data[:end].splitlines(keepends=True):
+            start, pos = pos, pos + len(line)
+            if any(a <= start < b for a, b in self._own):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        self.offset += end
+        self._own = [(a, b) for a, b in self._own if b > self.offset]
+        return out
+
+    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append (one write, then fsync); raises OSError, and the caller keeps the records."""
+        if not records:
+            return
+        data = "".join(json.dumps(dict(r), separators=(",", ":"), sort_keys=True) + "\n" for r in records).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            end = f.tell()
+        self._own.append((end - len(data), end))
+
+
+class RedisJournal:
+    """The ledger's journal in a Redis stream (`OUTCOMES_STREAM`): replayed on start, tailed every interval.
+
+    A server-side producer ``XADD``s an entry whose ``record`` field is one JSON record (or the
+    record's fields themselves); an outcome without ``t`` is dated by its entry id (the time Redis
+    took it), so a replay judges it exactly as the first read did. The controller appends the
+    outcomes its API accepted the same way and skips its own entries when tailing. Redis errors
+    propagate (``redis_errors()``): the caller retries at the next interval.
+    """
+
+    def __init__(self, client: Any, stream: str = OUTCOMES_STREAM, batch: int = 10_000) -> None:
+        self.client = client
+        self.stream = stream
+        self.batch = batch
+        self.last_id = "0-0"
+        self._own: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RedisJournal({self.stream!r})"
+
+    @staticmethod
+    def _record(entry_id: str, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+        raw = fields.get("record")
+        if raw is not None:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return None
+            if not isinstance(record, dict):
+                return None
+        else:
+            record = dict(fields)
+        if record.get("kind", "outcome") == "outcome" and record.get("t") is None:
+            record["t"] = int(str(entry_id).split("-", 1)[0]) / 1000.0
+        return record
+
+    async def read_new(self) -> list[dict[str, Any]]:
+        """Entries after the last one read (everything the first time), except our own; malformed
+        entries come back as ``{"kind": "malformed"}`` so the ledger counts them as bad records."""
+        out: list[dict[str, Any]] = []
+        while True:
+            entries = await self.client.xrange(self.stream, min=f"({self.last_id}", count=self.batch)
+            for entry_id, fields in entries:
+                entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                self.last_id = entry_id
+                if entry_id in self._own:
+                    self._own.discard(entry_id)
+                    continue
+                fields = {
+                    (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                    for k, v in fields.items()
+                }
+                out.append(self._record(entry_id, fields) or {"kind": "malformed"})
+            if len(entries) < self.batch:
+                return out
+
+    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        if not records:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for r in records:
+            pipe.xadd(self.stream, {"record": json.dumps(dict(r), separators=(",", ":"), sort_keys=True)})
+        for entry_id in await pipe.execute():
+            self._own.add(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))

@@ -99,7 +99,10 @@ class OutcomesService:
         self.controller = controller
         self.keys = keys
         self.clock = clock
-        self.ledger = O.OutcomeLedger({}, {}, keys, clock=clock)
+        # the controller's own ledger: what is posted here is journaled and gates its rollouts (gating.py)
+        self.ledger = controller.outcomes.ledger
+        if keys is not None:
+            self.ledger.keys = tuple(keys)
         self._policy: Policy | None = None
         self._outcome_routes: frozenset[str] = frozenset()
         self.history = LiftHistory()  # each sample's lift, for the dashboard's bands and the report's plots

@@ -4,6 +4,8 @@ Each challenger variant of a route has a phase; signals move it::
 
     RUNNING ──breach/rollback──▶ ROLLED_BACK ──resume──▶ RUNNING | PROMOTING (policy weight again)
     PROMOTING ──clean/promote──▶ PROMOTING (next step) … ▶ PROMOTED (last step reached)
+    PROMOTING ──win──▶ PROMOTED (the rollout's last step at once: promote_on_win)
+    any active | HALTED ──loss──▶ ROLLED_BACK (an outcome metric says worse: docs/outcomes.md)
     any active ──srm | control_breach──▶ HALTED ──resume──▶ the phase it left
     HALTED ──breach──▶ ROLLED_BACK
 
@@ -47,6 +49,8 @@ class Signal(enum.StrEnum):
     BREACH = "breach"  # a guardrail or a sequential test says the variant is worse
     SRM = "srm"  # assignment counts do not fit the weights
     CONTROL_BREACH = "control_breach"  # control itself exceeds an absolute guardrail: halt and alert
+    WIN = "win"  # the primary outcome metric wins and every guardrail metric is non-inferior
+    LOSS = "loss"  # the primary outcome metric loses, or a guardrail metric is inferior
     ROLLBACK = "rollback"  # by hand
     PROMOTE = "promote"  # by hand
     RESUME = "resume"  # by hand
@@ -60,6 +64,7 @@ class Effect(enum.StrEnum):
     KEEP = "keep"
     ZERO = "zero"  # weight to 0, users back to control
     NEXT = "next"  # next rollout step
+    LAST = "last"  # the rollout's last step at once (a win)
     ALL = "all"  # take control's whole share (manual promote without a rollout)
     BACK = "back"  # return to the phase held before a halt
     RESTART = "restart"  # the policy file's weight and initial phase
@@ -72,11 +77,13 @@ TABLE: Mapping[tuple[Phase, Signal], tuple[Phase | None, Effect]] = MappingProxy
     {
         **{(p, S.BREACH): (P.ROLLED_BACK, E.ZERO) for p in (*ACTIVE, P.HALTED)},
         **{(p, S.ROLLBACK): (P.ROLLED_BACK, E.ZERO) for p in (*ACTIVE, P.HALTED)},
+        **{(p, S.LOSS): (P.ROLLED_BACK, E.ZERO) for p in (*ACTIVE, P.HALTED)},
         **{(p, S.SRM): (P.HALTED, E.KEEP) for p in ACTIVE},
         **{(p, S.CONTROL_BREACH): (P.HALTED, E.KEEP) for p in ACTIVE},
         (P.RUNNING, S.PROMOTE): (P.PROMOTED, E.ALL),
         (P.PROMOTING, S.CLEAN): (P.PROMOTING, E.NEXT),
         (P.PROMOTING, S.PROMOTE): (P.PROMOTING, E.NEXT),
+        (P.PROMOTING, S.WIN): (P.PROMOTED, E.LAST),
         (P.HALTED, S.RESUME): (None, E.BACK),  # None: the phase recorded when it halted
         (P.ROLLED_BACK, S.RESUME): (None, E.RESTART),  # None: the initial phase for this variant
     }
@@ -274,9 +281,9 @@ def apply(
         weights = _rebalance(route, weights, variant, 0)
     elif effect is Effect.ALL:
         weights = _rebalance(route, weights, variant, 100)
-    elif effect is Effect.NEXT:
+    elif effect in (Effect.NEXT, Effect.LAST):
         steps = route.rollout.steps if route.rollout else (100,)
-        step = min(step + 1, len(steps) - 1)
+        step = len(steps) - 1 if effect is Effect.LAST else min(step + 1, len(steps) - 1)
         weights = _rebalance(route, weights, variant, steps[step])
         if weights == dict(state.weights):  # capped by the other challengers: nowhere to grow
             return state, hold
@@ -288,7 +295,7 @@ def apply(
         target, step = initial_phase(route, variant)
         weights = _rebalance(route, weights, variant, route.variants[route.variant_index(variant)].weight)
     assert target is not None
-    if effect in (Effect.ALL, Effect.NEXT, Effect.RESTART):  # a raise: refuse one that moves others' units
+    if effect in (Effect.ALL, Effect.NEXT, Effect.LAST, Effect.RESTART):  # a raise: refuse one that moves others' units
         problem = _ramp_problem(route, state.weights, weights)
         if problem is not None:
             if signal in MANUAL:
