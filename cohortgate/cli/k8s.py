@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cohortgate.support.cliargs import add_tracing_options
 from cohortgate.support.durations import duration_arg
 
 DEFAULT_OUT = "deploy/k8s"
@@ -96,6 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     issuer.add_argument("--cluster-issuer", default=None, metavar="NAME", help="cert-manager ClusterIssuer")
     p.add_argument("--models-pvc", default="cohortgate-models", help="PVC holding the .onnx files, mounted read-only")
     p.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
+    add_tracing_options(
+        p,
+        "an OTLP/HTTP collector (http://HOST:PORT) for Envoy's tracer, the gateway, the sidecars and the controller",
+        sample="the share of requests Envoy starts a trace for; the others follow its traceparent",
+    )
     p.set_defaults(func=_render)
 
 
@@ -140,6 +146,8 @@ def _options(args: argparse.Namespace):
         edge_region=args.edge_region,
         models_pvc=args.models_pvc,
         mesh_gateway=args.mesh_gateway,
+        otlp_endpoint=args.otlp_endpoint,
+        trace_sample=args.trace_sample,
         **extra,
     )
 

@@ -63,6 +63,7 @@ def controller(plan: Plan, options: RenderOptions) -> k.V1Deployment:
             f"{ADMIN_DIR}/token",
             "--state-file",
             f"{STATE_DIR}/state.json",
+            *options.tracing_args(follow=False),  # its decisions are traces of their own
         ],
         env=[redis_env(options)],
         volume_mounts=[

@@ -74,6 +74,7 @@ def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int) -> t
         concurrency=envoy_concurrency,
         listen_address="0.0.0.0",
         message_timeout=dt.timedelta(seconds=options.processor_timeout_s),
+        tracing=options.trace_collector,
     )
     header = (
         "Envoy bootstrap rendered by `cohortgate k8s render` (cohortgate.deploy.envoy): static; the policy's\n"
@@ -92,6 +93,7 @@ def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_m
         "--listen", listen,
         "--trust-domain", options.trust_domain,
         "--redis", f"$({REDIS_ENV})",
+        *options.tracing_args(),
     ]  # fmt: skip
     mounts = [mount("policy", POLICY_DIR), mount("tmp", "/tmp", read_only=False)]
     if plan.jwks_file:

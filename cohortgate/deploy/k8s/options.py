@@ -15,7 +15,9 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cohortgate import __version__
+from cohortgate.deploy.envoy.addresses import TraceCollector
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT
+from cohortgate.support.cliargs import DEFAULT_TRACE_SAMPLE
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -60,6 +62,8 @@ class RenderOptions:
     mesh_gateway: str | None = None  # NS/NAME: the Gateway (EG) or Istio Gateway to attach to
     istio_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
     processor_timeout_s: float = MESSAGE_TIMEOUT.total_seconds()  # ext_proc's message timeout
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector: Envoy's tracer on, every process exports spans
+    trace_sample: float = DEFAULT_TRACE_SAMPLE  # the share of new traces Envoy starts (the others follow)
 
     def __post_init__(self) -> None:
         regions = MappingProxyType({k: tuple(v) for k, v in self.region_labels.items()})
@@ -111,6 +115,11 @@ class RenderOptions:
             yield "a mesh needs a ClusterIssuer: the mesh's client certificate lives in the mesh's namespace"
         if not self.processor_timeout_s > 0:
             yield f"the processor timeout must be positive, not {self.processor_timeout_s!r}"
+        if self.otlp_endpoint is not None:
+            try:
+                self.trace_collector  # noqa: B018  (validates the URL and the ratio)
+            except ValueError as exc:
+                yield str(exc)
         if self.transport == "http" and self.mesh is not None:
             yield "meshes call the processor over gRPC; --transport http is for the edge only"
 
@@ -122,6 +131,20 @@ class RenderOptions:
 
     def service_host(self, name: str) -> str:
         return f"{name}.{self.namespace}.svc.{self.cluster_domain}"
+
+    @property
+    def trace_collector(self) -> TraceCollector | None:
+        """Envoy's tracer target (None: tracing off)."""
+        if self.otlp_endpoint is None:
+            return None
+        return TraceCollector.parse(self.otlp_endpoint, self.trace_sample)
+
+    def tracing_args(self, *, follow: bool = True) -> list[str]:
+        """The flags that make a cohortgate process export its spans; ``follow``: sample nothing on
+        its own (ratio 0), only what Envoy's traceparent says, so one trace per request is kept."""
+        if self.otlp_endpoint is None:
+            return []
+        return ["--otlp-endpoint", self.otlp_endpoint, *(["--trace-sample", "0"] if follow else [])]
 
     @property
     def issuer(self) -> tuple[str, str]:

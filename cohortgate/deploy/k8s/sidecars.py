@@ -46,6 +46,7 @@ def sidecar(s: Sidecar, plan: Plan, options: RenderOptions) -> list[Any]:
         "--variant", s.owner,
         "--device", "cuda" if s.gpu else "cpu",
         "--threads", "1",
+        *options.tracing_args(),
     ]  # fmt: skip
     env = None
     route = plan.policy.by_name[s.route]
