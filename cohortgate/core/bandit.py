@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STRATEGIES = ("thompson", "ucb", "epsilon_greedy")
+Floats = Sequence[float] | np.ndarray  # numbers in, as a list or an array
 DRAWS = 4000  # joint posterior draws per Thompson update: P(best) to about +-0.8 points
 
 
@@ -129,7 +130,7 @@ def _split(k: int, winners: Sequence[int]) -> np.ndarray:
     return out
 
 
-def floor(shares: Sequence[float], min_share: float) -> np.ndarray:
+def floor(shares: Floats, min_share: float) -> np.ndarray:
     """Every arm keeps ``min_share``; the rest is split in proportion to ``shares``."""
     s = np.asarray(shares, dtype=float)
     k = s.size
@@ -140,7 +141,7 @@ def floor(shares: Sequence[float], min_share: float) -> np.ndarray:
     return min_share + (1 - min_share * k) * s
 
 
-def to_weights(shares: Sequence[float], min_share: float) -> list[int]:
+def to_weights(shares: Floats, min_share: float) -> list[int]:
     """Integer percentages summing to 100, each at least ``ceil(100 * min_share)`` (largest remainder)."""
     s = np.asarray(shares, dtype=float)
     k = s.size
@@ -242,7 +243,7 @@ class Estimate:
     ci: tuple[float, float]  # ipw +- z * se (normal approximation)
 
 
-def ipw(arm: str, rewards: Sequence[float], propensities: Sequence[float], z: float = 1.959963984540054) -> Estimate:
+def ipw(arm: str, rewards: Floats, propensities: Floats, z: float = 1.959963984540054) -> Estimate:
     """The Hajek estimator of an arm's mean reward: sum(y/p) / sum(1/p) over its units, where p is
     the share the arm had when the unit was assigned (Hajek 1971; Horvitz & Thompson 1952), with the
     linearised standard error sqrt(sum(w^2 (y - mu)^2)) / sum(w), w = 1/p."""

@@ -57,6 +57,7 @@ def _with_allocation(block: str, extra: str = "") -> str:
         ("      reward: conversion\n      min_share: 0.4\n", "", "47:7", "asks for more than all the traffic"),
         ("      reward: conversion\n", "    rollout: {variant: canary, steps: [50]}\n", "46:5", "not both"),
         ("      reward: conversion\n      segments: [region, region]\n", "", "47:7", "named twice"),
+        ("      reward: conversion\n      segments: [region]\n", "", "47:7", "gateways do not apply it yet"),
     ],
 )
 def test_bad_allocation_blocks_say_where_and_why(block, extra, where, words):
