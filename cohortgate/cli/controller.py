@@ -108,6 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="check the policy file for edits this often (default 1s; 0: SIGHUP only)",
     )
+    p.add_argument(
+        "--outcomes-journal",
+        default="state/outcomes.jsonl",
+        metavar="PATH",
+        help="without --redis: the outcome journal (JSON lines) replayed on start and tailed, where `cohortgate "
+        "outcomes import` appends (default state/outcomes.jsonl; with --redis the stream {cohortgate}:outcomes)",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument(
         "--log-format",
@@ -216,6 +223,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
     from cohortgate.controller.als import route_by_path, serve_als
     from cohortgate.controller.api import load_or_create_token, make_app
     from cohortgate.controller.archive import archive_dir
+    from cohortgate.controller.gating import OutcomeGate
     from cohortgate.controller.leader import RedisLeader, SoloLeader
     from cohortgate.controller.loop import Controller, ControllerConfig
     from cohortgate.controller.metrics import ControllerMetrics, TrafficMetrics
@@ -256,7 +264,15 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
 
         tracing = Tracing("controller", args.otlp_endpoint)
     controller = Controller(
-        policy, store, source, leader=leader, config=config, metrics=metrics, name=name, tracing=tracing
+        policy,
+        store,
+        source,
+        leader=leader,
+        config=config,
+        metrics=metrics,
+        name=name,
+        tracing=tracing,
+        outcomes=OutcomeGate.from_env(policy, journal_path=args.outcomes_journal),
     )
     token = load_or_create_token(args.token_file)
     api_app = make_app(controller, token, sink)

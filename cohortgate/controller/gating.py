@@ -106,9 +106,11 @@ class OutcomeGate:
         self.set_policy(policy)
 
     @classmethod
-    def from_env(cls, policy: Policy, clock: Callable[[], float] = time.time) -> OutcomeGate:
-        """Keys from ``$COHORTGATE_EXPOSURE_KEY`` (none: every token refused), no journal file."""
-        return cls(policy, O.keys_from_env(), clock=clock)
+    def from_env(
+        cls, policy: Policy, journal_path: Path | str | None = None, clock: Callable[[], float] = time.time
+    ) -> OutcomeGate:
+        """Keys from ``$COHORTGATE_EXPOSURE_KEY`` (none: every token refused)."""
+        return cls(policy, O.keys_from_env(), journal_path=journal_path, clock=clock)
 
     def with_outcomes(self, route: str, variant: str, ev: Evidence) -> Evidence:
         """``ev`` with the challenger's outcome metrics added (what the loop hands the judge)."""
