@@ -112,8 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--outcomes-journal",
         default="state/outcomes.jsonl",
         metavar="PATH",
-        help="without --redis: the outcome journal (JSON lines) replayed on start and tailed, where `cohortgate "
-        "outcomes import` appends (default state/outcomes.jsonl; with --redis the stream {cohortgate}:outcomes)",
+        help="without --redis: the outcome journal (JSON lines) replayed on start and tailed, where 'cohortgate "
+        "outcomes import' appends (default state/outcomes.jsonl; with --redis the stream {cohortgate}:outcomes)",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument(
