@@ -16,6 +16,11 @@ In one run, on one machine:
 
 wrk and the servers share the machine's cores, as a client and a server on one small host would;
 on a shared host, use ``--repeat`` (the median is reported).
+
+``--contract-cost`` runs only the data contract's price (issue 20): two sidecars on the same model,
+one with an enforced contract over every input column (a range per column, sketched per window), one
+without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary requests at c64; it prints each
+pair and the median throughput ratio.
 """
 
 from __future__ import annotations
@@ -177,8 +182,10 @@ def process(cmd: list[str], ready_url: str, cwd: Path, env: dict | None = None) 
             proc.kill()
 
 
-def sidecar(model: Path, port: int, threads: int, max_batch: int) -> contextlib.AbstractContextManager:
-    cmd = [sys.executable, "-m", "sidecar", "--model", str(model), "--name", MODEL]
+def sidecar(
+    model: Path, port: int, threads: int, max_batch: int, extra: tuple[str, ...] = ()
+) -> contextlib.AbstractContextManager:
+    cmd = [sys.executable, "-m", "sidecar", "--model", str(model), "--name", MODEL, *extra]
     cmd += [
         "--port",
         str(port),
@@ -285,6 +292,45 @@ def measure(
     return results
 
 
+def contract_cost(model: Path, tmp: Path, threads: int, max_batch: int, seconds: float, repeat: int) -> int:
+    """Throughput with an enforced contract over all MLP_WIDTH input columns vs none, one-row binary at c64."""
+    features = [{"name": f"x{j}", "tensor": "input", "column": j, "min": -10, "max": 10} for j in range(MLP_WIDTH)]
+    contract = tmp / "contract.json"
+    contract.write_text(json.dumps({"mode": "enforce", "inputs": features}))
+    body, header_length = request_body(1, True)
+    body_file = tmp / "body-1-bin.bin"
+    body_file.write_bytes(body)
+    plain_port, checked_port = free_port(), free_port()
+    pairs = []
+    load_before = os.getloadavg()[0]
+    with (
+        sidecar(model, plain_port, threads, max_batch),
+        sidecar(model, checked_port, threads, max_batch, ("--contract", str(contract))),
+    ):
+        urls = {p: f"http://127.0.0.1:{p}/v2/models/{MODEL}/infer" for p in (plain_port, checked_port)}
+        for p in urls:
+            wrk(urls[p], body_file, header_length, 64, 1)  # warm up
+        for i in range(repeat):
+            plain = wrk(urls[plain_port], body_file, header_length, 64, seconds)
+            checked = wrk(urls[checked_port], body_file, header_length, 64, seconds)
+            if checked["errors"]:
+                print(f"the contract refused {checked['errors']} requests: the body should be clean", file=sys.stderr)
+                return 1
+            pairs.append((plain["rps"], checked["rps"]))
+            print(
+                f"  run {i + 1}: without {plain['rps']:,.0f} req/s, with {checked['rps']:,.0f} req/s", file=sys.stderr
+            )
+        violations = urllib.request.urlopen(f"http://127.0.0.1:{checked_port}/metrics", timeout=10).read().decode()
+    ratios = sorted(c / p for p, c in pairs)
+    median = ratios[len(ratios) // 2]
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"data contract over {MLP_WIDTH} input columns, enforce, one-row binary requests at c64, {repeat} pairs:")
+    print(f"  throughput with/without: median {median:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    print(f"  cost: {1 - median:.1%} of the sidecar's throughput (the issue's bar: at most 5 %)")
+    assert "cohortgate_sidecar_contract_rejected_total" in violations
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="ONNX model, input 'input' FP32 [-1,512] (default: mlp-4x512)")
@@ -295,10 +341,22 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the sidecar's, batching on (default 64)")
     parser.add_argument("--mlserver-python", help="a Python with MLServer installed, to run it as a peer")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--contract-cost", action="store_true", help="only measure a data contract's cost (with vs without, c64)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not on PATH; this benchmark uses it as its load generator", file=sys.stderr)
         return 2
+    if args.contract_cost:
+        with tempfile.TemporaryDirectory(prefix="bench-contract-") as tmpdir:
+            tmp = Path(tmpdir)
+            model = args.model or tmp / "mlp-4x512.onnx"
+            if args.model is None:
+                model.write_bytes(mlp_model_bytes())
+            return contract_cost(
+                model.resolve(), tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3)
+            )
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary_cases = [(1, True, c) for c in concurrencies] + [(128, True, 4)]
     json_case = [(1, False, 64)]

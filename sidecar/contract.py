@@ -139,12 +139,16 @@ class Feature:
     nullable: bool
     reference: Sketch | None
 
+    @property
+    def edges(self) -> tuple[float, ...]:
+        """The bin edges of this feature's live sketches: the reference's, else `default_edges`."""
+        return self.reference.edges if isinstance(self.reference, NumericSketch) else self.default_edges()
+
     def sketch(self, values: np.ndarray) -> Sketch:
-        """The live sketch of ``values`` on the reference's edges (or an empty one without reference)."""
+        """The live sketch of ``values`` on the reference's edges (or counts per allowed value)."""
         if self.type == "category":
             return category_sketch(values, self.allowed)
-        edges = self.reference.edges if isinstance(self.reference, NumericSketch) else self.default_edges()
-        return NumericSketch.of(values, edges)
+        return NumericSketch.of(values, self.edges)
 
     def default_edges(self) -> tuple[float, ...]:
         """Ten equal bins over [min, max] when the contract has no reference (or [0, 1] for bool)."""
@@ -200,6 +204,7 @@ class _TensorRules:
     """The rules of every feature of one tensor, as vectors over its selected columns."""
 
     __slots__ = (
+        "bins",
         "bool_pos",
         "cats",
         "cols",
@@ -233,6 +238,7 @@ class _TensorRules:
         self.int_pos = np.array([i for i, f in enumerate(features) if f.type in ("int", "bool")], dtype=np.intp)
         self.bool_pos = np.array([i for i, f in enumerate(features) if f.type == "bool"], dtype=np.intp)
         self.cats = tuple((i, np.asarray(f.allowed)) for i, f in enumerate(features) if f.type == "category")
+        self.bins = _Binning([(i, f.edges) for i, f in enumerate(features) if f.type != "category"])
 
     def block(self, array: np.ndarray) -> np.ndarray:
         x = array.reshape(array.shape[0], math.prod(array.shape[1:])) if array.ndim else array.reshape(1, 1)
@@ -271,6 +277,81 @@ class _TensorRules:
         return out
 
 
+class _Binning:
+    """Histograms of many columns at once, each on its own edges, branch-free over the whole block.
+
+    Edges are padded at the front with -inf to a common length E, so a value's bin is the number of
+    edges it reaches (``>=``; ``>`` for the last edge: the last bin holds its right edge, as in
+    numpy.histogram) minus the padding: 0 is below, E_j is above. That is E vector comparisons
+    accumulated in place (about 4x cheaper here than a binary search per value), then one
+    ``bincount`` over ``column * (E + 1) + bin``. NaN reaches no edge: it is moved up by its column's
+    padding to bin 0, then taken back out of ``below``. Rows go through in chunks to bound memory.
+    """
+
+    __slots__ = ("columns", "edges", "edges32", "n_edges", "pad", "width")
+    _CHUNK_CELLS = 1 << 20
+
+    def __init__(self, columns: Sequence[tuple[int, tuple[float, ...]]]) -> None:
+        self.columns = np.array([c for c, _ in columns], dtype=np.intp)
+        self.n_edges = [len(e) for _, e in columns]
+        self.width = max(self.n_edges, default=2)
+        self.pad = np.array([self.width - n for n in self.n_edges], dtype=np.int64)
+        self.edges = np.full((self.width, len(columns)), -math.inf)  # row i: every column's i-th edge
+        for j, (_, e) in enumerate(columns):
+            self.edges[self.width - len(e) :, j] = e
+        # For float32 blocks (most models), float32 edges that decide exactly as the float64 ones do:
+        # v >= e  <=>  v >= (the least float32 >= e);  v > e  <=>  v > (the greatest float32 <= e).
+        up = self.edges.astype(np.float32)
+        low = up < self.edges
+        up[low] = np.nextafter(up[low], np.float32(np.inf))
+        last = self.edges[-1].astype(np.float32)
+        high = last > self.edges[-1]
+        last[high] = np.nextafter(last[high], np.float32(-np.inf))
+        up[-1] = last
+        self.edges32 = up
+
+    def sketches(self, x: np.ndarray) -> list[tuple[int, NumericSketch]]:
+        k = len(self.columns)
+        if not k:
+            return []
+        stride = self.width + 1
+        counts = np.zeros(k * stride, dtype=np.int64)
+        nulls = np.zeros(k, dtype=np.int64)
+        step = max(1, self._CHUNK_CELLS // k)
+        base = np.arange(k, dtype=np.int64) * stride - self.pad
+        acc_type = np.int16 if self.width < 32000 else np.int64
+        pad = self.pad.astype(acc_type)
+        padded = bool(pad.any())
+        whole = len(self.columns) == x.shape[1] and bool((self.columns == np.arange(k)).all())
+        for start in range(0, x.shape[0], step):
+            chunk = x[start : start + step]
+            v = chunk if whole else chunk[:, self.columns]
+            edges = self.edges32 if v.dtype == np.float32 else self.edges
+            if v.dtype != np.float32:
+                v = v.astype(np.float64, copy=False)
+            acc = np.zeros(v.shape, dtype=acc_type)
+            hit = np.empty(v.shape, dtype=bool)
+            for i in range(self.width - 1):
+                np.greater_equal(v, edges[i], out=hit)
+                acc += hit
+            np.greater(v, edges[-1], out=hit)
+            acc += hit
+            nan = np.isnan(v)
+            nulls += nan.sum(axis=0)
+            if padded:  # NaN reaches no edge, not even a padding one: put it back at bin 0
+                acc += nan * pad
+            counts += np.bincount((acc + base).ravel(), minlength=k * stride)
+        table = counts.reshape(k, stride)
+        table[:, 0] -= nulls
+        out = []
+        for j, col in enumerate(self.columns.tolist()):
+            n = self.n_edges[j]
+            row = table[j]
+            edges = tuple(self.edges[self.width - n :, j].tolist())
+            out.append((col, NumericSketch(edges, tuple(row[1:n].tolist()), int(nulls[j]), int(row[0]), int(row[n]))))
+        return out
+
+
 class Contract:
     """A contract compiled against a model's signature: ``check_inputs`` / ``check_outputs``."""
 
@@ -305,8 +386,10 @@ class Contract:
         out: dict[str, Sketch] = {}
         for r in rules:
             x = r.block(arrays[r.index])
-            for i, f in enumerate(r.features):
-                out[f.name] = f.sketch(x[:, i])
+            for i, sketch in r.bins.sketches(x):
+                out[r.features[i].name] = sketch
+            for i, _ in r.cats:
+                out[r.features[i].name] = r.features[i].sketch(x[:, i])
         return out
 
     def empty_sketches(self, side: str) -> dict[str, Sketch]:

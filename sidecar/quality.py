@@ -20,7 +20,7 @@ from cohortgate.core.sketch import QualityReport, Sketch, merge_sketches
 from sidecar.contract import Contract, Findings
 from sidecar.metrics import SidecarMetrics
 
-DEFAULT_BUFFER_ROWS = 8192
+DEFAULT_BUFFER_ROWS = 1024  # rows sketched per flush: a flush holds the event loop a few ms
 
 
 class QualityGate:

@@ -251,3 +251,29 @@ def test_profile_refuses_data_that_does_not_fit(models: Path, tmp_path: Path, ca
     words.write_text("a\nx\n")
     assert cli_main(["models", "profile", str(models / "tabular-control.onnx"), "--data", str(words)]) == 2
     assert "encode it as numbers" in capsys.readouterr().err
+
+
+edge_lists = st.lists(st.floats(-5, 5, allow_nan=False, width=64), min_size=1, max_size=12, unique=True).map(sorted)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(edge_lists, min_size=1, max_size=4),
+    st.lists(st.one_of(st.floats(-6, 6, width=32), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=40),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_the_vectorised_binning_equals_numpy_histogram_per_column(edges, values, dtype) -> None:
+    """Many columns on their own edges at once (float32 edges rounded so they decide as float64 ones do)."""
+    edges = [e if len(e) > 1 else [e[0], e[0] + 1.0] for e in edges]
+    k = len(edges)
+    sig = Signature("m", (TensorSpec("x", "FP32", (-1, k)),), ())
+    ref = [NumericSketch.empty(e).to_json() for e in edges]
+    doc = {"inputs": [{"name": f"c{j}", "tensor": "x", "column": j, "reference": ref[j]} for j in range(k)]}
+    c = C.Contract(C.parse(doc), sig)
+    # every value, its float32 neighbours and the edges themselves, in every column
+    pool = list(values) + [v for e in edges for v in e]
+    pool += [float(np.nextafter(np.float32(v), np.float32(d))) for v in pool[:20] for d in (-np.inf, np.inf)]
+    x = np.array([[p] * k for p in pool] or np.empty((0, k)), dtype=dtype).reshape(-1, k)
+    got = c.sketches({0: x}, "inputs")
+    for j in range(k):
+        assert got[f"c{j}"] == NumericSketch.of(x[:, j], c.inputs[j].edges)
