@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variant", help="variant name for reports and the x-cohortgate-served-by header")
     p.add_argument(
+        "--report-predictions",
+        action="store_true",
+        help="reports carry each one-row answer's prediction (top class or value, never the input): "
+        "labels imported later give accuracy per variant (docs/outcomes.md)",
+    )
+    p.add_argument(
         "--contract",
         metavar="FILE",
         help="the model's data contract (default: the store manifest's, else M.contract.json beside M.onnx)",
@@ -175,6 +181,7 @@ def handler(args: argparse.Namespace) -> int:
             intra_op_threads=args.threads,
             report_to=args.report_to,
             variant=args.variant,
+            report_predictions=args.report_predictions,
             contract=args.contract,
             contract_mode=args.contract_mode,
             quality_interval_s=args.quality_interval,

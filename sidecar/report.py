@@ -40,6 +40,7 @@ from cohortgate.core.contract import QUALITY_REPORTS_PATH, QUALITY_STREAM, REPOR
 from cohortgate.core.sketch import QualityReport
 from cohortgate.support.logs import Throttle
 from sidecar.metrics import SidecarMetrics
+from sidecar.prediction import served_prediction
 from sidecar.quality import QualityGate
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ShadowReport:
     output_digests: tuple[tuple[str, str], ...]
     ts: float
     fallback: str = ""  # features: why the fallback served this request (sidecar/join.py), else empty
+    prediction: dict[str, Any] | None = None  # --report-predictions: what was served (sidecar/prediction.py)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -77,6 +79,8 @@ class ShadowReport:
         }
         if self.fallback:
             doc["fallback"] = self.fallback
+        if self.prediction is not None:
+            doc["prediction"] = self.prediction
         return doc
 
     def to_fields(self) -> dict[str, str]:
@@ -94,6 +98,8 @@ class ShadowReport:
             fields[f"digest.{name}"] = digest
         if self.fallback:
             fields["fallback"] = self.fallback
+        if self.prediction is not None:
+            fields["prediction"] = orjson.dumps(self.prediction).decode()
         return fields
 
     @classmethod
@@ -110,6 +116,7 @@ class ShadowReport:
             output_digests=outputs,
             ts=float(fields["ts"]),
             fallback=fields.get("fallback", ""),
+            prediction=orjson.loads(fields["prediction"]) if fields.get("prediction") else None,
         )
 
 
@@ -280,8 +287,10 @@ class Reporter:
         metrics: SidecarMetrics | None = None,
         capacity: int = 10_000,
         batch: int = 256,
+        predictions: bool = False,
     ) -> None:
         self.sink = sink
+        self.predictions = predictions  # add each one-row answer's served prediction (labels give accuracy)
         self.variant = variant
         self.model = model
         self._names = tuple(output_names)
@@ -335,9 +344,12 @@ class Reporter:
             digest, per_output = "", ()
         else:
             digest, per_output = output_digests(self._names, p.outputs)
+        prediction = None
+        if self.predictions and p.outputs is not None and p.request_id:
+            prediction = served_prediction(self._names, p.outputs)
         return ShadowReport(
             p.request_id, self.variant, self.model, p.status, round(p.latency_s * 1000, 3), digest, per_output, p.ts,
-            p.fallback,
+            p.fallback, prediction,
         )  # fmt: skip
 
     async def _drain(self) -> None:

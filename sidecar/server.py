@@ -91,6 +91,7 @@ class SidecarConfig:
     intra_op_threads: int | None = None  # None = all cores but the event loop's
     report_to: str | None = None
     variant: str | None = None
+    report_predictions: bool = False  # reports carry the served prediction (top class or value), for labels
     fault_rate: float = 0.0
     fault_after_s: float = 0.0  # healthy this long before the faults start
     drain_timeout_s: float = 30.0
@@ -312,6 +313,7 @@ class Sidecar:
                 model=self.name,
                 output_names=[s.name for s in model.signature.outputs],
                 metrics=self.metrics,
+                predictions=config.report_predictions,
             )
             self.reporter.start()
 

@@ -120,6 +120,7 @@ def live_document(args: argparse.Namespace) -> dict[str, Any]:
         history=(outcomes.get("history") or {}).get(args.route) or [],
         status=route,
         counts=outcomes.get("counts"),
+        labels=(outcomes.get("labels") or {}).get(args.route) or [],
         srm=route.get("srm"),
         generated_at=time.time(),
         source=f"controller {api}",
@@ -172,6 +173,7 @@ def offline_document(args: argparse.Namespace) -> dict[str, Any]:
         results=results,
         history=history.series(args.route),
         counts=dict(ledger.counts),
+        labels=ledger.labels.results(args.route, route.control.name),
         generated_at=time.time(),
         source=f"journal {args.journal} with policy {args.policy}",
     )

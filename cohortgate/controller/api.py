@@ -233,6 +233,7 @@ async def _reports(request: web.Request) -> web.Response:
             accepted += 1
         except (KeyError, ValueError, TypeError, AttributeError):
             continue
+    outcomes_api.take_predictions(request.app, items)  # --report-predictions: kept for labels (labels.py)
     return _json({"accepted": accepted, "rejected": len(items) - accepted}, 202)
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from cohortgate.controller.labels import LABEL_METRIC, LabelBook
 from cohortgate.core import lift as L
 from cohortgate.core.contract import EXPOSURE_KEY_ENV, OUTCOMES_STREAM
 from cohortgate.core.exposure import Exposure, ExposureRefused, exposure_id, parse_keys, verify
@@ -175,6 +176,7 @@ class OutcomeLedger:
         self._requests: dict[str, tuple[Exposure, float]] = {}  # request id -> exposure, its time
         self._covariates: dict[tuple[str, str], dict[str, float]] = {}  # (route, name) -> unit -> value
         self._bounds: dict[tuple[str, str, str], L.Bounds] = {}
+        self.labels = LabelBook()  # served predictions joined with late labels (labels.py)
         self.unjournaled: list[dict[str, Any]] = []  # accepted live records the journal has not yet got
 
     # ------------------------------------------------------------------ in
@@ -196,6 +198,8 @@ class OutcomeLedger:
                 status = self._outcome(record)
             elif kind == "covariate":
                 status = self._covariate(record)
+            elif kind == "prediction":
+                status = self.labels.predict(record)
             else:
                 status = BAD_RECORD
         except (KeyError, TypeError, ValueError):
@@ -242,6 +246,8 @@ class OutcomeLedger:
         if not math.isfinite(value):
             return BAD_RECORD
         t = float(r["t"]) if r.get("t") is not None else self.clock()
+        if metric == LABEL_METRIC:  # a label for a served prediction: model accuracy (labels.py)
+            return self.labels.label(r, t, self.keys, self.window_s)
         token = r.get("exposure")
         if token:
             try:

@@ -165,6 +165,7 @@ class OutcomesService:
             history=self.history.series(route),
             status=status,
             counts=dict(self.ledger.counts),
+            labels=self.ledger.labels.results(route, policy_route.control.name),
             srm=(status or {}).get("srm"),
             generated_at=now,
             source=source,
@@ -193,6 +194,44 @@ class OutcomesService:
 
 
 SERVICE_KEY = web.AppKey("outcomes", OutcomesService)
+
+
+def route_of(policy: Policy, route: Any, model: str, variant: str) -> str | None:
+    """The route a sidecar's report belongs to: the one it names (``--route``), else the route with that
+    variant whose match names its model, else the only route with that variant; None when unclear."""
+    candidates = [r for r in policy.routes if r.kind == "model" and any(v.name == variant for v in r.variants)]
+    if isinstance(route, str) and route:
+        return route if any(r.name == route for r in candidates) else None
+    by_model = [r for r in candidates if r.model == model]
+    if len(by_model) == 1:
+        return by_model[0].name
+    return candidates[0].name if len(candidates) == 1 else None
+
+
+def take_predictions(app: web.Application, items: list[Any]) -> int:
+    """The served predictions in sidecar reports (``--report-predictions``) into the ledger, where a
+    label imported later meets them (`cohortgate.controller.labels`); how many were kept."""
+    service = app.get(SERVICE_KEY)
+    if service is None:
+        return 0
+    ledger, policy, kept = service.sync(), service.controller.policy, 0
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("prediction"), dict) or not item.get("request_id"):
+            continue
+        route = route_of(policy, item.get("route"), str(item.get("model", "")), str(item.get("variant", "")))
+        if route is None:
+            ledger.counts["prediction_without_route"] += 1
+            continue
+        record = {
+            "kind": "prediction",
+            "request_id": str(item["request_id"]),
+            "route": route,
+            "variant": str(item["variant"]),
+            "prediction": item["prediction"],
+            "t": service.clock(),
+        }
+        kept += ledger.ingest(record) == O.ACCEPTED
+    return kept
 
 
 def gateway_pass(request: web.Request) -> bool:
@@ -275,6 +314,13 @@ async def _get(request: web.Request) -> web.Response:
                 name: R.design_of(policy.by_name[name], ledger.alpha) for name in routes if name in policy.by_name
             },
             "history": {name: service.history.series(name) for name in routes},
+            # served predictions joined with labels: accuracy / log-loss / MAE per variant (labels.py)
+            "labels": {
+                r.name: found
+                for r in policy.routes
+                if (route is None or r.name == route) and (found := ledger.labels.results(r.name, r.control.name))
+            },
+            "predictions_pending": ledger.labels.pending(),
         }
     )
 

@@ -172,6 +172,7 @@ def document(
     history: Sequence[Mapping[str, Any]] = (),
     status: Mapping[str, Any] | None = None,
     counts: Mapping[str, int] | None = None,
+    labels: Sequence[Mapping[str, Any]] = (),
     srm: Mapping[str, Any] | None = None,
     generated_at: float,
     source: str,
@@ -221,6 +222,7 @@ def document(
         "results": [dict(r) for r in results],
         "history": [dict(s) for s in history],
         "counts": dict(counts or {}),
+        "labels": [dict(x) for x in labels],  # model accuracy from late labels, per variant (labels.py)
         "decisions": decisions(design, results, phases),
     }
 
@@ -509,6 +511,37 @@ def _result_rows(doc: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+LABEL_HEAD = ["variant", "labels", "accuracy", "log-loss", "MAE", "RMSE", "vs control"]
+
+
+def _stat_text(stat: Mapping[str, Any] | None, fmt: str = ".4f") -> str:
+    if not stat:
+        return "-"
+    lo, hi = stat.get("interval") or (None, None)
+    bounds = "" if lo is None or hi is None else f" [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{stat['value']:{fmt}}{bounds}"
+
+
+def _label_rows(doc: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for x in doc.get("labels") or ():
+        vs = x.get("vs_control") or {}
+        diff = "; ".join(f"{k} {_stat_text(v, '+.4f')}" for k, v in vs.items()) or "-"
+        rmse = "-" if x.get("rmse") is None else f"{x['rmse']:.4f}"
+        rows.append(
+            [
+                x["variant"],
+                str(x["labels"]),
+                _stat_text(x.get("accuracy")),
+                _stat_text(x.get("log_loss")),
+                _stat_text(x.get("mae")),
+                rmse,
+                diff,
+            ]
+        )
+    return rows
+
+
 RESULT_HEAD = [
     "metric",
     "role",
@@ -568,6 +601,9 @@ def render_markdown(doc: Mapping[str, Any], stem: str | None = None) -> str:
     )
     lines += ["", f"SRM check: {_md_escape(srm_text(doc['srm']))}", "", "## Metrics", ""]
     lines += _md_table(RESULT_HEAD, _result_rows(doc)) if doc["results"] else ["no outcomes yet"]
+    if doc.get("labels"):
+        lines += ["", "## Model accuracy from labels", "", *_md_table(LABEL_HEAD, _label_rows(doc))]
+        lines += ["", "Served predictions joined with labels that arrived later; 95 % intervals, fixed horizon."]
     lines += [
         "",
         "Intervals are relative to control. The always-valid interval (Howard et al. 2021) holds however often "
@@ -640,6 +676,8 @@ def render_html(doc: Mapping[str, Any]) -> str:
     parts.append(
         _h_table(RESULT_HEAD, _result_rows(doc), verdict_col=8) if doc["results"] else "<p>no outcomes yet</p>"
     )
+    if doc.get("labels"):
+        parts.append("<h2>Model accuracy from labels</h2>" + _h_table(LABEL_HEAD, _label_rows(doc)))
     parts.append(
         "<p>Intervals are relative to control. The always-valid interval holds however often the experiment was "
         "looked at and is what decides; the fixed-horizon one is for reference only.</p>"

@@ -208,3 +208,32 @@ def test_an_unreachable_controller_is_a_sentence_and_status_1(tmp_path, capsys):
     token_file.write_text("x")
     assert cli("report", "shop", "--api", "http://127.0.0.1:9", "--token-file", str(token_file)) == 1
     assert "cannot reach the controller at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_labels_imported_later_give_accuracy_per_variant_in_the_report(tmp_path, policy_file, capsys):
+    """The sidecar's served predictions (journaled by the controller) meet labels from a CSV import."""
+    journal = tmp_path / "outcomes.jsonl"
+    preds = [
+        {"kind": "prediction", "request_id": f"{v}-{i}", "route": "shop", "variant": v,
+         "prediction": {"top": str(i % 2), "p": {"0": 0.3, "1": 0.7} if i % 2 else {"0": 0.7, "1": 0.3}}, "t": 1.0}
+        for v in ("control", "canary") for i in range(100)
+    ]  # fmt: skip
+    append_journal(journal, records(n=100) + preds)
+    labels = tmp_path / "labels.csv"
+    # control's model is right 70 times in 100, the canary's 90
+    rows = [
+        f"{v}-{i},label,{(i % 2) if i >= wrong else 1 - i % 2},2.0"
+        for v, wrong in (("control", 30), ("canary", 10))
+        for i in range(100)
+    ]
+    labels.write_text("request_id,metric,value,t\n" + "\n".join(rows) + "\n")
+    assert cli("outcomes", "import", str(labels), "--journal", str(journal)) == 0
+    assert "200 outcomes appended" in capsys.readouterr().out
+    assert cli("report", "shop", "--journal", str(journal), "--policy", str(policy_file), "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    control, canary = doc["labels"]
+    assert (control["variant"], control["labels"], control["accuracy"]["value"]) == ("control", 100, 0.7)
+    assert (canary["variant"], canary["labels"], canary["accuracy"]["value"]) == ("canary", 100, 0.9)
+    assert canary["vs_control"]["accuracy"]["value"] == pytest.approx(0.2)
+    assert cli("report", "shop", "--journal", str(journal), "--policy", str(policy_file)) == 0
+    assert "## Model accuracy from labels" in capsys.readouterr().out
