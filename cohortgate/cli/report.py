@@ -39,7 +39,7 @@ class ReportError(Exception):
         self.status = status
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "report",
         help="an experiment's result as a document (md, html, csv, json): design, traffic, SRM, lifts, decision",

@@ -333,11 +333,11 @@ def svg_lift(
     tspan = (t1 - t0) or 1.0
 
     def x(t: float) -> float:
-        return pad_l + (t - t0) / tspan * w
+        return float(pad_l + (t - t0) / tspan * w)
 
     def y(v: float | None, edge: float) -> float:
         v = edge if v is None else min(max(v, lo), hi)
-        return pad_t + (hi - v) / (hi - lo) * h
+        return float(pad_t + (hi - v) / (hi - lo) * h)
 
     upper = " ".join(f"{x(p[0]):.1f},{y(p[3], hi):.1f}" for p in pts)
     lower = " ".join(f"{x(p[0]):.1f},{y(p[2], lo):.1f}" for p in reversed(pts))
@@ -397,7 +397,7 @@ def svg_intervals(results: Sequence[Mapping[str, Any]], width: int = 640) -> str
 
     def x(v: float | None, edge: float) -> float:
         v = edge if v is None else min(max(v, lo), hi)
-        return pad_l + (v - lo) / (hi - lo) * w
+        return float(pad_l + (v - lo) / (hi - lo) * w)
 
     colour = {"win": "#1a7f37", "non_inferior": "#1a7f37", "loss": "#c33", "inferior": "#c33"}
     out.append(
