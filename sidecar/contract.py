@@ -208,6 +208,7 @@ class _TensorRules:
         "bool_pos",
         "cats",
         "cols",
+        "fast32",
         "fast_hi",
         "fast_lo",
         "features",
@@ -234,6 +235,7 @@ class _TensorRules:
             if f.type == "bool":
                 fast_lo[i], fast_hi[i] = 0.0, 1.0
         self.fast_lo, self.fast_hi = np.array(fast_lo), np.array(fast_hi)
+        self.fast32 = _float32_bounds(self.fast_lo, self.fast_hi)
         self.not_nullable = np.array([not f.nullable for f in features])
         self.int_pos = np.array([i for i, f in enumerate(features) if f.type in ("int", "bool")], dtype=np.intp)
         self.bool_pos = np.array([i for i, f in enumerate(features) if f.type == "bool"], dtype=np.intp)
@@ -248,7 +250,8 @@ class _TensorRules:
 
     def clean(self, x: np.ndarray) -> bool:
         """The common case in a few vector operations: True when no rule is broken."""
-        if not (bool((x >= self.fast_lo).all()) and bool((x <= self.fast_hi).all())):
+        lo, hi = self.fast32 if x.dtype == np.float32 else (self.fast_lo, self.fast_hi)
+        if not (bool((x >= lo).all()) and bool((x <= hi).all())):
             return False  # NaN compares false: nulls, like infinities, take the slow path
         if self.int_pos.size and x.dtype.kind == "f":
             xi = x[:, self.int_pos]
@@ -275,6 +278,22 @@ class _TensorRules:
         for i, allowed in self.cats:
             out[3, i] = int((finite[:, i] & ~np.isin(xf[:, i], allowed)).sum())
         return out
+
+
+def _float32_bounds(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds a float32 block compares against without a cast, deciding exactly as the float64 ones:
+    x >= lo  <=>  x >= (the least float32 >= lo); x <= hi  <=>  x <= (the greatest float32 <= hi);
+    clipped to the finite float32 range, so an infinity still fails."""
+    big = np.finfo(np.float32).max
+    lo32 = np.clip(lo, -big, big).astype(np.float32)
+    up = lo32 < np.clip(lo, -big, big)
+    lo32[up] = np.nextafter(lo32[up], np.float32(np.inf))
+    hi32 = np.clip(hi, -big, big).astype(np.float32)
+    down = hi32 > np.clip(hi, -big, big)
+    hi32[down] = np.nextafter(hi32[down], np.float32(-np.inf))
+    lo32[lo > big] = np.inf  # beyond every finite float32: nothing passes
+    hi32[hi < -big] = -np.inf
+    return lo32, hi32
 
 
 class _Binning:

@@ -50,9 +50,13 @@ class Table:
 
 def read_table(path: str | Path) -> Table:
     """A .parquet or .csv file's numeric columns; ``ModelLoadError`` says what does not fit."""
-    import pyarrow as pa
-
     path = Path(path)
+    try:
+        import pyarrow as pa
+    except ImportError:  # the demo install has no pyarrow: CSV still works, through numpy
+        if path.suffix.lower() == ".csv":
+            return _read_csv_numpy(path)
+        raise ModelLoadError("reading Parquet needs pyarrow: pip install 'cohortgate[batch]' (or use a .csv)") from None
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             import pyarrow.parquet as pq
@@ -84,6 +88,20 @@ def read_table(path: str | Path) -> Table:
         columns[name] = np.asarray(values, dtype=np.float64)
     if not columns or table.num_rows == 0:
         raise ModelLoadError(f"--data {path} has no rows")
+    return Table(columns, kinds)
+
+
+def _read_csv_numpy(path: Path) -> Table:
+    try:
+        with path.open(encoding="utf-8") as f:
+            names = [n.strip() for n in f.readline().strip().split(",")]
+        data = np.genfromtxt(path, delimiter=",", skip_header=1, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read --data {path}: {exc}") from None
+    if data.size == 0 or data.shape[1] != len(names):
+        raise ModelLoadError(f"--data {path} has no rows, or rows that do not match its header")
+    columns = {n: data[:, j] for j, n in enumerate(names)}
+    kinds = {n: "int" if bool(np.all(np.mod(v[~np.isnan(v)], 1) == 0)) else "float" for n, v in columns.items()}
     return Table(columns, kinds)
 
 

@@ -5,12 +5,17 @@ tensors (``sidecar.contract``), counts what broke (per feature and rule, for /me
 report) and, in ``enforce`` mode, raises the 422. Accepted inputs and the model's outputs are
 appended to a bounded buffer -- references, no copy -- and turned into sketches a block at a time
 (``flush``, at most ``max_buffer_rows`` rows), so the hot path pays a list append, not a histogram.
+Every request is checked and counted; one request in ``sketch_every`` is sketched (a deterministic
+systematic sample, inputs and outputs of the same requests). By default ``sketch_every`` grows with
+the contract's width, ``ceil(features / SKETCH_FEATURES)``, so sketching costs about as much per
+request for a 512-column model as for a 64-column one; the report's ``rows`` are the rows sketched.
 ``take`` closes the window and returns its ``QualityReport`` (cohortgate.core.sketch): counts only,
 never a raw value.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +25,7 @@ from cohortgate.core.sketch import QualityReport, Sketch, merge_sketches
 from sidecar.contract import Contract, Findings
 from sidecar.metrics import SidecarMetrics
 
+SKETCH_FEATURES = 64  # features sketched per request, about, by default (see sketch_every)
 DEFAULT_BUFFER_ROWS = 1024  # rows sketched per flush: a flush holds the event loop a few ms
 
 
@@ -35,6 +41,7 @@ class QualityGate:
         route: str | None = None,
         metrics: SidecarMetrics | None = None,
         max_buffer_rows: int = DEFAULT_BUFFER_ROWS,
+        sketch_every: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.contract = contract
@@ -44,6 +51,9 @@ class QualityGate:
         self._clock = clock
         self._used_in = sorted({r.index for r in contract._input_rules})
         self._used_out = sorted({r.index for r in contract._output_rules})
+        width = len(contract.inputs) + len(contract.outputs)
+        self.sketch_every = sketch_every or max(1, math.ceil(width / SKETCH_FEATURES))
+        self._seen = 0
         self._reset(clock())
 
     def _reset(self, start: float) -> None:
@@ -58,8 +68,9 @@ class QualityGate:
         self._buffered = 0
 
     # Hot path ------------------------------------------------------------------------------
-    def check_inputs(self, inputs: Sequence[np.ndarray], rows: int) -> None:
-        """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces."""
+    def check_inputs(self, inputs: Sequence[np.ndarray], rows: int) -> bool:
+        """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces.
+        True when this request is in the sketch sample (pass it to ``observe_outputs``)."""
         self.requests += 1
         findings = self.contract.check_inputs(inputs)
         if findings is not None:
@@ -68,17 +79,23 @@ class QualityGate:
                 if self._metrics is not None:
                     self._metrics.contract_rejected += 1
                 raise self.contract.refuse(findings)
+        self._seen += 1
+        if self._seen < self.sketch_every:
+            return False
+        self._seen = 0
         self.rows += rows
         if self._used_in:
             self._buf_in.append(inputs)
             self._grow(rows)
+        return True
 
-    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int) -> None:
-        """Count what the model's outputs break (never refused) and keep them for the sketches."""
+    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int, sketch: bool = True) -> None:
+        """Count what the model's outputs break (never refused); keep them for the sketches when
+        their request was sketched."""
         findings = self.contract.check_outputs(outputs)
         if findings is not None:
             self._count(findings, "output")
-        if self._used_out:
+        if sketch and self._used_out:
             self._buf_out.append(outputs)
             self._grow(rows)
 

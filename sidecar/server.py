@@ -542,12 +542,12 @@ class Sidecar:
                 else:
                     inputs = joined.inputs
             if quality is not None and model is self.model:  # (a features fallback model has no contract)
-                quality.check_inputs(inputs, decoded.rows)  # enforce: raises ContractViolation (422)
+                sketched = quality.check_inputs(inputs, decoded.rows)  # enforce: raises ContractViolation (422)
             else:
                 quality = None
             outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
-                quality.observe_outputs(outputs, decoded.rows)
+                quality.observe_outputs(outputs, decoded.rows, sketched)
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
         except SidecarError as exc:
             status = exc.status

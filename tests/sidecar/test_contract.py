@@ -277,3 +277,45 @@ def test_the_vectorised_binning_equals_numpy_histogram_per_column(edges, values,
     got = c.sketches({0: x}, "inputs")
     for j in range(k):
         assert got[f"c{j}"] == NumericSketch.of(x[:, j], c.inputs[j].edges)
+
+
+def test_sketching_samples_one_request_in_k_but_checks_every_one() -> None:
+    gate = QualityGate(contract(), model="m", variant="v", sketch_every=3)
+    sampled = []
+    for i in range(7):
+        x, code, flag = good(1)
+        x[0, 2] = 5.0 if i == 0 else 0.1 * i  # the first request breaks `score`: counted though not sketched
+        sketched = gate.check_inputs((x, code, flag), 1)
+        gate.observe_outputs((np.array([[0.5, 0.5]], np.float32), np.zeros(1, np.int64)), 1, sketched)
+        sampled.append(sketched)
+    assert sampled == [False, False, True, False, False, True, False]
+    report = gate.take()
+    assert report.requests == 7 and report.rows == 2
+    assert report.violations == {"score": {"range": 1}}
+    assert report.inputs["score"].total == 2 and report.outputs["p_yes"].total == 2
+    wide = {"inputs": [{"name": f"c{j}", "tensor": "x", "column": j % 4} for j in range(130)]}
+    assert QualityGate(contract(doc=wide), model="m", variant="v").sketch_every == 3  # ceil(130 / 64)
+    assert QualityGate(contract(), model="m", variant="v").sketch_every == 1
+
+
+@pytest.mark.parametrize("bound", [0.1, 1 / 3, 2.0, 1e-45, 1e39])
+def test_float32_bounds_decide_exactly_as_float64(bound: float) -> None:
+    """The fast path compares float32 blocks against float32 bounds; the answer must not change."""
+    sig = Signature("m", (TensorSpec("x", "FP32", (-1, 2)),), ())
+    doc = {
+        "inputs": [
+            {"name": "lo", "tensor": "x", "column": 0, "min": bound},
+            {"name": "hi", "tensor": "x", "column": 1, "max": bound},
+        ]
+    }
+    c = C.Contract(C.parse(doc), sig)
+    near = np.float32(min(bound, 3e38))
+    for v in (np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))):
+        x = np.array([[v, v]], dtype=np.float32)
+        found = c.check_inputs((x,))
+        want = {}
+        if float(v) < bound:
+            want["lo"] = {"range": 1}
+        if float(v) > bound:
+            want["hi"] = {"range": 1}
+        assert (found.counts if found else {}) == want, (bound, float(v))
