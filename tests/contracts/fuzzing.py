@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import hypothesis
 import requests
@@ -67,8 +68,13 @@ def fuzz(
     excluded_checks: Mapping[str, Sequence[Callable]] | None = None,
     modes: Sequence[GenerationMode] = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
     timeout_s: float = 20.0,
+    tls: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Fuzz every operation of ``schema_doc`` (but those labelled in ``skip``, e.g. ``GET /api/events``)."""
+    """Fuzz every operation of ``schema_doc`` (but those labelled in ``skip``, e.g. ``GET /api/events``).
+
+    ``tls``: requests' ``verify`` and ``cert`` for every request (schemathesis' own re-sends too),
+    e.g. the test CA and a client certificate for Envoy's mTLS listener.
+    """
     schema = schemathesis.openapi.from_dict(dict(schema_doc))
     report = Report()
     skipped = set(skip)
@@ -83,9 +89,30 @@ def fuzz(
         excluded = list((excluded_checks or {}).get(label, ()))
         for mode in modes:
             strategy = operation.as_strategy(generation_mode=mode)
+            if tls:
+                strategy = strategy.map(lambda case, tls=dict(tls): _WithTls(case, tls))
             _fuzz_one(strategy, label, report, base_url, examples, dict(headers or {}), check, excluded, timeout_s)
         report.seconds[label] = time.perf_counter() - started
     return report
+
+
+class _WithTls:
+    """A case whose requests (and schemathesis' re-sends) carry TLS settings. A wrapper, so the fuzzing
+    function's source, from which hypothesis derives its seed, and thus every other run's examples
+    stay as they were."""
+
+    def __init__(self, case: Any, tls: Mapping[str, Any]) -> None:
+        self._case, self._tls = case, tls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._case, name)
+
+    def call(self, **kwargs: Any) -> Any:
+        return self._case.call(**kwargs, **self._tls)
+
+    def validate_response(self, response: Any, **kwargs: Any) -> None:
+        kwargs["transport_kwargs"] = {**(kwargs.get("transport_kwargs") or {}), **self._tls}
+        self._case.validate_response(response, **kwargs)
 
 
 def _fuzz_one(strategy, label, report, base_url, examples, headers, check, excluded, timeout_s) -> None:

@@ -4,7 +4,9 @@ A local reply (one Envoy makes itself, the processor's immediate responses inclu
 against `local_replies` in order and gets that status and body: a backend that cannot be reached
 or answers too late, a processor that cannot be reached *or does not answer within its message
 timeout* (Envoy's own answer would be an empty 504; ours is the documented 503 ``unavailable``),
-and a body over the size limit, whatever its framing.
+a body over the size limit, whatever its framing, and a request Envoy's codec refuses (a header
+name with an underscore, which the listener rejects: text/plain "Bad Request" before; found by
+fuzzing ``/v1/outcomes``, ``tests/contracts/test_fuzz_outcomes.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def local_replies() -> tuple[LocalReply, ...]:
         "The gateway cannot decide on this request right now; try again later.",
     )  # fmt: skip
     return (
+        # Envoy's own 400s are its codec refusing the request (the processor never answers 400, so
+        # its denials keep their bodies); matched by status: a DPE response-flag filter missed them
+        LocalReply(None, 400, 400, "bad_request",
+                   "The request is not valid HTTP here (for example a header name with an underscore)."),
         LocalReply(UPSTREAM_DOWN_FLAGS, None, 503, "backend_unavailable",
                    "The model backend for this route cannot be reached right now; try again later."),
         LocalReply(UPSTREAM_TIMEOUT_FLAGS, None, 504, "backend_timeout",
