@@ -283,6 +283,18 @@ class Gateway:
         if self.store is not None:
             await self.store.start()
             follow(self.holder, self.store, self.metrics)
+        else:  # no controller to follow: the policy file's weights are the ones applied
+            self._export_weights(self.holder.policy)
+            self.holder.subscribe(lambda old, new: self._export_weights(new))
+
+    def _export_weights(self, policy: Policy) -> None:
+        """``cohortgate_variant_weight`` (dashboards select routes and variants by it) for every route."""
+        for route in policy.routes:
+            self.metrics.set_weights(
+                route.name,
+                {v.name: v.weight for v in route.variants},
+                frozenset(v.name for v in route.variants if not v.enabled),
+            )
 
     async def _start_reloader(self) -> None:
         cfg = self.config

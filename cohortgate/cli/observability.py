@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cohortgate.support.durations import duration_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     alerts = subparsers.add_parser("alerts", help="render Prometheus alerting rules")
@@ -56,6 +58,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prometheus-url", default="http://prometheus:9090", help="the datasource URL (default http://prometheus:9090)"
     )
     g.set_defaults(func=_grafana_render)
+    v = gsub.add_parser(
+        "preview",
+        help="run the dashboard's queries against a Prometheus and write the panels as one HTML page",
+        description="Run every panel's PromQL against a Prometheus (variables on All, the same interval "
+        "substitutions Grafana makes) and write the panels on the dashboard's grid as a self-contained HTML "
+        "page: a look at the dashboard where no Grafana runs. Panels without data say No data.",
+    )
+    v.add_argument("--prometheus-url", required=True, help="the Prometheus to query, e.g. http://127.0.0.1:9090")
+    v.add_argument(
+        "--out", type=Path, default=Path("grafana-preview.html"), help="the page (default grafana-preview.html)"
+    )
+    v.add_argument("--range", type=duration_arg, default=900.0, metavar="DURATION", help="time range (default 15m)")
+    v.add_argument("--step", type=duration_arg, default=5.0, metavar="DURATION", help="resolution (default 5s)")
+    v.add_argument(
+        "--rate-interval", type=duration_arg, default=60.0, metavar="DURATION",
+        help="what $__rate_interval becomes (default 1m: four scrapes at 15 s)",
+    )  # fmt: skip
+    v.set_defaults(func=_grafana_preview)
 
 
 def _alerts_render(args: argparse.Namespace) -> int:
@@ -84,6 +104,31 @@ def _alerts_render(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _grafana_preview(args: argparse.Namespace) -> int:
+    import time
+    import urllib.error
+
+    from cohortgate.deploy.grafana import dashboard
+    from cohortgate.deploy.grafana_preview import fetch, page
+
+    try:
+        panels = fetch(
+            args.prometheus_url,
+            dashboard(),
+            end=time.time(),
+            range_s=int(args.range),
+            step_s=max(1, int(args.step)),
+            rate_interval_s=int(args.rate_interval),
+        )
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        print(f"cohortgate grafana preview: cannot query {args.prometheus_url}: {exc}", file=sys.stderr)
+        return 1
+    note = f"{sum(p.has_data for p in panels)} of {len(panels)} panels with data; Prometheus {args.prometheus_url}"
+    args.out.write_text(page(panels, title="cohortgate (Grafana dashboard preview)", note=note))
+    print(f"wrote {args.out} ({note})")
     return 0
 
 

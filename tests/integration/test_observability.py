@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from cohortgate.deploy import alerts, pki
+from cohortgate.deploy import alerts, grafana, pki
+from cohortgate.deploy.grafana_preview import fetch, page
 from cohortgate.deploy.promql import CONTROLLER, ENVOY, EXPORTED, GATEWAY, SIDECAR
 from tests.dashboard.harness import ControllerProc
 from tests.integration.conftest import Client, GatewayProcess, free_port, mint
@@ -355,6 +356,21 @@ def test_prometheus_scrapes_the_stack_and_raises_processor_alerts(stack: Stack, 
         errors = [(r["name"], r.get("lastError")) for r in json.loads(get(f"{api}/rules"))["data"]["groups"][0]["rules"] if r["health"] != "ok"]  # fmt: skip  # noqa: E501
         assert errors == []
         assert query("ALERTS") == [], "an alert on a healthy stack"
+        # the Grafana dashboard's own queries, as Grafana would send them, answer with data for the
+        # panels this stack feeds (no sidecar and no access log to the controller here: those stay
+        # empty); the weights panel (and the dashboard's route/variant lists) read a gauge that a
+        # gateway without a state store did not export before
+        for _ in range(20):
+            assert stack.client.request(token=mint(stack.certs, "obs-grafana")).status == 200
+        fed = {"Routing decisions by variant", "Effective weights", "Fail-closed and processor errors"}
+
+        def preview() -> list[Any] | None:
+            panels = fetch(f"http://127.0.0.1:{port}", grafana.dashboard(), end=time.time(), range_s=120, step_s=2)
+            return panels if fed <= {p.title for p in panels if p.has_data} else None
+
+        panels = wait_for("the dashboard's panels with data", preview, START_TIMEOUT_S)
+        (tmp_path / "preview.html").write_text(page(panels))
+        assert "No data" in (tmp_path / "preview.html").read_text()  # the sidecar panels
         # the processor dies: Envoy answers 503 (fail-closed) and both alerts go pending
         stack.gateway.kill()
         deadline = time.monotonic() + ALERT_TIMEOUT_S
