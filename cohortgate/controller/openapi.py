@@ -299,6 +299,29 @@ def outcome_operations() -> dict[str, Any]:
                             "results": {"type": "array", "items": {"type": "object"}},
                             "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
                             "window_s": {"type": "number"},
+                            "design": {
+                                "type": "object",
+                                "description": "Per route: variants and weights, metrics, alpha, rollout plan and "
+                                "the experiment's catalog entry (controller/report.py design_of).",
+                                "additionalProperties": {"type": "object"},
+                            },
+                            "history": {
+                                "type": "object",
+                                "description": "Per route: each metric and challenger's lift over time, points "
+                                "[t, rel, av_lo, av_hi, fh_lo, fh_hi, units_challenger, units_control] "
+                                "(controller/lift_history.py).",
+                                "additionalProperties": {"type": "array", "items": {"type": "object"}},
+                            },
+                            "labels": {
+                                "type": "object",
+                                "description": "Per route: accuracy, log-loss, MAE per variant from served "
+                                "predictions joined with labels (controller/labels.py).",
+                                "additionalProperties": {"type": "array", "items": {"type": "object"}},
+                            },
+                            "predictions_pending": {
+                                "type": "integer",
+                                "description": "Served predictions still waiting for their label.",
+                            },
                         },
                     },
                     "The results.",
