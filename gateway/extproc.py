@@ -51,6 +51,7 @@ from cohortgate.core.contract import (
     HEADER_PREFIX,
     HEADER_REGION,
     HEADER_ROUTE,
+    HEADER_SEGMENT,
     HEADER_SHADOWS,
     HEADER_UNIT,
     HEADER_VARIANT,
@@ -60,7 +61,7 @@ from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import Denial, RequestDenied
 from cohortgate.core.exposure import exposure_id, parse_keys
 from cohortgate.core.exposure import mint as mint_exposure
-from cohortgate.core.policy import Features, Policy
+from cohortgate.core.policy import Features, Policy, Quality
 from cohortgate.core.sticky import sticky_key
 from cohortgate.support.tracing import TRACE_HEADERS, TRACEPARENT, trace_id
 from gateway.audit import AuditEntry
@@ -316,6 +317,8 @@ def policy_headers(policy: Policy) -> frozenset[str]:
         names.update(rule.key for rule in route.eligibility if rule.source == "header")
         if route.features is not None and route.features.entity_source == "header":
             names.add(route.features.entity_key)
+        if route.quality is not None:
+            names.update(s.key for s in route.quality.segments if s.source == "header")
     return frozenset(names)
 
 
@@ -350,6 +353,7 @@ class Processor:
         self._units: dict[str, tuple[tuple[bytes, bytes], str]] = {}  # unit -> (header option, its hash)
         self._outcome_routes: frozenset[str] = frozenset()
         self._feature_routes: dict[str, Features] = {}  # routes whose sidecars join online features
+        self._segment_routes: dict[str, Quality] = {}  # routes judged per segment (policy `quality.segments`)
         self._sticky = False  # some route allocates adaptively and notes can be signed
         self._identities: dict[tuple[str, bool], str | None] = {}
         self._policy: Policy | None = None
@@ -447,6 +451,7 @@ class Processor:
             self._wanted = policy_headers(policy) | (TRACE_HEADERS if self.tracing is not None else frozenset())
             self._outcome_routes = frozenset(r.name for r in policy.routes if r.kind == "outcomes")
             self._feature_routes = {r.name: r.features for r in policy.routes if r.features is not None}
+            self._segment_routes = {r.name: r.quality for r in policy.routes if r.quality and r.quality.segments}
             self._sticky = bool(self.settings.sticky_keys) and any(r.allocation for r in policy.routes)
             if self._sticky:  # bandit routes read the client's echoed assignment note
                 self._wanted |= {HEADER_ASSIGNMENT}
@@ -557,6 +562,12 @@ class Processor:
                 entity = _entity(features, headers, claims)
                 if entity is not None:  # never cached: one option per user would flush the policy's ones
                     sets.append(_set_option(HEADER_ENTITY, entity))
+        segmented = False
+        if self._segment_routes:
+            quality = self._segment_routes.get(decision.route)  # type: ignore[arg-type]
+            if quality is not None:  # declared values only: the options cache stays bounded
+                sets.append(options.set(HEADER_SEGMENT, quality.label(decision.region, headers, claims)))
+                segmented = True
         removes = []
         if strip:  # remove what the client sent unless one of ours overwrites it
             ours = {HEADER_CLUSTER, HEADER_REGION, *HEADER_SHADOWS[: len(decision.shadows)]}
@@ -572,6 +583,8 @@ class Processor:
                 ours.add(HEADER_OUTCOMES)
             if entity is not None:
                 ours.add(HEADER_ENTITY)
+            if segmented:
+                ours.add(HEADER_SEGMENT)
             removes = [options.remove(name) for name in strip if name not in ours]
         stats.allowed += 1
         routed = stats.routed
@@ -619,8 +632,20 @@ class Processor:
             self.audit.record(
                 _new_tuple(
                     AuditEntry,
-                    (self._clock(), request_id, identity, sub, route, None, None, "deny", denial.code, denial.status,
-                     (), trace),
+                    (
+                        self._clock(),
+                        request_id,
+                        identity,
+                        sub,
+                        route,
+                        None,
+                        None,
+                        "deny",
+                        denial.code,
+                        denial.status,
+                        (),
+                        trace,
+                    ),
                 )
             )
         return _Denied(denial, message, request_id, route)

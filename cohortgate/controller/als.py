@@ -36,6 +36,7 @@ from typing import Any
 from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
     HEADER_REGION,
+    HEADER_SEGMENT,
     HEADER_SHADOW_OF,
     HEADER_SHADOWS,
     HEADER_UNIT,
@@ -83,10 +84,11 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         headers = request.request_headers  # set (or stripped) by the processor: see the module docstring
         (route, variant), unit, region = parts, headers.get(HEADER_UNIT, ""), headers.get(HEADER_REGION, "")
         shadow_of = headers.get(HEADER_SHADOW_OF, "")
+        segment = headers.get(HEADER_SEGMENT, "")
         backend = cluster_index(common.upstream_cluster)
     else:
         backend = None
-        variant = unit = region = shadow_of = ""
+        variant = unit = region = shadow_of = segment = ""
         route = ""
         if route_of is not None and request.path:
             method = request.DESCRIPTOR.fields_by_name["request_method"].enum_type.values_by_number.get(
@@ -111,6 +113,7 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         unit=unit,
         ts=ts,
         shadow_of=shadow_of,
+        segment=segment,
         backend=-1 if backend is None else backend,
     )
 

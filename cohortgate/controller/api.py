@@ -8,6 +8,7 @@
     POST /actions/promote         bearer     {"route": R, "variant": V}
     POST /actions/resume          bearer     {"route": R}
     POST /reports                 bearer     sidecar shadow reports: a JSON list (or one object)
+    POST /quality                 bearer     sidecar quality reports (drift sketches; controller/quality.py)
     POST /outcomes                bearer|gw  client outcomes with exposure tokens (controller/outcomes_api.py)
     GET  /outcomes?route=R        bearer     the outcome ledger's lift per metric and challenger
     GET  /openapi.json            no auth    this API's OpenAPI 3.1 document (controller/openapi.py)
@@ -37,6 +38,7 @@ from cohortgate.controller.loop import Controller
 from cohortgate.controller.openapi import OPENAPI_PATH
 from cohortgate.controller.openapi import build as build_openapi
 from cohortgate.core.rollout import InvalidTransition, Signal
+from cohortgate.core.sketch import QualityReport
 from cohortgate.store.events import Event, EventSink
 from cohortgate.store.state import StoreUnavailable
 
@@ -237,6 +239,40 @@ async def _reports(request: web.Request) -> web.Response:
     return _json({"accepted": accepted, "rejected": len(items) - accepted}, 202)
 
 
+async def _quality(request: web.Request) -> web.Response:
+    """Sidecar quality reports (`cohortgate.core.sketch.QualityReport` JSON): same guard as ``/reports``
+    (admin token, loopback), since a forged sketch could trip a drift rollback."""
+    if not _loopback(request):
+        return _error(403, "forbidden", "quality reports are accepted from loopback only")
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "bad_request", "the body must be JSON")
+    if not isinstance(data, list | dict):
+        return _error(400, "bad_request", "the body must be a quality report object or a list of them")
+    items = data if isinstance(data, list) else [data]
+    if len(items) > MAX_REPORTS:
+        return _error(413, "payload_too_large", f"at most {MAX_REPORTS} reports per request")
+    monitor = request.app[CONTROLLER_KEY].quality
+    accepted, errors = 0, []
+    for item in items:
+        try:
+            if not isinstance(item, dict):
+                raise ValueError("a quality report must be a JSON object")
+            report = QualityReport.from_json(item)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        segments = item.get("segments")
+        if monitor.add_report(report, segments if isinstance(segments, dict) else None):
+            accepted += 1
+        else:
+            errors.append(f"no route with a quality block serves model {report.model!r} variant {report.variant!r}")
+    if isinstance(data, dict) and errors:
+        return _error(400, "bad_report", errors[0])
+    return _json({"accepted": accepted, "rejected": len(items) - accepted, "errors": errors[:5]}, 202)
+
+
 def make_app(controller: Controller, token: str, sink: EventSink) -> web.Application:
     app = web.Application(middlewares=[_guard], client_max_size=4 * 1024 * 1024)
     app[CONTROLLER_KEY] = controller
@@ -250,6 +286,7 @@ def make_app(controller: Controller, token: str, sink: EventSink) -> web.Applica
     app.router.add_post("/actions/promote", action_handler(Signal.PROMOTE, True))
     app.router.add_post("/actions/resume", action_handler(Signal.RESUME, False))
     app.router.add_post("/reports", _reports)
+    app.router.add_post("/quality", _quality)
     app.router.add_get(OPENAPI_PATH, _openapi)
     outcomes_api.register(app, controller)  # POST/GET /outcomes: the outcome ledger (controller/outcomes_api.py)
     return app

@@ -46,6 +46,7 @@ from cohortgate.controller.judge import (
 )
 from cohortgate.controller.leader import Leadership, SoloLeader
 from cohortgate.controller.metrics import ControllerMetrics
+from cohortgate.controller.quality import QualityMonitor, forget_variant
 from cohortgate.controller.shadows import ShadowJoin
 from cohortgate.controller.windows import (
     ERRORS,
@@ -158,6 +159,7 @@ class Controller:
         self.verdicts: dict[tuple[str, str], Verdict] = {}
         self.srm: dict[str, dict[str, Any]] = {}
         self.shadows = ShadowJoin(policy)
+        self.quality = QualityMonitor(policy, self.config.window_s)  # drift, segments, fairness (issue 20)
         self.allocation = Allocator()  # bandit routes' weights, every update_s (allocation.py)
         self.fallbacks = FeatureFallbacks(policy)  # feature fallbacks per variant (issue 22)
         # outcome metrics: the ledger POST /outcomes feeds, its journal, the judge's evidence (gating.py)
@@ -220,6 +222,7 @@ class Controller:
         if old.digest == policy.digest:
             return
         self.shadows.set_policy(policy)
+        self.quality.set_policy(policy)
         self.fallbacks.set_policy(policy)
         self.outcomes.set_policy(policy)
         for name in set(self.windows) - set(policy.by_name):
@@ -297,6 +300,7 @@ class Controller:
                 b[3].append(e.unit)
                 b[4].append(regions is None or not e.region or e.region in regions)
                 b[5].append(e.backend)
+                self.quality.add_request(e)
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
                 self.fallbacks.add(e)
@@ -488,6 +492,7 @@ class Controller:
                 if srm is not None:
                     evidence["srm"] = srm
                 verdicts.append(Verdict(verdict.variant, verdict.signal, verdict.reason, evidence))
+        verdicts += self.quality.verdicts(route, state, self.thresholds[route.name], now, {v.variant for v in verdicts})
         changes = []
         for verdict in verdicts:
             before = self.states[route.name]
@@ -620,6 +625,8 @@ class Controller:
                 continue
             if ov.phase is Phase.ROLLED_BACK and nv.phase is not Phase.ROLLED_BACK:
                 rw.variants[name].forget()  # a restarted experiment starts from scratch
+                self.outcomes.restart(route.name, name, self.clock(), journal=bool(self.leader.held))
+                forget_variant(self.quality, route.name, name)
                 self.tests[(route.name, name)] = _Tests(route.guardrails)
             elif ov.phase is Phase.HALTED and nv.phase is not Phase.HALTED:
                 # resumed: control must show a breach afresh (the operator has looked at it)
@@ -814,6 +821,7 @@ class Controller:
                 "latency_threshold_ms": self.thresholds.get(route.name),
                 "variants": {v.name: self._variant_status(route, v.name, now) for v in route.variants},
                 "shadows": self.shadows.summary(route.name),
+                "quality": self.quality.status(route.name),
                 "allocation": self.allocation.report(self, route) if route.allocation is not None else None,
                 "features": self.fallbacks.summary(route.name),  # None: the route joins no features
                 "outcomes": self.outcomes.summary(route.name),
@@ -864,6 +872,8 @@ class Controller:
                     await _sleep_or_stop(stop, min(wait, interval))
                 if time.monotonic() >= next_tick:
                     next_tick = max(next_tick + interval, time.monotonic())
+                    if not leading:
+                        await self.outcomes.poll()  # a follower's API takes outcomes too: journal them
                     if leading:
                         await self.tick()
                         if self.clock() - self._last_reseed >= self.config.reseed_s:

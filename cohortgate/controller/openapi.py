@@ -25,6 +25,7 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("POST", "/actions/promote"),
     ("POST", "/actions/resume"),
     ("POST", "/reports"),
+    ("POST", "/quality"),
     ("POST", OUTCOMES_PATH),
     ("GET", OUTCOMES_PATH),
     ("GET", OPENAPI_PATH),
@@ -438,6 +439,46 @@ def build() -> dict[str, Any]:
                         "Counted: reports that could not be read are rejected, not failed.",
                     ),
                     "400": error("The body is not JSON, or neither an object nor a list."),
+                    "401": UNAUTHENTICATED,
+                    "403": error("Not from loopback."),
+                    "413": error("More than 10 000 reports, or a body over 4 MiB."),
+                },
+            }
+        },
+        "/quality": {
+            "post": {
+                "operationId": "quality",
+                "summary": "Sidecar quality reports: drift sketches per window (loopback only; docs/quality.md).",
+                "security": _AUTH,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "description": "One QualityReport (cohortgate.core.sketch: model, variant, route, "
+                                "window_start, window_end, inputs, outputs, violations; optional `segments`: "
+                                '{"SEGMENT=VALUE": {"positive": n, "total": n}}) or a list of them (413 past 10 000).',
+                                "anyOf": [{"type": "array"}, {"type": "object"}],
+                            },
+                        }
+                    },
+                },
+                "responses": {
+                    "202": json_response(
+                        {
+                            "type": "object",
+                            "required": ["accepted", "rejected"],
+                            "properties": {
+                                "accepted": {"type": "integer", "minimum": 0},
+                                "rejected": {"type": "integer", "minimum": 0},
+                                "errors": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                        "Counted: a report that cannot be read, or names no route with a quality block, is rejected.",
+                    ),
+                    "400": error(
+                        "The body is not JSON, or neither an object nor a list, or a lone report is malformed."
+                    ),
                     "401": UNAUTHENTICATED,
                     "403": error("Not from loopback."),
                     "413": error("More than 10 000 reports, or a body over 4 MiB."),

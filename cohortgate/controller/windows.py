@@ -422,3 +422,46 @@ class RouteWindows:
 
     def unit_counts(self) -> dict[str, int]:
         return {n: len(w.units) for n, w in self.variants.items()}
+
+
+def parse_segments(label: str, declared: dict[str, frozenset[str]]) -> list[tuple[str, str]]:
+    """``name=value;...`` (the processor's ``x-cohortgate-segment``) -> (name, value) per declared
+    segment, a value the policy does not declare read as ``other`` (a stale gateway, an older policy)."""
+    got = dict(part.partition("=")[::2] for part in label.split(";") if part) if label else {}
+    return [(name, v if (v := got.get(name, "other")) in values else "other") for name, values in declared.items()]
+
+
+class SegmentWindows:
+    """Per segment value x variant outcomes: the batch since the last tick, and totals since the start.
+
+    Keys are ``(segment, value)``; values are the declared ones plus ``other``, so the table is
+    bounded by the policy whatever the access log says.
+    """
+
+    __slots__ = ("batch", "declared", "names", "totals")
+
+    def __init__(self, names: Iterable[str], declared: dict[str, frozenset[str]]) -> None:
+        self.names = list(names)
+        self.declared = declared
+        keys = [(s, v) for s, values in declared.items() for v in (*sorted(values), "other")]
+        self.batch = {k: {n: Counts.empty() for n in self.names} for k in keys}
+        self.totals = {k: {n: Counts.empty() for n in self.names} for k in keys}
+
+    def add(self, variant: str, label: str, status: int, latency_ms: float) -> None:
+        if variant not in self.names:
+            return
+        for key in parse_segments(label, self.declared):
+            self.batch[key][variant].add(status, latency_ms)
+            self.totals[key][variant].add(status, latency_ms)
+
+    def drain(self) -> dict[tuple[str, str], dict[str, Counts]]:
+        """The batches since the last call (and start new ones)."""
+        out = self.batch
+        self.batch = {k: {n: Counts.empty() for n in self.names} for k in out}
+        return out
+
+    def forget(self, variant: str) -> None:
+        """A restarted variant starts its totals afresh."""
+        for per in (self.batch, self.totals):
+            for counts in per.values():
+                counts[variant] = Counts.empty()

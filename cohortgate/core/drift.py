@@ -48,9 +48,10 @@ from typing import Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats as sps
+from scipy import special
 
 PSI_FLOOR = 1e-4  # a bin's share is at least this in PSI's logarithm (Evidently's convention)
+POOL_BELOW = 10  # the G-test pools categories seen fewer times than this (both windows together)
 
 
 class NumericLike(Protocol):
@@ -103,10 +104,16 @@ def js_distance(reference: ArrayLike, current: ArrayLike) -> np.ndarray:
 
 
 def homogeneity_p(reference: ArrayLike, current: ArrayLike) -> np.ndarray:
-    """G-test p-value that two count vectors (last axis) come from one distribution (1.0: no data)."""
+    """G-test p-value that two count vectors (last axis) come from one distribution (1.0: no data);
+    sparse categories pooled (``POOL_BELOW``)."""
     a = np.asarray(reference, dtype=float)
     b = np.asarray(current, dtype=float)
     a, b = np.broadcast_arrays(a, b)
+    # Cochran's rule: categories with fewer than POOL_BELOW values in both windows together are pooled
+    # into one, since the chi-square approximation is anti-conservative on sparse cells (histogram tails)
+    rare = (a + b) < POOL_BELOW
+    a = np.concatenate([np.where(rare, 0.0, a), (a * rare).sum(-1, keepdims=True)], axis=-1)
+    b = np.concatenate([np.where(rare, 0.0, b), (b * rare).sum(-1, keepdims=True)], axis=-1)
     col = a + b
     na, nb = a.sum(-1, keepdims=True), b.sum(-1, keepdims=True)
     n = na + nb
@@ -119,7 +126,7 @@ def homogeneity_p(reference: ArrayLike, current: ArrayLike) -> np.ndarray:
         stat = 2 * (g(a, ea) + g(b, eb)).sum(-1)
     df = (col > 0).sum(-1) - 1
     ok = (df > 0) & (na[..., 0] > 0) & (nb[..., 0] > 0)
-    return np.asarray(np.where(ok, sps.chi2.sf(np.maximum(stat, 0.0), np.maximum(df, 1)), 1.0))
+    return np.asarray(np.where(ok, special.chdtrc(np.maximum(df, 1), np.maximum(stat, 0.0)), 1.0))  # chi2 sf
 
 
 def bin_centres(edges: ArrayLike) -> np.ndarray:
@@ -290,6 +297,13 @@ class DriftSummary:
             "mean_js": round(self.mean_js, 6),
             "max_js": round(self.max_js, 6),
         }
+
+
+def rejudge(summary: DriftSummary, thresholds: Thresholds) -> DriftSummary:
+    """The same comparisons judged at other thresholds (a new ``alpha``) without recomputing them."""
+    per_feature = thresholds.alpha / max(summary.judged, 1)
+    drifted = {k: tuple(x) for k, d in summary.features.items() if (x := thresholds.exceeded(d, per_feature))}
+    return DriftSummary(summary.features, drifted, summary.judged)
 
 
 def summarize(reference: Mapping[str, object], current: Mapping[str, object], thresholds: Thresholds) -> DriftSummary:

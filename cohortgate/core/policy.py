@@ -197,6 +197,27 @@ class Quality:
 
 
 @dataclass(frozen=True, slots=True)
+    def label(self, region: str | None, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str:
+        """The request's segments as the access log carries them: ``name=value;...``, each value a
+        declared one or ``other`` (a client can never widen the set). Empty without segments."""
+        parts = []
+        for s in self.segments:
+            if s.source == "region":
+                raw: Any = region
+            elif s.source == "header":
+                raw = headers.get(s.key)
+            else:
+                raw = claims.get(s.key) if claims is not None else None
+            value = (
+                raw
+                if isinstance(raw, str)
+                else str(raw)
+                if isinstance(raw, int) and not isinstance(raw, bool)
+                else None
+            )
+            parts.append(f"{s.name}={s.value_of(value)}")
+        return ";".join(parts)
+
 class Route:
     name: str
     path_prefix: str | None
