@@ -625,6 +625,7 @@ class Controller:
                 continue
             if ov.phase is Phase.ROLLED_BACK and nv.phase is not Phase.ROLLED_BACK:
                 rw.variants[name].forget()  # a restarted experiment starts from scratch
+                forget_variant(self.quality, route.name, name)
                 self.tests[(route.name, name)] = _Tests(route.guardrails)
             elif ov.phase is Phase.HALTED and nv.phase is not Phase.HALTED:
                 # resumed: control must show a breach afresh (the operator has looked at it)
