@@ -282,6 +282,9 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
             return resp.getheader("x-upstream") or str(resp.status)
 
         _wait(lambda: answer("bg") == "base", 60, "bg answered")
+        # steady state: the gateway's first CDS render (importing and warming the renderer, seconds
+        # on a busy machine) is done; an edit arriving earlier waits for it
+        _wait(lambda: "Envoy CDS file ready" in _gateway_log(state), 300, "the gateway's first CDS render")
         load = Load(connect, token, rate)
         load.thread.start()
         time.sleep(2.0)
@@ -318,14 +321,24 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
         out.close()
         base.shutdown()
         moved.shutdown()
-    gateway_log = next(iter(sorted(state.rglob("gateway*.log"))), None)
-    lags = []
-    if gateway_log is not None:
-        for line in gateway_log.read_text(errors="replace").splitlines():
-            if "event loop lag at most" in line:
-                lags.append(line.rsplit("at most", 1)[1].strip())
+    lags, gateway_times, envoy_times = [], [], []
+    for line in _gateway_log(state).splitlines():
+        if "event loop lag at most" in line:
+            lags.append(line.rsplit("at most", 1)[1].strip())
+            gateway_times.append(line.split(" took ", 1)[1].split("; ", 1)[0])
+        elif "Envoy confirmed" in line:
+            envoy_times.append(line.split("cluster(s) in ", 1)[1])
+    up_lines = (work / "up.out").read_text(errors="replace").splitlines()
+    up_times = [line.split("; ", 1)[1].rstrip(")") for line in up_lines if "applied the edit" in line and "; " in line]
+    for label, values in (("up", up_times), ("gateway reload", gateway_times), ("Envoy confirmed", envoy_times)):
+        say(f"  {label}: " + " | ".join(values))
     return {"rows": rows, "statuses": dict(load.statuses) if load else {}, "failures": load.failures if load else [],
-            "loop_lag": lags}  # fmt: skip
+            "loop_lag": lags, "up": up_times, "gateway": gateway_times, "envoy": envoy_times}  # fmt: skip
+
+
+def _gateway_log(state: Path) -> str:
+    found = next(iter(sorted(state.rglob("gateway*.log"))), None)
+    return found.read_text(errors="replace") if found is not None else ""
 
 
 def _free_port() -> int:

@@ -142,17 +142,25 @@ class EnvoyClusters:
         return {c["name"] for c in doc.get("cluster_statuses", ())}
 
     async def _cds_stats(self) -> tuple[str | None, int | None]:
-        """(the CDS ``version_info`` Envoy accepted, its number of warming clusters), from two stats.
+        """(the CDS ``version_info`` Envoy accepted, its number of warming clusters).
 
-        A few bytes to ask for, where ``/clusters`` is megabytes for thousands of clusters and its
-        rendering holds Envoy's main thread, the one that applies the new file."""
-        url = f"{self._base}/stats?filter=%5Ecluster_manager%5C.%28cds%5C.version_text%7Cwarming_clusters%29%24"
-        async with self._open().get(url) as resp:
+        The version is a text readout, asked for by type (Envoy then walks only the text readouts:
+        ~16 ms with 2 000 clusters); the warming clusters are a config dump that is empty once none
+        is warming (~2 ms). Both as two stats of one ``/stats`` call took 150-330 ms of Envoy's main
+        thread with 2 000 clusters (it walks all 80-210 thousand stats), the thread that applies the
+        new file, and the confirmation polls every 20 ms."""
+        version_url = f"{self._base}/stats?filter=%5Ecluster_manager%5C.cds%5C.version_text%24&type=TextReadouts"
+        async with self._open().get(version_url) as resp:
             text = (await resp.read()).decode(errors="replace") if resp.status == 200 else ""
         stats = dict(line.partition(":")[::2] for line in text.splitlines())
         version = stats.get("cluster_manager.cds.version_text", "").strip().strip('"') or None
-        warming = stats.get("cluster_manager.warming_clusters", "").strip()
-        return version, int(warming) if warming.isdigit() else None
+        async with self._open().get(f"{self._base}/config_dump?resource=dynamic_warming_clusters") as resp:
+            body = await resp.read() if resp.status == 200 else b""
+        try:
+            warming: int | None = len(json.loads(body).get("configs", ())) if body else None
+        except (ValueError, AttributeError):
+            warming = None
+        return version, warming
 
     async def loaded_version(self) -> str | None:
         """The CDS ``version_info`` Envoy has accepted (stat ``cluster_manager.cds.version_text``)."""
@@ -250,6 +258,7 @@ class Reloader:
         self._lingering: list[tuple[float, tuple[Backend, ...]]] = []  # (until, backends) still in Envoy
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_loop_lag_s = 0.0  # the worst event-loop lag during the last reload (requests wait that long)
+        self._parse_s = 0.0  # the last reload's parse and compile (logged with its time)
 
     # ---- life
 
@@ -280,8 +289,15 @@ class Reloader:
 
     async def _initial_cds(self) -> None:
         async with self._lock:
+            started = time.monotonic()
             try:
                 await self.envoy.write(self.holder.policy.backends, self.holder.policy.path)  # type: ignore[union-attr]
+                # the first render imports and warms the renderer (seconds on a busy machine): an
+                # edit arriving meanwhile waits for it
+                log.info(
+                    "Envoy CDS file ready: %d cluster(s), %.0f ms", len(self.holder.policy.backends),
+                    (time.monotonic() - started) * 1000,
+                )  # fmt: skip
             except Exception:
                 log.exception("cannot write the Envoy CDS file %s", self.envoy.cds_path)  # type: ignore[union-attr]
 
@@ -296,6 +312,7 @@ class Reloader:
         """Apply the file as it is now; True when a new policy serves. Never raises."""
         async with self._lock:
             started = time.monotonic()
+            self._parse_s = 0.0
             lag = LoopLag()
             probe = asyncio.get_running_loop().create_task(lag.run(), name="cohortgate-reload-loop-lag")
             try:
@@ -307,9 +324,10 @@ class Reloader:
                 probe.cancel()
                 self.last_loop_lag_s = lag.max_s
                 log.info(
-                    "policy reload (%s) took %.0f ms; event loop lag at most %.1f ms meanwhile",
+                    "policy reload (%s) took %.0f ms (parsing %.0f ms); event loop lag at most %.1f ms meanwhile",
                     trigger,
                     (time.monotonic() - started) * 1000,
+                    self._parse_s * 1000,
                     lag.max_s * 1000,
                 )
 
@@ -325,7 +343,9 @@ class Reloader:
             log.debug("policy reload (%s): %s unchanged", trigger, self.path)
             return False
         try:
+            parsing = time.monotonic()
             new = await asyncio.to_thread(parse_policy, raw, str(self.path), self.path.resolve().parent)
+            self._parse_s = time.monotonic() - parsing
             commit = await asyncio.to_thread(self.prepare, serving, new) if self.prepare is not None else None
         except Exception as exc:
             holder.failed(exc, trigger)
@@ -355,6 +375,7 @@ class Reloader:
         # The new policy's backends first: a cluster whose endpoint changed is written as the new one.
         union = union_backends(new.backends, serving.backends, self._still_in_envoy())
         await envoy.write(union, new.path)  # not cancelled on the limit: a late write would undo the revert
+        written = time.monotonic()
         from cohortgate.deploy.envoy import cds_form
 
         limit = confirm_limit(self.confirm_s, len(union), cds_form(envoy.cds_path))
@@ -369,10 +390,12 @@ class Reloader:
                 await envoy.write(union_backends(serving.backends, self._still_in_envoy()), serving.path)
             return False
         log.info(
-            "Envoy confirmed %d new and %d changed cluster(s) in %.0f ms",
+            "Envoy confirmed %d new and %d changed cluster(s) in %.0f ms (%d in the file, written in %.0f ms)",
             len(change.added),
             len(change.changed),
             (time.monotonic() - started) * 1000,
+            len(union),
+            (written - started) * 1000,
         )
         return True
 

@@ -5,8 +5,6 @@ each metric's lift and always-valid interval here. Memory is bounded without los
 an experiment: when a series passes ``max_points`` every other point is dropped (the first kept)
 and from then on only every other look is kept, so the points stay evenly spaced and a week-long
 experiment is drawn end to end from at most ``max_points`` points (the newest look always shown).
-A look with fewer units than the one before means the ledger started the comparison afresh (a
-rolled-back challenger resumed): its series starts again there.
 
 A point is ``[t, rel, av_lo, av_hi, fh_lo, fh_hi, units_challenger, units_control]``: relative
 lift, the always-valid interval (the running intersection that decides) and the fixed-horizon one
@@ -68,8 +66,6 @@ class LiftHistory:
             key = (str(r["route"]), str(r["metric"]), str(r["challenger"]))
             s = self._series.setdefault(key, _Series())
             p = point(t, r)
-            if s.last is not None and p[6] + p[7] < s.last[6] + s.last[7]:
-                s = self._series[key] = _Series()  # fewer units than before: the experiment restarted
             s.last = p
             if s.looks % s.stride == 0:
                 s.points.append(p)

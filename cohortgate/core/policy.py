@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -503,12 +505,22 @@ def load_policy(path: str | Path) -> Policy:
 
 def parse_policy(raw: bytes | str, filename: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Validate and compile policy text (``filename`` only labels the error positions)."""
+    return _parse_policy(raw, filename, base_dir)[0]
+
+
+def parse_policy_data(raw: bytes | str, filename: str = "<policy>", base_dir: Path | None = None) -> tuple[Policy, Any]:
+    """`parse_policy`, and the plain data it read (never modify them): `cohortgate up` rewrites
+    them into its effective policy without reading the file a second time."""
     return _parse_policy(raw, filename, base_dir)
 
 
-def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> Policy:
+def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> tuple[Policy, Any]:
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     data_bytes = raw if isinstance(raw, bytes) else raw.encode()
+    fast = _json_model(text, filename)
+    if fast is not None:
+        model, data = fast
+        return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd()), data
     marks = _Marks(filename)
     problems: list[str] = []
     try:
@@ -532,7 +544,43 @@ def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> Pol
     problems = [*_check_jwt(model.jwt, marks), *_check(model.routes, marks)]
     if problems:
         raise PolicyError(_in_file_order(problems))
-    return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd())
+    return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd()), data
+
+
+_JSON_START = re.compile(r"\A(?:[ \t]*(?:#[^\n]*)?\r?\n)*[ \t]*\{")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _json_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
+    """(model, data) of a valid policy written as JSON after optional ``#`` comment lines
+    (`cohortgate up`'s effective file), read by the json module: a 1 000-route file in ~40 ms where
+    YAML with positions takes ~0.5 s. None for anything else, or any problem: the YAML path then
+    reads it and reports FILE:LINE:COL. Duplicate keys and NaN are refused here, as YAML refuses
+    them; numbers are read as JSON reads them (``1e-05`` is a number, where YAML 1.1 reads a string)."""
+    start = _JSON_START.match(text)
+    if start is None:
+        return None
+    try:
+        data = json.loads(
+            text[start.end() - 1 :],
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+        )
+        model = PolicyModel.model_validate(data)
+    except (ValueError, TypeError):  # ValidationError is a ValueError
+        return None
+    marks = _Marks(filename)
+    return None if [*_check_jwt(model.jwt, marks), *_check(model.routes, marks)] else (model, data)
 
 
 def _in_file_order(problems: list[str]) -> list[str]:
@@ -942,8 +990,36 @@ def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> 
         required=jwt.required,
         jwks_hosts=tuple(jwt.jwks_hosts) if jwt.jwks_hosts is not None else None,
     )
-    routes = tuple(_compile_route(r, base_dir) for r in model.routes)
+    routes = tuple(_COMPILED.route(r, base_dir) for r in model.routes)
     return _index(filename, digest, settings, model.response_headers, routes)
+
+
+class _CompiledRoutes:
+    """Compiled routes by their validated text and directory, the most recent `size`: a reload
+    recompiles only the routes it changed (a one-route edit of a 1 000-route policy: ~0.2 s of
+    compiling -> ~0.03 s of keys). A `Route` is immutable, so two policies may share one."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._lock = threading.Lock()  # parse_policy runs in threads
+
+    def route(self, r: RouteModel, base_dir: Path) -> Route:
+        key = (r.model_dump_json(), str(base_dir))
+        with self._lock:
+            found = self._routes.pop(key, None)
+            if found is not None:
+                self._routes[key] = found  # most recent last
+                return found
+        compiled = _compile_route(r, base_dir)
+        with self._lock:
+            self._routes[key] = compiled
+            while len(self._routes) > self.size:
+                del self._routes[next(iter(self._routes))]
+        return compiled
+
+
+_COMPILED = _CompiledRoutes()
 
 
 def _backends(

@@ -438,11 +438,13 @@ class Stack:
 
     def _render_envoy(self) -> EnvoyFiles:
         """Envoy's bootstrap and CDS files (slow to import: runs in a thread while the rest starts)."""
-        from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, TraceCollector, render
+        from cohortgate.deploy.envoy import JSON_CDS_FILE, AccessLogTarget, ProcessorAddress, TraceCollector, render
 
         assert self.policy is not None and self.layout is not None
-        return render(
+        return render(  # JSON CDS, traffic stats made at first use: a 1 000-route edit is ~4x faster in Envoy
             self.policy,
+            cds_file=JSON_CDS_FILE,
+            deferred_stats=True,
             certs=self.certs,
             out_dir=self.state_dir / "envoy",
             processor=ProcessorAddress(uds=self.layout.processor_socket),

@@ -201,9 +201,13 @@ async def fake_envoy_admin(cds: Path, warming: int = 0) -> tuple[web.AppRunner, 
     from cohortgate.deploy.envoy import written_version
 
     async def stats(_request: web.Request) -> web.Response:
-        assert "warming_clusters" in _request.query["filter"]  # both stats in one call
-        version = f'cluster_manager.cds.version_text: "{written_version(cds)}"\n'
-        return web.Response(text=version + f"cluster_manager.warming_clusters: {warming}\n")
+        assert _request.query["type"] == "TextReadouts"  # Envoy walks only those: cheap with 2 000 clusters
+        assert "version_text" in _request.query["filter"]
+        return web.Response(text=f'cluster_manager.cds.version_text: "{written_version(cds)}"\n')
+
+    async def config_dump(_request: web.Request) -> web.Response:
+        assert _request.query["resource"] == "dynamic_warming_clusters"
+        return web.json_response({"configs": [{"name": f"w{i}"} for i in range(warming)]} if warming else {})
 
     async def clusters(_request: web.Request) -> web.Response:
         doc = yaml.safe_load(cds.read_text())
@@ -211,6 +215,7 @@ async def fake_envoy_admin(cds: Path, warming: int = 0) -> tuple[web.AppRunner, 
 
     app = web.Application()
     app.router.add_get("/stats", stats)
+    app.router.add_get("/config_dump", config_dump)
     app.router.add_get("/clusters", clusters)
     runner = web.AppRunner(app)
     await runner.setup()
