@@ -207,3 +207,21 @@ def test_sparkline_follows_the_values():
     assert R.sparkline([0.0, 0.5, 1.0]) == "▁▄█"
     assert R.sparkline([None, 1.0]) == " ▁"
     assert R.sparkline([]) == ""
+
+
+def test_a_restarted_comparison_starts_its_series_afresh():
+    h = LiftHistory()
+
+    def look(t: float, n: int) -> None:
+        r = {
+            "route": "r",
+            "metric": "m",
+            "challenger": "c",
+            "lift": {"relative": 0.1},
+            "units": {"challenger": n, "control": n},
+        }
+        h.record(t, [r])
+
+    for t, n in ((1, 100), (2, 200), (3, 290), (4, 10), (5, 20)):  # 300 -> 290: units crossing in a ramp
+        look(t, n)
+    assert [p[0] for p in h.series("r")[0]["points"]] == [4, 5]
