@@ -162,6 +162,13 @@ class OutcomeGate:
             log.warning("outcome journal %r reachable again", journal)
         self.journal_ok = True
 
+    def restart(self, route: str, variant: str, now: float, journal: bool = True) -> None:
+        """A rolled-back challenger was resumed: its outcome experiment starts afresh (journaled when
+        ``journal``: the leader's call; a follower adopting the same state only forgets locally)."""
+        self.ledger.ingest({"kind": "restart", "route": route, "variant": variant, "t": now}, journal)
+        for key in [k for k in self._verdicts if k[0] == route and k[1] == variant]:
+            del self._verdicts[key]
+
     def look(self, route: str) -> list[O.MetricResult]:
         """One look at every metric and challenger of ``route`` (nothing when it declares no metric)."""
         results = self.ledger.results(route) if route in self.ledger.metrics else []

@@ -625,6 +625,7 @@ class Controller:
                 continue
             if ov.phase is Phase.ROLLED_BACK and nv.phase is not Phase.ROLLED_BACK:
                 rw.variants[name].forget()  # a restarted experiment starts from scratch
+                self.outcomes.restart(route.name, name, self.clock(), journal=bool(self.leader.held))
                 forget_variant(self.quality, route.name, name)
                 self.tests[(route.name, name)] = _Tests(route.guardrails)
             elif ov.phase is Phase.HALTED and nv.phase is not Phase.HALTED:
@@ -871,6 +872,8 @@ class Controller:
                     await _sleep_or_stop(stop, min(wait, interval))
                 if time.monotonic() >= next_tick:
                     next_tick = max(next_tick + interval, time.monotonic())
+                    if not leading:
+                        await self.outcomes.poll()  # a follower's API takes outcomes too: journal them
                     if leading:
                         await self.tick()
                         if self.clock() - self._last_reseed >= self.config.reseed_s:

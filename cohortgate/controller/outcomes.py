@@ -198,6 +198,8 @@ class OutcomeLedger:
                 status = self._outcome(record)
             elif kind == "covariate":
                 status = self._covariate(record)
+            elif kind == "restart":
+                status = self._restart(record)
             elif kind == "prediction":
                 status = self.labels.predict(record)
             else:
@@ -271,6 +273,16 @@ class OutcomeLedger:
         self._seen_outcomes.add(key)
         self._register(exp)  # the token proves the exposure even if the access log has not said so yet
         self._arm(exp.route, exp.variant).add(exp.unit, metric, value)
+        return ACCEPTED
+
+    def _restart(self, r: Mapping[str, Any]) -> str:
+        """``{"kind": "restart", "route", "variant"}``: a rolled-back challenger was resumed, its
+        experiment starts afresh -- its tallies and always-valid bounds are dropped (journaled, so a
+        replay drops them at the same point; outcomes of earlier exposures that arrive later count)."""
+        route, variant = str(r["route"]), str(r["variant"])
+        self._arms.get(route, {}).pop(variant, None)
+        for key in [k for k in self._bounds if k[0] == route and k[1] == variant]:
+            del self._bounds[key]
         return ACCEPTED
 
     def _covariate(self, r: Mapping[str, Any]) -> str:

@@ -266,6 +266,17 @@ async def test_the_tick_rolls_back_on_a_primary_loss_with_its_evidence_audited()
     assert decided["evidence"]["outcome"]["units"] == {"challenger": 300, "control": 300}
     assert c.status()["routes"]["shop"]["outcomes"]["metrics"]
 
+    # an operator resumes it: the outcome experiment starts afresh instead of rolling back at once
+    await c.manual(Signal.RESUME, "shop", "canary", "operator:test")
+    assert c.states["shop"].variants["canary"].phase is Phase.PROMOTING
+    assert await c.tick() == []
+    assert {r.metric: r.units_challenger for r in c.outcomes.latest["shop"]} == {}  # no canary tallies yet
+    c.outcomes.ledger.ingest_many(outcome_records(300, (0.3, 0.3), (10.0, 10.0), seed=5, prefix="w"))
+    await c.tick()
+    conv = next(r for r in c.outcomes.latest["shop"] if r.metric == "conversion")
+    assert conv.units_challenger == 300 and conv.decision.verdict.value != "loss"
+    assert c.states["shop"].variants["canary"].phase is Phase.PROMOTING
+
 
 # ---------------------------------------------------------------------- through the API (aiohttp_client)
 
@@ -363,3 +374,18 @@ async def test_a_torn_last_line_is_read_once_it_is_complete(tmp_path):
         f.write('"value":1,"request_id":"r1","t":2}\n')
     await gate.poll()
     assert gate.ledger.counts == {"accepted": 2}
+
+
+async def test_a_resumed_challengers_fresh_start_is_journaled_and_replayed(tmp_path):
+    journal = tmp_path / "outcomes.jsonl"
+    gate = OutcomeGate(policy(), None, journal)
+    await gate.start(InProcessState())
+    gate.ledger.ingest_many(outcome_records(150, (0.5, 0.1), (10.0, 10.0)))
+    gate.restart("shop", "canary", 10.0)
+    gate.ledger.ingest_many(outcome_records(120, (0.3, 0.3), (10.0, 10.0), prefix="after"))
+    await gate.poll()
+    replayed = OutcomeGate(policy(), None, journal)
+    await replayed.start(InProcessState())
+    for g in (gate, replayed):
+        conv = next(r for r in g.look("shop") if r.metric == "conversion")
+        assert (conv.units_challenger, conv.units_control) == (120, 270)  # the canary's first run is gone
