@@ -222,6 +222,9 @@ def test_a_restarted_comparison_starts_its_series_afresh():
         }
         h.record(t, [r])
 
-    for t, n in ((1, 100), (2, 200), (3, 290), (4, 10), (5, 20)):  # 300 -> 290: units crossing in a ramp
+    for t, n in ((1, 100), (2, 300), (3, 290)):  # 300 -> 290: units crossing arms in a ramp
+        look(t, n)
+    assert [p[0] for p in h.series("r")[0]["points"]] == [1, 2, 3]
+    for t, n in ((4, 10), (5, 20)):  # the challenger resumed: its comparison starts afresh
         look(t, n)
     assert [p[0] for p in h.series("r")[0]["points"]] == [4, 5]
