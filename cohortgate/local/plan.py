@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cohortgate.core.errors import CohortgateError
-from cohortgate.core.policy import Policy, Route
+from cohortgate.core.policy import Features, Policy, Route
 
 OIP_PREFIX = "/v2/models/"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -48,11 +48,20 @@ class SidecarSpec:
     region: str
     shadow: bool
     fault_rate: float = 0.0
+    features: Features | None = None  # the route's features: block when this variant joins (docs/features.md)
+    features_policy: str = ""  # the policy file that declares it: the sidecar's --features-policy
 
     @property
     def key(self) -> tuple[Any, ...]:
         """What makes two specs the same running process (a reload keeps those)."""
-        return (url_key(self.url), self.model_path, self.model_name, self.variant, self.fault_rate)
+        return (
+            url_key(self.url),
+            self.model_path,
+            self.model_name,
+            self.variant,
+            self.fault_rate,
+            self.features,  # an edited features: block restarts the sidecars that join it
+        )
 
 
 def url_key(url: str) -> tuple[str, str, int]:
@@ -122,6 +131,7 @@ def sidecar_specs(
                     region=b.region,
                     shadow=shadow,
                     fault_rate=float(rates.get((route.name, owner), 0.0)),
+                    **_features_of(policy, route, owner),
                 )
                 seen = found.get(key)
                 if seen is not None:
@@ -145,6 +155,17 @@ def sidecar_specs(
     if problems:
         raise StackError("the policy cannot be served locally:\n  " + "\n  ".join(problems))
     return tuple(found.values())
+
+
+def _features_of(policy: Policy, route: Route, owner: str) -> dict[str, Any]:
+    """The spec's features fields: the route's block and its file when ``owner`` joins, else none.
+
+    The sidecar reads the block from the policy file `up` validated (its relative paths resolve
+    against that file's directory), not from the effective file: during an edit the new sidecars
+    start before the gateway's file changes.
+    """
+    f = route.features
+    return {"features": f, "features_policy": policy.path} if f is not None and f.joins(owner) else {}
 
 
 def canary_variants(policy: Policy) -> set[tuple[str, str]]:
@@ -191,6 +212,10 @@ def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping
                             backend["url"] = by_key.get(url_key(url), url)
                     if isinstance(backend.get("model"), str):
                         backend["model"] = absolute(backend["model"])
+        features = route.get("features")  # its fallback model, like a backend's
+        fallback = features.get("fallback") if isinstance(features, dict) else None
+        if isinstance(fallback, dict) and isinstance(fallback.get("model"), str):
+            fallback["model"] = absolute(fallback["model"])
     return out
 
 

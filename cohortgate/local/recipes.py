@@ -140,6 +140,8 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
         "--drain-timeout", str(SIDECAR_DRAIN_S),
         "--report-to", layout.redis or f"{layout.controller_api}/reports",
     )  # fmt: skip
+    if spec.features is not None:  # it joins online features: the route's block, from the file up validated
+        argv += ("--features-policy", spec.features_policy, "--features-route", spec.route)
     argv += layout.tracing_args()
     if spec.fault_rate > 0:
         argv += ("--fault-rate", str(spec.fault_rate), "--fault-after", str(layout.canary_fault_after_s))
@@ -159,6 +161,7 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
             "model": spec.model_name,
             "model_path": spec.model_path,
             "fault_rate": spec.fault_rate,
+            "features": spec.features is not None,  # joins online features (never the store's URL: a password)
         },
         preload=SIDECAR_PRELOAD,
     )
