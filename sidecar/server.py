@@ -58,6 +58,7 @@ from sidecar.protocol import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
+    Signature,
     decode_infer_request,
     encode_infer_response,
     error_body,
@@ -447,7 +448,7 @@ class Sidecar:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         model = self._check_model(request)
-        return self._json(model.signature.metadata(self._parameters(model)))
+        return self._json(self._client_signature(model).metadata(self._parameters(model)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._check_model(request)
@@ -456,7 +457,7 @@ class Sidecar:
     async def model_config(self, request: web.Request) -> web.Response:
         """Triton's model-configuration extension, enough for ``tritonclient.get_model_config``."""
         model = self._check_model(request)
-        signature = model.signature
+        signature = self._client_signature(model)
         batch = self.batcher.max_batch_size if self.batcher and signature.batchable else 0
 
         def dims(shape: tuple[int, ...]) -> list[int]:
@@ -479,6 +480,12 @@ class Sidecar:
             }
         )
 
+    def _client_signature(self, model: OnnxModel) -> Signature:
+        """What a client sends ``model``: with a join, its input less the joined columns (those are the
+        store's, not the client's), so metadata, the model config and the OpenAPI document say what to send."""
+        joiner = self.joiner
+        return joiner.signature if joiner is not None and model is self.model else model.signature
+
     def _parameters(self, model: OnnxModel) -> dict[str, Any]:
         batcher = self.batcher
         params: dict[str, Any] = {
@@ -490,13 +497,22 @@ class Sidecar:
         }
         if self.config.variant:
             params["variant"] = self.config.variant
+        joiner = self.joiner
+        if joiner is not None and model is self.model:  # what the sidecar adds to the client's input
+            joined = joiner.signature.inputs[joiner.index]
+            params["features"] = {
+                "input": joined.name,
+                "joined_columns": joiner.width,
+                "views": list(joiner.settings.spec.views),
+            }
         return params
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document of this sidecar, naming its model (and tensors once it has loaded)."""
         if self.model is None:
             return self._json(build_openapi(self.name))
-        return self._json(build_openapi(self.name, self.model.signature.inputs, self.model.signature.outputs))
+        signature = self._client_signature(self.model)
+        return self._json(build_openapi(self.name, signature.inputs, signature.outputs))
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

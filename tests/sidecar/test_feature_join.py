@@ -234,3 +234,35 @@ def test_the_sidecar_reads_its_join_from_the_policy(tmp_path: Path) -> None:
         _features(str(path), "nope", "personal")
     with pytest.raises(ValueError, match="go together"):
         _features(str(path), None, "personal")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fallback", ["model", "defaults"])
+async def test_metadata_says_what_a_client_sends_not_what_the_model_takes(
+    aiohttp_client, models: dict[str, str], store: str, fallback: str
+) -> None:
+    """The primary takes [-1, 7]; a client sends [-1, 2] and the sidecar joins 5: metadata, the model
+    configuration and the OpenAPI document describe the client's input, and following them is served."""
+    from sidecar.openapi import OPENAPI_PATH
+
+    kw: dict[str, Any] = (
+        {"fallback": models["global"]} if fallback == "model" else {"defaults": ((0.0,), (0.5,), (1.0,), (7.0, 8.0))}
+    )
+    client = await start(aiohttp_client, models["personal"], settings(store, **kw))
+    meta = await (await client.get("/v2/models/shop")).json()
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 7]}]  # the model's own answer
+    assert meta["parameters"]["features"] == {"input": "x", "joined_columns": 5, "views": list(VIEWS)}
+    assert (await (await client.get("/v2/models/shop/versions/1")).json())["inputs"] == meta["inputs"]
+
+    config = await (await client.get("/v2/models/shop/config")).json()
+    assert [(t["name"], t["dims"]) for t in config["input"]] == [("x", [2])]
+
+    doc = await (await client.get(OPENAPI_PATH)).json()
+    assert doc["components"]["schemas"]["request_input"]["properties"]["name"]["enum"] == ["x"]
+
+    (tensor,) = meta["inputs"]  # what a client builds from the metadata is served, joined
+    body = {"inputs": [{"name": tensor["name"], "datatype": tensor["datatype"], "shape": [1, 2], "data": [1.0, 2.0]}]}
+    response = await client.post("/v2/models/shop/infer", json=body, headers={HEADER_ENTITY: "1001"})
+    assert response.status == 200 and response.headers[HEADER_FEATURES] == "joined"
+    assert (await response.json())["outputs"][0]["data"] == approx([1.0, 2.0, *JOINED_1001])
