@@ -320,10 +320,12 @@ class _Binning:
             self.edges[self.width - len(e) :, j] = e
         # For float32 blocks (most models), float32 edges that decide exactly as the float64 ones do:
         # v >= e  <=>  v >= (the least float32 >= e);  v > e  <=>  v > (the greatest float32 <= e).
-        up = self.edges.astype(np.float32)
+        big = np.finfo(np.float32).max
+        clipped = np.clip(self.edges, -big, big)  # an edge beyond float32 decides like the largest one
+        up = clipped.astype(np.float32)
         low = up < self.edges
         up[low] = np.nextafter(up[low], np.float32(np.inf))
-        last = self.edges[-1].astype(np.float32)
+        last = clipped[-1].astype(np.float32)
         high = last > self.edges[-1]
         last[high] = np.nextafter(last[high], np.float32(-np.inf))
         up[-1] = last

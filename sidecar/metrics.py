@@ -71,6 +71,7 @@ class SidecarMetrics:
         self.provider: str | None = None
         self.ready = False
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.on_scrape: Callable[[], None] | None = None  # brings deferred counts up to date (sidecar/quality.py)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -91,6 +92,8 @@ class SidecarMetrics:
 
     # Scrape --------------------------------------------------------------------------------
     def collect(self) -> Iterator:
+        if self.on_scrape is not None:
+            self.on_scrape()
         m = self.model
         total = CounterMetricFamily(f"{PREFIX}_requests", "Infer requests answered.", labels=["model"])
         total.add_metric([m], self.requests)

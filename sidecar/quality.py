@@ -5,8 +5,11 @@ tensors (``sidecar.contract``), counts what broke (per feature and rule, for /me
 report) and, in ``enforce`` mode, raises the 422. Accepted inputs and the model's outputs are
 appended to a bounded buffer -- references, no copy -- and turned into sketches a block at a time
 (``flush``, at most ``max_buffer_rows`` rows), so the hot path pays a list append, not a histogram.
-Every request is checked and counted; one request in ``sketch_every`` is sketched (a deterministic
-systematic sample, inputs and outputs of the same requests). By default ``sketch_every`` grows with
+Every request is checked and counted -- at once in ``enforce`` mode, which must answer 422; in
+``observe`` mode (and for outputs, never refused) many requests at a time at the next flush (or
+/metrics scrape), so one vectorised check serves up to ``max_buffer_rows`` rows. One request in
+``sketch_every`` is sketched (a deterministic systematic sample, inputs and outputs of the same
+requests). By default ``sketch_every`` grows with
 the contract's width, ``ceil(features / SKETCH_FEATURES)``, so sketching costs about as much per
 request for a 512-column model as for a 64-column one; the report's ``rows`` are the rows sketched.
 ``take`` closes the window and returns its ``QualityReport`` (cohortgate.core.sketch): counts only,
@@ -55,6 +58,8 @@ class QualityGate:
         self.sketch_every = sketch_every or max(1, math.ceil(width / SKETCH_FEATURES))
         self._seen = 0
         self._reset(clock())
+        if metrics is not None:
+            metrics.on_scrape = self.flush  # a scrape sees every request counted
 
     def _reset(self, start: float) -> None:
         self.window_start = start
@@ -65,6 +70,8 @@ class QualityGate:
         self._outputs: dict[str, Sketch] = self.contract.empty_sketches("outputs")
         self._buf_in: list[Sequence[np.ndarray]] = []
         self._buf_out: list[Sequence[np.ndarray]] = []
+        self._unchecked_in: list[Sequence[np.ndarray]] = []  # observe mode: checked at the next flush
+        self._unchecked_out: list[Sequence[np.ndarray]] = []
         self._buffered = 0
 
     # Hot path ------------------------------------------------------------------------------
@@ -72,13 +79,16 @@ class QualityGate:
         """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces.
         True when this request is in the sketch sample (pass it to ``observe_outputs``)."""
         self.requests += 1
-        findings = self.contract.check_inputs(inputs)
-        if findings is not None:
-            self._count(findings, "input")
-            if self.contract.enforce:
+        if self.contract.enforce:
+            findings = self.contract.check_inputs(inputs)
+            if findings is not None:
+                self._count(findings, "input")
                 if self._metrics is not None:
                     self._metrics.contract_rejected += 1
                 raise self.contract.refuse(findings)
+        elif self._used_in:  # nothing to refuse: check many requests at once, at the next flush
+            self._unchecked_in.append(inputs)
+            self._grow(rows)
         self._seen += 1
         if self._seen < self.sketch_every:
             return False
@@ -92,9 +102,9 @@ class QualityGate:
     def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int, sketch: bool = True) -> None:
         """Count what the model's outputs break (never refused); keep them for the sketches when
         their request was sketched."""
-        findings = self.contract.check_outputs(outputs)
-        if findings is not None:
-            self._count(findings, "output")
+        if self._used_out:  # never refused: checked many at once, at the next flush
+            self._unchecked_out.append(outputs)
+            self._grow(rows)
         if sketch and self._used_out:
             self._buf_out.append(outputs)
             self._grow(rows)
@@ -115,7 +125,16 @@ class QualityGate:
 
     # Windows -------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Sketch what is buffered into the window (a few histograms per feature, off the request path)."""
+        """Check what waits (observe mode, outputs) and sketch what is buffered, into the window."""
+        if self._unchecked_in:
+            findings = self.contract.check_inputs(_stack(self._unchecked_in, self._used_in))  # type: ignore[arg-type]
+            if findings is not None:
+                self._count(findings, "input")
+        if self._unchecked_out:
+            findings = self.contract.check_outputs(_stack(self._unchecked_out, self._used_out))  # type: ignore[arg-type]
+            if findings is not None:
+                self._count(findings, "output")
+        self._unchecked_in, self._unchecked_out = [], []
         if self._buf_in:
             stacked = _stack(self._buf_in, self._used_in)
             self._inputs = merge_sketches(self._inputs, self.contract.sketches(stacked, "inputs"))
