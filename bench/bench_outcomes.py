@@ -14,6 +14,11 @@ Everything goes through the functions the ledger calls (`cohortgate.core.lift.li
             (heterogeneous heavy users: sd measured on 400 000 simulated units).
 ``cuped``   the always-valid interval's width with and without a correlated pre-exposure covariate.
 ``token``   the exposure token's mint and verify cost (timeit on process CPU time), and the ledger's ingest rate.
+``gate``    the rollout's outcome gate through the controller's own path (`outcome_sim`: records into
+            `OutcomeLedger.ingest`, `OutcomeGate` looks after every batch, the pure `judge` decides):
+            A/A false promotions (win) and false rollbacks (primary loss or inferior guardrail) over
+            1 000 runs looked at 20 times; power of promote_on_win against the plan; how often a
+            guardrail metric that really is equal is shown non-inferior (the step may advance).
 
     python bench/bench_outcomes.py            # everything
     python bench/bench_outcomes.py aa --runs 1000
@@ -177,9 +182,34 @@ def token() -> dict:
     return out
 
 
+def gate(runs: int) -> dict:
+    from cohortgate.controller.outcome_sim import simulate
+
+    out: dict = {}
+    print(f"\noutcome gate (ledger -> gate -> judge), {runs} runs, 20 looks each, alpha {ALPHA}")
+    aa = simulate(runs, units=2000, looks=20, base=0.3, guardrail_margin=0.05, seed=600)
+    print(f"  A/A, conversion 0.30 + revenue guardrail (margin 5 %), 2 000 units: false win {_rate(aa.win, runs)}, "
+          f"false rollback {_rate(aa.loss, runs)} (guardrail {aa.loss_guardrail:.3f})")  # fmt: skip
+    out["aa"] = {"runs": runs, "false_win": aa.win, "false_loss": aa.loss, "false_loss_guardrail": aa.loss_guardrail}
+    for i, mde in enumerate((0.4, 0.2)):
+        pl = P.plan(0.3, mde, kind="binary", alpha=ALPHA, power=0.8)
+        r = simulate(runs, units=pl.units_sequential, looks=20, base=0.3, lift=mde, seed=610 + i)
+        print(f"  power, conversion 0.30 -> {0.3 * (1 + mde):.2f}, the plan's {pl.units_sequential} units: promoted "
+              f"{_rate(r.win, runs)} (plan 0.80), median units at the win {r.median_win_units:.0f}, "
+              f"rolled back {r.loss:.3f}")  # fmt: skip
+        out[f"power_{mde}"] = {"units": pl.units_sequential, "win": r.win, "loss": r.loss,
+                               "median_win_units": r.median_win_units}  # fmt: skip
+    few = max(100, runs // 3)
+    ni = simulate(few, units=6000, looks=20, base=0.3, guardrail_margin=0.05, revenue_sigma=0.5, seed=620)
+    print(f"  guardrail revenue equal (log-normal sigma 0.5), margin 5 %, 6 000 units, {few} runs: "
+          f"non-inferior by the end {_rate(1 - ni.held_at_end, few)}, false rollback {ni.loss:.3f}")  # fmt: skip
+    out["guardrail_equal"] = {"runs": few, "non_inferior": 1 - ni.held_at_end, "loss": ni.loss}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("all", "aa", "power", "cuped", "token"), nargs="?", default="all")
+    ap.add_argument("mode", choices=("all", "aa", "power", "cuped", "token", "gate"), nargs="?", default="all")
     ap.add_argument("--runs", type=int, default=1000, help="runs per scenario")
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args()
@@ -193,6 +223,8 @@ def main() -> int:
         results["power"] = power(args.runs)
     if args.mode in ("all", "cuped"):
         results["cuped"] = cuped(min(args.runs, 300))
+    if args.mode in ("all", "gate"):
+        results["gate"] = gate(args.runs)
     print(f"\n({time.time() - t0:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

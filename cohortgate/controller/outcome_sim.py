@@ -75,6 +75,7 @@ def simulate(
     planned_units: int | None = None,
     guardrail_margin: float | None = None,
     revenue_lift: float = 0.0,
+    revenue_sigma: float = 1.0,
     seed: int = 0,
 ) -> SimResult:
     """``runs`` experiments of ``units`` units looked at ``looks`` times (module docstring)."""
@@ -90,7 +91,7 @@ def simulate(
     for run in range(runs):
         canary = rng.random(units) < 0.5
         converts = rng.random(units) < np.where(canary, base * (1 + lift), base)
-        revenue = rng.lognormal(0.0, 1.0, units) * np.where(canary, 1 + revenue_lift, 1.0)
+        revenue = rng.lognormal(0.0, revenue_sigma, units) * np.where(canary, 1 + revenue_lift, 1.0)
         gate = OutcomeGate(policy, keys=None, clock=lambda: 0.0)
         ingest = gate.ledger.ingest
         won = lost = lost_g = False
