@@ -41,13 +41,14 @@ class SidecarSpec:
     name: str  # child name, also its log file's stem: sidecar-<route>-<variant>-<region>
     url: str  # the backend URL as the policy writes it
     port: int  # the port that URL names (the preferred one)
-    model_path: str  # absolute
+    model_path: str  # the sidecar's --model: an absolute path or a reference (docs/models.md)
     model_name: str  # OIP v2 name: /v2/models/<model_name>/infer
     variant: str  # variant or shadow name: the sidecar's x-cohortgate-served-by
     route: str
     region: str
     shadow: bool
     fault_rate: float = 0.0
+    trusted_keys: tuple[str, ...] = ()  # the route's model-signing keys: the sidecar's --trusted-key
     features: Features | None = None  # the route's features: block when this variant joins (docs/features.md)
     features_policy: str = ""  # the policy file that declares it: the sidecar's --features-policy
 
@@ -60,8 +61,22 @@ class SidecarSpec:
             self.model_name,
             self.variant,
             self.fault_rate,
+            self.trusted_keys,
             self.features,  # an edited features: block restarts the sidecars that join it
         )
+
+
+_PIN = "@sha256:"
+
+
+def local_model_file(reference: str) -> Path | None:
+    """The local file or store directory a ``model:`` names (a pin stripped), or None when it is
+    remote (https://, s3://): what `up` can check exists, or build when it is a demo model."""
+    text = reference.partition(_PIN)[0] if _PIN in reference else reference
+    if "://" not in text:
+        return Path(text)
+    parts = urlsplit(text)
+    return Path(parts.path) if parts.scheme.lower() == "file" else None
 
 
 def url_key(url: str) -> tuple[str, str, int]:
@@ -131,19 +146,16 @@ def sidecar_specs(
                     region=b.region,
                     shadow=shadow,
                     fault_rate=float(rates.get((route.name, owner), 0.0)),
+                    trusted_keys=route.trusted_keys,
                     **_features_of(policy, route, owner),
                 )
                 seen = found.get(key)
                 if seen is not None:
-                    if (seen.model_path, seen.model_name, seen.variant, seen.fault_rate) != (
-                        spec.model_path,
-                        spec.model_name,
-                        spec.variant,
-                        spec.fault_rate,
-                    ):
+                    if seen.key != spec.key:
+                        keys = ", other trusted keys" if seen.trusted_keys != spec.trusted_keys else ""
                         problems.append(
                             f"{where}: {b.url} already serves {seen.model_name!r} ({seen.variant}, "
-                            f"{Path(seen.model_path).name}) for route {seen.route!r}; one URL is one sidecar"
+                            f"{Path(seen.model_path).name}{keys}) for route {seen.route!r}; one URL is one sidecar"
                         )
                     continue
                 name = _slug("sidecar", route.name, owner, b.region)
@@ -186,14 +198,16 @@ def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping
     """The policy's YAML data with backend URLs rewritten and every file path made absolute.
 
     ``urls`` maps a backend URL (any spelling of the same scheme/host/port) to the URL to use;
-    ``jwt.jwks`` and backend ``model`` paths are resolved against ``base_dir`` (the source file's
-    directory) unless already absolute or an https URL. The input is not modified.
+    ``jwt.jwks``, backend ``model`` paths and a route's PEM ``trusted_keys`` are resolved against
+    ``base_dir`` (the source file's directory) unless already absolute or a URL (a ``model:``
+    reference such as ``file://…@sha256:…`` or ``s3://…`` is kept as written). The input is not
+    modified.
     """
     by_key = {url_key(src): dst for src, dst in urls.items()}
     out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy of plain YAML data
 
     def absolute(path: str) -> str:
-        return str((base_dir / path).resolve()) if not os.path.isabs(path) else path
+        return str((base_dir / path).resolve()) if not os.path.isabs(path) and "://" not in path else path
 
     jwt = out.get("jwt")
     if isinstance(jwt, dict) and isinstance(jwt.get("jwks"), str) and not jwt["jwks"].startswith("https://"):
@@ -201,6 +215,11 @@ def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping
     for route in out.get("routes") or []:
         if not isinstance(route, dict):
             continue
+        keys = route.get("trusted_keys")
+        if isinstance(keys, list):
+            route["trusted_keys"] = [
+                k if not isinstance(k, str) or k.startswith("ed25519:") else absolute(k) for k in keys
+            ]
         for group in ("variants", "shadows"):
             for owner in route.get(group) or []:
                 for backend in (owner or {}).get("backends") or []:

@@ -129,7 +129,13 @@ GATEWAY_PRELOAD = ("gateway.service", "gateway.transport_grpc", "gateway.transpo
 
 
 def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
-    """A model sidecar on ``port``: its shadow reports go to Redis, else to the controller's /reports."""
+    """A model sidecar on ``port``: its shadow reports go to Redis, else to the controller's /reports.
+
+    ``--model`` is the backend's ``model:`` as the policy compiled it: a path, or a reference
+    (``file://``/``https://``/``s3://`` with ``@sha256:``, or a signed store version) that the
+    sidecar fetches and verifies; each of the route's ``trusted_keys`` becomes a ``--trusted-key``,
+    so a route that names keys is served only by models signed with one (docs/models.md).
+    """
     argv = layout.cli(
         "sidecar",
         "--model", spec.model_path,
@@ -140,6 +146,8 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
         "--drain-timeout", str(SIDECAR_DRAIN_S),
         "--report-to", layout.redis or f"{layout.controller_api}/reports",
     )  # fmt: skip
+    for key in spec.trusted_keys:
+        argv += ("--trusted-key", key)
     if spec.features is not None:  # it joins online features: the route's block, from the file up validated
         argv += ("--features-policy", spec.features_policy, "--features-route", spec.route)
     argv += layout.tracing_args()
@@ -162,6 +170,7 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
             "model_path": spec.model_path,
             "fault_rate": spec.fault_rate,
             "features": spec.features is not None,  # joins online features (never the store's URL: a password)
+            "trusted_keys": len(spec.trusted_keys),
         },
         preload=SIDECAR_PRELOAD,
     )

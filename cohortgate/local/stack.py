@@ -37,7 +37,15 @@ from cohortgate.local import banner, probes, recipes
 from cohortgate.local.client import DEFAULT_CLIENT as DEMO_CLIENT
 from cohortgate.local.client import DEFAULT_STATE_DIR, RUN_FILE, describe_audit, pid_alive
 from cohortgate.local.livepolicy import LivePolicy
-from cohortgate.local.plan import SidecarSpec, StackError, canary_variants, choose_port, oip_model_name, sidecar_specs
+from cohortgate.local.plan import (
+    SidecarSpec,
+    StackError,
+    canary_variants,
+    choose_port,
+    local_model_file,
+    oip_model_name,
+    sidecar_specs,
+)
 from cohortgate.local.recipes import SIDECAR_DRAIN_S, Layout, Recipe
 from cohortgate.local.supervisor import (
     DEFAULT_MAX_RESTARTS,
@@ -343,7 +351,8 @@ class Stack:
             )
 
     def ensure_models(self, specs: Iterable[SidecarSpec]) -> None:
-        missing = sorted({Path(s.model_path) for s in specs if not Path(s.model_path).exists()})
+        files = {local_model_file(s.model_path) for s in specs}  # None: remote, the sidecar fetches it
+        missing = sorted(p for p in files if p is not None and not p.exists())
         if not missing:
             return
         from sidecar.demo_models import build_models
