@@ -3,14 +3,16 @@
 A sidecar that joins online features (sidecar/join.py) says in each report why its fallback served the
 request (``missing``, ``stale``, ``over_budget``, ...), or nothing when the features were joined. Per
 (route, variant or shadow) of a route with ``features:`` we count reports and fallbacks by reason; the
-status and the dashboard show the rate. Reports name their variant and model, not their route: the
-route is found the way the shadow join finds it (the route serving that model, else the one variant
-of that name).
+status and the dashboard show the rate over a sliding window (``window_s``, the controller's, 60 s by
+default), so the rate is current, like the error rates beside it: one-second buckets, the last
+``window_s`` seconds of them kept, as `cohortgate.controller.windows.Sliding` keeps outcomes. Reports
+name their variant and model, not their route: the route is found the way the shadow join finds it
+(the route serving that model, else the one variant of that name).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,21 +26,56 @@ class FallbackCounts:
     reports: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
 
-    def to_json(self) -> dict[str, Any]:
+    def merge(self, other: FallbackCounts, sign: int = 1) -> None:
+        self.reports += sign * other.reports
+        for reason, n in other.reasons.items():
+            self.reasons[reason] += sign * n
+        if sign < 0:
+            self.reasons = +self.reasons  # drop the reasons now at zero
+
+    def to_json(self, window_s: float) -> dict[str, Any]:
         fallbacks = sum(self.reasons.values())
         return {
             "reports": self.reports,
             "fallbacks": fallbacks,
             "rate": round(fallbacks / self.reports, 6) if self.reports else None,
             "reasons": dict(sorted(self.reasons.items())),
+            "window_s": window_s,
         }
 
 
-class FeatureFallbacks:
-    """Counts the sidecars' reports of routes with features; ``summary(route)`` per variant."""
+class SlidingFallbacks:
+    """One-second buckets of `FallbackCounts` and their running sum: at ``now`` the seconds
+    ``[now - span_s, now)`` and the current one (the rule of `windows.Sliding`)."""
 
-    def __init__(self, policy: Policy) -> None:
-        self.counts: dict[tuple[str, str], FallbackCounts] = {}
+    __slots__ = ("_buckets", "_sum", "span_s")
+
+    def __init__(self, span_s: float) -> None:
+        self.span_s = span_s
+        self._buckets: deque[tuple[int, FallbackCounts]] = deque()  # (second, counts), oldest first
+        self._sum = FallbackCounts()
+
+    def add(self, now: float, reason: str | None) -> None:
+        second = int(now)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, FallbackCounts()))
+        for counts in (self._buckets[-1][1], self._sum):
+            counts.reports += 1
+            if reason is not None:
+                counts.reasons[reason] += 1
+
+    def counts(self, now: float) -> FallbackCounts:
+        while self._buckets and self._buckets[0][0] + 1 <= now - self.span_s:
+            self._sum.merge(self._buckets.popleft()[1], -1)
+        return FallbackCounts(self._sum.reports, Counter(self._sum.reasons))
+
+
+class FeatureFallbacks:
+    """Counts the sidecars' reports of routes with features; ``summary(route, now)`` per variant."""
+
+    def __init__(self, policy: Policy, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.windows: dict[tuple[str, str], SlidingFallbacks] = {}
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -63,19 +100,26 @@ class FeatureFallbacks:
             candidates = self._names.get(e.variant, [])
         return candidates[0] if len(candidates) == 1 else None
 
-    def add(self, e: Event) -> None:
-        """Take one sidecar report; reports of routes without features are not counted."""
+    def add(self, e: Event, now: float) -> None:
+        """Take one sidecar report, received at ``now``; reports of routes without features are not counted."""
         route = self._route_of(e)
         if route is None:
             return
-        counts = self.counts.setdefault((route, e.variant), FallbackCounts())
-        counts.reports += 1
-        if e.fallback:  # a reason no sidecar sends is counted, under "other": never an unbounded key
-            counts.reasons[e.fallback if e.fallback in FEATURE_FALLBACK_REASONS else "other"] += 1
+        window = self.windows.get((route, e.variant))
+        if window is None:
+            window = self.windows[(route, e.variant)] = SlidingFallbacks(self.window_s)
+        # a reason no sidecar sends is counted, under "other": never an unbounded key
+        reason = (e.fallback if e.fallback in FEATURE_FALLBACK_REASONS else "other") if e.fallback else None
+        window.add(now, reason)
 
-    def summary(self, route: str) -> dict[str, Any] | None:
-        """Per variant (and shadow) of ``route``: reports, fallbacks, their rate and reasons; None without features."""
+    def summary(self, route: str, now: float) -> dict[str, Any] | None:
+        """Per variant (and shadow) of ``route``, over the last ``window_s`` seconds: reports, fallbacks,
+        their rate and reasons; None without features."""
         owners = self._owners.get(route)
         if owners is None:
             return None
-        return {name: self.counts.get((route, name), FallbackCounts()).to_json() for name in owners}
+        out = {}
+        for name in owners:
+            window = self.windows.get((route, name))
+            out[name] = (window.counts(now) if window is not None else FallbackCounts()).to_json(self.window_s)
+        return out

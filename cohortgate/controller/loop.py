@@ -161,7 +161,7 @@ class Controller:
         self.shadows = ShadowJoin(policy)
         self.quality = QualityMonitor(policy, self.config.window_s)  # drift, segments, fairness (issue 20)
         self.allocation = Allocator()  # bandit routes' weights, every update_s (allocation.py)
-        self.fallbacks = FeatureFallbacks(policy)  # feature fallbacks per variant (issue 22)
+        self.fallbacks = FeatureFallbacks(policy, self.config.window_s)  # feature fallbacks per variant (issue 22)
         # outcome metrics: the ledger POST /outcomes feeds, its journal, the judge's evidence (gating.py)
         self.outcomes = outcomes if outcomes is not None else OutcomeGate.from_env(policy, clock=clock)
         self.pending: dict[str, tuple[RouteState, int | None]] = {}  # writes waiting for the store
@@ -303,7 +303,7 @@ class Controller:
                 self.quality.add_request(e)
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
-                self.fallbacks.add(e)
+                self.fallbacks.add(e, now)
         for name, (variant, status, latency, units, srm, backend) in blocks.items():
             self.unknown_events += self.windows[name].add_many(
                 np.array(variant),
@@ -823,7 +823,7 @@ class Controller:
                 "shadows": self.shadows.summary(route.name),
                 "quality": self.quality.status(route.name),
                 "allocation": self.allocation.report(self, route) if route.allocation is not None else None,
-                "features": self.fallbacks.summary(route.name),  # None: the route joins no features
+                "features": self.fallbacks.summary(route.name, now),  # None: the route joins no features
                 "outcomes": self.outcomes.summary(route.name),
             }
         return {
