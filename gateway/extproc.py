@@ -488,7 +488,7 @@ class Processor:
     def _mint(self, key: bytes, decision: Any, unit: str, request_id: str) -> str:
         """The exposure token for this answer (a few microseconds: one keyed BLAKE2b)."""
         eid = exposure_id(request_id) if request_id else None
-        return mint_exposure(key, decision.route, decision.variant, unit, self._clock(), eid)
+        return mint_exposure(key, decision.route, decision.variant, unit, self._clock(), eid, decision.segment)
 
     def _evaluate(
         self,

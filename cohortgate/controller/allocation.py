@@ -11,6 +11,11 @@ Safety comes first: a rolled-back arm gets 0 % and is left out; while any arm is
 over a guardrail, SRM) the weights are frozen; every live arm keeps ``min_share``. Guardrail tests
 and rollbacks are the controller's usual ones, unchanged.
 
+With ``allocation.segments`` (a contextual bandit over declared segments) each segment gets its own
+weights from the rewards of the units served in it -- the segment rides in the signed exposure token,
+so a client cannot move its rewards to another segment -- and they are published beside the route's
+pooled weights (``RouteState.segment_weights``); a thin segment starts from the pooled tallies.
+
 Each unit's propensity -- the share its arm had when the unit first appeared -- is recorded so the
 report can give inverse-propensity-weighted estimates (`report`): bandit-allocated data need
 weighting, and the plain per-arm means are shown beside them only to say so.
@@ -80,48 +85,70 @@ class Allocator:
                 records.append(record)
         return records
 
-    def _stats(self, controller: Controller, route: Route, state: RouteState) -> dict[str, bandit.ArmStats]:
-        """Per live arm, its reward tallies; newly seen units get the propensity in force before this update."""
+    def _stats(
+        self, controller: Controller, route: Route, state: RouteState
+    ) -> tuple[dict[str, bandit.ArmStats], dict[str, dict[str, bandit.ArmStats]]]:
+        """Per live arm, its reward tallies, pooled and per segment (segmented routes); newly seen
+        units get the propensity in force before this update (their segment's, on a segmented route)."""
         al = route.allocation
         assert al is not None
         ledger = self.ledger(controller)
         rewards = ledger.unit_rewards(route.name, al.reward, al.reward_kind) if ledger is not None else {}
+        where = ledger.segments.get(route.name, {}) if ledger is not None and al.segment_defs else {}
         props = self.propensity.setdefault(route.name, {})
         out = {}
+        by_segment: dict[str, dict[str, bandit.ArmStats]] = {}
         for v in route.variants:
             units, y = rewards.get(v.name, ([], np.zeros(0)))
-            share = max(state.weights.get(v.name, 0), 1) / 100
             for u in units:
-                props.setdefault((v.name, u), share)
-            if v.name not in state.disabled:
-                out[v.name] = bandit.ArmStats.of(y)
-        return out
+                weights = state.segment_weights.get(where.get(u, ""), state.weights)
+                props.setdefault((v.name, u), max(weights.get(v.name, 0), 1) / 100)
+            if v.name in state.disabled:
+                continue
+            out[v.name] = bandit.ArmStats.of(y)
+            if where:
+                segs = np.array([where.get(u, "") for u in units], dtype=object)
+                for segment in set(segs) - {""}:
+                    by_segment.setdefault(segment, {})[v.name] = bandit.ArmStats.of(y[segs == segment])
+        return out, by_segment
 
     def _update(self, controller: Controller, route: Route, now: float) -> dict[str, Any] | None:
         al = route.allocation
         assert al is not None
         state = controller.states[route.name]
-        stats = self._stats(controller, route, state)
+        stats, by_segment = self._stats(controller, route, state)
         if any(v.phase is Phase.HALTED for v in state.variants.values()):
             self.reasons[route.name] = "halted: the weights are frozen until the route is resumed"
             return None
         step = self.steps[route.name] = self.steps.get(route.name, 0) + 1
+        rng = _seed(route, step)
         live = bandit.allocate(
-            al.strategy,
-            stats,
-            al.reward_kind,
-            al.reward_direction,
-            al.min_share,
-            _seed(route, step),
-            epsilon=al.epsilon,
+            al.strategy, stats, al.reward_kind, al.reward_direction, al.min_share, rng, epsilon=al.epsilon
         )
         weights = {v.name: live.get(v.name, 0) for v in route.variants}
+        segments: dict[str, dict[str, int]] = {}
+        if al.segment_defs:
+            per = bandit.allocate_segments(
+                al.strategy,
+                by_segment,
+                al.reward_kind,
+                al.reward_direction,
+                al.min_share,
+                rng,
+                epsilon=al.epsilon,
+                segments=al.segment_names(),
+                pooled=stats,
+            )
+            known = set(al.segment_names())
+            segments = {s: {v.name: w.get(v.name, 0) for v in route.variants} for s, w in per.items() if s in known}
         self.reasons.pop(route.name, None)
-        self._remember(route.name, now, weights, stats)
-        if weights == dict(state.weights):
+        self._remember(route.name, now, weights, stats, segments, by_segment)
+        before = {s: dict(w) for s, w in state.segment_weights.items()}
+        if weights == dict(state.weights) and segments == before:
             return None
         new = replace(
             state,
+            segment_weights=MappingProxyType({s: MappingProxyType(w) for s, w in segments.items()}),
             weights=MappingProxyType(weights),
             version=state.version + 1,
             updated_at=now,
@@ -141,6 +168,7 @@ class Allocator:
             "to": "",
             "weights_before": dict(state.weights),
             "weights_after": weights,
+            **({"segment_weights_before": before, "segment_weights_after": segments} if segments else {}),
             "reason": f"{al.strategy} on {al.reward}: "
             + ", ".join(f"{n} {s.n} units mean {s.mean:.4g}" for n, s in stats.items()),
             "evidence": {n: {"units": s.n, "mean": s.mean} for n, s in stats.items()},
@@ -150,15 +178,30 @@ class Allocator:
         log.info("allocate %s: %s -> %s", route.name, dict(state.weights), weights)
         return record
 
-    def _remember(self, route: str, now: float, weights: dict[str, int], stats: dict[str, bandit.ArmStats]) -> None:
+    def _remember(
+        self,
+        route: str,
+        now: float,
+        weights: dict[str, int],
+        stats: dict[str, bandit.ArmStats],
+        segments: dict[str, dict[str, int]],
+        by_segment: dict[str, dict[str, bandit.ArmStats]],
+    ) -> None:
         points = self.history.setdefault(route, deque(maxlen=HISTORY))
-        points.append(
-            {
-                "t": now,
-                "weights": dict(weights),
-                "posterior": {n: _posterior(s) for n, s in stats.items()},
+        point: dict[str, Any] = {
+            "t": now,
+            "weights": dict(weights),
+            "posterior": {n: _posterior(s) for n, s in stats.items()},
+        }
+        if segments:
+            point["segments"] = {
+                s: {
+                    "weights": dict(w),
+                    "posterior": {n: _posterior(x) for n, x in by_segment.get(s, {}).items()},
+                }
+                for s, w in segments.items()
             }
-        )
+        points.append(point)
 
     def report(self, controller: Controller, route: Route) -> dict[str, Any]:
         """The route's allocation: weights over time, posterior means with intervals, IPW estimates."""
@@ -188,6 +231,7 @@ class Allocator:
             "min_share": al.min_share,
             "segments": list(al.segments),
             "weights": dict(state.weights) if state is not None else {},
+            "segment_weights": {s: dict(w) for s, w in state.segment_weights.items()} if state is not None else {},
             "held": self.reasons.get(route.name),
             "history": list(self.history.get(route.name, ())),
             "estimates": estimates,

@@ -2,7 +2,7 @@
 
 Three things come in, each a plain dict (one JSON line of the journal, one item of a batch):
 
-* ``{"kind": "exposure", "route", "variant", "unit", "t", "request_id"?}`` -- a response was
+* ``{"kind": "exposure", "route", "variant", "unit", "t", "request_id"?, "segment"?}`` -- a response was
   served (from the access log; the exposure token proves it too, so this feed is optional for
   token outcomes but needed for imports by request id and for units that never report anything:
   a unit exposed without converting is a zero, not a missing row);
@@ -176,6 +176,7 @@ class OutcomeLedger:
         self._requests: dict[str, tuple[Exposure, float]] = {}  # request id -> exposure, its time
         self._covariates: dict[tuple[str, str], dict[str, float]] = {}  # (route, name) -> unit -> value
         self._bounds: dict[tuple[str, str, str], L.Bounds] = {}
+        self.segments: dict[str, dict[str, str]] = {}  # route -> unit -> its first allocation segment (bandits)
         self.labels = LabelBook()  # served predictions joined with late labels (labels.py)
         self.unjournaled: list[dict[str, Any]] = []  # accepted live records the journal has not yet got
 
@@ -225,6 +226,8 @@ class OutcomeLedger:
         return arm
 
     def _register(self, exp: Exposure) -> None:
+        if exp.segment:  # signed (the token) or the gateway's own record: a client cannot move it
+            self.segments.setdefault(exp.route, {}).setdefault(exp.unit, exp.segment)
         if exp.key not in self._seen_exposures:
             self._seen_exposures.add(exp.key)
             arm = self._arm(exp.route, exp.variant)
@@ -234,7 +237,7 @@ class OutcomeLedger:
         rid = r.get("request_id")
         t = float(r["t"])
         eid = exposure_id(str(rid)) if rid else str(r.get("eid") or f"t{t!r}")
-        exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(t), eid)
+        exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(t), eid, str(r.get("segment") or ""))
         if rid:
             self._requests[str(rid)] = (exp, t)
         if exp.key in self._seen_exposures:

@@ -206,25 +206,30 @@ def allocate_segments(
     *,
     epsilon: float = 0.1,
     min_units: int = 20,
+    segments: Iterable[str] = (),
+    pooled: Mapping[str, ArmStats] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Per segment (a contextual bandit over declared segments): segment -> arm -> weight.
 
-    ``stats`` maps segment -> arm -> tallies. A segment whose arms have fewer than ``min_units``
-    units in all borrows the pooled tallies (all segments summed), so a thin segment starts from what
-    the route as a whole knows instead of from nothing.
+    ``stats`` maps segment -> arm -> tallies; ``segments`` names more segments to weigh (those with no
+    units yet); ``pooled`` the route's tallies per live arm (default: all segments summed; its arms
+    are the arms weighed). A segment whose arms have fewer than ``min_units`` units in all borrows the
+    pooled tallies, so a thin segment starts from what the route as a whole knows instead of from nothing.
     """
-    arms = sorted({a for seg in stats.values() for a in seg})
-    pooled = {
-        a: ArmStats(
-            sum(seg.get(a, ArmStats()).n for seg in stats.values()),
-            sum(seg.get(a, ArmStats()).total for seg in stats.values()),
-            sum(seg.get(a, ArmStats()).total_sq for seg in stats.values()),
-        )
-        for a in arms
-    }
+    if pooled is None:
+        arms = sorted({a for seg in stats.values() for a in seg})
+        pooled = {
+            a: ArmStats(
+                sum(seg.get(a, ArmStats()).n for seg in stats.values()),
+                sum(seg.get(a, ArmStats()).total for seg in stats.values()),
+                sum(seg.get(a, ArmStats()).total_sq for seg in stats.values()),
+            )
+            for a in arms
+        }
+    arms = list(pooled)
     out: dict[str, dict[str, int]] = {}
-    for segment in sorted(stats):
-        seg = stats[segment]
+    for segment in sorted(set(stats) | set(segments)):
+        seg = stats.get(segment, {})
         own = {a: seg.get(a, ArmStats()) for a in arms}
         use = own if sum(s.n for s in own.values()) >= min_units else pooled
         out[segment] = allocate(strategy, use, kind, direction, min_share, rng, epsilon=epsilon)

@@ -59,6 +59,7 @@ class Decision:
     unit: str | None = field(default=None, repr=False)  # raw unit: hash it before it leaves the process
     trace: tuple[str, ...] = ()
     sticky: str = field(default="", repr=False)  # bandit routes: the assignment note to send back
+    segment: str = ""  # a segmented bandit route: the request's allocation segment (in its exposure token)
 
     @property
     def allowed(self) -> bool:
@@ -223,6 +224,7 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
     # 5. cohort
     unit = _unit(route, facts)
     bucket = None
+    segment = ""
     if unit is None and route.unit_source == "claim" and facts.claims is not None:
         return _deny(
             Denial.UNAUTHENTICATED,
@@ -250,7 +252,13 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
                 steps.append(f"ineligible ({failed.describe()} fails): control")
         else:
             bucket = cohorts.bucket_of(route.salt_key, unit)
-            index, assignment = cohorts.owner_of(route.bounds, route.owners, bucket), "hash"
+            bounds, owners = route.bounds, route.owners
+            if route.segment_layouts and route.allocation is not None:  # the segment's own weights
+                segment = route.allocation.segment_of(region, facts.headers, facts.claims)
+                bounds, owners = route.segment_layouts.get(segment, (bounds, owners))
+                if steps is not None:
+                    steps.append(f"allocation segment {segment!r}: the bandit's weights for it apply")
+            index, assignment = cohorts.owner_of(bounds, owners, bucket), "hash"
             held = _held(route, facts, unit) if route.allocation is not None else None
             if held is not None:
                 index, assignment = held, "sticky"
@@ -302,6 +310,8 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         if steps is not None:
             steps.append(f"shadow {shadow.name!r}: mirrored to {target.url} (cluster {target.cluster})")
 
+    if route.allocation is not None and route.allocation.segment_defs and not segment:
+        segment = route.allocation.segment_of(region, facts.headers, facts.claims)
     note = ""
     # overrides and ineligible units are not the bandit's to pin; a fallback is not the unit's arm
     pin = assignment in ("hash", "sticky") and not fallback
@@ -321,4 +331,5 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         unit=unit,
         trace=tuple(steps or ()),
         sticky=note,
+        segment=segment,
     )

@@ -6,6 +6,10 @@ verifies it -- no per-request state anywhere. Layout (URL-safe, about 70 charact
 
     1.ROUTE.VARIANT.UNIT.TIME.EID.MAC
 
+On a segmented bandit route (docs/bandits.md) the layout is version ``2``, with the request's
+allocation segment before the MAC, so an outcome's reward counts for the segment it was served in
+and a client cannot move it to another: ``2.ROUTE.VARIANT.UNIT.TIME.EID.SEGMENT.MAC``.
+
 ``1`` the layout version; ROUTE and VARIANT are policy names (DNS labels: no dots); UNIT the keyed
 unit hash the processor already computes (never the raw id); TIME the issue time, Unix seconds in
 hex; EID 48 bits naming this exposure (a hash of the request id when the gateway has one, so the
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from cohortgate.core.errors import CohortgateError
 
 VERSION = "1"
+SEGMENTED = "2"  # the layout with an allocation segment
 MAC_BYTES = 16  # 128-bit tag: forging one is a 2^-128 guess
 EID_BYTES = 6
 MIN_KEY_BYTES = 16
@@ -43,6 +48,7 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _UNIT = re.compile(r"[0-9a-zA-Z_-]{1,64}")
 _EID = re.compile(r"[0-9a-zA-Z_-]{8}")
 _TAG = re.compile(r"[0-9a-zA-Z_-]{22}")  # base64url of 16 bytes, unpadded
+_SEGMENT = re.compile(r"[a-z0-9_-]{1,128}")  # declared values (labels) joined by "_"
 
 
 class Refusal(enum.Enum):
@@ -87,6 +93,7 @@ class Exposure:
     unit: str
     issued_at: int  # Unix seconds
     eid: str  # names this exposure: the deduplication key with the metric
+    segment: str = ""  # a segmented bandit route: the allocation segment it was served in
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -131,14 +138,16 @@ def _mac(key: bytes, payload: bytes) -> bytes:
     return hashlib.blake2b(payload, key=key, digest_size=MAC_BYTES).digest()
 
 
-def mint(key: bytes, route: str, variant: str, unit: str, now: float, eid: str | None = None) -> str:
+def mint(key: bytes, route: str, variant: str, unit: str, now: float, eid: str | None = None, segment: str = "") -> str:
     """The token for one response (on the request path: a few microseconds, see bench_outcomes).
 
     ``key`` is a MAC key (`parse_keys` / `mac_key`), not the raw secret. ``eid`` from `exposure_id`
     (the request id) when the gateway has one; random otherwise. Names are trusted here (they come
-    from the compiled policy and the processor's own unit hash).
+    from the compiled policy and the processor's own unit hash). ``segment``: version 2, which carries it.
     """
     payload = f"{VERSION}.{route}.{variant}.{unit}.{int(now):x}.{eid or random_id()}"
+    if segment:
+        payload = f"{SEGMENTED}{payload[1:]}.{segment}"
     return f"{payload}.{_b64(_mac(key, payload.encode()))}"
 
 
@@ -159,8 +168,13 @@ def verify(
         raise ExposureRefused(Refusal.MALFORMED, "not a string of at most 512 characters")
     payload, _, tag = token.rpartition(".")
     parts = payload.split(".")
-    if len(parts) != _PARTS - 1 or parts[0] != VERSION or not _TAG.fullmatch(tag):
-        raise ExposureRefused(Refusal.MALFORMED, "not a version-1 exposure token")
+    segment = ""
+    if parts[0] == SEGMENTED and len(parts) == _PARTS and _SEGMENT.fullmatch(parts[-1]):
+        segment = parts.pop()
+    elif parts[0] != VERSION:
+        parts = []
+    if len(parts) != _PARTS - 1 or not _TAG.fullmatch(tag):
+        raise ExposureRefused(Refusal.MALFORMED, "not a version-1 or version-2 exposure token")
     _, route, variant, unit, t_hex, eid = parts
     if not (
         _LABEL.fullmatch(route)
@@ -184,4 +198,4 @@ def verify(
         raise ExposureRefused(Refusal.NOT_YET_VALID, f"issued {issued - now:.0f} s in the future")
     if now - issued > max_age_s:
         raise ExposureRefused(Refusal.EXPIRED, f"issued {now - issued:.0f} s ago, window {max_age_s:g} s")
-    return Exposure(route=route, variant=variant, unit=unit, issued_at=issued, eid=eid)
+    return Exposure(route=route, variant=variant, unit=unit, issued_at=issued, eid=eid, segment=segment)

@@ -141,8 +141,30 @@ class Allocation:
     update_s: float
     min_share: float
     epsilon: float
-    segments: tuple[str, ...]
+    segments: tuple[str, ...]  # the segments' names, in order
     seed: int
+    segment_defs: tuple[Segment, ...] = ()  # per-segment allocation (a contextual bandit); () : one per route
+
+    def segment_of(self, region: str | None, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str:
+        """The request's allocation segment: each segment's value, declared or ``other``, joined by ``_``
+        (``eu_pro``). A client can never widen the set: at most the product of (values + 1) segments."""
+        parts = []
+        for s in self.segment_defs:
+            if s.source == "region":
+                raw: Any = region
+            elif s.source == "header":
+                raw = headers.get(s.key)
+            else:
+                raw = claims.get(s.key) if claims is not None else None
+            parts.append(s.value_of(raw if isinstance(raw, str) else None))
+        return "_".join(parts)
+
+    def segment_names(self) -> tuple[str, ...]:
+        """Every segment a request can fall in (declared values and ``other``), in a stable order."""
+        out = [""]
+        for s in self.segment_defs:
+            out = [f"{o}_{v}" if o else v for o in out for v in (*sorted(s.values), "other")]
+        return tuple(out) if self.segment_defs else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +219,6 @@ class Quality:
     four_fifths: float | None
     fallback: str | None
 
-
-@dataclass(frozen=True, slots=True)
     def label(self, region: str | None, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str:
         """The request's segments as the access log carries them: ``name=value;...``, each value a
         declared one or ``other`` (a client can never widen the set). Empty without segments."""
@@ -220,6 +240,8 @@ class Quality:
             parts.append(f"{s.name}={s.value_of(value)}")
         return ";".join(parts)
 
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path_prefix: str | None
@@ -254,6 +276,8 @@ class Route:
     allocation: Allocation | None = None  # bandit allocation (issue 21); None: fixed weights
     experiment: Experiment | None = None  # the catalog entry, when the policy gives one
     quality: Quality | None = None  # model-quality guardrails (docs/quality.md)
+    # per-segment cohort layouts of a segmented bandit route (segment -> (bounds, owners)); empty: ``bounds``
+    segment_layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def control(self) -> Variant:
@@ -265,14 +289,27 @@ class Route:
                 return i
         raise KeyError(name)
 
-    def with_weights(self, weights: Mapping[str, int], disabled: Iterable[str] = ()) -> Route:
-        """A copy with effective weights (missing variants keep theirs) and rolled-back variants off."""
+    def with_weights(
+        self,
+        weights: Mapping[str, int],
+        disabled: Iterable[str] = (),
+        segment_weights: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> Route:
+        """A copy with effective weights (missing variants keep theirs) and rolled-back variants off.
+
+        ``segment_weights`` (a segmented bandit route): segment -> variant -> weight; a rolled-back
+        variant's share goes to control, as a rollback's does."""
         off = set(disabled)
         variants = tuple(
             replace(v, weight=int(weights.get(v.name, v.weight)), enabled=v.name not in off) for v in self.variants
         )
         bounds, owners = cohorts.layout([v.weight for v in variants])
-        return replace(self, variants=variants, bounds=bounds, owners=owners)
+        layouts = {}
+        for segment, sw in (segment_weights or {}).items():
+            w = [0 if v.name in off else int(sw.get(v.name, 0)) for v in variants]
+            w[0] += 100 - sum(w)
+            layouts[segment] = cohorts.layout(w)
+        return replace(self, variants=variants, bounds=bounds, owners=owners, segment_layouts=layouts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,12 +362,17 @@ class Policy:
         return None
 
     def with_weights(
-        self, weights: Mapping[str, Mapping[str, int]], disabled: Mapping[str, Iterable[str]] | None = None
+        self,
+        weights: Mapping[str, Mapping[str, int]],
+        disabled: Mapping[str, Iterable[str]] | None = None,
+        segment_weights: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
     ) -> Policy:
-        """A copy with the controller's effective weights applied (unknown routes are ignored)."""
+        """A copy with the controller's effective weights applied (unknown routes are ignored);
+        ``segment_weights``: route -> segment -> variant -> weight, for segmented bandit routes."""
         disabled = disabled or {}
+        segment_weights = segment_weights or {}
         routes = tuple(
-            r.with_weights(weights.get(r.name, {}), disabled.get(r.name, ()))
+            r.with_weights(weights.get(r.name, {}), disabled.get(r.name, ()), segment_weights.get(r.name))
             if r.name in weights or r.name in disabled
             else r
             for r in self.routes
@@ -817,13 +859,55 @@ def _check_allocation(route: RouteModel, at: Any) -> Iterable[str]:
         yield f"{at('allocation')}: a route has a rollout or an allocation, not both"
     if route.kind == "outcomes":
         yield f"{at('allocation')}: an outcomes route has no allocation"
-    if len(set(al.segments)) != len(al.segments):
-        yield f"{at('allocation', 'segments')}: a segment key is named twice"
-    elif al.segments:  # refused rather than ignored: the gateway applies one allocation per route today
+    yield from _check_allocation_segments(route, at)
+
+
+def _check_allocation_segments(route: RouteModel, at: Any) -> Iterable[str]:
+    """Segments by name (`region` or a quality segment) or declared here; values are labels (they travel
+    in the exposure token and the state), and the segments a request can fall in stay few."""
+    al = route.allocation
+    assert al is not None
+    quality = {s.name: s for s in route.quality.segments} if route.quality is not None else {}
+    names: list[str] = []
+    combos = 1
+    for si, seg in enumerate(al.segments):
+        where = at("allocation", "segments", si)
+        if isinstance(seg, str):
+            if seg == "region":
+                values = sorted({b.region for v in route.variants for b in v.backends})
+            elif seg in quality:
+                values = list(quality[seg].values)
+            else:
+                yield (
+                    f"{where}: segment {seg!r} is neither `region` nor one of the route's quality.segments; "
+                    "declare it here: {name, source: claim, key, values}"
+                )
+                continue
+            names.append(seg)
+        else:
+            names.append(seg.name)
+            values = list(seg.values)
+            if seg.source == "region" and seg.key is not None:
+                yield f"{where}: a region segment takes no key (it is the request's region)"
+            elif seg.source != "region" and not seg.key:
+                yield f"{where}: a {seg.source} segment needs `key` (the {seg.source} name)"
+            if len(set(values)) != len(values) or "other" in values:
+                yield f"{where}: segment {seg.name!r} values must be distinct and not 'other'"
+        bad = [v for v in values if not _ALLOCATION_VALUE.fullmatch(v)]
+        if bad:
+            yield f"{where}: segment value {bad[0]!r} is not a lower-case label (a-z, 0-9, '-')"
+        combos *= len(set(values)) + 1
+    if len(set(names)) != len(names):
+        yield f"{at('allocation', 'segments')}: a segment is named twice"
+    elif combos > MAX_ALLOCATION_SEGMENTS:
         yield (
-            f"{at('allocation', 'segments')}: per-segment allocation is computed by the core "
-            "(bandit.allocate_segments) but gateways do not apply it yet; leave `segments` out (docs/bandits.md)"
+            f"{at('allocation', 'segments')}: {combos} segments (each value and `other`, combined); "
+            f"at most {MAX_ALLOCATION_SEGMENTS}"
         )
+
+
+_ALLOCATION_VALUE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+MAX_ALLOCATION_SEGMENTS = 64  # segments of one bandit route: each has its own weights in the published state
 
 
 def _check_features(route: RouteModel, at: Any) -> Iterable[str]:
@@ -1064,6 +1148,17 @@ def _allocation(r: RouteModel) -> Allocation | None:
     if al is None:
         return None
     metric = next(m for m in r.metrics if m.name == al.reward)
+    quality = {s.name: s for s in r.quality.segments} if r.quality is not None else {}
+    defs = []
+    for seg in al.segments:
+        if seg == "region":
+            regions = frozenset(b.region for v in r.variants for b in v.backends)
+            defs.append(Segment("region", "region", "", regions))
+        else:
+            model = quality[seg] if isinstance(seg, str) else seg
+            key = "" if model.source == "region" else (model.key or "")
+            key = key.lower() if model.source == "header" else key
+            defs.append(Segment(model.name, model.source, key, frozenset(model.values)))
     return Allocation(
         al.strategy,
         al.reward,
@@ -1072,8 +1167,9 @@ def _allocation(r: RouteModel) -> Allocation | None:
         al.update_s,
         al.min_share,
         al.epsilon,
-        tuple(al.segments),
+        tuple(s.name for s in defs),
         al.seed,
+        tuple(defs),
     )
 
 

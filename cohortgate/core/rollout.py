@@ -111,6 +111,8 @@ class RouteState:
     version: int = 0
     updated_at: float = 0.0
     updated_by: str = ""
+    # a segmented bandit route: segment -> variant -> weight (each sums to 100); empty: ``weights`` for all
+    segment_weights: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def disabled(self) -> frozenset[str]:
@@ -128,6 +130,8 @@ class RouteState:
         return Phase.RUNNING.value
 
     def to_json(self) -> dict[str, Any]:
+        segments = {s: dict(w) for s, w in self.segment_weights.items()}
+        extra = {"segment_weights": segments} if segments else {}  # absent: old readers see what they know
         return {
             "route": self.route,
             "weights": dict(self.weights),
@@ -145,6 +149,7 @@ class RouteState:
             "updated_at": self.updated_at,
             "updated_by": self.updated_by,
             "status": self.status,
+            **extra,
         }
 
     @classmethod
@@ -167,6 +172,12 @@ class RouteState:
             version=int(data.get("version", 0)),
             updated_at=float(data.get("updated_at", 0.0)),
             updated_by=str(data.get("updated_by", "")),
+            segment_weights=MappingProxyType(
+                {
+                    str(s): MappingProxyType({str(k): int(v) for k, v in w.items()})
+                    for s, w in (data.get("segment_weights") or {}).items()
+                }
+            ),
         )
 
 

@@ -258,10 +258,12 @@ class Allocation(_Strict):
         default=0.05, ge=0.01, lt=0.5, description="Least share of new units any live arm keeps (exploration)."
     )
     epsilon: float = Field(default=0.1, gt=0, lt=1, description="epsilon_greedy only: the share spread evenly.")
-    segments: list[str] = Field(
+    segments: list[str | Segment] = Field(
         default=[],
         max_length=3,
-        description="Per-segment allocation over these keys: `region` (the request's residency) or a claim name.",
+        description="Per-segment allocation (a contextual bandit): `region` (the request's residency, its values "
+        "the route's regions), the name of one of the route's `quality.segments`, or a segment declared here "
+        "({name, source, key, values}); any undeclared value is `other`.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the controller's draws (Thompson, epsilon).")
 

@@ -81,6 +81,7 @@ def effective_policy(policy: Policy, states: Mapping[str, RouteState], safe: boo
     """
     weights: dict[str, dict[str, int]] = {}
     disabled: dict[str, list[str]] = {}
+    segments: dict[str, dict[str, dict[str, int]]] = {}
     if safe:
         for route in policy.routes:
             if route.name not in states:
@@ -103,7 +104,19 @@ def effective_policy(policy: Policy, states: Mapping[str, RouteState], safe: boo
             continue
         weights[name] = w
         disabled[name] = sorted(st.disabled & names)
-    return policy.with_weights(weights, disabled) if weights else policy
+        if st.segment_weights and route.allocation is not None and route.allocation.segment_defs:
+            segments[name] = _segment_weights(route.allocation.segment_names(), names, st)
+    return policy.with_weights(weights, disabled, segments) if weights else policy
+
+
+def _segment_weights(known: tuple[str, ...], names: set[str], st: RouteState) -> dict[str, dict[str, int]]:
+    """A bandit route's per-segment weights that fit the policy (a misfit segment takes the route's)."""
+    out = {}
+    for segment, sw in st.segment_weights.items():
+        w = {n: int(sw.get(n, 0)) for n in names}
+        if segment in known and sum(w.values()) == 100 and min(w.values()) >= 0 and set(sw) <= names:
+            out[segment] = w
+    return out
 
 
 def follow(holder: Any, store: StateStore, metrics: Any = None) -> Callable[[Mapping[str, RouteState]], None]:

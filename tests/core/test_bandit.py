@@ -57,7 +57,27 @@ def _with_allocation(block: str, extra: str = "") -> str:
         ("      reward: conversion\n      min_share: 0.4\n", "", "47:7", "asks for more than all the traffic"),
         ("      reward: conversion\n", "    rollout: {variant: canary, steps: [50]}\n", "46:5", "not both"),
         ("      reward: conversion\n      segments: [region, region]\n", "", "47:7", "named twice"),
-        ("      reward: conversion\n      segments: [region]\n", "", "47:7", "gateways do not apply it yet"),
+        ("      reward: conversion\n      segments: [tier]\n", "", "47:18", "neither `region` nor one of"),
+        (
+            "      reward: conversion\n      segments: [{name: tier, source: claim, key: tier, values: [Gold]}]\n",
+            "",
+            "47:18",
+            "'Gold' is not a lower-case label",
+        ),
+        (
+            "      reward: conversion\n      segments: [{name: tier, source: claim, values: [gold]}]\n",
+            "",
+            "47:18",
+            "a claim segment needs `key`",
+        ),
+        (
+            "      reward: conversion\n      segments: [{name: a, source: claim, key: a, values: [a1, a2, a3, a4, a5]},"
+            " {name: b, source: claim, key: b, values: [b1, b2, b3, b4, b5]},"
+            " {name: c, source: claim, key: c, values: [c1]}]\n",
+            "",
+            "47:7",
+            "72 segments (each value and `other`, combined); at most 64",
+        ),
     ],
 )
 def test_bad_allocation_blocks_say_where_and_why(block, extra, where, words):
@@ -254,3 +274,145 @@ def test_routes_without_allocation_never_pin():
     claims = {"sub": "alice", "residency": "eu", "scope": "predict"}
     d = decide(example, Facts("POST", "/v2/models/tabular/infer", {}, APP, claims, "r", None, KEYS))
     assert d.sticky == "" and d.assignment == "hash"
+
+
+# ----------------------------------------------------------------------------- per-segment allocation
+
+
+def _segmented_text() -> str:
+    """The demo route served in eu and us, its bandit per region and per the token's `tier` claim."""
+    lines = []
+    for line in (ROOT / "policies" / "bandit.yaml").read_text().splitlines():
+        lines.append(line)
+        if "region: eu, model:" in line:
+            port = line.split("127.0.0.1:")[1][:5]
+            lines.append(f'          - {{url: "http://127.0.0.1:2{port[1:]}", region: us}}')
+    lines.append("      segments: [region, {name: tier, source: claim, key: tier, values: [free, pro]}]")
+    return "\n".join(lines) + "\n"
+
+
+SEGMENTED = parse_policy(_segmented_text(), filename="segmented.yaml", base_dir=ROOT / "policies")
+EU_CONTROL_US_CHALLENGER = {
+    "eu_free": {"control": 100, "canary": 0, "challenger": 0},
+    "eu_pro": {"control": 100, "canary": 0, "challenger": 0},
+    "us_free": {"control": 0, "canary": 0, "challenger": 100},
+}
+
+
+def seg_facts(unit: str, region: str, tier: object, note: str | None = None) -> Facts:
+    claims = {"sub": unit, "residency": region, "scope": "predict", "tier": tier}
+    return Facts("POST", INFER, {}, APP, claims, "r-1", note, KEYS)
+
+
+def _segmented(segment_weights, weights=(34, 33, 33), disabled=()):
+    w = dict(zip(ARMS, weights, strict=True))
+    return SEGMENTED.with_weights({"ranker": w}, {"ranker": disabled}, {"ranker": segment_weights})
+
+
+def test_segments_compile_to_bounded_labels():
+    al = SEGMENTED.by_name["ranker"].allocation
+    assert al is not None and al.segments == ("region", "tier")
+    assert al.segment_names() == (
+        "eu_free", "eu_pro", "eu_other", "us_free", "us_pro", "us_other", "other_free", "other_pro", "other_other"
+    )  # fmt: skip
+    assert al.segment_of("us", {}, {"tier": "pro"}) == "us_pro"
+    # undeclared or non-string values are `other`: a client cannot mint segments of its own
+    assert al.segment_of("eu", {}, {"tier": "platinum"}) == "eu_other"
+    assert al.segment_of("eu", {}, {"tier": ["pro"]}) == "eu_other"
+    assert al.segment_of("eu", {}, None) == "eu_other"
+
+
+def test_a_quality_segment_can_be_named():
+    text = _segmented_text().replace(
+        "segments: [region, {name: tier, source: claim, key: tier, values: [free, pro]}]", "segments: [plan]"
+    )
+    text = text.replace(
+        "    allocation:\n",
+        "    quality:\n      segments: [{name: plan, source: header, key: X-Plan, values: [basic]}]\n    allocation:\n",
+    )
+    al = parse_policy(text, base_dir=ROOT / "policies").by_name["ranker"].allocation
+    assert al is not None and al.segment_names() == ("basic", "other")
+    assert al.segment_of("eu", {"x-plan": "basic"}, None) == "basic"
+
+
+def test_each_segment_assigns_new_units_by_its_own_weights():
+    policy = _segmented(EU_CONTROL_US_CHALLENGER)
+    eu = [decide(policy, seg_facts(f"u{i}", "eu", "pro")) for i in range(200)]
+    us = [decide(policy, seg_facts(f"u{i}", "us", "free")) for i in range(200)]
+    assert {d.variant for d in eu} == {"control"} and {d.segment for d in eu} == {"eu_pro"}
+    assert {d.variant for d in us} == {"challenger"} and {d.segment for d in us} == {"us_free"}
+    # a segment without published weights (us_pro) takes the route's: all three arms
+    rest = {decide(policy, seg_facts(f"u{i}", "us", "pro")).variant for i in range(200)}
+    assert rest == set(ARMS)
+    explained = decide(policy, seg_facts("u1", "eu", "pro"), trace=True).trace
+    assert any("allocation segment 'eu_pro'" in step for step in explained)
+
+
+def test_a_rolled_back_arm_gives_its_segment_share_to_control():
+    policy = _segmented({"us_free": {"control": 0, "canary": 100, "challenger": 0}}, (50, 0, 50), ("canary",))
+    got = {decide(policy, seg_facts(f"u{i}", "us", "free")).variant for i in range(200)}
+    assert got == {"control"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    units=st.lists(st.text("abcdefghij0123456789", min_size=1, max_size=8), min_size=1, max_size=20, unique=True),
+    moves=st.lists(st.tuples(allocations(), allocations(), allocations()), min_size=1, max_size=5),
+    where=st.sampled_from([("eu", "pro"), ("us", "free"), ("eu", None)]),
+)
+def test_no_exposed_unit_changes_arm_whatever_its_segment_publishes(units, moves, where):
+    def publish(move):
+        segs = dict(zip(("eu_pro", "us_free", "eu_other"), move, strict=True))
+        return _segmented({s: dict(zip(ARMS, w, strict=True)) for s, w in segs.items()})
+
+    notes, arms = {}, {}
+    for unit in units:
+        d = decide(publish(moves[0]), seg_facts(unit, *where))
+        notes[unit], arms[unit] = d.sticky, d.variant
+    for move in moves[1:]:
+        policy = publish(move)
+        for unit in units:
+            d = decide(policy, seg_facts(unit, *where, note=notes[unit]))
+            assert d.variant == arms[unit] and d.assignment == "sticky"
+
+
+def test_segment_weights_survive_the_state_and_old_states_still_load():
+    from types import MappingProxyType
+
+    from cohortgate.core.rollout import RouteState
+    from cohortgate.store.state import effective_policy
+
+    st_ = RouteState(
+        "ranker",
+        MappingProxyType({"control": 34, "canary": 33, "challenger": 33}),
+        MappingProxyType({}),
+        segment_weights=MappingProxyType(
+            {
+                "us_free": MappingProxyType({"control": 0, "canary": 0, "challenger": 100}),
+                "mars_free": MappingProxyType({"control": 100}),  # not a segment of the policy: ignored
+                "eu_pro": MappingProxyType({"control": 90}),  # does not sum to 100: ignored
+            }
+        ),
+    )
+    doc = st_.to_json()
+    back = RouteState.from_json(doc)
+    assert back == st_
+    old = {k: v for k, v in doc.items() if k != "segment_weights"}  # a state file written before segments
+    assert RouteState.from_json(old).segment_weights == {}
+    assert "segment_weights" not in RouteState.from_json(old).to_json()
+    route = effective_policy(SEGMENTED, {"ranker": back}).by_name["ranker"]
+    assert set(route.segment_layouts) == {"us_free"}
+
+
+def test_the_exposure_token_carries_the_segment_signed():
+    from cohortgate.core import exposure
+
+    key = exposure.parse_keys("s" * 32)
+    token = exposure.mint(key[0], "ranker", "canary", "abc", 1000.0, "AAAAAAAA", segment="eu_pro")
+    assert token.startswith("2.") and exposure.verify(token, key, 1000.0, 60).segment == "eu_pro"
+    plain = exposure.mint(key[0], "ranker", "canary", "abc", 1000.0, "AAAAAAAA")
+    assert plain.startswith("1.") and exposure.verify(plain, key, 1000.0, 60).segment == ""
+    moved = token.replace(".eu_pro.", ".us_pro.")
+    with pytest.raises(exposure.ExposureRefused) as err:
+        exposure.verify(moved, key, 1000.0, 60)
+    assert err.value.code == "forged"
