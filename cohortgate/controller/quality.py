@@ -221,6 +221,7 @@ class QualityMonitor:
         split = quality_split(q)
         control = route.variants[0].name
         out: dict[str, Verdict] = {}
+        self._watch_switch(rq, state)  # before this interval's switch: ``state`` predates it
         self._segment_tests(rq, route, state, split, out)
         rq.threshold = threshold  # fixed before the next batch arrives
         if rq.dirty:
@@ -232,7 +233,6 @@ class QualityMonitor:
             switch = self._control_drift(rq, route, state, current.get(control), split)
             if switch is not None:
                 out.setdefault(switch.variant, switch)
-        self._watch_switch(rq, state)
         if taken and q.fallback in taken and rq.switch is not None and q.fallback in out:
             rq.switch = None  # another signal moved the fallback this interval: try again next time
         return [v for name, v in out.items() if not taken or name not in taken]

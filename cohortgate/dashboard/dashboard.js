@@ -189,6 +189,19 @@ function table(head, rows, emptyText) {
     el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c) => el("td", {}, c))))));
 }
 
+// Model quality (issue 20): drift per feature per variant, the segment table, four-fifths ratios.
+function qualityPanel(q) {
+  const t = q.thresholds;
+  return el("div", { class: "quality" },
+    el("h3", {}, `Drift (PSI > ${t.psi ?? "–"}, JS > ${t.js ?? "–"}, Wasserstein > ${t.wasserstein ?? "–"} sd; min ${t.min_samples})`),
+    q.notice ? el("p", { class: "notice error" }, q.notice) : null,
+    table(["variant", "compared", "feature", "PSI", "JS", "Wasserstein", "G-test p", "over threshold"], q.drift, "no quality reports yet"),
+    el("h3", {}, `Segments (margin ${t.margin} odds; always-valid p errors / slow)`),
+    table(["segment", "variant", "requests", "error rate", "p95", "p"], q.segments, "no segments declared"),
+    q.impact.length ? el("h3", {}, `Four-fifths rule (floor ${t.four_fifths})`) : null,
+    q.impact.length ? table(["variant", "segment", "lowest", "highest", "ratio", "upper bound"], q.impact, "") : null);
+}
+
 // A bandit route: weights per arm over the last updates, posterior means, IPW estimates (issue 21).
 function allocationPanel(a) {
   const when = (t) => new Date(t * 1000).toISOString().slice(11, 19);
@@ -232,6 +245,7 @@ function routeCard(route, doc) {
   if (route.features) card.append(el("div", { class: "features" }, el("h3", {}, "Feature fallbacks (online features not joined)"),
     table(["variant", "reports", "fallback rate", "reasons"],
       route.features.map((f) => [f.name, f.reports, pct(f.rate), f.reasons || "–"]), "no sidecar reports yet")));
+  if (route.quality) card.append(qualityPanel(route.quality));
   if (route.outcomes) card.append(liftPanel(route.outcomes));
   if (route.allocation) card.append(allocationPanel(route.allocation));
   return card;
@@ -276,19 +290,32 @@ function liftChart(m) {
   return box;
 }
 
+// Served predictions joined with late labels: accuracy, log-loss, MAE per variant (fixed horizon, 95 %).
+function labelTable(rows) {
+  const stat = (x, f) => (x ? `${f(x.value)} [${x.interval[0] === null ? "–" : f(x.interval[0])}, ${x.interval[1] === null ? "–" : f(x.interval[1])}]` : "–");
+  const num = (x) => x.toFixed(3);
+  return el("div", { class: "labels", "data-labels": rows.length },
+    el("h3", {}, "Model accuracy from labels (95 % intervals, fixed horizon)"),
+    table(["variant", "labels", "accuracy", "log-loss", "MAE", "vs control"], rows.map((r) => [
+      r.variant, r.labels, stat(r.accuracy, (x) => pct(x, 1)), stat(r.log_loss, num), stat(r.mae, num),
+      Object.entries(r.vs_control).map(([k, d]) => `${k} ${stat(d, k === "accuracy" ? (x) => signed(x) : num)}`).join("; ") || "–"]),
+    "no labels yet"));
+}
+
 function liftPanel(o) {
   const exp = o.experiment;
   const panel = el("div", { class: "outcomes", "data-outcomes": o.metrics.length },
     el("h3", {}, "Outcome metrics: lift against control, always-valid band"),
     exp ? el("p", { class: "catalog" }, el("b", {}, exp.hypothesis), el("span", { class: "muted" }, ` · owner ${exp.owner} · started ${exp.start}${exp.primary_metric ? " · decides on " + exp.primary_metric : ""}`)) : null);
-  if (o.empty) { panel.append(el("p", { class: "empty" }, o.empty)); return panel; }
-  panel.append(el("div", { class: "lifts" }, o.metrics.map((m) => el("div", { class: "lift", "data-metric": m.metric, "data-challenger": m.challenger, "data-verdict": m.verdict },
+  if (o.empty) panel.append(el("p", { class: "empty" }, o.empty));
+  else panel.append(el("div", { class: "lifts" }, o.metrics.map((m) => el("div", { class: "lift", "data-metric": m.metric, "data-challenger": m.challenger, "data-verdict": m.verdict },
     liftChart(m),
     el("div", { class: "lift-text" },
       el("span", { class: "badge v-" + m.verdict }, m.verdict.replace("_", " ")), " ",
       el("b", {}, signed(m.lift)), " ", el("span", {}, band(m.interval)), el("span", { class: "muted" }, " always valid"),
       el("div", { class: "evidence" }, `${m.role} · ${m.kind || ""} · fixed horizon ${band(m.fixed)} · units ${m.units.challenger ?? 0} / ${m.units.control ?? 0}${m.planned_units ? " of " + m.planned_units + " planned" : ""}`),
       m.reason ? el("div", { class: "why" }, m.reason) : null)))));
+  if (o.labels && o.labels.length) panel.append(labelTable(o.labels));
   return panel;
 }
 

@@ -169,7 +169,8 @@ def outcomes_view(route: str, data: Mapping[str, Any] | None) -> dict[str, Any] 
     """The lift panel of a route with outcome metrics (None without): the catalog entry, and per metric
     and challenger the lift, its always-valid band over time, samples per arm, verdict and reason.
 
-    ``data``: ``{"design", "results", "history"}`` as `cohortgate.controller.report` reads them."""
+    ``data``: ``{"design", "results", "history", "labels"?}`` as `cohortgate.controller.report` reads
+    them (labels: per variant accuracy from served predictions joined with late labels)."""
     if not data:
         return None
     design = data.get("design") or {}
@@ -199,13 +200,24 @@ def outcomes_view(route: str, data: Mapping[str, Any] | None) -> dict[str, Any] 
                 "points": [p[:4] for p in series.get((r["metric"], r["challenger"]), ())],
             }
         )
-    declared = ", ".join(decls) or "none"
+    declared = ", ".join(decls)
     return {
         "experiment": design.get("experiment"),
         "metrics": metrics,
         "empty": None
-        if metrics
+        if metrics or not decls
         else f"no outcomes yet on route {route} (metrics: {declared}); clients post them with the exposure token",
+        "labels": [_label_row(x) for x in data.get("labels") or ()],
+    }
+
+
+def _label_row(x: Mapping[str, Any]) -> dict[str, Any]:
+    """One variant's accuracy from labels (`cohortgate.controller.labels`), as the panel's table shows it."""
+    return {
+        "variant": x.get("variant"),
+        "labels": x.get("labels", 0),
+        **{k: x.get(k) for k in ("accuracy", "log_loss", "mae")},
+        "vs_control": x.get("vs_control") or {},
     }
 
 
@@ -259,6 +271,84 @@ def features_view(features: Mapping[str, Any] | None) -> list[dict[str, Any]] | 
         }
         for name, d in features.items()
     ]
+
+
+def quality_view(quality: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A route with ``quality:`` (docs/quality.md): the drift panel (per feature, per variant: against
+    control on the same window, and control against its reference), the segment table, the
+    four-fifths ratios, and the switch or alert in force (None: no quality block)."""
+    if quality is None:
+        return None
+
+    def fmt(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    drift = []
+    for variant, kinds in sorted((quality.get("drift") or {}).items()):
+        for kind, doc in sorted(kinds.items()):
+            moved = doc.get("drifted") or {}
+            for feature, d in sorted((doc.get("features") or {}).items()):
+                drift.append(
+                    [
+                        variant,
+                        "vs control, " + kind,
+                        feature,
+                        fmt(d.get("psi")),
+                        fmt(d.get("js")),
+                        fmt(d.get("wasserstein")),
+                        f"{d.get('p_value', 1):.2g}",
+                        ", ".join(moved.get(feature, [])) or "–",
+                    ]
+                )
+    control = quality.get("control_drift") or {}
+    for feature, d in sorted((control.get("features") or {}).items()):
+        moved = (control.get("drifted") or {}).get(feature, [])
+        drift.append(
+            [
+                "control",
+                "vs reference, inputs",
+                feature,
+                fmt(d.get("psi")),
+                fmt(d.get("js")),
+                fmt(d.get("wasserstein")),
+                f"{d.get('p_value', 1):.2g}",
+                ", ".join(moved) or "–",
+            ]
+        )
+    tests = quality.get("segment_tests") or {}
+    segments = []
+    for seg, values in sorted((quality.get("segments") or {}).items()):
+        for value, per in sorted(values.items()):
+            for variant, w in per.items():
+                t = (tests.get(variant) or {}).get(f"{seg}={value}")
+                segments.append(
+                    [
+                        f"{seg}={value}",
+                        variant,
+                        w.get("requests", 0),
+                        f"{w.get('error_rate', 0):.2%}",
+                        "–" if w.get("p95_ms") is None else f"{w['p95_ms']:.1f} ms",
+                        "–" if t is None else f"{t['errors']['p_value']:.2g} / {t['slow']['p_value']:.2g}",
+                    ]
+                )
+    impact = [
+        [variant, seg, r.get("low"), r.get("high"), f"{r.get('ratio', 0):.2f}", f"{r.get('upper', 0):.2f}"]
+        for variant, segs in sorted((quality.get("impact") or {}).items())
+        for seg, r in sorted(segs.items())
+    ]
+    switch, alert = quality.get("switch"), quality.get("alert")
+    notice = None
+    if switch:
+        notice = f"switched to {switch['fallback']}: {switch['reason']}"
+    elif alert:
+        notice = alert.get("reason")
+    return {
+        "drift": drift,
+        "segments": segments,
+        "impact": impact,
+        "thresholds": quality.get("thresholds") or {},
+        "notice": notice,
+    }
 
 
 def allocation_view(allocation: Mapping[str, Any] | None, points: int = 12) -> dict[str, Any] | None:
@@ -449,6 +539,7 @@ def view(
                 "variants": vs,
                 "shadows": shadows,
                 "features": features_view(route.get("features")),
+                "quality": quality_view(route.get("quality")),
                 "allocation": allocation_view(route.get("allocation")),
                 "regions": [[r, n, errs.get(r, 0)] for r, n in _ranked(req)],
                 "series": {v["name"]: recorder.series(name, v["name"], now) for v in vs},
