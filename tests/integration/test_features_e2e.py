@@ -1,0 +1,231 @@
+"""Online features end to end (issue 22): a client's request through real Envoy (mTLS), the gateway process
+(JWT verified, the entity taken from the claim the policy names) and a real `cohortgate sidecar` process
+(onnxruntime) started with the argv `cohortgate up`'s plan and recipe give it (``--features-policy``,
+``--features-route``), joining from a real redis-server that holds the bytes Feast itself wrote
+(``tests/sidecar/fixtures/feast_redis.json``, re-stamped to now).
+
+The primary is an Identity graph over 7 columns, the fallback one over 2, so an answer shows exactly what the
+model was given: the client's two columns and the entity's joined ones, or the client's own on a fallback.
+One transport (grpc): the entity header is set by the transport-free processor (tests/gateway/test_feature_entity.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cohortgate.core.contract import HEADER_ENTITY, HEADER_FEATURES
+from cohortgate.deploy import pki
+from cohortgate.local.plan import sidecar_specs
+from cohortgate.local.recipes import Layout, sidecar_recipe
+from tests.integration.conftest import ROOT, TRANSPORT_ARGS, Client, GatewayProcess, free_port, mint
+from tests.sidecar.test_feature_join import JOINED_1001, VIEWS, identity
+from tests.sidecar.test_feature_join import store as store  # the redis-server fixture, reused
+from tests.sidecar.test_features import FIXTURE
+
+pytestmark = pytest.mark.integration
+
+READY_TIMEOUT_S = 90.0  # generous: a busy 2-core CI box starting onnxruntime and a store connection
+
+POLICY = """
+version: 1
+jwt:
+  issuer: https://auth.cohortgate.local
+  audience: cohortgate
+  algorithms: [ES256]
+  jwks: {jwks}
+  leeway_s: 5
+response_headers: true
+routes:
+  - name: shop
+    match: {{model: shop, methods: [GET, POST]}}
+    auth:
+      identities: ["spiffe://cohortgate.local/app-*"]
+      scopes: [predict]
+    cohorts:
+      unit: {{claim: sub}}
+      salt: features-e2e
+    residency:
+      default_region: eu
+    variants:
+      - name: personal
+        weight: 100
+        backends: [{{url: "http://127.0.0.1:{port}", region: eu, model: models/personal.onnx}}]
+    features:
+      store: {store}
+      project: {project}
+      join_key: {join_key}
+      entity: {{claim: sub}}
+      entity_type: int64
+      views: [{views}]
+      budget_ms: 10000          # generous: a busy CI box must not turn a read into over_budget
+      max_age_s: 3600
+      fallback: {{model: models/global.onnx}}
+"""
+
+
+def up_layout(work: Path) -> Layout:
+    """What `up` would pass its sidecars; nothing listens on the controller's port (reports are best effort)."""
+    ports = {"controller": free_port(), "dashboard": 0, "gateway_metrics": 0, "envoy": 0}
+    return Layout(work, work, ports, "", "", work / "policy.json", work / "policy.json", python=sys.executable)
+
+
+class SidecarProcess:
+    """``cohortgate sidecar`` as a child process, as `cohortgate up` starts one that joins features."""
+
+    def __init__(self, argv: list[str], port: int, log_path: Path) -> None:
+        self.argv, self.port, self.log_path = argv, port, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SidecarProcess:
+        with open(self.log_path, "ab") as log:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (OSError, urllib.error.HTTPError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"sidecar not ready after {READY_TIMEOUT_S}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, store: str
+) -> Iterator[tuple[Client, SidecarProcess, pki.CertPaths]]:
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+
+    work = tmp_path_factory.mktemp("features-e2e")
+    (work / "models").mkdir()
+    identity(work / "models" / "personal.onnx", 7)  # the policy names both relative to its own file
+    identity(work / "models" / "global.onnx", 2)
+    port = free_port()
+    policy_file = work / "policy.yaml"
+    policy_file.write_text(
+        POLICY.format(
+            jwks=certs.jwks,
+            port=port,
+            store=store,
+            project=FIXTURE["project"],
+            join_key=FIXTURE["join_key"],
+            views=", ".join(VIEWS),
+        )
+    )
+    policy = load_policy(policy_file)
+    # The sidecar runs exactly as `cohortgate up` would start it: its plan and recipe give the features flags.
+    (spec,) = sidecar_specs(policy)
+    recipe = sidecar_recipe(spec, port, up_layout(work))
+    assert "--features-policy" in recipe.argv and "--features-route" in recipe.argv
+    sidecar = SidecarProcess(list(recipe.argv), port, work / "sidecar.log")
+    sock = work / "run" / "processor.sock"
+    gateway = GatewayProcess(policy_file, sock, "grpc", work)
+    try:
+        sidecar.start()
+        gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
+        files = render(
+            policy,
+            certs=certs,
+            out_dir=work / "envoy",
+            processor=ProcessorAddress(uds=str(sock)),
+            transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
+            listen_port=free_port(),
+            admin_port=free_port(),
+        )
+        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
+            cert, key = certs.clients["app-demo"]
+            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
+            yield client, sidecar, certs
+            client.close()
+    finally:
+        gateway.stop()
+        sidecar.stop()
+
+
+def infer(client: Client, token: str, rows: list[list[float]], headers: dict[str, str] | None = None) -> Any:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(rows), 2], "data": rows}]}
+    return client.request("/v2/models/shop/infer", token=token, body=json.dumps(body).encode(), headers=headers)
+
+
+def output(reply: Any) -> list[float]:
+    assert reply.status == 200, reply.body
+    return reply.json()["outputs"][0]["data"]
+
+
+def approx(values: list[float]) -> Any:
+    return pytest.approx(values, rel=1e-6)
+
+
+def fallbacks(sidecar: SidecarProcess, reason: str) -> float:
+    line = f'cohortgate_sidecar_feature_fallbacks_total{{model="shop",reason="{reason}"}} '
+    (value,) = [x[len(line) :] for x in sidecar.metrics().splitlines() if x.startswith(line)]
+    return float(value)
+
+
+def test_the_entity_comes_from_the_verified_claim_and_its_features_are_joined(stack) -> None:
+    client, _, certs = stack
+    reply = infer(client, mint(certs, "1001"), [[1.0, 2.0], [3.0, 4.0]])
+    assert reply.headers[HEADER_FEATURES] == "joined"
+    assert reply.headers["x-cohortgate-variant"] == "personal"
+    # what Feast's own get_online_features answered for user 1001, appended to every row
+    assert output(reply) == approx([1.0, 2.0, *JOINED_1001, 3.0, 4.0, *JOINED_1001])
+
+
+def test_an_entity_missing_in_the_store_gets_the_fallback_and_is_counted(stack) -> None:
+    client, sidecar, certs = stack
+    before = fallbacks(sidecar, "missing")
+    reply = infer(client, mint(certs, "9999"), [[5.0, 6.0]])  # no row for user 9999
+    assert reply.headers[HEADER_FEATURES] == "fallback:missing"
+    assert output(reply) == approx([5.0, 6.0])  # the global model's answer on the client's own columns
+    assert fallbacks(sidecar, "missing") == before + 1
+
+
+def test_a_client_sent_entity_header_cannot_choose_whose_features_are_joined(stack) -> None:
+    client, sidecar, certs = stack
+    # user 9999 (no row) asks for 1001's features: the gateway strips the header and sets the claim's id
+    before = fallbacks(sidecar, "missing")
+    reply = infer(client, mint(certs, "9999"), [[5.0, 6.0]], headers={HEADER_ENTITY: "1001"})
+    assert (reply.headers[HEADER_FEATURES], output(reply)) == ("fallback:missing", approx([5.0, 6.0]))
+    assert fallbacks(sidecar, "missing") == before + 1
+    # user 1001 naming another entity still gets its own features
+    reply = infer(client, mint(certs, "1001"), [[1.0, 2.0]], headers={HEADER_ENTITY: "1004"})
+    assert (reply.headers[HEADER_FEATURES], output(reply)) == ("joined", approx([1.0, 2.0, *JOINED_1001]))
+
+
+def test_model_metadata_through_the_gateway_says_what_a_client_sends(stack) -> None:
+    client, _, certs = stack
+    reply = client.request("/v2/models/shop", token=mint(certs, "1001"), method="GET")
+    assert reply.status == 200, reply.body
+    meta = reply.json()
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]  # not the primary's [-1, 7]
+    assert meta["parameters"]["features"]["joined_columns"] == len(JOINED_1001)
