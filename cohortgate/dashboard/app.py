@@ -204,19 +204,22 @@ class Dashboard:
         )
 
     def _outcomes(self) -> dict[str, dict[str, Any]] | None:
-        """Per route with metrics: its design, the last look's results and the lift history."""
+        """Per route with metrics or labels: its design, the last look's results, the lift history and the
+        accuracy from labels."""
         service = self.outcomes
         if service is None:
             return None
-        return {
-            r.name: {
-                "design": design_of(r, service.ledger.alpha),
-                "results": service.latest.get(r.name, []),
-                "history": service.history.series(r.name),
-            }
-            for r in self.controller.policy.routes
-            if r.metrics
-        }
+        out = {}
+        for r in self.controller.policy.routes:
+            labels = service.ledger.labels.results(r.name, r.control.name)
+            if r.metrics or labels:
+                out[r.name] = {
+                    "design": design_of(r, service.ledger.alpha),
+                    "results": service.latest.get(r.name, []),
+                    "history": service.history.series(r.name),
+                    "labels": labels,
+                }
+        return out
 
     async def frame(self) -> bytes:
         return (

@@ -85,3 +85,15 @@ def test_the_page_document_carries_the_panel_on_its_route():
     assert [m["metric"] for m in route["outcomes"]["metrics"]] == ["conversion", "latency"]
     doc = view(status, policy_weights={}, recorder=Recorder(), audit=[], now=100.0)
     assert doc["routes"][0]["outcomes"] is None
+
+
+def test_labels_ride_along_and_a_route_with_labels_but_no_metrics_is_not_called_empty():
+    row = {"route": "shop", "variant": "canary", "labels": 9, "accuracy": {"value": 0.9, "interval": [0.6, 0.98]},
+           "vs_control": {"accuracy": {"value": 0.1, "interval": [-0.2, 0.4]}}}  # fmt: skip
+    o = outcomes_view("shop", {**data(), "labels": [row]})
+    assert o is not None
+    (shown,) = o["labels"]
+    assert shown["variant"] == "canary" and shown["labels"] == 9 and shown["accuracy"]["value"] == 0.9
+    assert shown["log_loss"] is None and shown["vs_control"]["accuracy"]["value"] == 0.1
+    bare = outcomes_view("shop", {"design": {"metrics": []}, "results": [], "labels": [row]})
+    assert bare is not None and bare["empty"] is None and bare["labels"]
