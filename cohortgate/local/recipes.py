@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import UNIT_SALT_ENV
+from cohortgate.core.contract import TOKEN_FILE_ENV, UNIT_SALT_ENV
 from cohortgate.local.plan import SidecarSpec
 
 SIDECAR_DRAIN_S = 10.0  # a sidecar's --drain-timeout: queued requests finish on SIGTERM
@@ -172,6 +172,7 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
             "features": spec.features is not None,  # joins online features (never the store's URL: a password)
             "trusted_keys": len(spec.trusted_keys),
         },
+        env={TOKEN_FILE_ENV: str(layout.token_file)},  # the controller's /reports needs the admin token
         preload=SIDECAR_PRELOAD,
     )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cohortgate.core.contract import UNIT_SALT_ENV
+from cohortgate.core.contract import TOKEN_FILE_ENV, UNIT_SALT_ENV
 from cohortgate.local.banner import BannerFacts, banner, demo_lines, status_command, token_command
 from cohortgate.local.plan import SidecarSpec
 from cohortgate.local.recipes import (
@@ -67,6 +67,8 @@ def test_a_sidecar_serves_its_model_on_its_port_and_reports_shadows_to_the_contr
     assert flag(recipe.argv, "--variant") == "canary"
     assert flag(recipe.argv, "--report-to") == "http://127.0.0.1:19480/reports"
     assert "--fault-rate" not in recipe.argv
+    # the controller's /reports wants the admin token: without it every report was refused (401)
+    assert recipe.env[TOKEN_FILE_ENV] == "/srv/state/admin.token"
     assert recipe.endpoint == "http://127.0.0.1:40001" and recipe.log_path == Path(
         "/srv/state/logs/sidecar-tabular-canary-eu.log"
     )
