@@ -9,9 +9,8 @@ One `Reloader` per gateway owns the whole procedure, serialised by a lock:
    reload-failure metric, and the old policy keeps serving;
 3. with ``--envoy-cds``: **add** — write the CDS file (``cds.json``, or ``cds.yaml``: the suffix
    picks the form) with the union of the serving and the new clusters and poll Envoy's admin until
-   it has accepted that version and nothing is warming; `confirm_limit` (5 s + 1.5 ms a cluster in a
-   JSON file, 5 ms in a YAML one) bounds writing and confirming together, and no admin call
-   outlives it (not confirmed in
+   it has accepted that version and nothing is warming; `confirm_limit` (5 s + 5 ms a cluster in the
+   file) bounds writing and confirming together, and no admin call outlives it (not confirmed in
    time: the reload is refused the same way and the file goes back to the serving clusters);
 4. **swap** one reference (`PolicyHolder.install`); requests in flight finish on the policy object
    they already hold, and the controller's effective weights are put back on top at once
@@ -47,7 +46,7 @@ log = logging.getLogger("cohortgate.reload")
 DEFAULT_WATCH_S = 0.5
 DEFAULT_GRACE_S = 2.0
 DEFAULT_CONFIRM_S = 5.0
-CONFIRM_PER_CLUSTER_S = {"yaml": 0.005, "json": 0.0015}  # measured on 2 busy cores: ~3.8 and ~0.5-0.9 ms
+CONFIRM_PER_CLUSTER_S = 0.005  # measured on 2 busy cores: ~3.8 ms (YAML), 0.5-5 ms (JSON, load 5 to 27)
 
 
 # ------------------------------------------------------------------------------ the pure part
@@ -74,14 +73,15 @@ def cluster_change(old: Iterable[Backend], new: Iterable[Backend]) -> ClusterCha
     return ClusterChange(added=frozenset(b - a), removed=frozenset(a - b), changed=changed)
 
 
-def confirm_limit(base_s: float, clusters_in_file: int, form: str = "yaml") -> float:
+def confirm_limit(base_s: float, clusters_in_file: int) -> float:
     """How long Envoy gets to accept a CDS file and activate its new clusters: ``base_s`` plus 5 ms
-    a cluster in a YAML file, 1.5 ms in a JSON one (Envoy parses all of it on its main thread).
+    a cluster in the file (Envoy parses all of it and builds the new clusters on its main thread).
 
     A flat 5 s refused every 1 000-route replacement: on a busy 2-core machine Envoy needed ~15 s for
-    the 4 002-cluster union as YAML (~8 s to read it, ~7.6 s to add 2 000 clusters), 1.6-3 s as
-    JSON; this gives it 25 s and 11 s."""
-    return base_s + CONFIRM_PER_CLUSTER_S[form] * clusters_in_file
+    the 4 002-cluster union as YAML (~8 s to read it, ~7.6 s to add 2 000 clusters); as JSON 1.6-3 s
+    at a load average of 5, 9-11 s at 27, where 1.5 ms a cluster refused a one-route edit. The limit
+    costs nothing when Envoy is quick (the confirmation returns at once); this gives it 25 s."""
+    return base_s + CONFIRM_PER_CLUSTER_S * clusters_in_file
 
 
 def union_backends(*groups: Iterable[Backend]) -> tuple[Backend, ...]:
@@ -376,9 +376,7 @@ class Reloader:
         union = union_backends(new.backends, serving.backends, self._still_in_envoy())
         await envoy.write(union, new.path)  # not cancelled on the limit: a late write would undo the revert
         written = time.monotonic()
-        from cohortgate.deploy.envoy import cds_form
-
-        limit = confirm_limit(self.confirm_s, len(union), cds_form(envoy.cds_path))
+        limit = confirm_limit(self.confirm_s, len(union))
         try:
             left = limit - (time.monotonic() - started)
             if left <= 0:

@@ -309,7 +309,6 @@ def test_the_confirmation_limit_grows_with_the_clusters_envoy_must_apply():
     assert confirm_limit(5.0, 0) == 5.0
     assert confirm_limit(5.0, 3) < 5.1  # a small policy: still ~5 s
     assert confirm_limit(5.0, 4002) == pytest.approx(25.01)  # a 1 000-route replacement's union file
-    assert confirm_limit(5.0, 4002, "json") == pytest.approx(11.003)  # the same as JSON (`up`'s form)
 
 
 async def test_a_warming_cluster_is_not_confirmed(live: Path, tmp_path: Path) -> None:
