@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from cohortgate.support.files import write_atomic
 from sidecar import artifacts, sealing, signing
 from sidecar.artifacts import ARTIFACT, MANIFEST, SIGNATURE, Manifest
-from sidecar.errors import ArtifactRefused
+from sidecar.errors import ArtifactRefused, ModelLoadError
 
 
 class Store(Protocol):
@@ -268,15 +268,22 @@ def pull(
 
 
 def data_contract_from(path: str | None) -> Any:
-    """The manifest's data contract: a JSON file's content (a placeholder for the contract format)."""
+    """The manifest's data contract (sidecar/contract.py): a JSON file's content, validated before it is pushed."""
     if path is None:
         return None
     import orjson
 
+    from sidecar import contract
+
     try:
-        return orjson.loads(Path(path).read_bytes())
+        doc = orjson.loads(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
         raise ArtifactRefused("manifest", f"cannot read the data contract {path}: {exc}") from None
+    try:
+        contract.parse(doc, path)
+    except ModelLoadError as exc:
+        raise ArtifactRefused("manifest", str(exc)) from None
+    return doc
 
 
 __all__ = [

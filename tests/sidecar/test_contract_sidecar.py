@@ -201,3 +201,27 @@ async def test_a_live_swap_sends_the_old_models_window_whole(make_client, contra
     assert await sidecar.swap(str(models / "tabular-canary.onnx"))
     await sidecar.quality_reporter.send_now()
     assert [r.requests for r in sink.quality][:1] == [2]  # the old model's window, before any new request
+
+
+async def test_a_store_version_carries_its_contract_in_the_signed_manifest(
+    aiohttp_client, models: Path, tmp_path: Path, contract_file
+) -> None:
+    from sidecar import repository
+    from sidecar.errors import ArtifactRefused
+
+    store = repository.open_store(str(tmp_path / "store"))
+    model = (models / "tabular-control.onnx").read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mode": "strict"}))
+    with pytest.raises(ArtifactRefused, match="mode"):  # refused before anything is written
+        repository.push(store, "scoring", "1", model, data_contract=repository.data_contract_from(str(bad)))
+    info = repository.push(
+        store, "scoring", "1", model, data_contract=repository.data_contract_from(contract_file("enforce"))
+    )
+    app = build_app(SidecarConfig(model_path=info.reference, intra_op_threads=1))
+    client = await aiohttp_client(app)
+    await app[SIDECAR].wait_ready()
+    x = clean()
+    x[0, 12] = -3.0
+    refused = await client.post("/v2/models/scoring/infer", data=body(x))
+    assert refused.status == 422 and (await refused.json())["feature"] == "f12"
