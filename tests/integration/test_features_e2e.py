@@ -2,7 +2,8 @@
 (JWT verified, the entity taken from the claim the policy names) and a real `cohortgate sidecar` process
 (onnxruntime) started with the argv `cohortgate up`'s plan and recipe give it (``--features-policy``,
 ``--features-route``), joining from a real redis-server that holds the bytes Feast itself wrote
-(``tests/sidecar/fixtures/feast_redis.json``, re-stamped to now).
+(``tests/sidecar/fixtures/feast_redis.json``, re-stamped to now). Its reports go to a real
+`cohortgate controller`, which counts the fallbacks per variant in its sliding window.
 
 The primary is an Identity graph over 7 columns, the fallback one over 2, so an answer shows exactly what the
 model was given: the client's two columns and the entity's joined ones, or the client's own on a fallback.
@@ -18,7 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ from tests.sidecar.test_features import FIXTURE
 pytestmark = pytest.mark.integration
 
 READY_TIMEOUT_S = 90.0  # generous: a busy 2-core CI box starting onnxruntime and a store connection
+REPORT_TIMEOUT_S = 60.0  # a report's way to the controller: the sidecar's flush, then the controller's ingest
+CONTROLLER_WINDOW_S = 600.0  # the fallback rate's window: long enough that a slow box sees its reports in it
 
 POLICY = """
 version: 1
@@ -74,39 +78,46 @@ routes:
 """
 
 
-def up_layout(work: Path) -> Layout:
-    """What `up` would pass its sidecars; nothing listens on the controller's port (reports are best effort)."""
-    ports = {"controller": free_port(), "dashboard": 0, "gateway_metrics": 0, "envoy": 0}
+def up_layout(work: Path, controller_port: int) -> Layout:
+    """What `up` would pass its sidecars: reports to the controller's /reports, with its token file."""
+    ports = {"controller": controller_port, "dashboard": 0, "gateway_metrics": 0, "envoy": 0}
     return Layout(work, work, ports, "", "", work / "policy.json", work / "policy.json", python=sys.executable)
 
 
-class SidecarProcess:
-    """``cohortgate sidecar`` as a child process, as `cohortgate up` starts one that joins features."""
+class Child:
+    """A ``cohortgate`` child process, ready when ``ready_url`` answers 200 (``headers`` sent)."""
 
-    def __init__(self, argv: list[str], port: int, log_path: Path) -> None:
-        self.argv, self.port, self.log_path = argv, port, log_path
+    def __init__(self, argv: list[str], env: Mapping[str, str], ready_url: str, log_path: Path) -> None:
+        self.argv, self.env, self.ready_url, self.log_path = argv, env, ready_url, log_path
+        self.headers: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> SidecarProcess:
+    def start(self) -> Child:
         with open(self.log_path, "ab") as log:
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                raise RuntimeError(
+                    f"{self.argv[3]} exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=5) as r:
-                    if r.status == 200:
-                        return self
+                with urllib.request.urlopen(urllib.request.Request(self.ready_url, headers=self.headers), timeout=5):
+                    return self
             except (OSError, urllib.error.HTTPError):
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"sidecar not ready after {READY_TIMEOUT_S}s:\n{self.log_path.read_text()[-4000:]}")
+        raise RuntimeError(f"{self.argv[3]} not ready after {READY_TIMEOUT_S}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def get(self, path: str) -> bytes:
+        base = self.ready_url.split("/", 3)
+        req = urllib.request.Request(f"{base[0]}//{base[2]}{path}", headers=self.headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read()
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            return r.read().decode()
+        return self.get("/metrics").decode()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -118,10 +129,16 @@ class SidecarProcess:
                 self.proc.wait(5)
 
 
+@dataclass
+class Stack:
+    client: Client
+    sidecar: Child
+    controller: Child  # a real `cohortgate controller`, fed by the sidecar's reports
+    certs: pki.CertPaths
+
+
 @pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, store: str
-) -> Iterator[tuple[Client, SidecarProcess, pki.CertPaths]]:
+def stack(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, store: str) -> Iterator[Stack]:
     from cohortgate.core.policy import load_policy
     from cohortgate.deploy.envoy import ProcessorAddress, render
     from cohortgate.deploy.envoyproc import EnvoyProcess
@@ -143,14 +160,29 @@ def stack(
         )
     )
     policy = load_policy(policy_file)
+    layout = up_layout(work, free_port())
+    controller = Child(
+        [
+            *layout.cli(
+                "controller", "--policy", str(policy_file), "--listen", layout.controller_api[len("http://") :]
+            ),
+            *("--token-file", str(layout.token_file), "--state-file", str(layout.state_file), "--dashboard", "off"),
+            *("--window", f"{CONTROLLER_WINDOW_S:g}s"),
+        ],
+        {},
+        f"{layout.controller_api}/healthz",
+        work / "controller.log",
+    )
     # The sidecar runs exactly as `cohortgate up` would start it: its plan and recipe give the features flags.
     (spec,) = sidecar_specs(policy)
-    recipe = sidecar_recipe(spec, port, up_layout(work))
+    recipe = sidecar_recipe(spec, port, layout)
     assert "--features-policy" in recipe.argv and "--features-route" in recipe.argv
-    sidecar = SidecarProcess(list(recipe.argv), port, work / "sidecar.log")
+    sidecar = Child(list(recipe.argv), recipe.env, f"{recipe.endpoint}/v2/health/ready", work / "sidecar.log")
     sock = work / "run" / "processor.sock"
     gateway = GatewayProcess(policy_file, sock, "grpc", work)
     try:
+        controller.start()  # first: it writes the admin token file the sidecar's reports carry
+        controller.headers = {"Authorization": f"Bearer {layout.token_file.read_text().strip()}"}
         sidecar.start()
         gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
         files = render(
@@ -165,11 +197,12 @@ def stack(
         with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
             cert, key = certs.clients["app-demo"]
             client = Client(envoy.listen_port, certs.ca_cert, cert, key)
-            yield client, sidecar, certs
+            yield Stack(client, sidecar, controller, certs)
             client.close()
     finally:
         gateway.stop()
         sidecar.stop()
+        controller.stop()
 
 
 def infer(client: Client, token: str, rows: list[list[float]], headers: dict[str, str] | None = None) -> Any:
@@ -186,45 +219,56 @@ def approx(values: list[float]) -> Any:
     return pytest.approx(values, rel=1e-6)
 
 
-def fallbacks(sidecar: SidecarProcess, reason: str) -> float:
+def fallbacks(sidecar: Child, reason: str) -> float:
     line = f'cohortgate_sidecar_feature_fallbacks_total{{model="shop",reason="{reason}"}} '
     (value,) = [x[len(line) :] for x in sidecar.metrics().splitlines() if x.startswith(line)]
     return float(value)
 
 
-def test_the_entity_comes_from_the_verified_claim_and_its_features_are_joined(stack) -> None:
-    client, _, certs = stack
-    reply = infer(client, mint(certs, "1001"), [[1.0, 2.0], [3.0, 4.0]])
+def test_the_entity_comes_from_the_verified_claim_and_its_features_are_joined(stack: Stack) -> None:
+    reply = infer(stack.client, mint(stack.certs, "1001"), [[1.0, 2.0], [3.0, 4.0]])
     assert reply.headers[HEADER_FEATURES] == "joined"
     assert reply.headers["x-cohortgate-variant"] == "personal"
     # what Feast's own get_online_features answered for user 1001, appended to every row
     assert output(reply) == approx([1.0, 2.0, *JOINED_1001, 3.0, 4.0, *JOINED_1001])
 
 
-def test_an_entity_missing_in_the_store_gets_the_fallback_and_is_counted(stack) -> None:
-    client, sidecar, certs = stack
-    before = fallbacks(sidecar, "missing")
-    reply = infer(client, mint(certs, "9999"), [[5.0, 6.0]])  # no row for user 9999
+def controller_features(stack: Stack, until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The controller's per-variant fallback counts of route shop, once ``until`` holds (polled)."""
+    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    while True:
+        personal = json.loads(stack.controller.get("/status"))["routes"]["shop"]["features"]["personal"]
+        if until(personal) or time.monotonic() > deadline:
+            return personal
+        time.sleep(0.2)
+
+
+def test_an_entity_missing_in_the_store_gets_the_fallback_and_is_counted(stack: Stack) -> None:
+    before = fallbacks(stack.sidecar, "missing")
+    reply = infer(stack.client, mint(stack.certs, "9999"), [[5.0, 6.0]])  # no row for user 9999
     assert reply.headers[HEADER_FEATURES] == "fallback:missing"
     assert output(reply) == approx([5.0, 6.0])  # the global model's answer on the client's own columns
-    assert fallbacks(sidecar, "missing") == before + 1
+    assert fallbacks(stack.sidecar, "missing") == before + 1
+    # the reason rides in the sidecar's report: the controller counts it for the variant, in its window
+    personal = controller_features(stack, lambda p: p["reasons"].get("missing", 0) >= 1)
+    assert personal["reasons"].get("missing", 0) >= 1 and personal["window_s"] == CONTROLLER_WINDOW_S
+    assert personal["fallbacks"] <= personal["reports"] and 0 < personal["rate"] <= 1
 
 
-def test_a_client_sent_entity_header_cannot_choose_whose_features_are_joined(stack) -> None:
-    client, sidecar, certs = stack
+def test_a_client_sent_entity_header_cannot_choose_whose_features_are_joined(stack: Stack) -> None:
+    client, certs = stack.client, stack.certs
     # user 9999 (no row) asks for 1001's features: the gateway strips the header and sets the claim's id
-    before = fallbacks(sidecar, "missing")
+    before = fallbacks(stack.sidecar, "missing")
     reply = infer(client, mint(certs, "9999"), [[5.0, 6.0]], headers={HEADER_ENTITY: "1001"})
     assert (reply.headers[HEADER_FEATURES], output(reply)) == ("fallback:missing", approx([5.0, 6.0]))
-    assert fallbacks(sidecar, "missing") == before + 1
+    assert fallbacks(stack.sidecar, "missing") == before + 1
     # user 1001 naming another entity still gets its own features
     reply = infer(client, mint(certs, "1001"), [[1.0, 2.0]], headers={HEADER_ENTITY: "1004"})
     assert (reply.headers[HEADER_FEATURES], output(reply)) == ("joined", approx([1.0, 2.0, *JOINED_1001]))
 
 
-def test_model_metadata_through_the_gateway_says_what_a_client_sends(stack) -> None:
-    client, _, certs = stack
-    reply = client.request("/v2/models/shop", token=mint(certs, "1001"), method="GET")
+def test_model_metadata_through_the_gateway_says_what_a_client_sends(stack: Stack) -> None:
+    reply = stack.client.request("/v2/models/shop", token=mint(stack.certs, "1001"), method="GET")
     assert reply.status == 200, reply.body
     meta = reply.json()
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]  # not the primary's [-1, 7]
