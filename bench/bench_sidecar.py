@@ -18,9 +18,9 @@ wrk and the servers share the machine's cores, as a client and a server on one s
 on a shared host, use ``--repeat`` (the median is reported).
 
 ``--contract-cost [--contract-mode observe|enforce]`` runs only the data contract's price (issue 20):
-two sidecars on the same model, one with a contract over every input column (a range per column, sketched per window), one
-without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary requests at c64; it prints each
-pair and the median throughput ratio.
+two sidecars on the same model, one with a contract over every input column (a range per column,
+sketched per window), one without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary
+requests at c64; it prints each pair and the median throughput ratio.
 """
 
 from __future__ import annotations
