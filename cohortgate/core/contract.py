@@ -53,12 +53,27 @@ ACCESS_LOG_HEADERS: Final = (
     *HEADER_SHADOWS,
     HEADER_SEGMENT,
 )
+# The sidecar's response headers Envoy logs too (``additional_response_headers_to_log``): which artifact
+# answered, so the controller can compare it with the one the processor routed to (trusted only on an
+# entry with an upstream cluster: then a backend, never the client, set it).
+ACCESS_LOG_RESPONSE_HEADERS: Final = (HEADER_MODEL_DIGEST,)
 ACCESS_LOG_NAME: Final = "cohortgate"  # Envoy's ``log_name`` for our access-log stream
+# The first bytes of a sealed model artifact (sidecar/sealing.py): its file digest is not the model's.
+SEALED_ARTIFACT_MAGIC: Final = b"CGSEAL1\n"
 
 # -- limits both Envoy and the processor enforce -----------------------------------------------------
 # The default largest request body: Envoy refuses longer bodies of any framing (413) and the processor
 # refuses a longer content-length; both must refuse the same bodies.
 MAX_REQUEST_BYTES: Final = 16 << 20
+
+# -- the processor's worker sockets ----------------------------------------------------------------
+MAX_GATEWAY_WORKERS: Final = 64
+
+
+def worker_socket(base: str, index: int, workers: int) -> str:
+    """Where processor worker ``index`` of ``workers`` listens when the gateway is told ``uds:BASE``:
+    ``BASE`` itself for one worker, else ``BASE.wINDEX`` (Envoy's processor cluster has one endpoint each)."""
+    return base if workers == 1 else f"{base}.w{index}"
 
 # -- Envoy cluster names ---------------------------------------------------------------------------
 CLUSTER_PREFIX: Final = "cg"
