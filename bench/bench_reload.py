@@ -254,7 +254,7 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
     out = open(work / "up.out", "wb")  # noqa: SIM115
     up = subprocess.Popen(
         [sys.executable, "-m", "cohortgate.cli", "up", "--policy", str(source), "--state-dir", str(state),
-         "--free-ports", "--ready-timeout", "180"],  # a 1 000-route controller starts in > 30 s on 2 busy cores
+         "--free-ports", "--ready-timeout", "600"],  # a 1 000-route controller: 30 s to 2.5 min on 2 busy cores
         stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     rows: list[dict] = []
@@ -267,7 +267,7 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
                 raise SystemExit(f"`cohortgate up` exited:\n{(work / 'up.out').read_text(errors='replace')}")
             return run_file.exists() and "Ctrl-C stops everything" in (work / "up.out").read_text(errors="replace")
 
-        _wait(ready, 300, "`cohortgate up` ready")
+        _wait(ready, 660, "`cohortgate up` ready")
         run = json.loads(run_file.read_text())
         certs = run["certs"]
         ctx = ssl.create_default_context(cafile=certs["ca"])

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 def _check(result: dict, n: int) -> None:
     print(f"\n{n} routes through `up`, background statuses {result['statuses']}")
     print(f"gateway reloads, event loop lag at most: {result['loop_lag']}")
+    print(f"where the time went: up {result['up']}; gateway {result['gateway']}; Envoy {result['envoy']}")
     assert len(result["rows"]) == 3  # two full replacements and a one-route edit, all live
     assert result["failures"] == [], result["failures"][:20]
     assert sum(result["statuses"].values()) > 0
@@ -34,7 +35,7 @@ def test_100_route_replacements_through_up_lose_no_background_request(tmp_path: 
     _check(through_up(100, 2, tmp_path), 100)
 
 
-@pytest.mark.skipif(not os.environ.get("COHORTGATE_SLOW"), reason="slow (~3 min on 2 cores): COHORTGATE_SLOW=1")
-@pytest.mark.timeout(900)
+@pytest.mark.skipif(not os.environ.get("COHORTGATE_SLOW"), reason="slow (3-10 min on 2 cores): COHORTGATE_SLOW=1")
+@pytest.mark.timeout(1800)  # generous: `up` alone may take minutes to start 1 000 routes on a busy machine
 def test_1000_route_replacements_through_up_lose_no_background_request(tmp_path: Path) -> None:
     _check(through_up(1000, 2, tmp_path), 1000)
