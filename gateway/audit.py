@@ -6,6 +6,9 @@ call. When the deque is full the entry is dropped and counted, because an audit 
 the data plane is an outage. A line records who (the SPIFFE ID and the token's ``sub``, hashed with
 the same secret salt as the cohort unit), what (route, variant, region, shadows) and the verdict
 (outcome, reason, status) with the request id -- never the payload, the token or a raw user id.
+An allowed line also names the model the chosen backend serves (``model_digest``, from the compiled
+policy: a pinned reference's digest, a local file's sha256) so an investigation can replay exactly that
+artifact; Envoy's access log carries the digest that actually answered (docs/models.md, Provenance).
 
 A file trail is rotated by `RotatingFile` (issue 17.5: it grew ~8 MB/min at 520 req/s): by size
 and by age, keeping ``backups`` old files (``PATH.1`` newest ... ``PATH.N``). Rotation happens in
@@ -37,6 +40,7 @@ from cohortgate.support.logs import audit_to_ecs
 
 log = logging.getLogger("cohortgate.audit")
 
+
 class AuditEntry(NamedTuple):
     """One decision as the processor records it. Built with ``tuple.__new__(AuditEntry, values)`` on the
     request path (0.15 µs; the NamedTuple's own ``__new__`` is a Python call, 0.5 µs)."""
@@ -53,11 +57,17 @@ class AuditEntry(NamedTuple):
     status: int
     shadows: tuple[str, ...]
     trace_id: str | None = None  # the request's W3C trace id, when tracing is on
+    # ``sha256:<hex>`` of the model the chosen backend is meant to serve (`cohortgate.core.policy.routed_digest`);
+    # None on denials and where the policy cannot know it. Envoy's access log carries the served one.
+    model_digest: str | None = None
 
 
-#: the fields every line has (``trace_id`` only when tracing is on)
-FIELDS = AuditEntry._fields[:-1]
 TRACE_FIELD = "trace_id"
+MODEL_DIGEST_FIELD = "model_digest"
+#: fields a line has only when set (tracing on; an allowed request to a backend with a known model)
+OPTIONAL_FIELDS = (TRACE_FIELD, MODEL_DIGEST_FIELD)
+#: the fields every line has
+FIELDS = tuple(f for f in AuditEntry._fields if f not in OPTIONAL_FIELDS)
 #: ``log_format`` choices: cohortgate's own flat lines, or ECS documents
 AUDIT_FORMATS = ("json", "ecs")
 
@@ -267,8 +277,9 @@ class AuditLog:
 
     def _line(self, entry: tuple[Any, ...]) -> bytes:
         record = dict(zip(AuditEntry._fields, entry, strict=False))
-        if record.get(TRACE_FIELD) is None:
-            record.pop(TRACE_FIELD, None)
+        for name in OPTIONAL_FIELDS:
+            if record.get(name) is None:
+                record.pop(name, None)
         record["time"] = (
             dt.datetime.fromtimestamp(entry[0], dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         )

@@ -610,6 +610,7 @@ class Processor:
                         200,
                         decision.shadow_names,
                         self._trace_id(headers) if self.tracing is not None else None,  # the line's trace.id
+                        policy.model_digests.get(decision.cluster),  # type: ignore[arg-type]  # routed model
                     ),
                 )
             )

@@ -38,9 +38,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from cohortgate.core.contract import SEALED_ARTIFACT_MAGIC
 from sidecar.errors import ArtifactRefused
 
-MAGIC = b"CGSEAL1\n"
+MAGIC = SEALED_ARTIFACT_MAGIC
 ALG = "AES-256-GCM"
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import ValidationError
 
 from cohortgate.core import cohorts
-from cohortgate.core.contract import HEADER_PREFIX, MIRROR_SLOTS, cluster_name
+from cohortgate.core.contract import HEADER_PREFIX, MIRROR_SLOTS, SEALED_ARTIFACT_MAGIC, cluster_name
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.schema import JwtSpec, PolicyModel, Predicate
 from cohortgate.core.schema import Route as RouteModel
@@ -45,6 +45,9 @@ class Backend:
     cluster: str  # Envoy cluster name, unique in the policy
     model: str | None = None  # local ONNX file (resolved path) when `cohortgate up` should serve it
     forward_authorization: bool = False  # Envoy keeps the client's Authorization header for this cluster
+    # ``sha256:<hex>`` of the model this backend is meant to serve (`routed_digest`), for the audit line;
+    # None when unknown without fetching. Not part of equality: it never changes Envoy's cluster.
+    digest: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +336,8 @@ class Policy:
     by_name: Mapping[str, Route]
     by_model: Mapping[str, tuple[Route, ...]]
     by_prefix: Mapping[str, tuple[Route, ...]]
+    # Envoy cluster -> the routed model digest (backends with a known one): one dict lookup per audit line
+    model_digests: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -406,6 +411,7 @@ def _index(path: str, digest: str, jwt: JwtSettings, response_headers: bool, rou
         else:
             key = r.path_prefix.rstrip("/") or "/"  # type: ignore[union-attr]
             by_prefix.setdefault(key, []).append(r)
+    digests = {b.cluster: b.digest for r in routes for v in r.variants for b in v.backends if b.digest is not None}
     return Policy(
         path=path,
         digest=digest,
@@ -415,6 +421,7 @@ def _index(path: str, digest: str, jwt: JwtSettings, response_headers: bool, rou
         by_name=MappingProxyType({r.name: r for r in routes}),
         by_model=MappingProxyType({k: tuple(v) for k, v in by_model.items()}),
         by_prefix=MappingProxyType({k: tuple(v) for k, v in by_prefix.items()}),
+        model_digests=MappingProxyType(digests),
     )
 
 
@@ -1074,7 +1081,7 @@ def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> 
         required=jwt.required,
         jwks_hosts=tuple(jwt.jwks_hosts) if jwt.jwks_hosts is not None else None,
     )
-    routes = tuple(_COMPILED.route(r, base_dir) for r in model.routes)
+    routes = tuple(_with_digests(_COMPILED.route(r, base_dir)) for r in model.routes)
     return _index(filename, digest, settings, model.response_headers, routes)
 
 
@@ -1116,8 +1123,97 @@ def _backends(
         host = parts.hostname or ""
         model = _model_reference(b.model, base_dir) if b.model else None
         cluster = cluster_name(route, owner, i)
-        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization))
+        digest = routed_digest(model) if model is not None else None
+        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization, digest))
     return tuple(out)
+
+
+def _with_digests(route: Route) -> Route:
+    """``route`` with each variant backend's `routed_digest` as of now: a compiled route is reused while its
+    text is unchanged (`_CompiledRoutes`), but a local model file may have been replaced since. A stat per
+    local model; the same object when nothing changed."""
+    variants = []
+    for v in route.variants:
+        backends = tuple(
+            b if b.model is None or (d := routed_digest(b.model)) == b.digest else replace(b, digest=d)
+            for b in v.backends
+        )
+        changed = any(new is not old for new, old in zip(backends, v.backends, strict=True))
+        variants.append(replace(v, backends=backends, by_region=_by_region(backends)) if changed else v)
+    if all(new is old for new, old in zip(variants, route.variants, strict=True)):
+        return route
+    return replace(route, variants=tuple(variants))
+
+
+# --------------------------------------------------------------------------- routed model digests
+
+_PINNED = re.compile(r"@sha256:([0-9a-fA-F]{64})$")
+_ARTIFACT_SUFFIXES = (".onnx", ".sealed")
+_MANIFEST = "manifest.json"  # a version directory of `cohortgate models push` (sidecar/artifacts.py)
+_file_digests: dict[tuple[str, int, int, int], str | None] = {}  # (path, size, mtime_ns, inode) -> digest
+_file_digests_lock = threading.Lock()
+_FILE_DIGESTS_MAX = 1024
+
+
+def routed_digest(reference: str) -> str | None:
+    """``sha256:<hex>`` of the model bytes a backend's ``model:`` names, as far as the policy can know it
+    without fetching anything -- what the gateway's audit line records as routed (docs/models.md):
+
+    * a pinned reference (``…@sha256:<hex>``): its pin, which the sidecar refuses to serve anything else but;
+    * a plain local file: the sha256 of its bytes, or None when it is sealed (the digest is of the plain
+      model, which only the key opens) or unreadable;
+    * a local store version (``file:///STORE/NAME/VERSION``): its manifest's digest (the sidecar checks the
+      manifest's signature and the bytes against it);
+    * anything else (an unpinned remote version): None; the served digest Envoy logs still says.
+
+    Files are read at policy compile time only (a reload runs in a thread), once per (path, size, mtime):
+    never per request. The one I/O of the compiled policy besides reading the policy file itself.
+    """
+    pinned = _PINNED.search(reference)
+    if pinned is not None:
+        return "sha256:" + pinned[1].lower()
+    if "://" not in reference:
+        return _file_digest(Path(reference), manifest=False)
+    parts = urlsplit(reference)
+    if parts.scheme.lower() != "file" or parts.path.rstrip("/").endswith(_ARTIFACT_SUFFIXES):
+        return None  # remote, or a bare file:// artifact (served only when pinned)
+    return _file_digest(Path(unquote(parts.path)) / _MANIFEST, manifest=True)
+
+
+def _file_digest(path: Path, *, manifest: bool) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _file_digests_lock:
+        if key in _file_digests:
+            return _file_digests[key]
+    digest = _read_manifest_digest(path) if manifest else _hash_file(path)
+    with _file_digests_lock:
+        _file_digests[key] = digest
+        while len(_file_digests) > _FILE_DIGESTS_MAX:
+            del _file_digests[next(iter(_file_digests))]
+    return digest
+
+
+def _hash_file(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            if f.read(len(SEALED_ARTIFACT_MAGIC)) == SEALED_ARTIFACT_MAGIC:
+                return None
+            f.seek(0)
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _read_manifest_digest(path: Path) -> str | None:
+    try:
+        digest = json.loads(path.read_bytes()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else None
 
 
 def _model_reference(model: str, base_dir: Path) -> str:

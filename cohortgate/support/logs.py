@@ -176,4 +176,6 @@ def audit_to_ecs(record: Mapping[str, Any]) -> dict[str, Any]:
         doc["client"] = {"user": {"id": record["identity"]}}
     if record.get("trace_id"):
         doc["trace"] = {"id": record["trace_id"]}
+    if record.get("model_digest"):  # the routed model: ECS has no model field, so under cohortgate.*
+        doc["cohortgate"]["model"] = {"digest": record["model_digest"]}
     return doc
