@@ -18,6 +18,7 @@ arm's rate), in conversions lost. Means over ``--runs`` runs.
 
     python bench/bench_bandit.py                 # every scenario, markdown table
     python bench/bench_bandit.py --runs 5 --requests 5000
+    python bench/bench_bandit.py --min-share 0  # like for like with MABWiser, which keeps no floor
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _mabwiser(strategy: str, k: int, seed: int):
     return MAB(arms=list(range(k)), learning_policy=policy, seed=seed)
 
 
-def simulate(allocator: str, strategy: str, rates: np.ndarray, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def simulate(
+    allocator: str, strategy: str, rates: np.ndarray, batch: int, seed: int, min_share: float = MIN_SHARE
+) -> tuple[np.ndarray, np.ndarray]:
     """Per request: (chosen arm, expected regret)."""
     n, k = rates.shape
     outcomes = np.random.default_rng(seed).random((n, k)) < rates  # the same units for every allocator
@@ -72,7 +75,7 @@ def simulate(allocator: str, strategy: str, rates: np.ndarray, batch: int, seed:
         elif allocator == "cohortgate":
             step += 1
             stats = {str(a): bandit.ArmStats(int(count[a]), float(succ[a]), float(succ[a])) for a in range(k)}
-            w = bandit.allocate(strategy, stats, "binary", "increase", MIN_SHARE, np.random.default_rng([seed, step]))
+            w = bandit.allocate(strategy, stats, "binary", "increase", min_share, np.random.default_rng([seed, step]))
             p = np.array([w[str(a)] for a in range(k)], dtype=float) / 100
             arms = rng.choice(k, size=end - start, p=p)
         else:
@@ -95,7 +98,7 @@ def simulate(allocator: str, strategy: str, rates: np.ndarray, batch: int, seed:
     return chosen, regret
 
 
-def run(scenario: str, requests: int, batch: int, runs: int) -> list[dict]:
+def run(scenario: str, requests: int, batch: int, runs: int, min_share: float = MIN_SHARE) -> list[dict]:
     rates = SCENARIOS[scenario](requests, 0)
     best = rates.argmax(axis=1)
     quarters = [requests // 4, requests // 2, 3 * requests // 4, requests]
@@ -107,7 +110,7 @@ def run(scenario: str, requests: int, batch: int, runs: int) -> list[dict]:
             t0 = time.process_time()
             regrets, shares = [], []
             for r in range(runs):
-                chosen, regret = simulate(allocator, strategy, rates, batch, seed=1000 * r + 7)
+                chosen, regret = simulate(allocator, strategy, rates, batch, 1000 * r + 7, min_share)
                 regrets.append(regret.sum())
                 on_best = chosen == best
                 shares.append([on_best[q - requests // 4 : q].mean() for q in quarters])
@@ -130,13 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=200, help="requests between two weight updates")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument(
+        "--min-share", type=float, default=MIN_SHARE, help="our floor (MABWiser has none; 0: like for like)"
+    )
     ap.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
     args = ap.parse_args(argv)
-    print(f"{args.requests} requests, updates every {args.batch}, {args.runs} runs, min_share {MIN_SHARE} (ours)\n")
+    print(
+        f"{args.requests} requests, updates every {args.batch}, {args.runs} runs, min_share {args.min_share} (ours)\n"
+    )
     print("| scenario | allocator | strategy | regret (conv. lost) | vs fixed | share on best arm by quarter |")
     print("|---|---|---|---|---|---|")
     for scenario in args.scenarios:
-        rows = run(scenario, args.requests, args.batch, args.runs)
+        rows = run(scenario, args.requests, args.batch, args.runs, args.min_share)
         fixed = next(r["regret"] for r in rows if r["allocator"] == "fixed")
         for r in rows:
             quarters = " / ".join(f"{s:.0%}" for s in r["best_share"])
