@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve OIP v2 gRPC (inference.GRPCInferenceService) on this port (default: REST only)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -173,6 +179,7 @@ def handler(args: argparse.Namespace) -> int:
             name=args.name,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             device=args.device,
             max_batch_size=args.max_batch_size,
             max_queue_delay_ms=args.max_queue_delay_ms,

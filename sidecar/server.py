@@ -84,6 +84,7 @@ class SidecarConfig:
     name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None  # OIP v2 gRPC (sidecar/grpc_service.py) on this port too; 0: any free one
     device: str = "auto"
     max_batch_size: int = 64  # rows; 1 turns batching off
     max_queue_delay_ms: float = 0.0  # 0 = greedy
@@ -136,6 +137,8 @@ class SidecarConfig:
             problems.append("model_poll_s must be positive")
         if not 0 <= self.port <= 65535:
             problems.append("port must be within 0..65535")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            problems.append("grpc_port must be within 0..65535")
         if self.contract_mode is not None and self.contract_mode not in data_contract.MODES:
             problems.append(f"contract_mode must be one of {', '.join(data_contract.MODES)}")
         if self.quality_interval_s <= 0:
@@ -167,6 +170,7 @@ class Sidecar:
         self.quality: QualityGate | None = None  # the data contract at work, when the model has one
         self.quality_reporter: QualityReporter | None = None
         self.ready = False
+        self.grpc_port: int | None = None  # the bound gRPC port once serving (--grpc-port 0 picks one)
         self.load_error: str | None = None
         self._report_sink = report_sink
         self.tracing = open_tracing(config.otlp_endpoint, config.trace_ratio)  # None: no span, no import
@@ -700,11 +704,18 @@ async def serve(
     loop = asyncio.get_running_loop()
     signals: list[int] = []
     sidecar = app[SIDECAR]
+    grpc_server = None
     waiting = asyncio.ensure_future(sidecar.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)
         await site.start()
+        if config.grpc_port is not None:
+            from sidecar.grpc_service import start_server
+
+            grpc_server, bound = await start_server(sidecar, config.host, config.grpc_port, config.max_body_bytes)
+            sidecar.grpc_port = bound
+            log.info("sidecar %s serves OIP v2 gRPC on %s:%d", sidecar.name, config.host, bound)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -734,4 +745,7 @@ async def serve(
             task.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if grpc_server is not None:  # calls in flight finish (within the drain timeout) before the model stops
+            sidecar.ready = sidecar.metrics.ready = False
+            await grpc_server.stop(config.drain_timeout_s)
         await runner.cleanup()
