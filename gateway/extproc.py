@@ -75,13 +75,15 @@ _new_tuple = tuple.__new__  # see AuditEntry
 log = logging.getLogger("cohortgate.extproc")
 
 XFCC_HEADER = "x-forwarded-client-cert"
+CONTENT_TYPE = "content-type"  # application/grpc*: the caller is a gRPC client, denied with a gRPC status
+GRPC_CONTENT_TYPE = "application/grpc"
 REQUEST_ID_HEADER = "x-request-id"
 STRIPPED_EXACT = frozenset({XFCC_HEADER})
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
 DEFAULT_MAX_BODY_BYTES = MAX_REQUEST_BYTES
 
-_BASE_HEADERS = frozenset({":method", ":path", "authorization", "content-length", REQUEST_ID_HEADER})
+_BASE_HEADERS = frozenset({":method", ":path", "authorization", "content-length", CONTENT_TYPE, REQUEST_ID_HEADER})
 _OVERWRITE = 2  # HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CACHE_LIMIT = 65_536
 
@@ -264,13 +266,28 @@ def _denial_headers(denied: _Denied) -> list[tuple[str, str]]:
     return headers
 
 
-def _proto_denied(denied: _Denied) -> pb.ProcessingResponse:
+def _is_grpc(headers: Mapping[str, str]) -> bool:
+    """A gRPC caller (``application/grpc``, ``+proto``, ``+json``...), which reads a status, not a body."""
+    return headers.get(CONTENT_TYPE, "").startswith(GRPC_CONTENT_TYPE)
+
+
+def _grpc_headers(denied: _Denied) -> list[tuple[str, str]]:
+    return [(n, v) for n, v in _denial_headers(denied) if n != CONTENT_TYPE]
+
+
+def _proto_denied(denied: _Denied, grpc: bool = False) -> pb.ProcessingResponse:
+    """The immediate response of a denial: a JSON body, or for a gRPC caller the denial's gRPC status
+    with the same sentence (Envoy sends it as ``grpc-message`` in a trailers-only answer)."""
     response = pb.ProcessingResponse()
     immediate = response.immediate_response
     immediate.status.code = denied.denial.status
-    for name, value in _denial_headers(denied):
+    for name, value in _grpc_headers(denied) if grpc else _denial_headers(denied):
         immediate.headers.set_headers.add(append_action=_OVERWRITE).header.CopyFrom(_header_value(name, value))
-    immediate.body = error_body(denied.denial, denied.message)
+    if grpc:
+        immediate.grpc_status.status = denied.denial.grpc_status
+        immediate.body = denied.message.encode()
+    else:
+        immediate.body = error_body(denied.denial, denied.message)
     immediate.details = "cohortgate_" + denied.denial.code
     return response
 
@@ -279,25 +296,26 @@ def _header_value(name: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=name, raw_value=value.encode())
 
 
-def _json_denied(denied: _Denied) -> bytes:
-    return orjson.dumps(
-        {
-            "immediate_response": {
-                "status": {"code": denied.denial.status},
-                "headers": {
-                    "set_headers": [
-                        {
-                            "header": {"key": n, "raw_value": base64.b64encode(v.encode()).decode()},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        }
-                        for n, v in _denial_headers(denied)
-                    ]
-                },
-                "body": base64.b64encode(error_body(denied.denial, denied.message)).decode(),
-                "details": "cohortgate_" + denied.denial.code,
-            }
-        }
-    )
+def _json_denied(denied: _Denied, grpc: bool = False) -> bytes:
+    """`_proto_denied` for the ``http_service`` transport."""
+    body = denied.message.encode() if grpc else error_body(denied.denial, denied.message)
+    immediate: dict[str, Any] = {
+        "status": {"code": denied.denial.status},
+        "headers": {
+            "set_headers": [
+                {
+                    "header": {"key": n, "raw_value": base64.b64encode(v.encode()).decode()},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+                for n, v in (_grpc_headers(denied) if grpc else _denial_headers(denied))
+            ]
+        },
+        "body": base64.b64encode(body).decode(),
+        "details": "cohortgate_" + denied.denial.code,
+    }
+    if grpc:
+        immediate["grpc_status"] = {"status": denied.denial.grpc_status}
+    return orjson.dumps({"immediate_response": immediate})
 
 
 _UNAVAILABLE = _Denied(Denial.UNAVAILABLE, Denial.UNAVAILABLE.default_message, "")
@@ -400,7 +418,7 @@ class Processor:
                 if answer.exposure is not None:  # protobuf only: the JSON form would cost ~2 µs more
                     options.append((_proto_set(HEADER_EXPOSURE, answer.exposure.encode()), b""))
                 return pb.ProcessingResponse.FromString(_proto_allowed(options))
-            return _proto_denied(answer)  # type: ignore[arg-type]
+            return _proto_denied(answer, _is_grpc(headers))  # type: ignore[arg-type]
         except Exception:
             self._internal_error()
             return _proto_denied(_UNAVAILABLE)
@@ -438,7 +456,7 @@ class Processor:
                 if answer.exposure is not None:
                     sets = [*sets, _set_option(HEADER_EXPOSURE, answer.exposure)]
                 return _json_allowed(sets, answer.removes)
-            return _json_denied(answer)  # type: ignore[arg-type]
+            return _json_denied(answer, _is_grpc(headers))  # type: ignore[arg-type]
         except Exception:
             self._internal_error()
             return _json_denied(_UNAVAILABLE)

@@ -46,6 +46,23 @@ class Denial(enum.Enum):
     def default_message(self) -> str:
         return self.value[2]
 
+    @property
+    def grpc_status(self) -> int:
+        """The gRPC status code a gRPC caller gets instead of the HTTP status (same sentence)."""
+        return GRPC_STATUS[self.code]
+
+
+#: Denial code -> gRPC status code (grpc/status.h): what a gRPC caller (``content-type: application/grpc``)
+#: is answered instead of the HTTP status; residency is a precondition of the request, not a permission.
+GRPC_STATUS: dict[str, int] = {
+    "unauthenticated": 16,  # UNAUTHENTICATED
+    "forbidden": 7,  # PERMISSION_DENIED
+    "no_route": 5,  # NOT_FOUND
+    "payload_too_large": 8,  # RESOURCE_EXHAUSTED
+    "residency_unavailable": 9,  # FAILED_PRECONDITION
+    "unavailable": 14,  # UNAVAILABLE
+}
+
 
 class CohortgateError(Exception):
     """Base of every error cohortgate raises on purpose."""
