@@ -155,6 +155,16 @@ def test_segments_allocate_separately_and_thin_ones_borrow_the_pool():
     assert 30 <= w["in"]["a"] <= 70  # pooled: the arms tie overall, not b's 3 of 3
 
 
+def test_segments_without_units_start_from_the_pool_and_only_live_arms_are_weighed():
+    seg = {"eu": {"a": bandit.ArmStats(300, 90.0, 90.0), "b": bandit.ArmStats(300, 30.0, 30.0)}}
+    pooled = {"a": bandit.ArmStats(300, 90.0, 90.0), "b": bandit.ArmStats(600, 30.0, 30.0)}  # "c" rolled back
+    w = bandit.allocate_segments(
+        "thompson", seg, "binary", "increase", 0.05, np.random.default_rng(4), segments=("eu", "us"), pooled=pooled
+    )
+    assert set(w) == {"eu", "us"} and all(set(x) == {"a", "b"} for x in w.values())
+    assert w["us"]["a"] >= 90  # no units in us yet: the route's tallies, where a leads
+
+
 def test_ipw_corrects_the_bias_of_adaptive_allocation():
     """Units admitted at a moving propensity: the naive mean of an arm drifts with time, IPW does not.
 
