@@ -5,7 +5,9 @@ does, so it never sees the status or the latency without asking Envoy for the re
 one more blocking round trip on every request. Envoy's ALS is asynchronous: it buffers entries
 after the response has been sent and streams them to us (``StreamAccessLogs``), with the status,
 the upstream timings, the request id, the upstream cluster and the headers the processor set
-(hashed unit, region), which Envoy logs through ``additional_request_headers_to_log``.
+(hashed unit, region), which Envoy logs through ``additional_request_headers_to_log``, and the
+sidecar's ``x-cohortgate-model-digest`` response header (``additional_response_headers_to_log``): the
+artifact that actually answered, which the controller compares with the routed one (provenance.py).
 
 **Attribution comes only from what a client cannot set** (issue 17.2). The route and variant of an
 outcome are Envoy's upstream cluster (``cg.ROUTE.VARIANT.N``): the router sets it only after the
@@ -30,11 +32,13 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
+    HEADER_MODEL_DIGEST,
     HEADER_REGION,
     HEADER_SEGMENT,
     HEADER_SHADOW_OF,
@@ -54,6 +58,8 @@ throttled = Throttle(log)  # one malformed entry per request must not flood the 
 def _ms(duration: Any) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1e6
 
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what a sidecar sends; anything else is not kept
 
 RouteOf = Callable[[str, str], str]
 """``route_of(method, path)``: the name of the policy route a request matches, or ``""``."""
@@ -86,9 +92,11 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         shadow_of = headers.get(HEADER_SHADOW_OF, "")
         segment = headers.get(HEADER_SEGMENT, "")
         backend = cluster_index(common.upstream_cluster)
+        served = entry.response.response_headers.get(HEADER_MODEL_DIGEST, "")  # the backend's answer
+        model_digest = served if _DIGEST.fullmatch(served) else ""
     else:
         backend = None
-        variant = unit = region = shadow_of = segment = ""
+        variant = unit = region = shadow_of = segment = model_digest = ""
         route = ""
         if route_of is not None and request.path:
             method = request.DESCRIPTOR.fields_by_name["request_method"].enum_type.values_by_number.get(
@@ -115,6 +123,7 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         shadow_of=shadow_of,
         segment=segment,
         backend=-1 if backend is None else backend,
+        model_digest=model_digest,
     )
 
 

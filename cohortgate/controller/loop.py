@@ -46,6 +46,7 @@ from cohortgate.controller.judge import (
 )
 from cohortgate.controller.leader import Leadership, SoloLeader
 from cohortgate.controller.metrics import ControllerMetrics
+from cohortgate.controller.provenance import ServedModels
 from cohortgate.controller.quality import QualityMonitor, forget_variant
 from cohortgate.controller.shadows import ShadowJoin
 from cohortgate.controller.windows import (
@@ -162,6 +163,7 @@ class Controller:
         self.quality = QualityMonitor(policy, self.config.window_s)  # drift, segments, fairness (issue 20)
         self.allocation = Allocator()  # bandit routes' weights, every update_s (allocation.py)
         self.fallbacks = FeatureFallbacks(policy, self.config.window_s)  # feature fallbacks per variant (issue 22)
+        self.models = ServedModels(policy, self.config.window_s, self.metrics.registry)  # served digests (issue 24)
         # outcome metrics: the ledger POST /outcomes feeds, its journal, the judge's evidence (gating.py)
         self.outcomes = outcomes if outcomes is not None else OutcomeGate.from_env(policy, clock=clock)
         self.pending: dict[str, tuple[RouteState, int | None]] = {}  # writes waiting for the store
@@ -224,6 +226,7 @@ class Controller:
         self.shadows.set_policy(policy)
         self.quality.set_policy(policy)
         self.fallbacks.set_policy(policy)
+        self.models.set_policy(policy)
         self.outcomes.set_policy(policy)
         for name in set(self.windows) - set(policy.by_name):
             for table in (
@@ -301,6 +304,8 @@ class Controller:
                 b[4].append(regions is None or not e.region or e.region in regions)
                 b[5].append(e.backend)
                 self.quality.add_request(e)
+                if e.model_digest and (served := self.models.add(e, now)) is not None:
+                    self.pending_audit.append({**served, "actor": f"controller:{self.name}"})  # a new digest
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
                 self.fallbacks.add(e, now)
@@ -824,6 +829,7 @@ class Controller:
                 "quality": self.quality.status(route.name),
                 "allocation": self.allocation.report(self, route) if route.allocation is not None else None,
                 "features": self.fallbacks.summary(route.name, now),  # None: the route joins no features
+                "models": self.models.summary(route.name),  # routed vs served model digests per backend
                 "outcomes": self.outcomes.summary(route.name),
             }
         return {

@@ -76,6 +76,7 @@ class Event:
     backend: int = -1  # request: the index N of the backend that answered (``cg.ROUTE.VARIANT.N``); -1 unknown
     segment: str = ""  # request: the processor's segment label (``name=value;...``, declared values only)
     fallback: str = ""  # report: why the features' fallback served the request (sidecar/join.py); empty: joined
+    model_digest: str = ""  # request: the sidecar's x-cohortgate-model-digest (the artifact that answered)
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry (empty ones left out)."""
@@ -86,7 +87,18 @@ class Event:
             "latency_ms": f"{self.latency_ms:.3f}",
             "ts": f"{self.ts:.6f}",
         }
-        for name in ("route", "request_id", "region", "unit", "model", "digest", "shadow_of", "segment", "fallback"):
+        for name in (
+            "route",
+            "request_id",
+            "region",
+            "unit",
+            "model",
+            "digest",
+            "shadow_of",
+            "segment",
+            "fallback",
+            "model_digest",
+        ):
             value = getattr(self, name)
             if value:
                 fields[name] = value
@@ -113,6 +125,7 @@ class Event:
             shadow_of=fields.get("shadow_of", ""),
             segment=fields.get("segment", ""),
             fallback=fields.get("fallback", ""),
+            model_digest=fields.get("model_digest", ""),
             backend=int(b) if (b := fields.get("backend", "")).isascii() and b.isdigit() else -1,
         )
 

@@ -375,6 +375,8 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
         *(f"x-cohortgate-shadow-{i}" for i in range(4)),  # shadow copies are counted from these
         "x-cohortgate-segment",  # quality segments (declared values only): per-segment guardrails
     ]
+    # the sidecar's answer names the artifact that served: the controller compares it with the routed one
+    assert als["additional_response_headers_to_log"] == ["x-cohortgate-model-digest"]
     names = [c["name"] for c in doc["static_resources"]["clusters"]]
     assert names == [ec.PROCESSOR_CLUSTER, ec.ALS_CLUSTER]
 

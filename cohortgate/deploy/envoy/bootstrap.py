@@ -12,7 +12,12 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import ACCESS_LOG_HEADERS, ACCESS_LOG_NAME, MAX_REQUEST_BYTES
+from cohortgate.core.contract import (
+    ACCESS_LOG_HEADERS,
+    ACCESS_LOG_NAME,
+    ACCESS_LOG_RESPONSE_HEADERS,
+    MAX_REQUEST_BYTES,
+)
 from cohortgate.deploy.envoy import bodylimit
 from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
 from cohortgate.deploy.envoy.extproc import (
@@ -59,6 +64,7 @@ def _access_logs(access_log: AccessLogTarget | None) -> list[Any]:
             buffer_size_bytes=16384,
         ),
         additional_request_headers_to_log=list(ACCESS_LOG_HEADERS),
+        additional_response_headers_to_log=list(ACCESS_LOG_RESPONSE_HEADERS),  # which model answered
     )
     return [m.accesslog.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(config))]
 
