@@ -217,10 +217,10 @@ class Load:
                 headers = {"authorization": f"Bearer {self.token}"}
                 conn.request("POST", "/v2/models/bg/infer", body=b"{}", headers=headers)
                 resp = conn.getresponse()
-                resp.read()
+                body = resp.read()
                 status = str(resp.status)
-                if resp.status != 200:
-                    status += " " + (resp.getheader("x-cohortgate-error") or resp.getheader("server") or "")
+                if resp.status != 200:  # the code says who failed: "unavailable" is the processor's timeout
+                    status += " " + (resp.getheader("x-cohortgate-error") or _error_code(body))
             except (OSError, http.client.HTTPException) as exc:
                 status = type(exc).__name__
                 conn.close()
@@ -339,6 +339,14 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
         say(f"  {label}: " + " | ".join(values))
     return {"rows": rows, "statuses": dict(load.statuses) if load else {}, "failures": load.failures if load else [],
             "loop_lag": lags, "up": up_times, "gateway": gateway_times, "envoy": envoy_times}  # fmt: skip
+
+
+def _error_code(body: bytes) -> str:
+    """The ``error.code`` of a JSON error body (Envoy's local replies, the processor's denials)."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return body[:40].decode(errors="replace")
 
 
 def _gateway_log(state: Path) -> str:
