@@ -327,6 +327,8 @@ _UNAVAILABLE = _Denied(Denial.UNAVAILABLE, Denial.UNAVAILABLE.default_message, "
 def policy_headers(policy: Policy) -> frozenset[str]:
     """Every request header `decide` can read under this policy, plus the ones the processor reads."""
     names = set(_BASE_HEADERS)
+    if policy.by_host:  # routes matched by `match.host` (gRPC clients, KServe's way) read the authority
+        names.add(":authority")
     for route in policy.routes:
         if route.unit_source == "header":
             names.add(route.unit_key)

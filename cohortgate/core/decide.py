@@ -165,7 +165,7 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
         return _deny(Denial.UNAUTHENTICATED, "A valid bearer token is required.", steps)
 
     # 2. route
-    route = policy.match(facts.method, facts.path)
+    route = policy.match(facts.method, facts.path, facts.headers.get(":authority") if policy.by_host else None)
     if route is None:
         return _deny(Denial.NO_ROUTE, f"No route matches {facts.method} {facts.path}.", steps)
     if steps is not None:

@@ -48,6 +48,7 @@ class Backend:
     # ``sha256:<hex>`` of the model this backend is meant to serve (`routed_digest`), for the audit line;
     # None when unknown without fetching. Not part of equality: it never changes Envoy's cluster.
     digest: str | None = field(default=None, compare=False)
+    protocol: str = "http"  # "grpc": Envoy speaks HTTP/2 to it (explicit http2 protocol options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +282,7 @@ class Route:
     quality: Quality | None = None  # model-quality guardrails (docs/quality.md)
     # per-segment cohort layouts of a segmented bandit route (segment -> (bounds, owners)); empty: ``bounds``
     segment_layouts: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    host: str | None = None  # `match.host`: the request authority (no port here: any port matches)
 
     @property
     def control(self) -> Variant:
@@ -338,6 +340,8 @@ class Policy:
     by_prefix: Mapping[str, tuple[Route, ...]]
     # Envoy cluster -> the routed model digest (backends with a known one): one dict lookup per audit line
     model_digests: Mapping[str, str] = field(default_factory=dict)
+    hosts_only: tuple[Route, ...] = ()  # routes matched by `match.host` alone (any path)
+    by_host: bool = False  # some route matches on the request authority
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -350,20 +354,25 @@ class Policy:
                 out.extend(s.backends)
         return tuple(out)
 
-    def match(self, method: str, path: str) -> Route | None:
-        """The route for a request (validation guarantees at most one can match)."""
+    def match(self, method: str, path: str, authority: str | None = None) -> Route | None:
+        """The route for a request (validation guarantees at most one can match); ``authority`` (Host or
+        ``:authority``) is read only by routes with ``match.host``."""
+        host = authority.lower() if authority and self.by_host else None
         if path.startswith(OIP_MODEL_PREFIX):
             name = path[len(OIP_MODEL_PREFIX) :].split("/", 1)[0]
             for route in self.by_model.get(name, ()):
-                if _route_accepts(route, method, path):
+                if _route_accepts(route, method, path, host):
                     return route
         if self.by_prefix:
             end = len(path)
             while end > 0:
                 for route in self.by_prefix.get(path[:end], ()):
-                    if _route_accepts(route, method, path):
+                    if _route_accepts(route, method, path, host):
                         return route
                 end = path.rfind("/", 0, end)
+        for route in self.hosts_only:
+            if _route_accepts(route, method, path, host):
+                return route
         return None
 
     def with_weights(
@@ -385,14 +394,28 @@ class Policy:
         return _index(self.path, self.digest, self.jwt, self.response_headers, routes)
 
 
-def _route_accepts(route: Route, method: str, path: str) -> bool:
+def _route_accepts(route: Route, method: str, path: str, host: str | None = None) -> bool:
     if route.methods is not None and method not in route.methods:
+        return False
+    if route.host is not None and not _host_matches(route.host, host):
         return False
     if route.path_prefix is not None and not _segment_prefix(route.path_prefix, path):
         return False
     if route.model is not None:
         return path.startswith(OIP_MODEL_PREFIX) and path[len(OIP_MODEL_PREFIX) :].split("/", 1)[0] == route.model
     return True
+
+
+def _host_matches(wanted: str, host: str | None) -> bool:
+    """``wanted`` with a port must equal the authority; without one, any port (or none) matches."""
+    if host is None:
+        return False
+    if host == wanted:
+        return True
+    if ":" in wanted or not host.startswith(wanted):
+        return False
+    rest = host[len(wanted) :]
+    return rest[0] == ":" and rest[1:].isdigit()
 
 
 def _segment_prefix(prefix: str, path: str) -> bool:
@@ -405,11 +428,14 @@ def _segment_prefix(prefix: str, path: str) -> bool:
 def _index(path: str, digest: str, jwt: JwtSettings, response_headers: bool, routes: tuple[Route, ...]) -> Policy:
     by_model: dict[str, list[Route]] = {}
     by_prefix: dict[str, list[Route]] = {}
+    hosts_only: list[Route] = []
     for r in routes:
         if r.model is not None:
             by_model.setdefault(r.model, []).append(r)
+        elif r.path_prefix is None:
+            hosts_only.append(r)
         else:
-            key = r.path_prefix.rstrip("/") or "/"  # type: ignore[union-attr]
+            key = r.path_prefix.rstrip("/") or "/"
             by_prefix.setdefault(key, []).append(r)
     digests = {b.cluster: b.digest for r in routes for v in r.variants for b in v.backends if b.digest is not None}
     return Policy(
@@ -422,6 +448,8 @@ def _index(path: str, digest: str, jwt: JwtSettings, response_headers: bool, rou
         by_model=MappingProxyType({k: tuple(v) for k, v in by_model.items()}),
         by_prefix=MappingProxyType({k: tuple(v) for k, v in by_prefix.items()}),
         model_digests=MappingProxyType(digests),
+        hosts_only=tuple(hosts_only),
+        by_host=any(r.host is not None for r in routes),
     )
 
 
@@ -1062,11 +1090,18 @@ def _overlap(a: RouteModel, b: RouteModel) -> bool:
     ma, mb = a.match, b.match
     if ma.methods and mb.methods and not set(ma.methods) & set(mb.methods):
         return False
+    if ma.host is not None and mb.host is not None and not _hosts_overlap(ma.host, mb.host):
+        return False
     if ma.model is not None and mb.model is not None and ma.model != mb.model:
         return False
     paths_a = [p for p in (ma.path_prefix, OIP_MODEL_PREFIX + ma.model if ma.model else None) if p]
     paths_b = [p for p in (mb.path_prefix, OIP_MODEL_PREFIX + mb.model if mb.model else None) if p]
     return all(_segment_prefix(x, y) or _segment_prefix(y, x) for x in paths_a for y in paths_b)
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Can one authority match both? Equal, or one has no port and names the other's host."""
+    return a == b or (":" not in a and b.split(":", 1)[0] == a) or (":" not in b and a.split(":", 1)[0] == b)
 
 
 def _compile(model: PolicyModel, filename: str, digest: str, base_dir: Path) -> Policy:
@@ -1124,7 +1159,11 @@ def _backends(
         model = _model_reference(b.model, base_dir) if b.model else None
         cluster = cluster_name(route, owner, i)
         digest = routed_digest(model) if model is not None else None
-        out.append(Backend(b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization, digest))
+        out.append(
+            Backend(
+                b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization, digest, b.protocol
+            )
+        )
     return tuple(out)
 
 
@@ -1329,6 +1368,7 @@ def _compile_route(r: RouteModel, base_dir: Path) -> Route:
         name=r.name,
         path_prefix=r.match.path_prefix,
         model=r.match.model,
+        host=r.match.host,
         methods=frozenset(r.match.methods) or None,
         identities=frozenset(p for p in patterns if not p.endswith("*")),
         identity_prefixes=tuple(p[:-1] for p in patterns if p.endswith("*")),

@@ -75,6 +75,9 @@ class Predicate(_Strict):
         return self
 
 
+HOST_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+
+
 class Match(_Strict):
     """Which requests a route takes. Prefixes match whole path segments."""
 
@@ -85,11 +88,17 @@ class Match(_Strict):
     methods: list[Literal[HTTP_METHODS]] = Field(  # type: ignore[valid-type]
         default=[], description="Allowed methods; empty means any."
     )
+    host: str | None = Field(
+        default=None,
+        pattern=HOST_PATTERN,
+        description="Request authority (Host / :authority), lower case, optional :port; without a port any "
+        "port matches. How gRPC clients are routed (KServe's way): their model name is in the body.",
+    )
 
     @model_validator(mode="after")
     def _something(self) -> Match:
-        if self.path_prefix is None and self.model is None:
-            raise ValueError("give `path_prefix`, `model` or both")
+        if self.path_prefix is None and self.model is None and self.host is None:
+            raise ValueError("give `path_prefix`, `model`, `host` or several")
         return self
 
 
@@ -135,6 +144,10 @@ class Backend(_Strict):
         default=None,
         description="Local ONNX file or a model reference (file://, https://, s3:// pinned @sha256: or a signed "
         "version; docs/models.md); `cohortgate up` runs a sidecar for it. Absent: external.",
+    )
+    protocol: Literal["http", "grpc"] = Field(
+        default="http",
+        description="grpc: Envoy speaks HTTP/2 to this backend (OIP v2 gRPC); http: HTTP/1.1.",
     )
 
 
