@@ -188,9 +188,11 @@ def gate(runs: int) -> dict:
     out: dict = {}
     print(f"\noutcome gate (ledger -> gate -> judge), {runs} runs, 20 looks each, alpha {ALPHA}")
     aa = simulate(runs, units=2000, looks=20, base=0.3, guardrail_margin=0.05, seed=600)
-    print(f"  A/A, conversion 0.30 + revenue guardrail (margin 5 %), 2 000 units: false win {_rate(aa.win, runs)}, "
-          f"false rollback {_rate(aa.loss, runs)} (guardrail {aa.loss_guardrail:.3f})")  # fmt: skip
-    out["aa"] = {"runs": runs, "false_win": aa.win, "false_loss": aa.loss, "false_loss_guardrail": aa.loss_guardrail}
+    print("  A/A, conversion 0.30 + revenue guardrail (margin 5 %), 2 000 units:")
+    print(f"    false promotion {_rate(aa.win, runs)}; the primary ever 'win' {_rate(aa.primary_win, runs)}")
+    print(f"    false rollback {_rate(aa.loss, runs)} (by the guardrail {aa.loss_guardrail:.3f})")
+    out["aa"] = {"runs": runs, "false_win": aa.win, "primary_win": aa.primary_win, "false_loss": aa.loss,
+                 "false_loss_guardrail": aa.loss_guardrail}  # fmt: skip
     for i, mde in enumerate((0.4, 0.2)):
         pl = P.plan(0.3, mde, kind="binary", alpha=ALPHA, power=0.8)
         r = simulate(runs, units=pl.units_sequential, looks=20, base=0.3, lift=mde, seed=610 + i)

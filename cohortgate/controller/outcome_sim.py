@@ -59,6 +59,7 @@ def sim_policy(planned_units: int, guardrail_margin: float | None, alpha: float 
 class SimResult:
     runs: int
     win: float  # share of runs where some look said win (promote)
+    primary_win: float  # ... where the primary metric's verdict was win at some look (promoted or not)
     loss: float  # ... said loss (rollback), primary or guardrail
     loss_guardrail: float  # ... where the guardrail metric was the reason
     held_at_end: float  # share whose guardrail metric was still not non-inferior at the last look
@@ -86,7 +87,7 @@ def simulate(
     state = VariantState(Phase.PROMOTING, 0, since=0.0)
     rng = np.random.default_rng(seed)
     cuts = np.linspace(0, units, looks + 1).round().astype(int)
-    wins = losses = losses_g = held = 0
+    wins = primary_wins = losses = losses_g = held = 0
     win_units: list[int] = []
     for run in range(runs):
         canary = rng.random(units) < 0.5
@@ -94,7 +95,7 @@ def simulate(
         revenue = rng.lognormal(0.0, revenue_sigma, units) * np.where(canary, 1 + revenue_lift, 1.0)
         gate = OutcomeGate(policy, keys=None, clock=lambda: 0.0)
         ingest = gate.ledger.ingest
-        won = lost = lost_g = False
+        won = lost = lost_g = primary_won = False
         verdict = None
         for k in range(looks):
             for i in range(cuts[k], cuts[k + 1]):
@@ -128,10 +129,12 @@ def simulate(
             if verdict.signal is Signal.WIN and not won:
                 won = True
                 win_units.append(int(cuts[k + 1]))
+            primary_won = primary_won or any(o.role == "primary" and o.verdict == "win" for o in ev.outcomes)
             if verdict.signal is Signal.LOSS:
                 lost = True
                 lost_g = lost_g or "guardrail" in verdict.reason
         wins += won
+        primary_wins += primary_won
         losses += lost
         losses_g += lost_g
         if guardrail_margin is not None and verdict is not None:
@@ -139,6 +142,7 @@ def simulate(
     return SimResult(
         runs=runs,
         win=wins / runs,
+        primary_win=primary_wins / runs,
         loss=losses / runs,
         loss_guardrail=losses_g / runs,
         held_at_end=held / runs,

@@ -18,6 +18,7 @@ def test_aa_false_win_and_false_loss_stay_under_alpha_while_looking_every_interv
     # A/A: the canary is control; 10 looks over 1 000 units, a guardrail metric on revenue too
     r = simulate(200, units=1000, looks=10, base=0.3, guardrail_margin=0.05, seed=11)
     assert r.win <= ALPHA  # a false promotion (promote_on_win)
+    assert r.primary_win <= ALPHA  # the primary metric claiming a win, whatever the guardrail says
     assert r.loss <= ALPHA  # a false rollback: primary loss or guardrail inferior
     assert r.loss_guardrail <= r.loss
 
