@@ -195,6 +195,7 @@ class GatewayConfig:
     state_file: str | None = None  # the embedded controller's state file (or, with redis_url, a local cache)
     state_poll_s: float = 0.2
     metrics_listen: tuple[str, int] | None = None  # (host, port) for /metrics and /healthz
+    metrics_uds: str | None = None  # a worker's /metrics and /healthz, for its parent (`gateway.workers`)
     watch_s: float = DEFAULT_WATCH_S  # poll the policy file this often (0: SIGHUP only)
     envoy_cds: str | None = None  # Envoy's filesystem-CDS file: two-phase cluster updates on reload
     envoy_admin: str | None = None  # Envoy's admin URL, to confirm new clusters before routing to them
@@ -272,6 +273,10 @@ class Gateway:
         if self.config.metrics_listen is not None:
             host, port = self.config.metrics_listen
             self._metrics_runner = await serve_metrics(self.metrics, host, port, self.health)
+        elif self.config.metrics_uds is not None:
+            from gateway.workers import serve_worker_metrics
+
+            self._metrics_runner = await serve_worker_metrics(self.metrics, self.config.metrics_uds, self.health)
 
     async def _start_state(self) -> None:
         """Follow the controller's effective weights before the first request is answered."""

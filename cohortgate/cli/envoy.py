@@ -53,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"where the processor listens (default {DEFAULT_PROCESSOR}); TCP off loopback uses mTLS",
     )
     render.add_argument(
+        "--processor-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the gateway runs N worker processes (cohortgate gateway --workers N): one endpoint each, "
+        "on the --processor socket's PATH.w0 .. PATH.wN-1 (default 1: PATH itself)",
+    )
+    render.add_argument(
         "--processor-tls",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -130,7 +138,9 @@ def _render(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 2
     try:
-        processor = envoyconf.ProcessorAddress.parse(args.processor, tls=args.processor_tls)
+        processor = envoyconf.ProcessorAddress.parse(
+            args.processor, tls=args.processor_tls, workers=args.processor_workers
+        )
         access_log = envoyconf.AccessLogTarget.parse(args.access_log) if args.access_log else None
         tracing = envoyconf.TraceCollector.parse(args.otlp_endpoint, args.trace_sample) if args.otlp_endpoint else None
     except ValueError as exc:

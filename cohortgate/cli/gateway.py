@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cohortgate.core.contract import MAX_REQUEST_BYTES
+from cohortgate.core.contract import MAX_GATEWAY_WORKERS, MAX_REQUEST_BYTES
 from cohortgate.support.cliargs import add_tracing_options
 
 
@@ -40,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "With --envoy-cds/--envoy-admin new clusters reach Envoy, confirmed, before the policy naming them.",
     )
     parser.add_argument("--policy", required=True, metavar="P", help="the policy file")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N processor processes, one event loop and Unix socket each (PATH.w0 .. PATH.wN-1: render "
+        "Envoy with --processor-workers N); the parent reloads the policy, sums /metrics, restarts workers",
+    )
     parser.add_argument("--certs", metavar="DIR", help="certificate directory (TCP listens with mTLS)")
     parser.add_argument(
         "--transport",
@@ -159,7 +167,17 @@ def _gateway(args: argparse.Namespace) -> int:
     if (args.envoy_cds is None) != (args.envoy_admin is None):
         print("cohortgate gateway: --envoy-cds and --envoy-admin go together", file=sys.stderr)
         return 2
+    if not 1 <= args.workers <= MAX_GATEWAY_WORKERS:
+        print(f"cohortgate gateway: --workers must be 1 to {MAX_GATEWAY_WORKERS}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and listen.uds is None:
+        print("cohortgate gateway: --workers needs --listen uds:PATH (one socket per worker)", file=sys.stderr)
+        return 2
     try:
+        if args.workers > 1:
+            from gateway.workers import run_workers
+
+            return run_workers(config, args.workers, log_level=args.log_level, log_format=args.log_format)
         return run(config)
     except PolicyError as exc:
         print(exc, file=sys.stderr)

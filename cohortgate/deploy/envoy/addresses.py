@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from cohortgate.core.contract import MAX_GATEWAY_WORKERS, worker_socket
+
 _LOOPBACK_NAMES = {"localhost"}
 
 
@@ -50,10 +52,15 @@ class ProcessorAddress:
     host: str | None = None
     port: int | None = None
     tls: bool = False
+    workers: int = 1  # processor processes on ``uds`` (`worker_socket` names each one's socket)
 
     def __post_init__(self) -> None:
         if (self.uds is None) == (self.host is None):
             raise ValueError("ProcessorAddress needs exactly one of uds or host+port")
+        if not 1 <= self.workers <= MAX_GATEWAY_WORKERS:
+            raise ValueError(f"ProcessorAddress: {self.workers} workers; give 1 to {MAX_GATEWAY_WORKERS}")
+        if self.workers > 1 and self.uds is None:
+            raise ValueError("ProcessorAddress: several workers listen on Unix sockets (uds:PATH), one each")
         if self.host is not None and not (self.port and 0 < self.port < 65536):
             raise ValueError(f"ProcessorAddress port {self.port!r} is not a TCP port")
         if self.uds is not None and self.tls:
@@ -62,13 +69,20 @@ class ProcessorAddress:
             raise ValueError(f"ProcessorAddress: plaintext TCP to {self.host} is refused; set tls=True (mTLS)")
 
     @classmethod
-    def parse(cls, spec: str, *, tls: bool | None = None) -> ProcessorAddress:
+    def parse(cls, spec: str, *, tls: bool | None = None, workers: int = 1) -> ProcessorAddress:
         """``uds:PATH`` or ``tcp:HOST:PORT``; TCP gets mTLS unless the host is loopback (or ``tls`` says)."""
         uds, host, port = _parse_endpoint(spec, "processor address")
         if uds is not None:
-            return cls(uds=uds)
+            return cls(uds=uds, workers=workers)
         assert host is not None
-        return cls(host=host, port=port, tls=(not is_loopback(host)) if tls is None else tls)
+        return cls(host=host, port=port, tls=(not is_loopback(host)) if tls is None else tls, workers=workers)
+
+    @property
+    def sockets(self) -> tuple[str, ...]:
+        """Every worker's Unix socket (empty for TCP)."""
+        if self.uds is None:
+            return ()
+        return tuple(worker_socket(self.uds, i, self.workers) for i in range(self.workers))
 
 
 @dataclass(frozen=True, slots=True)

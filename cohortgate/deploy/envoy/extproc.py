@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cohortgate.core.contract import HEADER_PREFIX
 from cohortgate.deploy.envoy.addresses import ProcessorAddress, is_ip
-from cohortgate.deploy.envoy.typed import file_source, pack, pb, san, single_endpoint_cluster, tls_params, tls_socket
+from cohortgate.deploy.envoy.typed import (
+    address,
+    file_source,
+    pack,
+    pb,
+    san,
+    single_endpoint_cluster,
+    tls_params,
+    tls_socket,
+)
 
 if TYPE_CHECKING:
     from cohortgate.deploy.pki import CertPaths
@@ -146,11 +155,39 @@ def processor_cluster(processor: ProcessorAddress, transport: str, tls: EnvoyTls
                 ),
             )
         )
-    return single_endpoint_cluster(
+    cluster = single_endpoint_cluster(
         PROCESSOR_CLUSTER,
         uds=processor.uds,
         host=processor.host,
         port=processor.port,
         http2=http2,
         transport_socket=socket,
+    )
+    if processor.workers > 1:
+        _balance_workers(cluster, processor)
+    return cluster
+
+
+def _balance_workers(cluster: Any, processor: ProcessorAddress) -> None:
+    """One endpoint per processor worker socket, least-request balanced per ext_proc stream.
+
+    A worker that stops (killed, restarting) refuses connections: local-origin outlier detection
+    ejects it after one failure, for 1 s at a time, so the next streams go to the others (the
+    stream that met the refusal fails closed, 503, as with one worker)."""
+    m = pb()
+    cluster.load_assignment.endpoints = [
+        m.endpoint.LocalityLbEndpoints(
+            lb_endpoints=[m.endpoint.LbEndpoint(endpoint=m.endpoint.Endpoint(address=address(uds=path)))
+                          for path in processor.sockets]
+        )
+    ]  # fmt: skip
+    cluster.lb_policy = m.cluster.ClusterLbPolicy.LEAST_REQUEST
+    cluster.outlier_detection = m.cluster.OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=1,
+        enforcing_consecutive_local_origin_failure=100,
+        interval=dt.timedelta(seconds=1),
+        base_ejection_time=dt.timedelta(seconds=1),
+        max_ejection_time=dt.timedelta(seconds=5),
+        max_ejection_percent=100,
     )
