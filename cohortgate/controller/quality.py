@@ -28,7 +28,8 @@ windows after the controller started (``min_samples`` values per feature), disjo
 later window. When control drifts past the thresholds (the world changed, not the canary) and the
 route names a ``fallback`` challenger that is running, the fallback is promoted (it takes
 control's share) with the evidence in the audit trail. It moves back by an operator's rollback of
-the fallback (which also makes the drifted world the new reference) or a policy edit.
+the fallback (which also makes the drifted world the new reference); a policy edit of the quality
+block starts the route's quality state afresh, the weights staying as decided until an operator acts.
 """
 
 from __future__ import annotations
