@@ -194,3 +194,22 @@ async def test_aa_segment_tests_do_not_roll_back_a_healthy_canary():
         await sim.run(90, until=lambda s: bool(s.changes))
         trips += any("segment" in c.reason for c in sim.changes)
     assert trips <= 1
+
+
+def test_a_policy_edit_of_the_quality_block_starts_the_quality_state_afresh():
+    policy = quality_policy(quality=SEGMENTS)
+    monitor = QualityMonitor(policy)
+    monitor.add_request(Event(REQUEST, "tabular", "canary", 503, 1.0, segment="device=ios"))
+    before = monitor.routes["tabular"]
+    monitor.set_policy(quality_policy(quality=SEGMENTS))  # same block: kept
+    assert monitor.routes["tabular"] is before
+    monitor.set_policy(
+        quality_policy(
+            quality="{segments: [{name: device, source: header, key: x-device, values: [ios]}], margin: 0.2}"
+        )
+    )
+    fresh = monitor.routes["tabular"]
+    assert fresh is not before and fresh.quality.margin == 0.2
+    assert fresh.segments.totals[("device", "ios")]["canary"].n == 0
+    monitor.set_policy(quality_policy(quality="null"))
+    assert "tabular" not in monitor.routes and monitor.status("tabular") is None
