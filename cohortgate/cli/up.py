@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from cohortgate.core.contract import REDIS_ENV
+from cohortgate.core.contract import MAX_GATEWAY_WORKERS, REDIS_ENV
 from cohortgate.support.cliargs import add_tracing_options
 
 DEMO_FAULT_RATE = 0.3
@@ -131,6 +131,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the gateway's /metrics and /healthz port (default 9482, else a free one)",
     )
     p.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway processor processes (default 1); match --concurrency on a many-core host (docs/performance.md)",
+    )
     add_tracing_options(
         p,
         "trace Envoy, the gateway and the sidecars to this OTLP/HTTP collector, http://HOST:PORT (needs the otel "
@@ -191,6 +198,7 @@ def _up(args: argparse.Namespace) -> int:
         max_restarts=max(0, args.max_restarts),
         warm_spares=args.warm_spares,
         concurrency=max(1, args.concurrency),
+        gateway_workers=min(max(1, args.gateway_workers), MAX_GATEWAY_WORKERS),
         ready_timeout_s=args.ready_timeout,
         otlp_endpoint=args.otlp_endpoint,
         trace_sample=args.trace_sample,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import TOKEN_FILE_ENV, UNIT_SALT_ENV
+from cohortgate.core.contract import TOKEN_FILE_ENV, UNIT_SALT_ENV, worker_socket
 from cohortgate.local.plan import SidecarSpec
 
 SIDECAR_DRAIN_S = 10.0  # a sidecar's --drain-timeout: queued requests finish on SIGTERM
@@ -41,6 +41,13 @@ class Layout:
     otlp_endpoint: str | None = None  # every child traces to this OTLP/HTTP collector (docs/observability.md)
     trace_sample: float = 0.01
     python: str = field(default=sys.executable)
+    gateway_workers: int = 1  # processor processes, one socket each (`worker_socket`)
+
+    @property
+    def processor_sockets(self) -> tuple[str, ...]:
+        """Every gateway worker's socket (the one ``processor_socket`` for one worker)."""
+        n = self.gateway_workers
+        return tuple(worker_socket(self.processor_socket, i, n) for i in range(n))
 
     def tracing_args(self) -> tuple[str, ...]:
         """The gateway's and each sidecar's tracing flags (none when tracing is off)."""
@@ -224,6 +231,8 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
         "--envoy-admin", layout.envoy_admin,
         "--reload-grace", str(RELOAD_GRACE_S),
     )  # fmt: skip
+    if layout.gateway_workers > 1:
+        argv += ("--workers", str(layout.gateway_workers))
     # The gateway follows the controller's weights: in the shared Redis (keeping a local copy of its
     # own), or, embedded, in the state file the controller writes.
     if layout.redis:
@@ -236,7 +245,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
         kind="gateway",
         argv=argv,
         log_path=layout.logs_dir / "gateway.log",
-        endpoint=f"uds:{layout.processor_socket}",
+        endpoint=f"uds:{layout.processor_sockets[0]}",
         env={UNIT_SALT_ENV: layout.unit_salt},
         info={
             "transport": layout.transport,
@@ -244,7 +253,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
             "metrics": layout.gateway_metrics,
             "metrics_port": layout.ports["gateway_metrics"],
         },
-        stale_paths=(layout.processor_socket,),
+        stale_paths=layout.processor_sockets,
         preload=GATEWAY_PRELOAD,
     )
 

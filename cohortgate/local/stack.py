@@ -99,6 +99,7 @@ class StackOptions:
     dashboard_port: int | None = None
     gateway_metrics_port: int | None = None
     concurrency: int = 1
+    gateway_workers: int = 1  # `cohortgate gateway --workers`; Envoy gets one processor endpoint each
     ready_timeout_s: float = 30.0
     max_restarts: int = DEFAULT_MAX_RESTARTS  # within restart_window_s; more is a crash loop
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
@@ -272,6 +273,7 @@ class Stack:
             canary_fault_after_s=o.canary_fault_after_s,
             otlp_endpoint=o.otlp_endpoint,
             trace_sample=o.trace_sample,
+            gateway_workers=o.gateway_workers,
         )
         self.live.gateway_health = self.layout.gateway_health
         self.live.gateway_metrics = self.layout.gateway_metrics
@@ -437,7 +439,7 @@ class Stack:
         assert layout is not None
         return Child(
             recipes.gateway_recipe(layout, files.cds),
-            probes.gateway_ready(layout.processor_socket, layout.gateway_health),
+            probes.gateway_ready(layout.processor_sockets[0], layout.gateway_health),
         )
 
     def _envoy_child(self, files: EnvoyFiles) -> Child:
@@ -456,7 +458,7 @@ class Stack:
             deferred_stats=True,
             certs=self.certs,
             out_dir=self.state_dir / "envoy",
-            processor=ProcessorAddress(uds=self.layout.processor_socket),
+            processor=ProcessorAddress(uds=self.layout.processor_socket, workers=self.layout.gateway_workers),
             transport=self.opts.transport,  # type: ignore[arg-type]
             listen_port=self.ports["envoy"],
             admin_socket=self.layout.admin_socket,

@@ -208,3 +208,12 @@ def test_the_demo_canary_stays_healthy_for_its_onset_counted_from_its_first_requ
     assert not faults.fail_next()
     now[0] = 70.0
     assert faults.fail_next() and faults.count == 1
+
+
+def test_gateway_workers_reach_the_gateway_and_its_readiness_probe() -> None:
+    one = gateway_recipe(layout(), Path("/srv/state/envoy/cds.json"))
+    assert "--workers" not in one.argv and one.stale_paths == ("/srv/state/processor.sock",)
+    four = gateway_recipe(layout(gateway_workers=4), Path("/srv/state/envoy/cds.json"))
+    assert four.argv[four.argv.index("--workers") + 1] == "4"
+    assert four.endpoint == "uds:/srv/state/processor.sock.w0"  # what `up` waits for: a worker's own socket
+    assert four.stale_paths == tuple(f"/srv/state/processor.sock.w{i}" for i in range(4))
