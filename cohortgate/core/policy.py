@@ -755,7 +755,7 @@ def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
         if a is not None and b is not None and _overlap(a, b):
             yield (
                 f"{marks.at(('routes', i, 'match'))}: route {a.name!r} overlaps route {b.name!r}: "
-                "some requests would match both; make the paths, models or methods disjoint"
+                "some requests would match both; make the paths, models, methods or hosts disjoint"
             )
 
 

@@ -64,7 +64,7 @@ def default_upstream_ca() -> str:
     return certifi.where()
 
 
-def _backend_cluster(name: str, scheme: str, host: str, port: int, upstream_ca: str | None) -> Any:
+def _backend_cluster(name: str, scheme: str, host: str, port: int, upstream_ca: str | None, http2: bool = False) -> Any:
     m = pb()
     socket = None
     if scheme == "https":
@@ -76,7 +76,7 @@ def _backend_cluster(name: str, scheme: str, host: str, port: int, upstream_ca: 
                 sni="" if ip else host,
                 common_tls_context=m.tls.CommonTlsContext(
                     tls_params=tls_params(),
-                    alpn_protocols=["http/1.1"],
+                    alpn_protocols=["h2"] if http2 else ["http/1.1"],
                     validation_context=m.tls.CertificateValidationContext(
                         trusted_ca=file_source(upstream_ca or default_upstream_ca()),
                         match_typed_subject_alt_names=[san("IP_ADDRESS" if ip else "DNS", host)],
@@ -96,24 +96,31 @@ def _remove_authorization() -> Any:
 
 
 @functools.cache
-def _upstream_protocol_options(forward_authorization: bool) -> dict[str, Any]:
-    """The protocol options every backend cluster shares (two forms), converted to dicts once."""
+def _upstream_protocol_options(forward_authorization: bool, http2: bool = False) -> dict[str, Any]:
+    """The protocol options every backend cluster shares (two forms), converted to dicts once;
+    explicit HTTP/2 for a ``protocol: grpc`` backend (gRPC needs it end to end), else HTTP/1.1."""
     filters = None if forward_authorization else [_remove_authorization()]
     cluster = pb().cluster.Cluster(
-        typed_extension_protocol_options=protocol_options(http2=False, upstream_filters=filters)
+        typed_extension_protocol_options=protocol_options(http2=http2, upstream_filters=filters)
     )
     return to_dict(cluster)["typed_extension_protocol_options"]
 
 
 def _typed_resource(
-    name: str, scheme: str, host: str, port: int, upstream_ca: str | None, forward_authorization: bool
+    name: str,
+    scheme: str,
+    host: str,
+    port: int,
+    upstream_ca: str | None,
+    forward_authorization: bool,
+    http2: bool = False,
 ) -> dict[str, Any]:
     """One backend's CDS resource, built typed then converted: the reference (~20-30 ms a cluster)."""
-    typed = _backend_cluster(name, scheme, host, port, upstream_ca)
+    typed = _backend_cluster(name, scheme, host, port, upstream_ca, http2)
     return {
         "@type": CLUSTER_TYPE_URL,
         **to_dict(typed),
-        "typed_extension_protocol_options": _upstream_protocol_options(forward_authorization),
+        "typed_extension_protocol_options": _upstream_protocol_options(forward_authorization, http2),
     }
 
 
@@ -135,9 +142,9 @@ class _Shape:
 
 
 @functools.cache
-def _shape(scheme: str, ip: bool, upstream_ca: str | None, forward_authorization: bool) -> _Shape:
+def _shape(scheme: str, ip: bool, upstream_ca: str | None, forward_authorization: bool, http2: bool = False) -> _Shape:
     host = _IP_HOST if ip else _DNS_HOST
-    resource = _typed_resource(_NAME, scheme, host, _PORT, upstream_ca, forward_authorization)
+    resource = _typed_resource(_NAME, scheme, host, _PORT, upstream_ca, forward_authorization, http2)
     return _Shape(json.dumps(resource), json.dumps(resource, sort_keys=True), dump_item(resource), host)
 
 
@@ -157,14 +164,20 @@ def _json_inner(value: str) -> str:
 
 @functools.lru_cache(maxsize=16384)
 def _cluster_resource(
-    name: str, scheme: str, host: str, port: int, upstream_ca: str | None, forward_authorization: bool
+    name: str,
+    scheme: str,
+    host: str,
+    port: int,
+    upstream_ca: str | None,
+    forward_authorization: bool,
+    http2: bool = False,
 ) -> dict[str, Any]:
     """One backend's CDS resource (shared: never mutate it): its shape with the placeholders filled in.
 
     The typed build and ``to_dict`` cost ~20-30 ms a cluster (a 2 000-cluster policy: tens of
     seconds of GIL, which starved the processor's event loop into 504s); filling a cached shape
     costs ~0.05 ms. tests/gateway/test_reload.py proves both give the same resource."""
-    shape = _shape(scheme, is_ip(host), upstream_ca, forward_authorization)
+    shape = _shape(scheme, is_ip(host), upstream_ca, forward_authorization, http2)
     return json.loads(_fill(shape.json, shape, name, host, port, _json_inner))
 
 
@@ -178,8 +191,11 @@ def _plain(value: str) -> bool:
     return bool(_PLAIN.fullmatch(value)) and _RESOLVER.resolve(yaml.ScalarNode, value, (True, False)) == _STR_TAG
 
 
-def _key(b: Backend, upstream_ca: str | None) -> tuple[str, str, str, int, str | None, bool]:
-    return (b.cluster, b.scheme, b.host, b.port, upstream_ca, b.forward_authorization)
+_Key = tuple[str, str, str, int, str | None, bool, bool]
+
+
+def _key(b: Backend, upstream_ca: str | None) -> _Key:
+    return (b.cluster, b.scheme, b.host, b.port, upstream_ca, b.forward_authorization, b.protocol == "grpc")
 
 
 def unique_backends(backends: Iterable[Backend]) -> list[Backend]:
@@ -200,14 +216,15 @@ def cluster_resources(backends: Iterable[Backend], *, upstream_ca: str | None = 
 
 
 @functools.lru_cache(maxsize=16384)
-def _cluster_text(key: tuple[str, str, str, int, str | None, bool]) -> tuple[str, str]:
+def _cluster_text(key: _Key | tuple[str, str, str, int, str | None, bool]) -> tuple[str, str]:
     """One cluster as (sorted JSON, an item of the ``resources:`` block sequence), made once and cached.
 
     PyYAML writes a sequence under a mapping key without indentation, so ``resources:`` followed by
     these items is exactly how `dump` writes the whole list. Both are the shape's texts with the
     placeholders replaced (PyYAML costs ~0.6 ms a cluster); unusual names go through PyYAML."""
-    name, scheme, host, port, upstream_ca, forward_authorization = key
-    shape = _shape(scheme, is_ip(host), upstream_ca, forward_authorization)
+    name, scheme, host, port, upstream_ca, forward_authorization, *grpc = key  # (a 6-tuple: HTTP/1.1)
+    http2 = bool(grpc and grpc[0])
+    shape = _shape(scheme, is_ip(host), upstream_ca, forward_authorization, http2)
     fingerprint = _fill(shape.sorted_json, shape, name, host, port, _json_inner)
     if _plain(name) and _plain(host):
         return fingerprint, _fill(shape.yaml_item, shape, name, host, port, str)

@@ -1,0 +1,188 @@
+"""OIP gRPC clients through the gateway, end to end, with the stock ``tritonclient.grpc``.
+
+Real parts: Envoy (mTLS with client certificates from the test PKI, HTTP/2 downstream), the gateway
+process (grpc transport), two sidecars serving OIP v2 gRPC on their ``--grpc-port`` (control and a
+100 % shadow, both ``protocol: grpc`` backends: Envoy speaks HTTP/2 to them), onnxruntime. The route
+is matched by the request authority (``match.host``), KServe's way: a gRPC client's model name is in
+the protobuf body. Denials reach the client as gRPC statuses with the processor's sentence.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from cohortgate.deploy import pki
+from sidecar.server import SidecarConfig
+from tests.integration.conftest import TRANSPORT_ARGS, GatewayProcess, free_port, mint
+from tests.sidecar.sidecar_helpers import ThreadedSidecar, sidecar_in_thread
+
+pytestmark = pytest.mark.integration
+
+HOST = "tabular.models.example.com"
+
+POLICY = """
+version: 1
+jwt:
+  issuer: https://auth.cohortgate.local
+  audience: cohortgate
+  algorithms: [ES256]
+  jwks: {jwks}
+  leeway_s: 5
+routes:
+  - name: tabular-grpc
+    match: {{host: {host}}}
+    auth:
+      identities: ["spiffe://cohortgate.local/app-*"]
+      scopes: [predict]
+    cohorts:
+      unit: {{claim: sub}}
+    residency:
+      source: {{claim: residency}}
+      on_missing_region: deny
+    variants:
+      - {{name: control, weight: 100, backends: [{{url: "http://127.0.0.1:{control}", region: eu, protocol: grpc}}]}}
+    shadows:
+      - {{name: challenger, percent: 100, backends: [{{url: "http://127.0.0.1:{shadow}", region: eu, protocol: grpc}}]}}
+"""
+
+
+@dataclass
+class Plane:
+    port: int
+    certs: pki.CertPaths
+    control: ThreadedSidecar
+    shadow: ThreadedSidecar
+    models: Path
+
+    def client(self, who: str = "app-demo", authority: str = HOST) -> triton.InferenceServerClient:
+        cert, key = self.certs.clients[who]
+        return triton.InferenceServerClient(
+            f"127.0.0.1:{self.port}",
+            ssl=True,
+            root_certificates=str(self.certs.ca_cert),
+            private_key=str(key),
+            certificate_chain=str(cert),
+            channel_args=[
+                ("grpc.default_authority", authority),  # what the route matches on
+                ("grpc.ssl_target_name_override", "localhost"),  # what Envoy's certificate names
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Iterator[Plane]:
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+    from sidecar.demo_models import build_models
+
+    work = tmp_path_factory.mktemp("grpc-e2e")
+    build_models(work / "models", include_mlp=False)
+    ports = {"control": free_port(), "shadow": free_port()}
+
+    def sidecar(variant: str, grpc_port: int) -> SidecarConfig:
+        return SidecarConfig(
+            model_path=str(work / "models" / "tabular-control.onnx"),
+            name="tabular",
+            port=free_port(),
+            grpc_port=grpc_port,
+            variant=variant,
+            intra_op_threads=1,
+        )
+
+    policy_file = work / "policy.yaml"
+    policy_file.write_text(POLICY.format(jwks=certs.jwks, host=HOST, **ports))
+    sock = work / "run" / "processor.sock"
+    gateway = GatewayProcess(policy_file, sock, "grpc", work)
+    with (
+        sidecar_in_thread(sidecar("control", ports["control"])) as control,
+        sidecar_in_thread(sidecar("challenger", ports["shadow"])) as shadow,
+    ):
+        try:
+            gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
+            files = render(
+                load_policy(policy_file),
+                certs=certs,
+                out_dir=work / "envoy",
+                processor=ProcessorAddress(uds=str(sock)),
+                transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
+                listen_port=free_port(),
+                admin_port=free_port(),
+            )
+            with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
+                yield Plane(envoy.listen_port, certs, control, shadow, work / "models")
+        finally:
+            gateway.stop()
+
+
+def rows(n: int) -> np.ndarray:
+    return np.random.default_rng(n).normal(10, 5, (n, 30)).astype(np.float32)
+
+
+def infer(client: triton.InferenceServerClient, x: np.ndarray, token: str | None) -> triton.InferResult:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    headers = {"authorization": f"Bearer {token}"} if token is not None else None
+    return client.infer("tabular", [tensor], headers=headers, client_timeout=60)
+
+
+def served_requests(sidecar: ThreadedSidecar) -> float:
+    page = urllib.request.urlopen(sidecar.url + "/metrics", timeout=10).read().decode()
+    lines = [ln for ln in page.splitlines() if ln.startswith("cohortgate_sidecar_request_seconds_count")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_an_allowed_model_infer_gets_the_models_answer_and_is_mirrored(plane: Plane) -> None:
+    client = plane.client()
+    x = rows(5)
+    before = served_requests(plane.shadow)
+    result = infer(client, x, mint(plane.certs, "user-1"))
+    session = ort.InferenceSession(str(plane.models / "tabular-control.onnx"), providers=["CPUExecutionProvider"])
+    label, proba = session.run(None, {"input": x})
+    np.testing.assert_array_equal(result.as_numpy("label"), label)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), proba, rtol=1e-6)
+    # the shadow got its copy (mirrors are fire-and-forget: wait for it, generously)
+    deadline = time.monotonic() + 30
+    while served_requests(plane.shadow) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served_requests(plane.shadow) == before + 1
+    assert client.is_server_ready(headers={"authorization": f"Bearer {mint(plane.certs, 'user-1')}"})
+    client.close()
+
+
+DENIALS = [
+    # (name, client identity, authority, token kwargs or None for no token, gRPC status, phrase)
+    ("no token", "app-demo", HOST, None, "StatusCode.UNAUTHENTICATED", "no Authorization header"),
+    ("identity not allowed", "qa", HOST, {}, "StatusCode.PERMISSION_DENIED", "may not call route"),
+    ("missing scope", "app-demo", HOST, {"scopes": []}, "StatusCode.PERMISSION_DENIED", "scope"),
+    ("unknown host", "app-demo", "images.models.example.com", {}, "StatusCode.NOT_FOUND", "No route matches"),
+    ("outside residency", "app-demo", HOST, {"residency": "us"}, "StatusCode.FAILED_PRECONDITION", "region"),
+]
+
+
+@pytest.mark.parametrize(
+    ("who", "authority", "claims", "status", "phrase"), [d[1:] for d in DENIALS], ids=[d[0] for d in DENIALS]
+)
+def test_each_denial_is_its_grpc_status_with_the_processors_sentence(
+    plane: Plane, who: str, authority: str, claims: dict | None, status: str, phrase: str
+) -> None:
+    client = plane.client(who, authority)
+    token = mint(plane.certs, "user-2", **claims) if claims is not None else None
+    before = served_requests(plane.control)
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, rows(1), token)
+    assert info.value.status() == status
+    assert phrase in info.value.message(), info.value.message()
+    assert not info.value.message().startswith("{")  # a sentence, not a JSON body
+    assert served_requests(plane.control) == before  # nothing reached the model
+    client.close()
