@@ -16,6 +16,15 @@ per-request log), the ratio to Envoy alone in the same round, and CPU µs per re
 gateway process and of the front Envoy (``/proc/<pid>/stat`` utime+stime around each slot).
 
     python bench/bench_gateway.py                        # grpc, http, fast; c16 + c64; 3 rounds
+    python bench/bench_gateway.py --secured              # the secured path, workers 1 and 2 (below)
+
+``--secured`` measures the path production runs (issue 25): wrk (HTTP/1.1, a Lua script cycling
+through 2 000 distinct users' tokens) -> a client-side Envoy that presents the ``app-bench`` client
+certificate -> the rendered front Envoy, which *requires* it, -> the fast processor with an identity
+rule (``spiffe://TD/app-*``) and a scope rule, residency eu. Envoy alone (the same two Envoys, no
+ext_proc) and Envoy + gateway ``--workers N`` run at front Envoy ``--concurrency N`` for each N in
+``--workers`` (default 1,2), side by side, interleaved. The gateway's CPU is its processes' (parent
+and workers) utime+stime per request.
     python bench/bench_gateway.py --duration 5 --transports http --concurrency 64
 """
 
@@ -86,6 +95,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of ``pid`` and its live children (a gateway's parent and its workers)."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child))
+    return total
+
+
 # ------------------------------------------------------------------------------ the parts
 
 
@@ -151,12 +170,14 @@ def start_upstream(work: Path) -> tuple[EnvoyProcess, int]:
     return envoy, port
 
 
-def patch_bootstrap(path: Path, *, alone: bool) -> None:
-    """Client certificate optional (load generators cannot send one); ``alone``: no ext_proc at all."""
+def patch_bootstrap(path: Path, *, alone: bool, client_cert: bool = False) -> None:
+    """Client certificate optional unless ``client_cert`` (load generators cannot send one);
+    ``alone``: no ext_proc at all."""
     doc = yaml.safe_load(path.read_text())
     for listener in doc["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
-            chain["transport_socket"]["typed_config"]["require_client_certificate"] = False
+            if not client_cert:
+                chain["transport_socket"]["typed_config"]["require_client_certificate"] = False
             if not alone:
                 continue
             hcm = chain["filters"][0]["typed_config"]
@@ -171,20 +192,21 @@ def patch_bootstrap(path: Path, *, alone: bool) -> None:
 
 
 class Gateway:
-    def __init__(self, policy: Path, sock: Path, transport: str, server: str, work: Path) -> None:
+    def __init__(self, policy: Path, sock: Path, transport: str, server: str, work: Path, workers: int = 1) -> None:
+        tag = f"{transport}-{server}-w{workers}"
         self.cmd = [
             sys.executable, "-m", "cohortgate.cli", "gateway", "--policy", str(policy),
             "--transport", transport, "--grpc-server", server, "--listen", f"uds:{sock}",
-            "--audit-log", str(work / f"audit-{transport}-{server}.jsonl"),
+            "--audit-log", str(work / f"audit-{tag}.jsonl"), "--workers", str(workers),
         ]  # fmt: skip
-        self.log = work / f"gateway-{transport}-{server}.log"
+        self.log = work / f"gateway-{tag}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Gateway:
         env = {**os.environ, "COHORTGATE_UNIT_SALT": "bench", "PYTHONPATH": str(ROOT)}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180  # workers import the gateway on a busy machine
         while b"gateway ready" not in self.log.read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not start:\n{self.log.read_text()[-3000:]}")
@@ -346,7 +368,12 @@ def main() -> int:
         action="store_true",
         help="add Envoy alone without the body limit and the Authorization filter, to measure their cost",
     )
+    parser.add_argument("--secured", action="store_true", help="the secured path: see the module doc")
+    parser.add_argument("--workers", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2])
+    parser.add_argument("--users", type=int, default=2000, help="distinct users' tokens (--secured; default 2000)")
     args = parser.parse_args()
+    if args.secured:
+        return secured_main(args)
     if shutil.which("h2load") is None:
         print("h2load is not on PATH (apt-get install nghttp2-client)", file=sys.stderr)
         return 2
@@ -454,6 +481,253 @@ def report(results: list[Result], args: argparse.Namespace) -> int:
         print(f"bar fast: p99 at c{low} no worse than grpcio's: {fast['p99_ms'][0]:.2f} ms vs "
               f"{grpcio['p99_ms'][0]:.2f} ms -> {'PASS' if passed else 'FAIL'}")  # fmt: skip
     return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------ the secured path (--secured)
+
+SECURED_AUTH = """    auth:
+      identities: ["spiffe://{td}/app-*"]
+      scopes: [predict]
+"""
+WRK_SCRIPT = """
+local tokens = {{}}
+for line in io.lines("{tokens}") do tokens[#tokens + 1] = line end
+local i = math.random(#tokens)
+local body = '{body}'
+request = function()
+  i = i % #tokens + 1
+  return wrk.format("POST", "{path}", {{["content-type"] = "application/json",
+    ["authorization"] = "Bearer " .. tokens[i]}}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %f %f\\n", summary.requests,
+    e.connect + e.read + e.write + e.timeout, e.status, summary.duration,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def client_envoy(front_port: int, certs: pki.CertPaths, name: str, work: Path, concurrency: int) -> EnvoyProcess:
+    """A client-side Envoy: plaintext HTTP/1.1 in (from wrk), mTLS out with the app's certificate.
+
+    HTTP/1.1 upstream, so the front Envoy sees as many connections as wrk opens and balances them
+    over its workers (one HTTP/2 connection would pin one front worker)."""
+    cert, key = certs.clients["app-bench"]
+    port, admin = free_port(), work / f"client-{name}-admin.sock"
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                ],
+                "validation_context": {"trusted_ca": {"filename": str(certs.ca_cert)}},
+            },
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager",
+        "stat_prefix": "client",
+        "route_config": {
+            "virtual_hosts": [
+                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "front"}}]}
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    config = {
+        "admin": {"address": {"pipe": {"path": str(admin), "mode": 0o600}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "client",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "front",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "front",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": front_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                    "transport_socket": tls,
+                    "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_requests": 100000}]},
+                }
+            ],
+        },
+    }
+    path = work / f"client-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    files = EnvoyFiles(path, path, port, admin_port=None, admin_socket=admin)
+    envoy = EnvoyProcess(files, log_path=work / f"client-{name}.log", concurrency=concurrency)
+    envoy.__enter__()
+    return envoy
+
+
+def wrk(port: int, script: Path, concurrency: int, duration: float, threads: int) -> dict[str, Any]:
+    cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
+           "-s", str(script), f"http://127.0.0.1:{port}{PATH}"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            n, errors, status, duration_us, p50, p99 = line.split()[1:]
+            return {
+                "done": int(n),
+                "failed": int(errors),
+                "non_2xx": int(status),
+                "rps": int(n) / (int(duration_us) / 1e6),
+                "p50_ms": float(p50) / 1000,
+                "p99_ms": float(p99) / 1000,
+            }
+    raise RuntimeError(f"wrk failed: {run.stderr.strip() or run.stdout[-500:]}")
+
+
+@dataclass
+class SecuredSetup:
+    name: str
+    workers: int  # front Envoy --concurrency (and gateway workers when gateway_pid)
+    client: EnvoyProcess
+    front: EnvoyProcess
+    gateway_pid: int | None
+
+
+def secured_main(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        print("wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="cohortgate-bench-secured-"))
+    certs = pki.init_certs(work / "certs", clients=("app-bench",))
+    tokens = work / "tokens.txt"
+    tokens.write_text(
+        "\n".join(
+            pki.mint_token(
+                certs, f"user-{i:05d}", residency="eu" if i % 2 else "us", scopes=["predict"], ttl_s=24 * 3600
+            )
+            for i in range(args.users)
+        )
+        + "\n"
+    )
+    script = work / "wrk.lua"
+    script.write_text(WRK_SCRIPT.format(tokens=tokens, body=BODY.decode(), path=PATH))
+    load = os.getloadavg()
+    print(f"cohortgate gateway benchmark, secured path: {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {args.rounds} rounds x {args.duration:g}s slots")  # fmt: skip
+    print(
+        f"load: wrk -t {args.h2load_threads} (HTTP/1.1) cycling {args.users} users' tokens (eu and us) -> client-side"
+    )
+    print("      Envoy presenting app-bench's certificate -> front Envoy requiring it (mTLS) -> fast processor")
+    print("      with an identity rule and a scope rule; audit log on; upstream: a static direct_response Envoy.")
+    print("      Envoy alone: the same two Envoys without ext_proc. Front Envoy --concurrency = gateway workers.")
+    upstream, upstream_port = start_upstream(work)
+    text = POLICY.format(jwks=certs.jwks, port=upstream_port)
+    text = text.replace("    cohorts:", SECURED_AUTH.format(td=certs.trust_domain) + "    cohorts:")
+    text = text.replace("default_region: eu}", "allowed_regions: [eu, us], default_region: eu}")
+    us = f'{{url: "http://127.0.0.1:{upstream_port}", region: us}}'
+    text = text.replace("region: eu}]}", f"region: eu}}, {us}]}}")  # eu users go to eu, us users to us
+    policy_path = work / "policy.yaml"
+    policy_path.write_text(text)
+    load_policy(policy_path)
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(upstream.stop)
+        if not args.keep:
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
+        setups: list[SecuredSetup] = []
+        for n in args.workers:
+            for alone in (True, False):
+                name = f"envoy-alone-c{n}" if alone else f"gateway-w{n}"
+                sock = work / f"run-{name}" / "processor.sock"
+                pid = None
+                if not alone:
+                    gateway = stack.enter_context(Gateway(policy_path, sock, "grpc", "fast", work, workers=n))
+                    assert gateway.proc is not None
+                    pid = gateway.proc.pid
+                out = work / f"envoy-{name}"
+                files = render(
+                    load_policy(policy_path), certs=certs, out_dir=out,
+                    processor=ProcessorAddress(uds=str(sock), workers=n), transport="grpc",
+                    listen_port=free_port(), admin_socket=out / "admin.sock",
+                )  # fmt: skip
+                patch_bootstrap(files.bootstrap, alone=alone, client_cert=True)
+                front = EnvoyProcess(files, log_path=out / "envoy.log", concurrency=n)
+                front.__enter__()
+                stack.callback(front.stop)
+                client = client_envoy(front.listen_port, certs, name, work, concurrency=n)
+                stack.callback(client.stop)
+                setups.append(SecuredSetup(name, n, client, front, pid))
+        for setup in setups:  # warm: every user's token verified once, connection pools open
+            wrk(setup.client.listen_port, script, 16, max(args.warmup, 2.0), args.h2load_threads)
+        for round_ in range(1, args.rounds + 1):
+            for concurrency in args.concurrency:
+                for setup in setups:
+                    results.append(measure_secured(setup, concurrency, round_, script, args))
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    alone = {(r.setup.split("-c")[-1], r.concurrency, r.round): r.rps for r in results if r.setup.startswith("envoy")}
+    for r in results:
+        if r.setup.startswith("gateway-w"):
+            base = alone.get((r.setup.removeprefix("gateway-w"), r.concurrency, r.round))
+            r.ratio = r.rps / base if base else None
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    report(results, args)
+    for concurrency in args.concurrency:
+        by = {
+            w: statistics.median(r.rps for r in results if r.setup == f"gateway-w{w}" and r.concurrency == concurrency)
+            for w in args.workers
+        }
+        if 1 in by and len(by) > 1:
+            print(f"c{concurrency} scaling (gateway req/s vs 1 worker): "
+                  + ", ".join(f"{w} workers x{v / by[1]:.2f}" for w, v in by.items()))  # fmt: skip
+    return 0
+
+
+def measure_secured(
+    setup: SecuredSetup, concurrency: int, round_: int, script: Path, args: argparse.Namespace
+) -> Result:
+    gw0 = tree_cpu_seconds(setup.gateway_pid) if setup.gateway_pid else 0.0
+    ev0 = cpu_seconds(setup.front.pid)  # type: ignore[arg-type]
+    stats = wrk(setup.client.listen_port, script, concurrency, args.duration, args.h2load_threads)
+    gw1 = tree_cpu_seconds(setup.gateway_pid) if setup.gateway_pid else 0.0
+    ev1 = cpu_seconds(setup.front.pid)  # type: ignore[arg-type]
+    done = max(1, stats["done"])
+    r = Result(
+        setup=setup.name, concurrency=concurrency, round=round_, rps=stats["rps"], requests=stats["done"],
+        failed=stats["failed"], non_2xx=stats["non_2xx"], p50_ms=stats["p50_ms"], p99_ms=stats["p99_ms"],
+        gateway_cpu_us=(gw1 - gw0) / done * 1e6 if setup.gateway_pid else None, envoy_cpu_us=(ev1 - ev0) / done * 1e6,
+    )  # fmt: skip
+    print(f"  round {round_} {setup.name:<16} c{concurrency:<3} {r.rps:>7.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+          f"p99 {r.p99_ms:6.2f} ms" + (f"  gateway {r.gateway_cpu_us:6.1f} µs/req" if setup.gateway_pid else "")
+          + (f"  ERRORS {r.failed} failed, {r.non_2xx} non-2xx" if r.failed or r.non_2xx else ""),
+          flush=True)  # fmt: skip
+    return r
 
 
 if __name__ == "__main__":
