@@ -8,7 +8,7 @@
     POST /actions/promote         bearer     {"route": R, "variant": V}
     POST /actions/resume          bearer     {"route": R}
     POST /reports                 bearer     sidecar shadow reports: a JSON list (or one object)
-    POST /quality                 bearer     sidecar quality reports (drift sketches; controller/quality.py)
+    POST /reports/quality         bearer     sidecar quality reports (drift sketches; controller/quality.py)
     POST /outcomes                bearer|gw  client outcomes with exposure tokens (controller/outcomes_api.py)
     GET  /outcomes?route=R        bearer     the outcome ledger's lift per metric and challenger
     GET  /openapi.json            no auth    this API's OpenAPI 3.1 document (controller/openapi.py)
@@ -37,6 +37,7 @@ from cohortgate.controller import outcomes_api
 from cohortgate.controller.loop import Controller
 from cohortgate.controller.openapi import OPENAPI_PATH
 from cohortgate.controller.openapi import build as build_openapi
+from cohortgate.core.contract import QUALITY_REPORTS_PATH
 from cohortgate.core.rollout import InvalidTransition, Signal
 from cohortgate.core.sketch import QualityReport
 from cohortgate.store.events import Event, EventSink
@@ -286,7 +287,7 @@ def make_app(controller: Controller, token: str, sink: EventSink) -> web.Applica
     app.router.add_post("/actions/promote", action_handler(Signal.PROMOTE, True))
     app.router.add_post("/actions/resume", action_handler(Signal.RESUME, False))
     app.router.add_post("/reports", _reports)
-    app.router.add_post("/quality", _quality)
+    app.router.add_post(QUALITY_REPORTS_PATH, _quality)
     app.router.add_get(OPENAPI_PATH, _openapi)
     outcomes_api.register(app, controller)  # POST/GET /outcomes: the outcome ledger (controller/outcomes_api.py)
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from cohortgate import __version__
-from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH
+from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH, QUALITY_REPORTS_PATH
 
 OPENAPI_PATH = "/openapi.json"
 #: (method, path) of every operation; the paths ``make_app`` registers, plus this document.
@@ -25,7 +25,7 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("POST", "/actions/promote"),
     ("POST", "/actions/resume"),
     ("POST", "/reports"),
-    ("POST", "/quality"),
+    ("POST", QUALITY_REPORTS_PATH),
     ("POST", OUTCOMES_PATH),
     ("GET", OUTCOMES_PATH),
     ("GET", OPENAPI_PATH),
@@ -445,7 +445,7 @@ def build() -> dict[str, Any]:
                 },
             }
         },
-        "/quality": {
+        QUALITY_REPORTS_PATH: {
             "post": {
                 "operationId": "quality",
                 "summary": "Sidecar quality reports: drift sketches per window (loopback only; docs/quality.md).",

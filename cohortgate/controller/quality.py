@@ -1,10 +1,11 @@
 """Model-quality guardrails (issue 20): drift, segments, disparate impact, drift-aware switching.
 
 The loop hands this module what it sees -- each request's segment label from the access log
-(`add_request`), each sidecar's `QualityReport` (`add_report`, via ``POST /quality``) -- and, once
-per interval, asks it for verdicts (`verdicts`). The statistics are pure (`cohortgate.core.drift`,
-`cohortgate.core.fairness`); this module only keeps the windows and decides which signal a result
-is. A route's ``quality.alpha`` is split (Bonferroni) so that a challenger no worse than control
+(`add_request`), each sidecar's `QualityReport` (`add_report`, via ``POST /reports/quality``,
+`contract.QUALITY_REPORTS_PATH`) -- and, once per interval, asks it for verdicts (`verdicts`). The
+statistics are pure (`cohortgate.core.drift`, `cohortgate.core.fairness`); this module only keeps
+the windows and decides which signal a result is. A route's ``quality.alpha`` is split
+(Bonferroni) so that a challenger no worse than control
 anywhere is rolled back with probability at most ``alpha`` over the whole experiment::
 
     segment harm tests   alpha/2   over 2 metrics (errors, slow requests) x every segment value

@@ -53,7 +53,7 @@ WRITES = {
     "/actions/resume": {"route": "tabular"},
     "/reports": [REPORT],
     # a well-formed quality report for a route without a quality block: counted as rejected (202)
-    "/quality": [{"model": "tabular", "variant": "canary", "window_start": 0.0, "window_end": 1.0}],
+    "/reports/quality": [{"model": "tabular", "variant": "canary", "window_start": 0.0, "window_end": 1.0}],
     # a well-formed exposure token under no key: the handler refuses it as forged (403)
     "/outcomes": {"exposure": "1.tabular.canary.ab.5f5e100.AAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA", "metric": "c", "value": 1},
 }
@@ -92,7 +92,7 @@ async def test_every_write_endpoint_refuses_a_missing_or_wrong_token_and_does_no
     # the same request with the token reaches its handler, so the refusals above were the token's doing
     resp = await api.post(path, json=WRITES[path], headers=AUTH)
     # resume: nothing is halted; quality: the report names no route with a quality block (rejected, counted)
-    expected = {"/reports": 202, "/quality": 202, "/actions/resume": 409, "/outcomes": 403}.get(path, 200)
+    expected = {"/reports": 202, "/reports/quality": 202, "/actions/resume": 409, "/outcomes": 403}.get(path, 200)
     assert resp.status == expected, await resp.text()
 
 
