@@ -220,7 +220,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
 
     from aiohttp import web
 
-    from cohortgate.controller.als import route_by_path, serve_als
+    from cohortgate.controller.als import route_by_path, routes_with_metrics, serve_als
     from cohortgate.controller.api import load_or_create_token, make_app
     from cohortgate.controller.archive import archive_dir
     from cohortgate.controller.gating import OutcomeGate
@@ -304,6 +304,7 @@ async def serve(args: argparse.Namespace, policy: Any) -> int:
                 gw_metrics,
                 on_denied=recorder.observe_denial if recorder is not None else None,
                 route_of=route_by_path(lambda: controller.policy),  # denials are counted by route, never by header
+                measured=routes_with_metrics(lambda: controller.policy),  # exposures: outcome denominators
             )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -8,6 +8,9 @@ the upstream timings, the request id, the upstream cluster and the headers the p
 (hashed unit, region), which Envoy logs through ``additional_request_headers_to_log``, and the
 sidecar's ``x-cohortgate-model-digest`` response header (``additional_response_headers_to_log``): the
 artifact that actually answered, which the controller compares with the routed one (provenance.py).
+On routes that declare outcome metrics (``measured``) the processor's ``x-cohortgate-exposure`` is kept
+too, on entries a backend answered: the controller verifies it and counts the unit as exposed, so a
+unit that never reports an outcome is a zero in the metric's denominator (issue 19).
 
 **Attribution comes only from what a client cannot set** (issue 17.2). The route and variant of an
 outcome are Envoy's upstream cluster (``cg.ROUTE.VARIANT.N``): the router sets it only after the
@@ -38,6 +41,7 @@ from typing import Any
 
 from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
+    HEADER_EXPOSURE,
     HEADER_MODEL_DIGEST,
     HEADER_REGION,
     HEADER_SEGMENT,
@@ -60,6 +64,7 @@ def _ms(duration: Any) -> float:
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what a sidecar sends; anything else is not kept
+_TOKEN = re.compile(r"[0-9A-Za-z._-]{1,512}")  # an exposure token's alphabet (core.exposure verifies it)
 
 RouteOf = Callable[[str, str], str]
 """``route_of(method, path)``: the name of the policy route a request matches, or ``""``."""
@@ -75,13 +80,28 @@ def route_by_path(policy: Callable[[], Policy]) -> RouteOf:
     return route_of
 
 
-def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
+Measured = Callable[[str], bool]
+"""``measured(route)``: whether the route declares outcome metrics (its entries keep their exposure token)."""
+
+
+def routes_with_metrics(policy: Callable[[], Policy]) -> Measured:
+    """A `Measured` over the current policy (read per call, like `route_by_path`)."""
+
+    def measured(route: str) -> bool:
+        found = policy().by_name.get(route)
+        return found is not None and bool(found.metrics)
+
+    return measured
+
+
+def event_from_entry(entry: Any, route_of: RouteOf | None = None, measured: Measured | None = None) -> Event:
     """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` -> an `Event`.
 
     Route, variant and the backend's index N come from the upstream cluster only; without one (the
     request never reached a backend the processor chose) the variant, unit, region and shadow mark
     are empty, the backend is -1 and the route is ``route_of(method, path)`` (empty without
-    ``route_of``).
+    ``route_of``). The exposure token is kept only when ``measured(route)`` and the backend answered
+    (Envoy received its last byte), never on a mirrored copy.
     """
     common = entry.common_properties
     request = entry.request
@@ -94,9 +114,14 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         backend = cluster_index(common.upstream_cluster)
         served = entry.response.response_headers.get(HEADER_MODEL_DIGEST, "")  # the backend's answer
         model_digest = served if _DIGEST.fullmatch(served) else ""
+        exposure = ""
+        if measured is not None and not shadow_of and common.HasField("time_to_last_upstream_rx_byte"):
+            token = headers.get(HEADER_EXPOSURE, "")
+            if token and _TOKEN.fullmatch(token) and measured(route):
+                exposure = token
     else:
         backend = None
-        variant = unit = region = shadow_of = segment = model_digest = ""
+        variant = unit = region = shadow_of = segment = model_digest = exposure = ""
         route = ""
         if route_of is not None and request.path:
             method = request.DESCRIPTOR.fields_by_name["request_method"].enum_type.values_by_number.get(
@@ -124,6 +149,7 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None) -> Event:
         segment=segment,
         backend=-1 if backend is None else backend,
         model_digest=model_digest,
+        exposure=exposure,
     )
 
 
@@ -136,11 +162,13 @@ class AccessLogReceiver:
         metrics: TrafficMetrics | None = None,
         on_denied: Callable[[Event], None] | None = None,
         route_of: RouteOf | None = None,
+        measured: Measured | None = None,
     ) -> None:
         self.sink = sink
         self.metrics = metrics
         self.on_denied = on_denied
         self.route_of = route_of
+        self.measured = measured
         self.entries = 0
         self.emitted = 0
         self.streams = 0
@@ -150,7 +178,7 @@ class AccessLogReceiver:
         for entry in message.http_logs.log_entry:
             self.entries += 1
             try:
-                event = event_from_entry(entry, self.route_of)
+                event = event_from_entry(entry, self.route_of, self.measured)
             except (ValueError, AttributeError) as exc:  # a malformed entry never ends the stream
                 throttled.warning("skipping an access-log entry: %s", exc)
                 continue
@@ -208,6 +236,7 @@ async def serve_als(
     metrics: TrafficMetrics | None = None,
     on_denied: Callable[[Event], None] | None = None,
     route_of: RouteOf | None = None,
+    measured: Measured | None = None,
 ) -> tuple[Any, AccessLogReceiver]:
     """Start a grpc.aio server with the receiver on ``address``; returns ``(server, receiver)``.
 
@@ -220,7 +249,7 @@ async def serve_als(
     if target.startswith("unix:"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target[len("unix:") :])
-    receiver = AccessLogReceiver(sink, metrics, on_denied, route_of)
+    receiver = AccessLogReceiver(sink, metrics, on_denied, route_of, measured)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)  # type: ignore[arg-type]
     uds = target[len("unix:") :] if target.startswith("unix:") else None

@@ -304,6 +304,8 @@ class Controller:
                 b[4].append(regions is None or not e.region or e.region in regions)
                 b[5].append(e.backend)
                 self.quality.add_request(e)
+                if e.exposure:  # a route with metrics: the unit counts as exposed, converting or not (issue 19)
+                    self.outcomes.ledger.expose(e.exposure, e.route, e.variant, e.unit, e.request_id, now)
                 if e.model_digest and (served := self.models.add(e, now)) is not None:
                     self.pending_audit.append({**served, "actor": f"controller:{self.name}"})  # a new digest
             elif e.kind == REPORT:

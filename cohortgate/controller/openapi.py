@@ -299,6 +299,13 @@ def outcome_operations() -> dict[str, Any]:
                         "properties": {
                             "results": {"type": "array", "items": {"type": "object"}},
                             "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                            "exposures": {
+                                "type": "object",
+                                "description": "The access log's exposures (every answered request of a route "
+                                "with metrics) by status: accepted, duplicate, or dropped (forged, expired, "
+                                "not_yet_valid, malformed, mismatch, unmeasured).",
+                                "additionalProperties": {"type": "integer"},
+                            },
                             "window_s": {"type": "number"},
                             "design": {
                                 "type": "object",

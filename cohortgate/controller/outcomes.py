@@ -2,10 +2,14 @@
 
 Three things come in, each a plain dict (one JSON line of the journal, one item of a batch):
 
-* ``{"kind": "exposure", "route", "variant", "unit", "t", "request_id"?, "segment"?}`` -- a response was
-  served (from the access log; the exposure token proves it too, so this feed is optional for
-  token outcomes but needed for imports by request id and for units that never report anything:
-  a unit exposed without converting is a zero, not a missing row);
+* ``{"kind": "exposure", "route", "variant", "unit", "t", "request_id"?, "eid"?, "segment"?}`` -- a
+  response was served (the exposure token proves it too, so this feed is optional for token
+  outcomes but needed for imports by request id and for units that never report anything: a unit
+  exposed without converting is a zero, not a missing row). The controller feeds one per answered
+  request of a route with metrics through `OutcomeLedger.expose`: the token Envoy's access log
+  carries, verified like an outcome's (a forged one, or one naming another route, variant or unit
+  than the entry, is counted and dropped); journaled with ``"source": "access_log"`` and counted
+  apart (``exposure_counts``), so the outcome counts stay the clients' own;
 * ``{"kind": "outcome", "metric", "value", "exposure": TOKEN | "request_id": ID, "t"?}`` -- a
   client's outcome (token) or a late label / warehouse row (request id);
 * ``{"kind": "covariate", "route", "unit", "name", "value"}`` -- a unit's pre-exposure value
@@ -63,6 +67,10 @@ UNKNOWN_METRIC = "unknown_metric"
 UNKNOWN_REQUEST = "unknown_request"
 BAD_RECORD = "bad_record"
 EXPIRED = "expired"
+# ... and the access-log feed's (`OutcomeLedger.expose`), besides accepted, duplicate and the token refusals
+MISMATCH = "mismatch"  # the token names another route, variant or unit than the access-log entry
+UNMEASURED = "unmeasured"  # the route declares no metric (the parser should not have kept the token)
+FROM_ACCESS_LOG = "access_log"  # an exposure record's ``source`` when the access log fed it
 
 
 def keys_from_env(environ: Mapping[str, str] = os.environ) -> tuple[bytes, ...] | None:
@@ -170,6 +178,7 @@ class OutcomeLedger:
         self.alpha = alpha
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.exposure_counts: Counter[str] = Counter()  # the access-log feed's statuses (`expose`)
         self._arms: dict[str, dict[str, _Arm]] = {}
         self._seen_exposures: set[tuple[str, str, str, str]] = set()
         self._seen_outcomes: set[tuple[tuple[str, str, str, str], str]] = set()
@@ -207,7 +216,8 @@ class OutcomeLedger:
                 status = BAD_RECORD
         except (KeyError, TypeError, ValueError):
             status = BAD_RECORD
-        self.counts[status] += 1
+        feed = kind == "exposure" and record.get("source") == FROM_ACCESS_LOG
+        (self.exposure_counts if feed else self.counts)[status] += 1
         if journal and status == ACCEPTED:
             self.unjournaled.append(dict(record))
         return status
@@ -215,6 +225,32 @@ class OutcomeLedger:
     def ingest_many(self, records: Iterable[Mapping[str, Any]], journal: bool = True) -> Counter[str]:
         """A batch: how many records got each status."""
         return Counter(self.ingest(r, journal) for r in records)
+
+    def expose(self, token: str, route: str, variant: str, unit: str, request_id: str, now: float) -> str:
+        """One answered request from Envoy's access log: its unit counts as exposed (a zero until it
+        reports). ``route``, ``variant`` (Envoy's upstream cluster) and ``unit`` are the entry's; the
+        token must be genuine, fresh and name the same three, else it is counted and dropped: it came
+        from request headers the processor set, but nothing unverified reaches a denominator."""
+        if route not in self.metrics:
+            status = UNMEASURED
+        else:
+            try:
+                exp = verify(token, self.keys, now, self.window_s)
+            except ExposureRefused as exc:
+                status = exc.code
+            else:
+                if (exp.route, exp.variant, exp.unit) != (route, variant, unit):
+                    status = MISMATCH
+                else:
+                    record = {"kind": "exposure", "source": FROM_ACCESS_LOG, "route": route, "variant": variant}
+                    record.update(unit=unit, t=float(exp.issued_at), eid=exp.eid)
+                    if request_id:
+                        record["request_id"] = request_id  # labels and imports by request id meet it
+                    if exp.segment:
+                        record["segment"] = exp.segment
+                    return self.ingest(record)  # counted in exposure_counts, journaled when accepted
+        self.exposure_counts[status] += 1
+        return status
 
     def _arm(self, route: str, variant: str) -> _Arm:
         arms = self._arms.get(route)
@@ -236,7 +272,8 @@ class OutcomeLedger:
     def _expose(self, r: Mapping[str, Any]) -> str:
         rid = r.get("request_id")
         t = float(r["t"])
-        eid = exposure_id(str(rid)) if rid else str(r.get("eid") or f"t{t!r}")
+        # the token's own eid when the access log fed it; else the request id's (what the gateway mints)
+        eid = str(r.get("eid") or (exposure_id(str(rid)) if rid else f"t{t!r}"))
         exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(t), eid, str(r.get("segment") or ""))
         if rid:
             self._requests[str(rid)] = (exp, t)

@@ -18,7 +18,8 @@ controller's clock, so a client cannot move a stale token back into its attribut
 Bodies: one ``{"exposure", "metric", "value"}`` (answered with its status: 202 accepted, 200
 duplicate, 4xx with the refusal's code), or a batch -- a list of them or ``{"outcomes": [...]}`` --
 answered 202 with each item's status and the counts. ``GET /outcomes?route=R`` (admin token): the
-ledger's lift per metric and challenger (one look) and the counts by status.
+ledger's lift per metric and challenger (one look), the outcomes' counts by status and the access
+log's exposures' (``exposures``).
 """
 
 from __future__ import annotations
@@ -308,6 +309,9 @@ async def _get(request: web.Request) -> web.Response:
         {
             "results": results,
             "counts": dict(ledger.counts),
+            # the access log's exposures (every answered request of a route with metrics): accepted,
+            # duplicate, and the refusals (forged, expired, mismatch...) counted and dropped
+            "exposures": dict(ledger.exposure_counts),
             "window_s": ledger.window_s,
             # added for the report and the dashboard: the design and the lift over time, per route
             "design": {

@@ -20,7 +20,7 @@ HEADER_UNIT: Final = "x-cohortgate-unit"  # keyed hash of the cohort unit, never
 HEADER_REGION: Final = "x-cohortgate-region"
 HEADER_SHADOW_OF: Final = "x-cohortgate-shadow-of"  # set on mirrored copies only: the primary's variant
 HEADER_SERVED_BY: Final = "x-cohortgate-served-by"  # the sidecar's response header: which variant answered
-HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # response header: the signed exposure token (core.exposure)
+HEADER_EXPOSURE: Final = "x-cohortgate-exposure"  # the signed exposure token (core.exposure): request, response, log
 HEADER_ASSIGNMENT: Final = "x-cohortgate-assignment"  # bandit routes: the signed sticky arm (core.sticky), echoed
 HEADER_OUTCOMES: Final = "x-cohortgate-outcomes"  # set on outcomes routes: Envoy rewrites the path to OUTCOMES_PATH
 OUTCOMES_PATH: Final = "/outcomes"  # the controller API's outcome ingest (an outcomes route's backend)
@@ -52,6 +52,9 @@ ACCESS_LOG_HEADERS: Final = (
     HEADER_SHADOW_OF,
     *HEADER_SHADOWS,
     HEADER_SEGMENT,
+    # the processor's exposure token: the controller counts the unit exposed on a route with metrics, so a
+    # unit that never reports an outcome is a zero in the denominator (kept only on entries a backend answered)
+    HEADER_EXPOSURE,
 )
 # The sidecar's response headers Envoy logs too (``additional_response_headers_to_log``): which artifact
 # answered, so the controller can compare it with the one the processor routed to (trusted only on an
@@ -74,6 +77,7 @@ def worker_socket(base: str, index: int, workers: int) -> str:
     """Where processor worker ``index`` of ``workers`` listens when the gateway is told ``uds:BASE``:
     ``BASE`` itself for one worker, else ``BASE.wINDEX`` (Envoy's processor cluster has one endpoint each)."""
     return base if workers == 1 else f"{base}.w{index}"
+
 
 # -- Envoy cluster names ---------------------------------------------------------------------------
 CLUSTER_PREFIX: Final = "cg"

@@ -8,8 +8,10 @@ An `Event` is one of two kinds:
 * ``report``  -- a model sidecar's own report on a response it produced (request id, variant,
   model, status, latency, output digest), used to compare shadows with their primary.
 
-Never payloads, tokens or raw user ids: the unit arrives already hashed by the processor
-(`gateway.extproc.hash_unit`, HMAC under a secret salt).
+Never payloads, credentials or raw user ids: the unit arrives already hashed by the processor
+(`gateway.extproc.hash_unit`, HMAC under a secret salt). A request on a route with outcome metrics
+carries its exposure token (route, variant, hashed unit, time, MAC: no secret in it), which the
+controller verifies before it counts the unit as exposed.
 
 Sinks (``emit`` never blocks and never raises; what cannot be carried is dropped and counted)::
 
@@ -77,6 +79,7 @@ class Event:
     segment: str = ""  # request: the processor's segment label (``name=value;...``, declared values only)
     fallback: str = ""  # report: why the features' fallback served the request (sidecar/join.py); empty: joined
     model_digest: str = ""  # request: the sidecar's x-cohortgate-model-digest (the artifact that answered)
+    exposure: str = ""  # request on a route with metrics: the processor's exposure token (outcome denominators)
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry (empty ones left out)."""
@@ -98,6 +101,7 @@ class Event:
             "segment",
             "fallback",
             "model_digest",
+            "exposure",
         ):
             value = getattr(self, name)
             if value:
@@ -126,6 +130,7 @@ class Event:
             segment=fields.get("segment", ""),
             fallback=fields.get("fallback", ""),
             model_digest=fields.get("model_digest", ""),
+            exposure=fields.get("exposure", ""),
             backend=int(b) if (b := fields.get("backend", "")).isascii() and b.isdigit() else -1,
         )
 

@@ -374,6 +374,7 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
         "x-cohortgate-shadow-of",
         *(f"x-cohortgate-shadow-{i}" for i in range(4)),  # shadow copies are counted from these
         "x-cohortgate-segment",  # quality segments (declared values only): per-segment guardrails
+        "x-cohortgate-exposure",  # outcome metrics: every served unit is in the denominator (issue 19)
     ]
     # the sidecar's answer names the artifact that served: the controller compares it with the routed one
     assert als["additional_response_headers_to_log"] == ["x-cohortgate-model-digest"]
