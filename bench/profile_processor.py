@@ -1,0 +1,162 @@
+"""The processor's CPU per fully decided request on the secured path, in-process (issue 25).
+
+What one request costs the processor with the transport left out: decode Envoy's request-headers
+message (bytes, as the fast HTTP/2 server receives it), `StreamProcessor.handle`, encode the answer.
+The messages are shaped like the front Envoy's on the secured path: a client certificate's URI SAN
+and subject, ``connection.mtls``, ``source.address``, ``request.id``, the headers a client and Envoy
+send, and one of ``--users`` distinct users' bearer tokens (eu and us), cycled; the policy has an
+identity rule, a scope rule, residency eu/us and the audit trail on (to a file). Every token is
+verified once before timing, as a warm gateway has them cached.
+
+Reported: µs per request, median (min-max) of ``--repeats`` timed passes over every user, and with
+``--profile`` the top functions by own time from cProfile (one more pass).
+
+    python bench/profile_processor.py                  # 2 000 users, 5 passes
+    python bench/profile_processor.py --profile        # and where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cohortgate.deploy import pki  # noqa: E402
+
+POLICY = """
+version: 1
+jwt:
+  issuer: https://auth.cohortgate.local
+  audience: cohortgate
+  algorithms: [ES256]
+  jwks: {jwks}
+response_headers: true
+routes:
+  - name: bench
+    match: {{model: bench, methods: [POST]}}
+    auth:
+      identities: ["spiffe://{td}/app-*"]
+      scopes: [predict]
+    cohorts: {{unit: {{claim: sub}}, salt: bench}}
+    residency: {{source: {{claim: residency}}, allowed_regions: [eu, us], default_region: eu}}
+    variants:
+      - {{name: control, weight: 90, backends: [{{url: "http://127.0.0.1:9001", region: eu}},
+                                                {{url: "http://127.0.0.1:9002", region: us}}]}}
+      - {{name: canary, weight: 10, backends: [{{url: "http://127.0.0.1:9003", region: eu}},
+                                               {{url: "http://127.0.0.1:9004", region: us}}]}}
+"""
+
+
+def envoy_message(token: str, td: str) -> bytes:
+    """A request-headers ProcessingRequest as the rendered front Envoy sends it on the secured path."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from google.protobuf import struct_pb2
+
+    from cohortgate.deploy.envoy import REQUEST_ATTRIBUTES
+
+    req = pb.ProcessingRequest()
+    rid = str(uuid.uuid4())
+    for key, value in [
+        (":authority", "localhost:8443"),
+        (":path", "/v2/models/bench/infer"),
+        (":method", "POST"),
+        (":scheme", "https"),
+        ("content-type", "application/json"),
+        ("content-length", "74"),
+        ("authorization", f"Bearer {token}"),
+        ("user-agent", "wrk"),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", rid),
+        ("x-envoy-expected-rq-timeout-ms", "15000"),
+    ]:
+        h = req.request_headers.headers.headers.add()
+        h.key = key
+        h.raw_value = value.encode()
+    req.request_headers.end_of_stream = False
+    attrs = struct_pb2.Struct()
+    values = {
+        "connection.uri_san_peer_certificate": f"spiffe://{td}/app-bench",
+        "connection.subject_peer_certificate": "CN=app-bench,O=cohortgate",
+        "connection.mtls": True,
+        "source.address": "127.0.0.1:53412",
+        "request.id": rid,
+    }
+    assert set(values) == set(REQUEST_ATTRIBUTES)
+    attrs.update(values)
+    req.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
+    return req.SerializeToString()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile one more pass; print the top functions")
+    args = parser.parse_args()
+
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from cohortgate.core.policy import load_policy
+    from gateway.audit import AuditLog
+    from gateway.extproc import Processor, ProcessorSettings, hash_unit
+    from gateway.service import PolicyHolder, build_verifier
+
+    work = Path(tempfile.mkdtemp(prefix="cohortgate-profile-"))
+    certs = pki.init_certs(work / "certs", clients=("app-bench",))
+    policy_path = work / "policy.yaml"
+    policy_path.write_text(POLICY.format(jwks=certs.jwks, td=certs.trust_domain))
+    holder = PolicyHolder(load_policy(policy_path), policy_path)
+    salt = b"bench-salt"
+    audit = AuditLog.open(str(work / "audit.jsonl"), lambda sub: hash_unit(salt, sub))
+    engine = Processor(
+        holder,
+        build_verifier(holder.policy.jwt),
+        ProcessorSettings(unit_salt=salt, trust_domain=certs.trust_domain),
+        audit,
+    )
+    messages = [
+        envoy_message(
+            pki.mint_token(certs, f"user-{i:05d}", residency="eu" if i % 2 else "us", scopes=["predict"], ttl_s=3600),
+            certs.trust_domain,
+        )
+        for i in range(args.users)
+    ]
+    decode = pb.ProcessingRequest.FromString
+
+    def one_pass() -> None:
+        for raw in messages:
+            engine.new_processor().handle(decode(raw)).SerializeToString()  # type: ignore[union-attr]
+
+    one_pass()  # every token verified and cached, every unit hashed: a warm gateway
+    allowed = engine.stats.allowed
+    assert allowed == args.users, f"only {allowed} of {args.users} allowed: {dict(engine.stats.denied)}"
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter_ns()
+        one_pass()
+        times.append((time.perf_counter_ns() - t0) / len(messages) / 1000)
+    print(f"processor, secured path, {args.users} users, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}: {statistics.median(times):.1f} µs per decided request "
+          f"(min {min(times):.1f}, max {max(times):.1f}, {args.repeats} passes)")  # fmt: skip
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        one_pass()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    audit.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
