@@ -129,7 +129,7 @@ def sum_expositions(texts: Sequence[str], parent: str = "") -> bytes:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Static())  # type: ignore[arg-type]
+    registry.register(_Static())
     return generate_latest(registry)
 
 
