@@ -98,7 +98,7 @@ class ControllerProc:
     def token(self) -> str:
         return self.token_file.read_text().strip()
 
-    def start(self, timeout_s: float = 20.0) -> ControllerProc:
+    def start(self, timeout_s: float = 120.0) -> ControllerProc:  # a loaded 2-core CI box: imports alone took 17 s
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.work, env=env)

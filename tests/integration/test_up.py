@@ -184,7 +184,9 @@ def test_up_serves_the_example_policy_and_stops_every_child(up_factory) -> None:
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )  # fmt: skip
     assert traffic.returncode == 0, traffic.stdout + traffic.stderr
-    assert "status    200:60" in traffic.stdout, traffic.stdout
+    # every answer a 200 (how many of the 60 planned a loaded machine sends in 1.5 s is not the point)
+    summary = re.search(r"^\s*status\s+(.*)$", traffic.stdout.split("total", 1)[-1], re.M)
+    assert summary is not None and re.fullmatch(r"200:\d+", summary.group(1).strip()), traffic.stdout
 
     # The gateway counted what it decided: the two requests without a token among them.
     with urllib.request.urlopen(metrics, timeout=5) as response:
