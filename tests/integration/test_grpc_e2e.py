@@ -53,6 +53,14 @@ routes:
       - {{name: control, weight: 100, backends: [{{url: "http://127.0.0.1:{control}", region: eu, protocol: grpc}}]}}
     shadows:
       - {{name: challenger, percent: 100, backends: [{{url: "http://127.0.0.1:{shadow}", region: eu, protocol: grpc}}]}}
+  - name: down-grpc
+    match: {{host: down.models.example.com}}
+    auth:
+      identities: ["spiffe://cohortgate.local/app-*"]
+    residency:
+      default_region: eu
+    variants:
+      - {{name: control, weight: 100, backends: [{{url: "http://127.0.0.1:{down}", region: eu, protocol: grpc}}]}}
 """
 
 
@@ -88,7 +96,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Ite
 
     work = tmp_path_factory.mktemp("grpc-e2e")
     build_models(work / "models", include_mlp=False)
-    ports = {"control": free_port(), "shadow": free_port()}
+    ports = {"control": free_port(), "shadow": free_port(), "down": free_port()}  # nothing listens on "down"
 
     def sidecar(variant: str, grpc_port: int) -> SidecarConfig:
         return SidecarConfig(
@@ -185,4 +193,14 @@ def test_each_denial_is_its_grpc_status_with_the_processors_sentence(
     assert phrase in info.value.message(), info.value.message()
     assert not info.value.message().startswith("{")  # a sentence, not a JSON body
     assert served_requests(plane.control) == before  # nothing reached the model
+    client.close()
+
+
+def test_a_backend_that_cannot_be_reached_is_unavailable(plane: Plane) -> None:
+    client = plane.client(authority="down.models.example.com")
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, rows(1), mint(plane.certs, "user-3"))
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    # Envoy's local-reply mapper (deploy/envoy/replies.py) writes its JSON body as the grpc-message
+    assert "cannot be reached" in info.value.message()
     client.close()
