@@ -202,7 +202,8 @@ function qualityPanel(q) {
     q.impact.length ? table(["variant", "segment", "lowest", "highest", "ratio", "upper bound"], q.impact, "") : null);
 }
 
-// A bandit route: weights per arm over the last updates, posterior means, IPW estimates (issue 21).
+// A bandit route: weights per arm over the last updates, posterior means, IPW estimates (issue 21);
+// on a segmented route one small table per segment: its weights over the same updates, now, its posterior.
 function allocationPanel(a) {
   const when = (t) => new Date(t * 1000).toISOString().slice(11, 19);
   const iv = (m, ci) => (m == null ? "–" : `${pct(m)} [${ci[0] == null ? "–" : pct(ci[0])}, ${ci[1] == null ? "–" : pct(ci[1])}]`);
@@ -212,6 +213,13 @@ function allocationPanel(a) {
     table(["arm", ...a.times.map(when)], a.over_time.map(([arm, ...w]) => [arm, ...w.map((x) => x + "%")]), "no update yet"),
     table(["arm", "units", "posterior mean [95 %]", "IPW mean [95 %]"],
       a.arms_now.map(([arm, n, m, ci, ipw, ici]) => [arm, n, iv(m, ci), iv(ipw, ici)]), "no rewards yet"),
+    a.segments.length ? el("h3", {}, "Per segment (contextual bandit): weights over time, now, posterior") : null,
+    ...a.segments.map((s) => el("div", { class: "allocation-segment", "data-segment": s.name },
+      table([`segment ${s.name}`, ...a.times.map(when), "now", "units", "posterior mean [95 %]"],
+        s.over_time.map(([arm, ...w], i) => {
+          const [, now, n, m, ci] = s.arms_now[i];
+          return [arm, ...w.map((x) => (x == null ? "–" : x + "%")), now == null ? "–" : now + "%", n, iv(m, ci)];
+        }), "no update yet"))),
     el("p", { class: "muted" }, a.weighting));
 }
 

@@ -379,7 +379,43 @@ def allocation_view(allocation: Mapping[str, Any] | None, points: int = 12) -> d
         ],
         "held": allocation.get("held"),
         "weighting": allocation.get("weighting", ""),
+        "segments": _segment_allocation(allocation, arms, history),
     }
+
+
+def _segment_allocation(
+    allocation: Mapping[str, Any], arms: list[str], history: list[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per segment of a contextual bandit (``allocation.segments``), sorted by name: its weights per arm
+    over the same updates as the pooled table (None where an update had no weights for it yet) and each
+    arm's latest posterior mean with its interval. The published ``segment_weights`` come first: a segment
+    whose history has scrolled out still shows its weights now. Empty on an unsegmented route."""
+    published = allocation.get("segment_weights") or {}
+    names = set(published)
+    for p in history:
+        names.update(p.get("segments") or {})
+    out = []
+    for name in sorted(names):
+        points = [(p.get("segments") or {}).get(name) for p in history]
+        latest = next((pt["posterior"] for pt in reversed(points) if pt and pt.get("posterior")), {})
+        now = published.get(name) or next((pt["weights"] for pt in reversed(points) if pt), {})
+        out.append(
+            {
+                "name": name,
+                "over_time": [[a, *[(pt["weights"].get(a, 0) if pt else None) for pt in points]] for a in arms],
+                "arms_now": [
+                    [
+                        a,
+                        now.get(a),
+                        (latest.get(a) or {}).get("units", 0),
+                        (latest.get(a) or {}).get("mean"),
+                        (latest.get(a) or {}).get("interval") or [None, None],
+                    ]
+                    for a in arms
+                ],
+            }
+        )
+    return out
 
 
 def audit_view(record: Mapping[str, Any]) -> dict[str, Any]:
