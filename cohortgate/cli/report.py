@@ -130,9 +130,9 @@ def live_document(args: argparse.Namespace) -> dict[str, Any]:
 def offline_document(args: argparse.Namespace) -> dict[str, Any]:
     """A journal replayed into a ledger, looked at `OFFLINE_LOOKS` times through the file."""
     from cohortgate.controller import report as R
+    from cohortgate.controller.gating import attribution_window, metric_specs
     from cohortgate.controller.lift_history import LiftHistory
     from cohortgate.controller.outcomes import OutcomeLedger, keys_from_env, read_journal
-    from cohortgate.controller.outcomes_api import attribution_window, metric_specs
     from cohortgate.core.errors import PolicyError
     from cohortgate.core.policy import load_policy
 

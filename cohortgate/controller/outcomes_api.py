@@ -38,9 +38,9 @@ from aiohttp import web
 from cohortgate.controller import archive as A
 from cohortgate.controller import outcomes as O
 from cohortgate.controller import report as R
+from cohortgate.controller.gating import attribution_window, metric_specs
 from cohortgate.controller.lift_history import LiftHistory
 from cohortgate.controller.loop import Controller
-from cohortgate.core import lift as L
 from cohortgate.core.contract import HEADER_OUTCOMES, OUTCOMES_PATH
 from cohortgate.core.exposure import ExposureRefused, Refusal, verify
 from cohortgate.core.policy import Policy
@@ -63,32 +63,6 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
-
-
-def metric_specs(policy: Policy) -> dict[str, list[L.MetricSpec]]:
-    """The policy's metric declarations as the ledger reads them, by route."""
-    return {
-        r.name: [
-            L.MetricSpec(
-                name=m.name,
-                kind=m.kind,  # type: ignore[arg-type]
-                direction=m.direction,  # type: ignore[arg-type]
-                role=m.role,  # type: ignore[arg-type]
-                margin=m.margin,
-                margin_abs=m.margin_abs,
-                planned_units=m.planned_units,
-                covariate=m.covariate,
-            )
-            for m in r.metrics
-        ]
-        for r in policy.routes
-        if r.metrics
-    }
-
-
-def attribution_window(policy: Policy) -> float:
-    """The ledger's one window: the longest any metric declares (the default when none does)."""
-    return max((m.attribution_window_s for r in policy.routes for m in r.metrics), default=O.DEFAULT_WINDOW_S)
 
 
 class OutcomesService:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from cohortgate.controller.api import make_app
+from cohortgate.controller.gating import metric_specs
 from cohortgate.controller.loop import Controller
-from cohortgate.controller.outcomes_api import PASS_MAX_AGE_S, SERVICE_KEY, metric_specs
+from cohortgate.controller.outcomes_api import PASS_MAX_AGE_S, SERVICE_KEY
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.exposure import mac_key, mint
 from cohortgate.core.policy import parse_policy

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from cohortgate.controller import report as R
+from cohortgate.controller.gating import metric_specs
 from cohortgate.controller.lift_history import LiftHistory
 from cohortgate.controller.outcomes import OutcomeLedger
-from cohortgate.controller.outcomes_api import metric_specs
 from cohortgate.core.policy import parse_policy
 
 POLICY = """
