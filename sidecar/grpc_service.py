@@ -30,9 +30,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from cohortgate import __version__
-from cohortgate.core.contract import HEADER_ENTITY, HEADER_SERVED_BY
+from cohortgate.core.contract import HEADER_ENTITY, HEADER_FEATURES, HEADER_SEGMENT
+from sidecar.batching import BatchTiming
 from sidecar.errors import BadRequest, InferenceFailed, NotFound, SidecarError, Unavailable
 from sidecar.protocol import DATATYPES, InferRequest, Signature, format_shape
+from sidecar.server import EXTENSIONS, REQUEST_ID, SERVER_NAME
+from sidecar.tracing import record_infer
 
 if TYPE_CHECKING:
     from sidecar.model import OnnxModel
@@ -159,11 +162,14 @@ def _expect(signature: Signature) -> str:
     return ", ".join(s.describe() for s in signature.inputs)
 
 
-def _metadata_value(context: Any, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value if isinstance(value, str) else None
-    return None
+def _metadata(context: Any) -> dict[str, str]:
+    """The call's text metadata (HTTP/2 headers, lower-case names), as REST reads its headers."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def _answer_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """REST's answer headers (served-by, model version and digest, features) as gRPC initial metadata."""
+    return tuple((k.lower(), v) for k, v in headers.items() if k.lower() != "content-type")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -189,8 +195,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self._sidecar.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        from sidecar.server import EXTENSIONS, SERVER_NAME
-
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
@@ -216,6 +220,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decoded = outputs = joined = None
         error: SidecarError | None = None
         response = None
+        metadata = _metadata(context)
+        headers = sidecar._json_headers
+        timing = BatchTiming() if sidecar.tracing is not None else None
         try:
             self._check_model(request.model_name, request.model_version)
             if not sidecar.ready:
@@ -229,7 +236,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InferenceFailed(f"injected fault (--fault-rate {faults.rate})")
             inputs = decoded.inputs
             if joiner is not None:
-                joined = await joiner.join(_metadata_value(context, HEADER_ENTITY), inputs)
+                joined = await joiner.join(metadata.get(HEADER_ENTITY), inputs)
+                headers = {**headers, HEADER_FEATURES: joined.label}
                 if joined.inputs is None:  # the fallback model serves the request's own input
                     model, batcher = sidecar.fallback  # type: ignore[misc]
                 else:
@@ -238,9 +246,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 sketched = quality.check_inputs(inputs, decoded.rows)
             else:
                 quality = None
-            outputs = await batcher.submit(inputs, decoded.rows, None)  # type: ignore[union-attr]
+            outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
-                quality.observe_outputs(outputs, decoded.rows, sketched)
+                quality.observe_outputs(outputs, decoded.rows, sketched, metadata.get(HEADER_SEGMENT) or "")
             response = encode_infer_response(model.signature, decoded, outputs)  # type: ignore[union-attr]
             status = 200
         except SidecarError as exc:
@@ -250,13 +258,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             error, status = InferenceFailed(_INTERNAL), 500
         elapsed = time.perf_counter() - started
         sidecar.metrics.on_request(status, elapsed)
+        if sidecar.tracing is not None:
+            rows = decoded.rows if decoded is not None else None
+            record_infer(sidecar.tracing, metadata, elapsed, status, sidecar.name, sidecar.served_by, rows, timing)
         if sidecar.reporter is not None:
-            request_id = _metadata_value(context, "x-request-id") or (decoded.id if decoded is not None else None) or ""
+            request_id = metadata.get(REQUEST_ID) or (decoded.id if decoded is not None else None) or ""
             fallback = (joined.reason or "") if joined is not None else ""
             sidecar.reporter.report(request_id, status, elapsed, outputs if status == 200 else None, fallback=fallback)
         if error is not None:
             await context.abort(grpc_code(error.status), error.message)
-        await context.send_initial_metadata(((HEADER_SERVED_BY, sidecar.served_by),))
+        await context.send_initial_metadata(_answer_metadata(headers))
         return response
 
     def _check_model(self, name: str, version: str) -> OnnxModel:

@@ -131,6 +131,22 @@ def test_rest_and_grpc_share_the_batcher_and_metrics(client, served) -> None:
     assert requests_count() == before + 3  # counted before each answer is sent
 
 
+def test_the_answer_names_who_served_it_and_traces_the_request_id(served) -> None:
+    """Initial metadata carries REST's answer headers (x-cohortgate-served-by, ...), so Envoy's access
+    log and a client see which variant answered, over gRPC as over REST."""
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="tabular", id="meta-1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 30])
+    tensor.contents.fp32_contents.extend([1.0] * 30)
+    with grpc.insecure_channel(f"127.0.0.1:{served[1]}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(request, metadata=(("x-request-id", "r-9"),), timeout=30)
+    assert dict(call.initial_metadata())["x-cohortgate-served-by"] == "control"
+    assert response.id == "meta-1"
+    assert [o.name for o in response.outputs] == ["label", "probabilities"]
+
+
 # ------------------------------------------------------------------------------ pure decoding
 
 SIG = Signature(
@@ -179,3 +195,41 @@ def test_error_statuses_map_to_grpc_codes() -> None:
     assert grpc_code(422) is grpc.StatusCode.FAILED_PRECONDITION
     assert grpc_code(503) is grpc.StatusCode.UNAVAILABLE
     assert grpc_code(599) is grpc.StatusCode.INTERNAL
+
+
+# ------------------------------------------------------------------------------ tracing, in the sidecar's own loop
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+async def test_a_sampled_grpc_call_is_one_child_span_with_batch_facts(make_client) -> None:
+    """The span REST records (tests/sidecar/test_tracing.py), from the call's traceparent metadata."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    from cohortgate.support.tracing import Tracing
+    from sidecar.grpc_service import start_server
+    from sidecar.server import SIDECAR
+
+    client = await make_client(name="tabular", variant="canary")
+    sidecar = client.app[SIDECAR]
+    exporter = InMemorySpanExporter()
+    sidecar.tracing = Tracing("sidecar", None, 0.0, exporter=exporter)
+    server, port = await start_server(sidecar, "127.0.0.1", 0, 1 << 20)
+    try:
+        request = pb.ModelInferRequest(model_name="tabular")
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[3, 30])
+        tensor.contents.fp32_contents.extend([0.5] * 90)
+        metadata = (("traceparent", f"00-{TRACE}-{PARENT}-01"), ("authorization", "Bearer secret-token"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=30)
+    finally:
+        await server.stop(None)
+    sidecar.tracing.provider.force_flush()
+    (span,) = exporter.get_finished_spans()
+    assert format(span.context.trace_id, "032x") == TRACE and format(span.parent.span_id, "016x") == PARENT
+    attrs = dict(span.attributes)
+    assert attrs["cohortgate.variant"] == "canary" and attrs["cohortgate.rows"] == 3
+    assert attrs["http.response.status_code"] == 200 and attrs["cohortgate.batch_rows"] >= 3
+    assert "secret-token" not in repr(attrs)
