@@ -248,7 +248,9 @@ class OutcomeLedger:
                         record["request_id"] = request_id  # labels and imports by request id meet it
                     if exp.segment:
                         record["segment"] = exp.segment
-                    return self.ingest(record)  # counted in exposure_counts, journaled when accepted
+                    status = self._expose(record)
+                    if status == ACCEPTED:
+                        self.unjournaled.append(record)  # a replay counts it in exposure_counts too (`ingest`)
         self.exposure_counts[status] += 1
         return status
 

@@ -216,3 +216,67 @@ async def test_the_journal_keeps_the_exposures_across_a_restart(monkeypatch, tmp
         )
         == "accepted"
     )
+
+
+# ---------------------------------------------------------------------- the cost (not a test)
+
+
+def _cost(repeat: int = 9, n: int = 20_000) -> None:
+    """The controller's cost per access-log entry of the exposure feed, process CPU time, best of
+    ``repeat`` x ``n``: the token's verify alone, the ledger's whole `expose` (verify, record,
+    tallies, journal queue), and `Controller.ingest` per event with the token and without it
+    (the arms interleaved). ``python -m tests.controller.test_exposure_feed``."""
+    import asyncio
+    import os
+
+    from cohortgate.controller.outcomes import OutcomeLedger
+    from cohortgate.core.exposure import verify
+
+    os.environ["COHORTGATE_EXPOSURE_KEY"] = SECRET
+    now = time.time()
+    events = [served("control" if i % 2 else "canary", i, now) for i in range(n)]
+    bare = [Event(e.kind, e.route, e.variant, 200, 12.0, e.request_id, "eu", e.unit, now) for e in events]
+    specs = {"shop": []}
+
+    def best(run) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            run()
+            times.append(time.process_time() - t0)
+        return min(times) / n * 1e6
+
+    def verify_all() -> None:
+        for e in events:
+            verify(e.exposure, (KEY,), now, 7 * 86400.0)
+
+    def expose_all() -> None:
+        ledger = OutcomeLedger(specs, {"shop": "control"}, (KEY,))
+        for e in events:
+            ledger.expose(e.exposure, e.route, e.variant, e.unit, e.request_id, now)
+
+    async def controllers():
+        out = []
+        for _ in range(2 * repeat):
+            sink = InProcessSink()
+            await sink.start()
+            c = Controller(policy(), InProcessState(), sink, clock=lambda: now)
+            await c.start()
+            out.append(c)
+        return out
+
+    pool = asyncio.run(controllers())
+    with_t, without_t = [], []
+    for i in range(repeat):  # a fresh controller per run: each exposure is new, as in production
+        for arm, batch, out in ((0, bare, without_t), (1, events, with_t)):
+            c = pool[2 * i + arm]
+            t0 = time.process_time()
+            c.ingest(batch, now)
+            out.append(time.process_time() - t0)
+    print(f"verify {best(verify_all):.2f} us; ledger.expose {best(expose_all):.2f} us per entry")
+    a, b = min(without_t) / n * 1e6, min(with_t) / n * 1e6
+    print(f"Controller.ingest per event: {a:.2f} us without the token, {b:.2f} us with it (+{b - a:.2f} us)")
+
+
+if __name__ == "__main__":
+    _cost()
