@@ -1219,6 +1219,19 @@ def routed_digest(reference: str) -> str | None:
     return _file_digest(Path(unquote(parts.path)) / _MANIFEST, manifest=True)
 
 
+def model_digests_now(policy: Policy) -> dict[str, str]:
+    """cluster -> `routed_digest` of each backend's model as the files are now (a stat per local model,
+    a hash only when one changed): compared with ``policy.model_digests`` it tells whether a model file
+    was replaced in place since the policy compiled."""
+    return {
+        b.cluster: d
+        for r in policy.routes
+        for v in r.variants
+        for b in v.backends
+        if b.model is not None and (d := routed_digest(b.model)) is not None
+    }
+
+
 def _file_digest(path: Path, *, manifest: bool) -> str | None:
     try:
         st = path.stat()

@@ -4,6 +4,7 @@ tests/integration/test_live_policy.py, against a real Envoy)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -326,3 +327,30 @@ async def test_a_warming_cluster_is_not_confirmed(live: Path, tmp_path: Path) ->
     finally:
         await reloader.close()
         await runner.cleanup()
+
+
+async def test_a_model_file_replaced_in_place_gets_its_new_digest_without_a_policy_edit(live: Path) -> None:
+    """The decision's audit line records the routed model's digest (docs/models.md, provenance): a model
+    file swapped under an unchanged policy text must not leave the old digest serving."""
+    model = live.parent / "control.onnx"
+    model.write_bytes(b"model one")
+    text = live.read_text()
+    assert "../models/tabular-control.onnx" in text
+    live.write_text(text.replace("../models/tabular-control.onnx", str(model), 1))
+    holder, _, reloader = make(live, watch_s=0.05)
+    cluster = next(c for c, _ in holder.policy.model_digests.items() if c.startswith("cg.tabular.control."))
+    first = holder.policy.model_digests[cluster]
+    assert first == "sha256:" + hashlib.sha256(b"model one").hexdigest()
+    await reloader.start()
+    try:
+        replace_model = model.with_name(".tmp-control.onnx")
+        replace_model.write_bytes(b"model two")
+        os.replace(replace_model, model)
+        for _ in range(200):  # MODEL_WATCH_S is 1 s; up to 20 s on a loaded machine
+            await asyncio.sleep(0.1)
+            if holder.policy.model_digests.get(cluster) != first:
+                break
+        assert holder.policy.model_digests[cluster] == "sha256:" + hashlib.sha256(b"model two").hexdigest()
+        assert holder.policy.digest == load_policy(live).digest  # the policy's text did not change
+    finally:
+        await reloader.close()
