@@ -80,6 +80,9 @@ class FeatureSpec(BaseModel):
     allowed: list[float] | None = Field(default=None, min_length=1)
     nullable: bool = False
     reference: dict[str, Any] | None = None
+    positive: float | None = Field(
+        default=None, description="an output category that is the positive prediction (the four-fifths rule)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:
@@ -91,6 +94,8 @@ class FeatureSpec(BaseModel):
             raise ValueError(f"feature {self.name!r}: `allowed` is for type category only")
         if self.type in ("bool", "category") and (self.min is not None or self.max is not None):
             raise ValueError(f"feature {self.name!r}: min/max are for float and int features")
+        if self.positive is not None and (self.type != "category" or self.positive not in (self.allowed or ())):
+            raise ValueError(f"feature {self.name!r}: `positive` must be one of the `allowed` values of a category")
         return self
 
 
@@ -386,6 +391,16 @@ class Contract:
         self.outputs = tuple(_resolve(f, signature.outputs, "output") for f in spec.outputs)
         self._input_rules = _group(self.inputs, signature.inputs)
         self._output_rules = _group(self.outputs, signature.outputs)
+        self.positive = _positive(spec, signature)
+
+    def count_positive(self, outputs: Sequence[np.ndarray]) -> int | None:
+        """Rows whose prediction is the positive class (None: the contract names no positive class)."""
+        if self.positive is None:
+            return None
+        index, column, value = self.positive
+        x = np.asarray(outputs[index])
+        x = x.reshape(x.shape[0], -1)[:, column or 0] if x.ndim else x.reshape(1)
+        return int(np.count_nonzero(x == value))
 
     @property
     def features(self) -> tuple[Feature, ...]:
@@ -434,6 +449,27 @@ def _check(rules: Sequence[_TensorRules], arrays: Sequence[np.ndarray]) -> Findi
                     if first is None:
                         first = (f, rule, n)
     return None if first is None else Findings(found, first)
+
+
+def _positive(spec: ContractSpec, signature: Signature) -> tuple[int, int | None, float] | None:
+    """Where the positive class is read: (output tensor index, column, value). Declared by an output's
+    ``positive``; by default the one category output allowing exactly 0 and 1 (a binary classifier's
+    label), positive 1."""
+    if any(f.positive is not None for f in spec.inputs):
+        raise ModelLoadError("data contract: `positive` is for an output (the predicted class), not an input")
+    declared = [f for f in spec.outputs if f.positive is not None]
+    if len(declared) > 1:
+        raise ModelLoadError("data contract: at most one output may declare a `positive` class")
+    if declared:
+        f, value = declared[0], float(declared[0].positive)  # type: ignore[arg-type]
+    else:
+        binary = [f for f in spec.outputs if f.type == "category" and sorted(f.allowed or ()) == [0.0, 1.0]]
+        if len(binary) != 1:
+            return None
+        f, value = binary[0], 1.0
+    names = [t.name for t in signature.outputs]
+    tensor = f.tensor if f.tensor is not None else names[0]
+    return names.index(tensor), f.column, value
 
 
 def _resolve(f: FeatureSpec, specs: Sequence[TensorSpec], side: str) -> Feature:

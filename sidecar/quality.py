@@ -13,7 +13,9 @@ requests). By default ``sketch_every`` grows with
 the contract's width, ``ceil(features / SKETCH_FEATURES)``, so sketching costs about as much per
 request for a 512-column model as for a 64-column one; the report's ``rows`` are the rows sketched.
 ``take`` closes the window and returns its ``QualityReport`` (cohortgate.core.sketch): counts only,
-never a raw value.
+never a raw value. With the request's segment label (``x-cohortgate-segment``, set by the gateway)
+and a contract that names a positive class, every request also counts, per ``segment=value``, its
+rows and those predicted positive: the controller's four-fifths rule reads them (``segments``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cohortgate.core.sketch import QualityReport, Sketch, merge_sketches
 from sidecar.contract import Contract, Findings
 from sidecar.metrics import SidecarMetrics
 
+MAX_SEGMENT_KEYS = 256  # distinct segment=value keys per window; the gateway sends declared values only
 SKETCH_FEATURES = 64  # features sketched per request, about, by default (see sketch_every)
 DEFAULT_BUFFER_ROWS = 1024  # rows sketched per flush: a flush holds the event loop a few ms
 
@@ -66,6 +69,7 @@ class QualityGate:
         self.requests = 0
         self.rows = 0
         self.violations: dict[str, dict[str, int]] = {}
+        self.segments: dict[str, dict[str, int]] = {}
         self._inputs: dict[str, Sketch] = self.contract.empty_sketches("inputs")
         self._outputs: dict[str, Sketch] = self.contract.empty_sketches("outputs")
         self._buf_in: list[Sequence[np.ndarray]] = []
@@ -99,15 +103,31 @@ class QualityGate:
             self._grow(rows)
         return True
 
-    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int, sketch: bool = True) -> None:
+    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int, sketch: bool = True, segment: str = "") -> None:
         """Count what the model's outputs break (never refused); keep them for the sketches when
-        their request was sketched."""
+        their request was sketched; count its positive predictions under each of ``segment``'s
+        ``name=value`` pairs."""
+        if segment and self.contract.positive is not None:
+            self._count_segments(segment, self.contract.count_positive(outputs) or 0, rows)
         if self._used_out:  # never refused: checked many at once, at the next flush
             self._unchecked_out.append(outputs)
             self._grow(rows)
         if sketch and self._used_out:
             self._buf_out.append(outputs)
             self._grow(rows)
+
+    def _count_segments(self, label: str, positive: int, rows: int) -> None:
+        for key in label.split(";"):
+            name, eq, value = key.partition("=")
+            if not (eq and name and value):
+                continue
+            cell = self.segments.get(key)
+            if cell is None:
+                if len(self.segments) >= MAX_SEGMENT_KEYS:
+                    continue
+                cell = self.segments[key] = {"positive": 0, "total": 0}
+            cell["positive"] += positive
+            cell["total"] += rows
 
     def _grow(self, rows: int) -> None:
         self._buffered += rows
@@ -158,6 +178,7 @@ class QualityGate:
             self.route,
             self.rows,
             self.requests,
+            self.segments,
         )
         self._reset(end)
         return report

@@ -32,6 +32,7 @@ from cohortgate.core.contract import (
     HEADER_FEATURES,
     HEADER_MODEL_DIGEST,
     HEADER_MODEL_VERSION,
+    HEADER_SEGMENT,
     HEADER_SERVED_BY,
 )
 from cohortgate.support.files import changes
@@ -567,7 +568,7 @@ class Sidecar:
                 quality = None
             outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
-                quality.observe_outputs(outputs, decoded.rows, sketched)
+                quality.observe_outputs(outputs, decoded.rows, sketched, request.headers.get(HEADER_SEGMENT, ""))
             payload, header_length = encode_infer_response(model.signature, decoded, outputs)
         except SidecarError as exc:
             status = exc.status

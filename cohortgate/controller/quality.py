@@ -172,8 +172,9 @@ class QualityMonitor:
         return names[0] if len(names) == 1 else None
 
     def add_report(self, report: QualityReport, positives: Mapping[str, Any] | None = None) -> bool:
-        """One sidecar window; ``positives`` (``{"segment=value": {"positive": x, "total": n}}``) feed
-        the four-fifths rule. False when the report names no route/variant with a quality block."""
+        """One sidecar window; its ``segments`` (or ``positives``, same shape: ``{"segment=value":
+        {"positive": x, "total": n}}``) feed the four-fifths rule. False when the report names no
+        route/variant with a quality block."""
         name = self.route_of(report)
         rq = self.routes.get(name) if name is not None else None
         if rq is None:
@@ -184,7 +185,7 @@ class QualityMonitor:
         if rq.baseline is None and report.variant == self.policy.by_name[name].variants[0].name:  # type: ignore[index]
             self._grow_baseline(rq, report)
         declared = {s.name: s.values for s in rq.quality.segments}
-        for key, doc in (positives or {}).items():
+        for key, doc in (report.segments if positives is None else positives).items():
             seg, _, value = str(key).partition("=")
             if seg not in declared or not isinstance(doc, Mapping):
                 continue

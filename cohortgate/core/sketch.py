@@ -207,13 +207,27 @@ def _merge_violations(
     return out
 
 
+def _segment_counts(data: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """``{"device=ios": {"positive": x, "total": n}}`` with ``0 <= x <= n`` (ValueError otherwise)."""
+    out = {}
+    for key, doc in data.items():
+        x, n = _count(doc.get("positive", 0)), _count(doc.get("total", 0))
+        if x > n:
+            raise ValueError(f"segment {key!r}: {x} positive of {n} rows")
+        out[str(key)] = {"positive": x, "total": n}
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class QualityReport:
     """What one sidecar (model, variant) saw in one window: sketches and contract violations.
 
     ``rows`` counts input rows sketched (a request may carry a batch); ``requests`` counts requests
     checked; ``violations[feature][rule]`` counts rows that broke a rule (``type``, ``range``,
-    ``allowed``, ``null``; ``output`` names for an output's ``range``).
+    ``allowed``, ``null``; ``output`` names for an output's ``range``). ``segments`` (optional, absent
+    in older reports) counts per ``"segment=value"`` of the request's ``x-cohortgate-segment`` label
+    the rows whose prediction was the positive class, ``{"positive": x, "total": n}``: the four-fifths
+    rule's evidence.
     """
 
     model: str
@@ -226,6 +240,7 @@ class QualityReport:
     route: str | None = None
     rows: int = 0
     requests: int = 0
+    segments: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def merge(self, other: QualityReport) -> QualityReport:
         """The report over both windows (same model, variant and route); windows may have gaps."""
@@ -244,6 +259,7 @@ class QualityReport:
             self.route,
             self.rows + other.rows,
             self.requests + other.requests,
+            _merge_violations(self.segments, other.segments),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -260,6 +276,7 @@ class QualityReport:
             "inputs": {k: s.to_json() for k, s in self.inputs.items()},
             "outputs": {k: s.to_json() for k, s in self.outputs.items()},
             "violations": {f: dict(r) for f, r in self.violations.items()},
+            **({"segments": {k: dict(c) for k, c in self.segments.items()}} if self.segments else {}),
         }
 
     @classmethod
@@ -279,6 +296,7 @@ class QualityReport:
                 route=None if route is None else str(route),
                 rows=_count(data.get("rows", 0)),
                 requests=_count(data.get("requests", 0)),
+                segments=_segment_counts(data.get("segments") or {}),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed quality report: missing or wrong field {exc}") from None
