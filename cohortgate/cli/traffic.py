@@ -7,6 +7,14 @@ one line: requests/s, status counts and which variants answered, so a rollback s
 canary's count falling to zero; the controller's rollbacks (read from its audit trail) are printed
 as they happen. At the end a summary: answers by status and by variant, latency, rollbacks seen.
 Everything random takes ``--seed``.
+
+With ``--outcomes-model`` it also plays the shoppers of an outcome experiment (docs/outcomes.md):
+visitors of that model, each a fresh unit (``x-visitor-id``), paced at ``--outcomes-rps``; each
+answered visit converts or not at its variant's planted rate (``--conversion``), decided by a keyed
+hash of the seed and the visitor (the same seed, the same conversions), and its outcome -- 1 or 0,
+with the response's exposure token -- is posted in batches to ``POST /v1/outcomes`` every second.
+The zeros are posted too: the controller does not yet learn exposures from the access log, so a
+visitor who never reports would be missing rather than a non-conversion.
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ from cohortgate.cli._stack import (
     stack_info,
     state_dir,
 )
-from cohortgate.core.contract import HEADER_VARIANT
+from cohortgate.core.contract import HEADER_EXPOSURE, HEADER_VARIANT
+from cohortgate.local.shoppers import OutcomeDemo, outcome_for, visitor
 from cohortgate.support.durations import duration_arg
 
 ROLLBACK_POLL_S = 1.0
+OUTCOMES_PATH = "/v1/outcomes"  # the policy's `kind: outcomes` route (policies/example.yaml)
+OUTCOMES_FLUSH_S = 1.0  # outcomes are posted in one batch this often
+VISITOR_HEADER = "x-visitor-id"  # the shop route's unit: `cohorts.unit: {header: x-visitor-id}`
 DESCRIPTION = (
     "Drive realistic load through the running stack, so the experiment visibly evolves: many sticky "
     "users, each with a residency drawn once from --residency-mix and a token minted once, paced open "
@@ -73,6 +85,25 @@ def _share(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError("the share must be within [0, 1]")
     return value
+
+
+def parse_rates(text: str) -> dict[str, float]:
+    """``control=0.10,big-images=0.15`` -> each variant's conversion probability."""
+    rates: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        variant, sep, rate = part.partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = -1.0
+        if not sep or not variant.strip() or not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"bad entry {part!r}: use VARIANT=RATE with a rate in [0, 1]")
+        rates[variant.strip()] = value
+    if not rates:
+        raise argparse.ArgumentTypeError("name at least one VARIANT=RATE")
+    return rates
 
 
 def _positive(kind):
@@ -121,6 +152,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_gateway_options(p)
     add_controller_options(p)
     p.add_argument(
+        "--outcomes-model",
+        metavar="MODEL",
+        help="also send visitors to this OIP model (a route with outcome metrics) and post each visit's "
+        "conversion with its exposure token to /v1/outcomes (needs --conversion)",
+    )
+    p.add_argument("--outcomes-rps", type=_positive(float), default=30.0, help="visitors per second (default 30)")
+    p.add_argument(
+        "--conversion",
+        type=parse_rates,
+        metavar="VARIANT=RATE,...",
+        help="each variant's planted conversion rate, e.g. control=0.10,big-images=0.15,small-images=0.05",
+    )
+    p.add_argument("--metric", default="conversion", help="the binary metric outcomes name (default conversion)")
+    p.add_argument(
         "--until-rollback",
         action="store_true",
         help="stop as soon as the controller rolls a variant back; exit 1 if none did (demo scripts, tests)",
@@ -150,6 +195,7 @@ class LoadConfig:
     max_in_flight: int = 512
     until_rollback: bool = False
     bad_share: float = 0.0
+    outcomes: OutcomeDemo | None = None
 
 
 def plan_users(count: int, mix: Mapping[str, float], seed: int) -> list[tuple[str, str]]:
@@ -206,6 +252,9 @@ class Tally:
         self.status: Counter[str] = Counter()
         self.variant: Counter[str] = Counter()
         self.latencies: list[float] = []
+        self.visits: Counter[str] = Counter()  # the outcome experiment's visits answered, by variant
+        self.conversions: Counter[str] = Counter()  # ... of which converted
+        self.outcomes: Counter[str] = Counter()  # posted outcomes by the controller's status (or the HTTP error)
         self._window = Counter[str]()
         self._window_variant = Counter[str]()
         self._window_latencies: list[float] = []
@@ -248,11 +297,18 @@ class Tally:
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
         skipped = f", {self.skipped} skipped (in-flight cap)" if self.skipped else ""
         rollbacks = "".join(f"\n    at {t:.0f}s: {what}" for t, what in self.rollbacks)
+        outcomes = ""
+        if self.visits:
+            rates = " ".join(
+                f"{v}:{self.conversions[v]}/{n} ({self.conversions[v] / n:.1%})" for v, n in sorted(self.visits.items())
+            )
+            outcomes = f"  visits    converted {rates}\n  outcomes  {self._counts(self.outcomes)}\n"
         return (
             f"total: {done} answers in {elapsed_s:.1f}s ({rate:.1f}/s){skipped}\n"
             f"  status    {self._counts(self.status)}\n"
             f"  variants  {self._counts(self.variant)}\n"
             f"  latency   p50 {self._pct(self.latencies, 0.5):.1f}ms  p99 {self._pct(self.latencies, 0.99):.1f}ms\n"
+            f"{outcomes}"
             f"  rollbacks {len(self.rollbacks)}{rollbacks}"
         )
 
@@ -292,12 +348,27 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
         loop.add_signal_handler(sig, stop.set)
     in_flight: set[asyncio.Task[None]] = set()
     regions = Counter(region for _, region in users)
+    demo = config.outcomes
+    shop_url = f"{info.gateway_url}{infer_path(demo.model)}" if demo else ""
+    storefront = {  # one storefront app calls for all its visitors; the unit is the visitor header
+        scope: f"Bearer {mint('storefront', residency='eu', scopes=(scope,), ttl_s=config.duration_s + 3600)}"
+        for scope in ("predict", "outcomes")
+    }
+    pending: list[dict[str, Any]] = []  # outcomes not yet posted
     print(
         f"traffic: {config.users} users ({', '.join(f'{r} {n}' for r, n in sorted(regions.items()))}), "
         f"{config.rps:g} req/s for {config.duration_s:g}s to {url}",
         file=out,
         flush=True,
     )
+    if demo:
+        print(
+            f"traffic: {demo.rps:g} visitors/s to {shop_url}, converting at "
+            + ", ".join(f"{v} {r:.1%}" for v, r in demo.rates.items())
+            + f"; outcomes ({demo.metric}) to {info.gateway_url}{OUTCOMES_PATH}",
+            file=out,
+            flush=True,
+        )
 
     connector = aiohttp.TCPConnector(ssl=ssl_context(info, config.client), limit=config.max_in_flight)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -316,6 +387,53 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
             except (TimeoutError, aiohttp.ClientError, OSError):
                 status, variant = "error", "-"
             tally.record(status, variant, time.perf_counter() - started)
+
+        async def visit(n: int, body: bytes) -> None:
+            """One shopper: an answer with an exposure token, then (later, batched) 1 or 0 converted."""
+            assert demo is not None
+            who = visitor(config.seed, n)
+            headers = {"content-type": "application/json", "authorization": storefront["predict"], VISITOR_HEADER: who}
+            try:
+                async with session.post(shop_url, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+                    variant = response.headers.get(HEADER_VARIANT, "")
+                    exposure = response.headers.get(HEADER_EXPOSURE, "")
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return
+            if status == 200:
+                record = outcome_for(demo, config.seed, who, variant, exposure)
+                if record is not None:
+                    tally.visits[variant] += 1
+                    tally.conversions[variant] += int(record["value"])
+                    pending.append(record)
+                elif not exposure:
+                    tally.outcomes["no_exposure_token"] += 1
+
+        async def post_outcomes() -> None:
+            """Post what is pending as one batch; count each item's status."""
+            if not pending:
+                return
+            batch = pending[:10_000]
+            del pending[: len(batch)]
+            headers = {"content-type": "application/json", "authorization": storefront["outcomes"]}
+            try:
+                async with session.post(
+                    f"{info.gateway_url}{OUTCOMES_PATH}", data=json.dumps({"outcomes": batch}), headers=headers
+                ) as response:
+                    answer = await response.json(content_type=None) if response.status == 202 else {}
+                    if response.status != 202:
+                        tally.outcomes[f"http_{response.status}"] += len(batch)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                tally.outcomes["error"] += len(batch)
+                return
+            for status, count in (answer.get("counts") or {}).items() if isinstance(answer, dict) else ():
+                tally.outcomes[str(status)] += int(count)
+
+        async def flush_outcomes() -> None:
+            while True:
+                await asyncio.sleep(OUTCOMES_FLUSH_S)
+                await post_outcomes()
 
         async def report(start: float) -> None:
             tick = 1
@@ -355,7 +473,8 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
         start = loop.time()
         reporter = asyncio.create_task(report(start))
         watcher = asyncio.create_task(watch_rollbacks(start)) if api and admin_token else None
-        started = 0
+        flusher = asyncio.create_task(flush_outcomes()) if demo else None
+        started = visits = 0
         try:
             while not stop.is_set():
                 elapsed = loop.time() - start
@@ -373,16 +492,31 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                     tally.sent += 1
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+                for _ in range(due(elapsed, demo.rps) - visits if demo else 0):
+                    visits += 1
+                    if len(in_flight) >= config.max_in_flight:
+                        tally.skipped += 1
+                        continue
+                    task = asyncio.create_task(visit(visits, rng.choice(payloads)))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
                 next_at = start + started / config.rps
+                if demo:
+                    next_at = min(next_at, start + visits / demo.rps)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
             if in_flight:
                 await asyncio.wait(set(in_flight), timeout=10)
+            if flusher is not None:  # the last visits' outcomes too
+                flusher.cancel()
+                await post_outcomes()
             if watcher is not None:  # a rollback since the last look still counts
                 watcher.cancel()
                 await look_for_rollbacks(start)
         finally:
             reporter.cancel()
+            if flusher is not None:
+                flusher.cancel()
             if watcher is not None:
                 watcher.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -402,6 +536,12 @@ def _admin_token(info: StackInfo) -> str | None:
         return Path(path).read_text().strip() or None
     except OSError:
         return None
+
+
+def _outcome_demo(args: argparse.Namespace) -> OutcomeDemo | None:
+    if not args.outcomes_model or not args.conversion:
+        return None
+    return OutcomeDemo(args.outcomes_model, args.conversion, rps=args.outcomes_rps, metric=args.metric)
 
 
 def _traffic(args: argparse.Namespace) -> int:
@@ -432,7 +572,11 @@ def _traffic(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         until_rollback=args.until_rollback,
         bad_share=args.bad_share,
+        outcomes=_outcome_demo(args),
     )
+    if args.outcomes_model and config.outcomes is None:
+        print("cohortgate traffic: --outcomes-model needs --conversion VARIANT=RATE,...", file=sys.stderr)
+        return 2
     try:
         import uvloop
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from cohortgate.local.client import DEFAULT_CLIENT, DEFAULT_STATE_DIR, demo_body
 from cohortgate.local.plan import SidecarSpec
+from cohortgate.local.shoppers import OutcomeDemo
 
 DEFAULT_CONTROLLER_PORT = 9480
 TOKEN_TTL = "1h"
@@ -152,8 +153,10 @@ def demo_lines(
     traffic_log: Path,
     dashboard: str | None,
     status: str,
+    experiment: tuple[str, OutcomeDemo] | None = None,
 ) -> list[str]:
-    """What `up --demo` prints when its traffic starts: what will fail, from when, where to watch."""
+    """What `up --demo` prints when its traffic starts: what will fail, from when, where to watch;
+    with ``experiment`` (route, its shoppers), the outcome experiment and the decisions to expect."""
     lines = ["", f"Demo: `cohortgate traffic` sends 100 req/s from 1000 sticky users (log: {rel(traffic_log)})."]
     for spec in sidecars:
         if not spec.fault_rate:
@@ -162,13 +165,25 @@ def demo_lines(
         lines.append(
             f"  {spec.route}/{spec.variant} fails {spec.fault_rate:.0%} of its requests{when}: expect a rollback."
         )
+    if experiment is not None:
+        route, demo = experiment
+        rates = ", ".join(f"{v} {r:.0%}" for v, r in demo.rates.items())
+        control = next(iter(demo.rates.values()))
+        better = [v for v, r in list(demo.rates.items())[1:] if r > control]
+        worse = [v for v, r in list(demo.rates.items())[1:] if r < control]
+        lines.append(
+            f"  {route}: {demo.rps:g} visitors/s convert at {rates}; each outcome is posted with its exposure token."
+        )
+        expect = [f"promote {route}/{v}" for v in better] + [f"rollback {route}/{v}" for v in worse]
+        if expect:
+            lines.append(f"  expect {' and '.join(expect)} on {demo.metric} within about 3 minutes.")
     lines.append("Watch the controller roll the canary back within a minute:")
     if dashboard:
         lines.append(f"  dashboard:  {dashboard}")
     lines += [
         f"  {status}",
         f"  tail -f {rel(traffic_log)}",
-        "Decisions also show here, as `controller: rollback ...`.",
+        "Decisions also show here, as `controller: rollback ...` and `controller: promote ...`.",
         "",
     ]
     return lines

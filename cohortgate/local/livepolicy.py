@@ -47,7 +47,7 @@ SWITCH_PER_CLUSTER_S = 0.01  # the gateway's own limit is 5 s + 5 ms a cluster o
 GATEWAY_SWITCH_S = 10.0  # a policy edit: the gateway confirms new clusters with Envoy (5 s at most), then swaps
 
 
-def effective_text(source_data: Any, source: Path, urls: dict[str, str]) -> str:
+def effective_text(source_data: Any, source: Path, urls: dict[str, str], outcomes_url: str | None = None) -> str:
     """The effective policy's text: the source's data with URLs and paths rewritten, as JSON (which
     is YAML) under a comment header.
 
@@ -55,7 +55,7 @@ def effective_text(source_data: Any, source: Path, urls: dict[str, str]) -> str:
     written in ~0.05 s (libyaml's dump: ~0.5 s) and read in ~0.2 s (YAML with positions: ~1 s)."""
     if not isinstance(source_data, dict):
         raise StackError(f"{rel(source)} is not a mapping")
-    effective = effective_policy_data(source_data, source.parent, urls)
+    effective = effective_policy_data(source_data, source.parent, urls, outcomes_url)
     header = (
         f"# Effective policy written by `cohortgate up` from {source}.\n"
         "# Backend URLs point at the ports the sidecars bound; file paths are absolute.\n"
@@ -101,6 +101,7 @@ class LivePolicy:
         self.controller_file = controller_file
         self.gateway_health = gateway_health
         self.gateway_metrics = gateway_metrics
+        self.controller_api = ""  # an outcomes route's backend: the controller `up` runs (set with the ports)
         self.switch_timeout_s = switch_timeout_s
         self.clock = clock
         self.policy: Policy | None = None  # the effective policy serving now
@@ -123,7 +124,7 @@ class LivePolicy:
 
     def install(self, raw: bytes, source_policy: Policy, urls: dict[str, str]) -> Policy:
         """At start-up: write both files with the effective policy of ``raw`` (nothing serves yet)."""
-        text = effective_text(yaml.load(raw, Loader=_LOADER), self.source, urls)
+        text = effective_text(yaml.load(raw, Loader=_LOADER), self.source, urls, self.controller_api or None)
         policy = self._parse_effective(text)
         write_atomic(self.gateway_file, text.encode())
         write_atomic(self.controller_file, text.encode())
@@ -224,7 +225,7 @@ class LivePolicy:
             if added:
                 new_children = stack.start_sidecars(added)
             urls = {spec.url: f"http://127.0.0.1:{port}" for spec, port in stack.sidecars.values()}
-            text = effective_text(data, self.source, urls)
+            text = effective_text(data, self.source, urls, self.controller_api or None)
         except (Interrupted, StackError, PolicyError):  # ChildFailed is a StackError
             undo()
             raise

@@ -183,10 +183,13 @@ def _features_of(policy: Policy, route: Route, owner: str) -> dict[str, Any]:
 def canary_variants(policy: Policy) -> set[tuple[str, str]]:
     """``(route, variant)`` pairs the canary knob applies to: each route's rollout variant.
 
-    A route without a ``rollout`` has its non-control variants as canaries.
+    A route without a ``rollout`` has its non-control variants as canaries. A route with outcome
+    metrics is left alone: its challengers are judged on what users do (the demo's experiment).
     """
     out = set()
     for route in policy.routes:
+        if route.metrics:
+            continue
         if route.rollout is not None:
             out.add((route.name, route.rollout.variant))
         else:
@@ -194,17 +197,21 @@ def canary_variants(policy: Policy) -> set[tuple[str, str]]:
     return out
 
 
-def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping[str, str]) -> dict[str, Any]:
+def effective_policy_data(
+    data: Mapping[str, Any], base_dir: Path, urls: Mapping[str, str], outcomes_url: str | None = None
+) -> dict[str, Any]:
     """The policy's YAML data with backend URLs rewritten and every file path made absolute.
 
     ``urls`` maps a backend URL (any spelling of the same scheme/host/port) to the URL to use;
+    ``outcomes_url`` (the controller API `up` started) replaces every backend of a ``kind: outcomes``
+    route, whatever port the policy wrote;
     ``jwt.jwks``, backend ``model`` paths and a route's PEM ``trusted_keys`` are resolved against
     ``base_dir`` (the source file's directory) unless already absolute or a URL (a ``model:``
     reference such as ``file://…@sha256:…`` or ``s3://…`` is kept as written). The input is not
     modified.
     """
     by_key = {url_key(src): dst for src, dst in urls.items()}
-    out: dict[str, Any] = json.loads(json.dumps(data))  # a deep copy of plain YAML data
+    out: dict[str, Any] = json.loads(json.dumps(data, default=str))  # a deep copy; a YAML date becomes ISO text
 
     def absolute(path: str) -> str:
         return str((base_dir / path).resolve()) if not os.path.isabs(path) and "://" not in path else path
@@ -226,7 +233,9 @@ def effective_policy_data(data: Mapping[str, Any], base_dir: Path, urls: Mapping
                     if not isinstance(backend, dict):
                         continue
                     url = backend.get("url")
-                    if isinstance(url, str):
+                    if outcomes_url and route.get("kind") == "outcomes" and group == "variants":
+                        backend["url"] = outcomes_url
+                    elif isinstance(url, str):
                         with contextlib.suppress(ValueError):
                             backend["url"] = by_key.get(url_key(url), url)
                     if isinstance(backend.get("model"), str):

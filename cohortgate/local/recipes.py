@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import TOKEN_FILE_ENV, UNIT_SALT_ENV, worker_socket
+from cohortgate.core.contract import EXPOSURE_KEY_ENV, TOKEN_FILE_ENV, UNIT_SALT_ENV, worker_socket
 from cohortgate.local.plan import SidecarSpec
+from cohortgate.local.shoppers import OutcomeDemo
 
 SIDECAR_DRAIN_S = 10.0  # a sidecar's --drain-timeout: queued requests finish on SIGTERM
 RELOAD_GRACE_S = 2.0  # the gateway's --reload-grace: how long a dropped cluster stays in Envoy
@@ -37,6 +38,7 @@ class Layout:
     transport: str = "grpc"
     redis: str | None = None
     unit_salt: str = ""
+    exposure_key: str = ""  # $COHORTGATE_EXPOSURE_KEY for the gateway and the controller (a secret: env only)
     canary_fault_after_s: float = 0.0
     otlp_endpoint: str | None = None  # every child traces to this OTLP/HTTP collector (docs/observability.md)
     trace_sample: float = 0.01
@@ -54,6 +56,15 @@ class Layout:
         if self.otlp_endpoint is None:
             return ()
         return ("--otlp-endpoint", self.otlp_endpoint, "--trace-sample", str(self.trace_sample))
+
+    def exposure_env(self) -> dict[str, str]:
+        """The exposure-token key in a child's environment (never on its command line), when there is one."""
+        return {EXPOSURE_KEY_ENV: self.exposure_key} if self.exposure_key else {}
+
+    @property
+    def outcomes_journal(self) -> Path:
+        """The controller's outcome journal (embedded): in the state dir, so the demo can start it afresh."""
+        return self.state_dir / "outcomes.jsonl"
 
     @property
     def logs_dir(self) -> Path:
@@ -195,6 +206,7 @@ def controller_recipe(layout: Layout) -> Recipe:
         "--state-file", str(layout.state_file),
         "--dashboard", f"127.0.0.1:{layout.ports['dashboard']}",
         "--allow-actions",  # the dashboard's buttons; each action still needs the admin token
+        "--outcomes-journal", str(layout.outcomes_journal),
     )  # fmt: skip
     if layout.redis:
         argv += ("--redis", layout.redis)
@@ -206,6 +218,7 @@ def controller_recipe(layout: Layout) -> Recipe:
         argv=argv,
         log_path=layout.logs_dir / "controller.log",
         endpoint=layout.controller_api,
+        env=layout.exposure_env(),  # it verifies the exposure tokens clients echo with their outcomes
         info={
             "port": layout.ports["controller"],
             "als": f"uds:{layout.als_socket}",
@@ -246,7 +259,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
         argv=argv,
         log_path=layout.logs_dir / "gateway.log",
         endpoint=f"uds:{layout.processor_sockets[0]}",
-        env={UNIT_SALT_ENV: layout.unit_salt},
+        env={UNIT_SALT_ENV: layout.unit_salt, **layout.exposure_env()},
         info={
             "transport": layout.transport,
             "audit_log": str(layout.audit_log),
@@ -281,12 +294,19 @@ def envoy_recipe(layout: Layout, bootstrap: Path, cds: Path, concurrency: int) -
     )
 
 
-def traffic_recipe(layout: Layout, model: str) -> Recipe:
-    """The demo's load, as one more child: `up` stops it first and prints its summary."""
+def traffic_recipe(layout: Layout, model: str, outcomes: OutcomeDemo | None = None) -> Recipe:
+    """The demo's load, as one more child: `up` stops it first and prints its summary. With
+    ``outcomes`` it also plays the shoppers of that outcome experiment (`cohortgate traffic --outcomes-model`)."""
     argv = layout.cli(
         "traffic", "--state-dir", str(layout.state_dir), "--model", model, "--duration", "1d",
         "--bad-share", str(DEMO_BAD_SHARE),
     )  # fmt: skip
-    return Recipe(
-        name="traffic", kind="traffic", argv=argv, log_path=layout.logs_dir / "traffic.log", info={"model": model}
-    )
+    info: dict[str, Any] = {"model": model}
+    if outcomes is not None:
+        rates = ",".join(f"{variant}={rate:g}" for variant, rate in outcomes.rates.items())
+        argv += (
+            "--outcomes-model", outcomes.model, "--outcomes-rps", f"{outcomes.rps:g}",
+            "--conversion", rates, "--metric", outcomes.metric,
+        )  # fmt: skip
+        info["outcomes"] = {"model": outcomes.model, "rps": outcomes.rps, "conversion": dict(outcomes.rates)}
+    return Recipe(name="traffic", kind="traffic", argv=argv, log_path=layout.logs_dir / "traffic.log", info=info)

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cohortgate.core.contract import UNIT_SALT_ENV
+from cohortgate.core.contract import EXPOSURE_KEY_ENV, UNIT_SALT_ENV
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import Policy
 from cohortgate.core.rollout import Phase as RolloutPhase
-from cohortgate.local import banner, probes, recipes
+from cohortgate.local import banner, probes, recipes, shoppers
 from cohortgate.local.client import DEFAULT_CLIENT as DEMO_CLIENT
 from cohortgate.local.client import DEFAULT_STATE_DIR, RUN_FILE, describe_audit, pid_alive
 from cohortgate.local.livepolicy import LivePolicy
@@ -270,6 +270,7 @@ class Stack:
             transport=o.transport,
             redis=o.redis,
             unit_salt=self._unit_salt(),
+            exposure_key=self._exposure_key(),
             canary_fault_after_s=o.canary_fault_after_s,
             otlp_endpoint=o.otlp_endpoint,
             trace_sample=o.trace_sample,
@@ -277,6 +278,7 @@ class Stack:
         )
         self.live.gateway_health = self.layout.gateway_health
         self.live.gateway_metrics = self.layout.gateway_metrics
+        self.live.controller_api = self.layout.controller_api
         self.live.install(raw, source_policy, self._url_map())
 
     def _previous_state(self) -> None:
@@ -284,7 +286,7 @@ class Stack:
         they stand, since a rollback is a safety decision, and `up` says which variants are off."""
         files = (self.state_dir / "state.json", self.state_dir / "gateway-state.json")
         if self.opts.demo and not self.opts.redis:
-            for path in files:
+            for path in (*files, self.state_dir / "outcomes.jsonl"):  # the demo's experiment starts afresh too
                 path.unlink(missing_ok=True)
             return
         states, safe_mode = read_states(files[0])
@@ -396,6 +398,20 @@ class Stack:
         salt = secrets.token_hex(32)
         write_atomic(path, salt.encode() + b"\n", 0o600)
         return salt
+
+    def _exposure_key(self) -> str:
+        """``$COHORTGATE_EXPOSURE_KEY``, else one kept in the state dir (0600, never printed): the
+        gateway mints each response's exposure token with it, the controller verifies outcomes."""
+        if os.environ.get(EXPOSURE_KEY_ENV):
+            return os.environ[EXPOSURE_KEY_ENV]
+        path = self.state_dir / "exposure.key"
+        with contextlib.suppress(FileNotFoundError):
+            key = path.read_text().strip()
+            if key:
+                return key
+        key = secrets.token_urlsafe(32)
+        write_atomic(path, key.encode() + b"\n", 0o600)
+        return key
 
     def _url_map(self) -> dict[str, str]:
         return {spec.url: f"http://127.0.0.1:{port}" for spec, port in self.sidecars.values()}
@@ -540,7 +556,11 @@ class Stack:
     def _start_demo_traffic(self) -> None:
         """The demo's load, as a child like the others: `up` stops it first and restarts it if it dies."""
         assert self.layout is not None
-        recipe: Recipe = recipes.traffic_recipe(self.layout, self._demo_model() or "tabular")
+        assert self.policy is not None
+        experiment = shoppers.demo_outcomes(self.policy)
+        recipe: Recipe = recipes.traffic_recipe(
+            self.layout, self._demo_model() or "tabular", experiment[1] if experiment else None
+        )
         self._start_and_wait([Child(recipe, probes.always_ready)], "demo traffic")
         self.write_run_file()
         for line in banner.demo_lines(
@@ -549,6 +569,7 @@ class Stack:
             traffic_log=recipe.log_path,
             dashboard=self.layout.dashboard,
             status=banner.status_command(self.ports["controller"], self.state_dir),
+            experiment=experiment,
         ):
             self.say(line)
 

@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_validate_ok_prints_a_summary():
     out = run("policy", "validate", EXAMPLE)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"{EXAMPLE}: ok: 2 routes, 3 variants, 1 shadows, 5 backends")
+    assert out.stdout.startswith(f"{EXAMPLE}: ok: 4 routes, 7 variants, 1 shadows, 9 backends")
 
 
 def test_validate_bad_file_exits_1_with_positions(tmp_path):
@@ -128,6 +128,7 @@ def test_validate_warns_about_a_missing_model_file(tmp_path):
     out = run("policy", "validate", str(policy))
     assert out.returncode == 0, out.stderr  # a valid file: a warning, not a failure
     warnings = out.stderr.strip().splitlines()
-    assert len(warnings) == 1 + 3  # the canary's file, plus the three demo files not built in tmp_path
+    # the canary's file (on tabular and shop), plus the other demo files not built in tmp_path (per backend)
+    assert len(warnings) == 2 + 5
     assert f"{policy}: warning: route tabular variant canary: model file {tmp_path}/models/nope-canary.onnx" \
         " is missing" in out.stderr

@@ -37,14 +37,19 @@ def problems_of(text: str) -> list[str]:
 
 def test_example_policy_compiles():
     policy = load_policy(EXAMPLE)
-    assert [r.name for r in policy.routes] == ["tabular", "ae-scoring"]
+    assert [r.name for r in policy.routes] == ["tabular", "ae-scoring", "shop", "outcomes"]
+    shop = policy.by_name["shop"]  # the demo's outcome experiment: two challengers, a primary metric
+    assert [v.name for v in shop.variants] == ["control", "big-images", "small-images"]
+    assert [m.name for m in shop.metrics if m.role == "primary"] == ["conversion"]
+    assert shop.rollout is not None and shop.rollout.promote_on_win
+    assert policy.by_name["outcomes"].kind == "outcomes"
     tabular = policy.by_name["tabular"]
     assert [v.name for v in tabular.variants] == ["control", "canary"]
     assert [s.name for s in tabular.shadows] == ["challenger"]
     assert tabular.allowed_regions == {"eu", "ae"}
     assert policy.by_name["ae-scoring"].allowed_regions == {"ae"}
     assert policy.jwt.jwks.endswith("certs/jwks.json") and Path(policy.jwt.jwks).is_absolute()
-    assert len({b.cluster for b in policy.backends}) == len(policy.backends) == 5
+    assert len({b.cluster for b in policy.backends}) == len(policy.backends) == 9
 
 
 def test_every_listed_mistake_is_reported_with_its_line():

@@ -35,7 +35,7 @@ def policy_of(text: str, base: Path = Path("/srv/policies")):
 # ------------------------------------------------------------------------------ sidecar specs
 
 
-def test_example_policy_needs_five_sidecars_named_after_route_variant_and_region():
+def test_example_policy_needs_eight_sidecars_named_after_route_variant_and_region():
     specs = sidecar_specs(load_policy(EXAMPLE))
     got = {(s.name, s.port, s.model_name, s.variant, s.shadow, Path(s.model_path).name) for s in specs}
     assert got == {
@@ -45,6 +45,10 @@ def test_example_policy_needs_five_sidecars_named_after_route_variant_and_region
         ("sidecar-tabular-challenger-eu", 18104, "tabular", "challenger", True, "tabular-challenger.onnx"),
         # the OIP name comes from the route's /v2/models/NAME path_prefix
         ("sidecar-ae-scoring-control-ae", 18105, "ae-scoring", "control", False, "tabular-control.onnx"),
+        # the outcome experiment; the outcomes route's backend is the controller, not a sidecar
+        ("sidecar-shop-control-eu", 18106, "shop", "control", False, "tabular-control.onnx"),
+        ("sidecar-shop-big-images-eu", 18107, "shop", "big-images", False, "tabular-canary.onnx"),
+        ("sidecar-shop-small-images-eu", 18108, "shop", "small-images", False, "tabular-challenger.onnx"),
     }
     assert all(Path(s.model_path).is_absolute() and s.model_path.startswith(str(ROOT)) for s in specs)
     assert all(s.fault_rate == 0 for s in specs)
@@ -52,7 +56,7 @@ def test_example_policy_needs_five_sidecars_named_after_route_variant_and_region
 
 def test_the_canary_knob_reaches_only_the_rollout_variant():
     policy = load_policy(EXAMPLE)
-    assert canary_variants(policy) == {("tabular", "canary")}
+    assert canary_variants(policy) == {("tabular", "canary")}  # not shop's: it is judged on conversion
     rates = dict.fromkeys(canary_variants(policy), 0.3)
     faulty = {s.name: s.fault_rate for s in sidecar_specs(policy, fault_rates=rates) if s.fault_rate}
     assert faulty == {"sidecar-tabular-canary-eu": 0.3}
@@ -148,6 +152,15 @@ def test_effective_policy_rewrites_urls_and_makes_paths_absolute_without_touchin
     original = load_policy(EXAMPLE)
     assert [b.model for b in moved.backends] == [b.model for b in original.backends]
     assert moved.jwt == original.jwt
+
+
+def test_an_outcomes_routes_backend_becomes_the_controller_up_started():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    out = effective_policy_data(data, EXAMPLE.parent, {}, outcomes_url="http://127.0.0.1:40480")
+    outcomes = next(r for r in out["routes"] if r["name"] == "outcomes")
+    assert outcomes["variants"][0]["backends"][0]["url"] == "http://127.0.0.1:40480"  # the policy wrote :9480
+    shop = next(r for r in out["routes"] if r["name"] == "shop")  # a model route keeps its sidecar URLs
+    assert shop["variants"][0]["backends"][0]["url"] == "http://127.0.0.1:18106"
 
 
 def test_https_jwks_urls_and_absolute_paths_are_kept():
