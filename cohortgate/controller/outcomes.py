@@ -242,8 +242,8 @@ class OutcomeLedger:
                 if (exp.route, exp.variant, exp.unit) != (route, variant, unit):
                     status = MISMATCH
                 else:
-                    record = {"kind": "exposure", "source": FROM_ACCESS_LOG, "route": route, "variant": variant}
-                    record.update(unit=unit, t=float(exp.issued_at), eid=exp.eid)
+                    record: dict[str, Any] = {"kind": "exposure", "source": FROM_ACCESS_LOG, "route": route}
+                    record.update(variant=variant, unit=unit, t=float(exp.issued_at), eid=exp.eid)
                     if request_id:
                         record["request_id"] = request_id  # labels and imports by request id meet it
                     if exp.segment:
