@@ -64,7 +64,7 @@ from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Guardrails, Policy, Route
 from cohortgate.core.rollout import Phase, RouteState, Signal, Transition
 from cohortgate.core.stats import HarmTest, LimitTest, pooled_design_effect, srm_check
-from cohortgate.store.events import REPORT, REQUEST, Event, EventSource
+from cohortgate.store.events import QUALITY, REPORT, REQUEST, Event, EventSource
 from cohortgate.store.redis import redis_errors
 from cohortgate.store.state import StateStore, StoreUnavailable, VersionConflict
 
@@ -311,6 +311,8 @@ class Controller:
             elif e.kind == REPORT:
                 self.shadows.add(e, now)
                 self.fallbacks.add(e, now)
+            elif e.kind == QUALITY:  # a sidecar's window from the Redis stream (over HTTP: the API's add_report)
+                self.quality.add_json(e.quality)
         for name, (variant, status, latency, units, srm, backend) in blocks.items():
             self.unknown_events += self.windows[name].add_many(
                 np.array(variant),

@@ -35,11 +35,14 @@ block starts the route's quality state afresh, the weights staying as decided un
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from cohortgate.controller.judge import Verdict
 from cohortgate.controller.windows import SegmentWindows, count_above
@@ -49,7 +52,11 @@ from cohortgate.core.policy import Policy, Quality, Route
 from cohortgate.core.rollout import ACTIVE, Phase, RouteState, Signal
 from cohortgate.core.sketch import QualityReport
 from cohortgate.store.events import Event
+from cohortgate.support.logs import Throttle
 
+log = logging.getLogger(__name__)
+throttled = Throttle(log)  # a misconfigured sidecar sends a bad report every window: one line per 30 s
+STREAM_REJECTED = "quality-stream-report-rejected"
 MIN_SEGMENT_TOTAL = 100  # requests a segment value needs before its positive rate counts
 ALPHA_SPEND = 6 / math.pi**2  # sum over j >= 1 of 1/j^2 is pi^2/6: look j gets alpha * ALPHA_SPEND / j^2
 
@@ -197,6 +204,24 @@ class QualityMonitor:
                 cell[1] += n
         rq.dirty = True
         return True
+
+    def add_json(self, text: str) -> str | None:
+        """A report as its JSON text (the Redis ``QUALITY_STREAM`` entry's ``report`` field); the reason
+        it was not taken, or None. Counted in ``rejected`` like one the API refuses."""
+        try:
+            doc = orjson.loads(text)
+            if not isinstance(doc, dict):
+                raise ValueError("a quality report must be a JSON object")
+            report = QualityReport.from_json(doc)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            self.rejected += 1
+            why = str(exc)
+        else:
+            if self.add_report(report):
+                return None
+            why = f"no route with a quality block serves model {report.model!r} variant {report.variant!r}"
+        throttled.warning("a quality report from the stream was not taken: %s", why, key=STREAM_REJECTED)
+        return why
 
     def _grow_baseline(self, rq: _RouteQuality, report: QualityReport) -> None:
         """Control's first reports become the reference once every input has ``min_samples`` values;

@@ -21,7 +21,9 @@ Sinks (``emit`` never blocks and never raises; what cannot be carried is dropped
 
 `RedisStreamSource` is the controller's side of the stream: a consumer group (XREADGROUP/XACK),
 so two controllers never process one event twice. It also reads the sidecars' report stream,
-whose entries (`sidecar.report.ShadowReport.to_fields`) it understands as ``report`` events.
+whose entries (`sidecar.report.ShadowReport.to_fields`) it understands as ``report`` events, and
+their quality stream (``QUALITY_STREAM``, field ``report``: a `QualityReport`'s JSON), whose entries
+become ``quality`` events carrying that JSON for the controller's `QualityMonitor` to parse.
 Redis exceptions are translated here and in `cohortgate.store.state`; the client itself comes from
 `cohortgate.store.redis`, the one factory.
 """
@@ -36,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, REPORTS_STREAM
+from cohortgate.core.contract import CONSUMER_GROUP, EVENTS_STREAM, QUALITY_STREAM, REPORTS_STREAM
 from cohortgate.store.redis import redis_client, redis_errors
 from cohortgate.support.logs import Throttle
 
@@ -46,6 +48,7 @@ XADD_FAILED = "event-stream-xadd-failed"
 
 REQUEST = "request"
 REPORT = "report"
+QUALITY = "quality"  # a sidecar's quality window (drift sketches), read from QUALITY_STREAM
 STREAM_MAXLEN = 100_000
 
 
@@ -63,7 +66,7 @@ class DropCounter(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # REQUEST | REPORT
+    kind: str  # REQUEST | REPORT | QUALITY
     route: str  # empty in a sidecar report (it knows its model, not the route)
     variant: str  # the variant (or, in a report, the shadow) that produced the response
     status: int  # HTTP status; 0 when there was no response
@@ -80,6 +83,7 @@ class Event:
     fallback: str = ""  # report: why the features' fallback served the request (sidecar/join.py); empty: joined
     model_digest: str = ""  # request: the sidecar's x-cohortgate-model-digest (the artifact that answered)
     exposure: str = ""  # request on a route with metrics: the processor's exposure token (outcome denominators)
+    quality: str = ""  # quality: the sidecar's `QualityReport` JSON, parsed by the controller
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for a Redis stream entry (empty ones left out)."""
@@ -351,7 +355,7 @@ class RedisStreamSource:
         self,
         client: Any,
         consumer: str,
-        streams: Sequence[str] = (EVENTS_STREAM, REPORTS_STREAM),
+        streams: Sequence[str] = (EVENTS_STREAM, REPORTS_STREAM, QUALITY_STREAM),
         group: str = CONSUMER_GROUP,
         claim_idle_ms: int = 10_000,
     ) -> None:
@@ -401,6 +405,10 @@ class RedisStreamSource:
             ids.append(entry_id)
             if not fields:
                 continue  # deleted by MAXLEN trimming before we read it
+            if stream == QUALITY_STREAM:
+                report = fields.get("report")
+                out.append(Event(QUALITY, "", "", 0, 0.0, quality=report if isinstance(report, str) else ""))
+                continue
             try:
                 out.append(Event.from_fields(fields))
             except (KeyError, ValueError) as exc:
