@@ -371,7 +371,12 @@ class Supervisor:
                 entry.update(json.loads(doc))
             workers.append(entry)
         ok = all(w["ok"] for w in workers)
-        return ok, {"ok": ok, "policy": self.holder.policy.digest[:12], "workers": workers}
+        # "policy" names a digest once every answering worker serves it (`cohortgate up` hands an edit
+        # to the controller only then); while they differ it says "mixed"
+        serving = {w.get("policy") for w in workers if w["ok"]}
+        policy = serving.pop() if len(serving) == 1 else ("mixed" if serving else self.holder.policy.digest[:12])
+        doc = {"ok": ok, "policy": policy, "parent_policy": self.holder.policy.digest[:12], "workers": workers}
+        return ok, doc
 
     async def serve(self) -> None:
         await self.start()

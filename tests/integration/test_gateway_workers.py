@@ -155,6 +155,12 @@ def test_both_workers_answer_and_a_user_keeps_one_variant(plane: Plane) -> None:
     assert min(gained) >= 0.1 * sum(gained), gained  # Envoy balances streams over both worker sockets
     summed = total(get(plane.metrics + "/metrics")[1])
     assert summed == sum(after)  # nothing else is sending: the parent's figure is the workers' sum
+    # one audit file per worker (audit.jsonl -> audit.w0.jsonl, audit.w1.jsonl), whole JSON lines
+    files = [plane.gateway.audit_path.with_name(f"audit.w{i}.jsonl") for i in range(2)]
+    until(lambda: sum(len(f.read_bytes().splitlines()) for f in files) == sum(after), what="every audit line")
+    for f, n in zip(files, after, strict=True):
+        lines = [json.loads(line) for line in f.read_bytes().splitlines()]
+        assert len(lines) == n and {line["outcome"] for line in lines} == {"allow"}
 
 
 def test_a_policy_edit_reaches_both_workers(plane: Plane) -> None:
