@@ -105,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--contract",
         metavar="FILE",
-        help="the model's data contract (default: the store manifest's, else M.contract.json beside M.onnx)",
+        help="the model's data contract, a file or the JSON itself "
+        "(default: the store manifest's, else M.contract.json beside M.onnx)",
     )
     p.add_argument(
         "--contract-mode",

@@ -33,12 +33,13 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
+from cohortgate.core.datacontract import ContractSpec, FeatureSpec
 from cohortgate.core.sketch import CategoricalSketch, NumericSketch, Sketch, sketch_from_json
 from sidecar.errors import ModelLoadError, SidecarError
 from sidecar.protocol import Signature, TensorSpec
@@ -65,56 +66,7 @@ class ContractViolation(SidecarError):
         return {"code": "contract_violation", "feature": self.feature, "rule": self.rule}
 
 
-# -- The file format (pydantic: a bad contract is refused with the field that is wrong) ------------
-
-
-class FeatureSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1)
-    tensor: str | None = Field(default=None, description="the model tensor; default: the only input (output)")
-    column: int | None = Field(default=None, ge=0, description="column of a [-1, k] tensor")
-    type: Literal["float", "int", "bool", "category"] = "float"
-    min: float | None = None
-    max: float | None = None
-    allowed: list[float] | None = Field(default=None, min_length=1)
-    nullable: bool = False
-    reference: dict[str, Any] | None = None
-    positive: float | None = Field(
-        default=None, description="an output category that is the positive prediction (the four-fifths rule)"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> FeatureSpec:
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"feature {self.name!r}: min {self.min} is above max {self.max}")
-        if self.type == "category" and self.allowed is None:
-            raise ValueError(f"feature {self.name!r}: a category needs its `allowed` values")
-        if self.type != "category" and self.allowed is not None:
-            raise ValueError(f"feature {self.name!r}: `allowed` is for type category only")
-        if self.type in ("bool", "category") and (self.min is not None or self.max is not None):
-            raise ValueError(f"feature {self.name!r}: min/max are for float and int features")
-        if self.positive is not None and (self.type != "category" or self.positive not in (self.allowed or ())):
-            raise ValueError(f"feature {self.name!r}: `positive` must be one of the `allowed` values of a category")
-        return self
-
-
-class ContractSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: Literal[1] = 1
-    model: str | None = None
-    mode: Literal["observe", "enforce"] = "observe"
-    inputs: list[FeatureSpec] = Field(default_factory=list)
-    outputs: list[FeatureSpec] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique(self) -> ContractSpec:
-        names = [f.name for f in (*self.inputs, *self.outputs)]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names must be unique across inputs and outputs: {', '.join(dupes)}")
-        return self
+# -- The file format (`cohortgate.core.datacontract`: a bad contract is refused with the field that is wrong)
 
 
 def parse(doc: Any, where: str = "the data contract") -> ContractSpec:
@@ -547,8 +499,14 @@ def read_file(path: str | Path) -> Any:
 
 
 def find(explicit: str | None, manifest: Any, local_model: str | None) -> tuple[Any, str] | None:
-    """The contract document and where it came from: ``--contract`` (or the policy's ``contract:``)
-    first, then the store version's manifest, then ``M.contract.json`` beside a local model file."""
+    """The contract document and where it came from: ``--contract`` (a file, or the JSON itself, as
+    ``cohortgate up`` passes a policy's inline ``contract:``) first,
+    then the store version's manifest, then ``M.contract.json`` beside a local model file."""
+    if explicit and explicit.lstrip().startswith("{"):  # inline (a policy's `contract:` written in place)
+        try:
+            return orjson.loads(explicit), "the inline data contract"
+        except orjson.JSONDecodeError as exc:
+            raise ModelLoadError(f"the inline data contract is not valid JSON: {exc}") from None
     if explicit:
         return read_file(explicit), explicit
     if manifest is not None:

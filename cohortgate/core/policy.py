@@ -49,6 +49,9 @@ class Backend:
     # None when unknown without fetching. Not part of equality: it never changes Envoy's cluster.
     digest: str | None = field(default=None, compare=False)
     protocol: str = "http"  # "grpc": Envoy speaks HTTP/2 to it (explicit http2 protocol options)
+    # The model's data contract for its sidecar (`cohortgate up` passes it as --contract): a resolved file
+    # path, or the inline contract as JSON (starts with "{"). Not part of equality: Envoy never sees it.
+    contract: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1159,9 +1162,24 @@ def _backends(
         model = _model_reference(b.model, base_dir) if b.model else None
         cluster = cluster_name(route, owner, i)
         digest = routed_digest(model) if model is not None else None
+        contract = None
+        if isinstance(b.contract, str):
+            contract = _model_reference(b.contract, base_dir)
+        elif b.contract is not None:
+            contract = b.contract.model_dump_json(exclude_none=True)
         out.append(
             Backend(
-                b.url, parts.scheme, host, port, b.region, cluster, model, forward_authorization, digest, b.protocol
+                b.url,
+                parts.scheme,
+                host,
+                port,
+                b.region,
+                cluster,
+                model,
+                forward_authorization,
+                digest,
+                b.protocol,
+                contract,
             )
         )
     return tuple(out)

@@ -8,9 +8,11 @@ regions, overlaps) live in `policy.py`, which also compiles the result into the 
 from __future__ import annotations
 
 from datetime import date
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from cohortgate.core.datacontract import ContractSpec
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -137,6 +139,18 @@ class Residency(_Strict):
     )
 
 
+def _contract_kind(value: object) -> str:
+    return "[file]" if isinstance(value, str) else "[inline]"
+
+
+# A backend's ``contract:``: a file name, or the contract itself, told apart before validation so an
+# error points inside the contract rather than at both arms (bracketed tags: policy.py drops them from
+# the error's location, as it drops pydantic's own union arms).
+DataContract = Annotated[
+    Annotated[str, Tag("[file]")] | Annotated[ContractSpec, Tag("[inline]")], Discriminator(_contract_kind)
+]
+
+
 class Backend(_Strict):
     url: str = Field(description="http(s)://host:port of the model server.")
     region: str = Field(min_length=1, description="Data-residency region of this backend.")
@@ -149,6 +163,17 @@ class Backend(_Strict):
         default="http",
         description="grpc: Envoy speaks HTTP/2 to this backend (OIP v2 gRPC); http: HTTP/1.1.",
     )
+    contract: DataContract | None = Field(
+        default=None,
+        description="The model's data contract (docs/sidecar.md): a JSON file (relative to the policy file) or the "
+        "contract inline; `cohortgate up` hands it to the model's sidecar (--contract).",
+    )
+
+    @model_validator(mode="after")
+    def _contract_needs_a_model(self) -> Backend:
+        if self.contract is not None and self.model is None:
+            raise ValueError("`contract` is checked by the sidecar that serves `model`: give `model` too")
+        return self
 
 
 class Variant(_Strict):

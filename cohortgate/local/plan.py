@@ -51,6 +51,7 @@ class SidecarSpec:
     trusted_keys: tuple[str, ...] = ()  # the route's model-signing keys: the sidecar's --trusted-key
     features: Features | None = None  # the route's features: block when this variant joins (docs/features.md)
     features_policy: str = ""  # the policy file that declares it: the sidecar's --features-policy
+    contract: str = ""  # the backend's data contract (a path, or inline JSON): the sidecar's --contract
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -63,6 +64,7 @@ class SidecarSpec:
             self.fault_rate,
             self.trusted_keys,
             self.features,  # an edited features: block restarts the sidecars that join it
+            self.contract,  # so does an edited data contract
         )
 
 
@@ -147,6 +149,7 @@ def sidecar_specs(
                     shadow=shadow,
                     fault_rate=float(rates.get((route.name, owner), 0.0)),
                     trusted_keys=route.trusted_keys,
+                    contract=b.contract or "",
                     **_features_of(policy, route, owner),
                 )
                 seen = found.get(key)

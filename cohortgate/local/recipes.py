@@ -166,6 +166,8 @@ def sidecar_recipe(spec: SidecarSpec, port: int, layout: Layout) -> Recipe:
     )  # fmt: skip
     for key in spec.trusted_keys:
         argv += ("--trusted-key", key)
+    if spec.contract:  # the policy's `contract:` beside `model:` (a file, or the contract inline as JSON)
+        argv += ("--contract", spec.contract)
     if spec.features is not None:  # it joins online features: the route's block, from the file up validated
         argv += ("--features-policy", spec.features_policy, "--features-route", spec.route)
     argv += layout.tracing_args()
