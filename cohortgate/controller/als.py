@@ -22,6 +22,19 @@ a fail-closed 503 while the processor is down or hung, a client that never finis
 headers are whatever the client sent, so they are ignored: the entry has no variant, and its route
 is the one its method and path match in the policy (``route_of``), never a header.
 
+**A gRPC answer's status is its ``grpc-status``, not the HTTP one** (issue 25). A failed gRPC call is
+HTTP 200 with a non-zero ``grpc-status`` trailer, or in the headers of a trailers-only answer (Envoy's
+own local replies to a gRPC caller are those too, so Envoy logs them as 200). Envoy logs both places
+(``ACCESS_LOG_RESPONSE_TRAILERS`` / ``_HEADERS``); the event's status is then the code's HTTP
+equivalent (`GRPC_AS_HTTP`, google.rpc.Code's documented mapping), so the error-rate guardrail counts
+exactly what it counts for REST: server-side failures (UNKNOWN, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED,
+DATA_LOSS, an unreadable status) are 5xx errors; a client's own mistakes are 4xx and are not, so a
+client cannot push its variant towards rollback by sending bad tensors: INVALID_ARGUMENT,
+FAILED_PRECONDITION, NOT_FOUND, RESOURCE_EXHAUSTED (the sidecar's 413) and UNIMPLEMENTED (a method the
+backend does not serve: the sidecar's 405; Google maps it to 501, we do not count the client's choice
+of method). CANCELLED is 499 ("client closed request"): the caller gave up, the model did not fail; a
+client that hangs up before the answer is logged without a status (0) and counted as before.
+
 `event_from_entry` turns one ``HTTPAccessLogEntry`` into an `Event` (pure, tested without gRPC);
 `AccessLogReceiver` is the grpc.aio servicer that feeds a sink; `serve_als` binds it to
 ``uds:PATH`` or ``tcp:HOST:PORT``. Entries without a variant (denials, fail-closed answers) are
@@ -42,6 +55,7 @@ from typing import Any
 from cohortgate.controller.metrics import TrafficMetrics
 from cohortgate.core.contract import (
     HEADER_EXPOSURE,
+    HEADER_GRPC_STATUS,
     HEADER_MODEL_DIGEST,
     HEADER_REGION,
     HEADER_SEGMENT,
@@ -65,6 +79,43 @@ def _ms(duration: Any) -> float:
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what a sidecar sends; anything else is not kept
 _TOKEN = re.compile(r"[0-9A-Za-z._-]{1,512}")  # an exposure token's alphabet (core.exposure verifies it)
+
+# gRPC status code -> the HTTP status an event records (google.rpc.Code's mapping, but UNIMPLEMENTED: 405,
+# CANCELLED: 499); see the module docstring for which count as errors and why.
+GRPC_AS_HTTP: dict[int, int] = {
+    0: 200,  # OK
+    1: 499,  # CANCELLED
+    2: 500,  # UNKNOWN
+    3: 400,  # INVALID_ARGUMENT
+    4: 504,  # DEADLINE_EXCEEDED
+    5: 404,  # NOT_FOUND
+    6: 409,  # ALREADY_EXISTS
+    7: 403,  # PERMISSION_DENIED
+    8: 429,  # RESOURCE_EXHAUSTED
+    9: 400,  # FAILED_PRECONDITION
+    10: 409,  # ABORTED
+    11: 400,  # OUT_OF_RANGE
+    12: 405,  # UNIMPLEMENTED
+    13: 500,  # INTERNAL
+    14: 503,  # UNAVAILABLE
+    15: 500,  # DATA_LOSS
+    16: 401,  # UNAUTHENTICATED
+}
+
+
+def response_status(response: Any) -> int:
+    """The status an event records for ``HTTPResponseProperties``: the HTTP one, or for a gRPC answer
+    (HTTP 200 with a ``grpc-status`` trailer or trailers-only header) its code's HTTP equivalent; an
+    unreadable ``grpc-status`` is a server error (500), as a gRPC client reads it as UNKNOWN."""
+    status = int(response.response_code.value) if response.HasField("response_code") else 0
+    if status != 200:
+        return status
+    for fields in (response.response_trailers, response.response_headers):  # a trailer, or trailers-only
+        if HEADER_GRPC_STATUS in fields:
+            code = fields[HEADER_GRPC_STATUS].strip()
+            return GRPC_AS_HTTP.get(int(code), 500) if code.isascii() and code.isdigit() and len(code) <= 3 else 500
+    return status
+
 
 RouteOf = Callable[[str, str], str]
 """``route_of(method, path)``: the name of the policy route a request matches, or ``""``."""
@@ -139,7 +190,7 @@ def event_from_entry(entry: Any, route_of: RouteOf | None = None, measured: Meas
         kind=REQUEST,
         route=route,
         variant=variant,
-        status=int(entry.response.response_code.value) if entry.response.HasField("response_code") else 0,
+        status=response_status(entry.response),
         latency_ms=max(0.0, latency),
         request_id=entry.request.request_id,
         region=region,

@@ -56,10 +56,19 @@ ACCESS_LOG_HEADERS: Final = (
     # unit that never reports an outcome is a zero in the denominator (kept only on entries a backend answered)
     HEADER_EXPOSURE,
 )
+# A gRPC caller's request ``content-type`` starts with this (``application/grpc+proto`` too): Envoy's own error
+# answers to it are gRPC statuses with a sentence, not JSON bodies (deploy/envoy/replies.py).
+GRPC_CONTENT_TYPE: Final = "application/grpc"
+# A gRPC answer's status: a trailer after the body, or a response header of a trailers-only answer (an error
+# without a body). Envoy logs it from both (``additional_response_{trailers,headers}_to_log``): a gRPC failure
+# arrives inside HTTP 200, and the controller's error rate reads it (controller/als.py).
+HEADER_GRPC_STATUS: Final = "grpc-status"
 # The sidecar's response headers Envoy logs too (``additional_response_headers_to_log``): which artifact
 # answered, so the controller can compare it with the one the processor routed to (trusted only on an
-# entry with an upstream cluster: then a backend, never the client, set it).
-ACCESS_LOG_RESPONSE_HEADERS: Final = (HEADER_MODEL_DIGEST,)
+# entry with an upstream cluster: then a backend, never the client, set it), and a
+# trailers-only gRPC answer's status.
+ACCESS_LOG_RESPONSE_HEADERS: Final = (HEADER_MODEL_DIGEST, HEADER_GRPC_STATUS)
+ACCESS_LOG_RESPONSE_TRAILERS: Final = (HEADER_GRPC_STATUS,)
 ACCESS_LOG_NAME: Final = "cohortgate"  # Envoy's ``log_name`` for our access-log stream
 # The first bytes of a sealed model artifact (sidecar/sealing.py): its file digest is not the model's.
 SEALED_ARTIFACT_MAGIC: Final = b"CGSEAL1\n"

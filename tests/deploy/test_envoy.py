@@ -377,7 +377,9 @@ def test_access_log_hook(tmp_path: Path, certs: CertPaths) -> None:
         "x-cohortgate-exposure",  # outcome metrics: every served unit is in the denominator (issue 19)
     ]
     # the sidecar's answer names the artifact that served: the controller compares it with the routed one
-    assert als["additional_response_headers_to_log"] == ["x-cohortgate-model-digest"]
+    # and a trailers-only gRPC answer's status, which otherwise ends a gRPC answer as a trailer (issue 25)
+    assert als["additional_response_headers_to_log"] == ["x-cohortgate-model-digest", "grpc-status"]
+    assert als["additional_response_trailers_to_log"] == ["grpc-status"]
     names = [c["name"] for c in doc["static_resources"]["clusters"]]
     assert names == [ec.PROCESSOR_CLUSTER, ec.ALS_CLUSTER]
 

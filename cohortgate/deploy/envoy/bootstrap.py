@@ -16,6 +16,7 @@ from cohortgate.core.contract import (
     ACCESS_LOG_HEADERS,
     ACCESS_LOG_NAME,
     ACCESS_LOG_RESPONSE_HEADERS,
+    ACCESS_LOG_RESPONSE_TRAILERS,
     MAX_REQUEST_BYTES,
 )
 from cohortgate.deploy.envoy import bodylimit
@@ -65,6 +66,7 @@ def _access_logs(access_log: AccessLogTarget | None) -> list[Any]:
         ),
         additional_request_headers_to_log=list(ACCESS_LOG_HEADERS),
         additional_response_headers_to_log=list(ACCESS_LOG_RESPONSE_HEADERS),  # which model answered
+        additional_response_trailers_to_log=list(ACCESS_LOG_RESPONSE_TRAILERS),  # how a gRPC answer ended
     )
     return [m.accesslog.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(config))]
 

@@ -7,12 +7,20 @@ timeout* (Envoy's own answer would be an empty 504; ours is the documented 503 `
 a body over the size limit, whatever its framing, and a request Envoy's codec refuses (a header
 name with an underscore, which the listener rejects: text/plain "Bad Request" before; found by
 fuzzing ``/v1/outcomes``, ``tests/contracts/test_fuzz_outcomes.py``).
+
+A gRPC caller (request ``content-type`` ``application/grpc*``) reads a status, not a body: Envoy turns
+its local reply into a trailers-only answer whose ``grpc-status`` comes from the HTTP status (503 and
+504: UNAVAILABLE, 413: UNKNOWN, 400: INTERNAL; a processor denial keeps the gRPC status it named) and
+whose ``grpc-message`` is the body. So each mapper has a gRPC twin, tried first and filtered on the
+request's content-type, that answers the same status with the same sentence as plain text: a gRPC
+client sees "The model backend ... cannot be reached", not a JSON document.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from cohortgate.core.contract import GRPC_CONTENT_TYPE
 from cohortgate.core.errors import Denial
 from cohortgate.deploy.envoy.typed import pb
 
@@ -57,33 +65,59 @@ def local_replies() -> tuple[LocalReply, ...]:
     )  # fmt: skip
 
 
+def _match(reply: LocalReply) -> Any:
+    """The access-log filter that picks ``reply``'s local replies: by response flags, else by status."""
+    m = pb()
+    if reply.flags is not None:
+        return m.accesslog.AccessLogFilter(response_flag_filter=m.accesslog.ResponseFlagFilter(flags=list(reply.flags)))
+    return m.accesslog.AccessLogFilter(
+        status_code_filter=m.accesslog.StatusCodeFilter(
+            comparison=m.accesslog.ComparisonFilter(
+                op=m.accesslog.ComparisonFilterOp.EQ,
+                value=m.core.RuntimeUInt32(default_value=reply.status, runtime_key="cohortgate.local_reply.status"),
+            )
+        )
+    )
+
+
+def _grpc_caller() -> Any:
+    """The filter that picks a gRPC caller's requests (``application/grpc``, ``+proto``, ``+json``...)."""
+    m = pb()
+    return m.accesslog.AccessLogFilter(
+        header_filter=m.accesslog.HeaderFilter(
+            header=m.route.HeaderMatcher(
+                name="content-type", string_match=m.matcher.StringMatcher(prefix=GRPC_CONTENT_TYPE)
+            )
+        )
+    )
+
+
 def local_reply_config() -> Any:
+    """Every reply twice: for a gRPC caller (its sentence as ``grpc-message``), then as JSON for the rest."""
     from envoy_data_plane.google.protobuf import Struct
 
     m = pb()
-    mappers = []
-    for reply in local_replies():
-        if reply.flags is not None:
-            flt = m.accesslog.AccessLogFilter(
-                response_flag_filter=m.accesslog.ResponseFlagFilter(flags=list(reply.flags))
-            )
-        else:
-            flt = m.accesslog.AccessLogFilter(
-                status_code_filter=m.accesslog.StatusCodeFilter(
-                    comparison=m.accesslog.ComparisonFilter(
-                        op=m.accesslog.ComparisonFilterOp.EQ,
-                        value=m.core.RuntimeUInt32(
-                            default_value=reply.status, runtime_key="cohortgate.local_reply.status"
-                        ),
-                    )
-                )
-            )
-        body = Struct.from_dict({"error": {"code": reply.code, "message": reply.message}})
-        mappers.append(
-            m.hcm.ResponseMapper(
-                filter=flt,
-                status_code=reply.answer,
-                body_format_override=m.core.SubstitutionFormatString(json_format=body, content_type="application/json"),
-            )
+    replies = local_replies()
+    grpc = [
+        m.hcm.ResponseMapper(
+            filter=m.accesslog.AccessLogFilter(and_filter=m.accesslog.AndFilter(filters=[_grpc_caller(), _match(r)])),
+            status_code=r.answer,
+            # text, not JSON; Envoy sets the gRPC content-type and moves the body into grpc-message
+            body_format_override=m.core.SubstitutionFormatString(
+                text_format_source=m.core.DataSource(inline_string=r.message)
+            ),
         )
-    return m.hcm.LocalReplyConfig(mappers=mappers)
+        for r in replies
+    ]
+    json = [
+        m.hcm.ResponseMapper(
+            filter=_match(r),
+            status_code=r.answer,
+            body_format_override=m.core.SubstitutionFormatString(
+                json_format=Struct.from_dict({"error": {"code": r.code, "message": r.message}}),
+                content_type="application/json",
+            ),
+        )
+        for r in replies
+    ]
+    return m.hcm.LocalReplyConfig(mappers=[*grpc, *json])
