@@ -3,9 +3,10 @@
 One `OutcomeGate` per controller. It owns the `OutcomeLedger` that ``POST /outcomes`` feeds
 (controller/outcomes_api.py shares it) and its journal, and once per interval:
 
-1. ``poll``: appends what the API accepted since the last interval to the journal, and ingests what
-   others appended there (``cohortgate outcomes import`` rows in the file; server-side producers'
-   ``XADD`` on the Redis stream);
+1. ``poll``: appends what the API accepted since the last interval to the journal (of the access
+   log's exposures, a unit's first per route and variant, and on a ratio route one count line per
+   unit for the rest: outcomes.py says why), and ingests what others appended there (``cohortgate
+   outcomes import`` rows in the file; server-side producers' ``XADD`` on the Redis stream);
 2. ``look``: computes each metric's lift for every challenger (one look of the always-valid
    sequences: their running intersections narrow);
 3. ``evidence``: hands the judge one `OutcomeEvidence` per metric of a challenger -- the judge
@@ -143,6 +144,7 @@ class OutcomeGate:
     async def poll(self) -> None:
         """Append what the API accepted to the journal, then ingest what others appended to it."""
         journal = self.journal
+        self.ledger.flush_exposure_counts()  # the interval's later exposures: one count line per unit
         if journal is None:
             self.ledger.unjournaled.clear()  # no journal: the ledger in memory is all there is
             return

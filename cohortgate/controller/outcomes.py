@@ -22,6 +22,30 @@ by token and by request id are duplicates); it is attributed to the variant in t
 the exposure the request id names). Units exposed to more than one variant of a route (moved by a
 ramp) are left out of the comparison and counted.
 
+Memory: what the ledger keeps per exposure -- its dedup key, the request id's map entry, each
+outcome's dedup key -- is filed in time buckets (`DEFAULT_BUCKET_S` wide) by the exposure's time
+and dropped once the whole bucket is older than the *horizon*: the latest data time the ledger has
+seen (an exposure's or outcome's ``t``, never the wall clock, so a replay evicts at the same points)
+less the attribution window and the tokens' clock skew. An exposure or outcome whose exposure is
+older than the horizon is refused as ``expired`` -- an outcome for it would be refused anyway by
+the window (the skew's grace makes that exact for outcomes judged at the clock) -- so the dedup is
+exact for everything accepted. Memory is bounded by rate x (window + skew + one bucket); per-unit
+tallies (`_Arm`), covariates and segments stay, bounded by units. A request id older than the
+horizon reads as ``unknown_request``.
+
+Journal of the access-log feed: one line per exposure would be ~200 bytes a request (17 GB a day at
+1 000 req/s), so the ledger journals a unit's FIRST exposure per route and variant only (all a
+binary or mean metric's denominator needs: the unit is in the arm; it carries the request id and
+segment of that first one); on a route with a ``ratio`` metric, whose denominator is the unit's
+exposure count, the later ones become one ``{"kind": "exposures", "n": COUNT, ...}`` line per unit
+per interval (`flush_exposure_counts`). A restart replays to the same tallies, lift and verdicts.
+What it does not restore: the request-id map and dedup keys of a unit's later exposures (an import
+by such a request id after a restart reads ``unknown_request``; a redelivered access-log entry of
+one counts again, which only a ratio metric sees). The journal is not trimmed: its outcome and
+first-exposure lines carry tallies that outlive the window (an experiment runs longer than the
+attribution window), so dropping them would change the lift after a restart; its exposure lines
+are bounded by units, not requests.
+
 Persistence: every record the ledger accepts from a live source (``POST /outcomes``) is kept in
 ``unjournaled`` with the time it was judged at, and the controller appends it to a journal each
 interval: `FileJournal` (JSON lines; ``cohortgate outcomes import`` appends there too) or
@@ -38,6 +62,7 @@ hands rows to a controller (replaying it is idempotent: duplicates count once).
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -54,11 +79,15 @@ import numpy as np
 from cohortgate.controller.labels import LABEL_METRIC, LabelBook
 from cohortgate.core import lift as L
 from cohortgate.core.contract import EXPOSURE_KEY_ENV, OUTCOMES_STREAM
-from cohortgate.core.exposure import Exposure, ExposureRefused, exposure_id, parse_keys, verify
+from cohortgate.core.exposure import DEFAULT_SKEW_S, Exposure, ExposureRefused, exposure_id, parse_keys, verify
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 7 * 24 * 3600.0  # attribution window: an outcome this long after the response still counts
+DEFAULT_BUCKET_S = 60.0  # per-exposure memory is dropped a bucket at a time (see the module docstring)
+EXPOSURE_COUNTS = "exposures"  # the kind of a unit's later-exposure count line (ratio metrics' denominators)
+# what a time bucket holds: an exposure's dedup key, a request id, an outcome's dedup key
+_SEEN, _REQUEST, _OUTCOME = 0, 1, 2
 
 # Status codes `OutcomeLedger.ingest` returns (and counts): stable, for metrics and the CLI.
 ACCEPTED = "accepted"
@@ -170,6 +199,7 @@ class OutcomeLedger:
         window_s: float = DEFAULT_WINDOW_S,
         alpha: float = 0.05,
         clock: Callable[[], float] = time.time,
+        bucket_s: float = DEFAULT_BUCKET_S,
     ) -> None:
         self.metrics = {route: {m.name: m for m in specs} for route, specs in metrics.items()}
         self.controls = dict(controls)
@@ -188,6 +218,12 @@ class OutcomeLedger:
         self.segments: dict[str, dict[str, str]] = {}  # route -> unit -> its first allocation segment (bandits)
         self.labels = LabelBook()  # served predictions joined with late labels (labels.py)
         self.unjournaled: list[dict[str, Any]] = []  # accepted live records the journal has not yet got
+        self.bucket_s = bucket_s
+        self.watermark = -math.inf  # the latest data time seen (exposures' and outcomes' t)
+        self.horizon = -math.inf  # exposures before it are forgotten and refused; never moves back
+        self._buckets: dict[int, list[tuple[int, Any]]] = {}  # bucket -> per-exposure entries filed there
+        self._bucket_order: list[int] = []  # a heap of the buckets' numbers
+        self._counts_due: dict[tuple[str, str, str], list[float]] = {}  # route, variant, unit -> [n, latest t]
 
     # ------------------------------------------------------------------ in
 
@@ -204,6 +240,8 @@ class OutcomeLedger:
         try:
             if kind == "exposure":
                 status = self._expose(record)
+            elif kind == EXPOSURE_COUNTS:
+                status = self._exposure_count(record)
             elif kind == "outcome":
                 status = self._outcome(record)
             elif kind == "covariate":
@@ -216,8 +254,9 @@ class OutcomeLedger:
                 status = BAD_RECORD
         except (KeyError, TypeError, ValueError):
             status = BAD_RECORD
-        feed = kind == "exposure" and record.get("source") == FROM_ACCESS_LOG
-        (self.exposure_counts if feed else self.counts)[status] += 1
+        feed = kind in ("exposure", EXPOSURE_COUNTS) and record.get("source") == FROM_ACCESS_LOG
+        n = int(record["n"]) if kind == EXPOSURE_COUNTS and status == ACCEPTED else 1  # each exposure it counts
+        (self.exposure_counts if feed else self.counts)[status] += n
         if journal and status == ACCEPTED:
             self.unjournaled.append(dict(record))
         return status
@@ -248,11 +287,62 @@ class OutcomeLedger:
                         record["request_id"] = request_id  # labels and imports by request id meet it
                     if exp.segment:
                         record["segment"] = exp.segment
+                    arm = self._arms.get(route, {}).get(variant)
+                    first = arm is None or unit not in arm.index
                     status = self._expose(record)
-                    if status == ACCEPTED:
+                    if status == ACCEPTED and first:
                         self.unjournaled.append(record)  # a replay counts it in exposure_counts too (`ingest`)
+                    elif status == ACCEPTED and any(m.kind == "ratio" for m in self.metrics[route].values()):
+                        due = self._counts_due.setdefault((route, variant, unit), [0.0, record["t"]])
+                        due[0] += 1
+                        due[1] = max(due[1], record["t"])
         self.exposure_counts[status] += 1
         return status
+
+    def flush_exposure_counts(self) -> int:
+        """Move the later exposures counted since the last call into ``unjournaled``: one
+        ``exposures`` line per unit (ratio routes only, see the module docstring); how many lines."""
+        for (route, variant, unit), (n, t) in self._counts_due.items():
+            record = {"kind": EXPOSURE_COUNTS, "source": FROM_ACCESS_LOG, "route": route, "variant": variant}
+            record.update(unit=unit, n=int(n), t=t)
+            self.unjournaled.append(record)
+        lines = len(self._counts_due)
+        self._counts_due.clear()
+        return lines
+
+    def per_exposure_entries(self) -> int:
+        """How many per-exposure entries the ledger holds (dedup keys, request ids): what the horizon bounds."""
+        return len(self._seen_exposures) + len(self._requests) + len(self._seen_outcomes)
+
+    def _advance(self, t: float) -> None:
+        """Data time ``t`` was seen: move the horizon on and forget the buckets wholly before it."""
+        if not t > self.watermark:
+            return
+        self.watermark = t
+        horizon = t - self.window_s - DEFAULT_SKEW_S
+        if not horizon > self.horizon:
+            return
+        self.horizon = horizon
+        order = self._bucket_order
+        while order and (order[0] + 1) * self.bucket_s <= horizon:
+            for what, key in self._buckets.pop(heapq.heappop(order)):
+                if what == _SEEN:
+                    self._seen_exposures.discard(key)
+                elif what == _OUTCOME:
+                    self._seen_outcomes.discard(key)
+                else:
+                    found = self._requests.get(key)
+                    if found is not None and found[0].issued_at < horizon:  # not re-served since
+                        del self._requests[key]
+
+    def _file(self, what: int, key: Any, at: int) -> None:
+        """Keep a per-exposure entry until the horizon passes its exposure time ``at``."""
+        b = math.floor(at / self.bucket_s)
+        entries = self._buckets.get(b)
+        if entries is None:
+            entries = self._buckets[b] = []
+            heapq.heappush(self._bucket_order, b)
+        entries.append((what, key))
 
     def _arm(self, route: str, variant: str) -> _Arm:
         arms = self._arms.get(route)
@@ -268,17 +358,24 @@ class OutcomeLedger:
             self.segments.setdefault(exp.route, {}).setdefault(exp.unit, exp.segment)
         if exp.key not in self._seen_exposures:
             self._seen_exposures.add(exp.key)
+            self._file(_SEEN, exp.key, exp.issued_at)
             arm = self._arm(exp.route, exp.variant)
             arm.exposures[arm.slot(exp.unit)] += 1.0
 
     def _expose(self, r: Mapping[str, Any]) -> str:
         rid = r.get("request_id")
         t = float(r["t"])
+        if not math.isfinite(t):
+            return BAD_RECORD
         # the token's own eid when the access log fed it; else the request id's (what the gateway mints)
         eid = str(r.get("eid") or (exposure_id(str(rid)) if rid else f"t{t!r}"))
         exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(t), eid, str(r.get("segment") or ""))
+        self._advance(t)
+        if exp.issued_at < self.horizon:  # its dedup key may be forgotten: an outcome for it is refused anyway
+            return EXPIRED
         if rid:
             self._requests[str(rid)] = (exp, t)
+            self._file(_REQUEST, str(rid), exp.issued_at)
         if exp.key in self._seen_exposures:
             return DUPLICATE
         self._register(exp)
@@ -307,12 +404,16 @@ class OutcomeLedger:
                 return EXPIRED
         else:
             return BAD_RECORD
+        self._advance(t)
+        if exp.issued_at < self.horizon:  # past the window: its dedup keys may be forgotten
+            return EXPIRED
         if metric not in self.metrics.get(exp.route, {}):
             return UNKNOWN_METRIC
         key = (exp.key, metric)
         if key in self._seen_outcomes:
             return DUPLICATE
         self._seen_outcomes.add(key)
+        self._file(_OUTCOME, key, exp.issued_at)
         self._register(exp)  # the token proves the exposure even if the access log has not said so yet
         self._arm(exp.route, exp.variant).add(exp.unit, metric, value)
         return ACCEPTED
@@ -323,8 +424,21 @@ class OutcomeLedger:
         replay drops them at the same point; outcomes of earlier exposures that arrive later count)."""
         route, variant = str(r["route"]), str(r["variant"])
         self._arms.get(route, {}).pop(variant, None)
+        for due in [k for k in self._counts_due if k[0] == route and k[1] == variant]:
+            del self._counts_due[due]  # counted before the fresh start: not the new experiment's
         for key in [k for k in self._bounds if k[0] == route and k[1] == variant]:
             del self._bounds[key]
+        return ACCEPTED
+
+    def _exposure_count(self, r: Mapping[str, Any]) -> str:
+        """``{"kind": "exposures", "route", "variant", "unit", "n", "t"}``: ``n`` more exposures of a
+        unit already in the arm (deduplicated when they were fed; the journal's count line)."""
+        n, t = r["n"], float(r["t"])
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not math.isfinite(t):
+            return BAD_RECORD
+        self._advance(t)
+        arm = self._arm(str(r["route"]), str(r["variant"]))
+        arm.exposures[arm.slot(str(r["unit"]))] += n
         return ACCEPTED
 
     def _covariate(self, r: Mapping[str, Any]) -> str:
