@@ -375,8 +375,9 @@ class Supervisor:
         # to the controller only then); while they differ it says "mixed"
         serving = {w.get("policy") for w in workers if w["ok"]}
         policy = serving.pop() if len(serving) == 1 else ("mixed" if serving else self.holder.policy.digest[:12])
-        doc = {"ok": ok, "policy": policy, "parent_policy": self.holder.policy.digest[:12], "workers": workers}
-        return ok, doc
+        parent = self.holder.policy.digest[:12]
+        summary: dict[str, Any] = {"ok": ok, "policy": policy, "parent_policy": parent, "workers": workers}
+        return ok, summary
 
     async def serve(self) -> None:
         await self.start()
@@ -422,8 +423,9 @@ class Supervisor:
             await self.reloader.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            self.copy.unlink()
+        for path in [str(self.copy), *(w.metrics_socket for w in self.workers)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _routes(app: Any, supervisor: Supervisor) -> None:

@@ -206,6 +206,8 @@ def test_sigterm_drains_every_worker(plane: Plane) -> None:
     for pid in pids:
         until(lambda pid=pid: not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), what=f"worker {pid} gone")
     assert not any(Path(f"{plane.sock}.w{i}").exists() for i in range(2))
+    assert not any(Path(plane.worker_socket(i)).exists() for i in range(2))
+    assert not plane.policy.with_name(".policy.yaml.serving").exists()
 
 
 def _state(pid: int) -> str:
