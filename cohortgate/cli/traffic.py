@@ -15,6 +15,12 @@ hash of the seed and the visitor (the same seed, the same conversions), and its 
 with the response's exposure token -- is posted in batches to ``POST /v1/outcomes`` every second.
 The zeros are posted too: the controller does not yet learn exposures from the access log, so a
 visitor who never reports would be missing rather than a non-conversion.
+
+With ``--drift feature=N[,after=S][,by=F][,variant=V]`` it plants input drift (docs/quality.md): from
+S seconds on, feature N of every row it sends is multiplied by F (default 1.5) -- for every user, or
+only for the users variant V answers (learnt from the sticky ``x-cohortgate-variant`` answers), so a
+canary's inputs can move while control's do not, as a broken feature pipeline in front of one model
+would; the route's ``quality:`` block then rolls it back.
 """
 
 from __future__ import annotations
@@ -177,6 +183,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="wait up to this long for cohortgate up to write its run.json (e.g. 2m), for scripts that start both",
     )
+    p.add_argument(
+        "--drift",
+        type=parse_drift,
+        default=None,
+        metavar="feature=N[,after=S][,by=F][,variant=V]",
+        help="plant input drift: from S seconds on (default 0) multiply feature N of each row by F (default 1.5), "
+        "for every user or only those variant V answers (docs/quality.md)",
+    )
     p.set_defaults(func=_traffic)
 
 
@@ -196,6 +210,7 @@ class LoadConfig:
     until_rollback: bool = False
     bad_share: float = 0.0
     outcomes: OutcomeDemo | None = None
+    drift: Drift | None = None
 
 
 def plan_users(count: int, mix: Mapping[str, float], seed: int) -> list[tuple[str, str]]:
@@ -221,6 +236,60 @@ def bodies(seed: int, count: int = 64) -> list[bytes]:
     for i in range(count):
         row = DEMO_ROWS[i % len(DEMO_ROWS)]
         out.append(json.dumps(oip_body([[v * (1 + rng.uniform(-0.05, 0.05)) for v in row]])).encode())
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """Planted input drift: feature ``feature`` times ``by`` from ``after_s``, for ``variant``'s users (None: all)."""
+
+    feature: int
+    after_s: float = 0.0
+    by: float = 1.5
+    variant: str | None = None
+
+    def applies(self, elapsed_s: float, variant: str | None) -> bool:
+        """Does a request sent ``elapsed_s`` into the run, by a user last answered by ``variant``, drift?"""
+        return elapsed_s >= self.after_s and (self.variant is None or variant == self.variant)
+
+
+def parse_drift(text: str) -> Drift:
+    """``feature=N[,after=S][,by=F][,variant=V]`` (argparse type: a clear sentence when it is wrong)."""
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("feature", "after", "by", "variant") or not value:
+            raise argparse.ArgumentTypeError(f"expected feature=N[,after=S][,by=F][,variant=V], got {part!r}")
+        fields[key] = value
+    if "feature" not in fields:
+        raise argparse.ArgumentTypeError("--drift needs feature=N (the column of the model's input to shift)")
+    try:
+        drift = Drift(
+            int(fields["feature"]),
+            duration_arg(fields["after"]) if "after" in fields else 0.0,
+            float(fields.get("by", 1.5)),
+            fields.get("variant"),
+        )
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--drift {text!r}: {exc}") from None
+    if drift.feature < 0 or drift.after_s < 0:
+        raise argparse.ArgumentTypeError("--drift: feature and after are not negative")
+    return drift
+
+
+def drifted_bodies(seed: int, drift: Drift, count: int = 64) -> list[bytes]:
+    """`bodies` with feature ``drift.feature`` of every row multiplied by ``drift.by`` (same rows, same jitter)."""
+    out = []
+    for raw in bodies(seed, count):
+        doc = json.loads(raw)
+        tensor = doc["inputs"][0]
+        width = tensor["shape"][-1]
+        if drift.feature >= width:
+            raise ValueError(f"--drift feature={drift.feature}: the demo rows have {width} features (0..{width - 1})")
+        data = tensor["data"]
+        for i in range(drift.feature, len(data), width):
+            data[i] *= drift.by
+        out.append(json.dumps(doc).encode())
     return out
 
 
@@ -339,6 +408,8 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
         f"Bearer {mint('user-bad-region', residency='zz', ttl_s=config.duration_s + 3600)}",
     ]
     payloads = bodies(config.seed)
+    drifted = drifted_bodies(config.seed, config.drift) if config.drift else payloads
+    answered_by: dict[int, str] = {}  # user -> the variant that last answered (sticky): --drift variant=V
     rng = random.Random(config.seed + 1)
     url = f"{info.gateway_url}{infer_path(config.model)}"
     tally = Tally()
@@ -384,6 +455,7 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                     await response.read()
                     status = str(response.status)
                     variant = response.headers.get(HEADER_VARIANT, "-")
+                    answered_by[user] = variant
             except (TimeoutError, aiohttp.ClientError, OSError):
                 status, variant = "error", "-"
             tally.record(status, variant, time.perf_counter() - started)
@@ -488,7 +560,9 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
                     user = rng.randrange(config.users)
                     bad = config.bad_share and rng.random() < config.bad_share
                     token = rng.choice(bad_tokens) if bad else tokens[user]
-                    task = asyncio.create_task(one(user, rng.choice(payloads), token))
+                    i = rng.randrange(len(payloads))  # as rng.choice(payloads) would draw
+                    drifts = config.drift is not None and config.drift.applies(elapsed, answered_by.get(user))
+                    task = asyncio.create_task(one(user, (drifted if drifts else payloads)[i], token))
                     tally.sent += 1
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
@@ -573,10 +647,17 @@ def _traffic(args: argparse.Namespace) -> int:
         until_rollback=args.until_rollback,
         bad_share=args.bad_share,
         outcomes=_outcome_demo(args),
+        drift=args.drift,
     )
     if args.outcomes_model and config.outcomes is None:
         print("cohortgate traffic: --outcomes-model needs --conversion VARIANT=RATE,...", file=sys.stderr)
         return 2
+    if config.drift is not None:
+        try:
+            drifted_bodies(config.seed, config.drift, count=1)
+        except ValueError as exc:
+            print(f"cohortgate traffic: {exc}", file=sys.stderr)
+            return 2
     try:
         import uvloop
 
