@@ -134,7 +134,7 @@ def test_up_serves_the_example_policy_and_stops_every_child(up_factory) -> None:
     run = up.wait_run()
     children = run["children"]
     kinds = sorted(c["kind"] for c in children.values())
-    assert kinds == ["controller", "envoy", "gateway"] + ["sidecar"] * 5
+    assert kinds == ["controller", "envoy", "gateway"] + ["sidecar"] * 8  # tabular 4, ae-scoring 1, shop 3
     assert all(alive(c["pid"]) for c in children.values())
     assert all(Path(c["log"]).is_file() for c in children.values())
     # The effective policy points Envoy at the ports the sidecars really bound.
