@@ -131,7 +131,11 @@ def make_clone(dest: Path) -> Path:
             shutil.copy2(source, target)
     venv = dest / ".venv"
     venv.mkdir()
-    (venv / "bin").symlink_to(ROOT / ".venv" / "bin")
+    # bin and lib, and pyvenv.cfg: without it `python` in a block is the base interpreter, not the venv's
+    for part in ("bin", "lib", "lib64", "include"):
+        if (ROOT / ".venv" / part).exists():
+            (venv / part).symlink_to(ROOT / ".venv" / part)
+    shutil.copy2(ROOT / ".venv" / "pyvenv.cfg", venv / "pyvenv.cfg")
     for stamp in (".installed-cpu", ".installed-test"):
         (venv / stamp).touch()
     return dest
