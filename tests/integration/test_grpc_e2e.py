@@ -4,16 +4,22 @@ Real parts: Envoy (mTLS with client certificates from the test PKI, HTTP/2 downs
 process (grpc transport), two sidecars serving OIP v2 gRPC on their ``--grpc-port`` (control and a
 100 % shadow, both ``protocol: grpc`` backends: Envoy speaks HTTP/2 to them), onnxruntime. The route
 is matched by the request authority (``match.host``), KServe's way: a gRPC client's model name is in
-the protobuf body. Denials reach the client as gRPC statuses with the processor's sentence.
+the protobuf body. Denials reach the client as gRPC statuses with the processor's sentence; Envoy's own
+error answers (a backend that cannot be reached) as gRPC statuses with the local-reply mapper's sentence.
+Envoy's access log streams to the controller's real ALS receiver (its own event loop in a thread), and a
+sidecar with ``--fault-rate`` shows a gRPC failure inside HTTP 200 counted by the controller's windows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +27,13 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from cohortgate.controller.als import serve_als
+from cohortgate.controller.loop import Controller
+from cohortgate.controller.windows import is_error
+from cohortgate.core.policy import Policy
 from cohortgate.deploy import pki
+from cohortgate.store.events import Event, InProcessSink
+from cohortgate.store.state import InProcessState
 from sidecar.server import SidecarConfig
 from tests.integration.conftest import TRANSPORT_ARGS, GatewayProcess, free_port, mint
 from tests.sidecar.sidecar_helpers import ThreadedSidecar, sidecar_in_thread
@@ -61,7 +73,48 @@ routes:
       default_region: eu
     variants:
       - {{name: control, weight: 100, backends: [{{url: "http://127.0.0.1:{down}", region: eu, protocol: grpc}}]}}
+  - name: flaky-grpc
+    match: {{host: flaky.models.example.com}}
+    auth:
+      identities: ["spiffe://cohortgate.local/app-*"]
+    residency:
+      default_region: eu
+    variants:
+      - {{name: control, weight: 100, backends: [{{url: "http://127.0.0.1:{flaky}", region: eu, protocol: grpc}}]}}
 """
+
+FLAKY_RATE = 0.5  # the flaky sidecar's --fault-rate: every second inference fails (sidecar/faults.py)
+
+
+class AccessLog:
+    """The controller's ALS receiver (`serve_als`) on a Unix socket, served from its own event loop in a
+    thread (the plane is synchronous); what it emits is collected by route for the tests."""
+
+    def __init__(self, sock: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sink = InProcessSink()
+        self.run(self.sink.start())
+        self.server, self.receiver = self.run(serve_als(self.sink, f"uds:{sock}"))
+        self.events: list[Event] = []
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def of(self, route: str, n: int, timeout_s: float = 60.0) -> list[Event]:
+        """The route's events once ``n`` arrived (Envoy flushes every 200 ms; generous for a loaded CI box)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.events.extend(self.run(self.sink.read(10_000, 0.2)))
+            found = [e for e in self.events if e.route == route]
+            if len(found) >= n or time.monotonic() > deadline:
+                return found
+
+    def close(self) -> None:
+        self.run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
 
 
 @dataclass
@@ -71,6 +124,8 @@ class Plane:
     control: ThreadedSidecar
     shadow: ThreadedSidecar
     models: Path
+    policy: Policy
+    als: AccessLog
 
     def client(self, who: str = "app-demo", authority: str = HOST) -> triton.InferenceServerClient:
         cert, key = self.certs.clients[who]
@@ -90,15 +145,16 @@ class Plane:
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Iterator[Plane]:
     from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
     from cohortgate.deploy.envoyproc import EnvoyProcess
     from sidecar.demo_models import build_models
 
     work = tmp_path_factory.mktemp("grpc-e2e")
     build_models(work / "models", include_mlp=False)
-    ports = {"control": free_port(), "shadow": free_port(), "down": free_port()}  # nothing listens on "down"
+    # nothing listens on "down"; "flaky" fails every second inference
+    ports = {"control": free_port(), "shadow": free_port(), "down": free_port(), "flaky": free_port()}
 
-    def sidecar(variant: str, grpc_port: int) -> SidecarConfig:
+    def sidecar(variant: str, grpc_port: int, fault_rate: float = 0.0) -> SidecarConfig:
         return SidecarConfig(
             model_path=str(work / "models" / "tabular-control.onnx"),
             name="tabular",
@@ -106,15 +162,19 @@ def plane(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Ite
             grpc_port=grpc_port,
             variant=variant,
             intra_op_threads=1,
+            fault_rate=fault_rate,
         )
 
     policy_file = work / "policy.yaml"
     policy_file.write_text(POLICY.format(jwks=certs.jwks, host=HOST, **ports))
     sock = work / "run" / "processor.sock"
     gateway = GatewayProcess(policy_file, sock, "grpc", work)
+    (work / "run").mkdir(exist_ok=True)
+    als = AccessLog(work / "run" / "als.sock")
     with (
         sidecar_in_thread(sidecar("control", ports["control"])) as control,
         sidecar_in_thread(sidecar("challenger", ports["shadow"])) as shadow,
+        sidecar_in_thread(sidecar("control", ports["flaky"], FLAKY_RATE)),
     ):
         try:
             gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
@@ -126,11 +186,13 @@ def plane(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Ite
                 transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
                 listen_port=free_port(),
                 admin_port=free_port(),
+                access_log=AccessLogTarget(uds=str(work / "run" / "als.sock")),
             )
             with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
-                yield Plane(envoy.listen_port, certs, control, shadow, work / "models")
+                yield Plane(envoy.listen_port, certs, control, shadow, work / "models", load_policy(policy_file), als)
         finally:
             gateway.stop()
+            als.close()
 
 
 def rows(n: int) -> np.ndarray:
@@ -201,6 +263,35 @@ def test_a_backend_that_cannot_be_reached_is_unavailable(plane: Plane) -> None:
     with pytest.raises(InferenceServerException) as info:
         infer(client, rows(1), mint(plane.certs, "user-3"))
     assert info.value.status() == "StatusCode.UNAVAILABLE"
-    # Envoy's local-reply mapper (deploy/envoy/replies.py) writes its JSON body as the grpc-message
-    assert "cannot be reached" in info.value.message()
+    # Envoy's gRPC local-reply mapper (deploy/envoy/replies.py): the sentence, not the REST caller's JSON body
+    assert info.value.message() == "The model backend for this route cannot be reached right now; try again later."
     client.close()
+    # and the controller counts it as an error (Envoy answered the gRPC caller with HTTP 200 + grpc-status 14)
+    [event] = plane.als.of("down-grpc", 1)
+    assert event.variant == "control" and is_error(event.status), event
+
+
+def test_a_failing_grpc_backends_errors_reach_the_controllers_error_count(plane: Plane) -> None:
+    """A sidecar's INTERNAL is HTTP 200 with a grpc-status trailer: the controller's window counts it."""
+    client = plane.client(authority="flaky.models.example.com")
+    token = mint(plane.certs, "user-4")
+    statuses = []
+    for _ in range(10):
+        try:
+            infer(client, rows(1), token)
+            statuses.append("OK")
+        except InferenceServerException as exc:
+            statuses.append(exc.status())
+    client.close()
+    assert statuses == ["OK", "StatusCode.INTERNAL"] * 5  # the knob fails every second request, exactly
+    events = plane.als.of("flaky-grpc", 10)
+    assert len(events) == 10
+
+    async def window() -> dict[str, Any]:
+        controller = Controller(plane.policy, InProcessState(), InProcessSink())
+        await controller.start()
+        controller.ingest(events)
+        return controller.status()["routes"]["flaky-grpc"]["variants"]["control"]["window"]
+
+    counted = plane.als.run(window())
+    assert (counted["requests"], counted["errors"]) == (10, 5)  # was 0 errors: every entry logged as 200
