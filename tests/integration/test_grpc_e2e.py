@@ -291,7 +291,8 @@ def test_a_failing_grpc_backends_errors_reach_the_controllers_error_count(plane:
         controller = Controller(plane.policy, InProcessState(), InProcessSink())
         await controller.start()
         controller.ingest(events)
-        return controller.status()["routes"]["flaky-grpc"]["variants"]["control"]["window"]
+        counted: dict[str, Any] = controller.status()["routes"]["flaky-grpc"]["variants"]["control"]["window"]
+        return counted
 
     counted = plane.als.run(window())
     assert (counted["requests"], counted["errors"]) == (10, 5)  # was 0 errors: every entry logged as 200
