@@ -10,7 +10,7 @@ anywhere is rolled back with probability at most ``alpha`` over the whole experi
 
     segment harm tests   alpha/2   over 2 metrics (errors, slow requests) x every segment value
     four-fifths rule     alpha/4   over the segments
-    drift (G-test gate)  alpha/4   half inputs, half predictions; spent over looks as 6/(pi^2 j^2)
+    drift (chi-square gate) alpha/4   half inputs, half predictions; spent over looks as 6/(pi^2 j^2)
 
 Signals, in order of precedence, for each active challenger:
 
@@ -397,7 +397,7 @@ class QualityMonitor:
                     Signal.BREACH,
                     f"{what} drift against control on the same window: {len(s.drifted)} of {s.judged} "
                     f"{'features' if kind == 'inputs' else 'outputs'} moved; {feature}: JS {d.js:.3f}, PSI "
-                    f"{d.psi:.3f} (G-test p={d.p_value:.2g} < {alpha / max(s.judged, 1):.2g})",
+                    f"{d.psi:.3f} (chi-square p={d.p_value:.2g} < {alpha / max(s.judged, 1):.2g})",
                     {"quality": {"signal": "input_drift" if kind == "inputs" else "prediction_drift", **s.to_json()}},
                 )
 

@@ -195,7 +195,7 @@ function qualityPanel(q) {
   return el("div", { class: "quality" },
     el("h3", {}, `Drift (PSI > ${t.psi ?? "–"}, JS > ${t.js ?? "–"}, Wasserstein > ${t.wasserstein ?? "–"} sd; min ${t.min_samples})`),
     q.notice ? el("p", { class: "notice error" }, q.notice) : null,
-    table(["variant", "compared", "feature", "PSI", "JS", "Wasserstein", "G-test p", "over threshold"], q.drift, "no quality reports yet"),
+    table(["variant", "compared", "feature", "PSI", "JS", "Wasserstein", "chi-square p", "over threshold"], q.drift, "no quality reports yet"),
     el("h3", {}, `Segments (margin ${t.margin} odds; always-valid p errors / slow)`),
     table(["segment", "variant", "requests", "error rate", "p95", "p"], q.segments, "no segments declared"),
     q.impact.length ? el("h3", {}, `Four-fifths rule (floor ${t.four_fifths})`) : null,
