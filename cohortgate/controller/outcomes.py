@@ -39,9 +39,12 @@ binary or mean metric's denominator needs: the unit is in the arm; it carries th
 segment of that first one); on a route with a ``ratio`` metric, whose denominator is the unit's
 exposure count, the later ones become one ``{"kind": "exposures", "n": COUNT, ...}`` line per unit
 per interval (`flush_exposure_counts`). A restart replays to the same tallies, lift and verdicts.
-What it does not restore: the request-id map and dedup keys of a unit's later exposures (an import
-by such a request id after a restart reads ``unknown_request``; a redelivered access-log entry of
-one counts again, which only a ratio metric sees). The journal is not trimmed: its outcome and
+An outcome joined by request id to a later (unjournaled) exposure is journaled as the join itself
+(the exposure's route, variant, unit, eid and time instead of the request id), so a replay counts
+it the same; the import line it came from then reads ``unknown_request`` in the replay's counts.
+What a restart does not restore: the request-id map and dedup keys of a unit's later exposures
+(an import by such a request id after a restart reads ``unknown_request``; a redelivered
+access-log entry of one counts again, which only a ratio metric sees). The journal is not trimmed: its outcome and
 first-exposure lines carry tallies that outlive the window (an experiment runs longer than the
 attribution window), so dropping them would change the lift after a restart; its exposure lines
 are bounded by units, not requests.
@@ -212,7 +215,9 @@ class OutcomeLedger:
         self._arms: dict[str, dict[str, _Arm]] = {}
         self._seen_exposures: set[tuple[str, str, str, str]] = set()
         self._seen_outcomes: set[tuple[tuple[str, str, str, str], str]] = set()
-        self._requests: dict[str, tuple[Exposure, float]] = {}  # request id -> exposure, its time
+        # request id -> exposure, its time, whether the journal has the exposure (else a join is journaled)
+        self._requests: dict[str, tuple[Exposure, float, bool]] = {}
+        self._resolved: dict[str, Any] | None = None  # the journal's copy of an outcome joined by request id
         self._covariates: dict[tuple[str, str], dict[str, float]] = {}  # (route, name) -> unit -> value
         self._bounds: dict[tuple[str, str, str], L.Bounds] = {}
         self.segments: dict[str, dict[str, str]] = {}  # route -> unit -> its first allocation segment (bandits)
@@ -257,7 +262,10 @@ class OutcomeLedger:
         feed = kind in ("exposure", EXPOSURE_COUNTS) and record.get("source") == FROM_ACCESS_LOG
         n = int(record["n"]) if kind == EXPOSURE_COUNTS and status == ACCEPTED else 1  # each exposure it counts
         (self.exposure_counts if feed else self.counts)[status] += n
-        if journal and status == ACCEPTED:
+        resolved, self._resolved = self._resolved, None
+        if status == ACCEPTED and resolved is not None:  # the join itself: a replay lacks that exposure
+            self.unjournaled.append(resolved)
+        elif journal and status == ACCEPTED:
             self.unjournaled.append(dict(record))
         return status
 
@@ -290,6 +298,8 @@ class OutcomeLedger:
                     arm = self._arms.get(route, {}).get(variant)
                     first = arm is None or unit not in arm.index
                     status = self._expose(record)
+                    if status == ACCEPTED and not first and request_id:
+                        self._requests[request_id] = (*self._requests[request_id][:2], False)  # not journaled
                     if status == ACCEPTED and first:
                         self.unjournaled.append(record)  # a replay counts it in exposure_counts too (`ingest`)
                     elif status == ACCEPTED and any(m.kind == "ratio" for m in self.metrics[route].values()):
@@ -374,7 +384,8 @@ class OutcomeLedger:
         if exp.issued_at < self.horizon:  # its dedup key may be forgotten: an outcome for it is refused anyway
             return EXPIRED
         if rid:
-            self._requests[str(rid)] = (exp, t)
+            prev = self._requests.get(str(rid))
+            self._requests[str(rid)] = (exp, t, prev[2] if prev is not None and prev[0].key == exp.key else True)
             self._file(_REQUEST, str(rid), exp.issued_at)
         if exp.key in self._seen_exposures:
             return DUPLICATE
@@ -390,6 +401,7 @@ class OutcomeLedger:
         if metric == LABEL_METRIC:  # a label for a served prediction: model accuracy (labels.py)
             return self.labels.label(r, t, self.keys, self.window_s)
         token = r.get("exposure")
+        joined = False  # a journaled join: its exposure is counted by the count lines, not again here
         if token:
             try:
                 exp = verify(str(token), self.keys, t, self.window_s)
@@ -399,9 +411,19 @@ class OutcomeLedger:
             found = self._requests.get(str(r["request_id"]))
             if found is None:
                 return UNKNOWN_REQUEST
-            exp, served_at = found
+            exp, served_at, journaled = found
             if t - served_at > self.window_s:
                 return EXPIRED
+            if not journaled:
+                fields = {"route": exp.route, "variant": exp.variant, "unit": exp.unit, "eid": exp.eid}
+                resolved = {"kind": "outcome", "metric": metric, "value": value, "t": t, "served_at": served_at}
+                self._resolved = {**resolved, **fields, "segment": exp.segment}
+        elif r.get("eid") and r.get("served_at") is not None:  # a join the ledger journaled (see `ingest`)
+            served_at = float(r["served_at"])
+            if t - served_at > self.window_s:
+                return EXPIRED
+            segment, joined = str(r.get("segment") or ""), True
+            exp = Exposure(str(r["route"]), str(r["variant"]), str(r["unit"]), int(served_at), str(r["eid"]), segment)
         else:
             return BAD_RECORD
         self._advance(t)
@@ -412,9 +434,14 @@ class OutcomeLedger:
         key = (exp.key, metric)
         if key in self._seen_outcomes:
             return DUPLICATE
+        if token and r.get("registered"):
+            joined = True  # its exposure was counted before it (journaled as a first or in a count line)
+        elif token and exp.key in self._seen_exposures:
+            self._resolved = {**r, "registered": True}  # so a replay does not count that exposure again
         self._seen_outcomes.add(key)
         self._file(_OUTCOME, key, exp.issued_at)
-        self._register(exp)  # the token proves the exposure even if the access log has not said so yet
+        if not joined:
+            self._register(exp)  # the token proves the exposure even if the access log has not said so yet
         self._arm(exp.route, exp.variant).add(exp.unit, metric, value)
         return ACCEPTED
 
