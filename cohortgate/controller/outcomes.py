@@ -313,7 +313,12 @@ class OutcomeLedger:
         """Move the later exposures counted since the last call into ``unjournaled``: one
         ``exposures`` line per unit (ratio routes only, see the module docstring); how many lines."""
         for (route, variant, unit), (n, t) in self._counts_due.items():
-            record = {"kind": EXPOSURE_COUNTS, "source": FROM_ACCESS_LOG, "route": route, "variant": variant}
+            record: dict[str, Any] = {
+                "kind": EXPOSURE_COUNTS,
+                "source": FROM_ACCESS_LOG,
+                "route": route,
+                "variant": variant,
+            }
             record.update(unit=unit, n=int(n), t=t)
             self.unjournaled.append(record)
         lines = len(self._counts_due)
