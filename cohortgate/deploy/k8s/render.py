@@ -68,11 +68,21 @@ def render(policy: Policy, raw: bytes | str, options: RenderOptions, *, source: 
     from cohortgate.deploy.k8s import sizing
 
     plan = make_plan(policy, raw, options)
+    outcome_clusters = {
+        b.cluster for r in policy.routes if r.kind == "outcomes" for v in r.variants for b in v.backends
+    }
     warnings = [
         f"backend {b.url} ({b.cluster}) has no `model` and a loopback address: inside a pod that is the pod "
         "itself; give it a reachable URL or a model"
         for b in plan.external
-        if b.host.startswith(_LOOPBACK)
+        if b.host.startswith(_LOOPBACK) and b.cluster not in outcome_clusters
+    ]
+    warnings += [
+        f"route {r.name} (kind: outcomes) posts to the controller's API, which this render keeps pod-local: "
+        "outcomes through the edge are not wired on Kubernetes yet; producers XADD to the controller's "
+        "Redis stream instead (docs/outcomes.md)"
+        for r in policy.routes
+        if r.kind == "outcomes"
     ]
     groups: dict[str, list[Any]] = {}
     namespace = k.V1Namespace(

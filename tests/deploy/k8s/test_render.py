@@ -616,3 +616,12 @@ def test_processor_timeout_reaches_the_edge_and_both_meshes(example):
     assert istio["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["message_timeout"] == "2.500s"
     with pytest.raises(ValueError, match="processor timeout"):
         RenderOptions(processor_timeout_s=0)
+
+
+def test_an_outcomes_route_is_named_in_a_warning_not_a_loopback_one(renders):
+    """The example's outcomes route posts to the controller's API, which the render keeps pod-local:
+    the user is told in one sentence what to do instead of a generic loopback warning."""
+    warnings = renders["edge"].warnings
+    outcomes = [w for w in warnings if "kind: outcomes" in w]
+    assert outcomes and all("Redis stream" in w for w in outcomes)
+    assert not any("9480" in w and "loopback" in w for w in warnings)
