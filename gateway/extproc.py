@@ -156,7 +156,11 @@ def _varint(n: int) -> bytes:
 def _ld(tag: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field; ``tag`` is the pre-shifted key byte."""
     n = len(payload)
-    return bytes((tag, n)) + payload if n < 0x80 else bytes((tag,)) + _varint(n) + payload
+    if n < 0x80:
+        return bytes((tag, n)) + payload
+    if n < 0x4000:  # the answers' outer fields: a two-byte varint without the loop
+        return bytes((tag, (n & 0x7F) | 0x80, n >> 7)) + payload
+    return bytes((tag,)) + _varint(n) + payload
 
 
 def _proto_set(name: str, raw: bytes) -> bytes:
@@ -401,18 +405,19 @@ class Processor:
             for h in request.request_headers.headers.headers:
                 key = h.key
                 if key in wanted:
-                    value = _decode(h.raw_value) if h.raw_value else h.value
+                    raw = h.raw_value  # one read: each protobuf field access builds a new object
+                    value = raw.decode("utf-8", "replace") if raw else h.value
                     headers[key] = headers[key] + "," + value if key in headers else value
                 elif key.startswith(HEADER_PREFIX) or key in STRIPPED_EXACT:
                     strip.append(key)
             uri, mtls = None, None
             struct = request.attributes.get(ATTRIBUTES_KEY) if request.attributes else None
             if struct is not None:
-                fields = struct.fields
-                if URI_SAN_ATTRIBUTE in fields:
-                    uri = fields[URI_SAN_ATTRIBUTE].string_value
-                if MTLS_ATTRIBUTE in fields:
-                    mtls = fields[MTLS_ATTRIBUTE].bool_value
+                fields = struct.fields  # .get: one map lookup each, and never inserts a missing key
+                if (attr := fields.get(URI_SAN_ATTRIBUTE)) is not None:
+                    uri = attr.string_value
+                if (attr := fields.get(MTLS_ATTRIBUTE)) is not None:
+                    mtls = attr.bool_value
             answer = self._evaluate(policy, headers, strip, uri, mtls)
             if self.tracing is not None:
                 self._trace(headers if TRACEPARENT in headers or not stream_trace else stream_trace, t0, answer)
