@@ -74,6 +74,9 @@ AUDIT_FORMATS = ("json", "ecs")
 
 #: subjects whose hash the writer keeps (cleared when full: a bounded cache)
 _SUBJECTS_LIMIT = 65_536
+#: encoded (route, variant, region, outcome, reason, status, shadows) parts the writer keeps
+_MIDDLES_LIMIT = 4096
+_dumps = orjson.dumps
 
 #: defaults of a file trail: at most (1 + AUDIT_BACKUPS) x AUDIT_MAX_BYTES on disk
 AUDIT_MAX_BYTES = 64 * 1024 * 1024
@@ -190,6 +193,7 @@ class AuditLog:
         # prefix (~4 us of isoformat), so a line costs its dict and orjson; the cache is cleared when full
         self._subjects: dict[str, str] = {}
         self._second: tuple[tuple[int, ...], str] = ((), "")
+        self._middles: dict[tuple[Any, ...], bytes] = {}  # route .. shadows, encoded: policy names only
         self._close_stream = close_stream
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._max = max_pending
@@ -283,20 +287,74 @@ class AuditLog:
             marker.set()
 
     def _line(self, entry: tuple[Any, ...]) -> bytes:
+        """One line: `_record`'s JSON, byte for byte; the flat format joins encoded parts instead of
+        building a dict, and the fields from route to shadows (names from the policy, a code, a
+        status) come from a small cache, a third of the cost of ``orjson.dumps(record)``."""
+        if self._ecs or len(entry) < 11:
+            return self._record_line(entry)
+        try:
+            middle = self._middles.get(entry[4:11])
+        except TypeError:  # an unhashable field: the general path
+            return self._record_line(entry)
+        if middle is None:
+            if len(self._middles) >= _MIDDLES_LIMIT:
+                self._middles.clear()
+            route, variant, region, outcome, reason, status, shadows = entry[4:11]
+            middle = self._middles[entry[4:11]] = b"".join(
+                (
+                    b',"route":',
+                    _dumps(route),
+                    b',"variant":',
+                    _dumps(variant),
+                    b',"region":',
+                    _dumps(region),
+                    b',"outcome":',
+                    _dumps(outcome),
+                    b',"reason":',
+                    _dumps(reason),
+                    b',"status":',
+                    _dumps(status),
+                    b',"shadows":',
+                    _dumps(list(shadows)),
+                )
+            )
+        parts = [
+            b'{"time":"',
+            self._timestamp(entry[0]).encode(),
+            b'","request_id":',
+            _dumps(entry[1]),
+            b',"identity":',
+            _dumps(entry[2]),
+            b',"subject":',
+            _dumps(self._subject(entry[3])),
+            middle,
+        ]
+        if len(entry) > 11 and entry[11] is not None:
+            parts += (b',"trace_id":', _dumps(entry[11]))
+        if len(entry) > 12 and entry[12] is not None:
+            parts += (b',"model_digest":', _dumps(entry[12]))
+        parts.append(b"}\n")
+        return b"".join(parts)
+
+    def _subject(self, subject: Any) -> str | None:
+        """The subject's keyed hash (cached: an HMAC per line was a third of the line's cost)."""
+        if subject is None:
+            return None
+        subject = str(subject)
+        hashed = self._subjects.get(subject)
+        if hashed is None:
+            if len(self._subjects) >= _SUBJECTS_LIMIT:
+                self._subjects.clear()
+            hashed = self._subjects[subject] = self._hash(subject)
+        return hashed
+
+    def _record_line(self, entry: tuple[Any, ...]) -> bytes:
         record = dict(zip(AuditEntry._fields, entry, strict=False))
         for name in OPTIONAL_FIELDS:
             if record.get(name) is None:
                 record.pop(name, None)
         record["time"] = self._timestamp(entry[0])
-        subject = record["subject"]
-        if subject is not None:
-            subject = str(subject)
-            hashed = self._subjects.get(subject)
-            if hashed is None:
-                if len(self._subjects) >= _SUBJECTS_LIMIT:
-                    self._subjects.clear()
-                hashed = self._subjects[subject] = self._hash(subject)
-            record["subject"] = hashed
+        record["subject"] = self._subject(record["subject"])
         record["shadows"] = list(record["shadows"])
         if self._ecs:
             return orjson.dumps(audit_to_ecs(record), option=orjson.OPT_APPEND_NEWLINE)
