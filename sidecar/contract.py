@@ -286,6 +286,8 @@ class _Binning:
         high = last > self.edges[-1]
         last[high] = np.nextafter(last[high], np.float32(-np.inf))
         up[-1] = last
+        infinite = np.isinf(self.edges)  # +-inf (the padding among them) decides the same in float32
+        up[infinite] = self.edges[infinite]
         self.edges32 = up
 
     def sketches(self, x: np.ndarray) -> list[tuple[int, NumericSketch]]:
