@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +79,14 @@ def simulate(
     revenue_lift: float = 0.0,
     revenue_sigma: float = 1.0,
     seed: int = 0,
+    label_delay_looks: int = 0,
 ) -> SimResult:
-    """``runs`` experiments of ``units`` units looked at ``looks`` times (module docstring)."""
+    """``runs`` experiments of ``units`` units looked at ``looks`` times (module docstring).
+
+    ``label_delay_looks``: a delayed-label scenario. Each unit's outcomes arrive a uniformly drawn
+    0..N looks after its exposure (labels that come later: a purchase days after the page, a label
+    from a warehouse import); the looks go on until every outcome is in. Until then the unit counts
+    as exposed without a conversion, as the live ledger counts it."""
     policy = sim_policy(planned_units or units, guardrail_margin)
     route = policy.by_name[ROUTE]
     healthy = Summary(10_000, 0, 20.0, 30.0, 40.0)
@@ -97,8 +104,12 @@ def simulate(
         ingest = gate.ledger.ingest
         won = lost = lost_g = primary_won = False
         verdict = None
-        for k in range(looks):
-            for i in range(cuts[k], cuts[k + 1]):
+        delay = rng.integers(0, label_delay_looks + 1, units) if label_delay_looks else np.zeros(units, int)
+        due: dict[int, list[dict[str, Any]]] = {}
+        for k in range(looks + label_delay_looks):
+            for record in due.pop(k, []):
+                ingest(record)
+            for i in range(cuts[k], cuts[k + 1]) if k < looks else ():
                 rid = f"{run}-{i}"
                 variant = "canary" if canary[i] else "control"
                 ingest(
@@ -111,24 +122,23 @@ def simulate(
                         "request_id": rid,
                     }
                 )
+                records = []
+                outcome = {"kind": "outcome", "request_id": rid, "t": 0.0}
                 if converts[i]:
-                    ingest({"kind": "outcome", "metric": "conversion", "value": 1, "request_id": rid, "t": 0.0})
+                    records.append({**outcome, "metric": "conversion", "value": 1})
                 if guardrail_margin is not None:
-                    ingest(
-                        {
-                            "kind": "outcome",
-                            "metric": "revenue",
-                            "value": float(revenue[i]),
-                            "request_id": rid,
-                            "t": 0.0,
-                        }
-                    )
+                    records.append({**outcome, "metric": "revenue", "value": float(revenue[i])})
+                if delay[i]:
+                    due.setdefault(k + int(delay[i]), []).extend(records)
+                else:
+                    for record in records:
+                        ingest(record)
             gate.look(ROUTE)
             ev = gate.with_outcomes(ROUTE, "canary", base_ev)
             verdict = judge("canary", state, route.guardrails, route.rollout, 1e9, ev)
             if verdict.signal is Signal.WIN and not won:
                 won = True
-                win_units.append(int(cuts[k + 1]))
+                win_units.append(int(cuts[min(k + 1, looks)]))
             primary_won = primary_won or any(o.role == "primary" and o.verdict == "win" for o in ev.outcomes)
             if verdict.signal is Signal.LOSS:
                 lost = True

@@ -30,3 +30,15 @@ def test_power_for_a_planted_lift_matches_the_plan():
     assert abs(r.win - 0.8) <= 0.1, r  # within 10 points of the plan's promise
     assert r.loss == 0.0  # a better canary is never rolled back here
     assert r.median_win_units is not None and r.median_win_units < p.units_sequential  # stops early when it can
+
+
+def test_delayed_labels_keep_the_level_and_the_decision_still_comes():
+    """Labels that arrive up to 3 looks after the exposure (a purchase days later, a warehouse
+    import): meanwhile the unit counts as exposed without a conversion in both arms, so A/A stays
+    under alpha while looking every interval, and a planted lift still wins once the labels are in."""
+    aa = simulate(200, units=1000, looks=10, base=0.3, seed=21, label_delay_looks=3)
+    assert aa.win <= ALPHA and aa.primary_win <= ALPHA and aa.loss <= ALPHA, aa
+    p = plan(0.3, 0.4, kind="binary", alpha=ALPHA, power=0.8)
+    prompt = simulate(200, units=p.units_sequential, looks=10, base=0.3, lift=0.4, seed=22)
+    late = simulate(200, units=p.units_sequential, looks=10, base=0.3, lift=0.4, seed=22, label_delay_looks=3)
+    assert late.loss == 0.0 and late.win >= prompt.win - 0.1, (prompt, late)  # the labels catch up
