@@ -269,8 +269,8 @@ async def _quality(request: web.Request) -> web.Response:
             accepted += 1
         else:
             errors.append(f"no route with a quality block serves model {report.model!r} variant {report.variant!r}")
-    if isinstance(data, dict) and errors:
-        return _error(400, "bad_report", errors[0])
+    # counted like /reports: a report that cannot be read or placed is rejected in the answer's counts
+    # (with the reason), never a failed request; a sidecar's next window is not held up by it
     return _json({"accepted": accepted, "rejected": len(items) - accepted, "errors": errors[:5]}, 202)
 
 

@@ -483,9 +483,7 @@ def build() -> dict[str, Any]:
                         },
                         "Counted: a report that cannot be read, or names no route with a quality block, is rejected.",
                     ),
-                    "400": error(
-                        "The body is not JSON, or neither an object nor a list, or a lone report is malformed."
-                    ),
+                    "400": error("The body is not JSON, or neither an object nor a list."),
                     "401": UNAUTHENTICATED,
                     "403": error("Not from loopback."),
                     "413": error("More than 10 000 reports, or a body over 4 MiB."),
