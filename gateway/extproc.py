@@ -43,6 +43,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from cohortgate.core.contract import (
     EXPOSURE_KEY_ENV,
+    GRPC_CONTENT_TYPE,
     HEADER_ASSIGNMENT,
     HEADER_CLUSTER,
     HEADER_ENTITY,
@@ -76,7 +77,6 @@ log = logging.getLogger("cohortgate.extproc")
 
 XFCC_HEADER = "x-forwarded-client-cert"
 CONTENT_TYPE = "content-type"  # application/grpc*: the caller is a gRPC client, denied with a gRPC status
-GRPC_CONTENT_TYPE = "application/grpc"
 REQUEST_ID_HEADER = "x-request-id"
 STRIPPED_EXACT = frozenset({XFCC_HEADER})
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
