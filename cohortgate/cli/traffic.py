@@ -50,6 +50,7 @@ from cohortgate.support.durations import duration_arg
 ROLLBACK_POLL_S = 1.0
 OUTCOMES_PATH = "/v1/outcomes"  # the policy's `kind: outcomes` route (policies/example.yaml)
 OUTCOMES_FLUSH_S = 1.0  # outcomes are posted in one batch this often
+VISIT_TOKEN_TTL_S = 600  # a visitor's own token: one request, then its outcome within the attribution window
 VISITOR_HEADER = "x-visitor-id"  # the shop route's unit: `cohorts.unit: {header: x-visitor-id}`
 DESCRIPTION = (
     "Drive realistic load through the running stack, so the experiment visibly evolves: many sticky "
@@ -421,9 +422,8 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
     regions = Counter(region for _, region in users)
     demo = config.outcomes
     shop_url = f"{info.gateway_url}{infer_path(demo.model)}" if demo else ""
-    storefront = {  # one storefront app calls for all its visitors; the unit is the visitor header
-        scope: f"Bearer {mint('storefront', residency='eu', scopes=(scope,), ttl_s=config.duration_s + 3600)}"
-        for scope in ("predict", "outcomes")
+    storefront = {  # the storefront app posts every visitor's outcome (each visit has its own token)
+        "outcomes": f"Bearer {mint('storefront', residency='eu', scopes=('outcomes',), ttl_s=config.duration_s + 3600)}"
     }
     pending: list[dict[str, Any]] = []  # outcomes not yet posted
     print(
@@ -464,7 +464,10 @@ async def run_load(info: StackInfo, config: LoadConfig, out: TextIO) -> Tally:
             """One shopper: an answer with an exposure token, then (later, batched) 1 or 0 converted."""
             assert demo is not None
             who = visitor(config.seed, n)
-            headers = {"content-type": "application/json", "authorization": storefront["predict"], VISITOR_HEADER: who}
+            # the visitor is the unit whether the route keys it by the visitor header (the shop) or by
+            # the token's subject (a bandit route such as policies/bandit.yaml): its own token, sub = visitor
+            token = f"Bearer {mint(who, residency='eu', scopes=('predict',), ttl_s=VISIT_TOKEN_TTL_S)}"
+            headers = {"content-type": "application/json", "authorization": token, VISITOR_HEADER: who}
             try:
                 async with session.post(shop_url, data=body, headers=headers) as response:
                     await response.read()

@@ -22,6 +22,13 @@ from cohortgate.core.policy import Policy, parse_policy
 from cohortgate.store.events import InProcessSink
 from cohortgate.store.state import InProcessState, effective_policy
 
+
+def bandit_route_text() -> str:
+    """policies/bandit.yaml up to its outcomes route: the ranker route's allocation block ends it, so
+    tests can append to that block."""
+    return (ROOT / "policies" / "bandit.yaml").read_text().partition("\n\n  # Where clients post")[0] + "\n"
+
+
 ROOT = Path(__file__).resolve().parents[2]
 APP = "spiffe://cohortgate.local/app-demo"
 SECRET = "allocation-segments-key-0123456789"
@@ -39,7 +46,7 @@ WITHIN = 6_000  # two segments share the traffic: each sees about 3 000 requests
 
 def segmented_policy() -> Policy:
     lines = []
-    for line in (ROOT / "policies" / "bandit.yaml").read_text().splitlines():
+    for line in bandit_route_text().splitlines():
         lines.append(line)
         if "region: eu, model:" in line:
             port = line.split("127.0.0.1:")[1][:5]

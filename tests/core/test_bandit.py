@@ -15,6 +15,13 @@ from cohortgate.core.decide import Facts, decide
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import load_policy, parse_policy
 
+
+def bandit_route_text() -> str:
+    """policies/bandit.yaml up to its outcomes route: the ranker route's allocation block ends it, so
+    tests can append to that block."""
+    return (ROOT / "policies" / "bandit.yaml").read_text().partition("\n\n  # Where clients post")[0] + "\n"
+
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = load_policy(ROOT / "policies" / "bandit.yaml")
 APP = "spiffe://cohortgate.local/app-demo"
@@ -44,7 +51,7 @@ def test_demo_policy_compiles_its_allocation():
 
 
 def _with_allocation(block: str, extra: str = "") -> str:
-    text = (ROOT / "policies" / "bandit.yaml").read_text()
+    text = bandit_route_text()
     head, _, _ = text.partition("    allocation:")
     return head + extra + "    allocation:\n" + block
 
@@ -210,7 +217,7 @@ def _policy(weights: list[int], disabled: tuple[str, ...] = (), salt: str | None
     policy = DEMO.with_weights({"ranker": dict(zip(ARMS, weights, strict=True))}, {"ranker": disabled})
     if salt is None:
         return policy
-    text = (ROOT / "policies" / "bandit.yaml").read_text().replace("ranker-bandit-2026-11", salt)
+    text = bandit_route_text().replace("ranker-bandit-2026-11", salt)
     fresh = parse_policy(text, filename="b.yaml", base_dir=ROOT / "policies")
     return fresh.with_weights({"ranker": dict(zip(ARMS, weights, strict=True))})
 
@@ -292,7 +299,7 @@ def test_routes_without_allocation_never_pin():
 def _segmented_text() -> str:
     """The demo route served in eu and us, its bandit per region and per the token's `tier` claim."""
     lines = []
-    for line in (ROOT / "policies" / "bandit.yaml").read_text().splitlines():
+    for line in bandit_route_text().splitlines():
         lines.append(line)
         if "region: eu, model:" in line:
             port = line.split("127.0.0.1:")[1][:5]
