@@ -33,7 +33,7 @@ from cohortgate import __version__
 from cohortgate.core.contract import HEADER_ENTITY, HEADER_FEATURES, HEADER_SEGMENT
 from sidecar.batching import BatchTiming
 from sidecar.errors import BadRequest, InferenceFailed, NotFound, SidecarError, Unavailable
-from sidecar.protocol import DATATYPES, InferRequest, Signature, format_shape
+from sidecar.protocol import DATATYPES, InferRequest, Signature, complete_inputs, format_shape
 from sidecar.server import EXTENSIONS, REQUEST_ID, SERVER_NAME
 from sidecar.tracing import record_infer
 
@@ -124,18 +124,7 @@ def decode_infer_request(signature: Signature, request: Any) -> InferRequest:
                 )
             array = np.asarray(values, dtype=dtype).reshape(shape)
         arrays[index] = array
-    for spec, array in zip(signature.inputs, arrays, strict=True):
-        if array is None:
-            raise BadRequest(f"missing input '{spec.name}'; expected {spec.datatype} {format_shape(spec.shape)}")
-    inputs: tuple[np.ndarray, ...] = tuple(arrays)  # type: ignore[arg-type]
-    rows = inputs[0].shape[0] if inputs[0].ndim else 1
-    if len(inputs) > 1 and signature.batchable:
-        for spec, array in zip(signature.inputs, inputs, strict=True):
-            if array.shape[0] != rows:
-                raise BadRequest(
-                    f"input '{spec.name}' has {array.shape[0]} rows but "
-                    f"'{signature.inputs[0].name}' has {rows}; every input needs the same number of rows"
-                )
+    inputs, rows = complete_inputs(signature, arrays)
     outputs = []
     for requested in request.outputs:
         index = signature._outputs_by_name.get(requested.name)

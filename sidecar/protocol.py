@@ -184,18 +184,7 @@ def decode_infer_request(signature: Signature, body: bytes, header_length: str |
         arrays[index] = array
     if offset != size:
         raise BadRequest(f"the body has {size - offset} bytes that no input claims")
-    for spec, array in zip(signature.inputs, arrays, strict=True):
-        if array is None:
-            raise BadRequest(f"missing input '{spec.name}'; expected {spec.datatype} {format_shape(spec.shape)}")
-    inputs: tuple[np.ndarray, ...] = tuple(arrays)  # type: ignore[arg-type]
-    rows = inputs[0].shape[0] if inputs[0].ndim else 1
-    if len(inputs) > 1 and signature.batchable:
-        for spec, array in zip(signature.inputs, inputs, strict=True):
-            if array.shape[0] != rows:
-                raise BadRequest(
-                    f"input '{spec.name}' has {array.shape[0]} rows but "
-                    f"'{signature.inputs[0].name}' has {rows}; every input needs the same number of rows"
-                )
+    inputs, rows = complete_inputs(signature, arrays)
     binary_default = params is not None and params.get("binary_data_output") is True
     outputs, binary = _requested_outputs(signature, doc.get("outputs"), binary_default)
     return InferRequest(request_id, inputs, rows, outputs, binary)
@@ -305,3 +294,20 @@ def _requested_outputs(
         indices.append(index)
         binary.append(flag)
     return tuple(indices), tuple(binary)
+
+
+def complete_inputs(signature: Signature, arrays: list[np.ndarray | None]) -> tuple[tuple[np.ndarray, ...], int]:
+    """Every input of the signature present, with one row count when the model batches (REST and gRPC)."""
+    for spec, array in zip(signature.inputs, arrays, strict=True):
+        if array is None:
+            raise BadRequest(f"missing input '{spec.name}'; expected {spec.datatype} {format_shape(spec.shape)}")
+    inputs: tuple[np.ndarray, ...] = tuple(arrays)  # type: ignore[arg-type]
+    rows = inputs[0].shape[0] if inputs[0].ndim else 1
+    if len(inputs) > 1 and signature.batchable:
+        for spec, array in zip(signature.inputs, inputs, strict=True):
+            if array.shape[0] != rows:
+                raise BadRequest(
+                    f"input '{spec.name}' has {array.shape[0]} rows but "
+                    f"'{signature.inputs[0].name}' has {rows}; every input needs the same number of rows"
+                )
+    return inputs, rows

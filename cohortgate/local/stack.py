@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -388,30 +388,25 @@ class Stack:
 
     def _unit_salt(self) -> str:
         """``$COHORTGATE_UNIT_SALT``, else one kept in the state dir: unit hashes survive a restart."""
-        if os.environ.get(UNIT_SALT_ENV):
-            return os.environ[UNIT_SALT_ENV]
-        path = self.state_dir / "unit.salt"
-        with contextlib.suppress(FileNotFoundError):
-            salt = path.read_text().strip()
-            if salt:
-                return salt
-        salt = secrets.token_hex(32)
-        write_atomic(path, salt.encode() + b"\n", 0o600)
-        return salt
+        return self._kept_secret(UNIT_SALT_ENV, "unit.salt", lambda: secrets.token_hex(32))
 
     def _exposure_key(self) -> str:
         """``$COHORTGATE_EXPOSURE_KEY``, else one kept in the state dir (0600, never printed): the
         gateway mints each response's exposure token with it, the controller verifies outcomes."""
-        if os.environ.get(EXPOSURE_KEY_ENV):
-            return os.environ[EXPOSURE_KEY_ENV]
-        path = self.state_dir / "exposure.key"
+        return self._kept_secret(EXPOSURE_KEY_ENV, "exposure.key", lambda: secrets.token_urlsafe(32))
+
+    def _kept_secret(self, env: str, name: str, new: Callable[[], str]) -> str:
+        """The environment's value, else the state dir's file ``name`` (made with ``new()``, 0600)."""
+        if os.environ.get(env):
+            return os.environ[env]
+        path = self.state_dir / name
         with contextlib.suppress(FileNotFoundError):
-            key = path.read_text().strip()
-            if key:
-                return key
-        key = secrets.token_urlsafe(32)
-        write_atomic(path, key.encode() + b"\n", 0o600)
-        return key
+            value = path.read_text().strip()
+            if value:
+                return value
+        value = new()
+        write_atomic(path, value.encode() + b"\n", 0o600)
+        return value
 
     def _url_map(self) -> dict[str, str]:
         return {spec.url: f"http://127.0.0.1:{port}" for spec, port in self.sidecars.values()}
