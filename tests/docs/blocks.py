@@ -93,15 +93,19 @@ def parse(path: Path) -> tuple[list[Block], list[str]]:
         if marker is None:
             problems.append(f"{where}: a ```{lang} block without a <!-- docs-test: ... --> marker before it")
             continue
-        words = shlex.split(marker["body"])
-        kind = words[0] if words else ""
+        kind, _, rest = marker["body"].partition(" ")
         if kind not in KINDS:
             problems.append(f"{where}: unknown docs-test kind {kind!r} (one of {', '.join(sorted(KINDS))})")
             continue
-        if kind == "skip":
-            blocks.append(Block(path, start + 1, kind, body, reason=" ".join(words[1:]) or "no reason given"))
+        if kind == "skip":  # the reason is prose: apostrophes and all, never shell-split
+            blocks.append(Block(path, start + 1, kind, body, reason=rest.strip() or "no reason given"))
             continue
-        options = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+        try:
+            words = shlex.split(rest)
+        except ValueError as e:  # an unbalanced quote is the doc's fault: report it, never crash collection
+            problems.append(f"{where}: the docs-test marker cannot be read ({e})")
+            continue
+        options = dict(w.split("=", 1) for w in words if "=" in w)
         if kind == "background" and "ready" not in options:
             problems.append(f"{where}: a background block needs ready=\"CMD\"")
             continue

@@ -26,15 +26,17 @@ def test_the_parser_refuses_an_unmarked_block(tmp_path, monkeypatch):
     monkeypatch.setattr("tests.docs.blocks.ROOT", tmp_path)
     doc = tmp_path / "x.md"
     doc.write_text(
-        "```sh\ncohortgate up\n```\n\n<!-- docs-test: skip needs a cluster -->\n```sh\nkubectl apply\n```\n\n"
-        "```\ncohortgate status\n```\n\n<!-- docs-test: background -->\n```sh\nmake demo\n```\n"
+        "```sh\ncohortgate up\n```\n\n<!-- docs-test: skip needs a cluster's nodes -->\n```sh\nkubectl apply\n```\n\n"
+        "```\ncohortgate status\n```\n\n<!-- docs-test: background -->\n```sh\nmake demo\n```\n\n"
+        "<!-- docs-test: run ready=\"curl -s -->\n```sh\ncohortgate status\n```\n"
     )
     blocks, problems = parse(doc)
-    assert [(b.kind, b.reason) for b in blocks] == [("skip", "needs a cluster")]
+    assert [(b.kind, b.reason) for b in blocks] == [("skip", "needs a cluster's nodes")]
     assert problems == [
         "x.md:1: a ```sh block without a <!-- docs-test: ... --> marker before it",
         "x.md:10: a block of commands without a language: mark it ```sh",
         'x.md:15: a background block needs ready="CMD"',
+        "x.md:20: the docs-test marker cannot be read (No closing quotation)",
     ]
 
 
