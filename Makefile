@@ -6,7 +6,7 @@ POLICY ?= policies/example.yaml
 # apt-get needs root; use sudo when there is one and we are not root.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
-.PHONY: demo test test-stress test-chaos install install-test system-deps lint bench clean
+.PHONY: demo demo-quality test test-stress test-chaos install install-test system-deps lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ system-deps:
 # dashboard, gateway, Envoy, and demo traffic in which the canary fails; Ctrl-C stops it all.
 demo: install
 	$(BIN)/cohortgate up --demo --policy $(POLICY)
+
+# The model-quality demo (docs/quality.md): a healthy canary whose inputs drift 30 s into the traffic
+# (feature 0 of its users' rows x1.5, a broken feature pipeline); the controller rolls it back for drift.
+DEMO_DRIFT ?= feature=0,after=30s,variant=canary
+demo-quality: install
+	$(BIN)/cohortgate up --demo-drift $(DEMO_DRIFT) --policy policies/quality.yaml
 
 test: install-test system-deps
 	$(BIN)/ruff check .

@@ -23,6 +23,10 @@ MLP_WIDTH = 512
 MLP_LAYERS = 4
 ONNX_OPSET = 17
 ONNX_ML_OPSET = 3
+# The tabular models' data contract, profiled (`cohortgate models profile`) from the training rows they
+# were fitted on: policies/quality.yaml hands it to its sidecars, so `make demo-quality` can see drift.
+# Not named M.contract.json: a sidecar would then pick it up beside every tabular model, demo or not.
+DEMO_CONTRACT = "tabular.contract.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,21 @@ def _export_tabular(estimator, path: Path) -> None:
         target_opset={"": ONNX_OPSET, "ai.onnx.ml": ONNX_ML_OPSET},
     )
     _write(path, onx.SerializeToString())
+
+
+def _write_contract(path: Path, model: Path, x_train: np.ndarray) -> None:
+    """The documented way (`cohortgate models profile M.onnx --data reference`), with the training rows."""
+    import orjson
+    from sklearn.datasets import load_breast_cancer
+
+    from sidecar.model import OnnxModel
+    from sidecar.profile import Table, profile
+
+    names = [str(n) for n in load_breast_cancer().feature_names]
+    columns = {n: x_train[:, j].astype(np.float64) for j, n in enumerate(names)}
+    onnx_model = OnnxModel(str(model), device="cpu")
+    doc = profile(onnx_model.signature, onnx_model.run, Table(columns, dict.fromkeys(names, "float")))
+    _write(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -210,6 +229,10 @@ def build_models(out: str | Path = "models", *, force: bool = False, include_mlp
             estimator.fit(x_train, y_train)  # type: ignore[attr-defined]
             _export_tabular(estimator, path)
         built.append(BuiltModel(path, description, _onnx_accuracy(path, x_test, y_test), skipped))
+    contract = out / DEMO_CONTRACT
+    if force or not contract.exists():
+        assert x_train is not None
+        _write_contract(contract, out / "tabular-control.onnx", x_train)
     if include_mlp:
         path = out / f"mlp-{MLP_LAYERS}x{MLP_WIDTH}.onnx"
         skipped = path.exists() and not force

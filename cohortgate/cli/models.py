@@ -35,13 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_handler(args: argparse.Namespace) -> int:
-    from sidecar.demo_models import build_models
+    from sidecar.demo_models import DEMO_CONTRACT, build_models
 
     started = time.perf_counter()
     for model in build_models(args.out, force=args.force):
         what = "kept " if model.skipped else "built"
         accuracy = "" if model.accuracy is None else f"  held-out accuracy {model.accuracy:.3f}"
         print(f"{what} {model.path}  ({model.description}){accuracy}")
+    print(f"the tabular models' data contract: {Path(args.out) / DEMO_CONTRACT}  (profiled from the training rows)")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 

@@ -19,9 +19,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cohortgate.core.contract import MAX_GATEWAY_WORKERS, REDIS_ENV
 from cohortgate.support.cliargs import add_tracing_options
+
+if TYPE_CHECKING:
+    from cohortgate.local.stack import StackOptions
 
 DEMO_FAULT_RATE = 0.3
 DEMO_FAULT_AFTER_S = 20.0  # from the canary's first request: long enough to see it healthy on the page
@@ -106,6 +110,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "so the controller rolls the canary back within a minute while you watch",
     )
     p.add_argument(
+        "--demo-drift",
+        type=_drift_spec,
+        default=None,
+        metavar="SPEC",
+        help="demo knob: the demo traffic plants input drift (cohortgate traffic --drift SPEC, e.g. "
+        "feature=0,after=30s,variant=canary) instead of a faulty canary; implies --demo (make demo-quality)",
+    )
+    p.add_argument(
         "--certs",
         type=Path,
         default=None,
@@ -167,29 +179,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_up)
 
 
+def _drift_spec(text: str) -> str:
+    """`cohortgate traffic --drift`'s syntax, checked here so a typo fails `up` at once, not its child."""
+    from cohortgate.cli.traffic import parse_drift
+
+    parse_drift(text)
+    return text
+
+
 def _up(args: argparse.Namespace) -> int:
     if not args.policy.is_file():  # first, and alone: nothing else is worth saying without a policy
         reason = "no such file" if not args.policy.exists() else "not a file"
         print(f"cohortgate up: cannot read the policy {args.policy}: {reason}", file=sys.stderr)
         return 2
-    from cohortgate.local.stack import Stack, StackOptions
+    from cohortgate.local.stack import Stack
 
     if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
         print(f"cohortgate up: --redis wants a redis:// URL, got {args.redis!r}", file=sys.stderr)
         return 2
-    options = StackOptions(
+    return Stack(stack_options(args)).run()
+
+
+def stack_options(args: argparse.Namespace) -> StackOptions:
+    """The parsed flags as the stack's options (the demo knobs' defaults resolved)."""
+    from cohortgate.local.stack import StackOptions
+
+    faulty = args.demo and not args.demo_drift  # the drift demo's canary is healthy: only its inputs move
+    return StackOptions(
         policy=args.policy,
         state_dir=args.state_dir,
         certs_dir=args.certs,
         redis=args.redis,
         transport=args.transport,
         canary_fault_rate=(
-            args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if args.demo else 0.0
+            args.canary_fault_rate if args.canary_fault_rate is not None else DEMO_FAULT_RATE if faulty else 0.0
         ),
         canary_fault_after_s=(
-            args.canary_fault_after if args.canary_fault_after is not None else DEMO_FAULT_AFTER_S if args.demo else 0.0
+            args.canary_fault_after if args.canary_fault_after is not None else DEMO_FAULT_AFTER_S if faulty else 0.0
         ),
-        demo=args.demo,
+        demo=args.demo or bool(args.demo_drift),
+        demo_drift=args.demo_drift or "",
         free_ports=args.free_ports,
         envoy_port=args.port,
         controller_port=args.controller_port,
@@ -203,4 +232,3 @@ def _up(args: argparse.Namespace) -> int:
         otlp_endpoint=args.otlp_endpoint,
         trace_sample=args.trace_sample,
     )
-    return Stack(options).run()

@@ -154,10 +154,17 @@ def demo_lines(
     dashboard: str | None,
     status: str,
     experiment: tuple[str, OutcomeDemo] | None = None,
+    drift: str = "",
 ) -> list[str]:
     """What `up --demo` prints when its traffic starts: what will fail, from when, where to watch;
-    with ``experiment`` (route, its shoppers), the outcome experiment and the decisions to expect."""
+    with ``experiment`` (route, its shoppers), the outcome experiment and the decisions to expect;
+    with ``drift`` (`cohortgate traffic --drift`), the input drift it plants."""
     lines = ["", f"Demo: `cohortgate traffic` sends 100 req/s from 1000 sticky users (log: {rel(traffic_log)})."]
+    if drift:
+        lines.append(
+            f"  it plants input drift ({drift}): expect a rollback for input drift, "
+            "with the drift panel on the dashboard."
+        )
     for spec in sidecars:
         if not spec.fault_rate:
             continue

@@ -296,14 +296,18 @@ def envoy_recipe(layout: Layout, bootstrap: Path, cds: Path, concurrency: int) -
     )
 
 
-def traffic_recipe(layout: Layout, model: str, outcomes: OutcomeDemo | None = None) -> Recipe:
+def traffic_recipe(layout: Layout, model: str, outcomes: OutcomeDemo | None = None, drift: str = "") -> Recipe:
     """The demo's load, as one more child: `up` stops it first and prints its summary. With
-    ``outcomes`` it also plays the shoppers of that outcome experiment (`cohortgate traffic --outcomes-model`)."""
+    ``outcomes`` it also plays the shoppers of that outcome experiment (`cohortgate traffic --outcomes-model`);
+    with ``drift`` it plants that input drift (`cohortgate traffic --drift`)."""
     argv = layout.cli(
         "traffic", "--state-dir", str(layout.state_dir), "--model", model, "--duration", "1d",
         "--bad-share", str(DEMO_BAD_SHARE),
     )  # fmt: skip
     info: dict[str, Any] = {"model": model}
+    if drift:
+        argv += ("--drift", drift)
+        info["drift"] = drift
     if outcomes is not None:
         rates = ",".join(f"{variant}={rate:g}" for variant, rate in outcomes.rates.items())
         argv += (

@@ -104,6 +104,7 @@ class StackOptions:
     max_restarts: int = DEFAULT_MAX_RESTARTS  # within restart_window_s; more is a crash loop
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
     demo: bool = False  # `cohortgate traffic` runs beside the stack, as one more child
+    demo_drift: str = ""  # the demo traffic's `--drift` (make demo-quality): input drift instead of faults
     warm_spares: bool = True  # one imported Python process per kind, so a restart skips the imports
     otlp_endpoint: str | None = None  # Envoy, the gateway and the sidecars trace to this collector
     trace_sample: float = 0.01  # the share of requests without a sampled traceparent that Envoy traces
@@ -355,13 +356,16 @@ class Stack:
             )
 
     def ensure_models(self, specs: Iterable[SidecarSpec]) -> None:
+        specs = list(specs)
         files = {local_model_file(s.model_path) for s in specs}  # None: remote, the sidecar fetches it
+        files |= {Path(s.contract) for s in specs if s.contract and not s.contract.startswith("{")}
         missing = sorted(p for p in files if p is not None and not p.exists())
         if not missing:
             return
-        from sidecar.demo_models import build_models
+        from sidecar.demo_models import DEMO_CONTRACT, build_models
 
-        for directory in sorted({p.parent for p in missing if p.stem in DEMO_MODELS}):
+        demo = [p for p in missing if p.stem in DEMO_MODELS or p.name == DEMO_CONTRACT]
+        for directory in sorted({p.parent for p in demo}):
             started = time.monotonic()
             self.progress(f"models: building the demo models into {banner.rel(directory)} ...")
             built = build_models(directory)
@@ -370,7 +374,7 @@ class Stack:
         still = [p for p in missing if not p.exists()]
         if still:
             raise StackError(
-                "model files missing (and not demo models that `cohortgate models build` makes): "
+                "model or contract files missing (and not demo ones that `cohortgate models build` makes): "
                 + ", ".join(banner.rel(p) for p in still)
             )
 
@@ -554,7 +558,7 @@ class Stack:
         assert self.policy is not None
         experiment = shoppers.demo_outcomes(self.policy)
         recipe: Recipe = recipes.traffic_recipe(
-            self.layout, self._demo_model() or "tabular", experiment[1] if experiment else None
+            self.layout, self._demo_model() or "tabular", experiment[1] if experiment else None, self.opts.demo_drift
         )
         self._start_and_wait([Child(recipe, probes.always_ready)], "demo traffic")
         self.write_run_file()
@@ -565,6 +569,7 @@ class Stack:
             dashboard=self.layout.dashboard,
             status=banner.status_command(self.ports["controller"], self.state_dir),
             experiment=experiment,
+            drift=self.opts.demo_drift,
         ):
             self.say(line)
 

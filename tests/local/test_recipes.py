@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,43 @@ def test_gateway_workers_reach_the_gateway_and_its_readiness_probe() -> None:
     assert four.argv[four.argv.index("--workers") + 1] == "4"
     assert four.endpoint == "uds:/srv/state/processor.sock.w0"  # what `up` waits for: a worker's own socket
     assert four.stale_paths == tuple(f"/srv/state/processor.sock.w{i}" for i in range(4))
+
+
+# ------------------------------------------------------------------------------ the quality demo
+
+
+def test_the_quality_demo_traffic_plants_its_drift_with_the_traffic_commands_own_flag():
+    """`up --demo-drift SPEC` hands SPEC to `cohortgate traffic --drift` unchanged, and the real CLI reads it."""
+    from cohortgate.cli import build_parser
+    from cohortgate.cli.traffic import Drift
+
+    recipe = traffic_recipe(layout(), "tabular", drift="feature=0,after=30s,variant=canary")
+    assert flag(recipe.argv, "--drift") == "feature=0,after=30s,variant=canary"
+    args = build_parser().parse_args(list(recipe.argv[recipe.argv.index("traffic") :]))
+    assert args.drift == Drift(0, 30.0, 1.5, "canary")
+    assert "--drift" not in traffic_recipe(layout(), "tabular").argv
+
+
+def test_up_demo_drift_is_a_demo_with_a_healthy_canary():
+    """The drift demo's rollback must come from drift alone: no fault is planted beside it."""
+    from cohortgate.cli import build_parser
+    from cohortgate.cli.up import stack_options
+
+    parse = build_parser().parse_args
+    drift = stack_options(parse(["up", "--demo-drift", "feature=0,after=30s,variant=canary"]))
+    assert drift.demo and drift.demo_drift == "feature=0,after=30s,variant=canary"
+    assert drift.canary_fault_rate == 0.0 and drift.canary_fault_after_s == 0.0
+    plain = stack_options(parse(["up", "--demo"]))
+    assert plain.canary_fault_rate > 0 and not plain.demo_drift
+    # a typo fails `up` itself, not its traffic child minutes later
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parse(["up", "--demo-drift", "feature=x"])
+
+
+def test_the_quality_demo_banner_says_what_drifts_and_what_to_expect():
+    lines = demo_lines(
+        [spec()], fault_after_s=0, traffic_log=Path("/srv/state/logs/traffic.log"), dashboard=None,
+        status="cohortgate status", drift="feature=0,after=30s,variant=canary",
+    )  # fmt: skip
+    text = "\n".join(lines)
+    assert "input drift (feature=0,after=30s,variant=canary)" in text and "fails" not in text

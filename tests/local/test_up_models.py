@@ -202,3 +202,20 @@ def test_a_sidecar_started_from_the_recipe_serves_only_what_the_routes_key_signe
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_up_builds_the_demo_contract_the_quality_policy_names(tmp_path: Path) -> None:
+    """policies/quality.yaml names models/tabular.contract.json beside the demo models: on a fresh
+    clone `up` makes it with them (profiled from the training rows), and every sidecar reads it."""
+    from cohortgate.local.stack import Stack, StackOptions
+    from sidecar import contract
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "policies").mkdir()
+    policy = parse_policy((root / "policies/quality.yaml").read_text(), base_dir=tmp_path / "policies")
+    specs = sidecar_specs(policy)
+    assert {s.contract for s in specs} == {str(tmp_path / "models/tabular.contract.json")}
+    Stack(StackOptions(policy=tmp_path / "policies/quality.yaml", state_dir=tmp_path / "state")).ensure_models(specs)
+    spec = contract.parse(contract.read_file(tmp_path / "models/tabular.contract.json"))
+    assert len(spec.inputs) == 30 and spec.inputs[0].name == "mean radius" and spec.mode == "observe"
+    assert all(local_model_file(s.model_path).exists() for s in specs)  # type: ignore[union-attr]
