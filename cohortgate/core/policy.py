@@ -597,7 +597,7 @@ def parse_policy_data(raw: bytes | str, filename: str = "<policy>", base_dir: Pa
 def _parse_policy(raw: bytes | str, filename: str, base_dir: Path | None) -> tuple[Policy, Any]:
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     data_bytes = raw if isinstance(raw, bytes) else raw.encode()
-    fast = _json_model(text, filename)
+    fast = _json_model(text, filename) or _chunked_model(text, filename)
     if fast is not None:
         model, data = fast
         return _compile(model, filename, hashlib.sha256(data_bytes).hexdigest(), base_dir or Path.cwd()), data
@@ -641,6 +641,118 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class _RouteCache:
+    """Validated routes by the text they were read from (a YAML item's lines, or a JSON route's
+    dump), the most recent `size`, each with whether `_check_route` found it clean: an edit of one
+    route in 1 000 reads, validates and checks that one (~1.1 s -> ~0.15 s). Routes validate alone:
+    no validator of the schema looks outside its route."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[str, tuple[Any, RouteModel, bool]] = {}
+        self._lock = threading.Lock()  # parse_policy runs in threads
+
+    def get(self, key: str) -> tuple[Any, RouteModel, bool] | None:
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is not None:
+                self._entries[key] = found  # most recent last
+            return found
+
+    def put(self, key: str, data: Any, route: RouteModel) -> tuple[Any, RouteModel, bool]:
+        clean = not any(_check_route(route, lambda *loc: ""))
+        entry = (data, route, clean)
+        with self._lock:
+            self._entries[key] = entry
+            while len(self._entries) > self.size:
+                del self._entries[next(iter(self._entries))]
+        return entry
+
+
+_ROUTES = _RouteCache()
+_PLAIN = _Marks("<chunk>")  # positions are not kept on the fast paths: any problem reads the file again
+
+
+def _model_of(head: dict[str, Any], entries: Sequence[tuple[Any, RouteModel, bool]]) -> tuple[PolicyModel, Any] | None:
+    """The policy from its top-level keys and its routes, each validated alone; None on any problem
+    (the caller's slow path then says what, where)."""
+    if not entries:
+        return None
+    routes = [data for data, _, _ in entries]
+    try:
+        model = PolicyModel.model_validate({**head, "routes": routes[:1]})  # everything but the routes
+    except ValidationError:
+        return None
+    model = model.model_copy(update={"routes": [route for _, route, _ in entries]})
+    known = {i for i, (_, _, clean) in enumerate(entries) if clean}
+    if [*_check_jwt(model.jwt, _PLAIN), *_check(model.routes, _PLAIN, known_clean=known)]:
+        return None
+    return model, {**head, "routes": routes}
+
+
+# A route item starts at the list's indent with "- "; a YAML anchor, alias or tag, a document marker
+# or a directive anywhere sends the file to the whole-document reader (items are read one by one).
+_ROUTES_KEY = re.compile(r"^routes:[ \t]*(?:#.*)?$")
+_ITEM = re.compile(r"^( *)-(?: |$)")
+_NOT_PLAIN = re.compile(r"(?:^|[\s\[{,])[&*!]|^(?:---|\.\.\.|%)", re.MULTILINE)
+_ANY_YAML_ERROR = (yaml.YAMLError, ValueError, TypeError)
+
+
+def _chunked_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
+    """(model, data) of a valid block-style YAML policy, read route by route through `_ROUTES`:
+    a route whose lines did not change is neither read nor validated again. None for anything else
+    or any problem: `_parse_policy` then reads the whole file with positions and says what, where."""
+    if _NOT_PLAIN.search(text):
+        return None
+    lines = text.splitlines(keepends=True)
+    keys = [i for i, line in enumerate(lines) if _ROUTES_KEY.match(line.rstrip("\r\n"))]
+    if len(keys) != 1:
+        return None
+    start = keys[0] + 1
+    end, indent, items = len(lines), None, []
+    for i in range(start, len(lines)):
+        bare = lines[i].rstrip("\r\n")
+        content = bare.lstrip(" ")
+        if not content or content.startswith("#"):
+            continue
+        item = _ITEM.match(bare)
+        if indent is None:
+            if item is None:
+                return None
+            indent = len(item[1])
+        if bare[0] != " " and not (indent == 0 and item is not None):
+            end = i  # the next top-level key
+            break
+        if len(bare) - len(content) < indent:
+            return None
+        if item is not None and len(item[1]) == indent:
+            items.append(i)
+    if not items:
+        return None
+    head_text = "".join(lines[:start] + lines[end:])
+    problems: list[str] = []
+    try:
+        head = _load_yaml(head_text, _Marks(filename), problems)
+    except _ANY_YAML_ERROR:
+        return None
+    if problems or not isinstance(head, dict) or head.get("routes", 0) is not None:
+        return None
+    entries = []
+    for a, b in zip(items, [*items[1:], end], strict=True):
+        chunk = "".join(lines[a:b])
+        entry = _ROUTES.get("yaml:" + chunk)
+        if entry is None:
+            try:
+                item_data = _load_yaml(chunk, _Marks(filename), problems)
+                if problems or not isinstance(item_data, list) or len(item_data) != 1:
+                    return None
+                entry = _ROUTES.put("yaml:" + chunk, item_data[0], RouteModel.model_validate(item_data[0]))
+            except (*_ANY_YAML_ERROR, ValidationError):
+                return None
+        entries.append(entry)
+    return _model_of(head, entries)
+
+
 def _json_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
     """(model, data) of a valid policy written as JSON after optional ``#`` comment lines
     (`cohortgate up`'s effective file), read by the json module: a 1 000-route file in ~40 ms where
@@ -656,11 +768,15 @@ def _json_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
             object_pairs_hook=_unique_keys,
             parse_constant=_no_constant,
         )
-        model = PolicyModel.model_validate(data)
+        if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+            return None
+        entries = []
+        for route in data["routes"]:
+            key = "json:" + json.dumps(route, ensure_ascii=False)
+            entries.append(_ROUTES.get(key) or _ROUTES.put(key, route, RouteModel.model_validate(route)))
     except (ValueError, TypeError):  # ValidationError is a ValueError
         return None
-    marks = _Marks(filename)
-    return None if [*_check_jwt(model.jwt, marks), *_check(model.routes, marks)] else (model, data)
+    return _model_of(data, entries)
 
 
 def _in_file_order(problems: list[str]) -> list[str]:
@@ -738,8 +854,11 @@ def _check_jwt(jwt: JwtSpec, marks: _Marks) -> Iterable[str]:
         )
 
 
-def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
-    """Cross-field rules pydantic cannot express; each problem carries its position."""
+def _check(
+    routes: Sequence[RouteModel | None], marks: _Marks, known_clean: frozenset[int] | set[int] = frozenset()
+) -> Iterable[str]:
+    """Cross-field rules pydantic cannot express; each problem carries its position. A route in
+    ``known_clean`` passed `_check_route` before (it is checked again only against the others)."""
     seen_routes: dict[str, int] = {}
     for ri, route in enumerate(routes):
         if route is None:
@@ -752,7 +871,8 @@ def _check(routes: Sequence[RouteModel | None], marks: _Marks) -> Iterable[str]:
             yield f"{at('name')}: duplicate route name {route.name!r} (first at routes[{seen_routes[route.name]}])"
         else:
             seen_routes[route.name] = ri
-        yield from _check_route(route, at)
+        if ri not in known_clean:
+            yield from _check_route(route, at)
     for i, j in _overlap_candidates(routes):
         a, b = routes[i], routes[j]
         if a is not None and b is not None and _overlap(a, b):
