@@ -7,6 +7,8 @@ transport is one entry there (``COHORTGATE_TEST_TRANSPORTS=grpc,fast`` picks a l
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -17,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -332,6 +335,198 @@ class GatewayProcess:
                 self.kill()
 
 
+GATEWAY_START_S = 60.0  # generous: a loaded 2-core CI machine imports and starts the gateway slowly
+
+
+@dataclass
+class Edge:
+    """A `cohortgate gateway` child and the Envoy in front of it, and a client with app-demo's certificate."""
+
+    gateway: GatewayProcess
+    envoy: Any
+    client: Client
+
+
+@contextlib.contextmanager
+def edge(
+    policy_file: Path,
+    certs: pki.CertPaths,
+    work: Path,
+    *,
+    transport: str = "grpc",
+    gateway_args: Sequence[str] = (),
+    access_log: Path | None = None,
+) -> Iterator[Edge]:
+    """The gateway (its socket and logs under ``work``) for ``policy_file``, then Envoy rendered from the
+    same policy, as `cohortgate up` wires them; ``access_log`` is the controller's ALS socket, if any."""
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+
+    sock = work / "run" / "processor.sock"
+    gateway = GatewayProcess(policy_file, sock, transport, work)
+    gateway.cmd += list(gateway_args)
+    try:
+        gateway.start(timeout=GATEWAY_START_S)
+        files = render(
+            load_policy(policy_file),
+            certs=certs,
+            out_dir=work / "envoy",
+            processor=ProcessorAddress(uds=str(sock)),
+            transport=TRANSPORT_ARGS[transport][2],  # type: ignore[arg-type]
+            listen_port=free_port(),
+            admin_port=free_port(),
+            access_log=AccessLogTarget(uds=str(access_log)) if access_log is not None else None,
+        )
+        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
+            cert, key = certs.clients["app-demo"]
+            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
+            try:
+                yield Edge(gateway, envoy, client)
+            finally:
+                client.close()
+    finally:
+        gateway.stop()
+
+
+class ControllerThread:
+    """A real `Controller` (in-process events; its state in memory, or in ``state_file`` for a gateway
+    child to follow) and its API on 127.0.0.1:``port``, served from a thread of their own; ``skew``
+    moves the controller's clock ahead (a test steps past an interval instead of waiting for it)."""
+
+    def __init__(
+        self, policy: Any, port: int, admin: str, *, state_file: Path | None = None, outcomes: Any = None
+    ) -> None:
+        self.policy, self.port, self.admin = policy, port, admin
+        self.state_file, self.outcomes = state_file, outcomes
+        self.skew = 0.0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="controller-api", daemon=True)
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        from cohortgate.controller.api import make_app
+        from cohortgate.controller.loop import Controller
+        from cohortgate.store.events import InProcessSink
+        from cohortgate.store.state import InProcessState
+
+        async def start() -> None:
+            sink = InProcessSink()
+            await sink.start()
+            store = InProcessState(cache_path=self.state_file)
+            clock = lambda: time.time() + self.skew  # noqa: E731
+            self.controller = Controller(self.policy, store, sink, clock=clock, outcomes=self.outcomes)
+            await self.controller.start()
+            self.runner = web.AppRunner(make_app(self.controller, self.admin, sink))
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> ControllerThread:
+        self.thread.start()
+        assert self.ready.wait(30), "the controller API did not start in 30 s"
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def call(self, coro: Any, timeout_s: float = 60.0) -> Any:
+        """Run ``coro`` on the controller's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def get(self, path: str) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Bearer {self.admin}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+@dataclass
+class ControlledEdge:
+    """The closed loop in this event loop (controller, its access-log receiver, the gateway following
+    its weights) and Envoy in front of it as a child, with a client holding app-demo's certificate."""
+
+    controller: Any
+    store: Any
+    sink: Any
+    gateway: Any
+    receiver: Any
+    port: int
+    client: Client
+
+
+@contextlib.asynccontextmanager
+async def controlled_edge(
+    policy_path: Path,
+    certs: pki.CertPaths,
+    work: Path,
+    *,
+    salt: bytes,
+    als_options: Callable[[Any], dict[str, Any]] = lambda controller: {},
+) -> AsyncIterator[ControlledEdge]:
+    """The controller (a look every 0.25 s; in-process events and state), the gateway (in process,
+    following the controller's weights) and the ALS receiver Envoy streams its access log to;
+    ``als_options(controller)`` are `serve_als`'s keyword arguments."""
+    from cohortgate.controller.als import serve_als
+    from cohortgate.controller.loop import Controller, ControllerConfig
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+    from cohortgate.store.events import InProcessSink
+    from cohortgate.store.state import InProcessState, follow
+    from gateway.service import Gateway, GatewayConfig, ListenAddress
+
+    policy = load_policy(policy_path)
+    run = work / "run"
+    run.mkdir()
+    sock, als_sock = run / "processor.sock", run / "als.sock"
+    sink = InProcessSink()
+    await sink.start()
+    store = InProcessState()
+    controller = Controller(policy, store, sink, config=ControllerConfig(interval_s=0.25))
+    await controller.start()
+    config = GatewayConfig(
+        policy_path=str(policy_path), listen=ListenAddress(uds=str(sock)), audit_log=None, unit_salt=salt
+    )
+    gateway = Gateway(config, policy=policy)
+    follow(gateway.holder, store)
+    await gateway.start()
+    als_server, receiver = await serve_als(sink, f"uds:{als_sock}", **als_options(controller))
+    files = render(
+        policy,
+        certs=certs,
+        out_dir=work / "envoy",
+        processor=ProcessorAddress(uds=str(sock)),
+        listen_port=free_port(),
+        admin_port=free_port(),
+        access_log=AccessLogTarget(uds=str(als_sock)),
+    )
+    envoy = EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    cert, key = certs.clients["app-demo"]
+    client = Client(files.listen_port, certs.ca_cert, cert, key)
+    try:
+        await asyncio.to_thread(envoy.__enter__)
+        yield ControlledEdge(controller, store, sink, gateway, receiver, files.listen_port, client)
+    finally:
+        client.close()
+        stop.set()
+        await task
+        await asyncio.to_thread(envoy.__exit__, None, None, None)
+        await als_server.stop(0)
+        await gateway.close()
+
+
 @dataclass
 class DataPlane:
     transport: str
@@ -362,42 +557,12 @@ def dataplane(
     upstreams: dict[str, Upstream],
     policy_file: Path,
 ) -> Iterator[DataPlane]:
-    from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
-
     transport: str = request.param
     work = tmp_path_factory.mktemp(f"dataplane-{transport}")
-    sock = work / "run" / "processor.sock"
-    gateway = GatewayProcess(policy_file, sock, transport, work)
-    gateway.start()
-    files = render(
-        load_policy(policy_file),
-        certs=certs,
-        out_dir=work / "envoy",
-        processor=ProcessorAddress(uds=str(sock)),
-        transport=TRANSPORT_ARGS[transport][2],  # type: ignore[arg-type]
-        listen_port=free_port(),
-        admin_port=free_port(),
-    )
-    envoy = EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1)
-    try:
-        with envoy:
-            port = envoy.listen_port
-            app_cert, app_key = certs.clients["app-demo"]
-            qa_cert, qa_key = certs.clients["qa"]
-            plane = DataPlane(
-                transport,
-                envoy,
-                gateway,
-                certs,
-                upstreams,
-                port,
-                Client(port, certs.ca_cert, app_cert, app_key),
-                Client(port, certs.ca_cert, qa_cert, qa_key),
-            )
-            yield plane
-            plane.app.close()
-            plane.qa.close()
-    finally:
-        gateway.stop()
+    with edge(policy_file, certs, work, transport=transport) as e:
+        qa_cert, qa_key = certs.clients["qa"]
+        qa = Client(e.envoy.listen_port, certs.ca_cert, qa_cert, qa_key)
+        try:
+            yield DataPlane(transport, e.envoy, e.gateway, certs, upstreams, e.envoy.listen_port, e.client, qa)
+        finally:
+            qa.close()

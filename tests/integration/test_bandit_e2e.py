@@ -11,12 +11,9 @@ to wait for, never a sleep. One transport (grpc): the processor's header logic i
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +21,7 @@ import pytest
 from cohortgate.core import sticky
 from cohortgate.core.exposure import parse_keys
 from cohortgate.deploy import pki
-from tests.integration.conftest import TRANSPORT_ARGS, Client, GatewayProcess, Upstream, free_port, mint
+from tests.integration.conftest import Client, ControllerThread, Upstream, edge, free_port, mint
 
 SECRET = "integration-bandit-key-0123456789"
 ADMIN = "bandit-e2e-admin-token"
@@ -84,70 +81,22 @@ routes:
 """
 
 
-class ControllerApi:
-    """A real `Controller` writing the state file the gateway follows, its API served from a thread."""
+def update(api: ControllerThread) -> dict[str, dict[str, int]]:
+    """One allocation update now (the clock steps past update_s); the published segment weights."""
 
-    def __init__(self, policy: Any, port: int, state_file: Path) -> None:
-        self.policy, self.port, self.state_file = policy, port, state_file
-        self.skew = 0.0  # the controller's clock runs this far ahead: the test steps past update_s
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="controller-api", daemon=True)
+    async def step() -> dict[str, dict[str, int]]:
+        api.skew += 5.0
+        await api.controller.tick()
+        return {s: dict(w) for s, w in api.controller.states["ranker"].segment_weights.items()}
 
-    def _run(self) -> None:
-        from aiohttp import web
-
-        from cohortgate.controller.api import make_app
-        from cohortgate.controller.gating import OutcomeGate
-        from cohortgate.controller.loop import Controller
-        from cohortgate.store.events import InProcessSink
-        from cohortgate.store.state import InProcessState
-
-        async def start() -> None:
-            sink = InProcessSink()
-            await sink.start()
-            gate = OutcomeGate(self.policy, parse_keys(SECRET))
-            store = InProcessState(cache_path=self.state_file)
-            clock = lambda: time.time() + self.skew  # noqa: E731
-            self.controller = Controller(self.policy, store, sink, clock=clock, outcomes=gate)
-            await self.controller.start()
-            self.runner = web.AppRunner(make_app(self.controller, ADMIN, sink))
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    def start(self) -> ControllerApi:
-        self.thread.start()
-        assert self.ready.wait(30), "the controller API did not start in 30 s"
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def update(self) -> dict[str, dict[str, int]]:
-        """One allocation update now (the clock steps past update_s); the published segment weights."""
-
-        async def step() -> dict[str, dict[str, int]]:
-            self.skew += 5.0
-            await self.controller.tick()
-            return {s: dict(w) for s, w in self.controller.states["ranker"].segment_weights.items()}
-
-        return asyncio.run_coroutine_threadsafe(step(), self.loop).result(60)
+    return api.call(step())
 
 
 @pytest.fixture(scope="module")
 def plane(
     tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, upstreams: dict[str, Upstream]
-) -> Iterator[tuple[Client, ControllerApi, pki.CertPaths]]:
+) -> Iterator[tuple[Client, ControllerThread, pki.CertPaths]]:
     from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
 
     work = tmp_path_factory.mktemp("bandit-e2e")
     api_port = free_port()
@@ -167,28 +116,15 @@ def plane(
     state_file.parent.mkdir()
     mp = pytest.MonkeyPatch()
     mp.setenv("COHORTGATE_EXPOSURE_KEY", SECRET)  # the gateway child and the controller both read it
-    api = ControllerApi(policy, api_port, state_file).start()
-    sock = work / "run" / "processor.sock"
-    gateway = GatewayProcess(policy_file, sock, "grpc", work)
-    gateway.cmd += ["--state-file", str(state_file)]  # the gateway follows the controller's weights
+    from cohortgate.controller.gating import OutcomeGate
+
+    gate = OutcomeGate(policy, parse_keys(SECRET))
+    api = ControllerThread(policy, api_port, ADMIN, state_file=state_file, outcomes=gate).start()
     try:
-        gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
-        files = render(
-            policy,
-            certs=certs,
-            out_dir=work / "envoy",
-            processor=ProcessorAddress(uds=str(sock)),
-            transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
-            listen_port=free_port(),
-            admin_port=free_port(),
-        )
-        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
-            cert, key = certs.clients["app-demo"]
-            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
-            yield client, api, certs
-            client.close()
+        # the gateway follows the controller's weights
+        with edge(policy_file, certs, work, gateway_args=["--state-file", str(state_file)]) as e:
+            yield e.client, api, certs
     finally:
-        gateway.stop()
         api.stop()
         mp.undo()
 
@@ -239,7 +175,7 @@ def test_notes_keep_arms_while_outcomes_move_the_weights_and_forgeries_count_for
     assert set(post_outcomes(client, certs, items)) == {"accepted"}
 
     # 3. the controller's update moves eu toward challenger; the gateway follows the state file
-    weights = api.update()
+    weights = update(api)
     assert weights["eu"]["challenger"] >= 90 and weights["eu"]["control"] >= 5
 
     def new_units_follow() -> bool:

@@ -30,7 +30,7 @@ from cohortgate.core.contract import HEADER_ENTITY, HEADER_FEATURES
 from cohortgate.deploy import pki
 from cohortgate.local.plan import sidecar_specs
 from cohortgate.local.recipes import Layout, sidecar_recipe
-from tests.integration.conftest import ROOT, TRANSPORT_ARGS, Client, GatewayProcess, free_port, mint
+from tests.integration.conftest import ROOT, Client, edge, free_port, mint
 from tests.sidecar.test_feature_join import JOINED_1001, VIEWS, identity
 from tests.sidecar.test_feature_join import store as store  # the redis-server fixture, reused
 from tests.sidecar.test_features import FIXTURE
@@ -140,8 +140,6 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, store: str) -> Iterator[Stack]:
     from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
 
     work = tmp_path_factory.mktemp("features-e2e")
     (work / "models").mkdir()
@@ -178,29 +176,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, store:
     recipe = sidecar_recipe(spec, port, layout)
     assert "--features-policy" in recipe.argv and "--features-route" in recipe.argv
     sidecar = Child(list(recipe.argv), recipe.env, f"{recipe.endpoint}/v2/health/ready", work / "sidecar.log")
-    sock = work / "run" / "processor.sock"
-    gateway = GatewayProcess(policy_file, sock, "grpc", work)
     try:
         controller.start()  # first: it writes the admin token file the sidecar's reports carry
         controller.headers = {"Authorization": f"Bearer {layout.token_file.read_text().strip()}"}
         sidecar.start()
-        gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
-        files = render(
-            policy,
-            certs=certs,
-            out_dir=work / "envoy",
-            processor=ProcessorAddress(uds=str(sock)),
-            transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
-            listen_port=free_port(),
-            admin_port=free_port(),
-        )
-        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
-            cert, key = certs.clients["app-demo"]
-            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
-            yield Stack(client, sidecar, controller, certs)
-            client.close()
+        with edge(policy_file, certs, work) as e:
+            yield Stack(e.client, sidecar, controller, certs)
     finally:
-        gateway.stop()
         sidecar.stop()
         controller.stop()
 

@@ -18,14 +18,11 @@ from typing import Any
 
 import pytest
 
-from cohortgate.controller.als import AccessLogReceiver, route_by_path, serve_als
-from cohortgate.controller.loop import Controller, ControllerConfig
-from cohortgate.core.policy import load_policy
+from cohortgate.controller.als import AccessLogReceiver, route_by_path
+from cohortgate.controller.loop import Controller
 from cohortgate.core.rollout import Phase
 from cohortgate.deploy import pki
-from cohortgate.store.events import InProcessSink
-from cohortgate.store.state import InProcessState, follow
-from tests.integration.conftest import Client, free_port, mint
+from tests.integration.conftest import Client, controlled_edge, mint
 from tests.integration.test_rollback_e2e import POLICY, KnobUpstream
 
 pytestmark = pytest.mark.integration
@@ -62,63 +59,22 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(tmp_path: Path, certs: pki.CertPaths) -> AsyncIterator[Stack]:
-    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
-    from gateway.service import Gateway, GatewayConfig, ListenAddress
-
     control, canary = KnobUpstream("control").start(), KnobUpstream("canary").start()
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(
         POLICY.format(jwks=certs.jwks, control=control.url, canary=canary.url, min_samples=20, interval_s=300)
     )
-    policy = load_policy(policy_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    sock, als_sock = run / "processor.sock", run / "als.sock"
-    sink = InProcessSink()
-    await sink.start()
-    store = InProcessState()
-    controller = Controller(policy, store, sink, config=ControllerConfig(interval_s=0.25))
-    await controller.start()
-    gateway = Gateway(
-        GatewayConfig(
-            policy_path=str(policy_path),
-            listen=ListenAddress(uds=str(sock)),
-            audit_log=None,
-            unit_salt=b"forged-telemetry-unit-salt-0123456",
-        ),
-        policy=policy,
-    )
-    follow(gateway.holder, store)
-    await gateway.start()
     denied: list[Any] = []
-    als_server, receiver = await serve_als(
-        sink, f"uds:{als_sock}", on_denied=denied.append, route_of=route_by_path(lambda: controller.policy)
-    )
-    files = render(
-        policy,
-        certs=certs,
-        out_dir=tmp_path / "envoy",
-        processor=ProcessorAddress(uds=str(sock)),
-        listen_port=free_port(),
-        admin_port=free_port(),
-        access_log=AccessLogTarget(uds=str(als_sock)),
-    )
-    envoy = EnvoyProcess(files, log_path=tmp_path / "envoy.log", concurrency=1)
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    cert, key = certs.clients["app-demo"]
-    client = Client(files.listen_port, certs.ca_cert, cert, key)
-    await asyncio.to_thread(envoy.__enter__)
+
+    def als(controller: Controller) -> dict[str, Any]:
+        return {"on_denied": denied.append, "route_of": route_by_path(lambda: controller.policy)}
+
     try:
-        yield Stack(controller, receiver, gateway, denied, client, mint(certs, "user-1", residency="eu"))
+        async with controlled_edge(
+            policy_path, certs, tmp_path, salt=b"forged-telemetry-unit-salt-0123456", als_options=als
+        ) as e:
+            yield Stack(e.controller, e.receiver, e.gateway, denied, e.client, mint(certs, "user-1", residency="eu"))
     finally:
-        client.close()
-        stop.set()
-        await task
-        await asyncio.to_thread(envoy.__exit__, None, None, None)
-        await als_server.stop(0)
-        await gateway.close()
         control.stop()
         canary.stop()
 

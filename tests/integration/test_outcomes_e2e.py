@@ -8,10 +8,8 @@ and ``tests/gateway/test_exposure_header.py`` covers the JSON transport.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 
 from cohortgate.deploy import pki
-from tests.integration.conftest import TRANSPORT_ARGS, Client, GatewayProcess, Upstream, free_port, mint
+from tests.integration.conftest import Client, ControllerThread, Upstream, edge, free_port, mint
 
 SECRET = "integration-exposure-key-0123456789"
 ADMIN = "outcomes-e2e-admin-token"
@@ -64,62 +62,11 @@ routes:
 """
 
 
-class ControllerApi:
-    """The controller's API app (a real `Controller` on an in-process store) served from a thread."""
-
-    def __init__(self, policy: Any, port: int) -> None:
-        self.policy, self.port = policy, port
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="controller-api", daemon=True)
-
-    def _run(self) -> None:
-        from aiohttp import web
-
-        from cohortgate.controller.api import make_app
-        from cohortgate.controller.loop import Controller
-        from cohortgate.store.events import InProcessSink
-        from cohortgate.store.state import InProcessState
-
-        async def start() -> None:
-            sink = InProcessSink()
-            await sink.start()
-            controller = Controller(self.policy, InProcessState(), sink)
-            await controller.start()
-            self.runner = web.AppRunner(make_app(controller, ADMIN, sink))
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    def start(self) -> ControllerApi:
-        self.thread.start()
-        assert self.ready.wait(30), "the controller API did not start in 30 s"
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def get(self, path: str) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Bearer {ADMIN}"}
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-
-
 @pytest.fixture(scope="module")
 def plane(
     tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths, upstreams: dict[str, Upstream]
-) -> Iterator[tuple[Client, ControllerApi, pki.CertPaths]]:
+) -> Iterator[tuple[Client, ControllerThread, pki.CertPaths]]:
     from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
 
     work = tmp_path_factory.mktemp("outcomes-e2e")
     api_port = free_port()
@@ -132,27 +79,11 @@ def plane(
     policy = load_policy(policy_file)
     mp = pytest.MonkeyPatch()
     mp.setenv("COHORTGATE_EXPOSURE_KEY", SECRET)  # the gateway child and the controller API both read it
-    api = ControllerApi(policy, api_port).start()
-    sock = work / "run" / "processor.sock"
-    gateway = GatewayProcess(policy_file, sock, "grpc", work)
+    api = ControllerThread(policy, api_port, ADMIN).start()
     try:
-        gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
-        files = render(
-            policy,
-            certs=certs,
-            out_dir=work / "envoy",
-            processor=ProcessorAddress(uds=str(sock)),
-            transport=TRANSPORT_ARGS["grpc"][2],  # type: ignore[arg-type]
-            listen_port=free_port(),
-            admin_port=free_port(),
-        )
-        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
-            cert, key = certs.clients["app-demo"]
-            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
-            yield client, api, certs
-            client.close()
+        with edge(policy_file, certs, work) as e:
+            yield e.client, api, certs
     finally:
-        gateway.stop()
         api.stop()
         mp.undo()
 

@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 
-from cohortgate.controller.als import route_by_path, routes_with_metrics, serve_als
+from cohortgate.controller.als import route_by_path, routes_with_metrics
 from cohortgate.controller.api import make_app
-from cohortgate.controller.loop import Controller, ControllerConfig
-from cohortgate.core.policy import load_policy
+from cohortgate.controller.loop import Controller
 from cohortgate.deploy import pki
-from cohortgate.store.events import InProcessSink
-from cohortgate.store.state import InProcessState, follow
-from tests.integration.conftest import Client, Upstream, free_port, mint
+from tests.integration.conftest import Upstream, controlled_edge, free_port, mint
 
 pytestmark = pytest.mark.integration
 
@@ -74,94 +71,54 @@ async def test_units_served_without_any_outcome_count_in_the_denominator(
 ):
     from aiohttp import web
 
-    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
-    from gateway.service import Gateway, GatewayConfig, ListenAddress
-
     monkeypatch.setenv("COHORTGATE_EXPOSURE_KEY", SECRET)  # the processor mints, the controller verifies
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(
         POLICY.format(jwks=certs.jwks, control=upstreams["control-eu"].url, canary=upstreams["canary-eu"].url)
     )
-    policy = load_policy(policy_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    sock, als_sock = run / "processor.sock", run / "als.sock"
-    sink = InProcessSink()
-    await sink.start()
-    store = InProcessState()
-    controller = Controller(policy, store, sink, config=ControllerConfig(interval_s=0.25))
-    await controller.start()
-    api = web.AppRunner(make_app(controller, ADMIN, sink))
-    await api.setup()
-    api_port = free_port()
-    await web.TCPSite(api, "127.0.0.1", api_port).start()
-    gateway = Gateway(
-        GatewayConfig(
-            policy_path=str(policy_path),
-            listen=ListenAddress(uds=str(sock)),
-            audit_log=None,
-            unit_salt=b"exposure-e2e-unit-salt-0123456789",
-        ),
-        policy=policy,
-    )
-    follow(gateway.holder, store)
-    await gateway.start()
-    als_server, _ = await serve_als(
-        sink,
-        f"uds:{als_sock}",
-        route_of=route_by_path(lambda: controller.policy),
-        measured=routes_with_metrics(lambda: controller.policy),
-    )
-    files = render(
-        policy,
-        certs=certs,
-        out_dir=tmp_path / "envoy",
-        processor=ProcessorAddress(uds=str(sock)),
-        listen_port=free_port(),
-        admin_port=free_port(),
-        access_log=AccessLogTarget(uds=str(als_sock)),
-    )
-    envoy = EnvoyProcess(files, log_path=tmp_path / "envoy.log", concurrency=1)
-    stop = asyncio.Event()
-    loop_task = asyncio.create_task(controller.run(stop))
-    cert, key = certs.clients["app-demo"]
-    client = Client(files.listen_port, certs.ca_cert, cert, key)
-    await asyncio.to_thread(envoy.__enter__)
-    try:
 
-        def serve_everyone() -> dict[str, list[str]]:
-            tokens: dict[str, list[str]] = {"control": [], "canary": []}
-            for i in range(USERS):
-                reply = client.request(token=mint(certs, f"user-{i}"))
-                assert reply.status == 200, reply.body
-                tokens[reply.headers["x-cohortgate-variant"]].append(reply.headers["x-cohortgate-exposure"])
-            return tokens
+    def als(controller: Controller) -> dict[str, Any]:
+        return {
+            "route_of": route_by_path(lambda: controller.policy),
+            "measured": routes_with_metrics(lambda: controller.policy),
+        }
 
-        tokens = await asyncio.to_thread(serve_everyone)
-        assert min(len(t) for t in tokens.values()) > CONVERTERS, {v: len(t) for v, t in tokens.items()}
-        ledger = controller.outcomes.ledger
-        await until(lambda: ledger.exposure_counts["accepted"] >= USERS, f"{USERS} exposures from the access log")
+    async with controlled_edge(
+        policy_path, certs, tmp_path, salt=b"exposure-e2e-unit-salt-0123456789", als_options=als
+    ) as e:
+        controller, client = e.controller, e.client
+        api = web.AppRunner(make_app(controller, ADMIN, e.sink))
+        await api.setup()
+        api_port = free_port()
+        await web.TCPSite(api, "127.0.0.1", api_port).start()
+        try:
 
-        batch = [
-            {"exposure": tok, "metric": "conversion", "value": 1} for t in tokens.values() for tok in t[:CONVERTERS]
-        ]
-        reply = await asyncio.to_thread(http, api_port, "POST", "/outcomes", batch)
-        assert reply["accepted"] == len(batch), reply
+            def serve_everyone() -> dict[str, list[str]]:
+                tokens: dict[str, list[str]] = {"control": [], "canary": []}
+                for i in range(USERS):
+                    reply = client.request(token=mint(certs, f"user-{i}"))
+                    assert reply.status == 200, reply.body
+                    tokens[reply.headers["x-cohortgate-variant"]].append(reply.headers["x-cohortgate-exposure"])
+                return tokens
 
-        got = await asyncio.to_thread(http, api_port, "GET", "/outcomes?route=tabular")
-        (conv,) = got["results"]
-        n_control, n_canary = len(tokens["control"]), len(tokens["canary"])
-        assert conv["units"] == {"challenger": n_canary, "control": n_control}  # every unit served, not 3 + 3
-        assert conv["value"]["control"] == pytest.approx(CONVERTERS / n_control)  # was 1.0: reporters only
-        assert conv["value"]["challenger"] == pytest.approx(CONVERTERS / n_canary)
-        assert got["exposures"] == {"accepted": USERS}  # every token verified, none dropped
-        assert got["counts"] == {"accepted": len(batch)}  # the outcomes' counts are the clients' own
-    finally:
-        client.close()
-        stop.set()
-        await loop_task
-        await asyncio.to_thread(envoy.__exit__, None, None, None)
-        await als_server.stop(0)
-        await gateway.close()
-        await api.cleanup()
+            tokens = await asyncio.to_thread(serve_everyone)
+            assert min(len(t) for t in tokens.values()) > CONVERTERS, {v: len(t) for v, t in tokens.items()}
+            ledger = controller.outcomes.ledger
+            await until(lambda: ledger.exposure_counts["accepted"] >= USERS, f"{USERS} exposures from the access log")
+
+            batch = [
+                {"exposure": tok, "metric": "conversion", "value": 1} for t in tokens.values() for tok in t[:CONVERTERS]
+            ]
+            reply = await asyncio.to_thread(http, api_port, "POST", "/outcomes", batch)
+            assert reply["accepted"] == len(batch), reply
+
+            got = await asyncio.to_thread(http, api_port, "GET", "/outcomes?route=tabular")
+            (conv,) = got["results"]
+            n_control, n_canary = len(tokens["control"]), len(tokens["canary"])
+            assert conv["units"] == {"challenger": n_canary, "control": n_control}  # every unit served, not 3 + 3
+            assert conv["value"]["control"] == pytest.approx(CONVERTERS / n_control)  # was 1.0: reporters only
+            assert conv["value"]["challenger"] == pytest.approx(CONVERTERS / n_canary)
+            assert got["exposures"] == {"accepted": USERS}  # every token verified, none dropped
+            assert got["counts"] == {"accepted": len(batch)}  # the outcomes' counts are the clients' own
+        finally:
+            await api.cleanup()

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 
 from cohortgate.core.contract import HEADER_MODEL_DIGEST
 from cohortgate.deploy import pki
-from tests.integration.conftest import TRANSPORT_ARGS, Client, GatewayProcess, free_port, mint
+from tests.integration.conftest import Client, GatewayProcess, edge, free_port, mint
 from tests.integration.test_features_e2e import Child
 
 pytestmark = pytest.mark.integration
@@ -141,10 +141,6 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Iterator[Stack]:
-    from cohortgate.core.policy import load_policy
-    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
-
     work = tmp_path_factory.mktemp("provenance-e2e")
     (work / "models").mkdir()
     (work / "run").mkdir()
@@ -169,31 +165,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, certs: pki.CertPaths) -> Ite
         *("--variant", "control", "--route", "tabular", "--threads", "1", "--model-cache", str(work / "cache")),
     ]
     sidecar = Child(sidecar_argv, {}, f"http://127.0.0.1:{port}/v2/health/ready", work / "sidecar.log")
-    sock = work / "run" / "processor.sock"
-    gateway = GatewayProcess(policy_file, sock, "grpc", work)
     write_policy(policy_file, certs, port, "v1")
     try:
         controller.start()
         controller.headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         sidecar.start()
-        gateway.start(timeout=60)  # generous: a loaded 2-core CI machine
-        files = render(
-            load_policy(policy_file),
-            certs=certs,
-            out_dir=work / "envoy",
-            processor=ProcessorAddress(uds=str(sock)),
-            transport=TRANSPORT_ARGS["grpc"][2],
-            listen_port=free_port(),
-            admin_port=free_port(),
-            access_log=AccessLogTarget(uds=str(als)),
-        )
-        with EnvoyProcess(files, log_path=work / "envoy.log", concurrency=1) as envoy:
-            cert, key = certs.clients["app-demo"]
-            client = Client(envoy.listen_port, certs.ca_cert, cert, key)
-            yield Stack(work, client, certs, gateway, sidecar, controller, policy_file, model_file, port, digests)
-            client.close()
+        with edge(policy_file, certs, work, access_log=als) as e:
+            yield Stack(work, e.client, certs, e.gateway, sidecar, controller, policy_file, model_file, port, digests)
     finally:
-        gateway.stop()
         sidecar.stop()
         controller.stop()
 

@@ -22,15 +22,12 @@ from typing import Any
 
 import pytest
 
-from cohortgate.controller.als import serve_als
-from cohortgate.controller.loop import Controller, ControllerConfig
-from cohortgate.core.policy import load_policy
+from cohortgate.controller.loop import Controller
 from cohortgate.core.rollout import Phase
 from cohortgate.deploy import pki
-from cohortgate.store.events import InProcessSink
-from cohortgate.store.state import InProcessState, follow
+from cohortgate.store.state import InProcessState
 from sidecar.faults import FaultInjector
-from tests.integration.conftest import Client, free_port, mint
+from tests.integration.conftest import Client, controlled_edge, mint
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +107,6 @@ class Loop:
     certs: pki.CertPaths
     port: int
     tokens: dict[str, str]
-    stop: asyncio.Event
 
     def client(self) -> Client:
         cert, key = self.certs.clients["app-demo"]
@@ -124,10 +120,6 @@ class Loop:
 async def running_loop(
     tmp_path: Path, certs: pki.CertPaths, canary_fault: float, min_samples: int, interval_s: float
 ) -> AsyncIterator[Loop]:
-    from cohortgate.deploy.envoy import AccessLogTarget, ProcessorAddress, render
-    from cohortgate.deploy.envoyproc import EnvoyProcess
-    from gateway.service import Gateway, GatewayConfig, ListenAddress
-
     control, canary = KnobUpstream("control").start(), KnobUpstream("canary").start()
     canary.fault = FaultInjector(canary_fault)
     policy_path = tmp_path / "policy.yaml"
@@ -136,51 +128,12 @@ async def running_loop(
             jwks=certs.jwks, control=control.url, canary=canary.url, min_samples=min_samples, interval_s=interval_s
         )
     )
-    policy = load_policy(policy_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    sock, als_sock = run / "processor.sock", run / "als.sock"
-
-    sink = InProcessSink()
-    await sink.start()
-    store = InProcessState()
-    controller = Controller(policy, store, sink, config=ControllerConfig(interval_s=0.25))
-    await controller.start()
-    gateway = Gateway(
-        GatewayConfig(
-            policy_path=str(policy_path),
-            listen=ListenAddress(uds=str(sock)),
-            audit_log=None,
-            unit_salt=b"rollback-e2e-unit-salt-0123456789",
-        ),
-        policy=policy,
-    )
-    follow(gateway.holder, store)
-    await gateway.start()
-    als_server, _ = await serve_als(sink, f"uds:{als_sock}")
-    files = render(
-        policy,
-        certs=certs,
-        out_dir=tmp_path / "envoy",
-        processor=ProcessorAddress(uds=str(sock)),
-        listen_port=free_port(),
-        admin_port=free_port(),
-        access_log=AccessLogTarget(uds=str(als_sock)),
-    )
-    envoy = EnvoyProcess(files, log_path=tmp_path / "envoy.log", concurrency=1)
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
     users = [f"user-{i}" for i in range(300)]
     tokens = {u: mint(certs, u, residency="eu") for u in users}
-    await asyncio.to_thread(envoy.__enter__)
     try:
-        yield Loop(controller, store, control, canary, certs, files.listen_port, tokens, stop)
+        async with controlled_edge(policy_path, certs, tmp_path, salt=b"rollback-e2e-unit-salt-0123456789") as e:
+            yield Loop(e.controller, e.store, control, canary, certs, e.port, tokens)
     finally:
-        stop.set()
-        await task
-        await asyncio.to_thread(envoy.__exit__, None, None, None)
-        await als_server.stop(0)
-        await gateway.close()
         control.stop()
         canary.stop()
 

@@ -306,4 +306,3 @@ def test_a_slow_but_alive_processor_is_waited_for_and_the_request_served(
         client.close()
         assert fast.status == 200 and fast.json() == {"upstream": "control"}
         assert processor.calls == 2 and len(upstream.received) == 2
-
