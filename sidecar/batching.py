@@ -128,6 +128,14 @@ def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
     return outputs, time.perf_counter() - started
 
 
+# A lone one-row request (nothing queued, nothing computing, greedy batching) runs on the event loop
+# itself when the model's recent lone one-row runs took under this: handing it to the executor thread
+# and back costs two thread wake-ups and a loop round trip, more CPU than such a run (issue 25: CPU
+# per request at concurrency 1). Anything bigger, or a slower model, keeps the loop free.
+INLINE_MAX_S = 0.0002
+_LONE_EWMA = 0.2  # weight of the newest lone run in the running estimate
+
+
 class Batcher:
     """Queue requests, run them in batches in ``executor``, resolve each caller's future.
 
@@ -166,6 +174,8 @@ class Batcher:
         self._wakeup: asyncio.Future | None = None
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self.lone_s: float | None = None  # running estimate of a lone one-row request's compute time
+        self.inline_max_s = INLINE_MAX_S if max_delay_s == 0 else 0.0  # 0: never inline
 
     @property
     def depth(self) -> int:
@@ -188,6 +198,9 @@ class Batcher:
         pending = Pending(inputs, rows, key, future)
         if timing is not None:
             pending.timing = timing
+        if rows == 1 and self._inflight == 0 and not self._queue and (self.lone_s or 1.0) < self.inline_max_s:
+            self._run_inline(pending)
+            return future
         self._queue.append(pending)
         self._queued_rows += rows
         # Wake the worker only when it can act: the model is idle (greedy; with a delay, only the
@@ -254,10 +267,35 @@ class Batcher:
         done = self._loop.run_in_executor(self._executor, _timed, self._run, merged)  # type: ignore[union-attr]
         done.add_done_callback(lambda f: self._finish(batch, rows, started, f))
 
+    def _run_inline(self, pending: Pending) -> None:
+        """The lone-request path: compute now, on the loop; the caller's future is done on return."""
+        started = time.perf_counter()
+        try:
+            outputs, compute_s = _timed(self._run, pending.inputs)
+        except Exception as exc:  # the caller gets it, as from the executor
+            pending.future.set_exception(exc)
+            return
+        self._note_lone([1], compute_s)
+        self._observer.on_batch(pending.rows, 1, compute_s, [started - pending.enqueued])
+        if pending.timing is not None:
+            t = pending.timing
+            t.queue_s, t.compute_s, t.batch_rows, t.batch_requests = (
+                started - pending.enqueued,
+                compute_s,
+                pending.rows,
+                1,
+            )
+        pending.future.set_result(outputs)
+
+    def _note_lone(self, rows: list[int], compute_s: float) -> None:
+        if rows == [1]:
+            self.lone_s = compute_s if self.lone_s is None else self.lone_s + _LONE_EWMA * (compute_s - self.lone_s)
+
     def _finish(self, batch: list[Pending], rows: list[int], started: float, done: asyncio.Future) -> None:
         self._inflight -= 1
         try:
             outputs, compute_s = done.result()
+            self._note_lone(rows, compute_s)
             self._observer.on_batch(sum(rows), len(batch), compute_s, [started - p.enqueued for p in batch])
             parts = split(outputs, rows)
         except asyncio.CancelledError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar import batching
-from sidecar.batching import Batcher, Pending, merge, merge_key, split, take_batch
+from sidecar.batching import INLINE_MAX_S, Batcher, BatchTiming, Pending, merge, merge_key, split, take_batch
 from sidecar.errors import InferenceFailed, Unavailable
 
 # Pure functions ------------------------------------------------------------------------------
@@ -265,3 +266,88 @@ def test_bad_settings_are_refused(executor) -> None:
         Batcher(Model(), executor, max_batch_size=0)
     with pytest.raises(ValueError):
         Batcher(Model(), executor, max_delay_s=-1)
+
+
+# The lone-request path -------------------------------------------------------------------------
+
+
+class ThreadModel(Model):
+    """Records the thread each batch ran on; ``slow_s`` makes every run take at least that long."""
+
+    def __init__(self, slow_s: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.slow_s = slow_s
+
+    def __call__(self, inputs):
+        self.threads.append(threading.current_thread().name)
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        return super().__call__(inputs)
+
+
+async def test_a_lone_one_row_request_of_a_fast_model_runs_on_the_loop(executor) -> None:
+    """The first lone run is measured in the executor; once the model is known to be fast, a lone
+    one-row request skips the thread hop: same answer, counted like any batch."""
+    model, observer = ThreadModel(), Observer()
+    batcher = Batcher(model, executor, max_batch_size=64, observer=observer)
+    batcher.inline_max_s = 1.0  # "fast" for this test whatever the machine's load (the default is INLINE_MAX_S)
+    batcher.start()
+    loop_thread = threading.current_thread().name
+    first = await batcher.submit(x(1, 0), 1)
+    assert model.threads[0] != loop_thread and batcher.lone_s is not None  # measured in the executor first
+    timing = BatchTiming()
+    second = batcher.submit(x(1, 10), 1, timing)
+    assert second.done()  # computed before submit returned
+    np.testing.assert_array_equal((await second)[0], x(1, 10)[0] * 2)
+    assert model.threads[1] == loop_thread and (timing.batch_rows, timing.batch_requests) == (1, 1)
+    assert observer.batches == [(1, 1), (1, 1)]
+    np.testing.assert_array_equal(first[0], x(1, 0)[0] * 2)
+    await batcher.close()
+
+
+async def test_anything_but_a_lone_fast_one_row_request_keeps_the_loop_free(executor) -> None:
+    loop_thread = threading.current_thread().name
+    model = ThreadModel()
+    batcher = Batcher(model, executor, max_batch_size=64)
+    batcher.inline_max_s = 1.0
+    batcher.start()
+    await batcher.submit(x(1, 0), 1)  # now known to be fast
+    model.gate.clear()
+    busy = batcher.submit(x(3, 0), 3)  # three rows: to the executor, held there
+    waiting = batcher.submit(x(1, 0), 1)  # one row, but the model is busy: it queues
+    assert not busy.done() and not waiting.done()
+    model.gate.set()
+    await asyncio.gather(busy, waiting)
+    assert loop_thread not in model.threads
+
+    slow = ThreadModel(slow_s=0.01)  # slower than INLINE_MAX_S, however quiet the machine
+    slow_batcher = Batcher(slow, executor, max_batch_size=64)
+    slow_batcher.start()
+    for i in range(3):
+        await slow_batcher.submit(x(1, i), 1)
+    assert slow_batcher.lone_s is not None and slow_batcher.lone_s > INLINE_MAX_S
+    assert loop_thread not in slow.threads  # a model slower than the hop never blocks the loop
+
+    delayed = ThreadModel()
+    delayed_batcher = Batcher(delayed, executor, max_batch_size=64, max_delay_s=0.001)
+    delayed_batcher.start()
+    for i in range(3):
+        await delayed_batcher.submit(x(1, i), 1)
+    assert loop_thread not in delayed.threads  # with a batching delay, requests wait for company
+    for b in (batcher, slow_batcher, delayed_batcher):
+        await b.close()
+
+
+async def test_a_lone_request_that_fails_on_the_loop_fails_its_caller_only(executor) -> None:
+    model = ThreadModel()
+    batcher = Batcher(model, executor, max_batch_size=64)
+    batcher.inline_max_s = 1.0
+    batcher.start()
+    await batcher.submit(x(1, 0), 1)
+    model.fail = True
+    with pytest.raises(InferenceFailed, match="model exploded"):
+        await batcher.submit(x(1, 0), 1)
+    model.fail = False
+    np.testing.assert_array_equal((await batcher.submit(x(1, 5), 1))[0], x(1, 5)[0] * 2)
+    await batcher.close()
