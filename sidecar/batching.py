@@ -130,9 +130,11 @@ def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
 
 # A lone one-row request (nothing queued, nothing computing, greedy batching) runs on the event loop
 # itself when the model's recent lone one-row runs took under this: handing it to the executor thread
-# and back costs two thread wake-ups and a loop round trip, more CPU than such a run (issue 25: CPU
-# per request at concurrency 1). Anything bigger, or a slower model, keeps the loop free.
-INLINE_MAX_S = 0.0002
+# and back costs two thread wake-ups and a loop round trip (issue 25: CPU per request at
+# concurrency 1). It costs nobody latency: a request arriving meanwhile would have waited for the
+# busy model anyway (greedy batching hands a second batch over only when full); it is read a little
+# later. Bigger requests and slower models keep the loop free.
+INLINE_MAX_S = 0.001
 _LONE_EWMA = 0.2  # weight of the newest lone run in the running estimate
 
 
@@ -157,6 +159,7 @@ class Batcher:
         max_queue: int = 1024,
         max_inflight: int = 2,
         observer: BatchObserver | None = None,
+        inline_max_s: float = INLINE_MAX_S,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0 or max_inflight < 1:
             raise ValueError("max_batch_size, max_queue and max_inflight must be >= 1, max_delay_s >= 0")
@@ -175,7 +178,7 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         self.lone_s: float | None = None  # running estimate of a lone one-row request's compute time
-        self.inline_max_s = INLINE_MAX_S if max_delay_s == 0 else 0.0  # 0: never inline
+        self.inline_max_s = inline_max_s if max_delay_s == 0 else 0.0  # 0: never inline
 
     @property
     def depth(self) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from cohortgate.support.cliargs import add_tracing_options
+from sidecar.batching import INLINE_MAX_S
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="wait up to this long from the oldest queued request to fill a batch "
         "(default 0: greedy, take what is queued)",
+    )
+    p.add_argument(
+        "--inline-max-us",
+        type=float,
+        default=INLINE_MAX_S * 1e6,
+        metavar="US",
+        help="a lone one-row request runs on the event loop, without the executor hop, while the model's "
+        f"lone runs take under this (default {INLINE_MAX_S * 1e6:g}; 0 turns it off)",
     )
     p.add_argument(
         "--max-queue",
@@ -184,6 +193,7 @@ def handler(args: argparse.Namespace) -> int:
             device=args.device,
             max_batch_size=args.max_batch_size,
             max_queue_delay_ms=args.max_queue_delay_ms,
+            inline_max_us=args.inline_max_us,
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             intra_op_threads=args.threads,

@@ -335,7 +335,13 @@ async def test_anything_but_a_lone_fast_one_row_request_keeps_the_loop_free(exec
     for i in range(3):
         await delayed_batcher.submit(x(1, i), 1)
     assert loop_thread not in delayed.threads  # with a batching delay, requests wait for company
-    for b in (batcher, slow_batcher, delayed_batcher):
+    off = ThreadModel()
+    off_batcher = Batcher(off, executor, max_batch_size=64, inline_max_s=0.0)  # `sidecar --inline-max-us 0`
+    off_batcher.start()
+    for i in range(3):
+        await off_batcher.submit(x(1, i), 1)
+    assert loop_thread not in off.threads
+    for b in (batcher, slow_batcher, delayed_batcher, off_batcher):
         await b.close()
 
 
