@@ -100,8 +100,11 @@ def test_the_projects_policies_read_the_same_both_ways(name: str) -> None:
         "---\n" + HEAD + "routes:\n" + route("a"),  # a document marker
         HEAD + "routes:\n" + route("a", indent=4) + route("b", indent=2),  # items at two indents
         HEAD + "routes:\n  name: a\n",  # not a list
+        HEAD + "routes:\n" + route("a").replace("region: eu}", "region: !!str eu}", 1),  # a tag
+        HEAD + "routes:\n" + route("a") + "  - *first\n",  # an alias
+        HEAD + "routes:\n" + route("a") + "...\n",  # a document end
     ],
-    ids=["anchor", "flow", "twice", "marker", "two indents", "mapping"],
+    ids=["anchor", "flow", "twice", "marker", "two indents", "mapping", "tag", "alias", "document end"],
 )
 def test_what_the_reader_is_not_sure_of_goes_to_the_whole_document_reader(text: str) -> None:
     assert chunked(text) is None
