@@ -190,10 +190,11 @@ routes:
 
 def up_policy(jwks: Path, url: str, prefix: str, n: int, moved: tuple[int, str] | None = None) -> str:
     """``bg`` (the unchanged route under load) and ``n`` routes ``PREFIX0..``, all on external
-    endpoints (no sidecars); ``moved`` puts one route on another URL (a one-route edit)."""
+    endpoints (no sidecars); ``moved`` = (k, URL) puts routes 0..k on another URL (each one-route
+    edit moves one more)."""
     routes = [ROUTE.format(i="", url=url).replace("r:", "bg:", 1).replace("name: r\n", "name: bg\n")]
     for i in range(n):
-        target = moved[1] if moved is not None and moved[0] == i else url
+        target = moved[1] if moved is not None and i <= moved[0] else url
         routes.append(ROUTE.format(i=i, url=target).replace(f"name: r{i}", f"name: {prefix}{i}").replace(
             f"model: m{i}", f"model: {prefix}{i}"))
     return UP_HEAD.format(jwks=jwks) + "".join(routes).replace("model: m}", "model: bg}")
@@ -237,9 +238,10 @@ class Load:
         return len(self.failures)
 
 
-def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=print) -> dict:
+def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, edits: int = 1, say=print) -> dict:
     """`cohortgate up` serving ``n`` routes; ``rounds`` full replacements (alternating two files of
-    ``n`` new routes: 2n new clusters each), then one one-route edit; background load on ``bg``.
+    ``n`` new routes: 2n new clusters each), then ``edits`` one-route edits (each moves one more
+    route to another backend); background load on ``bg``.
 
     Per apply: ``live`` = until the last new route answers 200 from its backend (seconds from the
     write of the source file), ``switched`` = until `up`'s run.json names the new policy."""
@@ -293,17 +295,18 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, say=prin
         load = Load(connect, token, rate)
         load.thread.start()
         time.sleep(2.0)
-        edits = [("a" if k % 2 else "b", None) for k in range(rounds)] + [("a" if rounds % 2 == 0 else "b", 0)]
-        for prefix, one in edits:
+        last = "a" if rounds % 2 == 0 else "b"
+        changes = [("a" if k % 2 else "b", None) for k in range(rounds)] + [(last, k) for k in range(edits)]
+        for prefix, one in changes:
             digest = json.loads(run_file.read_text())["policy"]["digest"]
-            text = up_policy(jwks, url, prefix, n, moved=(0, moved_url) if one is not None else None)
+            text = up_policy(jwks, url, prefix, n, moved=(one, moved_url) if one is not None else None)
             before = load.failed
             start = time.perf_counter()
             write_atomic(source, text)
             if one is None:
                 _wait(lambda p=prefix: answer(f"{p}{n - 1}") == "base", 120, f"{prefix}{n - 1} live")
             else:
-                _wait(lambda p=prefix: answer(f"{p}0") == "moved", 120, f"{prefix}0 moved")
+                _wait(lambda p=prefix, k=one: answer(f"{p}{k}") == "moved", 120, f"{prefix}{one} moved")
             live = time.perf_counter() - start
             _wait(lambda d=digest: json.loads(run_file.read_text())["policy"]["digest"] != d, 60, "run.json")
             switched = time.perf_counter() - start
@@ -382,13 +385,14 @@ def main() -> int:
     parser.add_argument("--watch", type=float, default=0.1, help="the gateway's --watch-interval (default 0.1)")
     parser.add_argument("--through-up", action="store_true", help="measure through `cohortgate up`, under load")
     parser.add_argument("--rate", type=float, default=100.0, help="--through-up: background requests a second")
+    parser.add_argument("--edits", type=int, default=1, help="--through-up: one-route edits after the replacements")
     args = parser.parse_args()
     if args.through_up:
         with tempfile.TemporaryDirectory(prefix="cg-bench-up-") as tmp:
             for n in args.routes:
                 work = Path(tmp) / f"n{n}"
                 work.mkdir()
-                result = through_up(n, args.rounds, work, rate=args.rate)
+                result = through_up(n, args.rounds, work, rate=args.rate, edits=args.edits)
                 print(f"{n} routes: background statuses {result['statuses']}; loop lag {result['loop_lag']}")
         return 0
     with tempfile.TemporaryDirectory(prefix="cg-bench-reload-") as tmp:
