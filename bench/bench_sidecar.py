@@ -429,30 +429,16 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not on PATH; this benchmark uses it as its load generator", file=sys.stderr)
         return 2
-    if args.lone_cost:
-        with tempfile.TemporaryDirectory(prefix="bench-lone-") as tmpdir:
+    if args.lone_cost or args.contract_cost:
+        with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmpdir:
             tmp = Path(tmpdir)
             model = args.model or tmp / "mlp-4x512.onnx"
             if args.model is None:
                 model.write_bytes(mlp_model_bytes())
-            return lone_cost(
-                model.resolve(), tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3)
-            )
-    if args.contract_cost:
-        with tempfile.TemporaryDirectory(prefix="bench-contract-") as tmpdir:
-            tmp = Path(tmpdir)
-            model = args.model or tmp / "mlp-4x512.onnx"
-            if args.model is None:
-                model.write_bytes(mlp_model_bytes())
-            return contract_cost(
-                model.resolve(),
-                tmp,
-                args.threads,
-                args.max_batch_size,
-                args.duration,
-                max(args.repeat, 3),
-                args.contract_mode,
-            )
+            common = (model.resolve(), tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3))
+            if args.lone_cost:
+                return lone_cost(*common)
+            return contract_cost(*common, args.contract_mode)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary_cases = [(1, True, c) for c in concurrencies] + [(128, True, 4)]
     json_case = [(1, False, 64)]
