@@ -128,13 +128,12 @@ def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
     return outputs, time.perf_counter() - started
 
 
-# A lone one-row request (nothing queued, nothing computing, greedy batching) runs on the event loop
-# itself when the model's recent lone one-row runs took under this: handing it to the executor thread
-# and back costs two thread wake-ups and a loop round trip (issue 25: CPU per request at
-# concurrency 1). It costs nobody latency: a request arriving meanwhile would have waited for the
-# busy model anyway (greedy batching hands a second batch over only when full); it is read a little
-# later. Bigger requests and slower models keep the loop free.
-INLINE_MAX_S = 0.001
+# Opt-in (`sidecar --inline-max-us`): a lone one-row request (nothing queued, nothing computing, greedy
+# batching) runs on the event loop itself when the model's recent lone one-row runs took under the
+# limit, saving the executor hop (two thread wake-ups and a loop round trip: CPU per request at
+# concurrency 1 x0.71, measured). Off by default because the loop cannot see requests still unread in
+# their sockets: under concurrent load each lone request finishes before the next is read, so no batch
+# ever forms (one-row requests at c64 fell to 0.43x with a 512-column model). For one client at a time.
 _LONE_EWMA = 0.2  # weight of the newest lone run in the running estimate
 
 
@@ -159,7 +158,7 @@ class Batcher:
         max_queue: int = 1024,
         max_inflight: int = 2,
         observer: BatchObserver | None = None,
-        inline_max_s: float = INLINE_MAX_S,
+        inline_max_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0 or max_inflight < 1:
             raise ValueError("max_batch_size, max_queue and max_inflight must be >= 1, max_delay_s >= 0")

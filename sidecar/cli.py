@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 from cohortgate.support.cliargs import add_tracing_options
-from sidecar.batching import INLINE_MAX_S
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,10 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--inline-max-us",
         type=float,
-        default=INLINE_MAX_S * 1e6,
+        default=0.0,
         metavar="US",
-        help="a lone one-row request runs on the event loop, without the executor hop, while the model's "
-        f"lone runs take under this (default {INLINE_MAX_S * 1e6:g}; 0 turns it off)",
+        help="for one client at a time: a lone one-row request runs on the event loop, without the executor "
+        "hop, while the model's lone runs take under this; under concurrent load it stops batching "
+        "(default 0: off)",
     )
     p.add_argument(
         "--max-queue",

@@ -39,7 +39,7 @@ from cohortgate.support.files import changes
 from sidecar import artifacts, serving
 from sidecar import contract as data_contract
 from sidecar.artifacts import DEFAULT_MAX_BYTES, Artifact, ArtifactMetrics
-from sidecar.batching import INLINE_MAX_S, Batcher, BatchTiming
+from sidecar.batching import Batcher, BatchTiming
 from sidecar.errors import (
     ArtifactRefused,
     InferenceFailed,
@@ -89,7 +89,7 @@ class SidecarConfig:
     device: str = "auto"
     max_batch_size: int = 64  # rows; 1 turns batching off
     max_queue_delay_ms: float = 0.0  # 0 = greedy
-    inline_max_us: float = INLINE_MAX_S * 1e6  # a lone one-row request of a model this fast skips the executor
+    inline_max_us: float = 0.0  # opt-in: a lone one-row request of a model this fast skips the executor
     max_queue: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024
     intra_op_threads: int | None = None  # None = all cores but the event loop's

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar import batching
-from sidecar.batching import INLINE_MAX_S, Batcher, BatchTiming, Pending, merge, merge_key, split, take_batch
+from sidecar.batching import Batcher, BatchTiming, Pending, merge, merge_key, split, take_batch
 from sidecar.errors import InferenceFailed, Unavailable
 
 # Pure functions ------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ async def test_a_lone_one_row_request_of_a_fast_model_runs_on_the_loop(executor)
     one-row request skips the thread hop: same answer, counted like any batch."""
     model, observer = ThreadModel(), Observer()
     batcher = Batcher(model, executor, max_batch_size=64, observer=observer)
-    batcher.inline_max_s = 1.0  # "fast" for this test whatever the machine's load (the default is INLINE_MAX_S)
+    batcher.inline_max_s = 1.0  # opted in; "fast" for this test whatever the machine's load
     batcher.start()
     loop_thread = threading.current_thread().name
     first = await batcher.submit(x(1, 0), 1)
@@ -321,22 +321,22 @@ async def test_anything_but_a_lone_fast_one_row_request_keeps_the_loop_free(exec
     await asyncio.gather(busy, waiting)
     assert loop_thread not in model.threads
 
-    slow = ThreadModel(slow_s=0.01)  # slower than INLINE_MAX_S, however quiet the machine
-    slow_batcher = Batcher(slow, executor, max_batch_size=64)
+    slow = ThreadModel(slow_s=0.01)  # slower than the limit, however quiet the machine
+    slow_batcher = Batcher(slow, executor, max_batch_size=64, inline_max_s=0.001)
     slow_batcher.start()
     for i in range(3):
         await slow_batcher.submit(x(1, i), 1)
-    assert slow_batcher.lone_s is not None and slow_batcher.lone_s > INLINE_MAX_S
+    assert slow_batcher.lone_s is not None and slow_batcher.lone_s > slow_batcher.inline_max_s
     assert loop_thread not in slow.threads  # a model slower than the hop never blocks the loop
 
     delayed = ThreadModel()
-    delayed_batcher = Batcher(delayed, executor, max_batch_size=64, max_delay_s=0.001)
+    delayed_batcher = Batcher(delayed, executor, max_batch_size=64, max_delay_s=0.001, inline_max_s=1.0)
     delayed_batcher.start()
     for i in range(3):
         await delayed_batcher.submit(x(1, i), 1)
     assert loop_thread not in delayed.threads  # with a batching delay, requests wait for company
     off = ThreadModel()
-    off_batcher = Batcher(off, executor, max_batch_size=64, inline_max_s=0.0)  # `sidecar --inline-max-us 0`
+    off_batcher = Batcher(off, executor, max_batch_size=64)  # the default: off
     off_batcher.start()
     for i in range(3):
         await off_batcher.submit(x(1, i), 1)
