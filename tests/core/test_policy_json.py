@@ -96,6 +96,6 @@ def test_the_compiled_route_cache_is_bounded(tmp_path: Path) -> None:
     cache = policy_module._CompiledRoutes(size=3)
     model = PolicyModel.model_validate(_doc(*(_route(f"r{i}") for i in range(5))))
     compiled = [cache.route(r, tmp_path) for r in model.routes]
-    assert len(cache._routes) == 3
+    assert len(cache) == 3
     assert cache.route(model.routes[4], tmp_path) is compiled[4]  # recent: kept
     assert cache.route(model.routes[0], tmp_path) is not compiled[0]  # oldest: compiled again
