@@ -137,6 +137,14 @@ def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
 _LONE_EWMA = 0.2  # weight of the newest lone run in the running estimate
 
 
+def _stamp(p: Pending, started: float, compute_s: float, batch_rows: int, batch_requests: int) -> None:
+    """Fill the request's timing, when it asked for one, with its wait and its batch."""
+    if p.timing is not None:
+        t = p.timing
+        t.queue_s, t.compute_s = started - p.enqueued, compute_s
+        t.batch_rows, t.batch_requests = batch_rows, batch_requests
+
+
 class Batcher:
     """Queue requests, run them in batches in ``executor``, resolve each caller's future.
 
@@ -200,7 +208,8 @@ class Batcher:
         pending = Pending(inputs, rows, key, future)
         if timing is not None:
             pending.timing = timing
-        if rows == 1 and self._inflight == 0 and not self._queue and (self.lone_s or 1.0) < self.inline_max_s:
+        lone_s = self.lone_s  # None until one lone run was measured in the executor
+        if rows == 1 and self._inflight == 0 and not self._queue and lone_s is not None and lone_s < self.inline_max_s:
             self._run_inline(pending)
             return future
         self._queue.append(pending)
@@ -279,14 +288,7 @@ class Batcher:
             return
         self._note_lone([1], compute_s)
         self._observer.on_batch(pending.rows, 1, compute_s, [started - pending.enqueued])
-        if pending.timing is not None:
-            t = pending.timing
-            t.queue_s, t.compute_s, t.batch_rows, t.batch_requests = (
-                started - pending.enqueued,
-                compute_s,
-                pending.rows,
-                1,
-            )
+        _stamp(pending, started, compute_s, pending.rows, 1)
         pending.future.set_result(outputs)
 
     def _note_lone(self, rows: list[int], compute_s: float) -> None:
@@ -306,10 +308,7 @@ class Batcher:
             self._fail(batch, exc)
         else:
             for p, part in zip(batch, parts, strict=True):
-                if p.timing is not None:
-                    t = p.timing
-                    t.queue_s, t.compute_s = started - p.enqueued, compute_s
-                    t.batch_rows, t.batch_requests = sum(rows), len(batch)
+                _stamp(p, started, compute_s, sum(rows), len(batch))
                 if not p.future.done():
                     p.future.set_result(part)
         self._wake()

@@ -335,6 +335,13 @@ async def test_anything_but_a_lone_fast_one_row_request_keeps_the_loop_free(exec
     for i in range(3):
         await delayed_batcher.submit(x(1, i), 1)
     assert loop_thread not in delayed.threads  # with a batching delay, requests wait for company
+    unmeasured = ThreadModel()
+    generous = Batcher(unmeasured, executor, max_batch_size=64, inline_max_s=5.0)  # a limit over a second
+    generous.start()
+    await generous.submit(x(1, 0), 1)
+    assert unmeasured.threads[0] != loop_thread  # the first lone run is measured in the executor, whatever the limit
+    await generous.close()
+
     off = ThreadModel()
     off_batcher = Batcher(off, executor, max_batch_size=64)  # the default: off
     off_batcher.start()
