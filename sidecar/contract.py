@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from cohortgate.core.datacontract import ContractSpec, FeatureSpec
+from cohortgate.core.datacontract import ContractSpec, FeatureSpec, is_inline
 from cohortgate.core.sketch import CategoricalSketch, NumericSketch, Sketch, sketch_from_json
 from sidecar.errors import ModelLoadError, SidecarError
 from sidecar.protocol import Signature, TensorSpec
@@ -504,7 +504,7 @@ def find(explicit: str | None, manifest: Any, local_model: str | None) -> tuple[
     """The contract document and where it came from: ``--contract`` (a file, or the JSON itself, as
     ``cohortgate up`` passes a policy's inline ``contract:``) first,
     then the store version's manifest, then ``M.contract.json`` beside a local model file."""
-    if explicit and explicit.lstrip().startswith("{"):  # inline (a policy's `contract:` written in place)
+    if explicit and is_inline(explicit):  # a policy's `contract:` written in place
         try:
             return orjson.loads(explicit), "the inline data contract"
         except orjson.JSONDecodeError as exc:

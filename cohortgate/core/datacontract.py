@@ -59,3 +59,9 @@ class ContractSpec(BaseModel):
         if dupes:
             raise ValueError(f"feature names must be unique across inputs and outputs: {', '.join(dupes)}")
         return self
+
+
+def is_inline(contract: str) -> bool:
+    """A `--contract` / backend ``contract:`` value that is the contract itself (JSON, as `cohortgate up`
+    passes a policy's inline one), not the name of a file."""
+    return contract.lstrip().startswith("{")

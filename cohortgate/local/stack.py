@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from cohortgate.core.contract import EXPOSURE_KEY_ENV, UNIT_SALT_ENV
+from cohortgate.core.datacontract import is_inline
 from cohortgate.core.errors import PolicyError
 from cohortgate.core.policy import Policy
 from cohortgate.core.rollout import Phase as RolloutPhase
@@ -358,7 +359,7 @@ class Stack:
     def ensure_models(self, specs: Iterable[SidecarSpec]) -> None:
         specs = list(specs)
         files = {local_model_file(s.model_path) for s in specs}  # None: remote, the sidecar fetches it
-        files |= {Path(s.contract) for s in specs if s.contract and not s.contract.startswith("{")}
+        files |= {Path(s.contract) for s in specs if s.contract and not is_inline(s.contract)}
         missing = sorted(p for p in files if p is not None and not p.exists())
         if not missing:
             return
