@@ -102,17 +102,16 @@ def _export_tabular(estimator, path: Path) -> None:
 
 def _write_contract(path: Path, model: Path, x_train: np.ndarray) -> None:
     """The documented way (`cohortgate models profile M.onnx --data reference`), with the training rows."""
-    import orjson
     from sklearn.datasets import load_breast_cancer
 
     from sidecar.model import OnnxModel
-    from sidecar.profile import Table, profile
+    from sidecar.profile import Table, encode, profile
 
     names = [str(n) for n in load_breast_cancer().feature_names]
     columns = {n: x_train[:, j].astype(np.float64) for j, n in enumerate(names)}
     onnx_model = OnnxModel(str(model), device="cpu")
     doc = profile(onnx_model.signature, onnx_model.run, Table(columns, dict.fromkeys(names, "float")))
-    _write(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    _write(path, encode(doc))
 
 
 def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:

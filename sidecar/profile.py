@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from cohortgate.core.sketch import NumericSketch
 from sidecar.contract import ContractSpec, category_sketch
@@ -162,6 +163,11 @@ def quantile_edges(values: np.ndarray, bins: int) -> tuple[float, ...]:
         v = float(edges[0])
         return (v - 0.5, v + 0.5)
     return tuple(float(e) for e in edges)
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """A contract document as its file holds it: indented JSON and a final newline."""
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
 
 
 def profile(

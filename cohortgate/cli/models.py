@@ -70,9 +70,7 @@ def profile_handler(args: argparse.Namespace) -> int:
         print(f"cohortgate models profile: {exc}", file=sys.stderr)
         return 2
     out = args.out or str(contract.beside(args.model))
-    import orjson
-
-    write_atomic(out, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    write_atomic(out, profile.encode(doc))
     print(f"wrote {out}: {len(doc['inputs'])} input and {len(doc['outputs'])} output features, mode {doc['mode']}")
     return 0
 
