@@ -16,7 +16,10 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def dry_run(workdir: Path, *targets: str) -> str:
-    out = subprocess.run(["make", "-n", *targets], cwd=workdir, capture_output=True, text=True, timeout=60)
+    """What make would run, with the Makefile's own defaults: variables from an outer make's command
+    line (``make test-stress STRESS_RUNS=1`` running this suite) reach us through MAKEFLAGS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "-n", *targets], cwd=workdir, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
