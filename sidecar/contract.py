@@ -290,13 +290,16 @@ class _Binning:
         up[infinite] = self.edges[infinite]
         self.edges32 = up
 
-    def sketches(self, x: np.ndarray) -> list[tuple[int, NumericSketch]]:
+    def counts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the counts of ``x`` in each bin (shape (k, width + 1): below, the bins, above,
+        padded at the front like the edges) and its nulls. Counts add, so a window keeps these
+        tables and builds its sketches once (``sketches_of``)."""
         k = len(self.columns)
-        if not k:
-            return []
         stride = self.width + 1
         counts = np.zeros(k * stride, dtype=np.int64)
         nulls = np.zeros(k, dtype=np.int64)
+        if not k:
+            return counts.reshape(k, stride), nulls
         step = max(1, self._CHUNK_CELLS // k)
         base = np.arange(k, dtype=np.int64) * stride - self.pad
         acc_type = np.int16 if self.width < 32000 else np.int64
@@ -323,12 +326,57 @@ class _Binning:
             counts += np.bincount((acc + base).ravel(), minlength=k * stride)
         table = counts.reshape(k, stride)
         table[:, 0] -= nulls
+        return table, nulls
+
+    def sketches_of(self, table: np.ndarray, nulls: np.ndarray) -> list[tuple[int, NumericSketch]]:
+        """The sketches of counts that ``counts`` returned (or their sum)."""
         out = []
         for j, col in enumerate(self.columns.tolist()):
             n = self.n_edges[j]
             row = table[j]
             edges = tuple(self.edges[self.width - n :, j].tolist())
             out.append((col, NumericSketch(edges, tuple(row[1:n].tolist()), int(nulls[j]), int(row[0]), int(row[n]))))
+        return out
+
+    def sketches(self, x: np.ndarray) -> list[tuple[int, NumericSketch]]:
+        return self.sketches_of(*self.counts(x))
+
+
+class Tally:
+    """One side's live sketches over a window, kept as count tables: adding a block costs numpy work
+    only; the per-feature sketch objects are built once, when the window closes (``sketches``)."""
+
+    __slots__ = ("_cats", "_rules", "_tables")
+
+    def __init__(self, rules: Sequence[_TensorRules]) -> None:
+        self._rules = rules
+        self._tables: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(rules)
+        self._cats: dict[str, Sketch] = {}
+
+    def add(self, arrays: Mapping[int, np.ndarray] | Sequence[np.ndarray]) -> None:
+        for n, r in enumerate(self._rules):
+            x = r.block(arrays[r.index])
+            if r.bins.columns.size:
+                table, nulls = r.bins.counts(x)
+                seen = self._tables[n]
+                self._tables[n] = (table, nulls) if seen is None else (seen[0] + table, seen[1] + nulls)
+            for i, _ in r.cats:
+                f = r.features[i]
+                sketch = f.sketch(x[:, i])
+                seen_cat = self._cats.get(f.name)
+                self._cats[f.name] = sketch if seen_cat is None else seen_cat.merge(sketch)
+
+    def sketches(self) -> dict[str, Sketch]:
+        """Per feature, its sketch of everything added (empty when nothing was)."""
+        out: dict[str, Sketch] = {}
+        for r, seen in zip(self._rules, self._tables, strict=True):
+            if r.bins.columns.size:
+                table, nulls = seen if seen is not None else r.bins.counts(np.empty((0, len(r.cols))))
+                for i, sketch in r.bins.sketches_of(table, nulls):
+                    out[r.features[i].name] = sketch
+            for i, _ in r.cats:
+                f = r.features[i]
+                out[f.name] = self._cats.get(f.name) or f.sketch(np.empty(0))
         return out
 
 
@@ -372,15 +420,13 @@ class Contract:
 
     def sketches(self, arrays: Mapping[int, np.ndarray] | Sequence[np.ndarray], side: str) -> dict[str, Sketch]:
         """Per feature, the sketch of these arrays (rows stacked) on the contract's edges."""
-        rules = self._input_rules if side == "inputs" else self._output_rules
-        out: dict[str, Sketch] = {}
-        for r in rules:
-            x = r.block(arrays[r.index])
-            for i, sketch in r.bins.sketches(x):
-                out[r.features[i].name] = sketch
-            for i, _ in r.cats:
-                out[r.features[i].name] = r.features[i].sketch(x[:, i])
-        return out
+        tally = self.tally(side)
+        tally.add(arrays)
+        return tally.sketches()
+
+    def tally(self, side: str) -> Tally:
+        """An empty running tally of ``side``'s ("inputs" or "outputs") sketches."""
+        return Tally(self._input_rules if side == "inputs" else self._output_rules)
 
     def empty_sketches(self, side: str) -> dict[str, Sketch]:
         feats = self.inputs if side == "inputs" else self.outputs

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cohortgate.core.sketch import QualityReport, Sketch, merge_sketches
+from cohortgate.core.sketch import QualityReport
 from sidecar.contract import Contract, Findings
 from sidecar.metrics import SidecarMetrics
 
@@ -70,8 +70,8 @@ class QualityGate:
         self.rows = 0
         self.violations: dict[str, dict[str, int]] = {}
         self.segments: dict[str, dict[str, int]] = {}
-        self._inputs: dict[str, Sketch] = self.contract.empty_sketches("inputs")
-        self._outputs: dict[str, Sketch] = self.contract.empty_sketches("outputs")
+        self._inputs = self.contract.tally("inputs")
+        self._outputs = self.contract.tally("outputs")
         self._buf_in: list[Sequence[np.ndarray]] = []
         self._buf_out: list[Sequence[np.ndarray]] = []
         self._unchecked_in: list[Sequence[np.ndarray]] = []  # observe mode: checked at the next flush
@@ -156,11 +156,9 @@ class QualityGate:
                 self._count(findings, "output")
         self._unchecked_in, self._unchecked_out = [], []
         if self._buf_in:
-            stacked = _stack(self._buf_in, self._used_in)
-            self._inputs = merge_sketches(self._inputs, self.contract.sketches(stacked, "inputs"))
+            self._inputs.add(_stack(self._buf_in, self._used_in))
         if self._buf_out:
-            stacked = _stack(self._buf_out, self._used_out)
-            self._outputs = merge_sketches(self._outputs, self.contract.sketches(stacked, "outputs"))
+            self._outputs.add(_stack(self._buf_out, self._used_out))
         self._buf_in, self._buf_out, self._buffered = [], [], 0
 
     def take(self, now: float | None = None) -> QualityReport:
@@ -172,8 +170,8 @@ class QualityGate:
             self.variant,
             self.window_start,
             end,
-            self._inputs,
-            self._outputs,
+            self._inputs.sketches(),
+            self._outputs.sketches(),
             self.violations,
             self.route,
             self.rows,

@@ -279,6 +279,28 @@ def test_the_vectorised_binning_equals_numpy_histogram_per_column(edges, values,
         assert got[f"c{j}"] == NumericSketch.of(x[:, j], c.inputs[j].edges)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=0, max_size=5), st.randoms(use_true_random=False))
+def test_a_window_tally_of_blocks_equals_the_sketches_of_all_their_rows(sizes, rnd) -> None:
+    """The gate keeps count tables and builds sketches once per window: counts add, so the tally of
+    several blocks must be exactly the sketch of their rows stacked (numeric and categorical alike)."""
+    c = contract()
+    blocks = []
+    for n in sizes:
+        x, code, flag = good(n)
+        for i in range(n):
+            x[i] = [rnd.choice([17, 30, 99, 120]), rnd.choice([math.nan, -1.0, 5e3]), rnd.uniform(-2, 2),
+                    rnd.choice([1, 2, 3, 7, math.nan])]  # fmt: skip
+            code[i] = rnd.choice([0, 1, 5])
+        blocks.append((x, code, flag))
+    tally = c.tally("inputs")
+    for b in blocks:
+        tally.add(b)
+    whole = tuple(np.concatenate([b[i] for b in blocks]) for i in range(3)) if blocks else good(0)
+    assert tally.sketches() == c.sketches(whole, "inputs")
+    assert c.tally("inputs").sketches() == c.empty_sketches("inputs")
+
+
 def test_sketching_samples_one_request_in_k_but_checks_every_one() -> None:
     gate = QualityGate(contract(), model="m", variant="v", sketch_every=3)
     sampled = []
