@@ -7,16 +7,19 @@ One `Reloader` per gateway owns the whole procedure, serialised by a lock:
 2. **compile** (parse, validate, precompute) in a thread; a bad file, or a ``jwt`` section whose
    JWKS does not load, is refused: one JSON log line with the ``FILE:LINE:COL`` list, the
    reload-failure metric, and the old policy keeps serving;
-3. with ``--envoy-cds``: **add** — write the CDS file (``cds.json``, or ``cds.yaml``: the suffix
-   picks the form) with the union of the serving and the new clusters and poll Envoy's admin until
-   it has accepted that version and nothing is warming; `confirm_limit` (5 s + 5 ms a cluster in the
-   file) bounds writing and confirming together, and no admin call outlives it (not confirmed in
-   time: the reload is refused the same way and the file goes back to the serving clusters);
+3. with Envoy (``--envoy-xds`` or ``--envoy-cds``): **add** — hand Envoy the union of the serving and
+   the new clusters and wait for its confirmation: over delta CDS (`gateway.xds.XdsClusters`, what
+   `cohortgate up` uses) only the changed clusters travel and the confirmation is Envoy's ACK (a NACK
+   refuses the reload with Envoy's reason); with filesystem CDS (`EnvoyClusters`) the CDS file
+   (``cds.json``, or ``cds.yaml``: the suffix picks the form) is rewritten whole and Envoy's admin
+   polled until it has accepted that version and nothing is warming. `confirm_limit` (5 s + 5 ms a
+   cluster in the set) bounds handing over and confirming together (not confirmed in time: the
+   reload is refused the same way and Envoy is handed the serving clusters again);
 4. **swap** one reference (`PolicyHolder.install`); requests in flight finish on the policy object
    they already hold, and the controller's effective weights are put back on top at once
    (`cohortgate.store.state.follow` listens to the swap);
-5. **remove** — after ``grace_s`` (requests already routed to a dropped cluster finish), rewrite
-   the CDS file with only the clusters still named.
+5. **remove** — after ``grace_s`` (requests already routed to a dropped cluster finish), hand Envoy
+   only the clusters still named (delta CDS sends the removals).
 
 Requests never name a cluster Envoy lacks (no 503 ``NC``): clusters arrive before the policy that
 names them and leave after the last policy that named them. The pure part, which clusters to add,
@@ -35,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cohortgate.core.errors import CohortgateError
 from cohortgate.core.policy import Backend, Policy, model_digests_now, parse_policy
@@ -98,7 +101,19 @@ class ClustersNotConfirmed(CohortgateError):
     """Envoy did not show the new clusters in time; the reload is refused."""
 
 
-# ------------------------------------------------------------------------------ Envoy adapter
+# ------------------------------------------------------------------------------ Envoy adapters
+
+
+class ClusterSink(Protocol):
+    """How the `Reloader` moves Envoy's clusters: `EnvoyClusters` (a CDS file) or `gateway.xds.XdsClusters`."""
+
+    cds_path: Any  # where the clusters go, for log lines
+
+    async def write(self, backends: Iterable[Backend], source: str) -> bool: ...
+
+    async def confirm(self, names: Iterable[str], timeout_s: float) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class EnvoyClusters:
@@ -240,7 +255,7 @@ class Reloader:
         holder: Any,
         *,
         prepare: Callable[[Policy, Policy], Callable[[], None] | None] | None = None,
-        envoy: EnvoyClusters | None = None,
+        envoy: ClusterSink | None = None,
         watch_s: float = DEFAULT_WATCH_S,
         grace_s: float = DEFAULT_GRACE_S,
         confirm_s: float = DEFAULT_CONFIRM_S,
@@ -297,11 +312,12 @@ class Reloader:
                 # the first render imports and warms the renderer (seconds on a busy machine): an
                 # edit arriving meanwhile waits for it
                 log.info(
-                    "Envoy CDS file ready: %d cluster(s), %.0f ms", len(self.holder.policy.backends),
+                    "Envoy clusters ready (%s): %d cluster(s), %.0f ms", self.envoy.cds_path,  # type: ignore[union-attr]
+                    len(self.holder.policy.backends),
                     (time.monotonic() - started) * 1000,
                 )  # fmt: skip
             except Exception:
-                log.exception("cannot write the Envoy CDS file %s", self.envoy.cds_path)  # type: ignore[union-attr]
+                log.exception("cannot hand Envoy its clusters (%s)", self.envoy.cds_path)  # type: ignore[union-attr]
 
     async def _watch(self) -> None:
         async for stamp in changes(self.path, self.watch_s, since=self._stamp):
@@ -409,7 +425,7 @@ class Reloader:
                 await envoy.write(union_backends(serving.backends, self._still_in_envoy()), serving.path)
             return False
         log.info(
-            "Envoy confirmed %d new and %d changed cluster(s) in %.0f ms (%d in the file, written in %.0f ms)",
+            "Envoy confirmed %d new and %d changed cluster(s) in %.0f ms (%d in the set, handed over in %.0f ms)",
             len(change.added),
             len(change.changed),
             (time.monotonic() - started) * 1000,
@@ -427,4 +443,4 @@ class Reloader:
                 if await self.envoy.write(union_backends(policy.backends, self._still_in_envoy()), policy.path):
                     log.info("Envoy clusters trimmed to the serving policy %s", policy.digest[:12])
             except Exception:
-                log.exception("cannot trim the Envoy CDS file %s (extra clusters stay)", self.envoy.cds_path)
+                log.exception("cannot trim Envoy's clusters (%s; extra clusters stay)", self.envoy.cds_path)

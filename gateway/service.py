@@ -39,7 +39,7 @@ from gateway.auth import TokenVerifier
 from gateway.extproc import DEFAULT_MAX_BODY_BYTES, Processor, ProcessorSettings, hash_unit
 from gateway.jwks import KeySet, source_from_spec
 from gateway.metrics import GatewayMetrics
-from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, EnvoyClusters, Reloader
+from gateway.reload import DEFAULT_GRACE_S, DEFAULT_WATCH_S, ClusterSink, EnvoyClusters, Reloader
 
 log = logging.getLogger("cohortgate.service")
 
@@ -199,8 +199,27 @@ class GatewayConfig:
     watch_s: float = DEFAULT_WATCH_S  # poll the policy file this often (0: SIGHUP only)
     envoy_cds: str | None = None  # Envoy's filesystem-CDS file: two-phase cluster updates on reload
     envoy_admin: str | None = None  # Envoy's admin URL, to confirm new clusters before routing to them
+    envoy_xds: str | None = None  # serve Envoy delta CDS on this Unix socket (instead of envoy_cds; gateway.xds)
     reload_grace_s: float = DEFAULT_GRACE_S  # dropped clusters stay this long after the swap
     upstream_ca: str | None = None  # verifies https backends in the clusters written
+
+
+async def start_cluster_sink(cfg: GatewayConfig, policy: Policy) -> ClusterSink | None:
+    """How this gateway moves Envoy's clusters on a reload: delta CDS it serves (``envoy_xds``, started
+    here, before Envoy connects), a filesystem-CDS file confirmed through admin (``envoy_cds``), or none."""
+    if cfg.envoy_xds is not None:
+        if cfg.envoy_cds is not None:
+            raise ValueError("--envoy-xds and --envoy-cds are two ways to hand Envoy its clusters: give one")
+        from gateway.xds import XdsClusters
+
+        xds = XdsClusters(cfg.envoy_xds, admin_url=cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
+        await xds.start(policy.backends)
+        return xds
+    if (cfg.envoy_cds is None) != (cfg.envoy_admin is None):
+        raise ValueError("--envoy-cds and --envoy-admin go together: clusters are confirmed before use")
+    if cfg.envoy_cds is not None and cfg.envoy_admin is not None:
+        return EnvoyClusters(cfg.envoy_cds, cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
+    return None
 
 
 class Gateway:
@@ -303,11 +322,7 @@ class Gateway:
 
     async def _start_reloader(self) -> None:
         cfg = self.config
-        if (cfg.envoy_cds is None) != (cfg.envoy_admin is None):
-            raise ValueError("--envoy-cds and --envoy-admin go together: clusters are confirmed before use")
-        envoy = None
-        if cfg.envoy_cds is not None and cfg.envoy_admin is not None:
-            envoy = EnvoyClusters(cfg.envoy_cds, cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
+        envoy = await start_cluster_sink(cfg, self.holder.policy)
         self.reloader = Reloader(
             self.holder, prepare=self._prepare, envoy=envoy, watch_s=cfg.watch_s, grace_s=cfg.reload_grace_s
         )

@@ -10,11 +10,11 @@ The cuts, and why:
   ejects it; the parent restarts it.
 - **Policy: the parent compiles, the workers follow.** The parent serves no request; it owns the
   policy file through the one `Reloader` (compile once, a bad file refused and counted once, with
-  ``--envoy-cds`` Envoy's clusters added and confirmed first) and writes each policy it installs,
-  byte for byte, to a serving copy beside the file (``.NAME.serving``: relative paths resolve the
-  same, the digest is the same). Workers watch the copy, so none serves a policy whose clusters Envoy
-  lacks, and N workers never race on the CDS file. Each worker follows the controller's weights
-  (state file or Redis) itself.
+  ``--envoy-xds``/``--envoy-cds`` Envoy's clusters added and confirmed first: the parent serves
+  delta CDS) and writes each policy it installs, byte for byte, to a serving copy beside the file
+  (``.NAME.serving``: relative paths resolve the same, the digest is the same). Workers watch the
+  copy, so none serves a policy whose clusters Envoy lacks, and N workers never race on the CDS file.
+  Each worker follows the controller's weights (state file or Redis) itself.
 - **Metrics: the parent scrapes its workers and sums.** Each worker serves its own registry on a
   private Unix socket; the parent's ``/metrics`` reads them all: counters, histograms and
   per-process gauges are summed, series every worker holds for the same fact (`REPLICATED`: the
@@ -234,6 +234,7 @@ class Supervisor:
             audit_log=worker_audit_path(cfg.audit_log, index),
             envoy_cds=None,
             envoy_admin=None,
+            envoy_xds=None,
             metrics_listen=None,
             metrics_uds=f"{sock}.metrics",
             watch_s=WORKER_WATCH_S,
@@ -260,15 +261,14 @@ class Supervisor:
     # ---- running
 
     async def start(self) -> None:
-        from gateway.reload import EnvoyClusters, Reloader
+        from gateway.reload import Reloader
+        from gateway.service import start_cluster_sink
 
         cfg = self.config
         self._stop = asyncio.Event()
         self._publish(None, self.holder.policy)
         self.holder.subscribe(self._publish)
-        envoy = None
-        if cfg.envoy_cds is not None and cfg.envoy_admin is not None:
-            envoy = EnvoyClusters(cfg.envoy_cds, cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
+        envoy = await start_cluster_sink(cfg, self.holder.policy)  # the parent alone talks to Envoy
         self.reloader = Reloader(
             self.holder, prepare=self._prepare, envoy=envoy, watch_s=cfg.watch_s, grace_s=cfg.reload_grace_s
         )

@@ -108,6 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     render.add_argument("--upstream-ca", default=None, help="a CA bundle for https backends (default: the system's)")
     render.add_argument(
+        "--xds-socket",
+        default=None,
+        metavar="PATH",
+        help="take the policy's clusters from the gateway's delta CDS on this Unix socket (cohortgate gateway "
+        "--envoy-xds PATH) instead of the CDS file",
+    )
+    render.add_argument(
         "--out", default=Path(DEFAULT_OUT), type=Path, help=f"the output directory (default {DEFAULT_OUT})"
     )
     render.add_argument("--validate", action="store_true", help="run envoy --mode validate on the result")
@@ -162,6 +169,7 @@ def _render(args: argparse.Namespace) -> int:
         message_timeout=dt.timedelta(seconds=args.processor_timeout),
         max_request_bytes=args.max_body,
         tracing=tracing,
+        xds_socket=args.xds_socket,
     )
     print(files.bootstrap)
     print(files.cds)

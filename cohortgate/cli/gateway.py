@@ -102,6 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Envoy's filesystem-CDS file (cds.yaml): a reload adds new clusters there first (needs --envoy-admin)",
     )
     parser.add_argument(
+        "--envoy-xds",
+        metavar="PATH",
+        help="serve Envoy delta CDS on this Unix socket (render Envoy with --xds-socket PATH): a reload sends only "
+        "the changed clusters and waits for Envoy's ACK (--envoy-admin, optional here, checks DNS clusters warmed)",
+    )
+    parser.add_argument(
         "--envoy-admin",
         metavar="URL",
         help="Envoy's admin URL, e.g. http://127.0.0.1:9901: new clusters are confirmed before the swap",
@@ -162,9 +168,13 @@ def _gateway(args: argparse.Namespace) -> int:
         watch_s=max(0.0, args.watch_interval),
         envoy_cds=args.envoy_cds,
         envoy_admin=args.envoy_admin,
+        envoy_xds=args.envoy_xds,
         reload_grace_s=max(0.0, args.reload_grace),
     )
-    if (args.envoy_cds is None) != (args.envoy_admin is None):
+    if args.envoy_xds is not None and args.envoy_cds is not None:
+        print("cohortgate gateway: give --envoy-xds or --envoy-cds, not both", file=sys.stderr)
+        return 2
+    if args.envoy_xds is None and (args.envoy_cds is None) != (args.envoy_admin is None):
         print("cohortgate gateway: --envoy-cds and --envoy-admin go together", file=sys.stderr)
         return 2
     if not 1 <= args.workers <= MAX_GATEWAY_WORKERS:

@@ -8,7 +8,9 @@ standard library.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Final
+from urllib.parse import unquote
 
 # -- headers ---------------------------------------------------------------------------------------
 # Only the processor sets ``x-cohortgate-*`` request headers: it strips every client-sent one first.
@@ -90,6 +92,16 @@ def worker_socket(base: str, index: int, workers: int) -> str:
 
 # -- Envoy cluster names ---------------------------------------------------------------------------
 CLUSTER_PREFIX: Final = "cg"
+# Envoy's static cluster for the gateway's delta CDS server (gateway/xds.py), which hands Envoy the policy's
+# clusters over gRPC; the bootstrap names it, the gateway serves it.
+XDS_CLUSTER: Final = "cohortgate_xds"
+
+
+def xds_socket(processor_socket: str) -> str:
+    """Where the gateway serves delta CDS when its processor listens on ``uds:PROCESSOR_SOCKET`` (`up`'s
+    layout): beside the processor's socket, so Envoy and the gateway find it from one path."""
+    return f"{processor_socket}.xds"
+
 
 
 def cluster_name(route: str, owner: str, index: int) -> str:
@@ -133,3 +145,27 @@ TOKEN_FILE_ENV: Final = "COHORTGATE_TOKEN_FILE"
 ENVOY_BIN_ENV: Final = "COHORTGATE_ENVOY_BIN"
 EXPOSURE_KEY_ENV: Final = "COHORTGATE_EXPOSURE_KEY"  # MAC keys of exposure tokens (gateways + controller)
 POLL_FILES_ENV: Final = "COHORTGATE_POLL_FILES"  # set (non-empty): follow files by polling, never OS events
+
+
+# -- paths only a sidecar's own host may call --------------------------------------------------------
+# The shared-memory extensions (sidecar/shm.py) make a sidecar read and write shared-memory objects on
+# its host, by name. The processor refuses these paths on every route (core/decide.py), whatever the
+# policy matches; a sidecar also refuses them on a request that carries HEADER_CLUSTER (came through Envoy).
+SHM_REST_PREFIX: Final = "/v2/systemsharedmemory"
+SIDECAR_LOCAL_PREFIXES: Final = (
+    SHM_REST_PREFIX,
+    "/v2/cudasharedmemory",
+    "/inference.grpcinferenceservice/systemsharedmemory",  # gRPC: /inference.GRPCInferenceService/SystemShared...
+    "/inference.grpcinferenceservice/cudasharedmemory",
+)
+
+
+def sidecar_local_only(path: str) -> bool:
+    """Whether ``path`` (a request's ``:path``) is one only the sidecar's own host may call. Compared after
+    percent-decoding, lower-casing and resolving ``//``, ``.`` and ``..``, so no spelling a server would
+    route to the same handler slips past; the usual path costs one ``in`` test."""
+    path = unquote(path.split("?", 1)[0]).lower()
+    if "sharedmemory" not in path:
+        return False
+    path = "/" + posixpath.normpath(path).lstrip("/")
+    return path.startswith(SIDECAR_LOCAL_PREFIXES)

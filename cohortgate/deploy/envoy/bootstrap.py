@@ -1,9 +1,10 @@
 """Envoy's bootstrap: static for the life of the process, so a policy edit never needs a restart.
 
 The mTLS listener (its HTTP connection manager: ext_proc, the body-size limit, the router, access
-logs, JSON local replies), the processor and access-log clusters, admin, and the filesystem-CDS
-source through which the policy's clusters arrive (`clusters`). `render_bootstrap` returns the
-document; `bootstrap_text` the YAML a caller writes.
+logs, JSON local replies), the processor and access-log clusters, admin, and the source through
+which the policy's clusters arrive: a filesystem-CDS file (`clusters`), or, with ``xds_socket``,
+delta CDS over gRPC served by the gateway on that Unix socket (``gateway.xds``; `cohortgate up`).
+`render_bootstrap` returns the document; `bootstrap_text` the YAML a caller writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cohortgate.core.contract import (
     ACCESS_LOG_RESPONSE_HEADERS,
     ACCESS_LOG_RESPONSE_TRAILERS,
     MAX_REQUEST_BYTES,
+    XDS_CLUSTER,
 )
 from cohortgate.deploy.envoy import bodylimit
 from cohortgate.deploy.envoy.addresses import AccessLogTarget, ProcessorAddress, TraceCollector
@@ -208,6 +210,27 @@ def _overload_manager() -> Any:
     )
 
 
+def _cds_source(cds_path: Path, xds_socket: str | None) -> Any:
+    """Where the policy's clusters come from: the gateway's delta CDS (only what changed travels, and
+    Envoy's ACK is the confirmation), or the file ``cds_path`` Envoy re-reads whole on each change."""
+    m = pb()
+    if xds_socket is None:
+        return m.core.ConfigSource(
+            resource_api_version=m.core.ApiVersion.V3,
+            path_config_source=m.core.PathConfigSource(
+                path=str(cds_path), watched_directory=m.core.WatchedDirectory(path=str(cds_path.parent))
+            ),
+        )
+    return m.core.ConfigSource(
+        resource_api_version=m.core.ApiVersion.V3,
+        api_config_source=m.core.ApiConfigSource(
+            api_type=m.core.ApiConfigSourceApiType.DELTA_GRPC,
+            transport_api_version=m.core.ApiVersion.V3,
+            grpc_services=[m.core.GrpcService(envoy_grpc=m.core.GrpcServiceEnvoyGrpc(cluster_name=XDS_CLUSTER))],
+        ),
+    )
+
+
 def render_bootstrap(
     *,
     tls: EnvoyTls,
@@ -224,8 +247,10 @@ def render_bootstrap(
     max_request_bytes: int | None = MAX_REQUEST_BYTES,
     tracing: TraceCollector | None = None,
     deferred_stats: bool = False,
+    xds_socket: str | None = None,
 ) -> dict[str, Any]:
-    """The static bootstrap as a document (no policy needed: clusters arrive through ``cds_path``).
+    """The static bootstrap as a document (no policy needed: clusters arrive through ``cds_path``, or
+    with ``xds_socket`` through delta CDS from the gateway on that socket, `XDS_CLUSTER`, HTTP/2).
 
     ``deferred_stats`` has Envoy create a cluster's traffic stats (``upstream_rq_*``, ``upstream_cx_*``…)
     at its first request, not when the cluster arrives: adding 2 000 clusters took ~3 s with them,
@@ -249,6 +274,8 @@ def render_bootstrap(
         )
     if tracing is not None:
         clusters.append(collector_cluster(tracing))
+    if xds_socket is not None:
+        clusters.append(single_endpoint_cluster(XDS_CLUSTER, uds=xds_socket, http2=True))
     admin = (
         address(uds=admin_socket, mode=ADMIN_SOCKET_MODE)
         if admin_socket is not None
@@ -273,15 +300,7 @@ def render_bootstrap(
             ],
             clusters=clusters,
         ),
-        dynamic_resources=m.bootstrap.BootstrapDynamicResources(
-            cds_config=m.core.ConfigSource(
-                resource_api_version=m.core.ApiVersion.V3,
-                path_config_source=m.core.PathConfigSource(
-                    path=str(cds_path),
-                    watched_directory=m.core.WatchedDirectory(path=str(cds_path.parent)),
-                ),
-            )
-        ),
+        dynamic_resources=m.bootstrap.BootstrapDynamicResources(cds_config=_cds_source(cds_path, xds_socket)),
         overload_manager=_overload_manager(),
         stats_config=stats_config(),
     )

@@ -42,6 +42,7 @@ class EnvoyFiles:
     listen_port: int
     admin_port: int | None
     admin_socket: Path | None = None
+    xds_socket: Path | None = None  # set: Envoy takes its clusters from the gateway's delta CDS there, not ``cds``
 
 
 def written_version(path: Path | str) -> str | None:
@@ -92,13 +93,16 @@ def render(
     tracing: TraceCollector | None = None,
     cds_file: str = CDS_FILE,
     deferred_stats: bool = False,
+    xds_socket: Path | str | None = None,
 ) -> EnvoyFiles:
     """Write the CDS file (``cds_file``: `CDS_FILE` or `JSON_CDS_FILE`) and ``bootstrap.yaml`` into
     ``out_dir`` and say where they are.
 
     Paths (certificates, ``out_dir``) are written as given: relative ones resolve against Envoy's
     working directory. ``admin_socket`` puts admin on a 0600 Unix socket instead of ``admin_port``.
-    ``deferred_stats``: see `render_bootstrap`.
+    ``deferred_stats``: see `render_bootstrap`. ``xds_socket``: Envoy subscribes to delta CDS from the
+    gateway on that socket (``cohortgate gateway --envoy-xds``); the CDS file is still written (what
+    ``envoy validate`` checks and an operator reads) but Envoy does not read it.
     """
     out_dir = Path(out_dir)
     cds = out_dir / cds_file
@@ -119,10 +123,12 @@ def render(
         max_request_bytes=max_request_bytes,
         tracing=tracing,
         deferred_stats=deferred_stats,
+        xds_socket=str(xds_socket) if xds_socket is not None else None,
     )
+    source = f"delta CDS from the gateway on {xds_socket}" if xds_socket is not None else f"filesystem CDS in {cds}"
     header = (
         "Envoy bootstrap rendered by `cohortgate envoy render` (static: the policy's clusters\n"
-        f"arrive through filesystem CDS in {cds}). ext_proc transport: {transport}. Do not edit."
+        f"arrive through {source}). ext_proc transport: {transport}. Do not edit."
     )
     # the CDS file first: Envoy must find it when it starts from the bootstrap.
     write_cds(policy, cds, upstream_ca=upstream_ca)
@@ -133,4 +139,5 @@ def render(
         listen_port=listen_port,
         admin_port=None if admin_socket is not None else admin_port,
         admin_socket=Path(admin_socket) if admin_socket is not None else None,
+        xds_socket=Path(xds_socket) if xds_socket is not None else None,
     )
