@@ -40,6 +40,7 @@ class BatchTiming:
     compute_s: float = 0.0  # the model call for the whole batch, in the executor thread
     batch_rows: int = 0  # rows in the batch this request ran in
     batch_requests: int = 0  # requests merged into that batch
+    batch: int = 0  # that batch's sequence number in this batcher (1, 2, ...): requests in one share it
 
 
 @dataclass(slots=True)
@@ -137,12 +138,12 @@ def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
 _LONE_EWMA = 0.2  # weight of the newest lone run in the running estimate
 
 
-def _stamp(p: Pending, started: float, compute_s: float, batch_rows: int, batch_requests: int) -> None:
+def _stamp(p: Pending, started: float, compute_s: float, batch_rows: int, batch_requests: int, batch: int) -> None:
     """Fill the request's timing, when it asked for one, with its wait and its batch."""
     if p.timing is not None:
         t = p.timing
         t.queue_s, t.compute_s = started - p.enqueued, compute_s
-        t.batch_rows, t.batch_requests = batch_rows, batch_requests
+        t.batch_rows, t.batch_requests, t.batch = batch_rows, batch_requests, batch
 
 
 class Batcher:
@@ -184,6 +185,7 @@ class Batcher:
         self._wakeup: asyncio.Future | None = None
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._batches = 0  # batches handed to the model so far (BatchTiming.batch)
         self.lone_s: float | None = None  # running estimate of a lone one-row request's compute time
         self.inline_max_s = inline_max_s if max_delay_s == 0 else 0.0  # 0: never inline
 
@@ -275,8 +277,10 @@ class Batcher:
             self._fail(batch, exc)
             return
         self._inflight += 1
+        self._batches += 1
+        number = self._batches
         done = self._loop.run_in_executor(self._executor, _timed, self._run, merged)  # type: ignore[union-attr]
-        done.add_done_callback(lambda f: self._finish(batch, rows, started, f))
+        done.add_done_callback(lambda f: self._finish(batch, rows, started, f, number))
 
     def _run_inline(self, pending: Pending) -> None:
         """The lone-request path: compute now, on the loop; the caller's future is done on return."""
@@ -288,14 +292,17 @@ class Batcher:
             return
         self._note_lone([1], compute_s)
         self._observer.on_batch(pending.rows, 1, compute_s, [started - pending.enqueued])
-        _stamp(pending, started, compute_s, pending.rows, 1)
+        self._batches += 1
+        _stamp(pending, started, compute_s, pending.rows, 1, self._batches)
         pending.future.set_result(outputs)
 
     def _note_lone(self, rows: list[int], compute_s: float) -> None:
         if rows == [1]:
             self.lone_s = compute_s if self.lone_s is None else self.lone_s + _LONE_EWMA * (compute_s - self.lone_s)
 
-    def _finish(self, batch: list[Pending], rows: list[int], started: float, done: asyncio.Future) -> None:
+    def _finish(
+        self, batch: list[Pending], rows: list[int], started: float, done: asyncio.Future, number: int = 0
+    ) -> None:
         self._inflight -= 1
         try:
             outputs, compute_s = done.result()
@@ -308,7 +315,7 @@ class Batcher:
             self._fail(batch, exc)
         else:
             for p, part in zip(batch, parts, strict=True):
-                _stamp(p, started, compute_s, sum(rows), len(batch))
+                _stamp(p, started, compute_s, sum(rows), len(batch), number)
                 if not p.future.done():
                     p.future.set_result(part)
         self._wake()

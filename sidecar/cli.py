@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="onnxruntime intra-op threads (default: all cores but one)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N front processes (HTTP, parsing, contracts) on the port, feeding one model executor through "
+        "shared memory; batches form across them (default 1: one process)",
+    )
+    p.add_argument(
         "--max-batch-size",
         type=int,
         default=64,
@@ -214,6 +222,15 @@ def handler(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"cohortgate sidecar: {exc}", file=sys.stderr)
         return 2
+    if args.workers != 1:
+        from sidecar.workers import check, run_workers
+
+        try:
+            check(config, args.workers)
+        except ValueError as exc:
+            print(f"cohortgate sidecar: {exc}", file=sys.stderr)
+            return 2
+        return run_workers(config, args.workers, log_level=args.log_level, log_format=args.log_format)
     try:
         _run(serve(config))
     except ModelLoadError as exc:

@@ -114,6 +114,7 @@ class SidecarConfig:
     quality_interval_s: float = 10.0  # one quality report (drift sketches, violations) per window this long
     route: str | None = None  # the policy route this sidecar serves, named in its quality reports
     features: JoinSettings | None = None  # online features joined into the input (sidecar/join.py)
+    executor_socket: str | None = None  # `--workers N`: a front; the model runs in this executor (sidecar/workers.py)
 
     def __post_init__(self) -> None:
         problems = []
@@ -238,7 +239,12 @@ class Sidecar:
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            model, artifact = await loop.run_in_executor(self._executor, self._load_blocking)
+            if self.config.executor_socket is not None:  # a front of --workers N (sidecar/link.py)
+                from sidecar.link import connect
+
+                model, artifact = await connect(self.config.executor_socket, self.reference)  # type: ignore[assignment]
+            else:
+                model, artifact = await loop.run_in_executor(self._executor, self._load_blocking)
             contract = self._contract_for(model, artifact, self.reference)
             if self.config.features is not None:
                 await self._load_fallback(loop)
@@ -286,15 +292,18 @@ class Sidecar:
         batch = config.max_batch_size if model.signature.batchable else 1
         if batch != config.max_batch_size:
             log.warning("model %s has a fixed first axis: batching is off", self.name)
-        batcher = Batcher(
-            model.run,
-            self._executor,  # type: ignore[arg-type]
-            max_batch_size=batch,
-            max_delay_s=config.max_queue_delay_ms / 1000.0,
-            max_queue=config.max_queue,
-            observer=self.metrics,
-            inline_max_s=config.inline_max_us / 1e6,
-        )
+        if config.executor_socket is not None:  # --workers N: the executor's one batcher serves every front
+            batcher = model.remote_batcher(self)  # type: ignore[attr-defined]
+        else:
+            batcher = Batcher(
+                model.run,
+                self._executor,  # type: ignore[arg-type]
+                max_batch_size=batch,
+                max_delay_s=config.max_queue_delay_ms / 1000.0,
+                max_queue=config.max_queue,
+                observer=self.metrics,
+                inline_max_s=config.inline_max_us / 1e6,
+            )
         batcher.start()
         self.model, self.batcher, self.artifact = model, batcher, artifact
         if joiner is not None:
@@ -713,7 +722,8 @@ async def serve(
     waiting = asyncio.ensure_future(sidecar.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        fronts = config.executor_socket is not None  # --workers N: N fronts share the port
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_port=fronts or None)
         await site.start()
         if config.grpc_port is not None:
             from sidecar.grpc_service import start_server
