@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cohortgate import __version__
 from cohortgate.core.contract import (
+    HEADER_CLUSTER,
     HEADER_ENTITY,
     HEADER_FEATURES,
     HEADER_MODEL_DIGEST,
@@ -36,7 +37,7 @@ from cohortgate.core.contract import (
     HEADER_SERVED_BY,
 )
 from cohortgate.support.files import changes
-from sidecar import artifacts, serving
+from sidecar import artifacts, serving, shm
 from sidecar import contract as data_contract
 from sidecar.artifacts import DEFAULT_MAX_BYTES, Artifact, ArtifactMetrics
 from sidecar.batching import Batcher, BatchTiming
@@ -115,6 +116,9 @@ class SidecarConfig:
     route: str | None = None  # the policy route this sidecar serves, named in its quality reports
     features: JoinSettings | None = None  # online features joined into the input (sidecar/join.py)
     executor_socket: str | None = None  # `--workers N`: a front; the model runs in this executor (sidecar/workers.py)
+    # System shared memory (sidecar/shm.py): off unless set; only for clients on this host.
+    shared_memory: bool = False
+    shared_memory_max_regions: int = shm.DEFAULT_MAX_REGIONS
 
     def __post_init__(self) -> None:
         problems = []
@@ -148,6 +152,8 @@ class SidecarConfig:
             problems.append(f"contract_mode must be one of {', '.join(data_contract.MODES)}")
         if self.quality_interval_s <= 0:
             problems.append("quality_interval_s must be positive")
+        if self.shared_memory_max_regions < 1:
+            problems.append("shared_memory_max_regions must be at least 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -188,6 +194,9 @@ class Sidecar:
         self.joiner: Joiner | None = None
         self._feature_reader: Any = None
         self.fallback: tuple[OnnxModel, Batcher] | None = None
+        # System shared memory: the registered regions (every call refused when off), and the extensions.
+        self.regions = shm.Regions(config.shared_memory, config.shared_memory_max_regions)
+        self.extensions = (*EXTENSIONS, shm.EXTENSION) if config.shared_memory else EXTENSIONS
 
     # Lifecycle -----------------------------------------------------------------------------
     async def wait_ready(self) -> None:
@@ -229,6 +238,7 @@ class Sidecar:
             if self.reporter is not None:
                 await self.reporter.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self.regions.close()
             if self.tracing is not None:
                 self.tracing.shutdown()
 
@@ -462,7 +472,7 @@ class Sidecar:
         return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return self._json({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+        return self._json({"name": SERVER_NAME, "version": __version__, "extensions": list(self.extensions)})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         model = self._check_model(request)
@@ -563,7 +573,8 @@ class Sidecar:
             quality = self.quality
             joiner = self.joiner
             signature = model.signature if joiner is None else joiner.signature
-            decoded = decode_infer_request(signature, body, request.headers.get(HEADER_LENGTH))
+            regions = self.tensor_store(request.headers)
+            decoded = decode_infer_request(signature, body, request.headers.get(HEADER_LENGTH), regions)
             if self._faults is not None and self._faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {self._faults.rate})")
             timing = BatchTiming() if self.tracing is not None else None
@@ -582,7 +593,7 @@ class Sidecar:
             outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
                 quality.observe_outputs(outputs, decoded.rows, sketched, request.headers.get(HEADER_SEGMENT, ""))
-            payload, header_length = encode_infer_response(model.signature, decoded, outputs)
+            payload, header_length = encode_infer_response(model.signature, decoded, outputs, regions)
         except SidecarError as exc:
             status = exc.status
             response = self._error(exc)
@@ -609,6 +620,42 @@ class Sidecar:
             fallback = (joined.reason or "") if joined is not None else ""
             self.reporter.report(request_id, status, elapsed, outputs if status == 200 else None, fallback=fallback)
         return response
+
+    # System shared memory ------------------------------------------------------------------
+    def tensor_store(self, headers: Any) -> shm.TensorStore:
+        """Where this request's tensors sent by reference come from: refused when the extension is off
+        or the request came through the gateway (the processor set its cluster header)."""
+        regions = self.regions
+        if not regions.enabled:
+            return shm.OFF
+        return shm.VIA_GATEWAY if HEADER_CLUSTER in headers else regions
+
+    def shm_guard(self, headers: Any) -> shm.Regions:
+        if not self.regions.enabled:
+            raise shm.SharedMemoryDisabled(shm.OFF_SENTENCE)
+        if HEADER_CLUSTER in headers:
+            raise shm.SharedMemoryDisabled(shm.VIA_GATEWAY_SENTENCE)
+        return self.regions
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        regions = self.shm_guard(request.headers)
+        return self._json(regions.status(request.match_info.get("region", "")))
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        regions = self.shm_guard(request.headers)
+        try:
+            doc = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            doc = None
+        if type(doc) is not dict or type(doc.get("key")) is not str:
+            raise shm.RegionInvalid('the body must be a JSON object {"key": "/name", "offset": N, "byte_size": N}')
+        regions.register(request.match_info["region"], doc["key"], doc.get("offset", 0), doc.get("byte_size"))
+        return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        regions = self.shm_guard(request.headers)
+        regions.unregister(request.match_info.get("region", ""))
+        return web.Response(status=200, headers={HEADER_SERVED_BY: self.served_by})
 
     async def not_found(self, request: web.Request) -> web.Response:
         raise NotFound(f"no route for {request.method} {request.path}")
@@ -690,6 +737,12 @@ def build_app(config: SidecarConfig, *, report_sink: ReportSink | None = None) -
         ("/v2/models/{name}/versions/{version}/config", get, wrap(sidecar.model_config)),
         ("/metrics", get, wrap(sidecar.metrics_page)),
         (OPENAPI_PATH, get, wrap(sidecar.openapi)),
+        # System shared memory (sidecar/shm.py): routed always, answered 403 unless --shared-memory.
+        ("/v2/systemsharedmemory/status", get, wrap(sidecar.shm_status)),
+        ("/v2/systemsharedmemory/region/{region}/status", get, wrap(sidecar.shm_status)),
+        ("/v2/systemsharedmemory/region/{region}/register", ["POST"], wrap(sidecar.shm_register)),
+        ("/v2/systemsharedmemory/unregister", ["POST"], wrap(sidecar.shm_unregister)),
+        ("/v2/systemsharedmemory/region/{region}/unregister", ["POST"], wrap(sidecar.shm_unregister)),
     ]
     for path, methods, handler in routes:
         resource = app.router.add_resource(path)
