@@ -15,6 +15,13 @@ messages every Triton/KServe client sends, so nothing is compiled here. Two halv
 
 Inputs arrive either as ``raw_input_contents`` (what tritonclient sends) or in the typed
 ``contents`` fields; outputs always go back as ``raw_output_contents``.
+
+System shared memory (``sidecar/shm.py``, off unless ``--shared-memory``): ``SystemSharedMemory
+Status/Register/Unregister`` manage the regions; an input whose parameters name a
+``shared_memory_region`` has no ``raw_input_contents`` entry (the entries belong, in order, to the
+inputs sent in the message), and an output asked in a region is written there: its
+``raw_output_contents`` entry is empty (kept, so the entries still line up with ``outputs``) and its
+parameters say where it went. Calls that came through the gateway are refused like REST's.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from cohortgate import __version__
 from cohortgate.core.contract import HEADER_ENTITY, HEADER_FEATURES, HEADER_SEGMENT
+from sidecar import shm
 from sidecar.batching import BatchTiming
 from sidecar.errors import BadRequest, InferenceFailed, NotFound, SidecarError, Unavailable
 from sidecar.protocol import DATATYPES, InferRequest, Signature, complete_inputs, format_shape
-from sidecar.server import EXTENSIONS, REQUEST_ID, SERVER_NAME
+from sidecar.server import REQUEST_ID, SERVER_NAME
 from sidecar.tracing import record_infer
 
 if TYPE_CHECKING:
@@ -49,8 +57,10 @@ _INTERNAL = "internal error in the sidecar; see its log"
 #: A sidecar error's HTTP status -> the gRPC status a gRPC caller gets.
 GRPC_CODES: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
+    409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.FAILED_PRECONDITION,
     500: grpc.StatusCode.INTERNAL,
@@ -78,16 +88,21 @@ def grpc_code(status: int) -> grpc.StatusCode:
     return GRPC_CODES.get(status, grpc.StatusCode.INTERNAL)
 
 
-def decode_infer_request(signature: Signature, request: Any) -> InferRequest:
-    """Validate a ``ModelInferRequest`` against ``signature``; raise ``BadRequest`` like REST does."""
+def decode_infer_request(signature: Signature, request: Any, regions: shm.TensorStore = shm.OFF) -> InferRequest:
+    """Validate a ``ModelInferRequest`` against ``signature``; raise ``BadRequest`` like REST does
+    (or a ``shm.SharedMemoryError`` for a tensor sent by reference that ``regions`` refuses)."""
     tensors = request.inputs
     if not tensors:
         raise BadRequest(f"'inputs' must be a non-empty list of tensors; the model expects {_expect(signature)}")
+    refs = [_reference(t.parameters, f"input '{t.name}'") if t.parameters else None for t in tensors]
+    sent = len(tensors) - sum(r is not None for r in refs)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(tensors):
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries but the request has {len(tensors)} inputs")
+    if raw and len(raw) != sent:
+        outside = " outside shared memory" if sent < len(tensors) else ""
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries but the request has {sent} inputs{outside}")
     arrays: list[np.ndarray | None] = [None] * len(signature.inputs)
-    for position, tensor in enumerate(tensors):
+    position = 0
+    for tensor, ref in zip(tensors, refs, strict=True):
         name = tensor.name
         index = signature._inputs_by_name.get(name)
         if index is None:
@@ -105,8 +120,13 @@ def decode_infer_request(signature: Signature, request: Any) -> InferRequest:
         dtype = DATATYPES[spec.datatype]
         count = math.prod(shape)
         array: np.ndarray
-        if raw:
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise BadRequest(f"input '{name}' is in shared memory: it takes no contents")
+            array = regions.read(ref, name, dtype, shape)
+        elif raw:
             data = raw[position]
+            position += 1
             if len(data) != count * dtype.itemsize:
                 raise BadRequest(
                     f"input '{name}': raw_input_contents has {len(data)} bytes but {spec.datatype} "
@@ -126,24 +146,59 @@ def decode_infer_request(signature: Signature, request: Any) -> InferRequest:
         arrays[index] = array
     inputs, rows = complete_inputs(signature, arrays)
     outputs = []
+    out_refs: list[shm.Reference | None] = []
     for requested in request.outputs:
         index = signature._outputs_by_name.get(requested.name)
         if index is None:
             known = ", ".join(s.name for s in signature.outputs)
             raise BadRequest(f"unknown output {requested.name!r}; the model has outputs: {known}")
         outputs.append(index)
+        label = f"output '{requested.name}'"
+        ref = _reference(requested.parameters, label) if requested.parameters else None
+        if ref is not None:
+            regions.check(ref, label)
+        out_refs.append(ref)
     chosen = tuple(outputs) if outputs else tuple(range(len(signature.outputs)))
-    return InferRequest(request.id or None, inputs, rows, chosen, (True,) * len(chosen))
+    in_shm = tuple(out_refs) if any(r is not None for r in out_refs) else ()
+    return InferRequest(request.id or None, inputs, rows, chosen, (True,) * len(chosen), in_shm)
 
 
-def encode_infer_response(signature: Signature, request: InferRequest, outputs: Any) -> Any:
-    """A ``ModelInferResponse`` with the requested outputs as raw little-endian bytes."""
+def _reference(parameters: Any, tensor: str) -> shm.Reference | None:
+    """The shared-memory reference in a tensor's ``InferParameter`` map, or None."""
+    if shm.PARAM_REGION not in parameters and shm.PARAM_BYTE_SIZE not in parameters:
+        return None
+    values = [_parameter(parameters, key) for key in shm.PARAMS]
+    return shm.checked_reference(tensor, values[0], values[1], 0 if values[2] is None else values[2])
+
+
+def _parameter(parameters: Any, key: str) -> Any:
+    if key not in parameters:
+        return None
+    value = parameters[key]
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice is not None else None
+
+
+def encode_infer_response(
+    signature: Signature, request: InferRequest, outputs: Any, regions: shm.TensorStore = shm.OFF
+) -> Any:
+    """A ``ModelInferResponse`` with the requested outputs as raw little-endian bytes (or written to
+    their shared-memory regions, with an empty raw entry)."""
     response = pb.ModelInferResponse(model_name=signature.name, model_version=signature.version, id=request.id or "")
-    for index in request.outputs:
+    refs = request.shm or (None,) * len(request.outputs)
+    for index, ref in zip(request.outputs, refs, strict=True):
         spec = signature.outputs[index]
         array = np.ascontiguousarray(outputs[index], dtype=DATATYPES[spec.datatype])
-        response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
-        response.raw_output_contents.append(array.tobytes())
+        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=array.shape)
+        if ref is None:
+            response.raw_output_contents.append(array.tobytes())
+            continue
+        written = regions.write(ref, spec.name, array)
+        tensor.parameters[shm.PARAM_REGION].string_param = ref.region
+        tensor.parameters[shm.PARAM_BYTE_SIZE].int64_param = written
+        if ref.offset:
+            tensor.parameters[shm.PARAM_OFFSET].int64_param = ref.offset
+        response.raw_output_contents.append(b"")
     return response
 
 
@@ -184,7 +239,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self._sidecar.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=list(self._sidecar.extensions)
+        )
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
@@ -219,7 +276,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # One snapshot from here to the answer: a live swap between two awaits never mixes models.
             model, batcher, quality, joiner = sidecar.model, sidecar.batcher, sidecar.quality, sidecar.joiner
             signature = model.signature if joiner is None else joiner.signature  # type: ignore[union-attr]
-            decoded = decode_infer_request(signature, request)
+            regions = sidecar.tensor_store(metadata)
+            decoded = decode_infer_request(signature, request, regions)
             faults = sidecar._faults
             if faults is not None and faults.fail_next():
                 raise InferenceFailed(f"injected fault (--fault-rate {faults.rate})")
@@ -238,7 +296,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = await batcher.submit(inputs, decoded.rows, timing)  # type: ignore[union-attr]
             if quality is not None:
                 quality.observe_outputs(outputs, decoded.rows, sketched, metadata.get(HEADER_SEGMENT) or "")
-            response = encode_infer_response(model.signature, decoded, outputs)  # type: ignore[union-attr]
+            response = encode_infer_response(model.signature, decoded, outputs, regions)  # type: ignore[union-attr]
             status = 200
         except SidecarError as exc:
             error, status = exc, exc.status
@@ -258,6 +316,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc_code(error.status), error.message)
         await context.send_initial_metadata(_answer_metadata(headers))
         return response
+
+    # System shared memory -------------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        try:
+            regions = self._sidecar.shm_guard(_metadata(context)).status(request.name)
+        except SidecarError as exc:
+            await context.abort(grpc_code(exc.status), exc.message)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region["name"]]
+            status.name, status.key = region["name"], region["key"]
+            status.offset, status.byte_size = region["offset"], region["byte_size"]
+        return response
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        try:
+            regions = self._sidecar.shm_guard(_metadata(context))
+            regions.register(request.name, request.key, request.offset, request.byte_size)
+        except SidecarError as exc:
+            await context.abort(grpc_code(exc.status), exc.message)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        try:
+            self._sidecar.shm_guard(_metadata(context)).unregister(request.name)
+        except SidecarError as exc:
+            await context.abort(grpc_code(exc.status), exc.message)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     def _check_model(self, name: str, version: str) -> OnnxModel:
         sidecar = self._sidecar

@@ -9,6 +9,12 @@ Binary tensor extension (what ``tritonclient`` sends by default): the request he
 ``parameters.binary_data_size`` is set takes that many bytes, in input order, from what follows.
 Outputs are returned the same way when the request sets ``parameters.binary_data_output`` or an
 output's ``parameters.binary_data``.
+
+System shared memory extension (``sidecar/shm.py``, off unless ``--shared-memory``): an input whose
+parameters name ``shared_memory_region`` and ``shared_memory_byte_size`` (and optionally
+``shared_memory_offset``) has no ``data``; its bytes are read from that registered region. An
+output asking the same is written into its region, and its answer carries those parameters and no
+data. The regions come in as a ``TensorStore``; the default, ``shm.OFF``, refuses every reference.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from sidecar import shm
 from sidecar.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -106,6 +113,7 @@ class InferRequest:
     rows: int
     outputs: tuple[int, ...]  # indices into Signature.outputs, in the order the client asked
     binary: tuple[bool, ...]  # per entry of ``outputs``: answer as binary data?
+    shm: tuple[shm.Reference | None, ...] = ()  # per entry of ``outputs`` (or empty: none): write it there
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -117,8 +125,11 @@ def error_body(message: str, details: dict[str, Any] | None = None) -> bytes:
     return orjson.dumps({"error": message, **details} if details else {"error": message})
 
 
-def decode_infer_request(signature: Signature, body: bytes, header_length: str | None) -> InferRequest:
-    """Parse and validate an infer request body against ``signature``; raise ``BadRequest``."""
+def decode_infer_request(
+    signature: Signature, body: bytes, header_length: str | None, regions: shm.TensorStore = shm.OFF
+) -> InferRequest:
+    """Parse and validate an infer request body against ``signature``; raise ``BadRequest``
+    (or a ``shm.SharedMemoryError`` for a tensor sent by reference that ``regions`` refuses)."""
     size = len(body)
     if header_length is None:
         json_end = size
@@ -167,7 +178,12 @@ def decode_infer_request(signature: Signature, body: bytes, header_length: str |
         count = math.prod(shape)
         tparams = tensor.get("parameters")
         nbytes = tparams.get("binary_data_size") if type(tparams) is dict else None
-        if nbytes is not None:
+        ref = shm.reference(tparams, f"input '{name}'") if tparams else None
+        if ref is not None:
+            if nbytes is not None or "data" in tensor:
+                raise BadRequest(f"input '{name}' is in shared memory: it takes neither 'data' nor binary_data_size")
+            array = regions.read(ref, name, dtype, shape)
+        elif nbytes is not None:
             if header_length is None:
                 raise BadRequest(f"input '{name}' has binary_data_size but the request has no {HEADER_LENGTH}")
             if type(nbytes) is not int or nbytes != count * dtype.itemsize:
@@ -186,21 +202,33 @@ def decode_infer_request(signature: Signature, body: bytes, header_length: str |
         raise BadRequest(f"the body has {size - offset} bytes that no input claims")
     inputs, rows = complete_inputs(signature, arrays)
     binary_default = params is not None and params.get("binary_data_output") is True
-    outputs, binary = _requested_outputs(signature, doc.get("outputs"), binary_default)
-    return InferRequest(request_id, inputs, rows, outputs, binary)
+    outputs, binary, refs = _requested_outputs(signature, doc.get("outputs"), binary_default)
+    if refs:
+        for ref, index in zip(refs, outputs, strict=True):
+            if ref is not None:
+                regions.check(ref, f"output '{signature.outputs[index].name}'")
+    return InferRequest(request_id, inputs, rows, outputs, binary, refs)
 
 
 def encode_infer_response(
-    signature: Signature, request: InferRequest, outputs: Sequence[np.ndarray]
+    signature: Signature,
+    request: InferRequest,
+    outputs: Sequence[np.ndarray],
+    regions: shm.TensorStore = shm.OFF,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the JSON header's length."""
+    """The response body and, when any output is binary, the JSON header's length; outputs asked in
+    shared memory are written to their regions here."""
     entries = []
     blobs = []
-    for index, binary in zip(request.outputs, request.binary, strict=True):
+    refs = request.shm or (None,) * len(request.outputs)
+    for index, binary, ref in zip(request.outputs, request.binary, refs, strict=True):
         spec = signature.outputs[index]
         array = outputs[index]
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(array.shape)}
-        if binary:
+        if ref is not None:
+            written = regions.write(ref, spec.name, array.astype(DATATYPES[spec.datatype], copy=False))
+            entry["parameters"] = shm_parameters(ref, written)
+        elif binary:
             # bytes.join reads the array's buffer directly: one copy, not two.
             raw = array if array.flags.c_contiguous else np.ascontiguousarray(array)
             entry["parameters"] = {"binary_data_size": raw.nbytes}
@@ -217,6 +245,14 @@ def encode_infer_response(
         return head, None
     blobs.insert(0, head)
     return b"".join(blobs), len(head)
+
+
+def shm_parameters(ref: shm.Reference, written: int) -> dict[str, Any]:
+    """An output answered in shared memory: where it went and how many bytes (no data)."""
+    params: dict[str, Any] = {shm.PARAM_REGION: ref.region, shm.PARAM_BYTE_SIZE: written}
+    if ref.offset:
+        params[shm.PARAM_OFFSET] = ref.offset
+    return params
 
 
 def _expect(signature: Signature) -> str:
@@ -268,14 +304,16 @@ def _large_unsigned(data: Any, parsed: np.ndarray) -> np.ndarray:
 
 def _requested_outputs(
     signature: Signature, requested: Any, binary_default: bool
-) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[shm.Reference | None, ...]]:
+    """Indices, binary flags and shared-memory references (an empty tuple when none asks for one)."""
     if requested is None:
         count = len(signature.outputs)
-        return tuple(range(count)), (binary_default,) * count
+        return tuple(range(count)), (binary_default,) * count, ()
     if type(requested) is not list:
         raise BadRequest("'outputs' must be a list of {\"name\": ...} objects")
     indices = []
     binary = []
+    refs: list[shm.Reference | None] = []
     for entry in requested:
         name = entry.get("name") if type(entry) is dict else None
         index = signature._outputs_by_name.get(name) if type(name) is str else None
@@ -284,16 +322,17 @@ def _requested_outputs(
             raise BadRequest(f"unknown output {name!r}; the model has outputs: {known}")
         params = entry.get("parameters")
         flag = binary_default
+        ref = None
         if type(params) is dict:
             if params.get("classification"):
                 raise BadRequest(f"output '{name}': the classification extension is not supported")
-            if "shared_memory_region" in params:
-                raise BadRequest(f"output '{name}': shared memory is not supported")
+            ref = shm.reference(params, f"output '{name}'")
             if "binary_data" in params:
                 flag = params["binary_data"] is True
         indices.append(index)
         binary.append(flag)
-    return tuple(indices), tuple(binary)
+        refs.append(ref)
+    return tuple(indices), tuple(binary), (tuple(refs) if any(r is not None for r in refs) else ())
 
 
 def complete_inputs(signature: Signature, arrays: list[np.ndarray | None]) -> tuple[tuple[np.ndarray, ...], int]:

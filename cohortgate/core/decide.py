@@ -5,6 +5,7 @@ every rule is tested without an event loop. The steps, in order (each may end in
 
 1. authentication: a verified token is required unless the policy says otherwise  -> 401
 2. route: method + path (whole-segment prefixes, OIP model names)                  -> 404
+   (a sidecar's host-local path, core.contract.sidecar_local_only, on any route         -> 403)
 3. authorisation: mTLS SPIFFE identity, token scopes and claims                     -> 403
 4. residency: the request's region (claim/header, or the policy's default)          -> 451
 5. cohort: override, else eligibility, else the sticky hash bucket -> variant (a bandit
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cohortgate.core import cohorts, sticky
+from cohortgate.core.contract import sidecar_local_only
 from cohortgate.core.errors import Denial
 from cohortgate.core.policy import Policy, Route
 
@@ -171,7 +173,10 @@ def decide(policy: Policy, facts: Facts, *, trace: bool = False) -> Decision:
     if facts.claims is None and policy.jwt.required:
         return _deny(Denial.UNAUTHENTICATED, "A valid bearer token is required.", steps)
 
-    # 2. route
+    # 2. route (never a sidecar's host-local extension, such as shared memory, whatever the policy matches)
+    if sidecar_local_only(facts.path):
+        message = f"{facts.path} is only served to clients on the model's own host, never through the gateway."
+        return _deny(Denial.FORBIDDEN, message, steps)
     route = policy.match(facts.method, facts.path, facts.headers.get(":authority") if policy.by_host else None)
     if route is None:
         return _deny(Denial.NO_ROUTE, f"No route matches {facts.method} {facts.path}.", steps)
