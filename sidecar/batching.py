@@ -120,6 +120,10 @@ class _NullObserver:
 
 
 RunFn = Callable[[Tensors], Tensors]
+# A batch's admission check (the data contract in enforce mode): given the merged inputs and each
+# request's rows, None when every request may run, else per request the error that refuses it (or
+# None). One vector check per batch instead of one per request keeps the event loop's cost flat.
+Screen = Callable[[Tensors, Sequence[int]], Sequence[BaseException | None] | None]
 
 
 def _timed(run: RunFn, inputs: Tensors) -> tuple[Tensors, float]:
@@ -144,6 +148,19 @@ def _stamp(p: Pending, started: float, compute_s: float, batch_rows: int, batch_
         t = p.timing
         t.queue_s, t.compute_s = started - p.enqueued, compute_s
         t.batch_rows, t.batch_requests, t.batch = batch_rows, batch_requests, batch
+
+
+def _refuse(batch: list[Pending], refused: Sequence[BaseException | None]) -> list[Pending]:
+    """Fail the requests a screen refused; the rest, in order."""
+    if len(refused) != len(batch):
+        raise InferenceFailed(f"the batch screen answered for {len(refused)} of {len(batch)} requests")
+    kept = []
+    for p, exc in zip(batch, refused, strict=True):
+        if exc is None:
+            kept.append(p)
+        elif not p.future.done():
+            p.future.set_exception(exc)
+    return kept
 
 
 class Batcher:
@@ -188,6 +205,7 @@ class Batcher:
         self._batches = 0  # batches handed to the model so far (BatchTiming.batch)
         self.lone_s: float | None = None  # running estimate of a lone one-row request's compute time
         self.inline_max_s = inline_max_s if max_delay_s == 0 else 0.0  # 0: never inline
+        self.screen: Screen | None = None  # set by the sidecar when its contract enforces (QualityGate.screen)
 
     @property
     def depth(self) -> int:
@@ -273,7 +291,15 @@ class Batcher:
         started = time.perf_counter()
         try:
             merged = merge([p.inputs for p in batch])
-        except Exception as exc:
+            if self.screen is not None:
+                refused = self.screen(merged, rows)
+                if refused is not None:
+                    batch = _refuse(batch, refused)
+                    if not batch:
+                        return
+                    rows = [p.rows for p in batch]
+                    merged = merge([p.inputs for p in batch])
+        except Exception as exc:  # fail closed: nobody in a batch that could not be merged or screened runs
             self._fail(batch, exc)
             return
         self._inflight += 1
@@ -286,6 +312,9 @@ class Batcher:
         """The lone-request path: compute now, on the loop; the caller's future is done on return."""
         started = time.perf_counter()
         try:
+            verdict = self.screen(pending.inputs, [pending.rows]) if self.screen is not None else None
+            if verdict is not None and not _refuse([pending], verdict):
+                return
             outputs, compute_s = _timed(self._run, pending.inputs)
         except Exception as exc:  # the caller gets it, as from the executor
             pending.future.set_exception(exc)

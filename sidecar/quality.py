@@ -5,11 +5,13 @@ tensors (``sidecar.contract``), counts what broke (per feature and rule, for /me
 report) and, in ``enforce`` mode, raises the 422. Accepted inputs and the model's outputs are
 appended to a bounded buffer -- references, no copy -- and turned into sketches a block at a time
 (``flush``, at most ``max_buffer_rows`` rows), so the hot path pays a list append, not a histogram.
-Every request is checked and counted -- at once in ``enforce`` mode, which must answer 422; in
-``observe`` mode (and for outputs, never refused) many requests at a time at the next flush (or
-/metrics scrape), so one vectorised check serves up to ``max_buffer_rows`` rows. One request in
-``sketch_every`` is sketched (a deterministic systematic sample, inputs and outputs of the same
-requests). By default ``sketch_every`` grows with
+Every request is checked and counted -- in ``enforce`` mode before the model sees it, which must
+answer 422: by the batcher, one vector check per batch (``screen``; request by request only when the
+batch breaks a rule), or per request where no batcher screens; in ``observe`` mode (and for
+outputs, never refused) many requests at a time at the next flush (or /metrics scrape), so one
+vectorised check serves up to ``max_buffer_rows`` rows. One served request in ``sketch_every`` is
+sketched (a deterministic systematic sample, inputs and outputs of the same requests). A window's
+sketches are count tables until ``take`` (``contract.Tally``). By default ``sketch_every`` grows with
 the contract's width, ``ceil(features / SKETCH_FEATURES)``, so sketching costs about as much per
 request for a 512-column model as for a 64-column one; the report's ``rows`` are the rows sketched.
 ``take`` closes the window and returns its ``QualityReport`` (cohortgate.core.sketch): counts only,
@@ -60,6 +62,7 @@ class QualityGate:
         width = len(contract.inputs) + len(contract.outputs)
         self.sketch_every = sketch_every or max(1, math.ceil(width / SKETCH_FEATURES))
         self._seen = 0
+        self.screened = False  # True: the batcher runs ``screen`` on each batch, so enforce mode checks there
         self._reset(clock())
         if metrics is not None:
             metrics.on_scrape = self.flush  # a scrape sees every request counted
@@ -79,42 +82,63 @@ class QualityGate:
         self._buffered = 0
 
     # Hot path ------------------------------------------------------------------------------
-    def check_inputs(self, inputs: Sequence[np.ndarray], rows: int) -> bool:
-        """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces.
-        True when this request is in the sketch sample (pass it to ``observe_outputs``)."""
+    def check_inputs(self, inputs: Sequence[np.ndarray], rows: int) -> Sequence[np.ndarray] | None:
+        """Count what the inputs break; raise ``ContractViolation`` (422) when the contract enforces
+        (unless the batcher screens for us: ``screened``). The inputs when this request is in the
+        sketch sample, else None: pass it to ``observe_outputs``, which sketches only what was served."""
         self.requests += 1
         if self.contract.enforce:
-            findings = self.contract.check_inputs(inputs)
-            if findings is not None:
-                self._count(findings, "input")
-                if self._metrics is not None:
-                    self._metrics.contract_rejected += 1
-                raise self.contract.refuse(findings)
+            if not self.screened:
+                findings = self.contract.check_inputs(inputs)
+                if findings is not None:
+                    raise self._refuse(findings)
         elif self._used_in:  # nothing to refuse: check many requests at once, at the next flush
             self._unchecked_in.append(inputs)
             self._grow(rows)
         self._seen += 1
         if self._seen < self.sketch_every:
-            return False
+            return None
         self._seen = 0
-        self.rows += rows
-        if self._used_in:
-            self._buf_in.append(inputs)
-            self._grow(rows)
-        return True
+        return inputs
 
-    def observe_outputs(self, outputs: Sequence[np.ndarray], rows: int, sketch: bool = True, segment: str = "") -> None:
-        """Count what the model's outputs break (never refused); keep them for the sketches when
-        their request was sketched; count its positive predictions under each of ``segment``'s
-        ``name=value`` pairs."""
+    def screen(self, merged: Sequence[np.ndarray], rows: Sequence[int]) -> list[BaseException | None] | None:
+        """The batcher's admission check (``Batcher.screen``) in enforce mode: one vector check of the
+        whole batch; only a batch that breaks a rule is checked request by request."""
+        if self.contract.check_inputs(merged) is None:
+            return None
+        refused: list[BaseException | None] = []
+        start = 0
+        for n in rows:
+            findings = self.contract.check_inputs([t[start : start + n] for t in merged])
+            start += n
+            refused.append(None if findings is None else self._refuse(findings))
+        return refused
+
+    def _refuse(self, findings: Findings) -> BaseException:
+        self._count(findings, "input")
+        if self._metrics is not None:
+            self._metrics.contract_rejected += 1
+        return self.contract.refuse(findings)
+
+    def observe_outputs(
+        self, outputs: Sequence[np.ndarray], rows: int, sketch: Sequence[np.ndarray] | None = None, segment: str = ""
+    ) -> None:
+        """Count what the model's outputs break (never refused); sketch the request's inputs and
+        outputs when ``sketch`` (``check_inputs``' answer) holds its inputs; count its positive
+        predictions under each of ``segment``'s ``name=value`` pairs."""
         if segment and self.contract.positive is not None:
             self._count_segments(segment, self.contract.count_positive(outputs) or 0, rows)
         if self._used_out:  # never refused: checked many at once, at the next flush
             self._unchecked_out.append(outputs)
             self._grow(rows)
-        if sketch and self._used_out:
-            self._buf_out.append(outputs)
-            self._grow(rows)
+        if sketch is not None:
+            self.rows += rows
+            if self._used_in:
+                self._buf_in.append(sketch)
+                self._grow(rows)
+            if self._used_out:
+                self._buf_out.append(outputs)
+                self._grow(rows)
 
     def _count_segments(self, label: str, positive: int, rows: int) -> None:
         for key in label.split(";"):

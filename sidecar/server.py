@@ -371,9 +371,12 @@ class Sidecar:
         old = self.quality
         self.quality = None
         if contract is not None:
-            self.quality = QualityGate(
+            self.quality = gate = QualityGate(
                 contract, model=self.name, variant=self.served_by, route=self.config.route, metrics=self.metrics
             )
+            if contract.enforce and isinstance(self.batcher, Batcher):  # one check per batch, not per request
+                self.batcher.screen = gate.screen
+                gate.screened = True
             sink = self.reporter.sink if self.reporter is not None else None
             if self.quality_reporter is None and sink is not None and hasattr(sink, "send_quality"):
                 self.quality_reporter = QualityReporter(

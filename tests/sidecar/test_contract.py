@@ -119,7 +119,8 @@ def test_enforce_refuses_with_422_naming_the_feature_and_observe_serves_and_coun
     assert caught.value.status == 422
     assert caught.value.details == {"code": "contract_violation", "feature": "score", "rule": "range"}
     observing = QualityGate(contract("observe"), model="m", variant="v")
-    observing.check_inputs((x, code, flag), 2)  # served
+    sketch = observing.check_inputs((x, code, flag), 2)  # served
+    observing.observe_outputs((np.array([[0.5, 0.5]] * 2, np.float32), np.zeros(2, np.int64)), 2, sketch)
     report = observing.take()
     assert report.violations == {"score": {"range": 1}}
     assert (report.rows, report.requests) == (2, 1)
@@ -192,7 +193,9 @@ def test_a_window_sketches_exactly_the_served_rows_however_it_buffers(
     for ages in requests:
         x = np.zeros((len(ages), 4), dtype=np.float32)
         x[:, 0] = ages
-        gate.check_inputs((x, np.zeros(len(ages), np.int64), np.ones((len(ages), 1), bool)), len(ages))
+        sketch = gate.check_inputs((x, np.zeros(len(ages), np.int64), np.ones((len(ages), 1), bool)), len(ages))
+        outputs = (np.full((len(ages), 2), 0.5, np.float32), np.zeros(len(ages), np.int64))
+        gate.observe_outputs(outputs, len(ages), sketch)
     report = gate.take()
     every = np.array([a for r in requests for a in r], dtype=np.float32)
     assert report.inputs["age"] == NumericSketch.of(every, c.inputs[0].default_edges())
@@ -309,7 +312,7 @@ def test_sketching_samples_one_request_in_k_but_checks_every_one() -> None:
         x[0, 2] = 5.0 if i == 0 else 0.1 * i  # the first request breaks `score`: counted though not sketched
         sketched = gate.check_inputs((x, code, flag), 1)
         gate.observe_outputs((np.array([[0.5, 0.5]], np.float32), np.zeros(1, np.int64)), 1, sketched)
-        sampled.append(sketched)
+        sampled.append(sketched is not None)
     assert sampled == [False, False, True, False, False, True, False]
     report = gate.take()
     assert report.requests == 7 and report.rows == 2

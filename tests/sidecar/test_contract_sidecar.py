@@ -101,6 +101,32 @@ async def test_enforce_answers_422_naming_the_feature_and_serves_clean_requests(
     assert 'cohortgate_sidecar_contract_rejected_total{model="tabular-control"} 1.0' in text
 
 
+async def test_enforce_checks_each_batch_and_refuses_only_the_bad_requests_in_it(make_client, contract_file) -> None:
+    """Enforce mode checks a whole batch at once (the batcher's screen); a batch holding a bad request
+    must still serve its neighbours, refuse that one alone, and count it once."""
+    client = await make_client(contract=contract_file("enforce"), max_batch_size=64)
+    sidecar = client.server.app[SIDECAR]
+    assert sidecar.quality.screened and sidecar.batcher.screen == sidecar.quality.screen
+    bad = clean()[:1].copy()
+    bad[0, 5] = -1.0  # f5 below its range
+    rows = [clean()[i % 6 : i % 6 + 1] for i in range(24)]
+    rows[7], rows[19] = bad, bad
+    answers = await asyncio.gather(*(client.post("/v2/models/tabular-control/infer", data=body(r)) for r in rows))
+    statuses = [a.status for a in answers]
+    assert statuses == [422 if i in (7, 19) else 200 for i in range(24)]
+    for i in (7, 19):
+        doc = await answers[i].json()
+        assert (doc["code"], doc["feature"], doc["rule"]) == ("contract_violation", "f5", "range")
+    served = [await answers[i].json() for i in (0, 8, 20)]
+    alone = [
+        await (await client.post("/v2/models/tabular-control/infer", data=body(rows[i]))).json() for i in (0, 8, 20)
+    ]
+    assert [d["outputs"] for d in served] == [d["outputs"] for d in alone]  # neighbours answered as if alone
+    text = await metrics_text(client)
+    assert violations("f5", "range", 2.0) in text
+    assert 'cohortgate_sidecar_contract_rejected_total{model="tabular-control"} 2.0' in text
+
+
 async def test_observe_serves_and_counts(make_client, contract_file) -> None:
     client = await make_client(contract=contract_file("observe"))
     bad = clean()

@@ -364,3 +364,85 @@ async def test_a_lone_request_that_fails_on_the_loop_fails_its_caller_only(execu
     model.fail = False
     np.testing.assert_array_equal((await batcher.submit(x(1, 5), 1))[0], x(1, 5)[0] * 2)
     await batcher.close()
+
+
+class Screen:
+    """An admission check: refuses any request holding a negative value, records each call's rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def __call__(self, merged, rows):
+        self.calls.append(list(rows))
+        if (merged[0] >= 0).all():
+            return None
+        out, start = [], 0
+        for n in rows:
+            bad = (merged[0][start : start + n] < 0).any()
+            out.append(InferenceFailed(f"refused {start}") if bad else None)
+            start += n
+        return out
+
+
+async def test_a_screen_refuses_only_its_requests_and_the_model_never_sees_them(executor) -> None:
+    model, screen = Model(), Screen()
+    batcher = Batcher(model, executor, max_batch_size=64)
+    batcher.screen = screen
+    batcher.start()
+    model.gate.clear()  # hold the first batch so the rest queue up behind it
+    first = batcher.submit(x(1, 0), 1)
+    await asyncio.sleep(0.01)
+    inputs = [x(2, 10), x(1, -100), x(3, 20), x(1, -200)]
+    futures = [batcher.submit(a, a[0].shape[0]) for a in inputs]
+    model.gate.set()
+    await first
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert screen.calls == [[1], [2, 1, 3, 1]]  # one check per batch
+    np.testing.assert_array_equal(results[0][0], inputs[0][0] * 2)
+    np.testing.assert_array_equal(results[2][0], inputs[2][0] * 2)
+    assert [str(r) for r in (results[1], results[3])] == ["refused 2", "refused 6"]
+    assert model.batches == [1, 5]  # the refused rows never reached the model
+    everyone_bad = batcher.submit(x(1, -5), 1)
+    with pytest.raises(InferenceFailed, match="refused 0"):
+        await everyone_bad
+    assert model.batches == [1, 5]
+    await batcher.close()
+
+
+async def test_a_screen_that_fails_or_miscounts_fails_its_batch_closed(executor) -> None:
+    model = Model()
+    batcher = Batcher(model, executor, max_batch_size=64)
+    batcher.screen = lambda merged, rows: [None]  # one answer for a batch of two
+    batcher.start()
+    model.gate.clear()
+    first = batcher.submit(x(1, 0), 1)
+    await asyncio.sleep(0.01)
+    futures = [batcher.submit(x(1, i), 1) for i in (1, 2)]
+    model.gate.set()
+    await first  # one answer for one request: served
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) and "answered for 1 of 2" in str(r) for r in results)
+
+    def broken(merged, rows):
+        raise ValueError("screen bug")
+
+    batcher.screen = broken
+    with pytest.raises(ValueError, match="screen bug"):
+        await batcher.submit(x(1, 3), 1)
+    assert model.batches == [1]  # nothing ran unscreened
+    await batcher.close()
+
+
+async def test_the_lone_request_path_is_screened_too(executor) -> None:
+    model = ThreadModel()
+    batcher = Batcher(model, executor, max_batch_size=64)
+    batcher.inline_max_s = 1.0
+    batcher.screen = Screen()
+    batcher.start()
+    await batcher.submit(x(1, 0), 1)  # measured in the executor: now known to be fast
+    refused = batcher.submit(x(1, -3), 1)
+    assert refused.done()  # decided on the loop, inline
+    with pytest.raises(InferenceFailed, match="refused 0"):
+        await refused
+    assert model.batches == [1]
+    await batcher.close()
