@@ -362,6 +362,39 @@ def _median_ratio(pairs: list[tuple[dict, dict]], key: str) -> tuple[float, floa
     return ratios[len(ratios) // 2], ratios[0], ratios[-1]
 
 
+def _mean_batch(metrics: str) -> float:
+    """Rows per onnxruntime call, from a sidecar's /metrics text."""
+    found = dict(re.findall(r"^cohortgate_sidecar_batch_size_(sum|count)(?:\{[^}]*\})? (\S+)$", metrics, re.M))
+    return float(found.get("sum", 0)) / max(1.0, float(found.get("count", 1)))
+
+
+def gate_us(contract_doc: dict, batch: int, n: int = 20_000) -> float:
+    """The data contract's own CPU per one-row request on the event loop, in process: what the sidecar's
+    gate does per request (count, sample, sketch, check outputs) plus, in enforce mode, one screen per
+    batch of ``batch`` requests (the batcher merges each batch anyway, with or without a contract)."""
+    from sidecar.batching import merge
+    from sidecar.contract import Contract, parse
+    from sidecar.protocol import Signature, TensorSpec
+    from sidecar.quality import QualityGate
+
+    sig = Signature(MODEL, (TensorSpec("input", "FP32", (-1, MLP_WIDTH)),), (TensorSpec("y", "FP32", (-1, 1)),))
+    gate = QualityGate(Contract(parse(contract_doc), sig), model=MODEL, variant="bench")
+    gate.screened = gate.contract.enforce
+    rng = np.random.default_rng(0)
+    rows = [(rng.uniform(-1, 1, (1, MLP_WIDTH)).astype(np.float32),) for _ in range(1024)]
+    merged = [merge(rows[i : i + batch]) for i in range(0, 1024 - batch + 1, batch)]
+    out = (np.zeros((1, 1), np.float32),)
+    k = max(1, batch)
+    started = time.process_time()
+    for i in range(n):
+        token = gate.check_inputs(rows[i % 1024], 1)
+        if gate.screened and i % k == 0:
+            gate.screen(merged[(i // k) % len(merged)], [1] * k)
+        gate.observe_outputs(out, 1, token)
+    gate.take()
+    return (time.process_time() - started) / n * 1e6
+
+
 def contract_cost(model: Path, tmp: Path, threads: int, max_batch: int, seconds: float, repeat: int, mode: str) -> int:
     """Throughput with a contract over all MLP_WIDTH input columns vs none, one-row binary at c64."""
     features = [{"name": f"x{j}", "tensor": "input", "column": j, "min": -10, "max": 10} for j in range(MLP_WIDTH)]
@@ -386,6 +419,13 @@ def contract_cost(model: Path, tmp: Path, threads: int, max_batch: int, seconds:
         " -- steadier than throughput when other processes share the cores"
     )
     assert "cohortgate_sidecar_contract_rejected_total" in pairs[0][1]["metrics"]
+    batch = max(1, int(_mean_batch(pairs[0][1]["metrics"])))
+    own = gate_us({"mode": mode, "inputs": features}, batch)
+    without = sorted(a["cpu_s"] for a, _ in pairs)[len(pairs) // 2] * 1e6
+    print(
+        f"  the gate's own CPU per request, in process at the measured batch size ({batch} rows): {own:.1f} us,"
+        f" {own / without:.1%} of a request's {without:,.0f} us without a contract"
+    )
     return 0
 
 
