@@ -9,24 +9,39 @@ identity rule, a scope rule, residency eu/us and the audit trail on (to a file).
 verified once before timing, as a warm gateway has them cached.
 
 Reported: process CPU µs per request (every thread: the audit writer's formatting and writing is
-included), median (min-max) of ``--repeats`` passes over every user, and with
-``--profile`` the top functions by own time from cProfile (one more pass).
+included; the writer thread's own share is printed beside it), median (min-max) of ``--repeats``
+passes over every user, and with ``--profile`` the top functions by own time from cProfile (one
+more pass).
+
+``--against REF`` is the A/B mode: the tree at git ``REF`` (A, exported with ``git archive`` to a
+temporary directory) and this working tree (B) each run this measurement in a fresh process, in
+turn, ``--rounds`` times (A, B, A, B, ...), so that a neighbour's burst of load falls on both alike.
+Each round prints both medians and B ÷ A; the summary gives the median and range of each over the
+rounds. A's own copy of this script is what runs for A (any version that prints the
+"µs of CPU per decided request" line).
 
     python bench/profile_processor.py                  # 2 000 users, 5 passes
     python bench/profile_processor.py --profile        # and where the time goes
+    python bench/profile_processor.py --against HEAD~3 --rounds 6   # A/B, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import os
 import pstats
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +119,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-audit", action="store_true", help="no audit trail: what the audit line costs")
     parser.add_argument("--profile", action="store_true", help="cProfile one more pass; print the top functions")
+    parser.add_argument("--against", metavar="REF", help="A/B: the tree at git REF (A) against this one (B)")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (with --against)")
     args = parser.parse_args()
+    if args.against:
+        return compare(args)
 
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
@@ -144,18 +163,22 @@ def main() -> int:
     tune_collector()  # as `gateway.service.run` does once started
     allowed = engine.stats.allowed
     assert allowed == args.users, f"only {allowed} of {args.users} allowed: {dict(engine.stats.denied)}"
-    times, walls = [], []
+    writer_clock = _thread_clock(audit)
+    times, walls, writer = [], [], []
     for _ in range(args.repeats):
         audit.flush()  # the writer's backlog from the pass before is not this pass's CPU
+        a0 = writer_clock()
         w0, t0 = time.perf_counter_ns(), time.process_time_ns()  # CPU of every thread: the audit writer's too
         one_pass()
         audit.flush()
         times.append((time.process_time_ns() - t0) / len(messages) / 1000)
         walls.append((time.perf_counter_ns() - w0) / len(messages) / 1000)
+        writer.append((writer_clock() - a0) / len(messages) * 1e6)
+    trail = "no audit trail" if args.no_audit else f"audit writer thread {statistics.median(writer):.1f} of it"
     print(f"processor, secured path, {args.users} users, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}: {statistics.median(times):.1f} µs of CPU per decided request "
           f"(min {min(times):.1f}, max {max(times):.1f}; wall {statistics.median(walls):.1f}; "
-          f"{args.repeats} passes; audit lines written)")  # fmt: skip
+          f"{args.repeats} passes; {trail})")  # fmt: skip
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -163,6 +186,58 @@ def main() -> int:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     audit.close()
+    return 0
+
+
+def _thread_clock(audit: object) -> Callable[[], float]:
+    """The CPU seconds of the audit writer thread so far (0 where the platform cannot tell)."""
+    thread = getattr(audit, "_thread", None)
+    try:
+        clock = time.pthread_getcpuclockid(thread.ident)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, OSError, TypeError):
+        return lambda: 0.0
+    return lambda: time.clock_gettime(clock)
+
+
+_FIGURE = re.compile(r"([0-9.]+) µs of CPU per decided request")
+
+
+def _measure(tree: Path, args: argparse.Namespace) -> float:
+    """One fresh process of ``tree``'s own copy of this script: its median µs per request."""
+    cmd = [sys.executable, str(tree / "bench" / "profile_processor.py"), "--users", str(args.users)]
+    cmd += ["--repeats", str(args.repeats)] + (["--no-audit"] if args.no_audit else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree).stdout
+    found = _FIGURE.search(out)
+    if found is None:
+        raise SystemExit(f"no figure in the output of {tree}:\n{out}")
+    return float(found.group(1))
+
+
+def compare(args: argparse.Namespace) -> int:
+    """A (git ``--against``) and B (this tree) interleaved, ``--rounds`` times."""
+    work = Path(tempfile.mkdtemp(prefix="cohortgate-ab-"))
+    try:
+        archive = subprocess.run(["git", "archive", args.against], cwd=ROOT, check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(work / "a", filter="data")
+        trail = "without the audit trail" if args.no_audit else "with the audit trail"
+        print(f"A: {args.against}, B: this tree; {args.users} users, {args.repeats} passes a round, {trail}")
+        a_all, b_all, ratios = [], [], []
+        for r in range(args.rounds):
+            a, b = _measure(work / "a", args), _measure(ROOT, args)
+            a_all.append(a)
+            b_all.append(b)
+            ratios.append(b / a)
+            print(
+                f"round {r + 1}: load average {os.getloadavg()[0]:.1f}: A {a:.1f} µs, B {b:.1f} µs, B ÷ A {b / a:.2f}"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
+
+    print(f"A {spread(a_all, '.1f')} µs; B {spread(b_all, '.1f')} µs; B ÷ A {spread(ratios, '.2f')}")
     return 0
 
 
