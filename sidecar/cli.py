@@ -165,6 +165,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="on SIGTERM, wait up to this long for queued requests (default 30)",
     )
+    p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="serve the OIP v2 system shared-memory extension to clients on this host (off: it lets a caller make "
+        "the sidecar read and write /dev/shm objects; refused through the gateway; docs/sidecar.md)",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument(
         "--log-format",
@@ -218,7 +224,10 @@ def handler(args: argparse.Namespace) -> int:
             otlp_endpoint=args.otlp_endpoint,
             trace_ratio=args.trace_sample,
             features=_features(args.features_policy, args.features_route, args.variant),
+            shared_memory=args.shared_memory,
         )
+        if args.shared_memory and args.workers != 1:  # each front would hold its own regions
+            raise ValueError("--shared-memory is not available with --workers yet")
     except ValueError as exc:
         print(f"cohortgate sidecar: {exc}", file=sys.stderr)
         return 2

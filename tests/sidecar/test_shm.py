@@ -420,3 +420,17 @@ def test_symlinks_and_shrunk_objects_are_refused(region) -> None:
     with pytest.raises(shm.RegionInvalid, match="has shrunk"):  # an error, not a SIGBUS
         regions.read(shm.Reference("t", 64), "x", np.dtype("u1"), (64,))
     regions.close()
+
+
+# ------------------------------------------------------------------------------ the flag
+
+
+def test_the_flag_turns_it_on_and_refuses_workers(capsys) -> None:
+    from cohortgate.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sidecar", "--model", "m.onnx"]).shared_memory is False
+    args = parser.parse_args(["sidecar", "--model", "m.onnx", "--shared-memory", "--workers", "2"])
+    assert args.shared_memory is True
+    assert args.func(args) == 2  # refused before anything starts
+    assert "--shared-memory is not available with --workers" in capsys.readouterr().err
