@@ -24,6 +24,14 @@ c64, a sidecar with ``--inline-max-us 1000`` against one with the default (off).
 two sidecars on the same model, one with a contract over every input column (a range per column,
 sketched per window), one without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary
 requests at c64; it prints each pair and the median throughput ratio.
+
+``--shm-cost`` runs only the system shared-memory extension's gain (issue 25): one sidecar with
+``--shared-memory``, the same rows sent four ways in turn (JSON in and out, binary in and out,
+inputs by reference with binary outputs, inputs and outputs by reference), 1 and 128 rows at c1 and
+c16, on the MLP (512 FP32 per row) and, with ``--shm-models``, other models too; it prints each
+way's throughput and sidecar CPU per request, and their ratios to binary and to JSON. The regions
+are written once before the runs: a real client's cost of writing its tensor into shared memory
+(instead of serialising it into the body) is not in the figures, and neither is wrk's.
 """
 
 from __future__ import annotations
@@ -448,6 +456,127 @@ def lone_cost(model: Path, tmp: Path, threads: int, max_batch: int, seconds: flo
     return 0
 
 
+SHM_KINDS = ("json", "binary", "shm-in", "shm-in-out")
+_ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(double)": 8, "tensor(int64)": 8, "tensor(int32)": 4, "tensor(bool)": 1}
+
+
+def _signature(model: Path) -> tuple[int, list[tuple[str, int]]]:
+    """The width of the model's one FP32 [-1, W] input 'input', and (name, bytes per row) of each output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (first,) = session.get_inputs()
+    width = int(first.shape[1])
+    outputs = [
+        (o.name, int(np.prod([d for d in o.shape[1:]], dtype=np.int64)) * _ORT_ITEMSIZE[o.type])
+        for o in session.get_outputs()
+    ]
+    return width, outputs
+
+
+def _shm_bodies(
+    port: int, name: str, rows: int, width: int, outputs: list[tuple[str, int]]
+) -> tuple[dict[str, tuple[bytes, int | None]], Path]:
+    """The four bodies for ``rows`` rows, and the /dev/shm object (registered as region ``name``) they use."""
+    x = np.random.default_rng(rows).standard_normal((rows, width)).astype(np.float32)
+    tensor: dict = {"name": "input", "shape": [rows, width], "datatype": "FP32"}
+    out_bytes = sum(rows * per_row for _, per_row in outputs)
+    path = Path("/dev/shm") / f"cgbench_{os.getpid()}_{name}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, x.nbytes + out_bytes)
+        os.pwrite(fd, x.tobytes(), 0)
+    finally:
+        os.close(fd)
+    register = json.dumps({"key": "/" + path.name, "offset": 0, "byte_size": x.nbytes + out_bytes}).encode()
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/systemsharedmemory/region/{name}/register", data=register, method="POST"
+        ),
+        timeout=10,
+    )
+    by_ref = {"shared_memory_region": name, "shared_memory_byte_size": x.nbytes}
+    shm_in = {"inputs": [{**tensor, "parameters": by_ref}], "parameters": {"binary_data_output": True}}
+    placed, offset = [], x.nbytes
+    for out_name, per_row in outputs:
+        size = rows * per_row
+        params = {"shared_memory_region": name, "shared_memory_byte_size": size, "shared_memory_offset": offset}
+        placed.append({"name": out_name, "parameters": params})
+        offset += size
+    shm_out = {"inputs": [{**tensor, "parameters": by_ref}], "outputs": placed}
+    json_body = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+    head = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    bodies = {
+        "json": (json.dumps(json_body).encode(), None),
+        "binary": (head + x.tobytes(), len(head)),
+        "shm-in": (json.dumps(shm_in).encode(), None),
+        "shm-in-out": (json.dumps(shm_out).encode(), None),
+    }
+    return bodies, path
+
+
+def shm_cost(models: list[Path], tmp: Path, threads: int, max_batch: int, seconds: float, repeat: int) -> int:
+    """JSON vs binary vs shared-memory inputs (and outputs), 1 and 128 rows, c1 and c16, interleaved runs."""
+    load_before = os.getloadavg()[0]
+    for model in models:
+        width, outputs = _signature(model)
+        port = free_port()
+        made: list[Path] = []
+        with sidecar(model, port, threads, max_batch, ("--shared-memory",)) as proc:
+            url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer"
+            try:
+                for rows in (1, 128):
+                    bodies, path = _shm_bodies(port, f"r{rows}", rows, width, outputs)
+                    made.append(path)
+                    files = {}
+                    for kind, (body, _) in bodies.items():
+                        files[kind] = tmp / f"shm-{model.stem}-{rows}-{kind}.bin"
+                        files[kind].write_bytes(body)
+                    for concurrency in (1, 16):
+                        for kind in SHM_KINDS:
+                            wrk(url, files[kind], bodies[kind][1], concurrency, 1)  # warm up
+                        rounds = []
+                        for _ in range(repeat):
+                            got = {}
+                            for kind in SHM_KINDS:
+                                cpu, n = cpu_seconds(proc.pid), served(port)
+                                got[kind] = wrk(url, files[kind], bodies[kind][1], concurrency, seconds)
+                                got[kind]["cpu_s"] = (cpu_seconds(proc.pid) - cpu) / max(1.0, served(port) - n)
+                            rounds.append(got)
+                        _print_shm(model.stem, width, rows, concurrency, rounds)
+            finally:
+                for path in made:
+                    path.unlink(missing_ok=True)
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def _print_shm(model: str, width: int, rows: int, concurrency: int, rounds: list[dict[str, dict]]) -> None:
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    errors = sum(r[k]["errors"] for r in rounds for k in SHM_KINDS)
+    print(
+        f"{model} ({width} FP32/row), {rows} row(s)/request, c{concurrency}, {len(rounds)} rounds"
+        + (f"  ({errors} non-2xx!)" if errors else "")
+    )
+    for kind in SHM_KINDS:
+        rps = median([r[kind]["rps"] for r in rounds])
+        cpu = median([r[kind]["cpu_s"] for r in rounds]) * 1e6
+        vs = []
+        for base in ("binary", "json"):
+            if base != kind:
+                t = median([r[kind]["rps"] / r[base]["rps"] for r in rounds])
+                c = median([r[kind]["cpu_s"] / r[base]["cpu_s"] for r in rounds])
+                vs.append(f"vs {base}: throughput x{t:.2f}, CPU x{c:.2f}")
+        print(f"  {kind:<10} {rps:>8,.0f} req/s  {cpu:>7,.0f} CPU-us/req   " + "; ".join(vs))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="ONNX model, input 'input' FP32 [-1,512] (default: mlp-4x512)")
@@ -467,10 +596,24 @@ def main() -> int:
     parser.add_argument(
         "--lone-cost", action="store_true", help="only measure the lone-request path (on vs off, one-row, c1)"
     )
+    parser.add_argument(
+        "--shm-cost",
+        action="store_true",
+        help="only measure shared-memory inputs/outputs against JSON and binary bodies (1 and 128 rows, c1, c16)",
+    )
+    parser.add_argument("--shm-models", type=Path, nargs="*", default=[], help="for --shm-cost: more ONNX models")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not on PATH; this benchmark uses it as its load generator", file=sys.stderr)
         return 2
+    if args.shm_cost:
+        with tempfile.TemporaryDirectory(prefix="bench-shm-") as tmpdir:
+            tmp = Path(tmpdir)
+            model = args.model or tmp / "mlp-4x512.onnx"
+            if args.model is None:
+                model.write_bytes(mlp_model_bytes())
+            models = [model.resolve(), *(m.resolve() for m in args.shm_models)]
+            return shm_cost(models, tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3))
     if args.lone_cost or args.contract_cost:
         with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmpdir:
             tmp = Path(tmpdir)

@@ -37,6 +37,7 @@ Errors (each a ``SidecarError`` with a stable ``code`` beside ``error``):
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import stat
@@ -270,7 +271,7 @@ class Regions:
     def read(self, ref: Reference, tensor: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """A copy of the input ``ref`` names, as ``dtype`` and ``shape`` (whose size must be exactly ``byte_size``)."""
         self._check()
-        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        needed = math.prod(shape) * dtype.itemsize
         if ref.byte_size != needed:
             raise RegionOutOfBounds(
                 f"input '{tensor}': {PARAM_BYTE_SIZE} is {ref.byte_size} but {format_dims(shape)} of "
