@@ -50,6 +50,15 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of workers, or auto") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("k8s", help="render Kubernetes manifests from a policy")
     sub = group.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
@@ -83,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how long a request waits for the processor before a 503 (default 1s)")
     p.add_argument("--target-rps", type=int, default=1000, metavar="N",
                    help="requests per second one edge pod is sized for (default 1000)")
+    p.add_argument("--gateway-workers", type=_workers, default="auto", metavar="N|auto",
+                   help="gateway processes per edge pod (cohortgate gateway --workers N; Envoy's --concurrency "
+                        "follows); auto (the default): as many as the gateway's CPU request for --target-rps needs")
+    p.add_argument("--sidecar-cpu", default=None, metavar="CPU",
+                   help="each sidecar's CPU request and limit, e.g. 4 or 2500m (its onnxruntime threads: the "
+                        "limit's cores but one); default: a request of 1, no limit, one thread")
     p.add_argument("--min-replicas", type=int, default=2, help="HPA minimum (default 2)")
     p.add_argument("--max-replicas", type=int, default=10, help="HPA maximum (default 10)")
     p.add_argument("--region", type=_region, action="append", default=[], metavar="POLICY=NODE[,NODE]",
@@ -135,6 +150,8 @@ def _options(args: argparse.Namespace):
         transport=args.transport,
         grpc_server=args.grpc_server,
         target_rps_per_pod=args.target_rps,
+        gateway_workers=args.gateway_workers,
+        sidecar_cpu=args.sidecar_cpu,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         cluster_domain=args.cluster_domain,

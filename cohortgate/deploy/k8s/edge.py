@@ -14,7 +14,7 @@ from typing import Any
 
 from kubernetes import client as k
 
-from cohortgate.core.contract import REDIS_ENV
+from cohortgate.core.contract import REDIS_ENV, worker_socket
 from cohortgate.deploy.envoy.files import BOOTSTRAP_FILE, CDS_FILE
 from cohortgate.deploy.k8s import sizing
 from cohortgate.deploy.k8s.objects import (
@@ -55,8 +55,9 @@ from cohortgate.deploy.k8s.options import Mesh, RenderOptions
 from cohortgate.deploy.k8s.plan import JWKS_DIR, POLICY_DIR, POLICY_FILE, Plan
 
 
-def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int) -> tuple[str, str]:
-    """(bootstrap.yaml, cds.yaml): `cohortgate.deploy.envoy`'s own rendering, with in-pod paths."""
+def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int, workers: int = 1) -> tuple[str, str]:
+    """(bootstrap.yaml, cds.yaml): `cohortgate.deploy.envoy`'s own rendering, with in-pod paths; the
+    processor cluster has one endpoint per gateway worker's socket."""
     from cohortgate.deploy.envoy import EnvoyTls, ProcessorAddress, cds_text, render_bootstrap
     from cohortgate.deploy.envoy.bootstrap import bootstrap_text
 
@@ -67,7 +68,7 @@ def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int) -> t
     bootstrap = render_bootstrap(
         tls=tls,
         cds_path=f"{POLICY_DIR}/{CDS_FILE}",
-        processor=ProcessorAddress(uds=SOCKET),
+        processor=ProcessorAddress(uds=SOCKET, workers=workers),
         transport=options.transport,
         listen_port=HTTPS_PORT,
         admin_port=ADMIN_PORT,
@@ -84,7 +85,9 @@ def envoy_files(plan: Plan, options: RenderOptions, envoy_concurrency: int) -> t
     return bootstrap_text(bootstrap, header), cds
 
 
-def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_milli: int, mesh: bool) -> k.V1Container:
+def _gateway_container(
+    plan: Plan, options: RenderOptions, *, listen: str, cpu_milli: int, mesh: bool, workers: int = 1
+) -> k.V1Container:
     args = [
         "gateway",
         "--policy", f"{POLICY_DIR}/{POLICY_FILE}",
@@ -94,6 +97,7 @@ def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_m
         "--trust-domain", options.trust_domain,
         "--redis", f"$({REDIS_ENV})",
         *options.tracing_args(),
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     mounts = [mount("policy", POLICY_DIR), mount("tmp", "/tmp", read_only=False)]
     if plan.jwks_file:
@@ -105,7 +109,7 @@ def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_m
         ports = [k.V1ContainerPort(name="grpc", container_port=PROCESSOR_PORT)]
     else:
         mounts.append(mount("run", RUN_DIR, read_only=False))
-        probe = ["uds", SOCKET]
+        probe = ["uds", *(worker_socket(SOCKET, i, workers) for i in range(workers))]  # every worker answers
         ports = None
     memory = sizing.GATEWAY_MEMORY
     return k.V1Container(
@@ -131,7 +135,7 @@ def _gateway_container(plan: Plan, options: RenderOptions, *, listen: str, cpu_m
 
 def edge(plan: Plan, options: RenderOptions, bootstrap_digest: str) -> list[Any]:
     """The edge Deployment (Envoy + gateway), its Service, HPA and PDB."""
-    size = sizing.edge(options.transport, options.grpc_server, options.target_rps_per_pod)
+    size = options.edge_sizing
     envoy = k.V1Container(
         name="envoy",
         image=options.image,
@@ -166,7 +170,14 @@ def edge(plan: Plan, options: RenderOptions, bootstrap_digest: str) -> list[Any]
         lifecycle=pre_stop_sleep(5),
         security_context=container_security(),
     )
-    gateway = _gateway_container(plan, options, listen=f"uds:{SOCKET}", cpu_milli=size.gateway_cpu_milli, mesh=False)
+    gateway = _gateway_container(
+        plan,
+        options,
+        listen=f"uds:{SOCKET}",
+        cpu_milli=size.gateway_cpu_milli,
+        mesh=False,
+        workers=size.gateway_workers,
+    )
     volumes = [
         configmap_volume("envoy-config", ENVOY_CONFIGMAP),
         configmap_volume("policy", POLICY_CONFIGMAP),
@@ -236,7 +247,7 @@ def edge(plan: Plan, options: RenderOptions, bootstrap_digest: str) -> list[Any]
 
 def mesh_gateway(plan: Plan, options: RenderOptions) -> list[Any]:
     """The gateway alone (a mesh's Envoy calls it over mTLS on TCP), its Service, HPA and PDB."""
-    size = sizing.edge("grpc", options.grpc_server, options.target_rps_per_pod)
+    size = options.edge_sizing
     container = _gateway_container(
         plan, options, listen=f"tcp:0.0.0.0:{PROCESSOR_PORT}", cpu_milli=size.gateway_cpu_milli, mesh=True
     )

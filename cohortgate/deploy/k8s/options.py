@@ -15,8 +15,10 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cohortgate import __version__
+from cohortgate.core.contract import MAX_GATEWAY_WORKERS
 from cohortgate.deploy.envoy.addresses import TraceCollector
 from cohortgate.deploy.envoy.extproc import MESSAGE_TIMEOUT
+from cohortgate.deploy.k8s import sizing
 from cohortgate.support.cliargs import DEFAULT_TRACE_SAMPLE
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -49,6 +51,11 @@ class RenderOptions:
     transport: Literal["grpc", "http"] = "grpc"
     grpc_server: Literal["grpcio", "fast"] = "fast"
     target_rps_per_pod: int = 1000  # the request rate one edge pod is sized for
+    # gateway processes per edge pod (`cohortgate gateway --workers`), or "auto": as many as its CPU request
+    # needs (sizing.workers_for); Envoy's --concurrency follows
+    gateway_workers: sizing.Workers = "auto"
+    # each sidecar's CPU request and limit, its intra-op threads following (None: a request of 1, no limit)
+    sidecar_cpu: str | None = None
     min_replicas: int = 2
     max_replicas: int = 10
     cluster_domain: str = "cluster.local"
@@ -95,6 +102,22 @@ class RenderOptions:
             yield f"replicas: need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})"
         if self.target_rps_per_pod <= 0:
             yield "the request rate per pod must be positive"
+        elif self.gateway_workers != "auto" and not (
+            type(self.gateway_workers) is int and 1 <= self.gateway_workers <= MAX_GATEWAY_WORKERS
+        ):
+            yield f"--gateway-workers {self.gateway_workers!r}: give 1 to {MAX_GATEWAY_WORKERS} or auto"
+        elif self.mesh is not None and self.gateway_workers not in ("auto", 1):
+            yield "a mesh reaches the gateway over TCP, one process per pod: scale with replicas, not --gateway-workers"
+        else:
+            try:
+                self.edge_sizing  # noqa: B018  (the rate the workers can carry)
+            except ValueError as exc:
+                yield str(exc)
+        if self.sidecar_cpu is not None:
+            try:
+                sizing.cores(self.sidecar_cpu)
+            except ValueError as exc:
+                yield f"--sidecar-cpu: {exc}"
         if not _DNS_NAME.match(self.cluster_domain):
             yield f"cluster domain {self.cluster_domain!r} is not a DNS name"
         for host in self.hosts:
@@ -131,6 +154,14 @@ class RenderOptions:
 
     def service_host(self, name: str) -> str:
         return f"{name}.{self.namespace}.svc.{self.cluster_domain}"
+
+    @property
+    def edge_sizing(self) -> sizing.EdgeSizing:
+        """The gateway pod's sizing: CPU requests, gateway workers, Envoy's concurrency. With a mesh the
+        gateway is reached over TCP, one process per pod (workers listen on Unix sockets)."""
+        if self.mesh is not None:
+            return sizing.edge("grpc", self.grpc_server, self.target_rps_per_pod, 1)
+        return sizing.edge(self.transport, self.grpc_server, self.target_rps_per_pod, self.gateway_workers)
 
     @property
     def trace_collector(self) -> TraceCollector | None:

@@ -1,8 +1,9 @@
-"""``python -m cohortgate.deploy.k8s.probe uds PATH | tcp HOST:PORT | http URL``: the pods' exec probes.
+"""``python -m cohortgate.deploy.k8s.probe uds PATH... | tcp HOST:PORT... | http URL...``: the pods' exec probes.
 
 Kubelet probes reach a pod's IP only; Envoy's admin listens on loopback and the processor on a Unix
 socket, so the probes run inside the container instead. Standard library only, one attempt, a short
-timeout, exit status 0 (healthy) or 1 with the reason on stderr.
+timeout, exit status 0 (healthy) or 1 with the reason on stderr. Several targets: every one must
+answer (a gateway with ``--workers N`` has one socket per worker).
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ def check(kind: str, target: str, timeout: float = TIMEOUT_S) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m cohortgate.deploy.k8s.probe uds PATH | tcp HOST:PORT | http URL", file=sys.stderr)
+    if len(args) < 2:
+        print(
+            "usage: python -m cohortgate.deploy.k8s.probe uds PATH... | tcp HOST:PORT... | http URL...", file=sys.stderr
+        )
         return 2
-    problem = check(args[0], args[1])
-    if problem is not None:
-        print(f"probe {args[0]} {args[1]}: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    status = 0
+    for target in args[1:]:
+        problem = check(args[0], target)
+        if problem is not None:
+            print(f"probe {args[0]} {target}: {problem}", file=sys.stderr)
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -65,8 +65,6 @@ def render(policy: Policy, raw: bytes | str, options: RenderOptions, *, source: 
     """Every manifest for ``policy`` (its file's text is ``raw``; ``source`` labels the headers)."""
     from kubernetes import client as k
 
-    from cohortgate.deploy.k8s import sizing
-
     plan = make_plan(policy, raw, options)
     outcome_clusters = {
         b.cluster for r in policy.routes if r.kind == "outcomes" for v in r.variants for b in v.backends
@@ -101,8 +99,8 @@ def render(policy: Policy, raw: bytes | str, options: RenderOptions, *, source: 
     groups["namespace.yaml"] = [namespace]
     policy_data = {POLICY_FILE: plan.policy_text}
     if options.mesh is None:
-        size = sizing.edge(options.transport, options.grpc_server, options.target_rps_per_pod)
-        bootstrap, cds = edge.envoy_files(plan, options, size.envoy_concurrency)
+        size = options.edge_sizing
+        bootstrap, cds = edge.envoy_files(plan, options, size.envoy_concurrency, size.gateway_workers)
         policy_data[CDS_FILE] = cds
         groups["policy.yaml"] = [objects.config_map(objects.POLICY_CONFIGMAP, options, "edge", policy_data)]
         groups["envoy.yaml"] = [

@@ -37,6 +37,8 @@ def sidecar(s: Sidecar, plan: Plan, options: RenderOptions) -> list[Any]:
     region_values = options.node_regions(s.region)
     if len(region_values) == 1:
         extra[L_REGION] = region_values[0]
+    cpu = options.sidecar_cpu or sizing.SIDECAR_CPU
+    cpu_limit = options.sidecar_cpu  # given: request and limit alike, so the threads never outnumber the cores
     args = [
         "sidecar",
         "--model", f"{MODELS_DIR}/{s.model_file}",
@@ -45,7 +47,7 @@ def sidecar(s: Sidecar, plan: Plan, options: RenderOptions) -> list[Any]:
         "--port", str(SIDECAR_PORT),
         "--variant", s.owner,
         "--device", "cuda" if s.gpu else "cpu",
-        "--threads", "1",
+        "--threads", str(sizing.sidecar_threads(cpu, cpu_limit)),
         *options.tracing_args(),
     ]  # fmt: skip
     env = None
@@ -54,8 +56,10 @@ def sidecar(s: Sidecar, plan: Plan, options: RenderOptions) -> list[Any]:
         # Shadow comparison joins the shadow's and the primary's reports by request id.
         args += ["--report-to", f"$({REDIS_ENV})"]
         env = [redis_env(options)]
-    requests = {"cpu": sizing.SIDECAR_CPU, "memory": sizing.SIDECAR_MEMORY[0]}
+    requests = {"cpu": cpu, "memory": sizing.SIDECAR_MEMORY[0]}
     limits = {"memory": sizing.SIDECAR_MEMORY[1]}
+    if cpu_limit is not None:
+        limits["cpu"] = cpu_limit
     tolerations = None
     if s.gpu:
         requests[GPU_RESOURCE] = "1"

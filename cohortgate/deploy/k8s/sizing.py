@@ -11,15 +11,24 @@ gateway, gRPC (``fast``)    50             own HTTP/2 server, full decision + au
 Envoy with ext_proc         3 × 25 = 75    ext_proc triples Envoy's ~25 µs of a plain proxy hop
 ==========================  =============  ==================================================
 
-A pod is sized for ``target_rps`` requests per second at ``HEADROOM`` below a full core's worth
-of the gateway (the Python process uses one core at most), and the HPA adds pods when the gateway
-container passes ``HPA_TARGET_UTILIZATION`` of its request.
+A pod is sized for ``target_rps`` requests per second. Each gateway worker is one Python process
+(one core at most) planned at ``HEADROOM`` of its core; ``workers="auto"`` runs as many as the
+gateway's CPU request needs at that headroom (``cohortgate gateway --workers N``), and Envoy runs
+one worker thread per gateway worker (``--concurrency N``: one processor socket each, least-request
+balanced), more only if its own request needs more cores. The HPA adds pods when a container passes
+``HPA_TARGET_UTILIZATION`` of its request.
+
+The model sidecar's onnxruntime intra-op threads follow its CPU: all its cores but one (the event
+loop's), at least one; the cores are its CPU limit when it has one, else its request.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+from cohortgate.core.contract import MAX_GATEWAY_WORKERS
 
 GATEWAY_US = {("grpc", "grpcio"): 200.0, ("grpc", "fast"): 50.0, ("http", "grpcio"): 50.0, ("http", "fast"): 50.0}
 ENVOY_PLAIN_US = 25.0
@@ -45,6 +54,7 @@ class EdgeSizing:
     gateway_cpu_milli: int
     envoy_cpu_milli: int
     envoy_concurrency: int
+    gateway_workers: int = 1  # `cohortgate gateway --workers`
 
     def pods_for(self, rps: float) -> int:
         """Pods needed for ``rps`` with the HPA's utilisation target as the margin."""
@@ -52,17 +62,40 @@ class EdgeSizing:
         return max(1, math.ceil(rps / per_pod))
 
 
-def edge(transport: str, grpc_server: str, target_rps: int) -> EdgeSizing:
+Workers = int | Literal["auto"]
+
+
+def workers_for(gateway_cpu_milli: int) -> int:
+    """The gateway workers a CPU request needs, each planned at ``HEADROOM`` of a core (at least one)."""
+    return max(1, math.ceil(gateway_cpu_milli / (HEADROOM * 1000)))
+
+
+def edge(transport: str, grpc_server: str, target_rps: int, workers: Workers = 1) -> EdgeSizing:
+    """The sizing of one pod for ``target_rps``: ``workers`` gateway processes, or ``"auto"``: as many as
+    the gateway's CPU request needs (`workers_for`). Refused when they cannot carry the rate."""
     gateway_us = GATEWAY_US[(transport, grpc_server)]
     envoy_us = ENVOY_PLAIN_US * ENVOY_EXT_PROC_FACTOR
-    max_rps = int(HEADROOM * 1_000_000 / gateway_us)
-    if target_rps > max_rps:
-        raise ValueError(
-            f"one gateway process tops out near {max_rps} req/s with transport {transport}/{grpc_server} "
-            f"({gateway_us:.0f} µs each at {HEADROOM:.0%} of a core); lower --target-rps or use more pods"
-        )
+    per_worker = int(HEADROOM * 1_000_000 / gateway_us)
     gateway_milli = max(MIN_CPU_MILLI, math.ceil(gateway_us * target_rps / 1000))
     envoy_milli = max(MIN_CPU_MILLI, math.ceil(envoy_us * target_rps / 1000))
+    n = workers_for(gateway_milli) if workers == "auto" else workers
+    if not 1 <= n <= MAX_GATEWAY_WORKERS:
+        raise ValueError(
+            f"{n} gateway workers: give 1 to {MAX_GATEWAY_WORKERS}"
+            + (f" (--target-rps {target_rps} needs {n}; lower it or use more pods)" if workers == "auto" else "")
+        )
+    max_rps = n * per_worker
+    if target_rps > max_rps:
+        what = "one gateway process tops out" if n == 1 else f"{n} gateway workers top out"
+        raise ValueError(
+            f"{what} near {max_rps} req/s with transport {transport}/{grpc_server} "
+            f"({gateway_us:.0f} µs each at {HEADROOM:.0%} of a core); lower --target-rps, "
+            "raise --gateway-workers (or give auto) or use more pods"
+        )
+    # Each gateway worker and each Envoy worker thread gets at least the smallest request's share.
+    gateway_milli = max(gateway_milli, n * MIN_CPU_MILLI)
+    concurrency = max(n, math.ceil(envoy_milli / 1000))
+    envoy_milli = max(envoy_milli, concurrency * MIN_CPU_MILLI)
     return EdgeSizing(
         gateway_us=gateway_us,
         envoy_us=envoy_us,
@@ -70,5 +103,22 @@ def edge(transport: str, grpc_server: str, target_rps: int) -> EdgeSizing:
         max_rps=max_rps,
         gateway_cpu_milli=gateway_milli,
         envoy_cpu_milli=envoy_milli,
-        envoy_concurrency=max(1, math.ceil(envoy_milli / 1000)),
+        envoy_concurrency=concurrency,
+        gateway_workers=n,
     )
+
+
+def cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity (``"2"``, ``"1.5"``, ``"500m"``) in cores."""
+    text = quantity.strip()
+    value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"CPU {quantity!r} is not a positive quantity")
+    return value
+
+
+def sidecar_threads(requests: str, limits: str | None = None) -> int:
+    """onnxruntime intra-op threads for a sidecar with this CPU: the cores of its limit (else its request),
+    rounded down, less the event loop's one; at least one (`sidecar.model.default_intra_op_threads`'s rule,
+    from the container's CPU rather than the node's)."""
+    return max(1, math.floor(cores(limits if limits is not None else requests)) - 1)

@@ -11,7 +11,9 @@ import yaml
 from cohortgate.deploy import pki
 from cohortgate.deploy.envoyproc import validate
 from cohortgate.deploy.k8s import objects
-from tests.deploy.k8s.conftest import named
+from cohortgate.deploy.k8s.options import RenderOptions
+from cohortgate.deploy.k8s.render import render
+from tests.deploy.k8s.conftest import EXAMPLE, named
 
 pytestmark = pytest.mark.integration
 
@@ -94,4 +96,19 @@ def test_envoy_validates_the_istio_patches(renders, tmp_path):
     }  # fmt: skip
     path = tmp_path / "istio-like.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    validate(path)
+
+
+def test_envoy_validates_the_edge_bootstrap_with_several_gateway_workers(example, tmp_path):
+    """`--gateway-workers 3`: the processor cluster's three socket endpoints, least-request balanced."""
+    policy, raw = example
+    rendered = render(policy, raw, RenderOptions(gateway_workers=3), source=EXAMPLE.name)
+    certs = pki.init_certs(tmp_path / "certs")
+    policy_dir = tmp_path / "policy"
+    policy_dir.mkdir()
+    (policy_dir / "cds.yaml").write_text(named(rendered, "ConfigMap", "cohortgate-policy")["data"]["cds.yaml"])
+    bootstrap = named(rendered, "ConfigMap", "cohortgate-envoy")["data"]["bootstrap.yaml"]
+    assert bootstrap.count("/run/cohortgate/processor.sock.w") == 3
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(_localise(bootstrap, certs, policy_dir))
     validate(path)
