@@ -292,7 +292,7 @@ class Regions:
                 ref.region,
             )
         span = self._get(ref.region).span(Reference(ref.region, raw.nbytes, ref.offset), f"output '{tensor}'")
-        span[:] = raw.reshape(-1).view(np.uint8)
+        span[:] = memoryview(raw).cast("B")
         return raw.nbytes
 
 

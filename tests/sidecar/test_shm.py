@@ -434,3 +434,37 @@ def test_the_flag_turns_it_on_and_refuses_workers(capsys) -> None:
     assert args.shared_memory is True
     assert args.func(args) == 2  # refused before anything starts
     assert "--shared-memory is not available with --workers" in capsys.readouterr().err
+
+
+async def test_every_datatype_by_reference_both_ways(make_client, region) -> None:
+    """The dtypes graph echoes FP32, FP64, INT32, INT64 and BOOL: each sent from and answered into one region."""
+    values = {
+        "f32": np.arange(6, dtype="<f4").reshape(2, 3),
+        "f64": np.arange(4, dtype="<f8").reshape(2, 2) / 3,
+        "i32": np.array([-1, 7], "<i4"),
+        "i64": np.array([[2**40, -3], [5, 6]], "<i8"),
+        "b": np.array([True, False]),
+    }
+    kinds = {"f32": "FP32", "f64": "FP64", "i32": "INT32", "i64": "INT64", "b": "BOOL"}
+    total = sum(v.nbytes for v in values.values())
+    handle, key = region("dt", 2 * total)
+    client = await make_client("dtypes", shared_memory=True)
+    response = await client.post("/v2/systemsharedmemory/region/dt/register", json={"key": key, "byte_size": 2 * total})
+    assert response.status == 200
+    inputs, outputs, offset = [], [], 0
+    for k, v in values.items():
+        shmc.set_shared_memory_region(handle, [v], offset=offset)
+        params = {"shared_memory_region": "dt", "shared_memory_byte_size": v.nbytes, "shared_memory_offset": offset}
+        inputs.append({"name": f"x_{k}", "datatype": kinds[k], "shape": list(v.shape), "parameters": params})
+        out = {**params, "shared_memory_offset": total + offset}
+        outputs.append({"name": f"y_{k}", "parameters": out})
+        offset += v.nbytes
+    response = await client.post("/v2/models/dtypes/infer", json={"inputs": inputs, "outputs": outputs})
+    doc = await response.json()
+    assert response.status == 200, doc
+    offset = total
+    for (k, v), answered in zip(values.items(), doc["outputs"], strict=True):
+        assert answered["name"] == f"y_{k}"
+        assert answered["parameters"]["shared_memory_byte_size"] == v.nbytes and "data" not in answered
+        np.testing.assert_array_equal(shmc.get_contents_as_numpy(handle, v.dtype, v.shape, offset=offset), v)
+        offset += v.nbytes
