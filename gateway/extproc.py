@@ -419,6 +419,19 @@ class Processor:
     ) -> pb.ProcessingResponse:
         """Request-headers message in, response out (never raises). ``stream_trace``: the gRPC
         stream's trace metadata, the span's parent when the request carries no traceparent."""
+        answer = self._answer_proto(request, stream_trace)
+        return pb.ProcessingResponse.FromString(answer) if isinstance(answer, bytes) else answer
+
+    def encode_proto(self, request: pb.ProcessingRequest, stream_trace: Mapping[str, str] | None = None) -> bytes:
+        """`handle_proto`'s answer, serialised: for a transport that sends bytes (the fast server), an
+        allowed answer is never parsed into a message only to be serialised again (~1.5 µs)."""
+        answer = self._answer_proto(request, stream_trace)
+        return answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+    def _answer_proto(
+        self, request: pb.ProcessingRequest, stream_trace: Mapping[str, str] | None
+    ) -> bytes | pb.ProcessingResponse:
+        """An allowed answer as its encoded bytes, a denial as a message."""
         t0 = time.time_ns() if self.tracing is not None else 0
         try:
             policy = self._current()
@@ -448,7 +461,7 @@ class Processor:
                 options = answer.sets + answer.removes
                 if answer.exposure is not None:  # protobuf only: the JSON form would cost ~2 µs more
                     options.append((_proto_set(HEADER_EXPOSURE, answer.exposure.encode()), b""))
-                return pb.ProcessingResponse.FromString(_proto_allowed(options))
+                return _proto_allowed(options)
             return _proto_denied(answer, _is_grpc(headers))  # type: ignore[arg-type]
         except Exception:
             self._internal_error()
@@ -807,6 +820,14 @@ class StreamProcessor:
         if request.observability_mode:
             return None
         return _continue(self._engine, request)
+
+    def handle_encoded(self, request: pb.ProcessingRequest) -> bytes | None:
+        """`handle`'s answer serialised (`Processor.encode_proto`), for a transport that sends bytes."""
+        if request.HasField("request_headers"):
+            return self._engine.encode_proto(request, self._trace)
+        if request.observability_mode:
+            return None
+        return _continue(self._engine, request).SerializeToString()  # type: ignore[no-any-return]
 
 
 def _continue(engine: Processor, request: pb.ProcessingRequest) -> pb.ProcessingResponse:

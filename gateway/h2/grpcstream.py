@@ -22,7 +22,8 @@ _OPEN = StreamState.OPEN
 
 
 class StreamProcessor(Protocol):
-    """One per gRPC stream (Envoy opens one stream per HTTP request)."""
+    """One per gRPC stream (Envoy opens one stream per HTTP request). A processor that also has
+    ``handle_encoded(request) -> bytes | None`` (the same answer, serialised) is asked that instead."""
 
     def handle(
         self, request: external_processor_pb2.ProcessingRequest
@@ -104,10 +105,14 @@ class GrpcStream(StreamFlow):
             request = _ProcessingRequest.FromString(message)
         except Exception:
             raise MalformedMessage from None
-        response = self.processor.handle(request)  # type: ignore[union-attr]
-        if response is None:
+        encoded = getattr(self.processor, "handle_encoded", None)
+        if encoded is not None:  # the answer as bytes: never parsed into a message to be serialised again
+            payload: bytes | None = encoded(request)
+        else:
+            response = self.processor.handle(request)  # type: ignore[union-attr]
+            payload = None if response is None else response.SerializeToString()
+        if payload is None:
             return None
-        payload: bytes = response.SerializeToString()
         return MESSAGE_PREFIX.pack(0, len(payload)) + payload
 
     def final_block(self, status: GrpcStatus, message: str) -> bytes:
