@@ -291,7 +291,7 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, edits: i
         _wait(lambda: answer("bg") == "base", 60, "bg answered")
         # steady state: the gateway's first CDS render (importing and warming the renderer, seconds
         # on a busy machine) is done; an edit arriving earlier waits for it
-        _wait(lambda: "Envoy CDS file ready" in _gateway_log(state), 300, "the gateway's first CDS render")
+        _wait(lambda: "Envoy clusters ready" in _gateway_log(state), 300, "the gateway's first CDS render")
         load = Load(connect, token, rate)
         load.thread.start()
         time.sleep(2.0)
