@@ -164,7 +164,7 @@ async def test_confirm_raises_envoys_reason_on_a_nack() -> None:
     await asyncio.sleep(0.01)
     stream.answer(d.nonce, "Failed to load trusted CA certificates")
     xds._changed.set()
-    with pytest.raises(ClustersNotConfirmed, match="rejected.*Failed to load trusted CA"):
+    with pytest.raises(ClustersNotConfirmed, match=r"rejected.*Failed to load trusted CA"):
         await asyncio.wait_for(waiter, 30.0)
 
 
