@@ -10,9 +10,9 @@ bytes at once: the controller never runs a policy the gateway refused, and rever
 later finds both files already on the serving policy (issue 16.8).
 
 The source is followed on OS file events (`cohortgate.support.files.watch`, in a thread): an edit
-marks the stamp stale at once, and `up`'s loop (every 0.1 s) applies it; its once-a-second look
-stays as the safety net. The gateway follows its own file on OS events too, so the edit reaches it
-without a polling hop.
+marks the stamp stale and wakes `up`'s loop (``edited``), which applies it at once (it had waited up
+to 0.1 s for its next turn); its once-a-second look stays as the safety net. The gateway follows
+its own file on OS events too, so the edit reaches it without a polling hop.
 
 New sidecars start (and become ready) before the gateway sees the edit; sidecars the new policy no
 longer names stop after the gateway switched and a grace (requests routed to them finish).
@@ -113,6 +113,7 @@ class LivePolicy:
         self._clusters = 0  # clusters of the edit being applied (the gateway's time grows with them)
         self._marks: dict[str, float] = {}
         self._stop_watching = threading.Event()
+        self.edited = threading.Event()  # set on an OS event for the source: `up`'s loop wakes at once
 
     def read_source(self) -> bytes:
         try:
@@ -155,6 +156,7 @@ class LivePolicy:
         def run() -> None:
             for _stamp in watch(self.source, SOURCE_SAFETY_NET_S, self._stop_watching):
                 self.force_look()
+                self.edited.set()
 
         self._watcher = threading.Thread(target=run, name="cohortgate-policy-source-watch", daemon=True)
         self._watcher.start()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohortgate.core.contract import EXPOSURE_KEY_ENV, TOKEN_FILE_ENV, UNIT_SALT_ENV, worker_socket
+from cohortgate.core.contract import EXPOSURE_KEY_ENV, TOKEN_FILE_ENV, UNIT_SALT_ENV, worker_socket, xds_socket
 from cohortgate.local.plan import SidecarSpec
 from cohortgate.local.shoppers import OutcomeDemo
 
@@ -44,6 +44,12 @@ class Layout:
     trace_sample: float = 0.01
     python: str = field(default=sys.executable)
     gateway_workers: int = 1  # processor processes, one socket each (`worker_socket`)
+    delta_cds: bool = True  # the gateway serves Envoy delta CDS (`xds_socket`); False: the filesystem-CDS file
+
+    @property
+    def xds_socket(self) -> str:
+        """Where the gateway serves Envoy's clusters (delta CDS), beside the processor's socket."""
+        return xds_socket(self.processor_socket)
 
     @property
     def processor_sockets(self) -> tuple[str, ...]:
@@ -233,7 +239,10 @@ def controller_recipe(layout: Layout) -> Recipe:
 
 
 def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
-    """The ext_proc gateway on a Unix socket; it moves Envoy's clusters two-phase on a policy edit."""
+    """The ext_proc gateway on a Unix socket; it moves Envoy's clusters two-phase on a policy edit: over
+    the delta CDS it serves (`Layout.delta_cds`: only the changed clusters travel, Envoy's ACK confirms;
+    admin checks DNS clusters warmed), else through the CDS file ``envoy_cds``."""
+    clusters = ("--envoy-xds", layout.xds_socket) if layout.delta_cds else ("--envoy-cds", str(envoy_cds))
     argv = layout.cli(
         "gateway",
         "--policy", str(layout.gateway_policy),
@@ -242,7 +251,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
         "--listen", f"uds:{layout.processor_socket}",
         "--audit-log", str(layout.audit_log),
         "--metrics", f"127.0.0.1:{layout.ports['gateway_metrics']}",
-        "--envoy-cds", str(envoy_cds),
+        *clusters,
         "--envoy-admin", layout.envoy_admin,
         "--reload-grace", str(RELOAD_GRACE_S),
     )  # fmt: skip
@@ -268,7 +277,7 @@ def gateway_recipe(layout: Layout, envoy_cds: Path) -> Recipe:
             "metrics": layout.gateway_metrics,
             "metrics_port": layout.ports["gateway_metrics"],
         },
-        stale_paths=layout.processor_sockets,
+        stale_paths=layout.processor_sockets,  # (the gateway replaces a stale xDS socket itself)
         preload=GATEWAY_PRELOAD,
     )
 

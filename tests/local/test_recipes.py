@@ -98,8 +98,11 @@ def test_the_gateway_gets_the_unit_salt_in_its_environment_and_drops_a_stale_soc
     recipe = gateway_recipe(layout(), Path("/srv/state/envoy/cds.yaml"))
     assert flag(recipe.argv, "--policy") == "/srv/state/policy.yaml"
     assert flag(recipe.argv, "--listen") == "uds:/srv/state/processor.sock"
-    assert flag(recipe.argv, "--envoy-cds") == "/srv/state/envoy/cds.yaml"
+    assert flag(recipe.argv, "--envoy-xds") == "/srv/state/processor.sock.xds"  # delta CDS by default
+    assert "--envoy-cds" not in recipe.argv
     assert flag(recipe.argv, "--envoy-admin") == "unix:/srv/state/envoy-admin.sock"  # 0600: only this user
+    by_file = gateway_recipe(layout(delta_cds=False), Path("/srv/state/envoy/cds.yaml"))
+    assert flag(by_file.argv, "--envoy-cds") == "/srv/state/envoy/cds.yaml" and "--envoy-xds" not in by_file.argv
     assert flag(recipe.argv, "--metrics") == "127.0.0.1:19482"
     assert flag(recipe.argv, "--state-file") == "/srv/state/state.json"  # embedded: the controller's file
     assert recipe.env == {UNIT_SALT_ENV: "s4lt"} and "s4lt" not in recipe.argv  # never on a command line
