@@ -213,7 +213,7 @@ async def start_cluster_sink(cfg: GatewayConfig, policy: Policy) -> ClusterSink 
         from gateway.xds import XdsClusters
 
         xds = XdsClusters(cfg.envoy_xds, admin_url=cfg.envoy_admin, upstream_ca=cfg.upstream_ca)
-        await xds.start(policy.backends)
+        await xds.start()  # a connecting Envoy waits for the Reloader's first write (a background task)
         return xds
     if (cfg.envoy_cds is None) != (cfg.envoy_admin is None):
         raise ValueError("--envoy-cds and --envoy-admin go together: clusters are confirmed before use")

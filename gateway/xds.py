@@ -172,7 +172,8 @@ class XdsClusters:
     # ---- life
 
     async def start(self, backends: Iterable[Backend] = ()) -> None:
-        """Listen; ``backends`` are the clusters a connecting Envoy gets before the first ``write``."""
+        """Listen; ``backends`` are the clusters a connecting Envoy gets first (none given: a connecting
+        Envoy waits for the first ``write``; its initial fetch holds its listeners until then)."""
         import grpc
         from envoy.service.cluster.v3 import cds_pb2_grpc
 
