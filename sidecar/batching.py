@@ -166,6 +166,10 @@ def _refuse(batch: list[Pending], refused: Sequence[BaseException | None]) -> li
 class Batcher:
     """Queue requests, run them in batches in ``executor``, resolve each caller's future.
 
+    ``executor=None`` runs each batch on the event loop's own thread: for a process whose loop does
+    nothing but feed the model (the executor of ``sidecar --workers``), where a thread hand-over per
+    batch only adds wake-ups and GIL contention.
+
     Create it anywhere; ``start()`` must run inside the event loop that will use it (the queue's
     wake-up futures belong to that loop).
 
@@ -177,7 +181,7 @@ class Batcher:
     def __init__(
         self,
         run: RunFn,
-        executor: Executor,
+        executor: Executor | None,
         *,
         max_batch_size: int = 1,
         max_delay_s: float = 0.0,
@@ -284,6 +288,12 @@ class Batcher:
                     await self._sleep_until_woken(remaining)
                     continue
             self._dispatch(take_batch(queue, self.max_batch_size))
+            if self._executor is None:
+                # The batch ran on the loop: yield twice, so its answers' callbacks and what they
+                # scheduled (the executor process's corked writes) go out, and sockets are read,
+                # before the next batch computes.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
 
     def _dispatch(self, batch: list[Pending]) -> None:
         rows = [p.rows for p in batch]
@@ -305,6 +315,14 @@ class Batcher:
         self._inflight += 1
         self._batches += 1
         number = self._batches
+        if self._executor is None:  # on the loop's thread: no hand-over, no GIL ping-pong
+            done = self._loop.create_future()  # type: ignore[union-attr]
+            try:
+                done.set_result(_timed(self._run, merged))
+            except Exception as exc:
+                done.set_exception(exc)
+            self._finish(batch, rows, started, done, number)
+            return
         done = self._loop.run_in_executor(self._executor, _timed, self._run, merged)  # type: ignore[union-attr]
         done.add_done_callback(lambda f: self._finish(batch, rows, started, f, number))
 

@@ -31,7 +31,7 @@ import numpy as np
 from sidecar import serving
 from sidecar.arena import SharedStats, aligned
 from sidecar.batching import Batcher, BatchTiming
-from sidecar.errors import SidecarError, Unavailable
+from sidecar.errors import ModelLoadError, SidecarError, Unavailable
 from sidecar.link import (
     FAILED,
     OK,
@@ -200,14 +200,19 @@ async def run(config: Any, socket_path: str, stop: asyncio.Event | None = None) 
     name = config.model_name
     threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
     try:
-        model, artifact = await loop.run_in_executor(threads, serving.load_model, config, config.model_path, name)
+        try:
+            model, artifact = await loop.run_in_executor(threads, serving.load_model, config, config.model_path, name)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # e.g. the warm-up run failed: restarting would not help either
+            raise ModelLoadError(f"model {config.model_path} cannot be served: {exc}") from exc
         stats, stats_fd = SharedStats.create()
         batch = config.max_batch_size if model.signature.batchable else 1
         if batch != config.max_batch_size:
             log.warning("model %s has a fixed first axis: batching is off", name)
         batcher = Batcher(
             model.run,
-            threads,
+            None,  # on this process's loop, which does nothing else: no thread hand-over per batch
             max_batch_size=batch,
             max_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue=config.max_queue,

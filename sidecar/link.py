@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import marshal
+import math
 import os
 import pickle
 import socket
@@ -47,7 +48,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily
 
 from sidecar import errors
-from sidecar.arena import Arena, SharedStats, aligned, attach
+from sidecar.arena import ALIGN, Arena, SharedStats, aligned, attach
 from sidecar.batching import BatchTiming, Tensors
 from sidecar.errors import InferenceFailed, SidecarError, Unavailable
 from sidecar.metrics import PREFIX
@@ -102,22 +103,26 @@ class FrameReader:
 class Corked:
     """Writes gathered within one loop iteration go out as one ``write`` (one syscall, not one each)."""
 
-    __slots__ = ("_loop", "_out", "transport")
+    __slots__ = ("_loop", "_out", "_scheduled", "transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._out: list[bytes] = []
+        self._scheduled = False
         self.transport: asyncio.Transport | None = None
 
     def write(self, data: bytes) -> None:
-        if not self._out:
+        if not self._scheduled:
+            self._scheduled = True
             self._loop.call_soon(self.flush)
         self._out.append(data)
 
     def flush(self) -> None:
-        out, self._out = self._out, []
+        self._scheduled = False
+        out = self._out
         transport = self.transport
         if out and transport is not None and not transport.is_closing():
+            self._out = []
             transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
@@ -137,7 +142,7 @@ def unpack_tensor(spec: tuple, view: np.ndarray, *, copy: bool) -> np.ndarray:
     dt = np.dtype(dtype)
     if data is not None:
         return np.frombuffer(data, dt).reshape(shape)
-    n = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+    n = dt.itemsize * math.prod(shape)
     a = view[offset : offset + n].view(dt).reshape(shape)
     return a.copy() if copy else a
 
@@ -146,17 +151,24 @@ def tensors_nbytes(arrays: Sequence[np.ndarray]) -> int:
     return sum(aligned(a.nbytes) for a in arrays)
 
 
-def output_bytes(signature: Signature, rows: int) -> int:
-    """The outputs' size for ``rows`` rows when the signature fixes it, else 0 (they come back inline)."""
-    total = 0
+def output_layout(signature: Signature) -> tuple[int, int] | None:
+    """The outputs' size as (fixed bytes, bytes per row), when the signature fixes it; else None (then
+    they come back inline). Each output is rounded up to ``ALIGN`` on its own, so the fixed part
+    reserves that slack."""
+    fixed = per_row = 0
     for spec in signature.outputs:
         dims = list(spec.shape)
-        if dims and dims[0] == -1:
-            dims[0] = rows
-        if any(d < 0 for d in dims):
-            return 0
-        total += aligned(int(np.prod(dims, dtype=np.int64)) * np.dtype(DATATYPES[spec.datatype]).itemsize)
-    return total
+        free_rows = bool(dims) and dims[0] == -1
+        rest = dims[1:] if free_rows else dims
+        if any(d < 0 for d in rest):
+            return None
+        size = int(np.prod(rest, dtype=np.int64)) * np.dtype(DATATYPES[spec.datatype]).itemsize
+        if free_rows:
+            per_row += size
+            fixed += ALIGN
+        else:
+            fixed += aligned(size)
+    return fixed, per_row
 
 
 # ------------------------------------------------------------------------------ handshake
@@ -254,8 +266,11 @@ def executor_handshake(sock: socket.socket, hello: bytes, stats_fd: int) -> tupl
 class RemoteModel:
     """What a front knows of the model the executor serves (``OnnxModel``'s descriptive half)."""
 
-    def __init__(self, path: str, hello: Hello, sock: socket.socket, stats: SharedStats, arena: Arena) -> None:
-        self.path = path
+    def __init__(
+        self, path: str, hello: Hello, sock: socket.socket, stats: SharedStats, arena: Arena, executor_socket: str
+    ) -> None:
+        self.path = path  # the model's reference, for messages
+        self.executor_socket = executor_socket
         self.name = hello.signature.name
         self.signature = hello.signature
         self.provider = hello.provider
@@ -271,7 +286,13 @@ class RemoteModel:
         """The batcher for ``Sidecar._start_serving``: it takes over this model's connection."""
         sock, stats, arena = self._handed
         return RemoteBatcher(
-            self.path, self.signature, sock, stats, arena, sidecar=sidecar, max_batch_size=self.hello.max_batch_size
+            self.executor_socket,
+            self.signature,
+            sock,
+            stats,
+            arena,
+            sidecar=sidecar,
+            max_batch_size=self.hello.max_batch_size,
         )
 
 
@@ -293,7 +314,7 @@ async def connect(executor_socket: str, reference: str) -> tuple[RemoteModel, An
     except BaseException:
         arena.close()
         raise
-    return RemoteModel(reference, hello, sock, stats, arena), hello.artifact
+    return RemoteModel(reference, hello, sock, stats, arena, executor_socket), hello.artifact
 
 
 @dataclass(slots=True)
@@ -341,7 +362,7 @@ class RemoteBatcher:
         sidecar: Any = None,
         max_batch_size: int = 1,
     ) -> None:
-        self.path = path  # the executor's socket (RemoteModel.path is the model reference)
+        self.path = path  # the executor's socket
         self.signature = signature
         self.max_batch_size = max_batch_size
         self.max_delay_s = 0.0
@@ -358,6 +379,7 @@ class RemoteBatcher:
         self._reconnecting: asyncio.Task | None = None
         self._closing = False
         self._took_ready = False
+        self._outputs = output_layout(signature)
         if sidecar is not None:
             self._adopt_stats(stats)
 
@@ -390,7 +412,8 @@ class RemoteBatcher:
                 raise refused[0]
         arena = self.arena
         size = tensors_nbytes(inputs)
-        out_size = output_bytes(self.signature, rows)
+        layout = self._outputs
+        out_size = 0 if layout is None else layout[0] + layout[1] * rows
         offset = arena.alloc(size + out_size)
         if offset < 0:
             specs = tuple(pack_tensor(a, None, 0) for a in inputs)
@@ -406,8 +429,9 @@ class RemoteBatcher:
             out_offset = offset + size
         self._next = rid = self._next + 1
         future = self._loop.create_future()  # type: ignore[union-attr]
+        message = frame((rid, rows, specs, out_offset, out_size, timing is not None))
+        out.write(message)
         self._calls[rid] = _Call(future, offset, size + out_size, timing)
-        out.write(frame((rid, rows, specs, out_offset, out_size, timing is not None)))
         return future
 
     def _answer(self, message: tuple) -> None:
@@ -470,6 +494,9 @@ class RemoteBatcher:
             try:
                 sock, hello, stats = await loop.run_in_executor(None, front_handshake, self.path, self.arena.fd)
             except OSError:
+                continue
+            except Exception:  # never expected: keep trying, but say why
+                log.exception("the handshake with the model executor failed")
                 continue
             if hello.signature != self.signature:  # the parent restarts the same model: never expected
                 sock.close()

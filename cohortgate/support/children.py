@@ -12,11 +12,11 @@ import os
 import pickle
 import signal
 import struct
-import sys
 import threading
 from typing import Any
 
 _LENGTH = struct.Struct(">I")
+_STDIN = 0
 
 
 def handoff(settings: Any) -> bytes:
@@ -25,17 +25,30 @@ def handoff(settings: Any) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
+def _read_exactly(n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(_STDIN, n - len(data))
+        if not chunk:
+            raise EOFError("the parent closed the pipe before its hand-over was complete")
+        data += chunk
+    return data
+
+
 def receive() -> Any:
     """In the child: read the parent's hand-over from stdin (pickle from our own parent only)."""
-    (size,) = _LENGTH.unpack(sys.stdin.buffer.read(_LENGTH.size))
-    return pickle.loads(sys.stdin.buffer.read(size))
+    (size,) = _LENGTH.unpack(_read_exactly(_LENGTH.size))
+    return pickle.loads(_read_exactly(size))
 
 
 def exit_with_parent() -> None:
-    """In the child: SIGTERM ourselves when the parent's stdin pipe closes (a watch thread)."""
+    """In the child: SIGTERM ourselves when the parent's stdin pipe closes (a watch thread).
+
+    It reads the raw descriptor, never ``sys.stdin``: a daemon thread blocked inside the buffered
+    reader holds its lock, and the interpreter aborts at exit when it cannot take that lock."""
 
     def watch() -> None:
-        while sys.stdin.buffer.read(4096):
+        while os.read(_STDIN, 4096):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 
