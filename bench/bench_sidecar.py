@@ -20,6 +20,10 @@ on a shared host, use ``--repeat`` (the median is reported).
 ``--lone-cost`` runs only the opt-in lone-request path (issue 25): one-row binary requests at c1 and
 c64, a sidecar with ``--inline-max-us 1000`` against one with the default (off).
 
+``--workers-cost N`` runs only ``sidecar --workers N`` against one process (issue 25): one-row and
+128-row binary requests at c1 and c64, interleaved pairs, throughput and the CPU per request of the
+whole process tree, as ratios.
+
 ``--contract-cost [--contract-mode observe|enforce]`` runs only the data contract's price (issue 20):
 two sidecars on the same model, one with a contract over every input column (a range per column,
 sketched per window), one without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary
@@ -577,6 +581,74 @@ def _print_shm(model: str, width: int, rows: int, concurrency: int, rounds: list
         print(f"  {kind:<10} {rps:>8,.0f} req/s  {cpu:>7,.0f} CPU-us/req   " + "; ".join(vs))
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and every process below it (the fronts and the executor of --workers)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(current)
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pending += [int(c) for c in children]
+    return total
+
+
+def workers_cost(
+    model: Path, tmp: Path, threads: int, max_batch: int, seconds: float, repeat: int, workers: int = 2
+) -> int:
+    """``--workers 1`` against ``--workers N``, one-row and 128-row binary requests at c1 and c64:
+    throughput and CPU per request of the whole process tree (from /proc; the request count is
+    wrk's, since /metrics on a shared port is one front's), in interleaved pairs, as ratios N/1."""
+    load_before = os.getloadavg()[0]
+    ports = (free_port(), free_port())
+    extra: tuple[tuple[str, ...], tuple[str, ...]] = ((), ("--workers", str(workers)))
+    with (
+        sidecar(model, ports[0], threads, max_batch, extra[0]) as one,
+        sidecar(model, ports[1], threads, max_batch, extra[1]) as many,
+    ):
+        procs = dict(zip(ports, (one, many), strict=True))
+        time.sleep(3.0)  # --workers: every front connected to the executor, not only the first one
+        for rows in (1, 128):
+            body, header_length = request_body(rows, True)
+            body_file = tmp / f"workers-{rows}.bin"
+            body_file.write_bytes(body)
+            for concurrency in (1, 64):
+                urls = {p: f"http://127.0.0.1:{p}/v2/models/{MODEL}/infer" for p in ports}
+                for p in ports:
+                    wrk(urls[p], body_file, header_length, concurrency, 1)  # warm up
+                pairs = []
+                for _ in range(repeat):
+                    pair = []
+                    for p in ports:
+                        cpu = tree_cpu_seconds(procs[p].pid)
+                        run = wrk(urls[p], body_file, header_length, concurrency, seconds)
+                        run["cpu_s"] = (tree_cpu_seconds(procs[p].pid) - cpu) / max(1.0, run["rps"] * seconds)
+                        pair.append(run)
+                    pairs.append((pair[0], pair[1]))
+                errors = sum(a["errors"] + b["errors"] for a, b in pairs)
+                print(
+                    f"{rows} row(s)/request, c{concurrency}, {repeat} pairs"
+                    + (f"  ({errors} non-2xx!)" if errors else "")
+                )
+                for label, r in (("1 process", [a for a, _ in pairs]), (f"{workers} workers", [b for _, b in pairs])):
+                    rps = sorted(x["rps"] for x in r)[len(r) // 2]
+                    cpu = sorted(x["cpu_s"] for x in r)[len(r) // 2] * 1e6
+                    p50 = sorted(x["p50_ms"] for x in r)[len(r) // 2]
+                    print(
+                        f"  {label:<12} {rps:>9,.0f} req/s {rps * rows:>10,.0f} rows/s  p50 {p50:6.2f} ms "
+                        f"{cpu:>6,.0f} CPU-us/req"
+                    )
+                for key, what in (("rps", "throughput"), ("cpu_s", "CPU per request"), ("p50_ms", "p50")):
+                    median, low, high = _median_ratio(pairs, key)
+                    print(
+                        f"  {what} {workers} workers / 1 process: median {median:.2f} (min {low:.2f}, max {high:.2f})"
+                    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{cores} cores; load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="ONNX model, input 'input' FP32 [-1,512] (default: mlp-4x512)")
@@ -602,6 +674,12 @@ def main() -> int:
         help="only measure shared-memory inputs/outputs against JSON and binary bodies (1 and 128 rows, c1, c16)",
     )
     parser.add_argument("--shm-models", type=Path, nargs="*", default=[], help="for --shm-cost: more ONNX models")
+    parser.add_argument(
+        "--workers-cost",
+        type=int,
+        metavar="N",
+        help="only measure --workers N against one process (1 and 128 rows, c1 and c64, pairs)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not on PATH; this benchmark uses it as its load generator", file=sys.stderr)
@@ -614,6 +692,14 @@ def main() -> int:
                 model.write_bytes(mlp_model_bytes())
             models = [model.resolve(), *(m.resolve() for m in args.shm_models)]
             return shm_cost(models, tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3))
+    if args.workers_cost:
+        with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmpdir:
+            tmp = Path(tmpdir)
+            model = args.model or tmp / "mlp-4x512.onnx"
+            if args.model is None:
+                model.write_bytes(mlp_model_bytes())
+            common = (model.resolve(), tmp, args.threads, args.max_batch_size, args.duration, max(args.repeat, 3))
+            return workers_cost(*common, workers=args.workers_cost)
     if args.lone_cost or args.contract_cost:
         with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmpdir:
             tmp = Path(tmpdir)
