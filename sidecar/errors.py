@@ -13,7 +13,9 @@
         ├── ContractViolation   422      inputs break an enforced data contract (``sidecar/contract.py``):
         │                                ``code``, ``feature`` and ``rule`` beside ``error``
         ├── InferenceFailed     500      onnxruntime failed (translated in ``model.py``) or a fault
-        └── Unavailable         503      queue full, not ready, or shutting down (with Retry-After)
+        ├── Unavailable         503      queue full, not ready, or shutting down (with Retry-After)
+        └── shm.SharedMemoryError        the shared-memory extension's refusals, 400/403/404/409 with a
+                                         ``code`` (their tree is in ``sidecar/shm.py``)
 
 Anything else that escapes a handler is internal: the server logs it and answers 500 with a fixed
 sentence, never a stack trace.

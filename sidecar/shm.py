@@ -182,7 +182,8 @@ class _Region:
         return self._view[ref.offset : ref.offset + ref.byte_size]
 
     def close(self) -> None:
-        self._view.release()
+        with contextlib.suppress(BufferError):
+            self._view.release()
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a tensor still views it: unmapped when that goes
                 self._map.close()
