@@ -16,7 +16,12 @@ not the ``onnx`` package, not wrk. In under three minutes it:
   4. loads the sidecar, batching on and off, with one-row binary-tensor requests at concurrency 1
      and 64 from a small built-in HTTP/1.1 load generator (several processes, keep-alive);
   5. prints a table and writes everything as JSON to ``--json``, or to ``$OUT/sidecar_gpu_check.json``
-     when ``$OUT`` is set.
+     when ``$OUT`` is set;
+  6. with ``--workers 1,2,4,8``: ``sidecar --workers N`` (N fronts, one executor on the device; 1 is
+     one process) at c256 (``--workers-concurrency``), one-row and 128-row requests, batches up to
+     ``--workers-max-batch`` rows, each against bare ``session.run`` on the device at that run's mean
+     batch size. ``--workers-only`` skips steps 3 and 4. A GPU session runs
+     ``python bench/sidecar_gpu_check.py --workers 1,2,4,8 --workers-only`` (about 3 minutes).
 
 Exit status: 0 all checks pass; 1 the expected provider is not in use; 2 answers differ from the CPU's.
 """
@@ -83,11 +88,11 @@ def relative_diff(a: np.ndarray, b: np.ndarray) -> float:
 class Sidecar:
     """``python -m sidecar`` on a free port; ``stop`` sends SIGTERM and waits for the drain."""
 
-    def __init__(self, model: Path, device: str, max_batch_size: int) -> None:
+    def __init__(self, model: Path, device: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sidecar", "--model", str(model), "--name", MODEL, "--port", str(self.port)]
-        cmd += ["--device", device, "--max-batch-size", str(max_batch_size), "--log-level", "WARNING"]
+        cmd += ["--device", device, "--max-batch-size", str(max_batch_size), "--log-level", "WARNING", *extra]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
@@ -101,6 +106,16 @@ class Sidecar:
                 self.stop()
                 raise RuntimeError(f"sidecar --device {device} did not become ready:\n{self.output()}")
             time.sleep(0.1)
+        if "--workers" in extra:  # every front connected: fresh connections in a row all find one ready
+            in_a_row = 0
+            while in_a_row < 30 and time.monotonic() < deadline:
+                try:
+                    ok = urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1).status == 200
+                except OSError:
+                    ok = False
+                in_a_row = in_a_row + 1 if ok else 0
+                if not ok:
+                    time.sleep(0.1)
 
     def get(self, path: str) -> bytes:
         return urllib.request.urlopen(f"{self.url}{path}", timeout=10).read()
@@ -198,9 +213,9 @@ def _client_process(port: int, request: bytes, connections: int, start_at: float
         return asyncio.run(main())
 
 
-def load(port: int, concurrency: int, seconds: float, procs: int) -> dict:
-    """Requests/s and latency of one-row binary requests at ``concurrency`` open connections."""
-    x = np.random.default_rng(7).standard_normal((1, MLP_WIDTH)).astype(np.float32)
+def load(port: int, concurrency: int, seconds: float, procs: int, rows: int = 1) -> dict:
+    """Requests/s and latency of ``rows``-row binary requests at ``concurrency`` open connections."""
+    x = np.random.default_rng(7).standard_normal((rows, MLP_WIDTH)).astype(np.float32)
     body, header_length = request_body(x)
     request = (
         f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -218,9 +233,10 @@ def load(port: int, concurrency: int, seconds: float, procs: int) -> dict:
     latencies = np.array(sorted(lat for part in parts for lat in part[0]))
     errors = sum(len(part[1]) for part in parts)
     if not len(latencies):
-        return {"concurrency": concurrency, "rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": errors}
+        return {"concurrency": concurrency, "rows": rows, "rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": errors}
     return {
         "concurrency": concurrency,
+        "rows": rows,
         "rps": len(latencies) / seconds,
         "p50_ms": float(np.percentile(latencies, 50) * 1000),
         "p99_ms": float(np.percentile(latencies, 99) * 1000),
@@ -240,6 +256,12 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the sidecar's, batching on (default 64)")
     parser.add_argument("--client-procs", type=int, default=max(1, min(4, cores() // 4)), help="load processes")
     parser.add_argument("--json", type=Path, help="write the results here (default: $OUT/sidecar_gpu_check.json)")
+    parser.add_argument(
+        "--workers", default="", help="also run `sidecar --workers N` for each N in this list, e.g. 1,2,4,8 (step 6)"
+    )
+    parser.add_argument("--workers-concurrency", type=int, default=256, help="for --workers (default 256)")
+    parser.add_argument("--workers-max-batch", type=int, default=1024, help="for --workers: rows (default 1024)")
+    parser.add_argument("--workers-only", action="store_true", help="skip steps 3 and 4 (device time is scarce)")
     args = parser.parse_args()
     started = time.monotonic()
     import onnxruntime as ort
@@ -285,7 +307,8 @@ def main() -> int:
         # 3. + 4. sidecars: provider checks, answers, load
         report["sidecar"] = []
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        for label, max_batch in (("batching on", args.max_batch_size), ("batching off", 1)):
+        basic = () if args.workers_only else (("batching on", args.max_batch_size), ("batching off", 1))
+        for label, max_batch in basic:
             server = Sidecar(model_path, args.device, max_batch)
             try:
                 meta_provider, metric_provider = server.provider()
@@ -304,7 +327,9 @@ def main() -> int:
                     print(f"  {run['target']:<28} c{concurrency:<3} {run['rps']:>10,.0f} req/s", flush=True)
             finally:
                 server.stop()
-        if args.device != "auto":
+        if args.workers:
+            workers_runs(args, report, model_path, reference[:4], x64[:4])
+        if args.device != "auto" and not args.workers_only:
             server = Sidecar(model_path, "auto", args.max_batch_size)
             try:
                 meta_provider, metric_provider = server.provider()
@@ -329,6 +354,7 @@ def main() -> int:
             f"  {r['target']:<32} {r['concurrency']:>6} {r['rps']:>10,.0f} {p50:>8} {p99:>8} "
             f"{r['mean_batch']:>6.1f}{errors}"
         )
+    print_workers(report)
     print()
     for name, (ok, detail) in report["checks"].items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
@@ -341,6 +367,60 @@ def main() -> int:
     print(f"\n{'OK' if status == 0 else 'FAILED'} in {report['seconds']}s")
     write_report(args, report)
     return status
+
+
+def workers_runs(
+    args: argparse.Namespace, report: dict, model_path: Path, reference: np.ndarray, x: np.ndarray
+) -> None:
+    """6. ``sidecar --workers N`` (1 = one process) at ``--workers-concurrency``, one-row and 128-row
+    requests, against bare onnxruntime on the device at each run's mean batch size."""
+    report["workers"] = []
+    for n in [int(w) for w in args.workers.split(",")]:
+        server = Sidecar(model_path, args.device, args.workers_max_batch, ("--workers", str(n)))
+        try:
+            diff = relative_diff(server.infer(x), reference)
+            check(report, f"sidecar --workers {n}: answers match CPU", diff < TOLERANCE, f"{diff:.1e}")
+            for rows in (1, 128):
+                before = server.batches()  # the executor's histograms, from whichever front answers
+                run = load(server.port, args.workers_concurrency, args.duration, args.client_procs, rows)
+                after = server.batches()
+                run["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                run["workers"] = n
+                report["workers"].append(run)
+                print(
+                    f"  sidecar --workers {n:<2} {rows:>3} rows c{args.workers_concurrency}: {run['rps']:>9,.0f} req/s "
+                    f"{run['rps'] * rows:>11,.0f} rows/s, mean batch {run['mean_batch']:.0f}",
+                    flush=True,
+                )
+        finally:
+            server.stop()
+    model = OnnxModel(model_path, device=args.device)  # bare, at each run's mean batch
+    bare: dict[int, float] = {}
+    for run in report["workers"]:
+        batch = max(1, round(run["mean_batch"]))
+        if batch not in bare:
+            bare[batch] = bare_rate(model, batch, 1.0)["inferences_per_s"]
+        run["bare_same_batch"] = bare[batch]
+    del model
+
+
+def print_workers(report: dict) -> None:
+    runs = report.get("workers")
+    if not runs:
+        return
+    print()
+    print(
+        f"{'sidecar --workers N':<22} {'rows':>4} {'req/s':>9} {'rows/s':>11} {'p50 ms':>7} {'batch':>6} "
+        "vs bare at that batch"
+    )
+    for r in runs:
+        p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else "-"
+        errors = f"  ({r['errors']} errors)" if r["errors"] else ""
+        rows_s = r["rps"] * r["rows"]
+        print(
+            f"  --workers {r['workers']:<10} {r['rows']:>4} {r['rps']:>9,.0f} {rows_s:>11,.0f} {p50:>7} "
+            f"{r['mean_batch']:>6.0f} {rows_s / r['bare_same_batch']:>6.0%} of {r['bare_same_batch']:,.0f}{errors}"
+        )
 
 
 def check(report: dict, name: str, ok: bool, detail: str) -> None:

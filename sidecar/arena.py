@@ -26,7 +26,7 @@ from prometheus_client.core import HistogramMetricFamily
 from sidecar.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 
 ALIGN = 64  # every slot and every tensor in it starts on a cache line
-ARENA_BYTES = 64 * 1024 * 1024  # virtual: pages are only backed once written
+ARENA_BYTES = 256 * 1024 * 1024  # virtual: pages are only backed once written (first fit keeps to the low end)
 
 
 def aligned(n: int) -> int:

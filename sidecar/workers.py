@@ -60,6 +60,10 @@ def check(config: Any, workers: int) -> None:
         raise ValueError(f"--workers {workers}: give 1 to {MAX_WORKERS}")
     if config.model_file:
         raise ValueError("--model-file (live swap) is not available with --workers yet; use --model")
+    if getattr(config, "shared_memory", False):
+        raise ValueError(
+            "--shared-memory with --workers: a region registered through one front is unknown to the others; not yet"
+        )
     if config.grpc_port == 0:
         raise ValueError("--grpc-port 0 with --workers: every front would pick another port; name one")
     if not hasattr(socket, "SO_REUSEPORT"):

@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import socket
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.arena import ALIGN, Arena, SharedStats, aligned, attach
-from sidecar.batching import BatchTiming
+from sidecar.batching import Batcher, BatchTiming
 from sidecar.errors import InferenceFailed, Unavailable
 from sidecar.link import (
     FAILED,
@@ -227,3 +228,31 @@ async def test_a_lost_executor_fails_what_is_in_flight_with_503_and_unreadies() 
     finally:
         await batcher.close()
         os.close(stats_fd)
+
+
+# The executor's batcher: batches on the loop's own thread ----------------------------------------
+
+
+async def test_a_batcher_without_an_executor_runs_batches_on_the_loop() -> None:
+    threads: list[int] = []
+
+    def run(inputs):
+        threads.append(threading.get_ident())
+        if (inputs[0] < 0).any():
+            raise InferenceFailed("onnxruntime failed: negative")
+        return (inputs[0] * 2,)
+
+    batcher = Batcher(run, None, max_batch_size=8)
+    batcher.start()
+    try:
+        futures = [batcher.submit((np.full((1, 2), i, np.float32),), 1) for i in range(5)]
+        outs = await asyncio.gather(*futures)
+        assert [float(o[0][0, 0]) for o in outs] == [0, 2, 4, 6, 8]
+        assert threads == [threading.get_ident()]  # one batch, on this thread
+        bad = batcher.submit((np.full((1, 2), -1, np.float32),), 1)
+        with pytest.raises(InferenceFailed):
+            await bad
+        (again,) = await batcher.submit((np.ones((1, 2), np.float32),), 1)  # it lives on
+        assert float(again[0, 0]) == 2
+    finally:
+        await batcher.close()
