@@ -111,18 +111,22 @@ class _ExecutorProtocol(asyncio.Protocol):
     ) -> None:
         executor = self._executor
         executor.stats.cells[SharedStats.DEPTH] = executor.batcher.depth
-        exc = future.exception()
+        exc = Unavailable("the model executor stopped") if future.cancelled() else future.exception()
         if exc is not None:
             self._fail(rid, exc)
             return
         executor.batches.note(timing.batch, self)
         outputs = future.result()
-        arena = self._arena if capacity and sum(aligned(a.nbytes) for a in outputs) <= capacity else None
-        specs = []
-        position = offset
-        for a in outputs:
-            specs.append(pack_tensor(a, arena, position))
-            position += aligned(a.nbytes)
+        try:
+            arena = self._arena if capacity and sum(aligned(a.nbytes) for a in outputs) <= capacity else None
+            specs = []
+            position = offset
+            for a in outputs:
+                specs.append(pack_tensor(a, arena, position))
+                position += aligned(a.nbytes)
+        except Exception as failed:  # a slot that does not fit (a front's bug): that request fails, alone
+            self._fail(rid, failed)
+            return
         times = (
             (timing.queue_s, timing.compute_s, timing.batch_rows, timing.batch_requests, timing.batch)
             if want_timing

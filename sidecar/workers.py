@@ -64,8 +64,8 @@ def check(config: Any, workers: int) -> None:
         raise ValueError(
             "--shared-memory with --workers: a region registered through one front is unknown to the others; not yet"
         )
-    if config.grpc_port == 0:
-        raise ValueError("--grpc-port 0 with --workers: every front would pick another port; name one")
+    if config.grpc_port is not None:  # the gRPC server binds without SO_REUSEPORT (sidecar/grpc_service.py)
+        raise ValueError("--grpc-port is not available with --workers yet: REST only")
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError("--workers needs SO_REUSEPORT (Linux)")
 

@@ -265,7 +265,8 @@ def test_workers_refuse_what_they_cannot_serve_yet(models: Path, tmp_path: Path)
     model = str(models / "tabular-control.onnx")
     for extra, sentence in (
         (["--model-file", str(tmp_path / "ref")], "--model-file"),
-        (["--model", model, "--grpc-port", "0"], "--grpc-port 0"),
+        (["--model", model, "--grpc-port", str(free_port())], "--grpc-port"),
+        (["--model", model, "--shared-memory"], "--shared-memory"),
         (["--model", model, "--workers", "0"], "--workers 0"),
     ):
         (tmp_path / "ref").write_text(model)
