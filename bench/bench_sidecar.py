@@ -548,9 +548,12 @@ def shm_cost(models: list[Path], tmp: Path, threads: int, max_batch: int, second
                         for _ in range(repeat):
                             got = {}
                             for kind in SHM_KINDS:
-                                cpu, n = cpu_seconds(proc.pid), served(port)
+                                cpu, n, before = cpu_seconds(proc.pid), served(port), scrape_batches(port)
                                 got[kind] = wrk(url, files[kind], bodies[kind][1], concurrency, seconds)
                                 got[kind]["cpu_s"] = (cpu_seconds(proc.pid) - cpu) / max(1.0, served(port) - n)
+                                after = scrape_batches(port)
+                                if before and after and after[1] > before[1]:
+                                    got[kind]["batch"] = (after[0] - before[0]) / (after[1] - before[1])
                             rounds.append(got)
                         _print_shm(model.stem, width, rows, concurrency, rounds)
             finally:
@@ -572,13 +575,14 @@ def _print_shm(model: str, width: int, rows: int, concurrency: int, rounds: list
     for kind in SHM_KINDS:
         rps = median([r[kind]["rps"] for r in rounds])
         cpu = median([r[kind]["cpu_s"] for r in rounds]) * 1e6
+        batch = median([r[kind].get("batch", float("nan")) for r in rounds])
         vs = []
         for base in ("binary", "json"):
             if base != kind:
                 t = median([r[kind]["rps"] / r[base]["rps"] for r in rounds])
                 c = median([r[kind]["cpu_s"] / r[base]["cpu_s"] for r in rounds])
                 vs.append(f"vs {base}: throughput x{t:.2f}, CPU x{c:.2f}")
-        print(f"  {kind:<10} {rps:>8,.0f} req/s  {cpu:>7,.0f} CPU-us/req   " + "; ".join(vs))
+        print(f"  {kind:<10} {rps:>8,.0f} req/s  {cpu:>7,.0f} CPU-us/req  batch {batch:5.1f}   " + "; ".join(vs))
 
 
 def tree_cpu_seconds(pid: int) -> float:
