@@ -189,3 +189,47 @@ def test_restarted_gateway_brings_envoy_to_the_full_set(plane: Plane, certs: pki
     _wait(lambda: "cg.before.control.0" not in plane.envoy.clusters(), WAIT_S, "the dropped cluster removed")
     assert "cg.tabular.control.0" in plane.envoy.clusters()
     assert _answers(plane, "tabular", token) in {"control-eu", "canary-eu"}
+
+
+def test_with_workers_the_parent_serves_delta_cds(
+    tmp_path: Path, certs: pki.CertPaths, upstreams: dict[str, Upstream]
+) -> None:
+    """``--workers 2``: the parent compiles, hands Envoy the clusters and waits for the ACK; the workers
+    follow its serving copy, so a new route answers from whichever worker Envoy asks."""
+    from cohortgate.core.policy import load_policy
+    from cohortgate.deploy.envoy import ProcessorAddress, render
+    from cohortgate.deploy.envoyproc import EnvoyProcess
+
+    base = POLICY.format(jwks=certs.jwks, **{name: u.url for name, u in upstreams.items()})
+    live = tmp_path / "live.yaml"
+    live.write_text(base)
+    sock = tmp_path / "run" / "processor.sock"
+    gateway = GatewayProcess(live, sock, "fast", tmp_path)
+    gateway.cmd += ["--workers", "2", "--envoy-xds", xds_socket(str(sock)), "--watch-interval", "0.2"]
+    try:
+        gateway.start(timeout=180.0)
+        files = render(
+            load_policy(live),
+            certs=certs,
+            out_dir=tmp_path / "envoy",
+            processor=ProcessorAddress(uds=str(sock), workers=2),
+            listen_port=free_port(),
+            admin_port=free_port(),
+            xds_socket=xds_socket(str(sock)),
+        )
+        with EnvoyProcess(files, log_path=tmp_path / "envoy.log", concurrency=2) as envoy:
+            cert, key = certs.clients["app-demo"]
+            plane = Plane(
+                gateway, envoy, Client(envoy.listen_port, certs.ca_cert, cert, key), live, base, files.cds, tmp_path
+            )
+            token = mint(certs, "xds-user")
+            try:
+                assert _answers(plane, "tabular", token) in {"control-eu", "canary-eu"}
+                plane.apply(("fresh", upstreams["canary-eu"].url))
+                _wait(lambda: _answers(plane, "fresh", token) == "canary-eu", WAIT_S, "the new route served")
+                assert all(_answers(plane, "fresh", token) == "canary-eu" for _ in range(10))  # any worker
+                assert "Envoy confirmed 1 new" in gateway.tail()
+            finally:
+                plane.client.close()
+    finally:
+        gateway.stop()
