@@ -163,9 +163,10 @@ SIDECAR_LOCAL_PREFIXES: Final = (
 def sidecar_local_only(path: str) -> bool:
     """Whether ``path`` (a request's ``:path``) is one only the sidecar's own host may call. Compared after
     percent-decoding, lower-casing and resolving ``//``, ``.`` and ``..``, so no spelling a server would
-    route to the same handler slips past; the usual path costs one ``in`` test."""
-    path = unquote(path.split("?", 1)[0]).lower()
-    if "sharedmemory" not in path:
+    route to the same handler slips past; the usual path costs a ``lower`` and two ``in`` tests."""
+    path = path.lower()
+    if "sharedmemory" not in path and "%" not in path:
         return False
+    path = unquote(path.split("?", 1)[0]).lower()
     path = "/" + posixpath.normpath(path).lstrip("/")
     return path.startswith(SIDECAR_LOCAL_PREFIXES)
