@@ -543,6 +543,7 @@ class RemoteBatcher:
                 out.transport.close()
         if self._sock is not None:
             self._sock.close()
+        self.arena.close()  # the executor's mapping (if any) keeps the memory until it lets go
 
 
 class _WorkerCollector:
