@@ -256,3 +256,27 @@ async def test_a_batcher_without_an_executor_runs_batches_on_the_loop() -> None:
         assert float(again[0, 0]) == 2
     finally:
         await batcher.close()
+
+
+async def test_a_full_arena_sends_the_tensors_inline_and_still_answers() -> None:
+    def answer(message, inputs):
+        rid, _, specs, _, out_size, _ = message
+        seen.append((specs[0][2], out_size))
+        return (rid, OK, (pack_tensor(inputs[0] + 1, None, 0),), None)
+
+    seen: list[tuple[int, int]] = []
+    batcher, _, exec_sock, task, stats_fd = await _front(answer)  # a 4 KiB arena
+    try:
+        small = np.zeros((2, 3), np.float32)
+        big = np.zeros((400, 3), np.float32)  # 4.8 KB in, as much out: no slot fits it
+        (a,) = await batcher.submit((small,), 2)
+        (b,) = await batcher.submit((big,), 400)
+        assert np.array_equal(a, small + 1) and np.array_equal(b, big + 1)
+        assert seen[0][0] >= 0 and seen[0][1] > 0  # in the arena, with room for the outputs
+        assert seen[1] == (-1, 0)  # inline, outputs inline too
+        assert batcher.arena.used == 0
+    finally:
+        task.cancel()
+        exec_sock.close()
+        await batcher.close()
+        os.close(stats_fd)
