@@ -377,6 +377,7 @@ class RemoteBatcher:
         self._out: Corked | None = None
         self._protocol: _FrontProtocol | None = None
         self._reconnecting: asyncio.Task | None = None
+        self._connecting: asyncio.Task | None = None
         self._closing = False
         self._took_ready = False
         self._outputs = output_layout(signature)
@@ -398,7 +399,14 @@ class RemoteBatcher:
         assert loop is not None
         self._out = out = Corked(loop)  # writes before the transport exists wait in it
         protocol = self._protocol = _FrontProtocol(self, out)
-        loop.create_task(loop.create_unix_connection(lambda: protocol, sock=sock), name="sidecar-link")
+        self._connecting = loop.create_task(loop.create_unix_connection(lambda: protocol, sock=sock), name="link")
+        self._connecting.add_done_callback(lambda task: self._connected(task, protocol, sock))
+
+    def _connected(self, task: asyncio.Task, protocol: _FrontProtocol, sock: socket.socket) -> None:
+        if task.cancelled() or task.exception() is not None:  # never expected: treat it as a lost executor
+            log.error("cannot attach the executor's socket: %r", None if task.cancelled() else task.exception())
+            sock.close()
+            self._lost(protocol)
 
     def submit(self, inputs: Tensors, rows: int, timing: BatchTiming | None = None) -> asyncio.Future:
         """Send one request to the executor; the future resolves to its outputs. Raises ``Unavailable``."""
