@@ -20,7 +20,9 @@ All times are seconds from the start of the apply. The file watch adds up to ``-
 ``--through-up`` measures the way users run it instead (`through_up`: `cohortgate up`, 100
 background requests a second, full replacements then a one-route edit), and prints where each
 edit's time went: `up` (validated, the gateway's file written, served), the gateway's reload (its
-parse) and Envoy's confirmation (clusters in the CDS file, the write).
+parse) and Envoy's confirmation (clusters in the set; `up` hands them over by delta CDS, the
+gateway's ``--envoy-xds``). Each edit starts after the previous one's dropped clusters have left
+Envoy (up's reload grace), so a replacement's clusters are all new to Envoy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from cohortgate.core.policy import load_policy  # noqa: E402
 from cohortgate.deploy import pki  # noqa: E402
 from cohortgate.deploy.envoy import ProcessorAddress, render  # noqa: E402
 from cohortgate.deploy.envoyproc import EnvoyProcess  # noqa: E402
+from cohortgate.local.recipes import RELOAD_GRACE_S  # noqa: E402
 from cohortgate.support import http as loopback  # noqa: E402
 from cohortgate.support.files import write_atomic  # noqa: E402
 
@@ -310,7 +313,9 @@ def through_up(n: int, rounds: int, work: Path, *, rate: float = 100.0, edits: i
             live = time.perf_counter() - start
             _wait(lambda d=digest: json.loads(run_file.read_text())["policy"]["digest"] != d, 60, "run.json")
             switched = time.perf_counter() - start
-            time.sleep(1.0)  # requests sent during the apply have come back
+            # requests sent during the apply have come back, and the clusters it dropped have left Envoy
+            # (up's reload grace): the next replacement's 2N clusters are all new to Envoy, not still there
+            time.sleep(RELOAD_GRACE_S + 1.0)
             kind = "1 route edited" if one is not None else f"{n} routes replaced"
             row = {"edit": kind, "live": live, "switched": switched, "failed": load.failed - before}
             rows.append(row)

@@ -19,10 +19,10 @@ connected, or after the limit. A reload refused that way writes the serving clus
 response removes (or restores) what the refused one added. Removals of a policy's old clusters are
 the later ``write`` of `Reloader._trim_later`.
 
-Envoy acknowledges a CDS update once the clusters exist; a cluster that must resolve DNS first is
-still warming then (requests to it would fail), so with an admin address `confirm` also waits until
-none of the names is among Envoy's warming clusters (one ``config_dump`` of the warming clusters:
-~2 ms and empty in the usual case of literal IPs).
+Envoy acknowledges a CDS update once the clusters exist; a STATIC cluster (a literal IP) is active
+by then, but one that must resolve DNS first is still warming (requests to it would fail), so with
+an admin address `confirm` also waits until none of the DNS names among them is among Envoy's warming
+clusters (``config_dump`` of the warming clusters, asked only when a DNS cluster is new or changed).
 
 An Envoy that (re)connects sends the versions it has (``initial_resource_versions``); it is sent
 every desired cluster whose version differs and told to remove the rest, so a restarted gateway
@@ -239,8 +239,9 @@ class XdsClusters:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await self._changed.wait()
-        if self.admin is not None and wanted:
-            await self.admin.wait_warm(set(wanted), deadline, self.poll_s)
+        resolving = {n for n in wanted if getattr(self._resources.get(n), "resolves", False)}  # IPs: active at ACK
+        if self.admin is not None and resolving:
+            await self.admin.wait_warm(resolving, deadline, self.poll_s)
 
     @property
     def connected(self) -> int:

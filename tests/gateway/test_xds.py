@@ -172,3 +172,30 @@ async def test_confirm_without_envoy_is_refused_after_the_limit() -> None:
     xds = _clusters({"a": "1"})
     with pytest.raises(ClustersNotConfirmed, match="no Envoy connected"):
         await xds.confirm(["a"], 0.05)
+
+
+async def test_only_dns_clusters_are_waited_for_after_the_ack() -> None:
+    """A literal IP's cluster is active when Envoy acknowledges it; a DNS one may still be warming."""
+    from cohortgate.deploy.envoy.resources import ClusterResource
+
+    xds = _clusters({"ip": "1", "dns": "1"})
+    xds._resources = {
+        "ip": ClusterResource("ip", "1", b""),
+        "dns": ClusterResource("dns", "1", b"", resolves=True),
+    }
+    asked: list[set[str]] = []
+
+    class Admin:
+        async def wait_warm(self, names: set[str], deadline: float, poll_s: float) -> None:
+            asked.append(names)
+
+    xds.admin = Admin()  # type: ignore[assignment]
+    stream = DeltaStream()
+    xds._streams[1] = (stream, asyncio.Event())
+    d = stream.next(xds._desired)
+    assert d is not None
+    stream.answer(d.nonce, None)
+    await xds.confirm(["ip"], 30.0)
+    assert asked == []
+    await xds.confirm(["ip", "dns"], 30.0)
+    assert asked == [{"dns"}]

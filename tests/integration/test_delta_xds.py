@@ -90,8 +90,10 @@ def plane(
     xds = xds_socket(str(sock))
     garbage_ca = work / "not-a-ca.pem"  # what https backends are verified against: Envoy refuses it (the NACK test)
     garbage_ca.write_text("this is not a certificate\n")
+    admin_port = free_port()
     gateway = GatewayProcess(live, sock, "grpc", work)
-    gateway.cmd += ["--envoy-xds", xds, "--watch-interval", "0.2", "--reload-grace", "0.5", "--no-audit"]
+    gateway.cmd += ["--envoy-xds", xds, "--envoy-admin", f"http://127.0.0.1:{admin_port}"]  # admin: DNS warming
+    gateway.cmd += ["--watch-interval", "0.2", "--reload-grace", "0.5", "--no-audit"]
     gateway.cmd.remove("--audit-log")
     gateway.cmd.remove(str(work / "audit.jsonl"))
     os.environ["SSL_CERT_FILE"] = str(garbage_ca)  # the gateway child inherits it (default_upstream_ca)
@@ -105,7 +107,7 @@ def plane(
         out_dir=work / "envoy",
         processor=ProcessorAddress(uds=str(sock)),
         listen_port=free_port(),
-        admin_port=free_port(),
+        admin_port=admin_port,
         xds_socket=xds,
     )
     try:
@@ -126,6 +128,8 @@ def _answers(plane: Plane, model: str, token: str) -> str:
 
 
 def test_bootstrap_takes_clusters_from_the_gateway(plane: Plane) -> None:
+    socket_path = plane.work / "run" / "processor.sock.xds"
+    assert socket_path.is_socket() and socket_path.stat().st_mode & 0o777 == 0o600  # only our user hands Envoy clusters
     status, body = plane.envoy.admin_get("/config_dump?resource=dynamic_active_clusters")
     assert status == 200
     assert "cg.tabular.control.0" in body.decode()
@@ -146,6 +150,17 @@ def test_policy_edit_reaches_envoy_through_delta_xds(plane: Plane, certs: pki.Ce
     assert "cg.fresh.control.0" in plane.envoy.clusters()
     assert plane.cds.read_bytes() == cds_before, "the CDS file was rewritten: the edit did not go through xDS"
     assert "Envoy confirmed 1 new" in plane.gateway.tail()
+
+
+def test_a_dns_backend_is_served_once_the_policy_names_it(plane: Plane, certs: pki.CertPaths, upstreams: dict) -> None:
+    """A host name: Envoy resolves it after the ACK (warming); the gateway waits for that through admin,
+    so the first request after the swap already reaches the backend."""
+    token = mint(certs, "xds-user")
+    port = upstreams["canary-eu"].server.server_address[1]
+    offset = plane.gateway.log_path.stat().st_size
+    plane.apply(("named", f"http://localhost:{port}"))
+    _wait(lambda: "policy reloaded" in plane.gateway.tail(offset), WAIT_S, "the edit swapped in")
+    assert _answers(plane, "named", token) == "canary-eu"
 
 
 def test_removed_cluster_leaves_envoy(plane: Plane, certs: pki.CertPaths, upstreams: dict) -> None:

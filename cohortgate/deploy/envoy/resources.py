@@ -44,6 +44,7 @@ class ClusterResource:
     version: str  # names the content: the same cluster has the same version in every process
     value: bytes
     type_url: str = CLUSTER_TYPE_URL
+    resolves: bool = False  # a DNS cluster: Envoy warms it (first resolution) after acknowledging it
 
 
 @functools.cache
@@ -98,7 +99,7 @@ def _resource(key: _Key) -> ClusterResource:
         value = _head(name, host, port) + _shape_rest(scheme, is_ip(host), upstream_ca, forward_authorization, http2)
     else:
         value = bytes(parse_resource(_cluster_resource(*key)).SerializeToString())
-    return ClusterResource(name=name, version=version, value=value)
+    return ClusterResource(name=name, version=version, value=value, resolves=not is_ip(host))
 
 
 def cluster_protos(backends: Iterable[Backend], *, upstream_ca: str | None = None) -> dict[str, ClusterResource]:
