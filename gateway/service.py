@@ -330,7 +330,12 @@ class Gateway:
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` answers: the policy serving and whether the state store is reachable."""
-        doc: dict[str, Any] = {"ok": True, "policy": self.holder.policy.digest[:12]}
+        # reload_failures: what `cohortgate up` polls during an edit (not /metrics: ~1 000 routes of series)
+        doc: dict[str, Any] = {
+            "ok": True,
+            "policy": self.holder.policy.digest[:12],
+            "reload_failures": self.holder.reload_failures,
+        }
         if isinstance(self.store, RedisState):
             doc["state_store"] = "connected" if self.store.connected else "unreachable"
         elif self.store is not None:

@@ -377,6 +377,7 @@ class Supervisor:
         policy = serving.pop() if len(serving) == 1 else ("mixed" if serving else self.holder.policy.digest[:12])
         parent = self.holder.policy.digest[:12]
         summary: dict[str, Any] = {"ok": ok, "policy": policy, "parent_policy": parent, "workers": workers}
+        summary["reload_failures"] = self.holder.reload_failures  # the parent reloads: its refusals count
         return ok, summary
 
     async def serve(self) -> None:

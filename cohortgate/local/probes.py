@@ -114,6 +114,25 @@ def gateway_policy(health_url: str) -> str | None:
     return policy if isinstance(policy, str) and policy else None
 
 
+def gateway_switch_state(health_url: str) -> tuple[str | None, int | None]:
+    """(the digest prefix ``/healthz`` names, its ``reload_failures``) from one small answer; (None, None)
+    when it does not answer, failures None from a gateway that does not report them."""
+    import json
+
+    status, body = get(health_url)
+    if status != 200:
+        return None, None
+    try:
+        doc = json.loads(body)
+        policy, failures = doc.get("policy"), doc.get("reload_failures")
+    except (ValueError, AttributeError):
+        return None, None
+    return (
+        policy if isinstance(policy, str) and policy else None,
+        failures if isinstance(failures, int) and not isinstance(failures, bool) else None,
+    )
+
+
 def gateway_reload_failures(metrics_url: str) -> int | None:
     """``cohortgate_policy_reloads_total{result="failed"}`` (0 before any failure); None: no answer."""
     status, body = get(metrics_url)
