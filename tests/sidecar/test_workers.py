@@ -89,9 +89,17 @@ def executor_pid(parent: int) -> int:
     return pids[0]
 
 
-def wait_all_ready(url: str, proc: subprocess.Popen, timeout: float = READY_S) -> None:
-    """Until ``SEEN_IN_A_ROW`` fresh connections in a row find a ready front (so both are)."""
+def wait_all_ready(url: str, proc: subprocess.Popen, log: Path, fronts: int = 2, timeout: float = READY_S) -> None:
+    """Until every front has said it is ready (so every one listens: a front still importing would
+    leave all connections to the others) and ``SEEN_IN_A_ROW`` fresh connections in a row find one
+    ready."""
     deadline = time.monotonic() + timeout
+    while log.read_text().count(" ready on http://") < fronts:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sidecar exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the fronts at {url} did not all start in {timeout:.0f} s")
+        time.sleep(0.1)
     in_a_row = 0
     while in_a_row < SEEN_IN_A_ROW:
         if proc.poll() is not None:
@@ -116,7 +124,7 @@ def workers(model: Path, log: Path, *args: str, fronts: int = 2) -> Iterator[tup
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_all_ready(url, proc)
+        wait_all_ready(url, proc, log, fronts)
         yield proc, url
     finally:
         if proc.poll() is None:
@@ -228,7 +236,7 @@ async def test_a_killed_executor_means_503_json_then_recovery(models: Path, tmp_
                 await asyncio.sleep(0.05)
         assert seen[0] == 503  # the kill was seen before the restart (it takes the model's load)
         assert executor_pid(proc.pid) != first
-        await asyncio.to_thread(wait_all_ready, url, proc)  # both fronts reconnected
+        await asyncio.to_thread(wait_all_ready, url, proc, tmp_path / "log")  # both fronts reconnected
     assert "restarting in" in (tmp_path / "log").read_text()
 
 
