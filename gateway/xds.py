@@ -150,8 +150,8 @@ class DeltaStream:
 class XdsClusters:
     """Serves delta CDS on a Unix socket (0600) and confirms clusters by Envoy's ACK.
 
-    Has the file Envoy's interface (`gateway.reload.EnvoyClusters`): ``write``, ``confirm``, ``close``,
-    ``start`` (bind and serve; the Reloader's owner calls it before Envoy starts)."""
+    The `gateway.reload.ClusterSink` the CDS file's `EnvoyClusters` also is (``write``, ``confirm``,
+    ``close``), plus ``start`` (bind and serve; the Reloader's owner calls it before Envoy starts)."""
 
     def __init__(
         self, socket_path: str, *, admin_url: str | None = None, upstream_ca: str | None = None, poll_s: float = 0.01
