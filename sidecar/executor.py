@@ -44,7 +44,7 @@ from sidecar.link import (
     pack_tensor,
     unpack_tensor,
 )
-from sidecar.model import OnnxModel
+from sidecar.model import CPU, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,13 @@ async def run(config: Any, socket_path: str, stop: asyncio.Event | None = None) 
         batch = config.max_batch_size if model.signature.batchable else 1
         if batch != config.max_batch_size:
             log.warning("model %s has a fixed first axis: batching is off", name)
+        # On CPU the calling thread computes, so batches run on this loop (which does nothing else):
+        # no thread hand-over and GIL ping-pong per batch. On CUDA the device computes while the
+        # run waits with the GIL released, so a thread lets the loop read and merge the next batch.
+        on_loop = model.provider == CPU
         batcher = Batcher(
             model.run,
-            None,  # on this process's loop, which does nothing else: no thread hand-over per batch
+            None if on_loop else threads,
             max_batch_size=batch,
             max_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue=config.max_queue,
