@@ -106,7 +106,13 @@ class Sidecar:
                 self.stop()
                 raise RuntimeError(f"sidecar --device {device} did not become ready:\n{self.output()}")
             time.sleep(0.1)
-        if "--workers" in extra:  # every front connected: fresh connections in a row all find one ready
+        if "--workers" in extra:  # every front listens and is ready (each logs it at INFO), then
+            fronts = int(extra[extra.index("--workers") + 1])  # fresh connections in a row find one ready
+            while fronts > 1 and self.log_text().count(" ready on http://") < fronts:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"sidecar {extra} fronts did not all start:\n{self.output()}")
+                time.sleep(0.1)
             in_a_row = 0
             while in_a_row < 30 and time.monotonic() < deadline:
                 try:
@@ -146,6 +152,10 @@ class Sidecar:
         head = json.loads(raw[:head_len])
         out = head["outputs"][0]
         return np.frombuffer(raw, np.float32, offset=head_len).reshape(out["shape"])
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def output(self) -> str:
         self.log.seek(0)
@@ -376,7 +386,7 @@ def workers_runs(
     requests, against bare onnxruntime on the device at each run's mean batch size."""
     report["workers"] = []
     for n in [int(w) for w in args.workers.split(",")]:
-        server = Sidecar(model_path, args.device, args.workers_max_batch, ("--workers", str(n)))
+        server = Sidecar(model_path, args.device, args.workers_max_batch, ("--workers", str(n), "--log-level", "INFO"))
         try:
             diff = relative_diff(server.infer(x), reference)
             check(report, f"sidecar --workers {n}: answers match CPU", diff < TOLERANCE, f"{diff:.1e}")
