@@ -198,8 +198,11 @@ def up_policy(jwks: Path, url: str, prefix: str, n: int, moved: tuple[int, str] 
     routes = [ROUTE.format(i="", url=url).replace("r:", "bg:", 1).replace("name: r\n", "name: bg\n")]
     for i in range(n):
         target = moved[1] if moved is not None and i <= moved[0] else url
-        routes.append(ROUTE.format(i=i, url=target).replace(f"name: r{i}", f"name: {prefix}{i}").replace(
-            f"model: m{i}", f"model: {prefix}{i}"))
+        routes.append(
+            ROUTE.format(i=i, url=target)
+            .replace(f"name: r{i}", f"name: {prefix}{i}")
+            .replace(f"model: m{i}", f"model: {prefix}{i}")
+        )
     return UP_HEAD.format(jwks=jwks) + "".join(routes).replace("model: m}", "model: bg}")
 
 

@@ -103,7 +103,6 @@ def xds_socket(processor_socket: str) -> str:
     return f"{processor_socket}.xds"
 
 
-
 def cluster_name(route: str, owner: str, index: int) -> str:
     """Envoy's cluster for a backend: ``cg.ROUTE.VARIANT.N`` (route and variant are DNS labels: no dots)."""
     return f"{CLUSTER_PREFIX}.{route}.{owner}.{index}"
