@@ -368,11 +368,14 @@ class Policy:
                     return route
         if self.by_prefix:
             end = len(path)
-            while end > 0:
+            while end > 1:  # /a/b/c, /a/b, /a; the root prefix "/" last
                 for route in self.by_prefix.get(path[:end], ()):
                     if _route_accepts(route, method, path, host):
                         return route
                 end = path.rfind("/", 0, end)
+            for route in self.by_prefix.get("/", ()):
+                if _route_accepts(route, method, path, host):
+                    return route
         for route in self.hosts_only:
             if _route_accepts(route, method, path, host):
                 return route

@@ -186,6 +186,16 @@ def test_path_prefix_matching_is_whole_segment_and_method_aware():
     assert policy.match("GET", "/v2/models/tabular/versions/3/ready").name == "tabular"
 
 
+def test_the_root_prefix_matches_every_path():
+    """`path_prefix: /` is one route for everything (validation treats it as overlapping every other
+    prefix route); the lookup walked /a/b, /a and stopped before "/", so it matched only "/" itself."""
+    text = GOOD.replace("match: {model: m}", "match: {path_prefix: /}")
+    policy = parse_policy(text)
+    for path in ("/", "/v2", "/v2/models/m/infer", "/inference.GRPCInferenceService/ModelInfer", "/a/b/"):
+        assert policy.match("POST", path).name == "r", path
+    assert policy.match("GET", "/v2/health/ready").name == "r"
+
+
 def test_compiled_policy_is_immutable_and_reweightable():
     policy = load_policy(EXAMPLE)
     with pytest.raises(AttributeError):
