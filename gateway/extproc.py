@@ -336,7 +336,8 @@ def policy_headers(policy: Policy) -> frozenset[str]:
 
 
 def _route_headers(policy: Policy) -> frozenset[str]:
-    """The request headers the policy's routes name (units, residency, eligibility, entities, segments, host)."""
+    """The request headers the policy's routes name (units, residency, eligibility, entities, segments of
+    quality and of allocation, host)."""
     names: set[str] = set()
     if policy.by_host:  # routes matched by `match.host` (gRPC clients, KServe's way) read the authority
         names.add(":authority")
@@ -350,6 +351,8 @@ def _route_headers(policy: Policy) -> frozenset[str]:
             names.add(route.features.entity_key)
         if route.quality is not None:
             names.update(s.key for s in route.quality.segments if s.source == "header")
+        if route.allocation is not None:  # a bandit's per-segment weights
+            names.update(s.key for s in route.allocation.segment_defs if s.source == "header" and s.key)
     return frozenset(names)
 
 

@@ -64,3 +64,17 @@ def test_a_client_sent_segment_header_never_survives(engine, certs):
 def test_the_processor_reads_the_segment_header(policy):
     assert policy.by_name["tabular"].quality is not None
     assert "x-device" in policy_headers(policy)  # lower-cased, like every header the processor reads
+
+
+def test_the_processor_reads_a_bandit_segments_header():
+    """A bandit's per-segment weights (`allocation.segments`, declared inline with a header) were keyed
+    on a header the processor never asked Envoy for, so every request fell in `other`."""
+    from tests.core.test_bandit import _with_allocation
+
+    block = (
+        "      reward: conversion\n"
+        "      segments: [{name: device, source: header, key: X-Device, values: [ios, android]}]\n"
+    )
+    bandit = parse_policy(_with_allocation(block))
+    assert bandit.by_name["ranker"].allocation.segment_of(None, {"x-device": "ios"}, None) == "ios"
+    assert "x-device" in policy_headers(bandit)
