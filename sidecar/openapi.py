@@ -37,6 +37,11 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("GET", "/v2/models/{name}/versions/{version}/config"),
     ("GET", "/metrics"),
     ("GET", OPENAPI_PATH),
+    ("GET", "/v2/systemsharedmemory/status"),
+    ("GET", "/v2/systemsharedmemory/region/{region}/status"),
+    ("POST", "/v2/systemsharedmemory/region/{region}/register"),
+    ("POST", "/v2/systemsharedmemory/unregister"),
+    ("POST", "/v2/systemsharedmemory/region/{region}/unregister"),
 )
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")
@@ -211,6 +216,75 @@ def _with_served_by(response: dict[str, Any]) -> dict[str, Any]:
     return {**response, "headers": _SERVED_BY}
 
 
+def _shared_memory_paths() -> dict[str, Any]:
+    """Triton's system shared-memory extension (sidecar/shm.py): for co-located clients only, off unless
+    the sidecar runs with --shared-memory (403 ``shared_memory_disabled``), never through the gateway."""
+    region = [{"name": "region", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}]
+    status_doc = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name", "key", "offset", "byte_size"],
+            "properties": {
+                "name": {"type": "string"},
+                "key": {"type": "string"},
+                "offset": {"type": "integer", "minimum": 0},
+                "byte_size": {"type": "integer", "minimum": 0},
+            },
+        },
+    }
+    off = _json(_ref("error_response"), "Shared memory is off (--shared-memory) or the request came via the gateway.")
+    missing = _json(_ref("error_response"), "No region of that name.")
+    done = {"200": {"description": "Done (empty body)."}, "403": off}
+    register_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["key", "byte_size"],
+                    "properties": {
+                        "key": {"type": "string", "description": "The object's name in /dev/shm, e.g. /input0."},
+                        "offset": {"type": "integer", "minimum": 0},
+                        "byte_size": {"type": "integer", "minimum": 1},
+                    },
+                }
+            }
+        },
+    }
+    status = {"200": _json(status_doc, "Every registered region (or the one named)."), "403": off}
+    return {
+        "/v2/systemsharedmemory/status": {"get": _get("shm_status", "Registered shared-memory regions.", status)},
+        "/v2/systemsharedmemory/region/{region}/status": {
+            "get": _get("shm_region_status", "One region.", {**status, "404": missing}, region)
+        },
+        "/v2/systemsharedmemory/region/{region}/register": {
+            "post": {
+                "operationId": "shm_register",
+                "summary": "Register a /dev/shm object as a named region.",
+                "parameters": region,
+                "requestBody": register_body,
+                "responses": {
+                    **done,
+                    "400": _json(_ref("error_response"), "A bad key, offset or size, or too many regions."),
+                    "409": _json(_ref("error_response"), "A region of that name is registered already."),
+                },
+            }
+        },
+        "/v2/systemsharedmemory/unregister": {
+            "post": {"operationId": "shm_unregister_all", "summary": "Unregister every region.", "responses": done}
+        },
+        "/v2/systemsharedmemory/region/{region}/unregister": {
+            "post": {
+                "operationId": "shm_unregister",
+                "summary": "Unregister one region.",
+                "parameters": region,
+                "responses": {**done, "404": missing},
+            }
+        },
+    }
+
+
 def example_request(inputs: Sequence[TensorSpec]) -> dict[str, Any]:
     """One row of zeros (false for BOOL) per input: a request the model accepts, for the document's example."""
     tensors = []
@@ -317,6 +391,7 @@ def build(
                 params,
             )
         }
+    paths.update(_shared_memory_paths())
     paths["/v2/health/live"] = {
         "get": _get("server_live", "Liveness: the port is open.", {"200": _with_served_by({"description": "Live."})})
     }
