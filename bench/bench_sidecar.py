@@ -26,8 +26,9 @@ whole process tree, as ratios.
 
 ``--contract-cost [--contract-mode observe|enforce]`` runs only the data contract's price (issue 20):
 two sidecars on the same model, one with a contract over every input column (a range per column,
-sketched per window), one without, loaded in turn (A, B, A, B, ...) by wrk with one-row binary
-requests at c64; it prints each pair and the median throughput ratio.
+sketched per window), one without, loaded in turn (A B, B A, ...) by wrk with one-row binary
+requests at c64; it prints each pair, the median throughput and CPU ratios, and the gate's own CPU
+per request measured in process at the batch size the sidecar formed.
 
 ``--shm-cost`` runs only the system shared-memory extension's gain (issue 25): one sidecar with
 ``--shared-memory``, the same rows sent four ways in turn (JSON in and out, binary in and out,
@@ -330,7 +331,7 @@ def ab_pairs(
     concurrency: int,
     labels: tuple[str, str],
 ) -> list[tuple[dict, dict]]:
-    """Two sidecars on one model that differ by ``extra`` flags, loaded in turn (A, B, A, B, ...) by
+    """Two sidecars on one model that differ by ``extra`` flags, loaded in turn (A B, B A, A B, ...) by
     wrk with one-row binary requests at ``concurrency``; each run also gets the sidecar's CPU seconds
     per request (from /proc: steadier than throughput when other processes share the cores)."""
     body, header_length = request_body(1, True)
@@ -353,8 +354,12 @@ def ab_pairs(
 
         for p in ports:
             wrk(urls[p], body_file, header_length, concurrency, 1)  # warm up
-        for i in range(repeat):
-            pair = (run(ports[0]), run(ports[1]))
+        for i in range(repeat):  # A B, B A, A B, ...: neither side always runs second
+            if i % 2:
+                second = run(ports[1])
+                pair = (run(ports[0]), second)
+            else:
+                pair = (run(ports[0]), run(ports[1]))
             pairs.append(pair)
             print(
                 f"  run {i + 1}: "
