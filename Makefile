@@ -60,14 +60,13 @@ DEMO_DRIFT ?= feature=0,after=30s,variant=canary
 demo-quality: install
 	$(BIN)/cohortgate up --demo-drift $(DEMO_DRIFT) --policy policies/quality.yaml
 
-# Two pytest-xdist workers: most of the suite waits on real processes, so two share two cores well;
-# tests that start a whole stack run one at a time on one of them (tests/conftest.py).
-TEST_WORKERS ?= 2
+# Two pytest processes side by side (tests/halves.py): the tests that start real processes one at a
+# time in one, the in-process tests in the other (tests/conftest.py marks them).
 test: install-test system-deps
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m tests.halves
 
 # The whole suite three times in a row beside a CPU hog (two busy processes, as on a shared CI box):
 # the tests assert behaviour, order and ratios, never wall-clock bars, so load must not fail them.
@@ -80,7 +79,7 @@ test-stress: install-test system-deps
 	  echo "CPU hog: $(STRESS_HOGS) busy processes (pids$$hogs)"; \
 	  for run in $$(seq $(STRESS_RUNS)); do \
 	    echo "== stress run $$run of $(STRESS_RUNS) =="; \
-	    $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup || exit 1; \
+	    $(BIN)/python -m tests.halves -q -p no:cacheprovider || exit 1; \
 	  done; echo "== $(STRESS_RUNS) runs passed beside $(STRESS_HOGS) CPU hogs =="
 
 # Issue 17's faults against `cohortgate up` under load: kill -9 of each kind of child (and repeated

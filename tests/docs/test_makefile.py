@@ -53,5 +53,5 @@ def test_system_deps_waits_for_another_apt(checkout: Path):
 
 def test_stress_runs_the_suite_three_times_beside_hogs(checkout: Path):
     plan = dry_run(checkout, "test-stress")
-    assert "seq 3" in plan and "seq 2" in plan and "while True: pass" in plan and "-m pytest" in plan
+    assert "seq 3" in plan and "seq 2" in plan and "while True: pass" in plan and "-m tests.halves" in plan
     assert "trap 'kill $hogs" in plan  # the hogs die with the run, passed or failed
