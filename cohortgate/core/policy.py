@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import orjson
 import yaml
 from pydantic import ValidationError
 
@@ -789,12 +790,16 @@ def _json_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
     start = _JSON_START.match(text)
     if start is None:
         return None
+    body = text[start.end() - 1 :]
     try:
-        data = json.loads(
-            text[start.end() - 1 :],
-            object_pairs_hook=_unique_keys,
-            parse_constant=_no_constant,
-        )
+        lines = _route_lines(body)
+        if lines is not None:  # `cohortgate up`'s layout: an unchanged route's line is looked up, not read
+            head, items = lines
+            return _model_of(head, [_ROUTES.get("json:" + item) or _json_route(item) for item in items])
+    except ValueError:  # not quite that layout (or a route that does not validate): read it whole
+        pass
+    try:
+        data = _json_loads(body)
         if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
             return None
         entries = []
@@ -804,6 +809,52 @@ def _json_model(text: str, filename: str) -> tuple[PolicyModel, Any] | None:
     except (ValueError, TypeError):  # ValidationError is a ValueError
         return None
     return _model_of(data, entries)
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def _json_route(item: str) -> tuple[Any, RouteModel, bool]:
+    route = _json_loads(item)
+    if not isinstance(route, dict):
+        raise ValueError("a route is an object")
+    return _ROUTES.add("json:" + item, route, RouteModel.model_validate(route))
+
+
+ROUTES_LINE_OPEN = '"routes":['  # `up`'s effective file: the head object up to here on one line,
+ROUTES_LINE_CLOSE = "]}"  # then one route a line (a comma after all but the last), then this line
+
+
+def route_lines_json(doc: Mapping[str, Any]) -> bytes:
+    """``doc`` as JSON with one route a line: what `_json_model` reads route by route, so that a
+    reload of a one-route edit in 1 000 routes reads one line (~40 ms -> a few ms)."""
+    routes = doc.get("routes")
+    if not isinstance(routes, list) or not routes:
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+    head = orjson.dumps({k: v for k, v in doc.items() if k != "routes"}, option=orjson.OPT_NON_STR_KEYS)[:-1]
+    lines = b",\n".join(orjson.dumps(r, option=orjson.OPT_NON_STR_KEYS) for r in routes)
+    comma = b"," if len(head) > 1 else b""
+    return head + comma + ROUTES_LINE_OPEN.encode() + b"\n" + lines + b"\n" + ROUTES_LINE_CLOSE.encode()
+
+
+def _route_lines(body: str) -> tuple[dict[str, Any], list[str]] | None:
+    """(head, one JSON text per route) of a document in `route_lines_json`'s layout, else None.
+    The same data as reading the whole document: each line holds exactly one JSON value (JSON
+    strings cannot hold a raw newline), and the lines between are only the layout's commas."""
+    lines = body.rstrip().split("\n")
+    if len(lines) < 3 or lines[-1] != ROUTES_LINE_CLOSE or not lines[0].endswith(ROUTES_LINE_OPEN):
+        return None
+    head_text = lines[0][: -len(ROUTES_LINE_OPEN)]
+    head = _json_loads((head_text[:-1] if head_text.endswith(",") else head_text) + "}")
+    if not isinstance(head, dict) or "routes" in head:
+        return None
+    items = lines[1:-1]
+    for i in range(len(items) - 1):
+        if not items[i].endswith(","):
+            return None
+        items[i] = items[i][:-1]
+    return head, items
 
 
 def _in_file_order(problems: list[str]) -> list[str]:
@@ -1275,10 +1326,21 @@ class _CompiledRoutes(_Recent[tuple[str, str], Route]):
     changed (a one-route edit of a 1 000-route policy: ~0.2 s of compiling -> ~0.03 s of keys). A
     `Route` is immutable, so two policies may share one."""
 
+    def __init__(self, size: int = 4096) -> None:
+        super().__init__(size)
+        # the same validated model (a route `_ROUTES` kept) -> its compiled route, without dumping it
+        self._by_model: _Recent[tuple[int, str], tuple[RouteModel, Route]] = _Recent(size)
+
     def route(self, r: RouteModel, base_dir: Path) -> Route:
-        key = (r.model_dump_json(), str(base_dir))
+        where = str(base_dir)
+        seen = self._by_model.get((id(r), where))
+        if seen is not None and seen[0] is r:  # the entry holds r: its id cannot have been reused
+            return seen[1]
+        key = (r.model_dump_json(), where)
         found = self.get(key)
-        return found if found is not None else self.put(key, _compile_route(r, base_dir))
+        compiled = found if found is not None else self.put(key, _compile_route(r, base_dir))
+        self._by_model.put((id(r), where), (r, compiled))
+        return compiled
 
 
 _COMPILED = _CompiledRoutes()
@@ -1322,6 +1384,8 @@ def _with_digests(route: Route) -> Route:
     """``route`` with each variant backend's `routed_digest` as of now: a compiled route is reused while its
     text is unchanged (`_CompiledRoutes`), but a local model file may have been replaced since. A stat per
     local model; the same object when nothing changed."""
+    if all(b.model is None for v in route.variants for b in v.backends):
+        return route  # the common case, ~1 us (the loop below: ~9 us)
     variants = []
     for v in route.variants:
         backends = tuple(

@@ -435,6 +435,18 @@ class Child:
     def running(self) -> bool:
         return self.process is not None and self.process.exit_status() is None
 
+    def hangup(self) -> bool:
+        """SIGHUP to a ready child (the gateway reloads its policy file at once); False when it is not
+        ready: a child still starting may not have its handler yet, and SIGHUP's default ends it."""
+        pid = self.pid
+        if self.phase is not Phase.READY or pid is None or not self.running:
+            return False
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return False
+        return True
+
     def ready(self) -> bool:
         if self._ready is not None:
             return self._ready()

@@ -99,3 +99,61 @@ def test_the_compiled_route_cache_is_bounded(tmp_path: Path) -> None:
     assert len(cache) == 3
     assert cache.route(model.routes[4], tmp_path) is compiled[4]  # recent: kept
     assert cache.route(model.routes[0], tmp_path) is not compiled[0]  # oldest: compiled again
+
+
+def _lines(doc: dict) -> str:
+    return HEADER + policy_module.route_lines_json(doc).decode() + "\n"
+
+
+def test_up_s_layout_is_one_route_a_line_and_reads_as_the_whole_document(tmp_path: Path) -> None:
+    doc = _doc(*(_route(f"r{i}") for i in range(4)))
+    text = _lines(doc)
+    body = text[len(HEADER) :]
+    assert json.loads(body) == doc
+    assert len(body.strip().splitlines()) == 4 + 2  # the head line, a line per route, the closing line
+    policy, data = parse_policy_data(text, "eff.json", tmp_path)
+    assert data == doc
+    assert policy.routes == parse_policy(json.dumps(doc, indent=1), "p.json", tmp_path).routes
+
+
+def test_a_one_route_edit_in_up_s_layout_reads_only_that_line(tmp_path: Path, monkeypatch) -> None:
+    routes = [_route(f"line{i}") for i in range(50)]
+    first = parse_policy(_lines(_doc(*routes)), "eff.json", tmp_path)
+    read: list[str] = []
+    real = policy_module._json_loads
+    monkeypatch.setattr(policy_module, "_json_loads", lambda text: read.append(text) or real(text))
+    routes[7] = _route("line7", url="http://127.0.0.1:7")
+    second = parse_policy(_lines(_doc(*routes)), "eff.json", tmp_path)
+    assert len(read) == 2 and '"line7"' in read[1]  # the head, and the edited route; not 50 routes
+    assert [a is b for a, b in zip(first.routes, second.routes, strict=True)].count(False) == 1
+    assert second.by_name["line7"].variants[0].backends[0].port == 7
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t.replace("},\n{", "}, {", 1),  # two routes on one line
+        lambda t: t.replace("},\n{", "}\n{", 1),  # a comma missing between routes
+        lambda t: t.replace("}\n]}", "},\n]}"),  # a trailing comma after the last route
+        lambda t: t.replace('"routes":[', '"routes":[1,', 1),  # something else on the head line
+    ],
+)
+def test_a_file_not_quite_in_up_s_layout_means_what_the_json_says(tmp_path: Path, mangle) -> None:
+    """The line reader takes only its exact layout; anything else is read whole, as JSON or else as
+    the YAML every policy file is (YAML's flow lists allow a trailing comma), so a hand-edited
+    effective file is never read differently from what it says."""
+    text = mangle(_lines(_doc(_route("a"), _route("b"), _route("c"))))
+    try:
+        expected = json.loads(text[len(HEADER) :])
+    except ValueError:
+        try:
+            expected = yaml.safe_load(text)
+        except yaml.YAMLError:
+            with pytest.raises(PolicyError):
+                parse_policy(text, "eff.json", tmp_path)
+            return
+    try:
+        got = parse_policy_data(text, "eff.json", tmp_path)[1]
+    except PolicyError:
+        return  # valid JSON that is not a valid policy (a number among the routes): refused
+    assert got == expected

@@ -297,3 +297,36 @@ def test_a_spare_handed_a_job_while_still_importing_runs_it(tmp_path: Path):
     process.start(spare)
     assert process.proc is not None and process.proc.wait(60) == 0
     assert (tmp_path / "probe.log").read_text().startswith("cohortgate ")
+
+
+def test_hangup_reaches_a_ready_child_and_spares_one_still_starting(tmp_path: Path):
+    """`up` hands a policy edit to the gateway with SIGHUP (issue 29); a child still starting may not
+    have its handler yet, and SIGHUP's default would end it, so it is not sent then."""
+    mark = tmp_path / "hup"
+    script = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(mark)!r}).write_text('hup'))\n"
+        f"pathlib.Path({str(mark)!r} + '.ready').write_text('')\n"
+        "time.sleep(60)\n"
+    )
+    recipe = Recipe(name="hup", kind="gateway", argv=(sys.executable, "-c", script), log_path=tmp_path / "hup.log")
+    ready = {"now": False}
+    sup = Supervisor(report=lambda line: None)
+    child = Child(recipe, lambda: ready["now"])
+    sup.start([child])
+    try:
+        deadline = time.monotonic() + 60  # generous: a busy 2-core machine
+        while not Path(str(mark) + ".ready").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert child.phase is Phase.STARTING and not child.hangup()
+        ready["now"] = True
+        sup.wait_ready([child])
+        assert child.hangup()
+        while not mark.exists():
+            assert time.monotonic() < deadline, "the handler never ran"
+            time.sleep(0.01)
+        assert child.running  # handled, not killed
+    finally:
+        sup.stop_all()
+    assert not child.hangup()  # stopped: nothing to signal
