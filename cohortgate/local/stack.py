@@ -120,6 +120,7 @@ class Stack:
     def __init__(self, options: StackOptions, *, out: IO[str] | None = None) -> None:
         self.opts = options
         self.out = out or sys.stdout
+        self._say_lock = threading.Lock()
         self.state_dir = options.state_dir.resolve()
         self.logs_dir = self.state_dir / "logs"
         self.source = options.policy.resolve()
@@ -160,7 +161,8 @@ class Stack:
     # ------------------------------------------------------------------ output
 
     def say(self, message: str) -> None:
-        print(message, file=self.out, flush=True)
+        with self._say_lock:  # the audit thread prints too: whole lines, never two run together
+            print(message, file=self.out, flush=True)
 
     def progress(self, message: str) -> None:
         self.say(f"[{time.monotonic() - self._t0:5.1f}s] {message}")
