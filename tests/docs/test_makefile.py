@@ -17,8 +17,10 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 def dry_run(workdir: Path, *targets: str) -> str:
     """What make would run, with the Makefile's own defaults: variables from an outer make's command
-    line (``make test-stress STRESS_RUNS=1`` running this suite) reach us through MAKEFLAGS."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    line (``make test-stress STRESS_RUNS=1`` running this suite) reach us through MAKEFLAGS, or from
+    the environment (``STRESS_RUNS=1 make test-stress``)."""
+    outer = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "STRESS_RUNS", "STRESS_HOGS")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     out = subprocess.run(["make", "-n", *targets], cwd=workdir, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
