@@ -19,7 +19,7 @@ from Envoy's access log (`cohortgate.controller.metrics.TrafficMetrics`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from cohortgate.core.contract import cluster_parts
+from cohortgate.core.policy import Route, Variant
 from cohortgate.support.metrics import MetricsBase
 
 
@@ -98,6 +99,7 @@ class GatewayMetrics(MetricsBase):
         self.weights = Gauge(
             "cohortgate_variant_weight", "Effective weight (percent) applied now.", ("route", "variant"), registry=r
         )
+        self._weights_shown: dict[str, tuple[Variant, ...]] = {}  # route -> the variants its gauges show
         self.state_updates = Counter(
             "cohortgate_state_updates",
             "Controller states applied (ok) or refused (invalid).",
@@ -132,9 +134,17 @@ class GatewayMetrics(MetricsBase):
         self.policy_info.clear()
         self.policy_info.labels(digest[:12]).set(1)
 
-    def set_weights(self, route: str, weights: Mapping[str, int], disabled: frozenset[str] = frozenset()) -> None:
-        for variant, weight in weights.items():
-            self.weights.labels(route, variant).set(0 if variant in disabled else weight)
+    def show_weights(self, routes: Iterable[Route]) -> None:
+        """``cohortgate_variant_weight`` of these routes (a rolled-back variant shows 0), set only for a
+        route whose variants changed since last shown: a reload of 1 000 routes re-sets a few gauges,
+        not 2 000 (~13 ms of the event loop). Variants are immutable, so the same object shows the same."""
+        shown = self._weights_shown
+        for route in routes:
+            if shown.get(route.name) is route.variants:
+                continue
+            shown[route.name] = route.variants
+            for v in route.variants:
+                self.weights.labels(route.name, v.name).set(v.weight if v.enabled else 0)
 
     def state_update(self, ok: bool) -> None:
         self.state_updates.labels("ok" if ok else "invalid").inc()

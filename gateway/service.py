@@ -253,7 +253,6 @@ class Gateway:
         self.holder.metrics = self.metrics
         self.store: StateStore | None = None
         self.reloader: Reloader | None = None
-        self._exported_weights: dict[str, tuple[Any, ...]] = {}  # route -> the variants its gauges show
         self._stop: asyncio.Event | None = None
         self._server: Any = None
         self._metrics_runner: Any = None
@@ -313,18 +312,8 @@ class Gateway:
             self.holder.subscribe(lambda old, new: self._export_weights(new))
 
     def _export_weights(self, policy: Policy) -> None:
-        """``cohortgate_variant_weight`` (dashboards select routes and variants by it) for every route
-        whose variants changed (a reload of 1 000 routes re-sets a few, not 2 000 gauges)."""
-        exported = self._exported_weights
-        for route in policy.routes:
-            if exported.get(route.name) is route.variants:
-                continue
-            exported[route.name] = route.variants
-            self.metrics.set_weights(
-                route.name,
-                {v.name: v.weight for v in route.variants},
-                frozenset(v.name for v in route.variants if not v.enabled),
-            )
+        """``cohortgate_variant_weight`` (dashboards select routes and variants by it) for every route."""
+        self.metrics.show_weights(policy.routes)
 
     async def _start_reloader(self) -> None:
         cfg = self.config

@@ -207,3 +207,19 @@ async def test_a_gateway_process_follows_an_embedded_controllers_state_file(tmp_
         assert await wait_for(lambda: seen == [frozenset({"canary"})], 1.0)
     finally:
         await gateway_side.close()
+
+
+def test_weight_gauges_follow_each_change_and_skip_unchanged_routes():
+    """`GatewayMetrics.show_weights` sets a route's gauges when its variants change (a rollback shows 0)
+    and leaves the others alone: the same variants object shows the same weights."""
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.show_weights(POLICY.routes)
+    assert b'cohortgate_variant_weight{route="tabular",variant="canary"} 10.0' in metrics.render()[0]
+    metrics.weights.labels("tabular", "canary").set(-1)  # a gauge nobody should touch again
+    metrics.show_weights(effective_policy(POLICY, {}).routes)  # the same route objects
+    assert b'variant="canary"} -1.0' in metrics.render()[0]
+    metrics.show_weights(effective_policy(POLICY, {"tabular": rolled_back()}).routes)
+    body = metrics.render()[0]
+    assert b'variant="canary"} 0.0' in body and b'variant="control"} 100.0' in body
